@@ -1,0 +1,14 @@
+export type { BackendKind, BlockBackend, ReadOptions } from "./backend.js";
+export { FileBackend } from "./file.js";
+export type { FileBackendOptions } from "./file.js";
+export { MemoryBackend } from "./memory.js";
+export type { MemoryBackendOptions } from "./memory.js";
+export { FaultBackend } from "./fault.js";
+export type {
+  FaultBackendOptions,
+  FaultCounters,
+  FaultOp,
+  FaultPredicate,
+  PowerLossOptions,
+  PowerLossReport,
+} from "./fault.js";

@@ -1,11 +1,13 @@
 import { defineConfig } from "vitest/config";
 
+// Read sibling workspace packages from their TypeScript source (the "@qimg/source" export
+// condition), so tests need no build of their dependencies.
+const conditions = ["@qimg/source", "module", "node", "import", "default"];
+
 /** Shared vitest settings: every package merges this into its own config. */
 export default defineConfig({
-  resolve: {
-    // Read sibling workspace packages from their TypeScript source, no build needed.
-    conditions: ["@qimg/source"],
-  },
+  resolve: { conditions },
+  ssr: { resolve: { conditions, externalConditions: ["@qimg/source"] } },
   test: {
     include: ["src/**/*.test.ts", "test/**/*.test.ts"],
     testTimeout: 60_000,

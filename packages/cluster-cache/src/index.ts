@@ -1,1 +1,2 @@
-export {};
+export { ClusterCache } from "./cache.js";
+export type { CachedTable, ClusterCacheOptions, ClusterCacheStats } from "./cache.js";

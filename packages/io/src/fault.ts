@@ -227,7 +227,7 @@ export class FaultBackend implements BlockBackend {
 
   async size(): Promise<number> {
     this.#alive();
-    return this.inner.size();
+    return await this.inner.size();
   }
 
   async truncate(size: number): Promise<void> {

@@ -14,7 +14,7 @@ import * as fs from "node:fs";
 import { promisify } from "node:util";
 import { ErrorCode, InvalidArgumentError, IoError } from "@qimg/structs";
 import type { BackendKind, BlockBackend, ReadOptions } from "./backend.js";
-import { checkNonNegativeInt, checkRange, closedError, readOnlyError, shortRead } from "./validate.js";
+import { checkNonNegativeInt, checkRange, closedError, readOnlyError, settle, shortRead } from "./validate.js";
 
 const fdatasync = promisify(fs.fdatasync);
 const closeFd = promisify(fs.close);
@@ -181,7 +181,11 @@ export class FileBackend implements BlockBackend {
     }
   }
 
-  async read(offset: number, buf: Uint8Array, options?: ReadOptions): Promise<void> {
+  read(offset: number, buf: Uint8Array, options?: ReadOptions): Promise<void> {
+    return settle(() => this.#readSync(offset, buf, options));
+  }
+
+  #readSync(offset: number, buf: Uint8Array, options: ReadOptions | undefined): void {
     this.#check();
     checkRange(offset, buf, this.name);
     const len = buf.length;
@@ -202,7 +206,11 @@ export class FileBackend implements BlockBackend {
     }
   }
 
-  async write(offset: number, data: Uint8Array): Promise<void> {
+  write(offset: number, data: Uint8Array): Promise<void> {
+    return settle(() => this.#writeSync(offset, data));
+  }
+
+  #writeSync(offset: number, data: Uint8Array): void {
     this.#check();
     if (this.readOnly) throw readOnlyError(this.name, "write");
     checkRange(offset, data, this.name);
@@ -232,12 +240,18 @@ export class FileBackend implements BlockBackend {
     }
   }
 
-  async size(): Promise<number> {
-    this.#check();
-    return this.#size;
+  size(): Promise<number> {
+    return settle(() => {
+      this.#check();
+      return this.#size;
+    });
   }
 
-  async truncate(size: number): Promise<void> {
+  truncate(size: number): Promise<void> {
+    return settle(() => this.#truncateSync(size));
+  }
+
+  #truncateSync(size: number): void {
     this.#check();
     if (this.readOnly) throw readOnlyError(this.name, "truncate");
     checkNonNegativeInt(size, "size", this.name);

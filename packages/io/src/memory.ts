@@ -3,7 +3,7 @@
  */
 import { IoError } from "@qimg/structs";
 import type { BackendKind, BlockBackend, ReadOptions } from "./backend.js";
-import { checkNonNegativeInt, checkRange, closedError, readOnlyError, shortRead } from "./validate.js";
+import { checkNonNegativeInt, checkRange, closedError, readOnlyError, settle, shortRead } from "./validate.js";
 
 export interface MemoryBackendOptions {
   /** Refuse writes and truncate with a `READ_ONLY` IoError. Default false. */
@@ -60,7 +60,7 @@ export class MemoryBackend implements BlockBackend {
   }
 
   read(offset: number, buf: Uint8Array, options?: ReadOptions): Promise<void> {
-    try {
+    return settle(() => {
       this.#open();
       checkRange(offset, buf, this.name);
       const end = offset + buf.length;
@@ -73,14 +73,11 @@ export class MemoryBackend implements BlockBackend {
       } else {
         throw shortRead(this.name, offset, buf.length, this.#size);
       }
-      return Promise.resolve();
-    } catch (e) {
-      return Promise.reject(e as Error);
-    }
+    });
   }
 
   write(offset: number, data: Uint8Array): Promise<void> {
-    try {
+    return settle(() => {
       this.#open();
       if (this.readOnly) throw readOnlyError(this.name, "write");
       checkRange(offset, data, this.name);
@@ -90,32 +87,24 @@ export class MemoryBackend implements BlockBackend {
         this.#buf.set(data, offset);
         if (end > this.#size) this.#size = end;
       }
-      return Promise.resolve();
-    } catch (e) {
-      return Promise.reject(e as Error);
-    }
+    });
   }
 
   flush(): Promise<void> {
-    try {
+    return settle(() => {
       this.#open();
-      return Promise.resolve();
-    } catch (e) {
-      return Promise.reject(e as Error);
-    }
+    });
   }
 
   size(): Promise<number> {
-    try {
+    return settle(() => {
       this.#open();
-      return Promise.resolve(this.#size);
-    } catch (e) {
-      return Promise.reject(e as Error);
-    }
+      return this.#size;
+    });
   }
 
   truncate(size: number): Promise<void> {
-    try {
+    return settle(() => {
       this.#open();
       if (this.readOnly) throw readOnlyError(this.name, "truncate");
       checkNonNegativeInt(size, "size", this.name);
@@ -126,10 +115,7 @@ export class MemoryBackend implements BlockBackend {
         this.#reserve(size);
       }
       this.#size = size;
-      return Promise.resolve();
-    } catch (e) {
-      return Promise.reject(e as Error);
-    }
+    });
   }
 
   close(): Promise<void> {

@@ -40,3 +40,16 @@ export function closedError(backend: string): IoError {
 export function readOnlyError(backend: string, op: string): IoError {
   return new IoError(`${backend}: cannot ${op}: opened read-only`, { code: ErrorCode.READ_ONLY });
 }
+
+/**
+ * Run a synchronous body and return its result as a promise: a throw becomes a rejection,
+ * never a synchronous exception. (Same as an `async` function without `await`, which
+ * typed lint rules flag.)
+ */
+export function settle<T>(body: () => T): Promise<T> {
+  try {
+    return Promise.resolve(body());
+  } catch (e) {
+    return Promise.reject(e instanceof Error ? e : new Error(String(e)));
+  }
+}

@@ -1,0 +1,59 @@
+import type { BlockBackend } from "./backend.js";
+
+/**
+ * The guest-visible status of one extent of a disk image, the facts `qemu-img map` prints.
+ */
+export interface BlockStatus {
+  /** Guest offset where the extent starts. */
+  readonly offset: number;
+  /** Length of the extent in bytes (> 0). */
+  readonly length: number;
+  /** Allocated in some layer of the chain (qemu-img map "present"). */
+  readonly present: boolean;
+  /** Reads as zeros. */
+  readonly zero: boolean;
+  /** Backed by data in a file (qemu-img map "data"). */
+  readonly data: boolean;
+  /** Backing depth of the layer that answers (0 = this image). */
+  readonly depth: number;
+  /** Host offset of the data in `file`, when the data is stored uncompressed and contiguous. */
+  readonly hostOffset?: number | undefined;
+  /** Name of the file that holds the data, when there is one. */
+  readonly file?: string | undefined;
+  /** Stored compressed (qcow2 only). */
+  readonly compressed?: boolean | undefined;
+}
+
+/**
+ * A disk image as a guest sees it: every format driver (raw, qcow2, QED) implements this, so
+ * images can be backing files of each other and the CLI can treat them alike.
+ */
+export interface DiskImage {
+  /** Format name as qemu-img spells it: "qcow2", "qed", "raw". */
+  readonly format: string;
+  /** Guest-visible size in bytes. */
+  readonly virtualSize: number;
+  readonly readOnly: boolean;
+  /** The file the image lives in. */
+  readonly backend: BlockBackend;
+  /** The image this one reads unallocated ranges from, if any. */
+  readonly backing: DiskImage | undefined;
+
+  /** Read `buf.length` guest bytes at `offset`; past `virtualSize` is an error. */
+  read(offset: number, buf: Uint8Array): Promise<void>;
+  /**
+   * Status of the extent that starts at `offset`, at most `length` bytes long (shorter when
+   * the status changes). Looks through backing files.
+   */
+  blockStatus(offset: number, length: number): Promise<BlockStatus>;
+  /** Release this image and its backing chain. */
+  close(): Promise<void>;
+}
+
+/** Write side of a disk image (not every image is writable). */
+export interface WritableDiskImage extends DiskImage {
+  write(offset: number, data: Uint8Array): Promise<void>;
+  writeZeroes(offset: number, length: number, options?: { mayUnmap?: boolean }): Promise<void>;
+  discard(offset: number, length: number): Promise<void>;
+  flush(): Promise<void>;
+}

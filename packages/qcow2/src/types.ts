@@ -1,0 +1,77 @@
+import type { DiskImage } from "@qimg/io";
+
+/** What a driver asks for when an image names a backing file. */
+export interface BackingRequest {
+  /** The backing file name exactly as recorded in the image. */
+  readonly filename: string;
+  /** The recorded (or caller-forced) backing format; undefined when none is known. */
+  readonly format: string | undefined;
+  /** Name of the image that refers to it (resolve relative names against its directory). */
+  readonly relativeTo: string;
+  /** Open read-only (backing files always are, unless committing). */
+  readonly readOnly: boolean;
+  /** How deep this backing file is (1 = direct backing file of the top image). */
+  readonly depth: number;
+  /** Names of the images already open above it, top first (for cycle detection). */
+  readonly chain: readonly string[];
+}
+
+/**
+ * Opens a backing file. Supplied by the caller (the CLI supplies one that opens files by path
+ * and dispatches on format) so the format packages stay free of Node APIs and of each other.
+ */
+export type BackingOpener = (request: BackingRequest) => Promise<DiskImage>;
+
+export interface SnapshotInfo {
+  /** Unique ID string (QEMU numbers them "1", "2", ...). */
+  readonly id: string;
+  readonly name: string;
+  /** Size of the saved VM state in bytes (64-bit in v3 extra data). */
+  readonly vmStateSize: number;
+  readonly dateSec: number;
+  readonly dateNsec: number;
+  /** Guest clock in nanoseconds when taken. */
+  readonly vmClockNsec: number;
+  /** Virtual disk size when taken (v3 extra data), if recorded. */
+  readonly diskSize: number | undefined;
+  /** Instruction count (icount) when taken, if recorded and not -1. */
+  readonly icount: number | undefined;
+  /** Host offset of the snapshot's L1 table. */
+  readonly l1TableOffset: number;
+  readonly l1Size: number;
+}
+
+export interface BitmapInfo {
+  readonly name: string;
+  readonly granularity: number;
+  /** "in-use", "auto" as qemu-img info prints them. */
+  readonly flags: readonly string[];
+}
+
+/** The facts `qemu-img info` shows for a qcow2 image. */
+export interface Qcow2Info {
+  readonly virtualSize: number;
+  readonly clusterSize: number;
+  /** "0.10" for version 2, "1.1" for version 3. */
+  readonly compat: "0.10" | "1.1";
+  readonly version: 2 | 3;
+  readonly dirty: boolean;
+  readonly corrupt: boolean;
+  readonly lazyRefcounts: boolean;
+  readonly refcountBits: number;
+  readonly extendedL2: boolean;
+  readonly compressionType: "zlib" | "zstd";
+  readonly encrypted: boolean;
+  readonly backingFilename: string | undefined;
+  readonly backingFormat: string | undefined;
+  readonly dataFile: string | undefined;
+  readonly dataFileRaw: boolean;
+  readonly snapshots: readonly SnapshotInfo[];
+  readonly bitmaps: readonly BitmapInfo[];
+  /** Names of the incompatible/compatible/autoclear features that are set, known or not. */
+  readonly features: {
+    readonly incompatible: readonly string[];
+    readonly compatible: readonly string[];
+    readonly autoclear: readonly string[];
+  };
+}

@@ -12,3 +12,5 @@ export type {
   PowerLossOptions,
   PowerLossReport,
 } from "./fault.js";
+export type { BlockStatus, DiskImage, WritableDiskImage } from "./image.js";
+export { RawImage } from "./raw.js";

@@ -9,6 +9,7 @@ import type { BlockStatus, DiskImage } from "./image.js";
 export class RawImage implements DiskImage {
   readonly format = "raw";
   readonly backing = undefined;
+  private scratch: Uint8Array | undefined;
 
   private constructor(
     readonly backend: BlockBackend,
@@ -37,23 +38,53 @@ export class RawImage implements DiskImage {
     await this.backend.flush();
   }
 
-  blockStatus(offset: number, length: number): Promise<BlockStatus> {
+  /**
+   * Raw files have no allocation metadata; like a file system's holes, runs of 4 KiB blocks
+   * that read as zeros are reported as zero (and not data), the rest as data.
+   */
+  async blockStatus(offset: number, length: number): Promise<BlockStatus> {
     checkRange(offset, length, this.virtualSize);
-    return Promise.resolve({
+    const buf = this.scratch ?? (this.scratch = new Uint8Array(SCAN_CHUNK));
+    let pos = offset;
+    const end = offset + length;
+    let zero: boolean | undefined;
+    while (pos < end) {
+      const n = Math.min(SCAN_CHUNK, end - pos);
+      const chunk = buf.subarray(0, n);
+      await this.backend.read(pos, chunk, { zeroPastEof: true });
+      let i = 0;
+      for (; i < n; i += SCAN_BLOCK) {
+        const blockZero = isZero(chunk, i, Math.min(n, i + SCAN_BLOCK));
+        if (zero === undefined) zero = blockZero;
+        else if (zero !== blockZero) break;
+      }
+      pos += Math.min(i, n);
+      if (i < n) break;
+    }
+    const isZ = zero ?? true;
+    return {
       offset,
-      length,
+      length: pos - offset,
       present: true,
-      zero: false,
-      data: true,
+      zero: isZ,
+      data: !isZ,
       depth: 0,
       hostOffset: offset,
       file: this.backend.name,
-    });
+    };
   }
 
   async close(): Promise<void> {
     await this.backend.close();
   }
+}
+
+const SCAN_BLOCK = 4096;
+const SCAN_CHUNK = 1024 * 1024;
+
+function isZero(b: Uint8Array, from: number, to: number): boolean {
+  for (let i = from; i < to; i++) if (b[i] !== 0) return false;
+  return true;
 }
 
 function checkRange(offset: number, length: number, size: number): void {

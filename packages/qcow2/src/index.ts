@@ -1,1 +1,62 @@
-export {};
+export { Qcow2Image, openQcow2 } from "./image.js";
+export type { Qcow2OpenOptions } from "./image.js";
+export type { BackingOpener, BackingRequest, BitmapInfo, Qcow2Info, SnapshotInfo } from "./types.js";
+export {
+  QCOW2_MAGIC,
+  HEADER_V2_FIELDS,
+  HEADER_V3_FIELDS,
+  HEADER_V2_SIZE,
+  HEADER_V3_SIZE,
+  HeaderV2,
+  HeaderV3,
+  IncompatibleFeatures,
+  CompatibleFeatures,
+  AutoclearFeatures,
+  FEATURE_NAMES,
+  CompressionType,
+  MAX_L1_BYTES,
+  MAX_REFTABLE_BYTES,
+  MAX_SNAPSHOTS,
+  decodeHeader,
+  encodeHeader,
+  validateHeader,
+} from "./spec/header.js";
+export type { Qcow2Header, CompressionTypeName } from "./spec/header.js";
+export {
+  ExtensionType,
+  ExtensionPrefix,
+  FeatureNameEntry,
+  BitmapsExtension,
+  FdeExtension,
+  decodeExtensions,
+  encodeExtensions,
+  decodeFeatureNames,
+  encodeFeatureNames,
+  decodeStringExtension,
+  encodeStringExtension,
+} from "./spec/extensions.js";
+export type { HeaderExtension, FeatureName, FeatureKind } from "./spec/extensions.js";
+export { SnapshotFixed, SnapshotExtra, decodeSnapshotTable, encodeSnapshotTable } from "./spec/snapshot.js";
+export type { SnapshotEntry } from "./spec/snapshot.js";
+export { BitmapDirEntry, BitmapFlag, decodeBitmapDirectory } from "./spec/bitmap-directory.js";
+export type { BitmapEntry } from "./spec/bitmap-directory.js";
+export {
+  L1_OFFSET_MASK,
+  L1_RESERVED_MASK,
+  L2_OFFSET_MASK,
+  L2_RESERVED_MASK,
+  OFLAG_COPIED,
+  OFLAG_COMPRESSED,
+  OFLAG_ZERO,
+  REFTABLE_OFFSET_MASK,
+  SUBCLUSTERS,
+  compressedLayout,
+  decodeCompressed,
+  encodeCompressed,
+} from "./spec/l2.js";
+export type { CompressedLayout } from "./spec/l2.js";
+export { inflateRaw, zstd as zstdDecompress, decompressorFor } from "./compress.js";
+export type { Decompressor } from "./compress.js";
+
+
+export { probeQcow2 } from "./probe.js";

@@ -1,0 +1,144 @@
+import { FormatError, defineStruct, hex, readU64, viewOf } from "@qimg/structs";
+
+/** Fixed part of a snapshot table entry: 40 bytes, then extra data, id, name, padding to 8. */
+export const SNAPSHOT_FIELDS = {
+  l1TableOffset: { offset: 0, type: "u64", unit: "bytes", doc: "u64: offset of the snapshot's L1 table" },
+  l1Size: { offset: 8, type: "u32", unit: "entries", doc: "u32: entries in the snapshot's L1 table" },
+  idStrSize: { offset: 12, type: "u16", unit: "bytes", doc: "u16: length of the unique ID string" },
+  nameSize: { offset: 14, type: "u16", unit: "bytes", doc: "u16: length of the name" },
+  dateSec: { offset: 16, type: "u32", unit: "seconds", doc: "u32: creation time, seconds since the epoch" },
+  dateNsec: { offset: 20, type: "u32", unit: "nanoseconds", doc: "u32: creation time, nanosecond part" },
+  vmClockNsec: { offset: 24, type: "u64", unit: "nanoseconds", doc: "u64: guest clock when taken" },
+  vmStateSize: { offset: 32, type: "u32", unit: "bytes", doc: "u32: VM state size (32-bit; see extra data)" },
+  extraDataSize: { offset: 36, type: "u32", unit: "bytes", doc: "u32: size of the extra data that follows" },
+} as const;
+export const SNAPSHOT_FIXED_SIZE = 40;
+export const SnapshotFixed = defineStruct("qcow2 snapshot entry", "big", SNAPSHOT_FIXED_SIZE, SNAPSHOT_FIELDS);
+
+/** Extra data fields (v3 writes at least 16 bytes; 24 with icount). */
+export const SNAPSHOT_EXTRA_FIELDS = {
+  vmStateSizeLarge: { offset: 0, type: "u64", unit: "bytes", doc: "u64: VM state size" },
+  diskSize: { offset: 8, type: "u64", unit: "bytes", doc: "u64: virtual disk size when taken" },
+  icount: { offset: 16, type: "bits64", doc: "u64: instruction count, or -1 when not recorded" },
+} as const;
+export const SnapshotExtra = defineStruct("qcow2 snapshot extra data", "big", 24, SNAPSHOT_EXTRA_FIELDS);
+
+/** QEMU's limit on one entry's extra data. */
+export const MAX_SNAPSHOT_EXTRA = 1024;
+
+export interface SnapshotEntry {
+  readonly l1TableOffset: number;
+  readonly l1Size: number;
+  readonly id: string;
+  readonly name: string;
+  readonly dateSec: number;
+  readonly dateNsec: number;
+  readonly vmClockNsec: number;
+  readonly vmStateSize: number;
+  readonly diskSize: number | undefined;
+  readonly icount: bigint | undefined;
+  /** The extra data verbatim (unknown trailing fields round-trip). */
+  readonly extraData: Uint8Array;
+  /** Offset of this entry in the file. */
+  readonly offset: number;
+}
+
+const dec = new TextDecoder();
+const enc = new TextEncoder();
+
+/**
+ * Decode `count` entries from the snapshot table bytes (which start at file offset
+ * `tableOffset`). Every length is checked against the bytes available.
+ */
+export function decodeSnapshotTable(bytes: Uint8Array, count: number, tableOffset: number, version: 2 | 3): SnapshotEntry[] {
+  const out: SnapshotEntry[] = [];
+  let pos = 0;
+  for (let i = 0; i < count; i++) {
+    const at = tableOffset + pos;
+    if (pos + SNAPSHOT_FIXED_SIZE > bytes.byteLength) {
+      throw new FormatError(`qcow2 snapshot entry ${i} at ${hex(at)} runs past the snapshot table`, { offset: at });
+    }
+    const f = SnapshotFixed.decode(bytes, pos, at);
+    if (f.extraDataSize > MAX_SNAPSHOT_EXTRA) {
+      throw new FormatError(
+        `qcow2 snapshot entry ${i} at ${hex(at)}: extra data size ${f.extraDataSize} is larger than ${MAX_SNAPSHOT_EXTRA}`,
+        { offset: at + 36 },
+      );
+    }
+    if (version === 3 && f.extraDataSize < 16) {
+      throw new FormatError(
+        `qcow2 snapshot entry ${i} at ${hex(at)}: extra data size ${f.extraDataSize} is smaller than 16, required by version 3`,
+        { offset: at + 36 },
+      );
+    }
+    const extraStart = pos + SNAPSHOT_FIXED_SIZE;
+    const idStart = extraStart + f.extraDataSize;
+    const nameStart = idStart + f.idStrSize;
+    const end = nameStart + f.nameSize;
+    if (end > bytes.byteLength) {
+      throw new FormatError(`qcow2 snapshot entry ${i} at ${hex(at)} runs past the snapshot table`, { offset: at });
+    }
+    const extra = bytes.slice(extraStart, idStart);
+    const ev = viewOf(extra);
+    const large = extra.byteLength >= 8 ? readU64(ev, 0, false, "snapshot VM state size") : f.vmStateSize;
+    const diskSize = extra.byteLength >= 16 ? readU64(ev, 8, false, "snapshot disk size") : undefined;
+    const icount = extra.byteLength >= 24 ? ev.getBigUint64(16, false) : undefined;
+    if (f.l1Size > (32 * 1024 * 1024) / 8) {
+      throw new FormatError(`qcow2 snapshot entry ${i}: L1 table of ${f.l1Size} entries is larger than 32 MiB`, {
+        offset: at + 8,
+      });
+    }
+    out.push({
+      l1TableOffset: f.l1TableOffset,
+      l1Size: f.l1Size,
+      id: dec.decode(bytes.subarray(idStart, nameStart)),
+      name: dec.decode(bytes.subarray(nameStart, end)),
+      dateSec: f.dateSec,
+      dateNsec: f.dateNsec,
+      vmClockNsec: f.vmClockNsec,
+      vmStateSize: large,
+      diskSize,
+      icount,
+      extraData: extra,
+      offset: at,
+    });
+    pos = Math.ceil(end / 8) * 8;
+  }
+  return out;
+}
+
+/** Encode a snapshot table (entries padded to 8 bytes). */
+export function encodeSnapshotTable(entries: readonly Omit<SnapshotEntry, "offset">[]): Uint8Array {
+  const parts: Uint8Array[] = [];
+  for (const e of entries) {
+    const id = enc.encode(e.id);
+    const name = enc.encode(e.name);
+    const size = Math.ceil((SNAPSHOT_FIXED_SIZE + e.extraData.byteLength + id.byteLength + name.byteLength) / 8) * 8;
+    const b = new Uint8Array(size);
+    SnapshotFixed.encode(
+      {
+        l1TableOffset: e.l1TableOffset,
+        l1Size: e.l1Size,
+        idStrSize: id.byteLength,
+        nameSize: name.byteLength,
+        dateSec: e.dateSec,
+        dateNsec: e.dateNsec,
+        vmClockNsec: e.vmClockNsec,
+        vmStateSize: e.vmStateSize > 0xffff_ffff ? 0 : e.vmStateSize,
+        extraDataSize: e.extraData.byteLength,
+      },
+      b,
+    );
+    b.set(e.extraData, SNAPSHOT_FIXED_SIZE);
+    b.set(id, SNAPSHOT_FIXED_SIZE + e.extraData.byteLength);
+    b.set(name, SNAPSHOT_FIXED_SIZE + e.extraData.byteLength + id.byteLength);
+    parts.push(b);
+  }
+  const out = new Uint8Array(parts.reduce((n, p) => n + p.byteLength, 0));
+  let pos = 0;
+  for (const p of parts) {
+    out.set(p, pos);
+    pos += p.byteLength;
+  }
+  return out;
+}

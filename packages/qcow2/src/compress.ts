@@ -41,7 +41,7 @@ async function inflateWithStream(src: Uint8Array, out: Uint8Array): Promise<numb
   let n = 0;
   try {
     for (;;) {
-      const { value, done } = await reader.read();
+      const { value, done } = (await reader.read()) as { value: Uint8Array | undefined; done: boolean };
       if (done || !value) break;
       const take = Math.min(value.length, out.length - n);
       out.set(value.subarray(0, take), n);

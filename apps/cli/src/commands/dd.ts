@@ -1,0 +1,140 @@
+/**
+ * `qimg dd [-f fmt] [-O fmt] [-U] if=INPUT of=OUTPUT [bs=N] [count=N] [skip=N]`, with
+ * qemu-img dd's semantics:
+ * - bs defaults to 512; bs, count and skip take size suffixes (count=1k is 1024 blocks);
+ * - count limits the input to the first count*bs bytes *including* the skipped ones, as
+ *   qemu-img does (so `skip=2 count=5` copies blocks 2..4);
+ * - a skip past the end of the input creates an empty output and prints
+ *   "<input>: cannot skip to specified offset" (exit status stays 0);
+ * - the output is created (truncated) with the copied size rounded up to 512 bytes.
+ */
+import type { Command } from "commander";
+import { FileBackend } from "@qimg/io";
+import { stringOpt, type CommandDef } from "../command.js";
+import type { CliContext } from "../context.js";
+import { CliError, inFile } from "../errors.js";
+import { openImage, sameFile } from "../open.js";
+import { copySparse } from "../util/copy.js";
+import { parseSize, roundUp, SizeParseError } from "../util/size.js";
+import { checkOutputFormat } from "./convert.js";
+
+export interface DdOperands {
+  readonly input: string;
+  readonly output: string;
+  /** Block size in bytes (default 512). */
+  readonly bs: number;
+  /** Number of blocks, when given. */
+  readonly count: number | undefined;
+  /** Input blocks to skip, when given. */
+  readonly skip: number | undefined;
+}
+
+const INT_MAX = 2147483647;
+const SUFFIX_HELP =
+  "You may use k, M, G, T, P or E suffixes for kilobytes, megabytes, gigabytes, terabytes, petabytes and exabytes.";
+
+/** qemu-img's cvtnum_full() with its messages. */
+function cvtnum(name: string, value: string, min: number, max: number): number {
+  let n: number;
+  try {
+    n = parseSize(value);
+  } catch (e) {
+    if (e instanceof SizeParseError && e.kind === "range") {
+      throw new CliError(`Invalid ${name} specified. Must be between ${min} and ${max}.`);
+    }
+    throw new CliError(`Invalid ${name} specified. ${SUFFIX_HELP}`);
+  }
+  if (n < min || n > max) throw new CliError(`Invalid ${name} specified. Must be between ${min} and ${max}.`);
+  return n;
+}
+
+/** Parse the `key=value` operands the way qemu-img dd does. */
+export function parseDdOperands(operands: readonly string[]): DdOperands {
+  let input: string | undefined;
+  let output: string | undefined;
+  let bs = 512;
+  let count: number | undefined;
+  let skip: number | undefined;
+  for (const arg of operands) {
+    const eq = arg.indexOf("=");
+    if (eq < 0) throw new CliError(`unrecognized operand ${arg}`);
+    const key = arg.slice(0, eq);
+    const value = arg.slice(eq + 1);
+    switch (key) {
+      case "bs":
+        bs = cvtnum("bs", value, 1, INT_MAX);
+        break;
+      case "count":
+        count = cvtnum("count", value, 0, Number.MAX_SAFE_INTEGER);
+        break;
+      case "skip":
+        skip = cvtnum("skip", value, 0, Number.MAX_SAFE_INTEGER);
+        break;
+      case "if":
+        input = value;
+        break;
+      case "of":
+        output = value;
+        break;
+      default:
+        throw new CliError(`unrecognized operand ${key}`);
+    }
+  }
+  if (input === undefined || output === undefined) throw new CliError("Must specify both input and output files");
+  return { input, output, bs, count, skip };
+}
+
+export interface DdOptions {
+  readonly operands: readonly string[];
+  readonly format?: string | undefined;
+  readonly outputFormat?: string | undefined;
+}
+
+export async function runDd(ctx: CliContext, options: DdOptions): Promise<number> {
+  const op = parseDdOperands(options.operands);
+  checkOutputFormat(options.outputFormat ?? "raw", op.output);
+  if (sameFile(op.input, op.output)) throw new CliError("the output file is the input file", { file: op.output });
+  const image = await openImage(op.input, { format: options.format, ctx });
+  try {
+    let size = image.virtualSize;
+    if (op.count !== undefined && op.count * op.bs < size) size = op.count * op.bs;
+    const skipBytes = op.skip === undefined ? 0 : op.skip * op.bs;
+    const skipTooFar = op.skip !== undefined && (!Number.isSafeInteger(skipBytes) || size < skipBytes);
+    const outSize = skipTooFar ? 0 : size - skipBytes;
+    const target = await inFile(op.output, () => FileBackend.open(op.output, { create: true, truncate: true }));
+    try {
+      await inFile(op.output, () => target.truncate(roundUp(outSize, 512)));
+      if (skipTooFar) {
+        ctx.stderr(`qimg: ${op.input}: cannot skip to specified offset\n`);
+      } else {
+        await inFile(op.input, () => copySparse(image, skipBytes, size, target, 0));
+      }
+      await inFile(op.output, () => target.flush());
+    } finally {
+      await target.close();
+    }
+    return 0;
+  } finally {
+    await image.close();
+  }
+}
+
+export const ddCommand: CommandDef = {
+  name: "dd",
+  errorExitCode: 1,
+  configure(cmd: Command) {
+    cmd
+      .description("copy an image to a raw file, dd style (qemu-img dd)")
+      .argument("[operands...]", "if=INPUT of=OUTPUT [bs=BYTES] [count=BLOCKS] [skip=BLOCKS]")
+      .option("-f, --format <fmt>", "input format (qcow2, qed, raw); probed when omitted")
+      .option("-O, --output-format <fmt>", "output format (raw)", "raw")
+      .option("-U, --force-share", "accepted for qemu-img compatibility (qimg takes no locks)");
+  },
+  run(ctx, args, opts) {
+    return runDd(ctx, {
+      operands: args,
+      format: stringOpt(opts, "format"),
+      outputFormat: stringOpt(opts, "outputFormat"),
+    });
+  },
+};

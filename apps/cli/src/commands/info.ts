@@ -1,0 +1,218 @@
+/**
+ * `qimg info [-f fmt] [--output human|json] [--backing-chain] [-U] FILE`: the facts and layout
+ * of `qemu-img info`.
+ */
+import { statSync } from "node:fs";
+import type { Command } from "commander";
+import { Option } from "commander";
+import { parseOutputFormat, stringOpt, type CommandDef, type OutputFormat } from "../command.js";
+import type { CliContext } from "../context.js";
+import { qcow2InfoOf, qedInfoOf, type DiskImage, type SnapshotInfo } from "../drivers.js";
+import { inFile } from "../errors.js";
+import { chainOf, combinePath, openImage } from "../open.js";
+import { sizeToStr } from "../util/human.js";
+import { dumpQObject, toQemuJson, type QJson } from "../util/qjson.js";
+
+export interface InfoOptions {
+  readonly filename: string;
+  readonly format?: string | undefined;
+  readonly output?: OutputFormat;
+  readonly backingChain?: boolean;
+}
+
+type JsonObject = { [key: string]: QJson | undefined };
+
+/** Allocated size of a file as qemu reports it (st_blocks * 512), or undefined. */
+function actualSize(path: string): number | undefined {
+  try {
+    return statSync(path).blocks * 512;
+  } catch {
+    return undefined;
+  }
+}
+
+function snapshotJson(s: SnapshotInfo): JsonObject {
+  // Key order as qemu-img 7.2 prints it.
+  return {
+    icount: s.icount,
+    "vm-clock-nsec": s.vmClockNsec % 1_000_000_000,
+    name: s.name,
+    "date-sec": s.dateSec,
+    "date-nsec": s.dateNsec,
+    "vm-clock-sec": Math.floor(s.vmClockNsec / 1_000_000_000),
+    id: s.id,
+    "vm-state-size": s.vmStateSize,
+  };
+}
+
+/**
+ * The ImageInfo object of one image, with the keys in the order qemu-img 7.2 prints them.
+ * `filename` is the name the image was opened by.
+ */
+export function imageInfoJson(image: DiskImage, filename: string): JsonObject {
+  const info: {
+    snapshots?: JsonObject[];
+    backingFormat?: string | undefined;
+    clusterSize?: number;
+    formatSpecific?: JsonObject;
+    backingFilename?: string | undefined;
+    dirty: boolean;
+    encrypted?: boolean;
+  } = { dirty: false };
+  if (image.format === "qcow2") {
+    const q = qcow2InfoOf(image);
+    if (q.snapshots.length > 0) info.snapshots = q.snapshots.map(snapshotJson);
+    info.backingFilename = q.backingFilename;
+    info.backingFormat = q.backingFormat;
+    info.clusterSize = q.clusterSize;
+    info.dirty = q.dirty;
+    if (q.encrypted) info.encrypted = true;
+    const data: JsonObject =
+      q.version === 2
+        ? { compat: q.compat, "compression-type": q.compressionType, "refcount-bits": q.refcountBits }
+        : {
+            compat: q.compat,
+            "compression-type": q.compressionType,
+            "lazy-refcounts": q.lazyRefcounts,
+            bitmaps:
+              q.bitmaps.length > 0
+                ? q.bitmaps.map((b) => ({ flags: [...b.flags], name: b.name, granularity: b.granularity }))
+                : undefined,
+            "refcount-bits": q.refcountBits,
+            "data-file": q.dataFile,
+            "data-file-raw": q.dataFile !== undefined ? q.dataFileRaw : undefined,
+            corrupt: q.corrupt,
+            "extended-l2": q.extendedL2,
+          };
+    info.formatSpecific = { type: "qcow2", data };
+  } else if (image.format === "qed") {
+    const q = qedInfoOf(image);
+    info.backingFilename = q.backingFilename;
+    info.backingFormat = q.backingFormat;
+    info.clusterSize = q.clusterSize;
+    info.dirty = q.needCheck;
+  }
+  const hasBacking = info.backingFilename !== undefined && info.backingFilename !== "";
+  return {
+    snapshots: info.snapshots,
+    "backing-filename-format": hasBacking ? info.backingFormat : undefined,
+    "virtual-size": image.virtualSize,
+    filename,
+    "cluster-size": info.clusterSize,
+    format: image.format,
+    encrypted: info.encrypted,
+    "actual-size": actualSize(filename),
+    "format-specific": info.formatSpecific,
+    "full-backing-filename": hasBacking ? combinePath(filename, info.backingFilename ?? "") : undefined,
+    "backing-filename": hasBacking ? info.backingFilename : undefined,
+    "dirty-flag": info.dirty,
+  };
+}
+
+function pad(s: string, width: number, left: boolean): string {
+  return left ? s.padEnd(width) : s.padStart(width);
+}
+
+function two(n: number): string {
+  return String(n).padStart(2, "0");
+}
+
+/** One row of qemu's snapshot table (bdrv_snapshot_dump), without the newline. */
+export function snapshotRow(s: JsonObject): string {
+  const date = new Date(Number(s["date-sec"]) * 1000);
+  const dateBuf = `${date.getFullYear()}-${two(date.getMonth() + 1)}-${two(date.getDate())} ${two(date.getHours())}:${two(date.getMinutes())}:${two(date.getSeconds())}`;
+  const secs = Number(s["vm-clock-sec"]);
+  const nsec = Number(s["vm-clock-nsec"]);
+  const clock = `${two(Math.floor(secs / 3600))}:${two(Math.floor(secs / 60) % 60)}:${two(secs % 60)}.${String(Math.floor(nsec / 1_000_000) % 1000).padStart(3, "0")}`;
+  const icount = s.icount === undefined ? "" : String(s.icount);
+  return (
+    pad(String(s.id), 9, true) +
+    " " +
+    pad(String(s.name), 16, true) +
+    " " +
+    pad(sizeToStr(Number(s["vm-state-size"])), 8, false) +
+    pad(dateBuf, 20, false) +
+    pad(clock, 13, false) +
+    pad(icount, 11, false)
+  );
+}
+
+export const SNAPSHOT_HEADER =
+  pad("ID", 10, true) + pad("TAG", 17, true) + pad("VM SIZE", 8, false) + pad("DATE", 20, false) + pad("VM CLOCK", 13, false) + pad("ICOUNT", 11, false);
+
+/** qemu's bdrv_image_info_dump(). */
+export function humanInfo(info: JsonObject): string {
+  const actual = info["actual-size"];
+  const virtualSize = Number(info["virtual-size"]);
+  let out =
+    `image: ${String(info.filename)}\n` +
+    `file format: ${String(info.format)}\n` +
+    `virtual size: ${sizeToStr(virtualSize)} (${virtualSize} bytes)\n` +
+    `disk size: ${actual === undefined ? "unavailable" : sizeToStr(Number(actual))}\n`;
+  if (info.encrypted === true) out += "encrypted: yes\n";
+  if (info["cluster-size"] !== undefined) out += `cluster_size: ${String(info["cluster-size"])}\n`;
+  if (info["dirty-flag"] === true) out += "cleanly shut down: no\n";
+  const backing = info["backing-filename"];
+  if (backing !== undefined) {
+    const full = info["full-backing-filename"];
+    out += `backing file: ${String(backing)}`;
+    if (full === undefined) out += " (cannot determine actual path)";
+    else if (full !== backing) out += ` (actual path: ${String(full)})`;
+    out += "\n";
+    if (info["backing-filename-format"] !== undefined) out += `backing file format: ${String(info["backing-filename-format"])}\n`;
+  }
+  const snapshots = info.snapshots;
+  if (Array.isArray(snapshots)) {
+    out += `Snapshot list:\n${SNAPSHOT_HEADER}\n`;
+    for (const s of snapshots as JsonObject[]) out += snapshotRow(s) + "\n";
+  }
+  const spec = info["format-specific"];
+  if (spec !== undefined && spec !== null && typeof spec === "object" && !Array.isArray(spec)) {
+    out += "Format specific information:\n";
+    out += dumpQObject((spec as JsonObject).data ?? null, 1);
+  }
+  return out;
+}
+
+export async function runInfo(ctx: CliContext, options: InfoOptions): Promise<number> {
+  const image = await openImage(options.filename, {
+    format: options.format,
+    ctx,
+    openBacking: options.backingChain === true,
+  });
+  try {
+    const layers = options.backingChain === true ? chainOf(image) : [image];
+    const infos = layers.map((layer) => inFile(layer.backend.name, () => Promise.resolve(imageInfoJson(layer, layer.backend.name))));
+    const resolved = await Promise.all(infos);
+    if (options.output === "json") {
+      ctx.stdout(toQemuJson(options.backingChain === true ? resolved : (resolved[0] ?? null)) + "\n");
+    } else {
+      ctx.stdout(resolved.map(humanInfo).join("\n"));
+    }
+    return 0;
+  } finally {
+    await image.close();
+  }
+}
+
+export const infoCommand: CommandDef = {
+  name: "info",
+  errorExitCode: 1,
+  configure(cmd: Command) {
+    cmd
+      .description("show information about an image (qemu-img info)")
+      .argument("<filename>", "image file")
+      .option("-f, --format <fmt>", "image format (qcow2, qed, raw); probed when omitted")
+      .addOption(new Option("--output <format>", "output format").choices(["human", "json"]).default("human"))
+      .option("--backing-chain", "show every image of the backing chain")
+      .option("-U, --force-share", "accepted for qemu-img compatibility (qimg takes no locks)");
+  },
+  run(ctx, args, opts) {
+    return runInfo(ctx, {
+      filename: args[0] ?? "",
+      format: stringOpt(opts, "format"),
+      output: parseOutputFormat(opts.output),
+      backingChain: opts.backingChain === true,
+    });
+  },
+};

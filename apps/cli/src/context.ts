@@ -1,0 +1,52 @@
+/**
+ * Where a command sends its output. The real CLI writes to the process streams; tests pass
+ * collectors so commands can be run in-process.
+ */
+export interface CliContext {
+  /** Results (stdout). */
+  readonly stdout: (text: string) => void;
+  /** Diagnostics and progress (stderr). */
+  readonly stderr: (text: string) => void;
+  /** Whether stderr is a terminal: progress bars are drawn only then. */
+  readonly stderrIsTTY: boolean;
+  /** The stream progress bars draw on (only used when `stderrIsTTY`). */
+  readonly progressStream: NodeJS.WritableStream | undefined;
+  /** Print stack traces for every error (`--debug`). */
+  debug: boolean;
+}
+
+/** The context of the real process. */
+export function processContext(): CliContext {
+  return {
+    stdout: (text) => {
+      process.stdout.write(text);
+    },
+    stderr: (text) => {
+      process.stderr.write(text);
+    },
+    stderrIsTTY: process.stderr.isTTY,
+    progressStream: process.stderr,
+    debug: false,
+  };
+}
+
+/** A context that collects output in strings (for tests and embedding). */
+export interface CapturedContext extends CliContext {
+  readonly out: { stdout: string; stderr: string };
+}
+
+export function captureContext(options: { stderrIsTTY?: boolean; debug?: boolean } = {}): CapturedContext {
+  const out = { stdout: "", stderr: "" };
+  return {
+    out,
+    stdout: (text) => {
+      out.stdout += text;
+    },
+    stderr: (text) => {
+      out.stderr += text;
+    },
+    stderrIsTTY: options.stderrIsTTY ?? false,
+    progressStream: undefined,
+    debug: options.debug ?? false,
+  };
+}

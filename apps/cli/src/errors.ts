@@ -1,0 +1,141 @@
+/**
+ * The one place that turns an error into the line the user sees and the exit code.
+ *
+ * - Expected errors (a {@link CliError}, or any error of the `@qimg/structs` family) print one
+ *   line, `qimg: <file>: <message>` (or `qimg: <message>` when no file applies), to stderr.
+ * - Anything else is an internal error (a bug): the line says so and a stack trace follows.
+ * - With `--debug` every error prints its stack trace (and causes).
+ * - The exit code is the error's own `exitCode` when it has one, else the command's default
+ *   for errors (1 for most commands, 2 for `compare`, as qemu-img does).
+ */
+import { isQimgError } from "@qimg/structs";
+import type { CliContext } from "./context.js";
+
+/** An expected failure of a command, with an optional file it concerns and exit code. */
+export class CliError extends Error {
+  readonly file: string | undefined;
+  readonly exitCode: number | undefined;
+
+  constructor(message: string, options: { file?: string | undefined; exitCode?: number; cause?: unknown } = {}) {
+    super(message, options.cause === undefined ? undefined : { cause: options.cause });
+    this.name = "CliError";
+    this.file = options.file;
+    this.exitCode = options.exitCode;
+  }
+}
+
+/** Wraps an error thrown while working on `file`, so the message can name it. */
+export class FileContextError extends Error {
+  readonly file: string;
+  readonly error: unknown;
+  readonly exitCode: number | undefined;
+
+  constructor(file: string, error: unknown, exitCode?: number) {
+    super(error instanceof Error ? error.message : String(error), { cause: error });
+    this.name = "FileContextError";
+    this.file = file;
+    this.error = error;
+    this.exitCode = exitCode;
+  }
+}
+
+/** Run `fn`, attributing any error it throws to `file` (and optionally an exit code). */
+export async function inFile<T>(file: string, fn: () => Promise<T>, exitCode?: number): Promise<T> {
+  try {
+    return await fn();
+  } catch (e) {
+    if (e instanceof FileContextError || (e instanceof CliError && e.file !== undefined)) throw e;
+    throw new FileContextError(file, e, exitCode);
+  }
+}
+
+export interface DescribedError {
+  /** The one line, without the trailing newline. */
+  readonly line: string;
+  /** True for bugs (not a CliError nor a qimg library error). */
+  readonly internal: boolean;
+  /** The exit code the error asks for, if any. */
+  readonly exitCode: number | undefined;
+  /** The innermost error (for the stack trace). */
+  readonly error: unknown;
+}
+
+const ERRNO_TEXT: Readonly<Record<string, string>> = {
+  ENOENT: "No such file or directory",
+  EACCES: "Permission denied",
+  EPERM: "Operation not permitted",
+  EISDIR: "Is a directory",
+  ENOTDIR: "Not a directory",
+  ENOSPC: "No space left on device",
+  EROFS: "Read-only file system",
+  EIO: "Input/output error",
+  ELOOP: "Too many levels of symbolic links",
+  EBUSY: "Device or resource busy",
+};
+
+function errnoOf(e: unknown): string | undefined {
+  return typeof e === "object" && e !== null && "code" in e && typeof e.code === "string" ? e.code : undefined;
+}
+
+/** The message of `e`, with a leading `<file>: ` removed and system errors in strerror words. */
+function messageOf(e: unknown, file: string | undefined): string {
+  let message = e instanceof Error ? e.message : String(e);
+  if (isQimgError(e)) {
+    const errno = errnoOf(e.cause);
+    const text = errno === undefined ? undefined : ERRNO_TEXT[errno];
+    if (text !== undefined && /: open failed: /.test(message)) {
+      message = text;
+    }
+  } else if (!(e instanceof CliError)) {
+    const text = ERRNO_TEXT[errnoOf(e) ?? ""];
+    if (text !== undefined) message = text;
+  }
+  if (file !== undefined && message.startsWith(`${file}: `)) message = message.slice(file.length + 2);
+  return message.split("\n")[0] ?? "";
+}
+
+/** What to print for `e`, and whether it is a bug. */
+export function describeError(e: unknown): DescribedError {
+  let file: string | undefined;
+  let exitCode: number | undefined;
+  let inner: unknown = e;
+  if (inner instanceof FileContextError) {
+    file = inner.file;
+    exitCode = inner.exitCode;
+    inner = inner.error;
+  }
+  if (inner instanceof CliError) {
+    file = inner.file ?? file;
+    exitCode = inner.exitCode ?? exitCode;
+  }
+  const expected = inner instanceof CliError || isQimgError(inner) || (errnoOf(inner) !== undefined && ERRNO_TEXT[errnoOf(inner) ?? ""] !== undefined);
+  const message = messageOf(inner, file);
+  const body = expected ? message : `internal error: ${message}`;
+  return {
+    line: file === undefined ? `qimg: ${body}` : `qimg: ${file}: ${body}`,
+    internal: !expected,
+    exitCode,
+    error: inner,
+  };
+}
+
+function stackOf(e: unknown): string {
+  let out = "";
+  let cur: unknown = e;
+  for (let depth = 0; cur !== undefined && cur !== null && depth < 8; depth++) {
+    out += (depth === 0 ? "" : "Caused by: ") + (cur instanceof Error ? (cur.stack ?? String(cur)) : String(cur)) + "\n";
+    cur = cur instanceof Error ? cur.cause : undefined;
+  }
+  return out;
+}
+
+/**
+ * Print `e` to the context's stderr and return the exit code: the error's own, else
+ * `defaultExitCode`.
+ */
+export function reportError(e: unknown, ctx: CliContext, defaultExitCode = 1): number {
+  const d = describeError(e);
+  ctx.stderr(d.line + "\n");
+  if (d.internal || ctx.debug) ctx.stderr(stackOf(d.error));
+  return d.exitCode ?? defaultExitCode;
+}

@@ -1,0 +1,181 @@
+/**
+ * Opening image files by path: format from `-f` or probed by magic, and the backing-file
+ * opener handed to the format drivers.
+ */
+import { realpathSync, statSync } from "node:fs";
+import { FileBackend } from "@qimg/io";
+import { CorruptImageError, InvalidArgumentError } from "@qimg/structs";
+import type { CliContext } from "./context.js";
+import {
+  openQcow2Image,
+  openQedImage,
+  openRaw,
+  type BackingOpener,
+  type BackingRequest,
+  type BlockBackend,
+  type DiskImage,
+} from "./drivers.js";
+import { inFile } from "./errors.js";
+import { PROBE_SIZE, probeFormat, probedRawWarning } from "./probe.js";
+
+/** Formats this build can open. */
+export const KNOWN_FORMATS = ["qcow2", "qed", "raw"] as const;
+
+/** Longest backing chain we follow (qemu has no fixed limit but recursion depth; 64 is plenty). */
+export const MAX_BACKING_DEPTH = 64;
+
+export interface OpenImageOptions {
+  /** Format from `-f`; probed by magic when undefined. */
+  readonly format?: string | undefined;
+  /** Open read-only (default true). */
+  readonly readOnly?: boolean;
+  /** Open the backing chain (default true); `info` without `--backing-chain` does not. */
+  readonly openBacking?: boolean;
+  /** Where warnings go. */
+  readonly ctx: CliContext;
+}
+
+/**
+ * qemu's path_combine(): a relative backing name is taken relative to the directory part of
+ * the overlay's name, textually (no normalisation), so messages and `map` print the same
+ * names as qemu-img.
+ */
+export function combinePath(base: string, name: string): string {
+  if (name.startsWith("/")) return name;
+  const slash = base.lastIndexOf("/");
+  return slash < 0 ? name : base.slice(0, slash + 1) + name;
+}
+
+function realPathOrSelf(path: string): string {
+  try {
+    return realpathSync(path);
+  } catch {
+    return path;
+  }
+}
+
+/** Read the first bytes and name the format: "qcow2", "qed", or undefined (raw, guessed). */
+export async function probeBackend(backend: BlockBackend): Promise<"qcow2" | "qed" | undefined> {
+  const size = await backend.size();
+  const head = new Uint8Array(Math.min(PROBE_SIZE, size));
+  if (head.length > 0) await backend.read(0, head);
+  return probeFormat(head);
+}
+
+function checkFormat(format: string): void {
+  if (!(KNOWN_FORMATS as readonly string[]).includes(format)) {
+    throw new InvalidArgumentError(`Unknown driver '${format}'`);
+  }
+}
+
+/**
+ * Open an already-open backend as `format` (probing when undefined). Closes the backend
+ * when the driver fails.
+ */
+async function openOnBackend(
+  backend: BlockBackend,
+  format: string | undefined,
+  options: { readOnly: boolean; openBacking: BackingOpener | undefined; ctx: CliContext; warnRaw: boolean },
+): Promise<DiskImage> {
+  try {
+    let fmt = format;
+    if (fmt === undefined) {
+      fmt = (await probeBackend(backend)) ?? "raw";
+      if (fmt === "raw" && options.warnRaw) options.ctx.stderr(probedRawWarning(backend.name));
+    }
+    checkFormat(fmt);
+    const readOnly = options.readOnly;
+    const driverOptions = {
+      readOnly,
+      openBacking: options.openBacking,
+      openDataFile: (name: string, relativeTo: string) => {
+        const path = combinePath(relativeTo, name);
+        return inFile(path, () => FileBackend.open(path, { readOnly }));
+      },
+    };
+    switch (fmt) {
+      case "qcow2":
+        return await openQcow2Image(backend, driverOptions);
+      case "qed":
+        return await openQedImage(backend, driverOptions);
+      default:
+        return await openRaw(backend);
+    }
+  } catch (e) {
+    await backend.close().catch(() => undefined);
+    throw e;
+  }
+}
+
+/**
+ * A {@link BackingOpener} for images opened from files: relative names resolve against the
+ * overlay's directory; the recorded format is used when there is one, else the file is probed
+ * (qcow2/QED by magic, otherwise raw with qemu's warning); chains deeper than
+ * {@link MAX_BACKING_DEPTH} and chains that loop back to a file already open (compared by
+ * real path) are refused as corrupt.
+ *
+ * `chain` holds the real paths of the images above the one being opened, top first.
+ */
+export function fileBackingOpener(ctx: CliContext, chain: readonly string[]): BackingOpener {
+  return async (request: BackingRequest): Promise<DiskImage> => {
+    const depth = chain.length;
+    const path = combinePath(request.relativeTo, request.filename);
+    if (depth > MAX_BACKING_DEPTH) {
+      throw new CorruptImageError(
+        `backing chain of '${chain[0] ?? request.relativeTo}' is deeper than ${MAX_BACKING_DEPTH} images (at '${path}')`,
+      );
+    }
+    const real = realPathOrSelf(path);
+    if (chain.includes(real)) {
+      throw new CorruptImageError(`backing file '${path}' of '${request.relativeTo}' makes a loop in the backing chain`);
+    }
+    return inFile(path, async () => {
+      const backend = await FileBackend.open(path, { readOnly: request.readOnly });
+      return openOnBackend(backend, request.format, {
+        readOnly: request.readOnly,
+        openBacking: fileBackingOpener(ctx, [...chain, real]),
+        ctx,
+        warnRaw: true,
+      });
+    });
+  };
+}
+
+/**
+ * Open the image file at `path`. Errors are attributed to `path` (see {@link inFile}).
+ *
+ * A probed raw image only draws qemu-img's "probing guessed raw" warning when it is opened
+ * for writing, as qemu-img does; read-only commands stay quiet.
+ */
+export async function openImage(path: string, options: OpenImageOptions): Promise<DiskImage> {
+  const readOnly = options.readOnly ?? true;
+  return inFile(path, async () => {
+    if (options.format !== undefined) checkFormat(options.format);
+    const backend = await FileBackend.open(path, { readOnly });
+    const openBacking = options.openBacking ?? true;
+    return openOnBackend(backend, options.format, {
+      readOnly,
+      openBacking: openBacking ? fileBackingOpener(options.ctx, [realPathOrSelf(path)]) : undefined,
+      ctx: options.ctx,
+      warnRaw: !readOnly,
+    });
+  });
+}
+
+/** Every image of the chain, top first. */
+export function chainOf(image: DiskImage): DiskImage[] {
+  const out: DiskImage[] = [];
+  for (let cur: DiskImage | undefined = image; cur !== undefined; cur = cur.backing) out.push(cur);
+  return out;
+}
+
+/** True when both paths name the same existing file (same device and inode). */
+export function sameFile(a: string, b: string): boolean {
+  try {
+    const sa = statSync(a);
+    const sb = statSync(b);
+    return sa.dev === sb.dev && sa.ino === sb.ino;
+  } catch {
+    return false;
+  }
+}

@@ -1,0 +1,83 @@
+/**
+ * Every fixture through info, map, convert and compare, checked against what qemu-img 7.2
+ * recorded in the fixtures' manifest.
+ */
+import { createHash } from "node:crypto";
+import { mkdtempSync, readFileSync, rmSync } from "node:fs";
+import { tmpdir } from "node:os";
+import { basename, dirname, join } from "node:path";
+import { fixturePath, listFixtures, type FixtureEntry } from "@qimg/fixtures";
+import { afterAll, describe, expect, it } from "vitest";
+import { driverAvailable, qimg } from "./helpers.js";
+
+const tmp = mkdtempSync(join(tmpdir(), "qimg-cli-test-"));
+afterAll(() => rmSync(tmp, { recursive: true, force: true }));
+
+function where(f: FixtureEntry): { dir: string; name: string } {
+  const path = fixturePath(f.name);
+  return { dir: dirname(path), name: basename(path) };
+}
+
+/** Drop the keys qemu-img and qimg cannot agree on (actual-size depends on the file system). */
+function comparable(info: unknown): unknown {
+  if (Array.isArray(info)) return info.map(comparable);
+  const { ["actual-size"]: _ignored, ...rest } = info as Record<string, unknown>;
+  return rest;
+}
+
+/**
+ * Known gaps in the format libraries (not the CLI), as `it.fails` so they flip loudly when fixed:
+ * qcow2-mixed: qemu-img splits an allocated cluster whose host bytes are partly a hole in the
+ * file (data 4 KiB + zero 60 KiB); @qimg/qcow2's blockStatus does not look at host holes yet.
+ */
+const KNOWN_MAP_GAPS = new Set(["qcow2-mixed"]);
+
+for (const f of listFixtures()) {
+  const skip = !driverAvailable(f.format);
+  if (skip) console.log(`skipping fixture ${f.name}: the ${f.format} driver is not exported yet`);
+  describe.skipIf(skip)(`fixture ${f.name}`, () => {
+    if (f.info !== null) {
+      const info = f.info;
+      it("info --output=json matches qemu-img", async () => {
+        const { dir, name } = where(f);
+        const r = await qimg(["info", "--output=json", name], dir);
+        expect(r.stderr).toBe("");
+        expect(r.code).toBe(0);
+        expect(comparable(JSON.parse(r.stdout))).toEqual(comparable(info));
+      });
+    } else {
+      it("info fails with one line and exit 1, like qemu-img", async () => {
+        const { dir, name } = where(f);
+        const r = await qimg(["info", name], dir);
+        expect(r.code).toBe(1);
+        expect(r.stdout).toBe("");
+        expect(r.stderr).toMatch(new RegExp(`^qimg: ${name}: [^\\n]+\\n$`));
+      });
+    }
+
+    if (f.map !== null) {
+      const map = f.map;
+      (KNOWN_MAP_GAPS.has(f.name) ? it.fails : it)("map --output=json matches qemu-img", async () => {
+        const { dir, name } = where(f);
+        const r = await qimg(["map", "--output=json", name], dir);
+        expect(r.stderr).toBe("");
+        expect(r.code).toBe(0);
+        expect(JSON.parse(r.stdout)).toEqual(map);
+      });
+    }
+
+    if (f.sha256 !== null) {
+      const sha = f.sha256;
+      it("convert -O raw matches qemu-img's sha256, and compares identical", async () => {
+        const { dir, name } = where(f);
+        const out = join(tmp, `${f.name}.raw`);
+        const r = await qimg(["convert", "-O", "raw", name, out], dir);
+        expect(r.stderr).toBe("");
+        expect(r.code).toBe(0);
+        expect(createHash("sha256").update(readFileSync(out)).digest("hex")).toBe(sha);
+        const c = await qimg(["compare", "-F", "raw", name, out], dir);
+        expect(c).toEqual({ code: 0, stdout: "Images are identical.\n", stderr: "" });
+      });
+    }
+  });
+}

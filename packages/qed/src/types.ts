@@ -1,0 +1,119 @@
+import type { DiskImage } from "@qimg/io";
+
+/**
+ * What a driver asks for when an image names a backing file. Structurally identical to the
+ * qcow2 package's type, so one opener serves both formats.
+ */
+export interface BackingRequest {
+  /** The backing file name exactly as recorded in the image. */
+  readonly filename: string;
+  /** The recorded backing format ("raw" when QED's no-probe flag is set); undefined when unknown. */
+  readonly format: string | undefined;
+  /** Name of the image that refers to it (resolve relative names against its directory). */
+  readonly relativeTo: string;
+  /** Open read-only (backing files always are, unless committing). */
+  readonly readOnly: boolean;
+  /** How deep this backing file is (1 = direct backing file of the top image). */
+  readonly depth: number;
+  /** Names of the images already open above it, top first (for cycle detection). */
+  readonly chain: readonly string[];
+}
+
+/** Opens a backing file; supplied by the caller (the CLI opens files by path and dispatches on format). */
+export type BackingOpener = (request: BackingRequest) => Promise<DiskImage>;
+
+/** A timer the need-check logic uses; inject a fake one in tests. */
+export interface QedTimer {
+  /** Call `callback` once after `ms` milliseconds; returns a handle for {@link clear}. */
+  set(callback: () => void, ms: number): unknown;
+  /** Cancel a pending callback. */
+  clear(handle: unknown): void;
+}
+
+export interface QedOpenOptions {
+  /** Open read-only even when the backend is writable. Default: the backend's `readOnly`. */
+  readonly readOnly?: boolean;
+  /** Opens the backing file when the image has one. Without it, reads of unallocated ranges of such an image fail. */
+  readonly openBacking?: BackingOpener;
+  /** Quiet period after the last allocating write before the need-check bit is cleared. Default 5000 (QEMU's 5 s). */
+  readonly needCheckClearDelayMs?: number;
+  /** Timer for the need-check quiet period. Default: the global setTimeout (unref'd where possible). */
+  readonly timer?: QedTimer;
+  /** Backing depth of this image when it is itself opened as a backing file (0 = top). */
+  readonly depth?: number;
+  /** Names of the images open above this one, top first. */
+  readonly chain?: readonly string[];
+  /** L2 tables kept in the cache. Default: up to 50 (QEMU's), fewer for large tables. */
+  readonly l2CacheCapacity?: number;
+}
+
+/** The facts `qemu-img info` shows for a QED image. */
+export interface QedInfo {
+  readonly virtualSize: number;
+  readonly clusterSize: number;
+  /** L1/L2 table size in clusters. */
+  readonly tableSize: number;
+  /** Header size in clusters. */
+  readonly headerSize: number;
+  readonly backingFilename?: string;
+  /** "raw" when the no-probe flag is set; QED records no other format. */
+  readonly backingFormat?: string;
+  /** The need-check (dirty) bit. */
+  readonly needCheck: boolean;
+  /** Raw feature masks, unknown bits included. */
+  readonly features: bigint;
+  readonly compatFeatures: bigint;
+  readonly autoclearFeatures: bigint;
+}
+
+export interface QedCreateOptions {
+  /** Virtual size in bytes; rounded up to a multiple of 512 like qemu-img. */
+  readonly size: number;
+  /** Default 65536. */
+  readonly clusterSize?: number;
+  /** L1/L2 table size in clusters. Default 4. */
+  readonly tableSize?: number;
+  /** Backing file name to record. */
+  readonly backingFile?: string;
+  /** Backing format; only "raw" is recorded (as the no-probe flag). */
+  readonly backingFormat?: string;
+}
+
+/** One problem found by {@link checkQed}. */
+export interface QedCheckProblem {
+  readonly kind: "corruption" | "leak" | "error";
+  /** Whether repair fixed it. */
+  readonly fixed: boolean;
+  /** File offset of the bad entry (or of the leaked cluster). */
+  readonly offset: number;
+  readonly message: string;
+}
+
+/** Result of a consistency check, in qemu-img check's terms. */
+export interface QedCheckResult {
+  /** Corruptions left (unfixed). */
+  readonly corruptions: number;
+  /** Corruptions repaired. */
+  readonly corruptionsFixed: number;
+  /** Clusters in the file that no table references (QEMU does not repair these; nor do we). */
+  readonly leaks: number;
+  readonly leaksFixed: number;
+  /** Tables that could not be read or written. */
+  readonly checkErrors: number;
+  /** Data clusters referenced by L2 tables. */
+  readonly allocatedClusters: number;
+  /** Clusters of the virtual disk. */
+  readonly totalClusters: number;
+  /** Data clusters not directly after the previous one in the same L2 table. */
+  readonly fragmentedClusters: number;
+  /** File size rounded down to a cluster. */
+  readonly imageEndOffset: number;
+  /** Whether the need-check bit was cleared by this check. */
+  readonly markedClean: boolean;
+  readonly problems: readonly QedCheckProblem[];
+}
+
+export interface QedCheckOptions {
+  /** Clear invalid table entries and, when nothing is left broken, the need-check bit. Default false. */
+  readonly repair?: boolean;
+}

@@ -1,0 +1,107 @@
+/**
+ * Test helpers (not exported): a tiny qcow2-shaped image in memory whose header keeps the
+ * refcount table location where qcow2 does (offset 48: u64 table offset, 56: u32 clusters).
+ */
+import { ClusterCache } from "@qimg/cluster-cache";
+import type { BlockBackend } from "@qimg/io";
+import { MemoryBackend } from "@qimg/io";
+import { Refcounts } from "./refcounts.js";
+import type { RefcountsOptions } from "./refcounts.js";
+import { rebuildRefcounts } from "./rebuild.js";
+
+export const HDR_TABLE_OFFSET = 48;
+export const HDR_TABLE_CLUSTERS = 56;
+
+export async function writeHeaderTable(backend: BlockBackend, tableOffset: number, tableClusters: number): Promise<void> {
+  const b = new Uint8Array(12);
+  const v = new DataView(b.buffer);
+  v.setUint32(0, Math.floor(tableOffset / 0x1_0000_0000), false);
+  v.setUint32(4, tableOffset >>> 0, false);
+  v.setUint32(8, tableClusters, false);
+  await backend.write(HDR_TABLE_OFFSET, b);
+  await backend.flush();
+}
+
+export async function readHeaderTable(backend: BlockBackend): Promise<{ tableOffset: number; tableClusters: number }> {
+  const b = new Uint8Array(12);
+  await backend.read(HDR_TABLE_OFFSET, b);
+  const v = new DataView(b.buffer);
+  return { tableOffset: v.getUint32(0, false) * 0x1_0000_0000 + v.getUint32(4, false), tableClusters: v.getUint32(8, false) };
+}
+
+/** Header cluster at 0, table at cluster 1, first block at cluster 2 (like qemu-img create). */
+export async function makeImage(clusterBits: number, refcountOrder: number): Promise<MemoryBackend> {
+  const cs = 2 ** clusterBits;
+  const backend = new MemoryBackend();
+  await backend.write(0, new Uint8Array(cs));
+  await rebuildRefcounts({
+    backend,
+    clusterBits,
+    refcountOrder,
+    counts: [1],
+    placeAt: cs,
+    onTableMoved: (o, n) => writeHeaderTable(backend, o, n),
+  });
+  return backend;
+}
+
+export async function openImage(
+  backend: BlockBackend,
+  clusterBits: number,
+  refcountOrder: number,
+  extra: Partial<RefcountsOptions> = {},
+): Promise<Refcounts> {
+  const { tableOffset, tableClusters } = await readHeaderTable(backend);
+  const cache = new ClusterCache({ backend, tableSize: 2 ** clusterBits, capacity: 8, name: "refcount" });
+  return Refcounts.open({
+    backend,
+    cache,
+    clusterBits,
+    refcountOrder,
+    tableOffset,
+    tableClusters,
+    onTableMoved: (o, n) => writeHeaderTable(backend, o, n),
+    ...extra,
+  });
+}
+
+/**
+ * Walk the structure as a checker would: every refcount block and every table cluster must
+ * have refcount exactly 1, the header cluster 1. Returns every non-zero refcount by cluster
+ * index, and the set of metadata clusters (header, table, blocks).
+ */
+export async function walk(rc: Refcounts, backend: BlockBackend): Promise<{ counts: Map<number, number>; metadata: Set<number> }> {
+  const cs = rc.clusterSize;
+  const metadata = new Set<number>([0]);
+  for (let i = 0; i < rc.tableClusters; i++) metadata.add(rc.tableOffset / cs + i);
+  for (let s = 0; s < rc.tableEntries; s++) {
+    const off = rc.blockOffset(s);
+    if (off !== 0) metadata.add(off / cs);
+  }
+  for (const m of metadata) {
+    const v = await rc.get(m);
+    if (v !== 1) throw new Error(`metadata cluster ${m} (0x${(m * cs).toString(16)}) has refcount ${v}, expected 1`);
+  }
+  const counts = new Map<number, number>();
+  const total = rc.tableEntries * rc.entriesPerBlock;
+  const size = await backend.size();
+  const upTo = Math.min(total, Math.max(Math.ceil(size / cs), ...[...metadata].map((m) => m + 1)) + rc.entriesPerBlock * 4);
+  const buf = new Float64Array(Math.min(upTo, total));
+  await rc.readRange(0, buf);
+  buf.forEach((v, i) => {
+    if (v !== 0) counts.set(i, v);
+  });
+  return { counts, metadata };
+}
+
+/** mulberry32 PRNG for seeded randomized tests. */
+export function prng(seed: number): () => number {
+  let a = seed >>> 0;
+  return () => {
+    a = (a + 0x6d2b79f5) >>> 0;
+    let t = a;
+    t = Math.imul(t ^ (t >>> 15), t | 1);
+    t ^= t + Math.imul(t ^ (t >>> 7), t | 61);
+    return ((t ^ (t >>> 14)) >>> 0) / 4294967296;
+  };
+}

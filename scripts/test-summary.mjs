@@ -1,0 +1,24 @@
+// Sums the vitest JSON reports every package wrote and prints one closing line:
+// "N passed, N failed, N skipped". Exits non-zero when any test failed or none ran.
+import fs from "node:fs";
+import path from "node:path";
+
+const root = path.resolve(import.meta.dirname, "..");
+let passed = 0;
+let failed = 0;
+let skipped = 0;
+const rows = [];
+for (const group of ["packages", "apps"]) {
+  for (const dir of fs.readdirSync(path.join(root, group))) {
+    const file = path.join(root, group, dir, ".vitest-result.json");
+    if (!fs.existsSync(file)) continue;
+    const r = JSON.parse(fs.readFileSync(file, "utf8"));
+    passed += r.numPassedTests;
+    failed += r.numFailedTests;
+    skipped += r.numPendingTests + r.numTodoTests;
+    rows.push(`${group}/${dir}: ${r.numPassedTests} passed, ${r.numFailedTests} failed`);
+  }
+}
+console.log(rows.join("\n"));
+console.log(`Tests: ${passed} passed, ${failed} failed, ${skipped} skipped`);
+if (failed > 0 || passed === 0) process.exit(1);

@@ -60,3 +60,6 @@ export type { Decompressor } from "./compress.js";
 
 
 export { probeQcow2 } from "./probe.js";
+export { createQcow2, normalizeCreateOptions } from "./create.js";
+export type { Qcow2CreateOptions, Preallocation } from "./create.js";
+export { encodeHeaderArea } from "./spec/header-area.js";

@@ -1,0 +1,263 @@
+import { InvalidArgumentError, UnsupportedFeatureError } from "@qimg/structs";
+import type { BlockBackend } from "@qimg/io";
+import { rebuildRefcounts } from "@qimg/refcount";
+import {
+  AutoclearFeatures,
+  CompatibleFeatures,
+  FEATURE_NAMES,
+  IncompatibleFeatures,
+  MAX_L1_BYTES,
+} from "./spec/header.js";
+import type { Qcow2Header } from "./spec/header.js";
+import { ExtensionType, encodeFeatureNames, encodeStringExtension } from "./spec/extensions.js";
+import type { FeatureName } from "./spec/extensions.js";
+import { encodeHeaderArea } from "./spec/header-area.js";
+import { U64TableView } from "@qimg/structs";
+import { L2_OFFSET_MASK, OFLAG_COPIED } from "./spec/l2.js";
+
+export type Preallocation = "off" | "metadata" | "falloc" | "full";
+
+/** qemu-img's qcow2 creation options. */
+export interface Qcow2CreateOptions {
+  /** Virtual size in bytes (rounded up to a multiple of 512, as qemu-img does). */
+  readonly size: number;
+  /** "0.10" (version 2) or "1.1" (version 3, the default); "v2"/"v3" also accepted. */
+  readonly compat?: "0.10" | "1.1" | "v2" | "v3";
+  /** Power of two, 512 B .. 2 MiB; default 64 KiB. */
+  readonly clusterSize?: number;
+  /** Power of two, 1..64; default 16 (version 2 only supports 16). */
+  readonly refcountBits?: number;
+  readonly lazyRefcounts?: boolean;
+  readonly extendedL2?: boolean;
+  readonly compressionType?: "zlib" | "zstd";
+  readonly backingFile?: string;
+  readonly backingFormat?: string;
+  /** Name of the external data file (which the caller creates and passes separately). */
+  readonly dataFile?: string;
+  readonly dataFileRaw?: boolean;
+  readonly preallocation?: Preallocation;
+}
+
+const QEMU_FEATURE_TABLE: FeatureName[] = [
+  ...FEATURE_NAMES.incompatible.map((name, bit) => ({ type: "incompatible" as const, bit, name })),
+  ...FEATURE_NAMES.compatible.map((name, bit) => ({ type: "compatible" as const, bit, name })),
+  ...FEATURE_NAMES.autoclear.map((name, bit) => ({ type: "autoclear" as const, bit, name })),
+];
+
+function isPow2(n: number): boolean {
+  return Number.isInteger(n) && n > 0 && (n & (n - 1)) === 0;
+}
+
+/** Validate options the way qemu-img does, with its reasons. Returns normalized values. */
+export function normalizeCreateOptions(o: Qcow2CreateOptions) {
+  if (!Number.isSafeInteger(o.size) || o.size < 0) {
+    throw new InvalidArgumentError(`image size ${o.size} is not a non-negative integer`);
+  }
+  const size = Math.ceil(o.size / 512) * 512;
+  const compat = o.compat ?? "1.1";
+  if (!["0.10", "1.1", "v2", "v3"].includes(compat)) {
+    throw new InvalidArgumentError(`Invalid compatibility level: '${compat}'`);
+  }
+  const version: 2 | 3 = compat === "0.10" || compat === "v2" ? 2 : 3;
+  const clusterSize = o.clusterSize ?? 65536;
+  if (!isPow2(clusterSize) || clusterSize < 512 || clusterSize > 2 * 1024 * 1024) {
+    throw new InvalidArgumentError("Cluster size must be a power of two between 512 and 2048k");
+  }
+  const clusterBits = Math.log2(clusterSize);
+  const refcountBits = o.refcountBits ?? 16;
+  if (!isPow2(refcountBits) || refcountBits > 64) {
+    throw new InvalidArgumentError("Refcount width must be a power of two and may not exceed 64 bits");
+  }
+  const needV3 = (what: string): never => {
+    throw new InvalidArgumentError(`${what} only supported with compatibility level 1.1 and above (use version=v3 or greater)`);
+  };
+  if (version === 2) {
+    if (refcountBits !== 16) {
+      throw new InvalidArgumentError(
+        "Different refcount widths than 16 bits require compatibility level 1.1 or above (use version=v3 or greater)",
+      );
+    }
+    if (o.lazyRefcounts) needV3("Lazy refcounts");
+    if (o.extendedL2) needV3("Extended L2 entries are");
+    if (o.compressionType === "zstd") needV3("Non-zlib compression type is");
+    if (o.dataFile !== undefined) needV3("External data files are");
+  }
+  if (o.extendedL2 && clusterSize < 16384) {
+    throw new InvalidArgumentError("Extended L2 entries are only supported with cluster sizes of at least 16384 bytes");
+  }
+  if (o.dataFileRaw && o.dataFile === undefined) {
+    throw new InvalidArgumentError("data-file-raw requires data-file");
+  }
+  if (o.dataFile !== undefined && o.backingFile !== undefined) {
+    throw new InvalidArgumentError("Backing file and data file cannot be used at the same time");
+  }
+  if (o.backingFormat !== undefined && o.backingFile === undefined) {
+    throw new InvalidArgumentError("Backing format cannot be used without backing file");
+  }
+  const preallocation = o.preallocation ?? "off";
+  if (!["off", "metadata", "falloc", "full"].includes(preallocation)) {
+    throw new InvalidArgumentError(`Invalid preallocation mode: '${preallocation}'`);
+  }
+  if (o.backingFile !== undefined && preallocation !== "off" && !o.extendedL2) {
+    throw new InvalidArgumentError(
+      "Backing file and preallocation can only be used at the same time if extended_l2 is on",
+    );
+  }
+  if (o.compressionType !== undefined && o.compressionType !== "zlib" && o.compressionType !== "zstd") {
+    throw new UnsupportedFeatureError(`Unknown compression type '${String(o.compressionType)}'`, [String(o.compressionType)]);
+  }
+  const l2Entries = clusterSize / (o.extendedL2 ? 16 : 8);
+  const l1Size = Math.ceil(size / (clusterSize * l2Entries));
+  if (l1Size * 8 > MAX_L1_BYTES) {
+    throw new InvalidArgumentError(`Image size ${size} is too large for the cluster size ${clusterSize}`);
+  }
+  return {
+    size,
+    version,
+    clusterSize,
+    clusterBits,
+    refcountBits,
+    refcountOrder: Math.log2(refcountBits),
+    l2Entries,
+    l1Size,
+    preallocation,
+    extendedL2: !!o.extendedL2,
+    zstd: o.compressionType === "zstd",
+  };
+}
+
+/**
+ * Create a qcow2 image in `backend` (which should be empty). Layout as QEMU's: header cluster,
+ * refcount table, refcount block(s), L1 table, then (with preallocation) L2 tables and data.
+ * `dataBackend` is the external data file, when `dataFile` is given (it is sized for
+ * preallocation=full/falloc).
+ */
+export async function createQcow2(
+  backend: BlockBackend,
+  options: Qcow2CreateOptions,
+  dataBackend?: BlockBackend,
+): Promise<void> {
+  const n = normalizeCreateOptions(options);
+  const cs = n.clusterSize;
+  await backend.truncate(0);
+  let incompatible = 0n;
+  if (n.extendedL2) incompatible |= IncompatibleFeatures.maskOf("extendedL2");
+  if (n.zstd) incompatible |= IncompatibleFeatures.maskOf("compressionType");
+  if (options.dataFile !== undefined) incompatible |= IncompatibleFeatures.maskOf("externalDataFile");
+  const compatible = options.lazyRefcounts ? CompatibleFeatures.maskOf("lazyRefcounts") : 0n;
+  const autoclear = options.dataFileRaw ? AutoclearFeatures.maskOf("rawExternalData") : 0n;
+  const l1Clusters = Math.max(1, Math.ceil((n.l1Size * 8) / cs));
+  // Clusters: 0 header; then the refcount structures (placed by rebuild at cluster 1);
+  // we compute their size first so the L1 table and data can follow them.
+  const header0: Qcow2Header = {
+    version: n.version,
+    backingFileOffset: 0,
+    backingFileSize: 0,
+    clusterBits: n.clusterBits,
+    size: n.size,
+    cryptMethod: 0,
+    l1Size: n.l1Size,
+    l1TableOffset: 0,
+    refcountTableOffset: 0,
+    refcountTableClusters: 0,
+    nbSnapshots: 0,
+    snapshotsOffset: 0,
+    incompatibleFeatures: incompatible,
+    compatibleFeatures: compatible,
+    autoclearFeatures: autoclear,
+    refcountOrder: n.refcountOrder,
+    headerLength: n.version === 3 ? 112 : 72,
+    compressionType: n.zstd ? 1 : 0,
+    extraBytes: n.version === 3 ? new Uint8Array(7) : new Uint8Array(0),
+  };
+  const extensions: { type: number; data: Uint8Array }[] = [];
+  if (options.backingFormat !== undefined) {
+    extensions.push({ type: ExtensionType.backingFormat, data: encodeStringExtension(options.backingFormat) });
+  }
+  if (options.dataFile !== undefined) {
+    extensions.push({ type: ExtensionType.externalDataFile, data: encodeStringExtension(options.dataFile) });
+  }
+  if (n.version === 3) {
+    extensions.push({ type: ExtensionType.featureNameTable, data: encodeFeatureNames(QEMU_FEATURE_TABLE) });
+  }
+  // Metadata preallocation: L2 tables for the whole disk and (without a data file) data clusters.
+  const prealloc = n.preallocation !== "off";
+  const l2Tables = prealloc ? n.l1Size : 0;
+  const guestClusters = Math.ceil(n.size / cs);
+  const dataClusters = prealloc && options.dataFile === undefined ? guestClusters : 0;
+  // Estimate the refcount area (table + blocks) so the L1 table can follow it, as QEMU lays out.
+  const entriesPerBlock = (cs * 8) / n.refcountBits;
+  let refArea = 2;
+  for (;;) {
+    const total = 1 + refArea + l1Clusters + l2Tables + dataClusters;
+    const blocks = Math.ceil(total / entriesPerBlock);
+    const tableClusters = Math.ceil((blocks * 8) / cs);
+    if (tableClusters + blocks <= refArea) break;
+    refArea = tableClusters + blocks;
+  }
+  const l1Offset = (1 + refArea) * cs;
+  const l2Start = l1Offset + l1Clusters * cs;
+  const dataStart = l2Start + l2Tables * cs;
+  const end = dataStart + dataClusters * cs;
+  const totalClusters = end / cs;
+  const counts = new Uint8Array(totalClusters);
+  counts[0] = 1;
+  counts.fill(1, 1 + refArea, totalClusters);
+  // L1 (and L2) tables.
+  const l1 = new U64TableView(new Uint8Array(l1Clusters * cs), "big");
+  for (let i = 0; i < l2Tables; i++) {
+    const l2Off = l2Start + i * cs;
+    l1.set(i, l2Off);
+    l1.setFlag(i, OFLAG_COPIED, true);
+    const l2 = new U64TableView(new Uint8Array(cs), "big");
+    const stride = n.extendedL2 ? 2 : 1;
+    for (let j = 0; j < n.l2Entries; j++) {
+      const guest = i * n.l2Entries + j;
+      if (guest >= guestClusters) break;
+      // In an external data file clusters map to the same offset (offset 0 is valid there:
+      // the COPIED flag alone marks it allocated).
+      const host = options.dataFile !== undefined ? guest * cs : dataStart + guest * cs;
+      l2.setMasked(j * stride, L2_OFFSET_MASK, host);
+      l2.setFlag(j * stride, OFLAG_COPIED, true);
+      // Extended L2: every subcluster allocated.
+      if (n.extendedL2) l2.setWords(j * stride + 1, 0, 0xffff_ffff);
+    }
+    await backend.write(l2Off, l2.bytes);
+  }
+  await backend.write(l1Offset, l1.bytes);
+  if (end > l2Start) {
+    if (n.preallocation === "full" || n.preallocation === "falloc") {
+      const zero = new Uint8Array(Math.min(4 * 1024 * 1024, end - dataStart));
+      for (let pos = dataStart; pos < end; pos += zero.length) {
+        await backend.write(pos, zero.subarray(0, Math.min(zero.length, end - pos)));
+      }
+    } else {
+      await backend.truncate(Math.max(await backend.size(), end));
+    }
+  }
+  if (dataBackend && prealloc) {
+    await dataBackend.truncate(Math.max(await dataBackend.size(), n.size));
+  }
+  let header = header0;
+  const writeHeader = async (tableOffset: number, tableClusters: number): Promise<void> => {
+    const area = encodeHeaderArea(
+      { ...header, l1TableOffset: l1Offset, refcountTableOffset: tableOffset, refcountTableClusters: tableClusters },
+      extensions,
+      options.backingFile,
+    );
+    header = area.header;
+    await backend.write(0, area.bytes);
+    await backend.flush();
+  };
+  // Validate the header area fits before writing anything else that depends on it.
+  encodeHeaderArea(header0, extensions, options.backingFile);
+  await rebuildRefcounts({
+    backend,
+    clusterBits: n.clusterBits,
+    refcountOrder: n.refcountOrder,
+    counts,
+    placeAt: cs,
+    onTableMoved: writeHeader,
+  });
+  await backend.flush();
+}

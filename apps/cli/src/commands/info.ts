@@ -90,7 +90,9 @@ export function imageInfoJson(image: DiskImage, filename: string): JsonObject {
     info.backingFilename = q.backingFilename;
     info.backingFormat = q.backingFormat;
     info.clusterSize = q.clusterSize;
-    info.dirty = q.needCheck;
+    // qemu-img 7.2 reports "dirty-flag": false for QED even when the need-check bit is set
+    // (its QED driver does not report it); match it. `check` is where need-check shows.
+    info.dirty = false;
   }
   const hasBacking = info.backingFilename !== undefined && info.backingFilename !== "";
   return {

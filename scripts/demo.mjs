@@ -10,11 +10,17 @@ const root = path.resolve(import.meta.dirname, "..");
 const src = path.join(root, "packages/fixtures/images/qcow2-mixed");
 const dir = fs.mkdtempSync(path.join(os.tmpdir(), "qimg-demo-"));
 for (const f of fs.readdirSync(src)) {
-  fs.writeFileSync(path.join(dir, f.replace(/\.gz$/, "")), zlib.gunzipSync(fs.readFileSync(path.join(src, f))));
+  fs.writeFileSync(
+    path.join(dir, f.replace(/\.gz$/, "")),
+    zlib.gunzipSync(fs.readFileSync(path.join(src, f))),
+  );
 }
 const qimg = path.join(root, "apps/cli/dist/qimg.js");
 const image = path.join(dir, "top.qcow2");
-for (const args of [["info", "--backing-chain", image], ["map", image]]) {
+for (const args of [
+  ["info", "--backing-chain", image],
+  ["map", image],
+]) {
   console.log(`$ qimg ${args.join(" ")}`);
   console.log(execFileSync(process.execPath, [qimg, ...args], { encoding: "utf8" }));
 }

@@ -10,7 +10,9 @@ import { reportError } from "./errors.js";
 /** Version from package.json (read at run time: `src/../` and `dist/../` both hold it). */
 export function qimgVersion(): string {
   try {
-    const pkg = JSON.parse(readFileSync(new URL("../package.json", import.meta.url), "utf8")) as { version?: unknown };
+    const pkg = JSON.parse(readFileSync(new URL("../package.json", import.meta.url), "utf8")) as {
+      version?: unknown;
+    };
     return typeof pkg.version === "string" ? pkg.version : "unknown";
   } catch {
     return "unknown";
@@ -27,7 +29,10 @@ export function commanderErrorLine(text: string): string {
  * Run qimg with `argv` (the arguments after the program name) and resolve to the exit code.
  * Output goes to `ctx` (the process streams by default).
  */
-export async function runCli(argv: readonly string[], ctx: CliContext = processContext()): Promise<number> {
+export async function runCli(
+  argv: readonly string[],
+  ctx: CliContext = processContext(),
+): Promise<number> {
   let exitCode = 0;
   if (argv.length === 0) {
     ctx.stderr("qimg: Not enough arguments (try 'qimg --help')\n");
@@ -53,7 +58,9 @@ export async function runCli(argv: readonly string[], ctx: CliContext = processC
     def.configure(cmd);
     cmd.action(async (...actionArgs: unknown[]) => {
       const self = actionArgs[actionArgs.length - 1] as Command;
-      const args = self.processedArgs.flatMap((a: unknown) => (Array.isArray(a) ? (a as unknown[]).map(String) : a === undefined ? [] : [String(a)]));
+      const args = self.processedArgs.flatMap((a: unknown) =>
+        Array.isArray(a) ? (a as unknown[]).map(String) : a === undefined ? [] : [String(a)],
+      );
       try {
         exitCode = await def.run(ctx, args, self.opts());
       } catch (e) {
@@ -67,7 +74,11 @@ export async function runCli(argv: readonly string[], ctx: CliContext = processC
   } catch (e) {
     if (e instanceof CommanderError) {
       // --help and --version exit 0; usage errors were already printed as one line.
-      return e.code === "commander.helpDisplayed" || e.code === "commander.version" || e.code === "commander.help" ? 0 : 1;
+      return e.code === "commander.helpDisplayed" ||
+        e.code === "commander.version" ||
+        e.code === "commander.help"
+        ? 0
+        : 1;
     }
     return reportError(e, ctx, 1);
   }

@@ -9,7 +9,11 @@ export interface CommandDef {
   /** Exit code for errors (qemu-img uses 1 for most commands, 2 for compare). */
   readonly errorExitCode: number;
   /** Run with commander's parsed arguments and options; resolves to the exit code. */
-  run(ctx: CliContext, args: readonly string[], opts: Readonly<Record<string, unknown>>): Promise<number>;
+  run(
+    ctx: CliContext,
+    args: readonly string[],
+    opts: Readonly<Record<string, unknown>>,
+  ): Promise<number>;
 }
 
 /** `--output human|json`, as every command that has it spells it. */
@@ -20,7 +24,10 @@ export function parseOutputFormat(value: unknown): OutputFormat {
 }
 
 /** A string option, or undefined. */
-export function stringOpt(opts: Readonly<Record<string, unknown>>, key: string): string | undefined {
+export function stringOpt(
+  opts: Readonly<Record<string, unknown>>,
+  key: string,
+): string | undefined {
   const v = opts[key];
   return typeof v === "string" ? v : undefined;
 }

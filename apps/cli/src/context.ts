@@ -35,7 +35,9 @@ export interface CapturedContext extends CliContext {
   readonly out: { stdout: string; stderr: string };
 }
 
-export function captureContext(options: { stderrIsTTY?: boolean; debug?: boolean } = {}): CapturedContext {
+export function captureContext(
+  options: { stderrIsTTY?: boolean; debug?: boolean } = {},
+): CapturedContext {
   const out = { stdout: "", stderr: "" };
   return {
     out,

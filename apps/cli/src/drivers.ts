@@ -9,10 +9,25 @@ import * as io from "@qimg/io";
 import * as qcow2 from "@qimg/qcow2";
 import * as qed from "@qimg/qed";
 import type { BlockBackend, BlockStatus, DiskImage } from "@qimg/io";
-import type { BackingOpener, BackingRequest, BitmapInfo, Qcow2Info, SnapshotInfo } from "@qimg/qcow2";
+import type {
+  BackingOpener,
+  BackingRequest,
+  BitmapInfo,
+  Qcow2Info,
+  SnapshotInfo,
+} from "@qimg/qcow2";
 import { UnsupportedFeatureError } from "@qimg/structs";
 
-export type { BackingOpener, BackingRequest, BitmapInfo, BlockBackend, BlockStatus, DiskImage, Qcow2Info, SnapshotInfo };
+export type {
+  BackingOpener,
+  BackingRequest,
+  BitmapInfo,
+  BlockBackend,
+  BlockStatus,
+  DiskImage,
+  Qcow2Info,
+  SnapshotInfo,
+};
 
 /** What `openQed(...).info()` reports. */
 export interface QedInfo {
@@ -42,15 +57,25 @@ export async function openRaw(backend: BlockBackend): Promise<DiskImage> {
   return RawImage.open(backend);
 }
 
-export async function openQcow2Image(backend: BlockBackend, options: DriverOpenOptions): Promise<DiskImage> {
+export async function openQcow2Image(
+  backend: BlockBackend,
+  options: DriverOpenOptions,
+): Promise<DiskImage> {
   const open = (qcow2 as Partial<typeof qcow2>).openQcow2;
   if (typeof open !== "function") missing("the qcow2 format driver");
   return options.openBacking === undefined
     ? open(backend, { readOnly: options.readOnly, noBacking: true })
-    : open(backend, { readOnly: options.readOnly, openBacking: options.openBacking, openDataFile: options.openDataFile });
+    : open(backend, {
+        readOnly: options.readOnly,
+        openBacking: options.openBacking,
+        openDataFile: options.openDataFile,
+      });
 }
 
-export async function openQedImage(backend: BlockBackend, options: DriverOpenOptions): Promise<DiskImage> {
+export async function openQedImage(
+  backend: BlockBackend,
+  options: DriverOpenOptions,
+): Promise<DiskImage> {
   const open = (qed as Partial<typeof qed>).openQed;
   if (typeof open !== "function") missing("the QED format driver");
   return open(backend, { readOnly: options.readOnly, openBacking: options.openBacking });

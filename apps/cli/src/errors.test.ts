@@ -6,15 +6,28 @@ import { CliError, describeError, FileContextError, inFile, reportError } from "
 describe("error reporting", () => {
   it("prints a qimg error as one line naming the file, exit code from the command", async () => {
     const ctx = captureContext();
-    const err = await inFile("a.qcow2", () => Promise.reject(new CorruptImageError("L1 table at 0x30200 is not aligned to the cluster size 65536"))).catch((e: unknown) => e);
+    const err = await inFile("a.qcow2", () =>
+      Promise.reject(
+        new CorruptImageError("L1 table at 0x30200 is not aligned to the cluster size 65536"),
+      ),
+    ).catch((e: unknown) => e);
     expect(err).toBeInstanceOf(FileContextError);
     expect(reportError(err, ctx, 1)).toBe(1);
-    expect(ctx.out.stderr).toBe("qimg: a.qcow2: L1 table at 0x30200 is not aligned to the cluster size 65536\n");
+    expect(ctx.out.stderr).toBe(
+      "qimg: a.qcow2: L1 table at 0x30200 is not aligned to the cluster size 65536\n",
+    );
   });
 
   it("strips a repeated file prefix and uses strerror words for open failures", () => {
-    const cause = Object.assign(new Error("ENOENT: no such file or directory, stat 'x'"), { code: "ENOENT" });
-    const d = describeError(new FileContextError("x", new IoError("x: open failed: ENOENT: no such file or directory", { cause })));
+    const cause = Object.assign(new Error("ENOENT: no such file or directory, stat 'x'"), {
+      code: "ENOENT",
+    });
+    const d = describeError(
+      new FileContextError(
+        "x",
+        new IoError("x: open failed: ENOENT: no such file or directory", { cause }),
+      ),
+    );
     expect(d.line).toBe("qimg: x: No such file or directory");
     expect(d.internal).toBe(false);
   });
@@ -22,7 +35,9 @@ describe("error reporting", () => {
   it("uses the error's own exit code when it has one", () => {
     const ctx = captureContext();
     expect(reportError(new CliError("bad", { exitCode: 4 }), ctx, 2)).toBe(4);
-    expect(reportError(new FileContextError("f", new UnsupportedFeatureError("nope", ["x"]), 2), ctx, 1)).toBe(2);
+    expect(
+      reportError(new FileContextError("f", new UnsupportedFeatureError("nope", ["x"]), 2), ctx, 1),
+    ).toBe(2);
     expect(ctx.out.stderr).toBe("qimg: bad\nqimg: f: nope\n");
   });
 

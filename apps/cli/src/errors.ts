@@ -16,7 +16,10 @@ export class CliError extends Error {
   readonly file: string | undefined;
   readonly exitCode: number | undefined;
 
-  constructor(message: string, options: { file?: string | undefined; exitCode?: number; cause?: unknown } = {}) {
+  constructor(
+    message: string,
+    options: { file?: string | undefined; exitCode?: number; cause?: unknown } = {},
+  ) {
     super(message, options.cause === undefined ? undefined : { cause: options.cause });
     this.name = "CliError";
     this.file = options.file;
@@ -74,7 +77,9 @@ const ERRNO_TEXT: Readonly<Record<string, string>> = {
 };
 
 function errnoOf(e: unknown): string | undefined {
-  return typeof e === "object" && e !== null && "code" in e && typeof e.code === "string" ? e.code : undefined;
+  return typeof e === "object" && e !== null && "code" in e && typeof e.code === "string"
+    ? e.code
+    : undefined;
 }
 
 /** The message of `e`, with a leading `<file>: ` removed and system errors in strerror words. */
@@ -90,7 +95,8 @@ function messageOf(e: unknown, file: string | undefined): string {
     const text = ERRNO_TEXT[errnoOf(e) ?? ""];
     if (text !== undefined) message = text;
   }
-  if (file !== undefined && message.startsWith(`${file}: `)) message = message.slice(file.length + 2);
+  if (file !== undefined && message.startsWith(`${file}: `))
+    message = message.slice(file.length + 2);
   return message.split("\n")[0] ?? "";
 }
 
@@ -108,7 +114,10 @@ export function describeError(e: unknown): DescribedError {
     file = inner.file ?? file;
     exitCode = inner.exitCode ?? exitCode;
   }
-  const expected = inner instanceof CliError || isQimgError(inner) || (errnoOf(inner) !== undefined && ERRNO_TEXT[errnoOf(inner) ?? ""] !== undefined);
+  const expected =
+    inner instanceof CliError ||
+    isQimgError(inner) ||
+    (errnoOf(inner) !== undefined && ERRNO_TEXT[errnoOf(inner) ?? ""] !== undefined);
   const message = messageOf(inner, file);
   const body = expected ? message : `internal error: ${message}`;
   return {
@@ -123,7 +132,10 @@ function stackOf(e: unknown): string {
   let out = "";
   let cur: unknown = e;
   for (let depth = 0; cur !== undefined && cur !== null && depth < 8; depth++) {
-    out += (depth === 0 ? "" : "Caused by: ") + (cur instanceof Error ? (cur.stack ?? String(cur)) : String(cur)) + "\n";
+    out +=
+      (depth === 0 ? "" : "Caused by: ") +
+      (cur instanceof Error ? (cur.stack ?? String(cur)) : String(cur)) +
+      "\n";
     cur = cur instanceof Error ? cur.cause : undefined;
   }
   return out;

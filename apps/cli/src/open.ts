@@ -75,7 +75,12 @@ function checkFormat(format: string): void {
 async function openOnBackend(
   backend: BlockBackend,
   format: string | undefined,
-  options: { readOnly: boolean; openBacking: BackingOpener | undefined; ctx: CliContext; warnRaw: boolean },
+  options: {
+    readOnly: boolean;
+    openBacking: BackingOpener | undefined;
+    ctx: CliContext;
+    warnRaw: boolean;
+  },
 ): Promise<DiskImage> {
   try {
     let fmt = format;
@@ -127,7 +132,9 @@ export function fileBackingOpener(ctx: CliContext, chain: readonly string[]): Ba
     }
     const real = realPathOrSelf(path);
     if (chain.includes(real)) {
-      throw new CorruptImageError(`backing file '${path}' of '${request.relativeTo}' makes a loop in the backing chain`);
+      throw new CorruptImageError(
+        `backing file '${path}' of '${request.relativeTo}' makes a loop in the backing chain`,
+      );
     }
     return inFile(path, async () => {
       const backend = await FileBackend.open(path, { readOnly: request.readOnly });

@@ -14,7 +14,9 @@ afterAll(() => rmSync(tmp, { recursive: true, force: true }));
 
 describe("qimg as a process", () => {
   it("--version prints qimg <version> from package.json", () => {
-    const pkg = JSON.parse(readFileSync(join(CLI_DIR, "package.json"), "utf8")) as { version: string };
+    const pkg = JSON.parse(readFileSync(join(CLI_DIR, "package.json"), "utf8")) as {
+      version: string;
+    };
     const r = qimgProcess(["--version"]);
     expect(r).toEqual({ code: 0, stdout: `qimg ${pkg.version}\n`, stderr: "" });
     expect(qimgVersion()).toBe(pkg.version);
@@ -35,13 +37,19 @@ describe("qimg as a process", () => {
 
   it("a missing file: qimg: <file>: <message>, no stack, exit 1", () => {
     const r = qimgProcess(["info", "/nonexistent/disk.qcow2"]);
-    expect(r).toEqual({ code: 1, stdout: "", stderr: "qimg: /nonexistent/disk.qcow2: No such file or directory\n" });
+    expect(r).toEqual({
+      code: 1,
+      stdout: "",
+      stderr: "qimg: /nonexistent/disk.qcow2: No such file or directory\n",
+    });
   });
 
   it("--debug adds the stack", () => {
     const r = qimgProcess(["--debug", "info", "/nonexistent/disk.qcow2"]);
     expect(r.code).toBe(1);
-    expect(r.stderr.split("\n")[0]).toBe("qimg: /nonexistent/disk.qcow2: No such file or directory");
+    expect(r.stderr.split("\n")[0]).toBe(
+      "qimg: /nonexistent/disk.qcow2: No such file or directory",
+    );
     expect(r.stderr).toMatch(/\n\s+at /);
   });
 
@@ -53,16 +61,32 @@ describe("qimg as a process", () => {
     writeFileSync(src, data);
     const info = qimgProcess(["info", "-f", "raw", "--output", "json", src]);
     expect(info.code).toBe(0);
-    expect(JSON.parse(info.stdout)).toMatchObject({ "virtual-size": 1 << 20, filename: src, format: "raw", "dirty-flag": false });
+    expect(JSON.parse(info.stdout)).toMatchObject({
+      "virtual-size": 1 << 20,
+      filename: src,
+      format: "raw",
+      "dirty-flag": false,
+    });
     expect(qimgProcess(["map", "-f", "raw", "--output=json", src]).code).toBe(0);
     const out = join(tmp, "out.raw");
-    expect(qimgProcess(["convert", "-f", "raw", "-O", "raw", src, out])).toEqual({ code: 0, stdout: "", stderr: "" });
+    expect(qimgProcess(["convert", "-f", "raw", "-O", "raw", src, out])).toEqual({
+      code: 0,
+      stdout: "",
+      stderr: "",
+    });
     const sha = (p: string): string => createHash("sha256").update(readFileSync(p)).digest("hex");
     expect(sha(out)).toBe(sha(src));
     expect(statSync(out).blocks * 512).toBeLessThan(1 << 20);
-    expect(qimgProcess(["compare", src, out])).toEqual({ code: 0, stdout: "Images are identical.\n", stderr: "" });
+    expect(qimgProcess(["compare", src, out])).toEqual({
+      code: 0,
+      stdout: "Images are identical.\n",
+      stderr: "",
+    });
     const dd = join(tmp, "dd.raw");
-    expect(qimgProcess(["dd", "-f", "raw", `if=${src}`, `of=${dd}`, "bs=64k", "skip=9", "count=11"]).code).toBe(0);
+    expect(
+      qimgProcess(["dd", "-f", "raw", `if=${src}`, `of=${dd}`, "bs=64k", "skip=9", "count=11"])
+        .code,
+    ).toBe(0);
     expect(readFileSync(dd)).toEqual(Buffer.from(data.subarray(9 * 65536, 11 * 65536)));
     const c = qimgProcess(["compare", "-f", "raw", "-F", "raw", src, dd]);
     expect(c.code).toBe(1);
@@ -87,13 +111,21 @@ describe("commands in-process", () => {
   });
 
   it("no arguments: one line, exit 1", async () => {
-    expect(await qimg([])).toEqual({ code: 1, stdout: "", stderr: "qimg: Not enough arguments (try 'qimg --help')\n" });
+    expect(await qimg([])).toEqual({
+      code: 1,
+      stdout: "",
+      stderr: "qimg: Not enough arguments (try 'qimg --help')\n",
+    });
   });
 
   it("an unknown -f format names the driver", async () => {
     const p = join(tmp, "f.raw");
     writeFileSync(p, new Uint8Array(512));
-    expect(await qimg(["info", "-f", "vmdk", p])).toEqual({ code: 1, stdout: "", stderr: `qimg: ${p}: Unknown driver 'vmdk'\n` });
+    expect(await qimg(["info", "-f", "vmdk", p])).toEqual({
+      code: 1,
+      stdout: "",
+      stderr: `qimg: ${p}: Unknown driver 'vmdk'\n`,
+    });
   });
 
   it("convert refuses formats it cannot write yet, and to overwrite its input", async () => {
@@ -108,9 +140,15 @@ describe("commands in-process", () => {
   });
 
   it("dd operand errors use qemu-img's words", async () => {
-    expect((await qimg(["dd", "if=a"])).stderr).toBe("qimg: Must specify both input and output files\n");
-    expect((await qimg(["dd", "foo=1", "if=a", "of=b"])).stderr).toBe("qimg: unrecognized operand foo\n");
-    expect((await qimg(["dd", "bs=0", "if=a", "of=b"])).stderr).toBe("qimg: Invalid bs specified. Must be between 1 and 2147483647.\n");
+    expect((await qimg(["dd", "if=a"])).stderr).toBe(
+      "qimg: Must specify both input and output files\n",
+    );
+    expect((await qimg(["dd", "foo=1", "if=a", "of=b"])).stderr).toBe(
+      "qimg: unrecognized operand foo\n",
+    );
+    expect((await qimg(["dd", "bs=0", "if=a", "of=b"])).stderr).toBe(
+      "qimg: Invalid bs specified. Must be between 1 and 2147483647.\n",
+    );
     expect((await qimg(["dd", "bs=1.5", "if=a", "of=b"])).code).toBe(1);
   });
 
@@ -119,6 +157,10 @@ describe("commands in-process", () => {
     const b = join(tmp, "qb.raw");
     writeFileSync(a, new Uint8Array(4096));
     writeFileSync(b, Uint8Array.of(1));
-    expect(await qimg(["compare", "-q", "-f", "raw", "-F", "raw", a, b])).toEqual({ code: 1, stdout: "", stderr: "" });
+    expect(await qimg(["compare", "-q", "-f", "raw", "-F", "raw", a, b])).toEqual({
+      code: 1,
+      stdout: "",
+      stderr: "",
+    });
   });
 });

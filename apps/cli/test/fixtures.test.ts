@@ -6,7 +6,13 @@ import { createHash } from "node:crypto";
 import { mkdtempSync, readFileSync, rmSync } from "node:fs";
 import { tmpdir } from "node:os";
 import { basename, dirname, join } from "node:path";
-import { fixturePath, listFixtures, normalizeMap, type FixtureEntry, type MapEntry } from "@qimg/fixtures";
+import {
+  fixturePath,
+  listFixtures,
+  normalizeMap,
+  type FixtureEntry,
+  type MapEntry,
+} from "@qimg/fixtures";
 import { afterAll, describe, expect, it } from "vitest";
 import { driverAvailable, qimg } from "./helpers.js";
 

@@ -32,10 +32,14 @@ export async function qimg(args: readonly string[], cwd?: string): Promise<RunRe
 
 /** Run the CLI as a real process from source (node --import tsx src/main.ts). */
 export function qimgProcess(args: readonly string[], cwd?: string): RunResult {
-  const r = spawnSync(process.execPath, ["--conditions=@qimg/source", "--import", TSX, MAIN, ...args], {
-    cwd: cwd ?? CLI_DIR,
-    encoding: "utf8",
-  });
+  const r = spawnSync(
+    process.execPath,
+    ["--conditions=@qimg/source", "--import", TSX, MAIN, ...args],
+    {
+      cwd: cwd ?? CLI_DIR,
+      encoding: "utf8",
+    },
+  );
   return { code: r.status ?? -1, stdout: r.stdout, stderr: r.stderr };
 }
 

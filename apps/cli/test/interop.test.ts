@@ -13,8 +13,15 @@ import { driverAvailable, qimg } from "./helpers.js";
 const hasQemu = requireQemu();
 if (!hasQemu) console.log("skipping qemu-img interop tests: qemu-img is not on PATH");
 
-function qemuImg(args: readonly string[], cwd: string): { code: number; stdout: string; stderr: string } {
-  const r = spawnSync("qemu-img", args, { cwd, encoding: "utf8", env: { ...process.env, LC_ALL: "C" } });
+function qemuImg(
+  args: readonly string[],
+  cwd: string,
+): { code: number; stdout: string; stderr: string } {
+  const r = spawnSync("qemu-img", args, {
+    cwd,
+    encoding: "utf8",
+    env: { ...process.env, LC_ALL: "C" },
+  });
   return { code: r.status ?? -1, stdout: r.stdout, stderr: r.stderr };
 }
 
@@ -32,14 +39,21 @@ describe.skipIf(!hasQemu)("human output equals qemu-img's", () => {
         const ours = await qimg(["info", ...extra, name], dir);
         const theirs = qemuImg(["info", "-U", ...extra, name], dir);
         expect(ours.code).toBe(theirs.code);
-        if (extra.includes("--output=json")) expect(JSON.parse(ours.stdout)).toEqual(JSON.parse(theirs.stdout));
+        if (extra.includes("--output=json"))
+          expect(JSON.parse(ours.stdout)).toEqual(JSON.parse(theirs.stdout));
         else expect(ours.stdout).toBe(theirs.stdout);
       }
     });
   }
 
   // (qcow2-backing-chain is left out: qemu-img's human map of it depends on host-file holes.)
-  for (const name of ["qcow2-snapshots", "qed-backing", "raw-basic", "qcow2-zero-clusters", "qcow2-compressed-zlib"]) {
+  for (const name of [
+    "qcow2-snapshots",
+    "qed-backing",
+    "raw-basic",
+    "qcow2-zero-clusters",
+    "qcow2-compressed-zlib",
+  ]) {
     const entry = listFixtures().find((f) => f.name === name);
     if (entry === undefined || !driverAvailable(entry.format)) continue;
     it(`map (human): ${name}`, async () => {
@@ -48,13 +62,18 @@ describe.skipIf(!hasQemu)("human output equals qemu-img's", () => {
       const theirs = qemuImg(["map", "-U", basename(path)], dirname(path));
       expect(ours.stdout).toBe(theirs.stdout);
       expect(ours.code).toBe(theirs.code);
-      if (theirs.stderr !== "") expect(ours.stderr).toBe(theirs.stderr.replace(/^qemu-img: /, `qimg: ${basename(path)}: `));
+      if (theirs.stderr !== "")
+        expect(ours.stderr).toBe(theirs.stderr.replace(/^qemu-img: /, `qimg: ${basename(path)}: `));
     });
   }
 });
 
 describe.skipIf(!hasQemu)("compare and dd verdicts equal qemu-img's", () => {
-  function raw(name: string, size: number, pokes: ReadonlyArray<readonly [number, number]> = []): string {
+  function raw(
+    name: string,
+    size: number,
+    pokes: ReadonlyArray<readonly [number, number]> = [],
+  ): string {
     const buf = new Uint8Array(size);
     for (const [at, v] of pokes) buf[at] = v;
     const path = join(tmp, name);
@@ -62,12 +81,33 @@ describe.skipIf(!hasQemu)("compare and dd verdicts equal qemu-img's", () => {
     return path;
   }
 
-  const cases: ReadonlyArray<{ name: string; a: [number, ReadonlyArray<readonly [number, number]>]; b: [number, ReadonlyArray<readonly [number, number]>]; flags: string[] }> = [
+  const cases: ReadonlyArray<{
+    name: string;
+    a: [number, ReadonlyArray<readonly [number, number]>];
+    b: [number, ReadonlyArray<readonly [number, number]>];
+    flags: string[];
+  }> = [
     { name: "identical", a: [1 << 20, [[5, 1]]], b: [1 << 20, [[5, 1]]], flags: [] },
     { name: "first sector differs", a: [1 << 20, []], b: [1 << 20, [[100, 1]]], flags: [] },
-    { name: "later sector differs", a: [1 << 20, [[100, 1]]], b: [1 << 20, [[100, 1], [1000, 2]]], flags: [] },
+    {
+      name: "later sector differs",
+      a: [1 << 20, [[100, 1]]],
+      b: [
+        1 << 20,
+        [
+          [100, 1],
+          [1000, 2],
+        ],
+      ],
+      flags: [],
+    },
     { name: "size mismatch, zero tail", a: [1 << 20, []], b: [2 << 20, []], flags: [] },
-    { name: "size mismatch, data in tail", a: [1 << 20, []], b: [2 << 20, [[1500000, 9]]], flags: [] },
+    {
+      name: "size mismatch, data in tail",
+      a: [1 << 20, []],
+      b: [2 << 20, [[1500000, 9]]],
+      flags: [],
+    },
     { name: "strict size mismatch", a: [1 << 20, []], b: [2 << 20, []], flags: ["-s"] },
   ];
   for (const c of cases) {
@@ -77,7 +117,10 @@ describe.skipIf(!hasQemu)("compare and dd verdicts equal qemu-img's", () => {
       const args = ["compare", "-f", "raw", "-F", "raw", ...c.flags, a, b];
       const ours = await qimg(args);
       const theirs = qemuImg(args, tmp);
-      expect({ code: ours.code, stdout: ours.stdout }).toEqual({ code: theirs.code, stdout: theirs.stdout });
+      expect({ code: ours.code, stdout: ours.stdout }).toEqual({
+        code: theirs.code,
+        stdout: theirs.stdout,
+      });
     });
   }
 
@@ -102,20 +145,54 @@ describe.skipIf(!hasQemu)("compare and dd verdicts equal qemu-img's", () => {
       const data = new Uint8Array(10000);
       for (let i = 0; i < data.length; i++) data[i] = (i * 7 + 3) & 0xff;
       writeFileSync(src, data);
-      const ours = await qimg(["dd", "-f", "raw", "-O", "raw", `if=${src}`, `of=${join(tmp, "dd-ours.raw")}`, ...extra]);
-      const theirs = qemuImg(["dd", "-f", "raw", "-O", "raw", `if=${src}`, `of=${join(tmp, "dd-theirs.raw")}`, ...extra], tmp);
+      const ours = await qimg([
+        "dd",
+        "-f",
+        "raw",
+        "-O",
+        "raw",
+        `if=${src}`,
+        `of=${join(tmp, "dd-ours.raw")}`,
+        ...extra,
+      ]);
+      const theirs = qemuImg(
+        ["dd", "-f", "raw", "-O", "raw", `if=${src}`, `of=${join(tmp, "dd-theirs.raw")}`, ...extra],
+        tmp,
+      );
       expect(ours.code).toBe(theirs.code);
-      expect(readFileSync(join(tmp, "dd-ours.raw"))).toEqual(readFileSync(join(tmp, "dd-theirs.raw")));
+      expect(readFileSync(join(tmp, "dd-ours.raw"))).toEqual(
+        readFileSync(join(tmp, "dd-theirs.raw")),
+      );
     });
   }
 
   it("dd of a qcow2 fixture equals qemu-img dd", async () => {
     if (!driverAvailable("qcow2")) return;
     const path = fixturePath("qcow2-backing-chain");
-    const ours = await qimg(["dd", `if=${path}`, `of=${join(tmp, "ddq-ours.raw")}`, "bs=64k", "skip=3", "count=40"]);
-    const theirs = qemuImg(["dd", "-U", `if=${path}`, `of=${join(tmp, "ddq-theirs.raw")}`, "bs=64k", "skip=3", "count=40"], tmp);
+    const ours = await qimg([
+      "dd",
+      `if=${path}`,
+      `of=${join(tmp, "ddq-ours.raw")}`,
+      "bs=64k",
+      "skip=3",
+      "count=40",
+    ]);
+    const theirs = qemuImg(
+      [
+        "dd",
+        "-U",
+        `if=${path}`,
+        `of=${join(tmp, "ddq-theirs.raw")}`,
+        "bs=64k",
+        "skip=3",
+        "count=40",
+      ],
+      tmp,
+    );
     expect(ours.code).toBe(0);
     expect(theirs.code).toBe(0);
-    expect(readFileSync(join(tmp, "ddq-ours.raw"))).toEqual(readFileSync(join(tmp, "ddq-theirs.raw")));
+    expect(readFileSync(join(tmp, "ddq-ours.raw"))).toEqual(
+      readFileSync(join(tmp, "ddq-theirs.raw")),
+    );
   });
 });

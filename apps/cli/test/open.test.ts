@@ -33,7 +33,9 @@ describe("openImage", () => {
     expect(ctx.out.stderr).toBe("");
     const rw = await openImage(p, { ctx, readOnly: false });
     await rw.close();
-    expect(ctx.out.stderr).toMatch(/^WARNING: Image format was not specified for '.*plain\.img' and probing guessed raw\.\n/);
+    expect(ctx.out.stderr).toMatch(
+      /^WARNING: Image format was not specified for '.*plain\.img' and probing guessed raw\.\n/,
+    );
     const forced = captureContext();
     await (await openImage(p, { ctx: forced, format: "raw", readOnly: false })).close();
     expect(forced.out.stderr).toBe("");

@@ -51,7 +51,10 @@ describe("ClusterCache", () => {
   it("shares one read between concurrent loads of the same table", async () => {
     const { backend } = traced(memWithPattern(4096));
     let reads = 0;
-    const counting: BlockBackend = { ...backend, read: (o, b, opt) => (reads++, backend.read(o, b, opt)) };
+    const counting: BlockBackend = {
+      ...backend,
+      read: (o, b, opt) => (reads++, backend.read(o, b, opt)),
+    };
     const c = new ClusterCache({ backend: counting, tableSize: 512, capacity: 4 });
     const [a, b] = await Promise.all([c.get(512), c.get(512)]);
     expect(a).toBe(b);
@@ -136,7 +139,12 @@ describe("ClusterCache", () => {
       const fault = await FaultBackend.wrap(MemoryBackend.from(new Uint8Array(8192)), {
         failWhen: (op) => (op === "write" || op === "flush") && ++ops > failAfter,
       });
-      const refcounts = new ClusterCache({ backend: fault, tableSize: 512, capacity: 4, name: "refcount" });
+      const refcounts = new ClusterCache({
+        backend: fault,
+        tableSize: 512,
+        capacity: 4,
+        name: "refcount",
+      });
       const l2 = new ClusterCache({ backend: fault, tableSize: 512, capacity: 4, name: "L2" });
       l2.dependOn(refcounts);
       const r = await refcounts.get(4096);

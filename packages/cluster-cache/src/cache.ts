@@ -144,7 +144,13 @@ export class ClusterCache {
       return existing;
     }
     await this.makeRoom();
-    const e: Entry = { offset, bytes: new Uint8Array(this.tableSize), pins: 1, dirty: false, generation: 0 };
+    const e: Entry = {
+      offset,
+      bytes: new Uint8Array(this.tableSize),
+      pins: 1,
+      dirty: false,
+      generation: 0,
+    };
     this.entries.set(offset, e);
     return e;
   }
@@ -153,7 +159,10 @@ export class ClusterCache {
   release(table: CachedTable): void {
     const e = this.entries.get(table.offset);
     if (!e || e !== table) return;
-    if (e.pins <= 0) throw new InvalidArgumentError(`${this.name} table at ${table.offset} released more than pinned`);
+    if (e.pins <= 0)
+      throw new InvalidArgumentError(
+        `${this.name} table at ${table.offset} released more than pinned`,
+      );
     e.pins--;
   }
 
@@ -181,7 +190,9 @@ export class ClusterCache {
   /** Write dirty tables to the file without syncing it (dependencies are still honoured). */
   async writeDirty(): Promise<void> {
     while (this.flushing) await this.flushing;
-    const dirty = [...this.entries.values()].filter((e) => e.dirty).sort((a, b) => a.offset - b.offset);
+    const dirty = [...this.entries.values()]
+      .filter((e) => e.dirty)
+      .sort((a, b) => a.offset - b.offset);
     if (dirty.length === 0) return;
     const run = (async () => {
       await this.flushDependency();

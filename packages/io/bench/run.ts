@@ -91,9 +91,19 @@ function table(title: string, rows: Row[], baseline: string): void {
   ]);
   const widths = head.map((h, i) => Math.max(h.length, ...lines.map((l) => (l[i] ?? "").length)));
   const fmt = (cells: string[]): string =>
-    "| " + cells.map((c, i) => (i === 0 ? c.padEnd(widths[i] ?? 0) : c.padStart(widths[i] ?? 0))).join(" | ") + " |";
+    "| " +
+    cells
+      .map((c, i) => (i === 0 ? c.padEnd(widths[i] ?? 0) : c.padStart(widths[i] ?? 0)))
+      .join(" | ") +
+    " |";
   console.log(fmt(head));
-  console.log("|" + widths.map((w, i) => (i === 0 ? "-".repeat(w + 1) + "-" : "-".repeat(w + 1) + ":")).join("|") + "|");
+  console.log(
+    "|" +
+      widths
+        .map((w, i) => (i === 0 ? "-".repeat(w + 1) + "-" : "-".repeat(w + 1) + ":"))
+        .join("|") +
+      "|",
+  );
   for (const l of lines) console.log(fmt(l));
 }
 
@@ -105,11 +115,13 @@ async function main(): Promise<void> {
     const chunk = new Uint8Array(1024 * 1024);
     for (let i = 0; i < chunk.length; i++) chunk[i] = (i * 131) & 0xff;
     const wfd = fs.openSync(file, "w");
-    for (let off = 0; off < FILE_SIZE; off += chunk.length) fs.writeSync(wfd, chunk, 0, chunk.length, off);
+    for (let off = 0; off < FILE_SIZE; off += chunk.length)
+      fs.writeSync(wfd, chunk, 0, chunk.length, off);
     fs.fsyncSync(wfd);
     fs.closeSync(wfd);
     const warm = fs.openSync(file, "r");
-    for (let off = 0; off < FILE_SIZE; off += chunk.length) fs.readSync(warm, chunk, 0, chunk.length, off);
+    for (let off = 0; off < FILE_SIZE; off += chunk.length)
+      fs.readSync(warm, chunk, 0, chunk.length, off);
     fs.closeSync(warm);
 
     console.log(
@@ -126,12 +138,18 @@ async function main(): Promise<void> {
       ["FileBackend.read QD64", () => runAsync((o, b) => backend.read(o, b), QD)],
       ["FileHandle.read QD64", () => runAsync((o, b) => handle.read(b, 0, BLOCK, o), QD)],
       ["FileHandle.read QD1", () => runAsync((o, b) => handle.read(b, 0, BLOCK, o), 1)],
-      ["fs.readSync loop", () => Promise.resolve(runSync((o, b) => void fs.readSync(fd, b, 0, BLOCK, o)))],
+      [
+        "fs.readSync loop",
+        () => Promise.resolve(runSync((o, b) => void fs.readSync(fd, b, 0, BLOCK, o))),
+      ],
     ];
     const writeCases: [string, () => Promise<number>][] = [
       ["FileBackend.write QD64", () => runAsync((o, b) => backend.write(o, b), QD)],
       ["FileHandle.write QD64", () => runAsync((o, b) => handle.write(b, 0, BLOCK, o), QD)],
-      ["fs.writeSync loop", () => Promise.resolve(runSync((o, b) => void fs.writeSync(fd, b, 0, BLOCK, o)))],
+      [
+        "fs.writeSync loop",
+        () => Promise.resolve(runSync((o, b) => void fs.writeSync(fd, b, 0, BLOCK, o))),
+      ],
     ];
 
     for (const [title, cases, baseline] of [

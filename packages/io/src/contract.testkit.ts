@@ -129,7 +129,10 @@ export function backendContract(label: string, h: ContractHarness): void {
       await rejectsWith(b.read(1.5, new Uint8Array(1)), ErrorCode.INVALID_ARGUMENT);
       await rejectsWith(b.read(Number.NaN, new Uint8Array(1)), ErrorCode.INVALID_ARGUMENT);
       await rejectsWith(b.write(-4, new Uint8Array(1)), ErrorCode.INVALID_ARGUMENT);
-      await rejectsWith(b.write(Number.MAX_SAFE_INTEGER, new Uint8Array(2)), ErrorCode.INVALID_ARGUMENT);
+      await rejectsWith(
+        b.write(Number.MAX_SAFE_INTEGER, new Uint8Array(2)),
+        ErrorCode.INVALID_ARGUMENT,
+      );
       await rejectsWith(b.truncate(-1), ErrorCode.INVALID_ARGUMENT);
       await rejectsWith(b.truncate(2 ** 53), ErrorCode.INVALID_ARGUMENT);
       await b.close();

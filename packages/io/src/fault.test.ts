@@ -139,7 +139,13 @@ describe("FaultBackend: power loss", () => {
   it("refuses further I/O after power loss (but close works)", async () => {
     const f = await FaultBackend.wrap(new MemoryBackend());
     f.powerLoss();
-    for (const p of [f.read(0, new Uint8Array(0)), f.write(0, fill(1, 1)), f.flush(), f.size(), f.truncate(0)]) {
+    for (const p of [
+      f.read(0, new Uint8Array(0)),
+      f.write(0, fill(1, 1)),
+      f.flush(),
+      f.size(),
+      f.truncate(0),
+    ]) {
       const e = await rejectsWith(p, ErrorCode.IO);
       expect(e.message).toMatch(/power lost/);
     }

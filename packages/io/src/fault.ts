@@ -15,7 +15,12 @@ export type FaultOp = "read" | "write" | "flush" | "truncate";
  * this kind (the 3rd write has count 3). For flush, offset and length are 0; for truncate,
  * offset is the new size and length 0.
  */
-export type FaultPredicate = (op: FaultOp, offset: number, length: number, count: number) => boolean;
+export type FaultPredicate = (
+  op: FaultOp,
+  offset: number,
+  length: number,
+  count: number,
+) => boolean;
 
 export interface FaultBackendOptions {
   /** Fail the Nth operation of a kind (1-based), e.g. `{ write: 3 }` or `{ flush: [1, 4] }`. */
@@ -62,7 +67,8 @@ export interface FaultCounters {
   readonly injected: number;
 }
 
-type Pending = { kind: "write"; offset: number; data: Uint8Array } | { kind: "truncate"; size: number };
+type Pending =
+  { kind: "write"; offset: number; data: Uint8Array } | { kind: "truncate"; size: number };
 
 /** mulberry32: a small seeded PRNG returning floats in [0, 1). */
 function mulberry32(seed: number): () => number {
@@ -103,10 +109,17 @@ export class FaultBackend implements BlockBackend {
   #injected = 0;
   #lastPowerLoss: PowerLossReport | undefined;
 
-  private constructor(inner: BlockBackend, durable: MemoryBackend | undefined, options: FaultBackendOptions) {
+  private constructor(
+    inner: BlockBackend,
+    durable: MemoryBackend | undefined,
+    options: FaultBackendOptions,
+  ) {
     this.inner = inner;
     this.#durable = durable;
-    for (const [op, n] of Object.entries(options.failOn ?? {}) as [FaultOp, number | readonly number[]][]) {
+    for (const [op, n] of Object.entries(options.failOn ?? {}) as [
+      FaultOp,
+      number | readonly number[],
+    ][]) {
       this.failOn(op, ...(typeof n === "number" ? [n] : n));
     }
     this.#failWhen = options.failWhen;
@@ -173,7 +186,9 @@ export class FaultBackend implements BlockBackend {
     if (set === undefined) this.#failOn.set(op, (set = new Set()));
     for (const n of nth) {
       if (!Number.isSafeInteger(n) || n < 1) {
-        throw new InvalidArgumentError(`FaultBackend: occurrence ${n} of ${op} must be an integer >= 1`);
+        throw new InvalidArgumentError(
+          `FaultBackend: occurrence ${n} of ${op} must be an integer >= 1`,
+        );
       }
       set.add(n);
     }
@@ -205,7 +220,8 @@ export class FaultBackend implements BlockBackend {
     const n = ++this.#writes;
     this.#maybeFail("write", offset, data.length, n);
     await this.inner.write(offset, data);
-    if (this.#durable !== undefined) this.#pending.push({ kind: "write", offset, data: data.slice() });
+    if (this.#durable !== undefined)
+      this.#pending.push({ kind: "write", offset, data: data.slice() });
   }
 
   async flush(): Promise<void> {
@@ -253,22 +269,32 @@ export class FaultBackend implements BlockBackend {
     this.#alive();
     const durable = this.#durable;
     if (durable === undefined) {
-      throw new InvalidArgumentError(`${this.name}: powerLoss needs trackDurability (it was turned off)`);
+      throw new InvalidArgumentError(
+        `${this.name}: powerLoss needs trackDurability (it was turned off)`,
+      );
     }
     const sectorSize = options.sectorSize ?? 512;
     checkNonNegativeInt(sectorSize, "sector size", this.name);
     if (sectorSize === 0) throw new InvalidArgumentError(`${this.name}: sector size must be > 0`);
     const seed = (options.seed ?? Math.floor(Math.random() * 0x100000000)) >>> 0;
 
-    const survivor = MemoryBackend.from(durable.snapshot(), { name: `${this.name} (after power loss)` });
+    const survivor = MemoryBackend.from(durable.snapshot(), {
+      name: `${this.name} (after power loss)`,
+    });
     let torn: PowerLossReport["torn"];
     const last = this.#pending[this.#pending.length - 1];
-    if (options.tearLastWrite === true && last !== undefined && last.kind === "write" && last.data.length > 0) {
+    if (
+      options.tearLastWrite === true &&
+      last !== undefined &&
+      last.kind === "write" &&
+      last.data.length > 0
+    ) {
       const start = last.offset;
       const end = start + last.data.length;
       // Candidate cut points: the start, each absolute sector boundary inside, and the end.
       const cuts: number[] = [start];
-      for (let b = (Math.floor(start / sectorSize) + 1) * sectorSize; b < end; b += sectorSize) cuts.push(b);
+      for (let b = (Math.floor(start / sectorSize) + 1) * sectorSize; b < end; b += sectorSize)
+        cuts.push(b);
       cuts.push(end);
       const rand = mulberry32(seed);
       const cut = cuts[Math.floor(rand() * cuts.length)] ?? start;
@@ -291,11 +317,16 @@ export class FaultBackend implements BlockBackend {
   }
 
   #alive(): void {
-    if (this.#powerLost) throw new IoError(`${this.name}: power lost (simulated); no further I/O`, { code: ErrorCode.IO });
+    if (this.#powerLost)
+      throw new IoError(`${this.name}: power lost (simulated); no further I/O`, {
+        code: ErrorCode.IO,
+      });
   }
 
   #maybeFail(op: FaultOp, offset: number, length: number, count: number): void {
-    const hit = (this.#failOn.get(op)?.has(count) ?? false) || (this.#failWhen?.(op, offset, length, count) ?? false);
+    const hit =
+      (this.#failOn.get(op)?.has(count) ?? false) ||
+      (this.#failWhen?.(op, offset, length, count) ?? false);
     if (hit) {
       this.#injected++;
       throw new IoError(

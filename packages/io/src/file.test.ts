@@ -91,7 +91,10 @@ describe("FileBackend", () => {
 
   it("refuses /dev/null: a character device is neither a regular file nor a block device", async (ctx) => {
     if (!fs.existsSync("/dev/null")) ctx.skip("no /dev/null on this platform");
-    const e = await rejectsWith(FileBackend.open("/dev/null", { readOnly: true }), ErrorCode.NOT_A_FILE);
+    const e = await rejectsWith(
+      FileBackend.open("/dev/null", { readOnly: true }),
+      ErrorCode.NOT_A_FILE,
+    );
     expect(e.message).toContain("/dev/null");
     expect(e.message).toMatch(/character device/);
   });
@@ -106,8 +109,14 @@ describe("FileBackend", () => {
   });
 
   it("rejects readOnly together with create or truncate", async () => {
-    await rejectsWith(FileBackend.open(tmp(), { readOnly: true, create: true }), ErrorCode.INVALID_ARGUMENT);
-    await rejectsWith(FileBackend.open(tmp(), { readOnly: true, truncate: true }), ErrorCode.INVALID_ARGUMENT);
+    await rejectsWith(
+      FileBackend.open(tmp(), { readOnly: true, create: true }),
+      ErrorCode.INVALID_ARGUMENT,
+    );
+    await rejectsWith(
+      FileBackend.open(tmp(), { readOnly: true, truncate: true }),
+      ErrorCode.INVALID_ARGUMENT,
+    );
   });
 
   it("a permission error keeps its cause", async (ctx) => {

@@ -14,7 +14,14 @@ import * as fs from "node:fs";
 import { promisify } from "node:util";
 import { ErrorCode, InvalidArgumentError, IoError } from "@qimg/structs";
 import type { BackendKind, BlockBackend, ReadOptions } from "./backend.js";
-import { checkNonNegativeInt, checkRange, closedError, readOnlyError, settle, shortRead } from "./validate.js";
+import {
+  checkNonNegativeInt,
+  checkRange,
+  closedError,
+  readOnlyError,
+  settle,
+  shortRead,
+} from "./validate.js";
 
 const fdatasync = promisify(fs.fdatasync);
 const closeFd = promisify(fs.close);
@@ -51,7 +58,9 @@ function notAFile(path: string, st: fs.Stats): IoError {
 }
 
 function errnoOf(e: unknown): string | undefined {
-  return typeof e === "object" && e !== null && "code" in e && typeof e.code === "string" ? e.code : undefined;
+  return typeof e === "object" && e !== null && "code" in e && typeof e.code === "string"
+    ? e.code
+    : undefined;
 }
 
 function systemError(path: string, what: string, e: unknown, offset?: number): IoError {
@@ -67,7 +76,8 @@ function systemError(path: string, what: string, e: unknown, offset?: number): I
 function blockDeviceSize(fd: number, st: fs.Stats): number {
   const dev = st.rdev;
   // glibc's major()/minor() encoding.
-  const major = ((Math.floor(dev / 0x100) & 0xfff) | (Math.floor(dev / 0x100000000) & ~0xfff)) >>> 0;
+  const major =
+    ((Math.floor(dev / 0x100) & 0xfff) | (Math.floor(dev / 0x100000000) & ~0xfff)) >>> 0;
   const minor = ((dev & 0xff) | (Math.floor(dev / 0x1000) & ~0xff)) >>> 0;
   try {
     const text = fs.readFileSync(`/sys/dev/block/${major}:${minor}/size`, "utf8").trim();
@@ -120,7 +130,13 @@ export class FileBackend implements BlockBackend {
   #closing: Promise<void> | undefined;
   readonly #inflight = new Set<Promise<unknown>>();
 
-  private constructor(path: string, fd: number, kind: "file" | "block-device", size: number, readOnly: boolean) {
+  private constructor(
+    path: string,
+    fd: number,
+    kind: "file" | "block-device",
+    size: number,
+    readOnly: boolean,
+  ) {
     this.path = path;
     this.name = path;
     this.#fd = fd;
@@ -155,7 +171,9 @@ export class FileBackend implements BlockBackend {
     if (pre !== undefined && kindOf(pre) === undefined) throw notAFile(path, pre);
 
     const c = fs.constants;
-    const flags = readOnly ? c.O_RDONLY : c.O_RDWR | (create ? c.O_CREAT : 0) | (truncate ? c.O_TRUNC : 0);
+    const flags = readOnly
+      ? c.O_RDONLY
+      : c.O_RDWR | (create ? c.O_CREAT : 0) | (truncate ? c.O_TRUNC : 0);
     let fd: number;
     try {
       fd = fs.openSync(path, flags, 0o666);
@@ -201,7 +219,8 @@ export class FileBackend implements BlockBackend {
       done += n;
     }
     if (done < len) {
-      if (options?.zeroPastEof !== true) throw shortRead(this.name, offset, len, Math.max(this.#size, offset + done));
+      if (options?.zeroPastEof !== true)
+        throw shortRead(this.name, offset, len, Math.max(this.#size, offset + done));
       buf.fill(0, done);
     }
   }
@@ -257,7 +276,9 @@ export class FileBackend implements BlockBackend {
     checkNonNegativeInt(size, "size", this.name);
     if (this.kind === "block-device") {
       if (size === this.#size) return;
-      throw new IoError(`${this.name}: cannot resize a block device from ${this.#size} to ${size} bytes`);
+      throw new IoError(
+        `${this.name}: cannot resize a block device from ${this.#size} to ${size} bytes`,
+      );
     }
     try {
       fs.ftruncateSync(this.#fd, size);

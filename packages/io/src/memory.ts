@@ -3,7 +3,14 @@
  */
 import { IoError } from "@qimg/structs";
 import type { BackendKind, BlockBackend, ReadOptions } from "./backend.js";
-import { checkNonNegativeInt, checkRange, closedError, readOnlyError, settle, shortRead } from "./validate.js";
+import {
+  checkNonNegativeInt,
+  checkRange,
+  closedError,
+  readOnlyError,
+  settle,
+  shortRead,
+} from "./validate.js";
 
 export interface MemoryBackendOptions {
   /** Refuse writes and truncate with a `READ_ONLY` IoError. Default false. */
@@ -38,7 +45,10 @@ export class MemoryBackend implements BlockBackend {
 
   /** A backend holding a copy of `bytes`. */
   static from(bytes: Uint8Array, options: MemoryBackendOptions = {}): MemoryBackend {
-    const m = new MemoryBackend({ ...options, initialCapacity: Math.max(bytes.length, options.initialCapacity ?? 0) });
+    const m = new MemoryBackend({
+      ...options,
+      initialCapacity: Math.max(bytes.length, options.initialCapacity ?? 0),
+    });
     m.#buf.set(bytes);
     m.#size = bytes.length;
     return m;

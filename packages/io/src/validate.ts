@@ -7,7 +7,9 @@ import { InvalidArgumentError, IoError, ErrorCode } from "@qimg/structs";
 /** Throw unless `value` is a non-negative safe integer. */
 export function checkNonNegativeInt(value: number, what: string, backend: string): void {
   if (!Number.isSafeInteger(value) || value < 0) {
-    throw new InvalidArgumentError(`${backend}: ${what} ${String(value)} is not a non-negative safe integer`);
+    throw new InvalidArgumentError(
+      `${backend}: ${what} ${String(value)} is not a non-negative safe integer`,
+    );
   }
 }
 

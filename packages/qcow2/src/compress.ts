@@ -12,7 +12,10 @@ export interface Decompressor {
   (src: Uint8Array, out: Uint8Array): Promise<void>;
 }
 
-type InflateRawSync = (buf: Uint8Array, opts: { finishFlush: number; maxOutputLength?: number }) => Uint8Array;
+type InflateRawSync = (
+  buf: Uint8Array,
+  opts: { finishFlush: number; maxOutputLength?: number },
+) => Uint8Array;
 let nodeInflate: InflateRawSync | null | undefined;
 let Z_SYNC_FLUSH = 2;
 
@@ -41,7 +44,10 @@ async function inflateWithStream(src: Uint8Array, out: Uint8Array): Promise<numb
   let n = 0;
   try {
     for (;;) {
-      const { value, done } = (await reader.read()) as { value: Uint8Array | undefined; done: boolean };
+      const { value, done } = (await reader.read()) as {
+        value: Uint8Array | undefined;
+        done: boolean;
+      };
       if (done || !value) break;
       const take = Math.min(value.length, out.length - n);
       out.set(value.subarray(0, take), n);
@@ -64,7 +70,9 @@ export const inflateRaw: Decompressor = async (src, out) => {
     try {
       res = inflate(src, { finishFlush: Z_SYNC_FLUSH, maxOutputLength: out.length });
     } catch (cause) {
-      throw new CorruptImageError(`deflate data is invalid: ${(cause as Error).message}`, { cause });
+      throw new CorruptImageError(`deflate data is invalid: ${(cause as Error).message}`, {
+        cause,
+      });
     }
     n = Math.min(res.length, out.length);
     out.set(res.subarray(0, n));
@@ -72,7 +80,9 @@ export const inflateRaw: Decompressor = async (src, out) => {
     n = await inflateWithStream(src, out);
   }
   if (n !== out.length) {
-    throw new CorruptImageError(`compressed cluster inflated to ${n} bytes instead of ${out.length}`);
+    throw new CorruptImageError(
+      `compressed cluster inflated to ${n} bytes instead of ${out.length}`,
+    );
   }
 };
 
@@ -92,8 +102,13 @@ export const zstd: Decompressor = (src, out) => {
     failure = e;
   }
   if (n !== out.length) {
-    const why = failure instanceof Error ? failure.message : `decompressed to ${n} bytes instead of ${out.length}`;
-    return Promise.reject(new CorruptImageError(`zstd data is invalid: ${why}`, { cause: failure }));
+    const why =
+      failure instanceof Error
+        ? failure.message
+        : `decompressed to ${n} bytes instead of ${out.length}`;
+    return Promise.reject(
+      new CorruptImageError(`zstd data is invalid: ${why}`, { cause: failure }),
+    );
   }
   return Promise.resolve();
 };

@@ -18,7 +18,8 @@ async function create(name: string, o: Qcow2CreateOptions): Promise<string> {
   const file = path.join(tmp, name);
   const b = await FileBackend.open(file, { create: true, truncate: true });
   let data: FileBackend | undefined;
-  if (o.dataFile) data = await FileBackend.open(path.join(tmp, o.dataFile), { create: true, truncate: true });
+  if (o.dataFile)
+    data = await FileBackend.open(path.join(tmp, o.dataFile), { create: true, truncate: true });
   await createQcow2(b, o, data);
   await b.close();
   await data?.close();
@@ -33,7 +34,10 @@ for (const compat of ["0.10", "1.1"] as const) {
 }
 for (const refcountBits of [1, 2, 4, 8, 16, 32, 64]) {
   combos.push([`rb${refcountBits}`, { size: 8 * 1024 * 1024, refcountBits }]);
-  combos.push([`rb${refcountBits}-512`, { size: 32 * 1024 * 1024, refcountBits, clusterSize: 512 }]);
+  combos.push([
+    `rb${refcountBits}-512`,
+    { size: 32 * 1024 * 1024, refcountBits, clusterSize: 512 },
+  ]);
 }
 combos.push(["lazy", { size: 1 << 20, lazyRefcounts: true }]);
 combos.push(["extl2", { size: 1 << 30, extendedL2: true }]);
@@ -43,15 +47,29 @@ combos.push(["datafile", { size: 1 << 20, dataFile: "d.raw" }]);
 combos.push(["datafile-raw", { size: 1 << 20, dataFile: "dr.raw", dataFileRaw: true }]);
 combos.push(["prealloc-metadata", { size: 3 << 20, preallocation: "metadata" }]);
 combos.push(["prealloc-full", { size: 1 << 20, preallocation: "full" }]);
-combos.push(["prealloc-metadata-512", { size: 1 << 20, preallocation: "metadata", clusterSize: 512, refcountBits: 1 }]);
-combos.push(["prealloc-extl2-backing", { size: 1 << 20, preallocation: "metadata", extendedL2: true, backingFile: "base.raw", backingFormat: "raw" }]);
+combos.push([
+  "prealloc-metadata-512",
+  { size: 1 << 20, preallocation: "metadata", clusterSize: 512, refcountBits: 1 },
+]);
+combos.push([
+  "prealloc-extl2-backing",
+  {
+    size: 1 << 20,
+    preallocation: "metadata",
+    extendedL2: true,
+    backingFile: "base.raw",
+    backingFormat: "raw",
+  },
+]);
 combos.push(["big", { size: 2 ** 40, clusterSize: 65536 }]);
 combos.push(["odd-size", { size: 1000 }]);
 
 describe("createQcow2", () => {
   it.each(combos)("%s opens in qimg and agrees with the options", async (name, o) => {
     const file = await create(`${name}.qcow2`, o);
-    const image = await openQcow2(await FileBackend.open(file, { readOnly: true }), { noBacking: true });
+    const image = await openQcow2(await FileBackend.open(file, { readOnly: true }), {
+      noBacking: true,
+    });
     const info = image.info();
     await image.close();
     const n = normalizeCreateOptions(o);
@@ -65,30 +83,40 @@ describe("createQcow2", () => {
     expect(info.dataFile).toBe(o.dataFile);
   });
 
-  it.skipIf(!haveQemu).each(combos)("%s passes qemu-img check and qemu-img info agrees", async (name, o) => {
-    if (o.backingFile) fs.writeFileSync(path.join(tmp, o.backingFile), new Uint8Array(1 << 20));
-    const file = await create(`${name}.q.qcow2`, o);
-    const check = spawnSync("qemu-img", ["check", "--output=json", file], { encoding: "utf8", cwd: tmp });
-    expect(check.status, check.stderr + check.stdout).toBe(0);
-    const info = JSON.parse(execFileSync("qemu-img", ["info", "--output=json", file], { encoding: "utf8", cwd: tmp }));
-    const n = normalizeCreateOptions(o);
-    expect(info["virtual-size"]).toBe(n.size);
-    expect(info["cluster-size"]).toBe(n.clusterSize);
-    const data = info["format-specific"].data;
-    expect(data.compat).toBe(n.version === 2 ? "0.10" : "1.1");
-    expect(data["refcount-bits"]).toBe(n.refcountBits);
-    if (n.version === 3) {
-      expect(data["lazy-refcounts"]).toBe(!!o.lazyRefcounts);
-      expect(data["extended-l2"]).toBe(!!o.extendedL2);
-      expect(data["compression-type"]).toBe(o.compressionType ?? "zlib");
-    }
-    if (o.dataFile) expect(data["data-file"]).toBe(o.dataFile);
-    if (o.preallocation && o.preallocation !== "off") {
-      // Every cluster is allocated: qemu-img map shows one present extent.
-      const map = JSON.parse(execFileSync("qemu-img", ["map", "--output=json", file], { encoding: "utf8", cwd: tmp }));
-      expect(map.every((e: { present: boolean }) => e.present)).toBe(true);
-    }
-  });
+  it.skipIf(!haveQemu).each(combos)(
+    "%s passes qemu-img check and qemu-img info agrees",
+    async (name, o) => {
+      if (o.backingFile) fs.writeFileSync(path.join(tmp, o.backingFile), new Uint8Array(1 << 20));
+      const file = await create(`${name}.q.qcow2`, o);
+      const check = spawnSync("qemu-img", ["check", "--output=json", file], {
+        encoding: "utf8",
+        cwd: tmp,
+      });
+      expect(check.status, check.stderr + check.stdout).toBe(0);
+      const info = JSON.parse(
+        execFileSync("qemu-img", ["info", "--output=json", file], { encoding: "utf8", cwd: tmp }),
+      );
+      const n = normalizeCreateOptions(o);
+      expect(info["virtual-size"]).toBe(n.size);
+      expect(info["cluster-size"]).toBe(n.clusterSize);
+      const data = info["format-specific"].data;
+      expect(data.compat).toBe(n.version === 2 ? "0.10" : "1.1");
+      expect(data["refcount-bits"]).toBe(n.refcountBits);
+      if (n.version === 3) {
+        expect(data["lazy-refcounts"]).toBe(!!o.lazyRefcounts);
+        expect(data["extended-l2"]).toBe(!!o.extendedL2);
+        expect(data["compression-type"]).toBe(o.compressionType ?? "zlib");
+      }
+      if (o.dataFile) expect(data["data-file"]).toBe(o.dataFile);
+      if (o.preallocation && o.preallocation !== "off") {
+        // Every cluster is allocated: qemu-img map shows one present extent.
+        const map = JSON.parse(
+          execFileSync("qemu-img", ["map", "--output=json", file], { encoding: "utf8", cwd: tmp }),
+        );
+        expect(map.every((e: { present: boolean }) => e.present)).toBe(true);
+      }
+    },
+  );
 
   it("refuses invalid combinations with qemu-img's reasons", () => {
     expect(() => normalizeCreateOptions({ size: 1, compat: "0.10", refcountBits: 8 })).toThrow(
@@ -106,9 +134,11 @@ describe("createQcow2", () => {
     expect(() => normalizeCreateOptions({ size: 1, refcountBits: 3 })).toThrow(
       "Refcount width must be a power of two and may not exceed 64 bits",
     );
-    expect(() => normalizeCreateOptions({ size: 1, dataFileRaw: true })).toThrow("data-file-raw requires data-file");
-    expect(() => normalizeCreateOptions({ size: 1, compat: "0.10", compressionType: "zstd" })).toThrow(
-      "Non-zlib compression type is only supported with compatibility level 1.1 and above",
+    expect(() => normalizeCreateOptions({ size: 1, dataFileRaw: true })).toThrow(
+      "data-file-raw requires data-file",
     );
+    expect(() =>
+      normalizeCreateOptions({ size: 1, compat: "0.10", compressionType: "zstd" }),
+    ).toThrow("Non-zlib compression type is only supported with compatibility level 1.1 and above");
   });
 });

@@ -66,10 +66,14 @@ export function normalizeCreateOptions(o: Qcow2CreateOptions) {
   const clusterBits = Math.log2(clusterSize);
   const refcountBits = o.refcountBits ?? 16;
   if (!isPow2(refcountBits) || refcountBits > 64) {
-    throw new InvalidArgumentError("Refcount width must be a power of two and may not exceed 64 bits");
+    throw new InvalidArgumentError(
+      "Refcount width must be a power of two and may not exceed 64 bits",
+    );
   }
   const needV3 = (what: string): never => {
-    throw new InvalidArgumentError(`${what} only supported with compatibility level 1.1 and above (use version=v3 or greater)`);
+    throw new InvalidArgumentError(
+      `${what} only supported with compatibility level 1.1 and above (use version=v3 or greater)`,
+    );
   };
   if (version === 2) {
     if (refcountBits !== 16) {
@@ -83,7 +87,9 @@ export function normalizeCreateOptions(o: Qcow2CreateOptions) {
     if (o.dataFile !== undefined) needV3("External data files are");
   }
   if (o.extendedL2 && clusterSize < 16384) {
-    throw new InvalidArgumentError("Extended L2 entries are only supported with cluster sizes of at least 16384 bytes");
+    throw new InvalidArgumentError(
+      "Extended L2 entries are only supported with cluster sizes of at least 16384 bytes",
+    );
   }
   if (o.dataFileRaw && o.dataFile === undefined) {
     throw new InvalidArgumentError("data-file-raw requires data-file");
@@ -103,13 +109,21 @@ export function normalizeCreateOptions(o: Qcow2CreateOptions) {
       "Backing file and preallocation can only be used at the same time if extended_l2 is on",
     );
   }
-  if (o.compressionType !== undefined && o.compressionType !== "zlib" && o.compressionType !== "zstd") {
-    throw new UnsupportedFeatureError(`Unknown compression type '${String(o.compressionType)}'`, [String(o.compressionType)]);
+  if (
+    o.compressionType !== undefined &&
+    o.compressionType !== "zlib" &&
+    o.compressionType !== "zstd"
+  ) {
+    throw new UnsupportedFeatureError(`Unknown compression type '${String(o.compressionType)}'`, [
+      String(o.compressionType),
+    ]);
   }
   const l2Entries = clusterSize / (o.extendedL2 ? 16 : 8);
   const l1Size = Math.ceil(size / (clusterSize * l2Entries));
   if (l1Size * 8 > MAX_L1_BYTES) {
-    throw new InvalidArgumentError(`Image size ${size} is too large for the cluster size ${clusterSize}`);
+    throw new InvalidArgumentError(
+      `Image size ${size} is too large for the cluster size ${clusterSize}`,
+    );
   }
   return {
     size,
@@ -143,7 +157,8 @@ export async function createQcow2(
   let incompatible = 0n;
   if (n.extendedL2) incompatible |= IncompatibleFeatures.maskOf("extendedL2");
   if (n.zstd) incompatible |= IncompatibleFeatures.maskOf("compressionType");
-  if (options.dataFile !== undefined) incompatible |= IncompatibleFeatures.maskOf("externalDataFile");
+  if (options.dataFile !== undefined)
+    incompatible |= IncompatibleFeatures.maskOf("externalDataFile");
   const compatible = options.lazyRefcounts ? CompatibleFeatures.maskOf("lazyRefcounts") : 0n;
   const autoclear = options.dataFileRaw ? AutoclearFeatures.maskOf("rawExternalData") : 0n;
   const l1Clusters = Math.max(1, Math.ceil((n.l1Size * 8) / cs));
@@ -172,13 +187,22 @@ export async function createQcow2(
   };
   const extensions: { type: number; data: Uint8Array }[] = [];
   if (options.backingFormat !== undefined) {
-    extensions.push({ type: ExtensionType.backingFormat, data: encodeStringExtension(options.backingFormat) });
+    extensions.push({
+      type: ExtensionType.backingFormat,
+      data: encodeStringExtension(options.backingFormat),
+    });
   }
   if (options.dataFile !== undefined) {
-    extensions.push({ type: ExtensionType.externalDataFile, data: encodeStringExtension(options.dataFile) });
+    extensions.push({
+      type: ExtensionType.externalDataFile,
+      data: encodeStringExtension(options.dataFile),
+    });
   }
   if (n.version === 3) {
-    extensions.push({ type: ExtensionType.featureNameTable, data: encodeFeatureNames(QEMU_FEATURE_TABLE) });
+    extensions.push({
+      type: ExtensionType.featureNameTable,
+      data: encodeFeatureNames(QEMU_FEATURE_TABLE),
+    });
   }
   // Metadata preallocation: L2 tables for the whole disk and (without a data file) data clusters.
   const prealloc = n.preallocation !== "off";
@@ -241,7 +265,12 @@ export async function createQcow2(
   let header = header0;
   const writeHeader = async (tableOffset: number, tableClusters: number): Promise<void> => {
     const area = encodeHeaderArea(
-      { ...header, l1TableOffset: l1Offset, refcountTableOffset: tableOffset, refcountTableClusters: tableClusters },
+      {
+        ...header,
+        l1TableOffset: l1Offset,
+        refcountTableOffset: tableOffset,
+        refcountTableClusters: tableClusters,
+      },
       extensions,
       options.backingFile,
     );

@@ -120,7 +120,12 @@ export class Qcow2Image implements DiskImage {
   private dataBackend: BlockBackend;
   private fileSize: number;
   private closed = false;
-  private readonly scratch: Extent = { kind: Kind.Unallocated, length: 0, host: -1, compressedLength: 0 };
+  private readonly scratch: Extent = {
+    kind: Kind.Unallocated,
+    length: 0,
+    host: -1,
+    compressedLength: 0,
+  };
   /** The last decompressed cluster, so sequential small reads decompress once. */
   private lastCompressed: { host: number; data: Uint8Array } | undefined;
 
@@ -164,9 +169,18 @@ export class Qcow2Image implements DiskImage {
     this.dataBackend = backend;
     const tables = Math.max(
       4,
-      Math.floor((init.l2CacheBytes ?? Math.min(32 * 1024 * 1024, Math.max(1024 * 1024, h.l1Size * this.clusterSize))) / this.clusterSize),
+      Math.floor(
+        (init.l2CacheBytes ??
+          Math.min(32 * 1024 * 1024, Math.max(1024 * 1024, h.l1Size * this.clusterSize))) /
+          this.clusterSize,
+      ),
     );
-    this.l2Cache = new ClusterCache({ backend, tableSize: this.clusterSize, capacity: tables, name: "L2" });
+    this.l2Cache = new ClusterCache({
+      backend,
+      tableSize: this.clusterSize,
+      capacity: tables,
+      name: "L2",
+    });
   }
 
   /** Open a qcow2 image. Validates the header, L1 table and snapshot table. */
@@ -182,11 +196,14 @@ export class Qcow2Image implements DiskImage {
     const area = first.subarray(0, Math.min(first.byteLength, clusterSize));
     const extStart = header.version === 2 ? 72 : header.headerLength;
     const extEnd =
-      header.backingFileOffset > extStart ? Math.min(header.backingFileOffset, clusterSize) : clusterSize;
+      header.backingFileOffset > extStart
+        ? Math.min(header.backingFileOffset, clusterSize)
+        : clusterSize;
     const extensions = decodeExtensions(area, extStart, extEnd);
     const featureNames: FeatureName[] = [];
     for (const e of extensions) {
-      if (e.type === ExtensionType.featureNameTable) featureNames.push(...decodeFeatureNames(e.data));
+      if (e.type === ExtensionType.featureNameTable)
+        featureNames.push(...decodeFeatureNames(e.data));
     }
     validateHeader(header, {
       featureName: (type, bit) => featureNames.find((f) => f.type === type && f.bit === bit)?.name,
@@ -201,9 +218,13 @@ export class Qcow2Image implements DiskImage {
     const incompat = IncompatibleFeatures.decode(header.incompatibleFeatures);
     if (options.readOnly === false) {
       if (incompat.has("corrupt")) {
-        throw new CorruptImageError("image is corrupt; cannot be opened read/write", { offset: 72 });
+        throw new CorruptImageError("image is corrupt; cannot be opened read/write", {
+          offset: 72,
+        });
       }
-      throw new InvalidArgumentError("this qcow2 driver opens images read-only; read-write opens are not supported yet");
+      throw new InvalidArgumentError(
+        "this qcow2 driver opens images read-only; read-write opens are not supported yet",
+      );
     }
     // Backing file name and format.
     let backingFilename: string | undefined;
@@ -240,7 +261,9 @@ export class Qcow2Image implements DiskImage {
       );
     }
     if (header.l1Size > 0 && header.l1TableOffset === 0) {
-      throw new CorruptImageError("L1 table offset is 0 (it would overlap the header)", { offset: 40 });
+      throw new CorruptImageError("L1 table offset is 0 (it would overlap the header)", {
+        offset: 40,
+      });
     }
     const l1 = new U64TableView(new Uint8Array(l1Bytes), "big");
     if (l1Bytes > 0) await backend.read(header.l1TableOffset, l1.bytes);
@@ -248,14 +271,24 @@ export class Qcow2Image implements DiskImage {
     let snapshots: SnapshotEntry[] = [];
     if (header.nbSnapshots > 0) {
       const avail = Math.max(0, fileSize - header.snapshotsOffset);
-      const bytes = new Uint8Array(Math.min(avail, MAX_SNAPSHOT_TABLE_BYTES, header.nbSnapshots * (40 + 1024 + 2 * 65535 + 8)));
+      const bytes = new Uint8Array(
+        Math.min(avail, MAX_SNAPSHOT_TABLE_BYTES, header.nbSnapshots * (40 + 1024 + 2 * 65535 + 8)),
+      );
       if (bytes.byteLength === 0) {
-        throw new CorruptImageError(`snapshot table at ${hex(header.snapshotsOffset)} is past the end of the file`, {
-          offset: 64,
-        });
+        throw new CorruptImageError(
+          `snapshot table at ${hex(header.snapshotsOffset)} is past the end of the file`,
+          {
+            offset: 64,
+          },
+        );
       }
       await backend.read(header.snapshotsOffset, bytes);
-      snapshots = decodeSnapshotTable(bytes, header.nbSnapshots, header.snapshotsOffset, header.version);
+      snapshots = decodeSnapshotTable(
+        bytes,
+        header.nbSnapshots,
+        header.snapshotsOffset,
+        header.version,
+      );
     }
     // Persistent bitmaps (only meaningful while the autoclear bit says the extension is valid).
     let bitmaps: BitmapEntry[] = [];
@@ -263,10 +296,17 @@ export class Qcow2Image implements DiskImage {
     const bmExt = extensions.find((e) => e.type === ExtensionType.bitmaps);
     if (bmExt && autoclear.has("bitmaps")) {
       if (bmExt.data.byteLength < 24) {
-        throw new FormatError(`qcow2 bitmaps extension is ${bmExt.data.byteLength} bytes, needs 24`, { offset: bmExt.offset });
+        throw new FormatError(
+          `qcow2 bitmaps extension is ${bmExt.data.byteLength} bytes, needs 24`,
+          { offset: bmExt.offset },
+        );
       }
       const ext = BitmapsExtension.decode(bmExt.data, 0, bmExt.offset + 8);
-      if (ext.nbBitmaps > 65535 || ext.directorySize > 64 * 1024 * 1024 || ext.directoryOffset + ext.directorySize > fileSize) {
+      if (
+        ext.nbBitmaps > 65535 ||
+        ext.directorySize > 64 * 1024 * 1024 ||
+        ext.directoryOffset + ext.directorySize > fileSize
+      ) {
         throw new CorruptImageError(
           `bitmap directory at ${hex(ext.directoryOffset)} (${ext.directorySize} bytes, ${ext.nbBitmaps} bitmaps) is invalid for a ${fileSize}-byte file`,
           { offset: bmExt.offset },
@@ -293,13 +333,17 @@ export class Qcow2Image implements DiskImage {
       try {
         if (dataFileName !== undefined) {
           if (!options.openDataFile) {
-            throw new InvalidArgumentError(`image uses the external data file '${dataFileName}' but no data file opener was given`);
+            throw new InvalidArgumentError(
+              `image uses the external data file '${dataFileName}' but no data file opener was given`,
+            );
           }
           image.dataBackend = await options.openDataFile(dataFileName, backend.name);
         }
         if (backingFilename !== undefined) {
           if (!options.openBacking) {
-            throw new InvalidArgumentError(`image has the backing file '${backingFilename}' but no backing opener was given`);
+            throw new InvalidArgumentError(
+              `image has the backing file '${backingFilename}' but no backing opener was given`,
+            );
           }
           const depth = (options.depth ?? 0) + 1;
           image.backing = await options.openBacking({
@@ -331,7 +375,9 @@ export class Qcow2Image implements DiskImage {
         if (((mask >> BigInt(bit)) & 1n) === 0n) continue;
         const known = (FEATURE_NAMES[kind] as readonly string[])[bit];
         out.push(
-          this.featureNames.find((f) => f.type === kind && f.bit === bit)?.name ?? known ?? `${kind} bit ${bit}`,
+          this.featureNames.find((f) => f.type === kind && f.bit === bit)?.name ??
+            known ??
+            `${kind} bit ${bit}`,
         );
       }
       return out;
@@ -360,7 +406,10 @@ export class Qcow2Image implements DiskImage {
         dateNsec: s.dateNsec,
         vmClockNsec: s.vmClockNsec,
         diskSize: s.diskSize,
-        icount: s.icount === undefined || s.icount === 0xffff_ffff_ffff_ffffn ? undefined : Number(s.icount),
+        icount:
+          s.icount === undefined || s.icount === 0xffff_ffff_ffff_ffffn
+            ? undefined
+            : Number(s.icount),
         l1TableOffset: s.l1TableOffset,
         l1Size: s.l1Size,
       })),
@@ -420,9 +469,27 @@ export class Qcow2Image implements DiskImage {
     const file = this.hasDataFile ? this.dataFileName : this.backend.name;
     switch (e.kind) {
       case Kind.Normal:
-        return { offset, length: e.length, present: true, zero: false, data: true, depth: 0, hostOffset: e.host, file };
+        return {
+          offset,
+          length: e.length,
+          present: true,
+          zero: false,
+          data: true,
+          depth: 0,
+          hostOffset: e.host,
+          file,
+        };
       case Kind.Compressed:
-        return { offset, length: e.length, present: true, zero: false, data: true, depth: 0, compressed: true, file };
+        return {
+          offset,
+          length: e.length,
+          present: true,
+          zero: false,
+          data: true,
+          depth: 0,
+          compressed: true,
+          file,
+        };
       case Kind.Zero:
         return {
           offset,
@@ -489,13 +556,19 @@ export class Qcow2Image implements DiskImage {
     if (last && last.host === host) return last.data;
     const avail = Math.max(0, this.fileSize - host);
     if (host >= this.fileSize) {
-      throw new CorruptImageError(`compressed cluster at ${hex(host)} is past the end of the file (${this.fileSize} bytes)`, {
-        offset: host,
-      });
+      throw new CorruptImageError(
+        `compressed cluster at ${hex(host)} is past the end of the file (${this.fileSize} bytes)`,
+        {
+          offset: host,
+        },
+      );
     }
     const src = new Uint8Array(Math.min(length, avail));
     await this.backend.read(host, src);
-    const out = last?.data.length === this.clusterSize ? new Uint8Array(this.clusterSize) : new Uint8Array(this.clusterSize);
+    const out =
+      last?.data.length === this.clusterSize
+        ? new Uint8Array(this.clusterSize)
+        : new Uint8Array(this.clusterSize);
     await this.decompress(src, out);
     this.lastCompressed = { host, data: out };
     return out;
@@ -554,15 +627,21 @@ export class Qcow2Image implements DiskImage {
       let runBytes: number;
       if ((hi & OFLAG_COMPRESSED.hi) !== 0) {
         if (this.hasDataFile) {
-          throw new CorruptImageError(`compressed cluster in L2 entry ${l2Index} of an image with an external data file`, {
-            offset: l2Offset + i * 8,
-          });
+          throw new CorruptImageError(
+            `compressed cluster in L2 entry ${l2Index} of an image with an external data file`,
+            {
+              offset: l2Offset + i * 8,
+            },
+          );
         }
         const d = decodeCompressed(hi, lo, this.layout);
         if (d.hostOffset === 0) {
-          throw new CorruptImageError(`compressed cluster descriptor in L2 entry ${l2Index} of table ${hex(l2Offset)} has offset 0`, {
-            offset: l2Offset + i * 8,
-          });
+          throw new CorruptImageError(
+            `compressed cluster descriptor in L2 entry ${l2Index} of table ${hex(l2Offset)} has offset 0`,
+            {
+              offset: l2Offset + i * 8,
+            },
+          );
         }
         k = Kind.Compressed;
         h = d.hostOffset;
@@ -627,18 +706,30 @@ export class Qcow2Image implements DiskImage {
         // Same kind and (where there is a host offset) contiguous on the host.
         if (k !== kind) break;
         const expected = host >= 0 ? host + length : -1;
-        if ((h >= 0) !== (host >= 0) || (h >= 0 && h !== expected)) break;
+        if (h >= 0 !== host >= 0 || (h >= 0 && h !== expected)) break;
       }
       length += runBytes;
       if (k === Kind.Compressed) break;
       inCluster = (inCluster + runBytes) % cs;
       if (inCluster === 0) l2Index++;
     }
-    return set(e, kind === -1 ? Kind.Unallocated : kind, Math.min(length, limit), host, compressedLength);
+    return set(
+      e,
+      kind === -1 ? Kind.Unallocated : kind,
+      Math.min(length, limit),
+      host,
+      compressedLength,
+    );
   }
 }
 
-function set(e: Extent, kind: Kind, length: number, host: number, compressedLength: number): Extent {
+function set(
+  e: Extent,
+  kind: Kind,
+  length: number,
+  host: number,
+  compressedLength: number,
+): Extent {
   e.kind = kind;
   e.length = length;
   e.host = host;
@@ -651,11 +742,16 @@ function checkRequest(offset: number, length: number, size: number): void {
     throw new InvalidArgumentError(`invalid request: offset ${offset}, length ${length}`);
   }
   if (offset + length > size) {
-    throw new InvalidArgumentError(`request [${offset}, +${length}) is past the end of the ${size}-byte disk`);
+    throw new InvalidArgumentError(
+      `request [${offset}, +${length}) is past the end of the ${size}-byte disk`,
+    );
   }
 }
 
 /** Open a qcow2 image (read-only). */
-export function openQcow2(backend: BlockBackend, options: Qcow2OpenOptions = {}): Promise<Qcow2Image> {
+export function openQcow2(
+  backend: BlockBackend,
+  options: Qcow2OpenOptions = {},
+): Promise<Qcow2Image> {
   return Qcow2Image.open(backend, options);
 }

@@ -1,6 +1,12 @@
 export { Qcow2Image, openQcow2 } from "./image.js";
 export type { Qcow2OpenOptions } from "./image.js";
-export type { BackingOpener, BackingRequest, BitmapInfo, Qcow2Info, SnapshotInfo } from "./types.js";
+export type {
+  BackingOpener,
+  BackingRequest,
+  BitmapInfo,
+  Qcow2Info,
+  SnapshotInfo,
+} from "./types.js";
 export {
   QCOW2_MAGIC,
   HEADER_V2_FIELDS,
@@ -36,7 +42,12 @@ export {
   encodeStringExtension,
 } from "./spec/extensions.js";
 export type { HeaderExtension, FeatureName, FeatureKind } from "./spec/extensions.js";
-export { SnapshotFixed, SnapshotExtra, decodeSnapshotTable, encodeSnapshotTable } from "./spec/snapshot.js";
+export {
+  SnapshotFixed,
+  SnapshotExtra,
+  decodeSnapshotTable,
+  encodeSnapshotTable,
+} from "./spec/snapshot.js";
 export type { SnapshotEntry } from "./spec/snapshot.js";
 export { BitmapDirEntry, BitmapFlag, decodeBitmapDirectory } from "./spec/bitmap-directory.js";
 export type { BitmapEntry } from "./spec/bitmap-directory.js";
@@ -57,7 +68,6 @@ export {
 export type { CompressedLayout } from "./spec/l2.js";
 export { inflateRaw, zstd as zstdDecompress, decompressorFor } from "./compress.js";
 export type { Decompressor } from "./compress.js";
-
 
 export { probeQcow2 } from "./probe.js";
 export { createQcow2, normalizeCreateOptions } from "./create.js";

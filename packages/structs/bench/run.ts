@@ -42,11 +42,15 @@ function measure(name: string, fn: () => number): number {
     now = performance.now();
   }
   const rate = (scans * ENTRIES) / ((now - start) / 1000);
-  console.log(`${name.padEnd(28)} ${(rate / 1e6).toFixed(1).padStart(8)} M entries/s  (sum ${check})`);
+  console.log(
+    `${name.padEnd(28)} ${(rate / 1e6).toFixed(1).padStart(8)} M entries/s  (sum ${check})`,
+  );
   return rate;
 }
 
-console.log(`@qimg/structs bench: scan a 64 KiB table (${ENTRIES} u64 entries), sum masked offsets`);
+console.log(
+  `@qimg/structs bench: scan a 64 KiB table (${ENTRIES} u64 entries), sum masked offsets`,
+);
 const a = measure("U64TableView.getMasked", scanView);
 const b = measure("BigInt per entry (baseline)", scanBigInt);
 console.log(`ratio view/bigint: ${(a / b).toFixed(1)}x`);

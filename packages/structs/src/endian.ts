@@ -61,18 +61,33 @@ export function writeU8(view: DataView, offset: number, value: number): void {
   view.setUint8(offset, value);
 }
 
-export function writeU16(view: DataView, offset: number, value: number, littleEndian: boolean): void {
+export function writeU16(
+  view: DataView,
+  offset: number,
+  value: number,
+  littleEndian: boolean,
+): void {
   checkUint(value, 0xffff, "u16");
   view.setUint16(offset, value, littleEndian);
 }
 
-export function writeU32(view: DataView, offset: number, value: number, littleEndian: boolean): void {
+export function writeU32(
+  view: DataView,
+  offset: number,
+  value: number,
+  littleEndian: boolean,
+): void {
   checkUint(value, 0xffff_ffff, "u32");
   view.setUint32(offset, value, littleEndian);
 }
 
 /** Write a safe non-negative integer as a u64. */
-export function writeU64(view: DataView, offset: number, value: number, littleEndian: boolean): void {
+export function writeU64(
+  view: DataView,
+  offset: number,
+  value: number,
+  littleEndian: boolean,
+): void {
   checkUint(value, Number.MAX_SAFE_INTEGER, "u64");
   const hi = Math.floor(value / TWO_32);
   const lo = value >>> 0;
@@ -86,7 +101,12 @@ export function writeU64(view: DataView, offset: number, value: number, littleEn
 }
 
 /** Write a 64-bit mask from a `bigint` (bits above 63 are refused). */
-export function writeU64Bits(view: DataView, offset: number, value: bigint, littleEndian: boolean): void {
+export function writeU64Bits(
+  view: DataView,
+  offset: number,
+  value: bigint,
+  littleEndian: boolean,
+): void {
   if (value < 0n || value > 0xffff_ffff_ffff_ffffn) {
     throw new RangeFormatError(`u64 bitmask ${value} does not fit in 64 bits`);
   }

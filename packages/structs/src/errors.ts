@@ -87,7 +87,12 @@ export class IoError extends QimgError {
   constructor(
     message: string,
     options: QimgErrorOptions & {
-      code?: typeof ErrorCode.IO | typeof ErrorCode.SHORT_READ | typeof ErrorCode.READ_ONLY | typeof ErrorCode.CLOSED | typeof ErrorCode.NOT_A_FILE;
+      code?:
+        | typeof ErrorCode.IO
+        | typeof ErrorCode.SHORT_READ
+        | typeof ErrorCode.READ_ONLY
+        | typeof ErrorCode.CLOSED
+        | typeof ErrorCode.NOT_A_FILE;
     } = {},
   ) {
     super(options.code ?? ErrorCode.IO, message, options);

@@ -28,7 +28,11 @@ describe("defineStruct", () => {
     const p = tilingProblems({
       name: "bad",
       size: 16,
-      fields: { a: { offset: 0, type: "u32" }, b: { offset: 2, type: "u32" }, c: { offset: 8, type: "u32" } },
+      fields: {
+        a: { offset: 0, type: "u32" },
+        b: { offset: 2, type: "u32" },
+        c: { offset: 8, type: "u32" },
+      },
     });
     expect(p).toEqual([
       "bad: b at 2 overlaps a (ends at 4)",
@@ -76,6 +80,8 @@ describe("defineStruct", () => {
   });
 
   it("refuses field declarations outside the size", () => {
-    expect(() => defineStruct("x", "big", 4, { a: { offset: 2, type: "u32" } })).toThrow(/outside 4 bytes/);
+    expect(() => defineStruct("x", "big", 4, { a: { offset: 2, type: "u32" } })).toThrow(
+      /outside 4 bytes/,
+    );
   });
 });

@@ -97,7 +97,9 @@ export function defineStruct<const F extends FieldTable>(
   for (const [key, spec] of entries) {
     const w = fieldWidth(spec);
     if (spec.offset < 0 || spec.offset + w > size) {
-      throw new InvalidArgumentError(`${name}: field ${key} [${spec.offset}, +${w}) is outside ${size} bytes`);
+      throw new InvalidArgumentError(
+        `${name}: field ${key} [${spec.offset}, +${w}) is outside ${size} bytes`,
+      );
     }
   }
   return {
@@ -152,7 +154,9 @@ export function defineStruct<const F extends FieldTable>(
     encode(value, into, at = 0) {
       const target = into ?? new Uint8Array(size);
       if (at < 0 || at + size > target.byteLength) {
-        throw new InvalidArgumentError(`${name}: ${size} bytes do not fit at ${at} in ${target.byteLength}`);
+        throw new InvalidArgumentError(
+          `${name}: ${size} bytes do not fit at ${at} in ${target.byteLength}`,
+        );
       }
       const view = viewOf(target);
       const v = value as Record<string, unknown>;
@@ -174,7 +178,8 @@ export function defineStruct<const F extends FieldTable>(
             break;
           case "bits32": {
             const b = x as bigint;
-            if (b < 0n || b > 0xffff_ffffn) throw new RangeFormatError(`${name} field ${key} does not fit 32 bits`);
+            if (b < 0n || b > 0xffff_ffffn)
+              throw new RangeFormatError(`${name} field ${key} does not fit 32 bits`);
             view.setUint32(o, Number(b), le);
             break;
           }
@@ -185,7 +190,9 @@ export function defineStruct<const F extends FieldTable>(
             const b = x as Uint8Array;
             const w = fieldWidth(spec);
             if (b.byteLength !== w) {
-              throw new InvalidArgumentError(`${name} field ${key} needs ${w} bytes, got ${b.byteLength}`);
+              throw new InvalidArgumentError(
+                `${name} field ${key} needs ${w} bytes, got ${b.byteLength}`,
+              );
             }
             target.set(b, o);
             break;
@@ -210,8 +217,10 @@ export function tilingProblems(def: { name: string; size: number; fields: FieldT
   let pos = 0;
   let prev = "(start)";
   for (const f of sorted) {
-    if (f.start > pos) problems.push(`${def.name}: gap [${pos}, ${f.start}) between ${prev} and ${f.k}`);
-    if (f.start < pos) problems.push(`${def.name}: ${f.k} at ${f.start} overlaps ${prev} (ends at ${pos})`);
+    if (f.start > pos)
+      problems.push(`${def.name}: gap [${pos}, ${f.start}) between ${prev} and ${f.k}`);
+    if (f.start < pos)
+      problems.push(`${def.name}: ${f.k} at ${f.start} overlaps ${prev} (ends at ${pos})`);
     pos = Math.max(pos, f.end);
     prev = f.k;
   }

@@ -23,7 +23,13 @@ export interface CompareOptions {
   readonly progress?: boolean;
 }
 
-export const COMPARE_EXIT = { IDENTICAL: 0, DIFFERENT: 1, ERROR: 2, STATUS_ERROR: 3, READ_ERROR: 4 } as const;
+export const COMPARE_EXIT = {
+  IDENTICAL: 0,
+  DIFFERENT: 1,
+  ERROR: 2,
+  STATUS_ERROR: 3,
+  READ_ERROR: 4,
+} as const;
 
 /** qemu-img's IO_BUF_SIZE. */
 const IO_BUF_SIZE = 2 * 1024 * 1024;
@@ -46,25 +52,41 @@ export function firstNonZeroSector(buf: Uint8Array, length: number): number {
   return -1;
 }
 
-async function status(image: DiskImage, name: string, offset: number, length: number): Promise<BlockStatus> {
+async function status(
+  image: DiskImage,
+  name: string,
+  offset: number,
+  length: number,
+): Promise<BlockStatus> {
   try {
     return await image.blockStatus(offset, length);
   } catch (e) {
-    throw new CliError(`Sector allocation test failed for ${name}: ${e instanceof Error ? e.message : String(e)}`, {
-      exitCode: COMPARE_EXIT.STATUS_ERROR,
-      cause: e,
-    });
+    throw new CliError(
+      `Sector allocation test failed for ${name}: ${e instanceof Error ? e.message : String(e)}`,
+      {
+        exitCode: COMPARE_EXIT.STATUS_ERROR,
+        cause: e,
+      },
+    );
   }
 }
 
-async function read(image: DiskImage, name: string, offset: number, buf: Uint8Array): Promise<void> {
+async function read(
+  image: DiskImage,
+  name: string,
+  offset: number,
+  buf: Uint8Array,
+): Promise<void> {
   try {
     await image.read(offset, buf);
   } catch (e) {
-    throw new CliError(`Error while reading offset ${offset} of ${name}: ${e instanceof Error ? e.message : String(e)}`, {
-      exitCode: COMPARE_EXIT.READ_ERROR,
-      cause: e,
-    });
+    throw new CliError(
+      `Error while reading offset ${offset} of ${name}: ${e instanceof Error ? e.message : String(e)}`,
+      {
+        exitCode: COMPARE_EXIT.READ_ERROR,
+        cause: e,
+      },
+    );
   }
 }
 
@@ -72,9 +94,17 @@ export async function runCompare(ctx: CliContext, options: CompareOptions): Prom
   const say = (text: string): void => {
     if (options.quiet !== true) ctx.stdout(text);
   };
-  const imageA = await inFile(options.a, () => openImage(options.a, { format: options.formatA, ctx }), COMPARE_EXIT.ERROR);
+  const imageA = await inFile(
+    options.a,
+    () => openImage(options.a, { format: options.formatA, ctx }),
+    COMPARE_EXIT.ERROR,
+  );
   try {
-    const imageB = await inFile(options.b, () => openImage(options.b, { format: options.formatB, ctx }), COMPARE_EXIT.ERROR);
+    const imageB = await inFile(
+      options.b,
+      () => openImage(options.b, { format: options.formatB, ctx }),
+      COMPARE_EXIT.ERROR,
+    );
     try {
       return await compareImages(ctx, imageA, imageB, options, say);
     } finally {
@@ -104,7 +134,12 @@ async function compareImages(
   const progress = startProgress(ctx, options.progress === true, Math.max(sizeA, sizeB));
   try {
     /** qemu-img's check_empty_sectors(): 0 when the range reads as zeros. */
-    const checkEmpty = async (image: DiskImage, name: string, offset: number, chunk: number): Promise<number> => {
+    const checkEmpty = async (
+      image: DiskImage,
+      name: string,
+      offset: number,
+      chunk: number,
+    ): Promise<number> => {
       const buf = bufA.subarray(0, chunk);
       await read(image, name, offset, buf);
       const idx = firstNonZeroSector(buf, chunk);
@@ -119,8 +154,15 @@ async function compareImages(
     while (offset < total) {
       const s1 = await status(imageA, options.a, offset, sizeA - offset);
       const s2 = await status(imageB, options.b, offset, sizeB - offset);
-      let chunk = Math.min(s1.offset + s1.length - offset, s2.offset + s2.length - offset, total - offset);
-      if (options.strict === true && (s1.present !== s2.present || s1.zero !== s2.zero || s1.data !== s2.data)) {
+      let chunk = Math.min(
+        s1.offset + s1.length - offset,
+        s2.offset + s2.length - offset,
+        total - offset,
+      );
+      if (
+        options.strict === true &&
+        (s1.present !== s2.present || s1.zero !== s2.zero || s1.data !== s2.data)
+      ) {
         say(`Strict mode: Offset ${offset} block status mismatch!\n`);
         return COMPARE_EXIT.DIFFERENT;
       }
@@ -139,7 +181,9 @@ async function compareImages(
         }
       } else {
         chunk = Math.min(chunk, IO_BUF_SIZE);
-        const r = s1.present ? await checkEmpty(imageA, options.a, offset, chunk) : await checkEmpty(imageB, options.b, offset, chunk);
+        const r = s1.present
+          ? await checkEmpty(imageA, options.a, offset, chunk)
+          : await checkEmpty(imageB, options.b, offset, chunk);
         if (r !== 0) return r;
       }
       offset += chunk;
@@ -148,7 +192,8 @@ async function compareImages(
 
     if (sizeA !== sizeB) {
       say("Warning: Image size mismatch!\n");
-      const [over, name, end] = sizeA > sizeB ? [imageA, options.a, sizeA] : [imageB, options.b, sizeB];
+      const [over, name, end] =
+        sizeA > sizeB ? [imageA, options.a, sizeA] : [imageB, options.b, sizeB];
       while (offset < end) {
         const s = await status(over, name, offset, end - offset);
         let chunk = s.offset + s.length - offset;
@@ -173,7 +218,9 @@ export const compareCommand: CommandDef = {
   errorExitCode: COMPARE_EXIT.ERROR,
   configure(cmd: Command) {
     cmd
-      .description("compare the guest content of two images (qemu-img compare); exit 0 same, 1 different, 2 error")
+      .description(
+        "compare the guest content of two images (qemu-img compare); exit 0 same, 1 different, 2 error",
+      )
       .argument("<filename1>", "first image")
       .argument("<filename2>", "second image")
       .option("-f, --format <fmt>", "format of the first image; probed when omitted")

@@ -38,12 +38,16 @@ export async function runConvert(ctx: CliContext, options: ConvertOptions): Prom
   const image = await openImage(options.source, { format: options.format, ctx });
   try {
     const size = image.virtualSize;
-    const target = await inFile(options.target, () => FileBackend.open(options.target, { create: true, truncate: true }));
+    const target = await inFile(options.target, () =>
+      FileBackend.open(options.target, { create: true, truncate: true }),
+    );
     try {
       await inFile(options.target, () => target.truncate(roundUp(size, 512)));
       const progress = startProgress(ctx, options.progress === true, size);
       try {
-        await inFile(options.source, () => copySparse(image, 0, size, target, 0, (done) => progress.update(done)));
+        await inFile(options.source, () =>
+          copySparse(image, 0, size, target, 0, (done) => progress.update(done)),
+        );
       } finally {
         progress.stop();
       }

@@ -44,7 +44,8 @@ function cvtnum(name: string, value: string, min: number, max: number): number {
     }
     throw new CliError(`Invalid ${name} specified. ${SUFFIX_HELP}`);
   }
-  if (n < min || n > max) throw new CliError(`Invalid ${name} specified. Must be between ${min} and ${max}.`);
+  if (n < min || n > max)
+    throw new CliError(`Invalid ${name} specified. Must be between ${min} and ${max}.`);
   return n;
 }
 
@@ -80,7 +81,8 @@ export function parseDdOperands(operands: readonly string[]): DdOperands {
         throw new CliError(`unrecognized operand ${key}`);
     }
   }
-  if (input === undefined || output === undefined) throw new CliError("Must specify both input and output files");
+  if (input === undefined || output === undefined)
+    throw new CliError("Must specify both input and output files");
   return { input, output, bs, count, skip };
 }
 
@@ -93,15 +95,19 @@ export interface DdOptions {
 export async function runDd(ctx: CliContext, options: DdOptions): Promise<number> {
   const op = parseDdOperands(options.operands);
   checkOutputFormat(options.outputFormat ?? "raw", op.output);
-  if (sameFile(op.input, op.output)) throw new CliError("the output file is the input file", { file: op.output });
+  if (sameFile(op.input, op.output))
+    throw new CliError("the output file is the input file", { file: op.output });
   const image = await openImage(op.input, { format: options.format, ctx });
   try {
     let size = image.virtualSize;
     if (op.count !== undefined && op.count * op.bs < size) size = op.count * op.bs;
     const skipBytes = op.skip === undefined ? 0 : op.skip * op.bs;
-    const skipTooFar = op.skip !== undefined && (!Number.isSafeInteger(skipBytes) || size < skipBytes);
+    const skipTooFar =
+      op.skip !== undefined && (!Number.isSafeInteger(skipBytes) || size < skipBytes);
     const outSize = skipTooFar ? 0 : size - skipBytes;
-    const target = await inFile(op.output, () => FileBackend.open(op.output, { create: true, truncate: true }));
+    const target = await inFile(op.output, () =>
+      FileBackend.open(op.output, { create: true, truncate: true }),
+    );
     try {
       await inFile(op.output, () => target.truncate(roundUp(outSize, 512)));
       if (skipTooFar) {

@@ -6,4 +6,10 @@ import { infoCommand } from "./info.js";
 import { mapCommand } from "./map.js";
 
 /** Every command qimg has, in the order `--help` lists them. */
-export const COMMANDS: readonly CommandDef[] = [compareCommand, convertCommand, ddCommand, infoCommand, mapCommand];
+export const COMMANDS: readonly CommandDef[] = [
+  compareCommand,
+  convertCommand,
+  ddCommand,
+  infoCommand,
+  mapCommand,
+];

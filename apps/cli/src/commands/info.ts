@@ -69,14 +69,22 @@ export function imageInfoJson(image: DiskImage, filename: string): JsonObject {
     if (q.encrypted) info.encrypted = true;
     const data: JsonObject =
       q.version === 2
-        ? { compat: q.compat, "compression-type": q.compressionType, "refcount-bits": q.refcountBits }
+        ? {
+            compat: q.compat,
+            "compression-type": q.compressionType,
+            "refcount-bits": q.refcountBits,
+          }
         : {
             compat: q.compat,
             "compression-type": q.compressionType,
             "lazy-refcounts": q.lazyRefcounts,
             bitmaps:
               q.bitmaps.length > 0
-                ? q.bitmaps.map((b) => ({ flags: [...b.flags], name: b.name, granularity: b.granularity }))
+                ? q.bitmaps.map((b) => ({
+                    flags: [...b.flags],
+                    name: b.name,
+                    granularity: b.granularity,
+                  }))
                 : undefined,
             "refcount-bits": q.refcountBits,
             "data-file": q.dataFile,
@@ -105,7 +113,9 @@ export function imageInfoJson(image: DiskImage, filename: string): JsonObject {
     encrypted: info.encrypted,
     "actual-size": actualSize(filename),
     "format-specific": info.formatSpecific,
-    "full-backing-filename": hasBacking ? combinePath(filename, info.backingFilename ?? "") : undefined,
+    "full-backing-filename": hasBacking
+      ? combinePath(filename, info.backingFilename ?? "")
+      : undefined,
     "backing-filename": hasBacking ? info.backingFilename : undefined,
     "dirty-flag": info.dirty,
   };
@@ -140,7 +150,12 @@ export function snapshotRow(s: JsonObject): string {
 }
 
 export const SNAPSHOT_HEADER =
-  pad("ID", 10, true) + pad("TAG", 17, true) + pad("VM SIZE", 8, false) + pad("DATE", 20, false) + pad("VM CLOCK", 13, false) + pad("ICOUNT", 11, false);
+  pad("ID", 10, true) +
+  pad("TAG", 17, true) +
+  pad("VM SIZE", 8, false) +
+  pad("DATE", 20, false) +
+  pad("VM CLOCK", 13, false) +
+  pad("ICOUNT", 11, false);
 
 /** qemu's bdrv_image_info_dump(). */
 export function humanInfo(info: JsonObject): string {
@@ -161,7 +176,8 @@ export function humanInfo(info: JsonObject): string {
     if (full === undefined) out += " (cannot determine actual path)";
     else if (full !== backing) out += ` (actual path: ${String(full)})`;
     out += "\n";
-    if (info["backing-filename-format"] !== undefined) out += `backing file format: ${String(info["backing-filename-format"])}\n`;
+    if (info["backing-filename-format"] !== undefined)
+      out += `backing file format: ${String(info["backing-filename-format"])}\n`;
   }
   const snapshots = info.snapshots;
   if (Array.isArray(snapshots)) {
@@ -184,10 +200,14 @@ export async function runInfo(ctx: CliContext, options: InfoOptions): Promise<nu
   });
   try {
     const layers = options.backingChain === true ? chainOf(image) : [image];
-    const infos = layers.map((layer) => inFile(layer.backend.name, () => Promise.resolve(imageInfoJson(layer, layer.backend.name))));
+    const infos = layers.map((layer) =>
+      inFile(layer.backend.name, () => Promise.resolve(imageInfoJson(layer, layer.backend.name))),
+    );
     const resolved = await Promise.all(infos);
     if (options.output === "json") {
-      ctx.stdout(toQemuJson(options.backingChain === true ? resolved : (resolved[0] ?? null)) + "\n");
+      ctx.stdout(
+        toQemuJson(options.backingChain === true ? resolved : (resolved[0] ?? null)) + "\n",
+      );
     } else {
       ctx.stdout(resolved.map(humanInfo).join("\n"));
     }
@@ -205,7 +225,11 @@ export const infoCommand: CommandDef = {
       .description("show information about an image (qemu-img info)")
       .argument("<filename>", "image file")
       .option("-f, --format <fmt>", "image format (qcow2, qed, raw); probed when omitted")
-      .addOption(new Option("--output <format>", "output format").choices(["human", "json"]).default("human"))
+      .addOption(
+        new Option("--output <format>", "output format")
+          .choices(["human", "json"])
+          .default("human"),
+      )
       .option("--backing-chain", "show every image of the backing chain")
       .option("-U, --force-share", "accepted for qemu-img compatibility (qimg takes no locks)");
   },

@@ -70,19 +70,30 @@ function hex16(n: number): string {
   return (n === 0 ? "0" : "0x" + n.toString(16)).padEnd(16);
 }
 
-export const MAP_HUMAN_HEADER = "Offset".padEnd(16) + "Length".padEnd(16) + "Mapped to".padEnd(16) + "File\n";
+export const MAP_HUMAN_HEADER =
+  "Offset".padEnd(16) + "Length".padEnd(16) + "Mapped to".padEnd(16) + "File\n";
 
 /**
  * qemu-img's dump_map_entry(). In human mode it also rewrites `next`'s flags (0, ZERO and
  * ZERO|DATA all print the same), which changes what merges after it: kept on purpose.
  */
-function dumpMapEntry(output: OutputFormat, e: MapEntry, next: MapEntry | undefined, ctx: CliContext, filename: string): void {
+function dumpMapEntry(
+  output: OutputFormat,
+  e: MapEntry,
+  next: MapEntry | undefined,
+  ctx: CliContext,
+  filename: string,
+): void {
   if (output === "human") {
     if (e.data && e.offset === undefined) {
-      throw new CliError("File contains external, encrypted or compressed clusters.", { file: filename });
+      throw new CliError("File contains external, encrypted or compressed clusters.", {
+        file: filename,
+      });
     }
     if (e.data && !e.zero) {
-      ctx.stdout(hex16(e.start) + hex16(e.length) + hex16(e.offset ?? 0) + (e.filename ?? "") + "\n");
+      ctx.stdout(
+        hex16(e.start) + hex16(e.length) + hex16(e.offset ?? 0) + (e.filename ?? "") + "\n",
+      );
     }
     if (next !== undefined && (!next.data || next.zero)) {
       next.data = false;
@@ -135,7 +146,16 @@ export async function runMap(ctx: CliContext, options: MapOptions): Promise<numb
     await inFile(options.filename, async () => {
       if (output === "json") ctx.stdout("[");
       else ctx.stdout(MAP_HUMAN_HEADER);
-      let curr: MapEntry = { start: 0, length: 0, data: false, zero: false, depth: 0, present: false, offset: undefined, filename: undefined };
+      let curr: MapEntry = {
+        start: 0,
+        length: 0,
+        data: false,
+        zero: false,
+        depth: 0,
+        present: false,
+        offset: undefined,
+        filename: undefined,
+      };
       for await (const s of blockStatusExtents(image)) {
         const next = entryOf(s);
         if (entryMergeable(curr, next)) {
@@ -160,10 +180,16 @@ export const mapCommand: CommandDef = {
   errorExitCode: 1,
   configure(cmd: Command) {
     cmd
-      .description("dump the metadata of an image: which ranges are allocated, where (qemu-img map)")
+      .description(
+        "dump the metadata of an image: which ranges are allocated, where (qemu-img map)",
+      )
       .argument("<filename>", "image file")
       .option("-f, --format <fmt>", "image format (qcow2, qed, raw); probed when omitted")
-      .addOption(new Option("--output <format>", "output format").choices(["human", "json"]).default("human"))
+      .addOption(
+        new Option("--output <format>", "output format")
+          .choices(["human", "json"])
+          .default("human"),
+      )
       .option("-U, --force-share", "accepted for qemu-img compatibility (qimg takes no locks)");
   },
   run(ctx, args, opts) {

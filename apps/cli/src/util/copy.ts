@@ -43,11 +43,15 @@ export async function copySparse(
         const zero = isZero(chunk, b, Math.min(b + ZERO_BLOCK, n));
         if (!zero && runStart < 0) runStart = b;
         if (zero && runStart >= 0) {
-          await target.write(targetOffset + (offset - from) + runStart, chunk.subarray(runStart, b));
+          await target.write(
+            targetOffset + (offset - from) + runStart,
+            chunk.subarray(runStart, b),
+          );
           runStart = -1;
         }
       }
-      if (runStart >= 0) await target.write(targetOffset + (offset - from) + runStart, chunk.subarray(runStart, n));
+      if (runStart >= 0)
+        await target.write(targetOffset + (offset - from) + runStart, chunk.subarray(runStart, n));
       offset += n;
       onProgress?.(offset - from);
     }

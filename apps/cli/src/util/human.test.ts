@@ -28,11 +28,16 @@ describe("sizeToStr (qemu's size_to_str)", () => {
 
 describe("QEMU JSON printer", () => {
   it("prints empty containers open and nests by four spaces", () => {
-    expect(toQemuJson({ a: [], b: { c: 1 }, d: undefined })).toBe('{\n    "a": [\n    ],\n    "b": {\n        "c": 1\n    }\n}');
+    expect(toQemuJson({ a: [], b: { c: 1 }, d: undefined })).toBe(
+      '{\n    "a": [\n    ],\n    "b": {\n        "c": 1\n    }\n}',
+    );
   });
 
   it("dumps QObjects like qemu's dump_qobject", () => {
-    const out = dumpQObject({ "lazy-refcounts": false, bitmaps: [{ flags: ["auto"], name: "b0" }, { flags: [] }] }, 1);
+    const out = dumpQObject(
+      { "lazy-refcounts": false, bitmaps: [{ flags: ["auto"], name: "b0" }, { flags: [] }] },
+      1,
+    );
     expect(out).toBe(
       "    lazy refcounts: false\n    bitmaps:\n        [0]:\n            flags:\n                [0]: auto\n            name: b0\n        [1]:\n            flags:\n",
     );

@@ -17,7 +17,11 @@ export function formatG3(x: number): string {
 /** `x.toFixed(digits)`, but ties go to even like glibc's printf (for exactly representable ties). */
 function roundHalfEven(x: number, digits: number): string {
   const scaled = x * 10 ** digits;
-  if (Number.isSafeInteger(scaled * 2) && !Number.isInteger(scaled) && Number.isInteger(scaled * 2)) {
+  if (
+    Number.isSafeInteger(scaled * 2) &&
+    !Number.isInteger(scaled) &&
+    Number.isInteger(scaled * 2)
+  ) {
     const down = Math.floor(scaled);
     const even = down % 2 === 0 ? down : down + 1;
     return (even / 10 ** digits).toFixed(digits);

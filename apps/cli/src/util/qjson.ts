@@ -3,7 +3,13 @@
  * four-space indentation, `"key": value`, and empty containers printed open, e.g.
  * `"flags": [\n    ]`. Key order is the insertion order of the objects passed in.
  */
-export type QJson = string | number | boolean | null | readonly QJson[] | { readonly [key: string]: QJson | undefined };
+export type QJson =
+  | string
+  | number
+  | boolean
+  | null
+  | readonly QJson[]
+  | { readonly [key: string]: QJson | undefined };
 
 export function toQemuJson(value: QJson, indent = 0): string {
   const pad = " ".repeat(indent);

@@ -2,16 +2,40 @@ import { FormatError, defineStruct, hex } from "@qimg/structs";
 
 /** Fixed part of a bitmap directory entry: 24 bytes, then extra data, name, padding to 8. */
 export const BITMAP_DIR_FIELDS = {
-  bitmapTableOffset: { offset: 0, type: "u64", unit: "bytes", doc: "u64: offset of the bitmap table" },
-  bitmapTableSize: { offset: 8, type: "u32", unit: "entries", doc: "u32: entries in the bitmap table" },
-  flags: { offset: 12, type: "bits32", doc: "bits32: bit 0 in-use, bit 1 auto, bit 2 extra data compatible" },
+  bitmapTableOffset: {
+    offset: 0,
+    type: "u64",
+    unit: "bytes",
+    doc: "u64: offset of the bitmap table",
+  },
+  bitmapTableSize: {
+    offset: 8,
+    type: "u32",
+    unit: "entries",
+    doc: "u32: entries in the bitmap table",
+  },
+  flags: {
+    offset: 12,
+    type: "bits32",
+    doc: "bits32: bit 0 in-use, bit 1 auto, bit 2 extra data compatible",
+  },
   type: { offset: 16, type: "u8", doc: "u8: 1 = dirty tracking bitmap" },
-  granularityBits: { offset: 17, type: "u8", unit: "bits", doc: "u8: log2 of bytes per bit, 9..31" },
+  granularityBits: {
+    offset: 17,
+    type: "u8",
+    unit: "bits",
+    doc: "u8: log2 of bytes per bit, 9..31",
+  },
   nameSize: { offset: 18, type: "u16", unit: "bytes", doc: "u16: length of the name, 1..1023" },
   extraDataSize: { offset: 20, type: "u32", unit: "bytes", doc: "u32: size of the extra data" },
 } as const;
 export const BITMAP_DIR_FIXED_SIZE = 24;
-export const BitmapDirEntry = defineStruct("qcow2 bitmap directory entry", "big", BITMAP_DIR_FIXED_SIZE, BITMAP_DIR_FIELDS);
+export const BitmapDirEntry = defineStruct(
+  "qcow2 bitmap directory entry",
+  "big",
+  BITMAP_DIR_FIXED_SIZE,
+  BITMAP_DIR_FIELDS,
+);
 
 export const BitmapFlag = { inUse: 1, auto: 2, extraDataCompatible: 4 } as const;
 
@@ -27,21 +51,31 @@ export interface BitmapEntry {
 const dec = new TextDecoder();
 
 /** Decode `count` bitmap directory entries from the directory bytes. */
-export function decodeBitmapDirectory(bytes: Uint8Array, count: number, dirOffset: number): BitmapEntry[] {
+export function decodeBitmapDirectory(
+  bytes: Uint8Array,
+  count: number,
+  dirOffset: number,
+): BitmapEntry[] {
   const out: BitmapEntry[] = [];
   let pos = 0;
   for (let i = 0; i < count; i++) {
     const at = dirOffset + pos;
     if (pos + BITMAP_DIR_FIXED_SIZE > bytes.byteLength) {
-      throw new FormatError(`qcow2 bitmap directory entry ${i} at ${hex(at)} runs past the directory`, { offset: at });
+      throw new FormatError(
+        `qcow2 bitmap directory entry ${i} at ${hex(at)} runs past the directory`,
+        { offset: at },
+      );
     }
     const e = BitmapDirEntry.decode(bytes, pos, at);
     const nameStart = pos + BITMAP_DIR_FIXED_SIZE + e.extraDataSize;
     const end = nameStart + e.nameSize;
     if (e.nameSize === 0 || e.nameSize > 1023 || end > bytes.byteLength) {
-      throw new FormatError(`qcow2 bitmap directory entry ${i} at ${hex(at)}: name of ${e.nameSize} bytes is invalid`, {
-        offset: at + 18,
-      });
+      throw new FormatError(
+        `qcow2 bitmap directory entry ${i} at ${hex(at)}: name of ${e.nameSize} bytes is invalid`,
+        {
+          offset: at + 18,
+        },
+      );
     }
     out.push({
       name: dec.decode(bytes.subarray(nameStart, end)),

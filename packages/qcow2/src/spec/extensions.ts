@@ -13,7 +13,12 @@ export const ExtensionType = {
 /** Every extension starts with this 8-byte prefix; data follows, padded to 8 bytes. */
 export const EXTENSION_PREFIX = {
   type: { offset: 0, type: "u32", doc: "u32: extension type (0 ends the list)" },
-  length: { offset: 4, type: "u32", unit: "bytes", doc: "u32: length of the data, without padding" },
+  length: {
+    offset: 4,
+    type: "u32",
+    unit: "bytes",
+    doc: "u32: length of the data, without padding",
+  },
 } as const;
 export const ExtensionPrefix = defineStruct("qcow2 header extension", "big", 8, EXTENSION_PREFIX);
 
@@ -70,7 +75,12 @@ export const FEATURE_NAME_ENTRY = {
   bit: { offset: 1, type: "u8", doc: "u8: bit number within the feature field" },
   name: { offset: 2, type: "bytes", length: 46, doc: "46 bytes: feature name, NUL padded" },
 } as const;
-export const FeatureNameEntry = defineStruct("qcow2 feature name entry", "big", 48, FEATURE_NAME_ENTRY);
+export const FeatureNameEntry = defineStruct(
+  "qcow2 feature name entry",
+  "big",
+  48,
+  FEATURE_NAME_ENTRY,
+);
 
 export type FeatureKind = "incompatible" | "compatible" | "autoclear";
 const KINDS: readonly FeatureKind[] = ["incompatible", "compatible", "autoclear"];
@@ -113,17 +123,37 @@ export function encodeFeatureNames(names: readonly FeatureName[]): Uint8Array {
 export const BITMAPS_EXTENSION = {
   nbBitmaps: { offset: 0, type: "u32", unit: "entries", doc: "u32: bitmaps in the directory" },
   reserved: { offset: 4, type: "u32", doc: "u32: reserved, zero" },
-  directorySize: { offset: 8, type: "u64", unit: "bytes", doc: "u64: size of the bitmap directory" },
-  directoryOffset: { offset: 16, type: "u64", unit: "bytes", doc: "u64: offset of the bitmap directory" },
+  directorySize: {
+    offset: 8,
+    type: "u64",
+    unit: "bytes",
+    doc: "u64: size of the bitmap directory",
+  },
+  directoryOffset: {
+    offset: 16,
+    type: "u64",
+    unit: "bytes",
+    doc: "u64: offset of the bitmap directory",
+  },
 } as const;
-export const BitmapsExtension = defineStruct("qcow2 bitmaps extension", "big", 24, BITMAPS_EXTENSION);
+export const BitmapsExtension = defineStruct(
+  "qcow2 bitmaps extension",
+  "big",
+  24,
+  BITMAPS_EXTENSION,
+);
 
 /** The full-disk-encryption header pointer: 16 bytes. */
 export const FDE_EXTENSION = {
   offset: { offset: 0, type: "u64", unit: "bytes", doc: "u64: offset of the encryption header" },
   length: { offset: 8, type: "u64", unit: "bytes", doc: "u64: length of the encryption header" },
 } as const;
-export const FdeExtension = defineStruct("qcow2 encryption header pointer", "big", 16, FDE_EXTENSION);
+export const FdeExtension = defineStruct(
+  "qcow2 encryption header pointer",
+  "big",
+  16,
+  FDE_EXTENSION,
+);
 
 /** Decode a string extension (backing format, data file name). */
 export function decodeStringExtension(data: Uint8Array): string {
@@ -139,4 +169,3 @@ export function encodeStringExtension(value: string): Uint8Array {
 export function decodeString(bytes: Uint8Array, offset: number, size: number): string {
   return textDecoder.decode(bytes.subarray(offset, offset + size));
 }
-

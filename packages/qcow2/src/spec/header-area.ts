@@ -25,7 +25,9 @@ export function encodeHeaderArea(
   const nameOffset = start + exts.byteLength;
   const total = nameOffset + name.byteLength;
   if (total > clusterSize) {
-    throw new FormatError(`header, extensions and backing file name need ${total} bytes, more than the ${clusterSize}-byte cluster`);
+    throw new FormatError(
+      `header, extensions and backing file name need ${total} bytes, more than the ${clusterSize}-byte cluster`,
+    );
   }
   const h: Qcow2Header = {
     ...header,

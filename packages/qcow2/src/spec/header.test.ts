@@ -3,7 +3,13 @@ import { describe, expect, it } from "vitest";
 import { tilingProblems, UnsupportedFeatureError } from "@qimg/structs";
 import { fixturePath, getFixture, listFixtures } from "@qimg/fixtures";
 import { HeaderV2, HeaderV3, decodeHeader, encodeHeader, validateHeader } from "./header.js";
-import { decodeExtensions, encodeExtensions, decodeFeatureNames, encodeFeatureNames, ExtensionType } from "./extensions.js";
+import {
+  decodeExtensions,
+  encodeExtensions,
+  decodeFeatureNames,
+  encodeFeatureNames,
+  ExtensionType,
+} from "./extensions.js";
 import { BitmapDirEntry } from "./bitmap-directory.js";
 import { SnapshotFixed, SnapshotExtra } from "./snapshot.js";
 import { ExtensionPrefix, FeatureNameEntry, BitmapsExtension, FdeExtension } from "./extensions.js";
@@ -14,26 +20,39 @@ const goodQcow2 = listFixtures({ format: "qcow2" }).filter(
 
 describe("qcow2 header structures", () => {
   it("tile their sizes exactly", () => {
-    for (const s of [HeaderV2, HeaderV3, SnapshotFixed, SnapshotExtra, BitmapDirEntry, ExtensionPrefix, FeatureNameEntry, BitmapsExtension, FdeExtension]) {
+    for (const s of [
+      HeaderV2,
+      HeaderV3,
+      SnapshotFixed,
+      SnapshotExtra,
+      BitmapDirEntry,
+      ExtensionPrefix,
+      FeatureNameEntry,
+      BitmapsExtension,
+      FdeExtension,
+    ]) {
       expect(tilingProblems(s)).toEqual([]);
     }
   });
 
-  it.each(goodQcow2.map((f) => [f.name] as const))("%s: header and extensions round-trip byte-exactly", (name) => {
-    const bytes = new Uint8Array(fs.readFileSync(fixturePath(name)));
-    const h = decodeHeader(bytes);
-    const encoded = encodeHeader(h);
-    expect(encoded).toEqual(bytes.subarray(0, h.headerLength));
-    validateHeader(h);
-    const cs = 2 ** h.clusterBits;
-    const start = h.version === 2 ? 72 : h.headerLength;
-    const end = h.backingFileOffset > start ? h.backingFileOffset : cs;
-    const exts = decodeExtensions(bytes, start, end);
-    const again = encodeExtensions(exts);
-    expect(again).toEqual(bytes.subarray(start, start + again.length));
-    const info = getFixture(name).info as Record<string, unknown> | null;
-    if (info) expect(h.size).toBe(info["virtual-size"]);
-  });
+  it.each(goodQcow2.map((f) => [f.name] as const))(
+    "%s: header and extensions round-trip byte-exactly",
+    (name) => {
+      const bytes = new Uint8Array(fs.readFileSync(fixturePath(name)));
+      const h = decodeHeader(bytes);
+      const encoded = encodeHeader(h);
+      expect(encoded).toEqual(bytes.subarray(0, h.headerLength));
+      validateHeader(h);
+      const cs = 2 ** h.clusterBits;
+      const start = h.version === 2 ? 72 : h.headerLength;
+      const end = h.backingFileOffset > start ? h.backingFileOffset : cs;
+      const exts = decodeExtensions(bytes, start, end);
+      const again = encodeExtensions(exts);
+      expect(again).toEqual(bytes.subarray(start, start + again.length));
+      const info = getFixture(name).info as Record<string, unknown> | null;
+      if (info) expect(h.size).toBe(info["virtual-size"]);
+    },
+  );
 
   it("reads QEMU's feature-name table", () => {
     const bytes = new Uint8Array(fs.readFileSync(fixturePath("qcow2-v3")));

@@ -15,27 +15,85 @@ export const QCOW2_MAGIC = 0x514649fb;
 export const HEADER_V2_FIELDS = {
   magic: { offset: 0, type: "u32", doc: "u32: 0x514649fb ('QFI\\xfb')" },
   version: { offset: 4, type: "u32", doc: "u32: format version, 2 or 3" },
-  backingFileOffset: { offset: 8, type: "u64", unit: "bytes", doc: "u64: offset of the backing file name in the first cluster, 0 = none" },
-  backingFileSize: { offset: 16, type: "u32", unit: "bytes", doc: "u32: length of the backing file name (no NUL), <= 1023" },
-  clusterBits: { offset: 20, type: "u32", unit: "bits", doc: "u32: log2 of the cluster size, 9..21" },
+  backingFileOffset: {
+    offset: 8,
+    type: "u64",
+    unit: "bytes",
+    doc: "u64: offset of the backing file name in the first cluster, 0 = none",
+  },
+  backingFileSize: {
+    offset: 16,
+    type: "u32",
+    unit: "bytes",
+    doc: "u32: length of the backing file name (no NUL), <= 1023",
+  },
+  clusterBits: {
+    offset: 20,
+    type: "u32",
+    unit: "bits",
+    doc: "u32: log2 of the cluster size, 9..21",
+  },
   size: { offset: 24, type: "u64", unit: "bytes", doc: "u64: virtual disk size" },
   cryptMethod: { offset: 32, type: "u32", doc: "u32: 0 none, 1 AES (legacy), 2 LUKS" },
   l1Size: { offset: 36, type: "u32", unit: "entries", doc: "u32: entries in the active L1 table" },
-  l1TableOffset: { offset: 40, type: "u64", unit: "bytes", doc: "u64: offset of the active L1 table, cluster aligned" },
-  refcountTableOffset: { offset: 48, type: "u64", unit: "bytes", doc: "u64: offset of the refcount table, cluster aligned" },
-  refcountTableClusters: { offset: 56, type: "u32", unit: "clusters", doc: "u32: size of the refcount table" },
-  nbSnapshots: { offset: 60, type: "u32", unit: "entries", doc: "u32: number of internal snapshots" },
-  snapshotsOffset: { offset: 64, type: "u64", unit: "bytes", doc: "u64: offset of the snapshot table, cluster aligned" },
+  l1TableOffset: {
+    offset: 40,
+    type: "u64",
+    unit: "bytes",
+    doc: "u64: offset of the active L1 table, cluster aligned",
+  },
+  refcountTableOffset: {
+    offset: 48,
+    type: "u64",
+    unit: "bytes",
+    doc: "u64: offset of the refcount table, cluster aligned",
+  },
+  refcountTableClusters: {
+    offset: 56,
+    type: "u32",
+    unit: "clusters",
+    doc: "u32: size of the refcount table",
+  },
+  nbSnapshots: {
+    offset: 60,
+    type: "u32",
+    unit: "entries",
+    doc: "u32: number of internal snapshots",
+  },
+  snapshotsOffset: {
+    offset: 64,
+    type: "u64",
+    unit: "bytes",
+    doc: "u64: offset of the snapshot table, cluster aligned",
+  },
 } as const;
 
 /** Version 3 adds these fields, up to byte 104 (the minimum v3 header_length). */
 export const HEADER_V3_FIELDS = {
   ...HEADER_V2_FIELDS,
-  incompatibleFeatures: { offset: 72, type: "bits64", doc: "bits64: features a reader must understand" },
+  incompatibleFeatures: {
+    offset: 72,
+    type: "bits64",
+    doc: "bits64: features a reader must understand",
+  },
   compatibleFeatures: { offset: 80, type: "bits64", doc: "bits64: features a reader may ignore" },
-  autoclearFeatures: { offset: 88, type: "bits64", doc: "bits64: features a writer that does not know them must clear" },
-  refcountOrder: { offset: 96, type: "u32", unit: "bits", doc: "u32: log2 of the refcount entry width, 0..6" },
-  headerLength: { offset: 100, type: "u32", unit: "bytes", doc: "u32: length of the header structure, >= 104, multiple of 8" },
+  autoclearFeatures: {
+    offset: 88,
+    type: "bits64",
+    doc: "bits64: features a writer that does not know them must clear",
+  },
+  refcountOrder: {
+    offset: 96,
+    type: "u32",
+    unit: "bits",
+    doc: "u32: log2 of the refcount entry width, 0..6",
+  },
+  headerLength: {
+    offset: 100,
+    type: "u32",
+    unit: "bytes",
+    doc: "u32: length of the header structure, >= 104, multiple of 8",
+  },
 } as const;
 
 export const HEADER_V2_SIZE = 72;
@@ -58,7 +116,13 @@ export const AutoclearFeatures = defineFeatures({ bitmaps: 0, rawExternalData: 1
 
 /** Names QEMU uses in its feature-name table, for messages and for the table we write. */
 export const FEATURE_NAMES = {
-  incompatible: ["dirty bit", "corrupt bit", "external data file", "compression type", "extended L2 entries"],
+  incompatible: [
+    "dirty bit",
+    "corrupt bit",
+    "external data file",
+    "compression type",
+    "extended L2 entries",
+  ],
   compatible: ["lazy refcounts"],
   autoclear: ["bitmaps", "raw external data"],
 } as const;
@@ -113,18 +177,27 @@ function isPow2Aligned(value: number, align: number): boolean {
  */
 export function decodeHeader(bytes: Uint8Array): Qcow2Header {
   if (bytes.byteLength < HEADER_V2_SIZE) {
-    throw new FormatError(`qcow2 header needs ${HEADER_V2_SIZE} bytes, the file has ${bytes.byteLength}`, { offset: 0 });
+    throw new FormatError(
+      `qcow2 header needs ${HEADER_V2_SIZE} bytes, the file has ${bytes.byteLength}`,
+      { offset: 0 },
+    );
   }
   const view = viewOf(bytes);
   const magic = view.getUint32(0, false);
   if (magic !== QCOW2_MAGIC) {
-    throw new FormatError(`not a qcow2 image: magic ${hex(magic)} is not ${hex(QCOW2_MAGIC)}`, { offset: 0 });
+    throw new FormatError(`not a qcow2 image: magic ${hex(magic)} is not ${hex(QCOW2_MAGIC)}`, {
+      offset: 0,
+    });
   }
   const version = view.getUint32(4, false);
   if (version !== 2 && version !== 3) {
-    throw new UnsupportedFeatureError(`unsupported qcow2 version ${version} (supported: 2, 3)`, [`version ${version}`], {
-      offset: 4,
-    });
+    throw new UnsupportedFeatureError(
+      `unsupported qcow2 version ${version} (supported: 2, 3)`,
+      [`version ${version}`],
+      {
+        offset: 4,
+      },
+    );
   }
   if (version === 2) {
     const h = HeaderV2.decode(bytes, 0, 0);
@@ -141,7 +214,10 @@ export function decodeHeader(bytes: Uint8Array): Qcow2Header {
     };
   }
   if (bytes.byteLength < HEADER_V3_SIZE) {
-    throw new FormatError(`qcow2 v3 header needs ${HEADER_V3_SIZE} bytes, the file has ${bytes.byteLength}`, { offset: 0 });
+    throw new FormatError(
+      `qcow2 v3 header needs ${HEADER_V3_SIZE} bytes, the file has ${bytes.byteLength}`,
+      { offset: 0 },
+    );
   }
   const h = HeaderV3.decode(bytes, 0, 0);
   if (h.headerLength < HEADER_V3_SIZE) {
@@ -151,13 +227,21 @@ export function decodeHeader(bytes: Uint8Array): Qcow2Header {
     throw bad(`header_length ${h.headerLength} is not a multiple of 8`, 100);
   }
   if (h.clusterBits >= 9 && h.clusterBits <= 21 && h.headerLength > 2 ** h.clusterBits) {
-    throw bad(`header_length ${h.headerLength} exceeds the cluster size ${2 ** h.clusterBits}`, 100);
+    throw bad(
+      `header_length ${h.headerLength} exceeds the cluster size ${2 ** h.clusterBits}`,
+      100,
+    );
   }
   if (h.headerLength > bytes.byteLength) {
-    throw bad(`header_length ${h.headerLength} is past the end of the ${bytes.byteLength}-byte file`, 100);
+    throw bad(
+      `header_length ${h.headerLength} is past the end of the ${bytes.byteLength}-byte file`,
+      100,
+    );
   }
-  const compressionType = h.headerLength > COMPRESSION_TYPE_OFFSET ? (bytes[COMPRESSION_TYPE_OFFSET] ?? 0) : 0;
-  const extraStart = h.headerLength > COMPRESSION_TYPE_OFFSET ? COMPRESSION_TYPE_OFFSET + 1 : HEADER_V3_SIZE;
+  const compressionType =
+    h.headerLength > COMPRESSION_TYPE_OFFSET ? (bytes[COMPRESSION_TYPE_OFFSET] ?? 0) : 0;
+  const extraStart =
+    h.headerLength > COMPRESSION_TYPE_OFFSET ? COMPRESSION_TYPE_OFFSET + 1 : HEADER_V3_SIZE;
   return {
     ...h,
     version: 3,
@@ -167,7 +251,10 @@ export function decodeHeader(bytes: Uint8Array): Qcow2Header {
 }
 
 /** Encode a header into `into` (at least headerLength bytes), byte-exact with decode. */
-export function encodeHeader(h: Qcow2Header, into: Uint8Array = new Uint8Array(h.headerLength)): Uint8Array {
+export function encodeHeader(
+  h: Qcow2Header,
+  into: Uint8Array = new Uint8Array(h.headerLength),
+): Uint8Array {
   if (h.version === 2) {
     HeaderV2.encode({ ...h, magic: QCOW2_MAGIC }, into, 0);
     return into;
@@ -206,7 +293,9 @@ export function validateHeader(
       else anonymous |= 1n << BigInt(bit);
     }
     if (anonymous !== 0n) names.push(`Unknown incompatible feature: ${formatMask(anonymous)}`);
-    throw new UnsupportedFeatureError(`unsupported qcow2 feature(s): ${names.join(", ")}`, names, { offset: 72 });
+    throw new UnsupportedFeatureError(`unsupported qcow2 feature(s): ${names.join(", ")}`, names, {
+      offset: 72,
+    });
   }
   if (h.refcountOrder > 6) {
     throw bad(`refcount_order ${h.refcountOrder} is larger than 6 (64-bit refcounts)`, 96);
@@ -216,9 +305,15 @@ export function validateHeader(
   }
   if (h.backingFileOffset !== 0) {
     if (h.backingFileOffset > clusterSize) {
-      throw bad(`backing file name offset ${hex(h.backingFileOffset)} is outside the first cluster (${clusterSize} bytes)`, 8);
+      throw bad(
+        `backing file name offset ${hex(h.backingFileOffset)} is outside the first cluster (${clusterSize} bytes)`,
+        8,
+      );
     }
-    if (h.backingFileSize > MAX_BACKING_NAME || h.backingFileSize > clusterSize - h.backingFileOffset) {
+    if (
+      h.backingFileSize > MAX_BACKING_NAME ||
+      h.backingFileSize > clusterSize - h.backingFileOffset
+    ) {
       throw bad(
         `backing file name of ${h.backingFileSize} bytes is too long (at most ${Math.min(MAX_BACKING_NAME, clusterSize - h.backingFileOffset)})`,
         16,
@@ -227,15 +322,23 @@ export function validateHeader(
   }
   const features = IncompatibleFeatures.decode(h.incompatibleFeatures);
   if (features.has("extendedL2") && h.clusterBits < 14) {
-    throw bad(`extended L2 entries need clusters of at least 16384 bytes, this image has ${clusterSize}`, 20);
+    throw bad(
+      `extended L2 entries need clusters of at least 16384 bytes, this image has ${clusterSize}`,
+      20,
+    );
   }
   if (h.compressionType > 1) {
-    throw new UnsupportedFeatureError(`unknown compression type ${h.compressionType} (known: 0 zlib, 1 zstd)`, [
-      `compression type ${h.compressionType}`,
-    ], { offset: COMPRESSION_TYPE_OFFSET });
+    throw new UnsupportedFeatureError(
+      `unknown compression type ${h.compressionType} (known: 0 zlib, 1 zstd)`,
+      [`compression type ${h.compressionType}`],
+      { offset: COMPRESSION_TYPE_OFFSET },
+    );
   }
   if (h.compressionType !== 0 && !features.has("compressionType")) {
-    throw bad(`compression type ${h.compressionType} is set but the compression-type feature bit is not`, 72);
+    throw bad(
+      `compression type ${h.compressionType} is set but the compression-type feature bit is not`,
+      72,
+    );
   }
   if (h.compressionType === 0 && features.has("compressionType")) {
     throw bad(`the compression-type feature bit is set for the default (zlib) compression`, 72);
@@ -243,14 +346,23 @@ export function validateHeader(
   // L1 table.
   const l2Entries = clusterSize / (features.has("extendedL2") ? 16 : 8);
   if (h.l1Size > MAX_L1_BYTES / 8) {
-    throw bad(`active L1 table of ${h.l1Size} entries is larger than ${MAX_L1_BYTES / 8} (32 MiB)`, 36);
+    throw bad(
+      `active L1 table of ${h.l1Size} entries is larger than ${MAX_L1_BYTES / 8} (32 MiB)`,
+      36,
+    );
   }
   const needed = Math.ceil(h.size / (clusterSize * l2Entries));
   if (h.l1Size < needed) {
-    throw bad(`L1 table of ${h.l1Size} entries is too small for a ${h.size}-byte disk (needs ${needed})`, 36);
+    throw bad(
+      `L1 table of ${h.l1Size} entries is too small for a ${h.size}-byte disk (needs ${needed})`,
+      36,
+    );
   }
   if (h.l1Size > 0 && !isPow2Aligned(h.l1TableOffset, clusterSize)) {
-    throw bad(`L1 table offset ${hex(h.l1TableOffset)} is not aligned to the cluster size ${clusterSize}`, 40);
+    throw bad(
+      `L1 table offset ${hex(h.l1TableOffset)} is not aligned to the cluster size ${clusterSize}`,
+      40,
+    );
   }
   // Refcount table.
   if (h.refcountTableClusters > MAX_REFTABLE_BYTES / clusterSize) {
@@ -260,16 +372,25 @@ export function validateHeader(
     );
   }
   if (!isPow2Aligned(h.refcountTableOffset, clusterSize)) {
-    throw bad(`refcount table offset ${hex(h.refcountTableOffset)} is not aligned to the cluster size ${clusterSize}`, 48);
+    throw bad(
+      `refcount table offset ${hex(h.refcountTableOffset)} is not aligned to the cluster size ${clusterSize}`,
+      48,
+    );
   }
   if (h.refcountTableOffset === 0 || h.refcountTableClusters === 0) {
-    throw bad(`the image has no refcount table (offset ${hex(h.refcountTableOffset)}, ${h.refcountTableClusters} clusters)`, 48);
+    throw bad(
+      `the image has no refcount table (offset ${hex(h.refcountTableOffset)}, ${h.refcountTableClusters} clusters)`,
+      48,
+    );
   }
   // Snapshot table.
   if (h.nbSnapshots > MAX_SNAPSHOTS) {
     throw bad(`${h.nbSnapshots} snapshots is more than ${MAX_SNAPSHOTS}`, 60);
   }
   if (h.nbSnapshots > 0 && !isPow2Aligned(h.snapshotsOffset, clusterSize)) {
-    throw bad(`snapshot table offset ${hex(h.snapshotsOffset)} is not aligned to the cluster size ${clusterSize}`, 64);
+    throw bad(
+      `snapshot table offset ${hex(h.snapshotsOffset)} is not aligned to the cluster size ${clusterSize}`,
+      64,
+    );
   }
 }

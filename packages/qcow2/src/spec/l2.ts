@@ -68,7 +68,11 @@ export function decodeCompressed(
 }
 
 /** Encode a compressed descriptor's two words (without the COPIED bit). */
-export function encodeCompressed(hostOffset: number, sectors: number, layout: CompressedLayout): { hi: number; lo: number } {
+export function encodeCompressed(
+  hostOffset: number,
+  sectors: number,
+  layout: CompressedLayout,
+): { hi: number; lo: number } {
   const x = layout.offsetBits;
   const hi = (0x4000_0000 | (sectors << (x - 32)) | Math.floor(hostOffset / 0x1_0000_0000)) >>> 0;
   return { hi, lo: hostOffset >>> 0 };

@@ -2,18 +2,53 @@ import { FormatError, defineStruct, hex, readU64, viewOf } from "@qimg/structs";
 
 /** Fixed part of a snapshot table entry: 40 bytes, then extra data, id, name, padding to 8. */
 export const SNAPSHOT_FIELDS = {
-  l1TableOffset: { offset: 0, type: "u64", unit: "bytes", doc: "u64: offset of the snapshot's L1 table" },
-  l1Size: { offset: 8, type: "u32", unit: "entries", doc: "u32: entries in the snapshot's L1 table" },
+  l1TableOffset: {
+    offset: 0,
+    type: "u64",
+    unit: "bytes",
+    doc: "u64: offset of the snapshot's L1 table",
+  },
+  l1Size: {
+    offset: 8,
+    type: "u32",
+    unit: "entries",
+    doc: "u32: entries in the snapshot's L1 table",
+  },
   idStrSize: { offset: 12, type: "u16", unit: "bytes", doc: "u16: length of the unique ID string" },
   nameSize: { offset: 14, type: "u16", unit: "bytes", doc: "u16: length of the name" },
-  dateSec: { offset: 16, type: "u32", unit: "seconds", doc: "u32: creation time, seconds since the epoch" },
-  dateNsec: { offset: 20, type: "u32", unit: "nanoseconds", doc: "u32: creation time, nanosecond part" },
+  dateSec: {
+    offset: 16,
+    type: "u32",
+    unit: "seconds",
+    doc: "u32: creation time, seconds since the epoch",
+  },
+  dateNsec: {
+    offset: 20,
+    type: "u32",
+    unit: "nanoseconds",
+    doc: "u32: creation time, nanosecond part",
+  },
   vmClockNsec: { offset: 24, type: "u64", unit: "nanoseconds", doc: "u64: guest clock when taken" },
-  vmStateSize: { offset: 32, type: "u32", unit: "bytes", doc: "u32: VM state size (32-bit; see extra data)" },
-  extraDataSize: { offset: 36, type: "u32", unit: "bytes", doc: "u32: size of the extra data that follows" },
+  vmStateSize: {
+    offset: 32,
+    type: "u32",
+    unit: "bytes",
+    doc: "u32: VM state size (32-bit; see extra data)",
+  },
+  extraDataSize: {
+    offset: 36,
+    type: "u32",
+    unit: "bytes",
+    doc: "u32: size of the extra data that follows",
+  },
 } as const;
 export const SNAPSHOT_FIXED_SIZE = 40;
-export const SnapshotFixed = defineStruct("qcow2 snapshot entry", "big", SNAPSHOT_FIXED_SIZE, SNAPSHOT_FIELDS);
+export const SnapshotFixed = defineStruct(
+  "qcow2 snapshot entry",
+  "big",
+  SNAPSHOT_FIXED_SIZE,
+  SNAPSHOT_FIELDS,
+);
 
 /** Extra data fields (v3 writes at least 16 bytes; 24 with icount). */
 export const SNAPSHOT_EXTRA_FIELDS = {
@@ -21,7 +56,12 @@ export const SNAPSHOT_EXTRA_FIELDS = {
   diskSize: { offset: 8, type: "u64", unit: "bytes", doc: "u64: virtual disk size when taken" },
   icount: { offset: 16, type: "bits64", doc: "u64: instruction count, or -1 when not recorded" },
 } as const;
-export const SnapshotExtra = defineStruct("qcow2 snapshot extra data", "big", 24, SNAPSHOT_EXTRA_FIELDS);
+export const SnapshotExtra = defineStruct(
+  "qcow2 snapshot extra data",
+  "big",
+  24,
+  SNAPSHOT_EXTRA_FIELDS,
+);
 
 /** QEMU's limit on one entry's extra data. */
 export const MAX_SNAPSHOT_EXTRA = 1024;
@@ -50,13 +90,21 @@ const enc = new TextEncoder();
  * Decode `count` entries from the snapshot table bytes (which start at file offset
  * `tableOffset`). Every length is checked against the bytes available.
  */
-export function decodeSnapshotTable(bytes: Uint8Array, count: number, tableOffset: number, version: 2 | 3): SnapshotEntry[] {
+export function decodeSnapshotTable(
+  bytes: Uint8Array,
+  count: number,
+  tableOffset: number,
+  version: 2 | 3,
+): SnapshotEntry[] {
   const out: SnapshotEntry[] = [];
   let pos = 0;
   for (let i = 0; i < count; i++) {
     const at = tableOffset + pos;
     if (pos + SNAPSHOT_FIXED_SIZE > bytes.byteLength) {
-      throw new FormatError(`qcow2 snapshot entry ${i} at ${hex(at)} runs past the snapshot table`, { offset: at });
+      throw new FormatError(
+        `qcow2 snapshot entry ${i} at ${hex(at)} runs past the snapshot table`,
+        { offset: at },
+      );
     }
     const f = SnapshotFixed.decode(bytes, pos, at);
     if (f.extraDataSize > MAX_SNAPSHOT_EXTRA) {
@@ -76,17 +124,25 @@ export function decodeSnapshotTable(bytes: Uint8Array, count: number, tableOffse
     const nameStart = idStart + f.idStrSize;
     const end = nameStart + f.nameSize;
     if (end > bytes.byteLength) {
-      throw new FormatError(`qcow2 snapshot entry ${i} at ${hex(at)} runs past the snapshot table`, { offset: at });
+      throw new FormatError(
+        `qcow2 snapshot entry ${i} at ${hex(at)} runs past the snapshot table`,
+        { offset: at },
+      );
     }
     const extra = bytes.slice(extraStart, idStart);
     const ev = viewOf(extra);
-    const large = extra.byteLength >= 8 ? readU64(ev, 0, false, "snapshot VM state size") : f.vmStateSize;
-    const diskSize = extra.byteLength >= 16 ? readU64(ev, 8, false, "snapshot disk size") : undefined;
+    const large =
+      extra.byteLength >= 8 ? readU64(ev, 0, false, "snapshot VM state size") : f.vmStateSize;
+    const diskSize =
+      extra.byteLength >= 16 ? readU64(ev, 8, false, "snapshot disk size") : undefined;
     const icount = extra.byteLength >= 24 ? ev.getBigUint64(16, false) : undefined;
     if (f.l1Size > (32 * 1024 * 1024) / 8) {
-      throw new FormatError(`qcow2 snapshot entry ${i}: L1 table of ${f.l1Size} entries is larger than 32 MiB`, {
-        offset: at + 8,
-      });
+      throw new FormatError(
+        `qcow2 snapshot entry ${i}: L1 table of ${f.l1Size} entries is larger than 32 MiB`,
+        {
+          offset: at + 8,
+        },
+      );
     }
     out.push({
       l1TableOffset: f.l1TableOffset,
@@ -113,7 +169,10 @@ export function encodeSnapshotTable(entries: readonly Omit<SnapshotEntry, "offse
   for (const e of entries) {
     const id = enc.encode(e.id);
     const name = enc.encode(e.name);
-    const size = Math.ceil((SNAPSHOT_FIXED_SIZE + e.extraData.byteLength + id.byteLength + name.byteLength) / 8) * 8;
+    const size =
+      Math.ceil(
+        (SNAPSHOT_FIXED_SIZE + e.extraData.byteLength + id.byteLength + name.byteLength) / 8,
+      ) * 8;
     const b = new Uint8Array(size);
     SnapshotFixed.encode(
       {

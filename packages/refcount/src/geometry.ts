@@ -22,7 +22,11 @@ export interface RefcountGeometry {
 
 /** Validate cluster_bits and refcount_order and derive the sizes that follow from them. */
 export function refcountGeometry(clusterBits: number, refcountOrder: number): RefcountGeometry {
-  if (!Number.isInteger(clusterBits) || clusterBits < MIN_CLUSTER_BITS || clusterBits > MAX_CLUSTER_BITS) {
+  if (
+    !Number.isInteger(clusterBits) ||
+    clusterBits < MIN_CLUSTER_BITS ||
+    clusterBits > MAX_CLUSTER_BITS
+  ) {
     throw new InvalidArgumentError(
       `cluster_bits ${clusterBits} is outside ${MIN_CLUSTER_BITS}..${MAX_CLUSTER_BITS} (512 bytes to 2 MiB clusters)`,
     );

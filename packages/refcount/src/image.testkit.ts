@@ -12,7 +12,11 @@ import { rebuildRefcounts } from "./rebuild.js";
 export const HDR_TABLE_OFFSET = 48;
 export const HDR_TABLE_CLUSTERS = 56;
 
-export async function writeHeaderTable(backend: BlockBackend, tableOffset: number, tableClusters: number): Promise<void> {
+export async function writeHeaderTable(
+  backend: BlockBackend,
+  tableOffset: number,
+  tableClusters: number,
+): Promise<void> {
   const b = new Uint8Array(12);
   const v = new DataView(b.buffer);
   v.setUint32(0, Math.floor(tableOffset / 0x1_0000_0000), false);
@@ -22,15 +26,23 @@ export async function writeHeaderTable(backend: BlockBackend, tableOffset: numbe
   await backend.flush();
 }
 
-export async function readHeaderTable(backend: BlockBackend): Promise<{ tableOffset: number; tableClusters: number }> {
+export async function readHeaderTable(
+  backend: BlockBackend,
+): Promise<{ tableOffset: number; tableClusters: number }> {
   const b = new Uint8Array(12);
   await backend.read(HDR_TABLE_OFFSET, b);
   const v = new DataView(b.buffer);
-  return { tableOffset: v.getUint32(0, false) * 0x1_0000_0000 + v.getUint32(4, false), tableClusters: v.getUint32(8, false) };
+  return {
+    tableOffset: v.getUint32(0, false) * 0x1_0000_0000 + v.getUint32(4, false),
+    tableClusters: v.getUint32(8, false),
+  };
 }
 
 /** Header cluster at 0, table at cluster 1, first block at cluster 2 (like qemu-img create). */
-export async function makeImage(clusterBits: number, refcountOrder: number): Promise<MemoryBackend> {
+export async function makeImage(
+  clusterBits: number,
+  refcountOrder: number,
+): Promise<MemoryBackend> {
   const cs = 2 ** clusterBits;
   const backend = new MemoryBackend();
   await backend.write(0, new Uint8Array(cs));
@@ -52,7 +64,12 @@ export async function openImage(
   extra: Partial<RefcountsOptions> = {},
 ): Promise<Refcounts> {
   const { tableOffset, tableClusters } = await readHeaderTable(backend);
-  const cache = new ClusterCache({ backend, tableSize: 2 ** clusterBits, capacity: 8, name: "refcount" });
+  const cache = new ClusterCache({
+    backend,
+    tableSize: 2 ** clusterBits,
+    capacity: 8,
+    name: "refcount",
+  });
   return Refcounts.open({
     backend,
     cache,
@@ -70,7 +87,9 @@ export async function openImage(
  * have refcount exactly 1, the header cluster 1. Returns every non-zero refcount by cluster
  * index, and the set of metadata clusters (header, table, blocks).
  */
-export async function walk(rc: Refcounts, backend: BlockBackend): Promise<{ counts: Map<number, number>; metadata: Set<number> }> {
+export async function walk(
+  rc: Refcounts,
+): Promise<{ counts: Map<number, number>; metadata: Set<number> }> {
   const cs = rc.clusterSize;
   const metadata = new Set<number>([0]);
   for (let i = 0; i < rc.tableClusters; i++) metadata.add(rc.tableOffset / cs + i);
@@ -80,13 +99,15 @@ export async function walk(rc: Refcounts, backend: BlockBackend): Promise<{ coun
   }
   for (const m of metadata) {
     const v = await rc.get(m);
-    if (v !== 1) throw new Error(`metadata cluster ${m} (0x${(m * cs).toString(16)}) has refcount ${v}, expected 1`);
+    if (v !== 1)
+      throw new Error(
+        `metadata cluster ${m} (0x${(m * cs).toString(16)}) has refcount ${v}, expected 1`,
+      );
   }
   const counts = new Map<number, number>();
-  const total = rc.tableEntries * rc.entriesPerBlock;
-  const size = await backend.size();
-  const upTo = Math.min(total, Math.max(Math.ceil(size / cs), ...[...metadata].map((m) => m + 1)) + rc.entriesPerBlock * 4);
-  const buf = new Float64Array(Math.min(upTo, total));
+  let lastSlot = -1;
+  for (let s = 0; s < rc.tableEntries; s++) if (rc.blockOffset(s) !== 0) lastSlot = s;
+  const buf = new Float64Array((lastSlot + 1) * rc.entriesPerBlock);
   await rc.readRange(0, buf);
   buf.forEach((v, i) => {
     if (v !== 0) counts.set(i, v);

@@ -49,8 +49,15 @@ export async function countReferences(
   const max = maxRefcount(g.refcountBits);
   let counts = createClusterCounts(g.refcountBits, Math.max(0, options.hostClusters));
   for await (const [hostOffset, clusterCount] of references) {
-    if (!Number.isSafeInteger(hostOffset) || hostOffset < 0 || !Number.isSafeInteger(clusterCount) || clusterCount < 0) {
-      throw new InvalidArgumentError(`reference [${hostOffset}, ${clusterCount}] is not a host offset and a cluster count`);
+    if (
+      !Number.isSafeInteger(hostOffset) ||
+      hostOffset < 0 ||
+      !Number.isSafeInteger(clusterCount) ||
+      clusterCount < 0
+    ) {
+      throw new InvalidArgumentError(
+        `reference [${hostOffset}, ${clusterCount}] is not a host offset and a cluster count`,
+      );
     }
     const first = Math.floor(hostOffset / g.clusterSize);
     const end = first + clusterCount;
@@ -138,7 +145,9 @@ export async function rebuildRefcounts(options: RebuildOptions): Promise<Rebuild
     if (v === 0) continue;
     if (!Number.isSafeInteger(v) || v < 0 || v > max) {
       if (Number.isInteger(v) && v > max) throw overflow(c * cs, v, max, g.refcountBits);
-      throw new InvalidArgumentError(`count ${v} for cluster ${hex(c * cs)} is not a non-negative integer`);
+      throw new InvalidArgumentError(
+        `count ${v} for cluster ${hex(c * cs)} is not a non-negative integer`,
+      );
     }
     const s = Math.floor(c / E);
     if (used[s] === 0) {
@@ -152,8 +161,14 @@ export async function rebuildRefcounts(options: RebuildOptions): Promise<Rebuild
   if (options.placeAt === undefined) {
     A = Math.max(Math.ceil(fileSize / cs), N);
   } else {
-    if (!Number.isSafeInteger(options.placeAt) || options.placeAt < 0 || options.placeAt % cs !== 0) {
-      throw new InvalidArgumentError(`placeAt ${options.placeAt} is not aligned to the cluster size ${cs}`);
+    if (
+      !Number.isSafeInteger(options.placeAt) ||
+      options.placeAt < 0 ||
+      options.placeAt % cs !== 0
+    ) {
+      throw new InvalidArgumentError(
+        `placeAt ${options.placeAt} is not aligned to the cluster size ${cs}`,
+      );
     }
     A = options.placeAt / cs;
   }
@@ -203,7 +218,10 @@ export async function rebuildRefcounts(options: RebuildOptions): Promise<Rebuild
     try {
       await backend.write(off, bytes);
     } catch (cause) {
-      throw new IoError(`writing the rebuilt ${what} at ${hex(off)} failed`, { offset: off, cause });
+      throw new IoError(`writing the rebuilt ${what} at ${hex(off)} failed`, {
+        offset: off,
+        cause,
+      });
     }
   };
   {

@@ -69,7 +69,9 @@ interface ZeroRun {
   count: number;
 }
 
-type Change = { readonly kind: "add"; readonly amount: number } | { readonly kind: "set"; readonly amount: number };
+type Change =
+  | { readonly kind: "add"; readonly amount: number }
+  | { readonly kind: "set"; readonly amount: number };
 
 export class Refcounts {
   readonly clusterBits: number;
@@ -134,7 +136,9 @@ export class Refcounts {
       );
     }
     if (!Number.isSafeInteger(tableClusters) || tableClusters < 1) {
-      throw new CorruptImageError(`refcount table size ${tableClusters} clusters must be at least 1`);
+      throw new CorruptImageError(
+        `refcount table size ${tableClusters} clusters must be at least 1`,
+      );
     }
     const bytes = tableClusters * cs;
     if (bytes > MAX_REFTABLE_BYTES) {
@@ -220,9 +224,10 @@ export class Refcounts {
    * `clusterIndex`. All clusters are checked first, so an overflow (the value would pass
    * {@link maxRefcount}) or underflow (below 0: a corruption) changes nothing.
    */
-  update(clusterIndex: number, delta: number, count = 1): Promise<void> {
-    if (!Number.isSafeInteger(delta)) throw new InvalidArgumentError(`refcount delta ${delta} is not an integer`);
-    return this.#locked(async () => {
+  async update(clusterIndex: number, delta: number, count = 1): Promise<void> {
+    if (!Number.isSafeInteger(delta))
+      throw new InvalidArgumentError(`refcount delta ${delta} is not an integer`);
+    return await this.#locked(async () => {
       this.#writable();
       this.#checkIndex(clusterIndex, count);
       await this.#change(clusterIndex, count, { kind: "add", amount: delta });
@@ -230,11 +235,11 @@ export class Refcounts {
   }
 
   /** Set the refcount of `count` clusters starting at `clusterIndex` to `value`. */
-  set(clusterIndex: number, value: number, count = 1): Promise<void> {
+  async set(clusterIndex: number, value: number, count = 1): Promise<void> {
     if (!Number.isSafeInteger(value) || value < 0) {
       throw new InvalidArgumentError(`refcount ${value} is not a non-negative integer`);
     }
-    return this.#locked(async () => {
+    return await this.#locked(async () => {
       this.#writable();
       this.#checkIndex(clusterIndex, count);
       await this.#change(clusterIndex, count, { kind: "set", amount: value });
@@ -246,9 +251,9 @@ export class Refcounts {
    * set their refcount to 1 and return the host byte offset of the first. Clusters past the
    * end of the file count as free, so allocation grows the image; the caller writes them.
    */
-  allocate(n: number): Promise<number> {
+  async allocate(n: number): Promise<number> {
     this.#checkCount(n);
-    return this.#locked(async () => {
+    return await this.#locked(async () => {
       this.#writable();
       const { start, lowestFree } = await this.#findFree(n, 0, 0);
       // Move the hint first: creating blocks may free clusters (an outgrown table), and
@@ -270,10 +275,10 @@ export class Refcounts {
    * be free: their refcount becomes 1. Throws an InvalidArgumentError naming the first
    * cluster in use, changing nothing.
    */
-  allocateAt(offset: number, n: number): Promise<void> {
+  async allocateAt(offset: number, n: number): Promise<void> {
     this.#checkCount(n);
     const first = this.#clusterOf(offset, "allocateAt");
-    return this.#locked(async () => {
+    return await this.#locked(async () => {
       this.#writable();
       this.#checkIndex(first, n);
       const counts = new Float64Array(n);
@@ -300,15 +305,16 @@ export class Refcounts {
    * Call this only after whatever referenced the clusters no longer does so on disk (flush
    * the L2 cache first): the lowered refcounts may be written at any later point.
    */
-  free(offset: number, n: number, options: FreeOptions = {}): Promise<void> {
+  async free(offset: number, n: number, options: FreeOptions = {}): Promise<void> {
     this.#checkCount(n);
     const first = this.#clusterOf(offset, "free");
-    return this.#locked(async () => {
+    return await this.#locked(async () => {
       this.#writable();
       this.#checkIndex(first, n);
       const zeroed = await this.#change(first, n, { kind: "add", amount: -1 });
       if (options.discard === true && this.#onDiscard !== undefined) {
-        for (const r of zeroed) await this.#onDiscard(r.first * this.clusterSize, r.count * this.clusterSize);
+        for (const r of zeroed)
+          await this.#onDiscard(r.first * this.clusterSize, r.count * this.clusterSize);
       }
     });
   }
@@ -328,7 +334,9 @@ export class Refcounts {
 
   #writable(): void {
     if (this.readOnly) {
-      throw new IoError(`${this.#backend.name}: refcounts are open read-only`, { code: ErrorCode.READ_ONLY });
+      throw new IoError(`${this.#backend.name}: refcounts are open read-only`, {
+        code: ErrorCode.READ_ONLY,
+      });
     }
   }
 
@@ -340,7 +348,9 @@ export class Refcounts {
 
   #checkIndex(first: number, count: number): void {
     if (!Number.isSafeInteger(first) || first < 0 || !Number.isSafeInteger(count) || count < 0) {
-      throw new InvalidArgumentError(`cluster range ${first} (+${count}) is not a pair of non-negative integers`);
+      throw new InvalidArgumentError(
+        `cluster range ${first} (+${count}) is not a pair of non-negative integers`,
+      );
     }
     if ((first + count) * this.clusterSize > Number.MAX_SAFE_INTEGER) {
       throw new InvalidArgumentError(`cluster range ${first} (+${count}) ends past 2^53-1 bytes`);
@@ -349,7 +359,9 @@ export class Refcounts {
 
   #clusterOf(offset: number, what: string): number {
     if (!Number.isSafeInteger(offset) || offset < 0 || offset % this.clusterSize !== 0) {
-      throw new InvalidArgumentError(`${what}: offset ${offset} is not aligned to the cluster size ${this.clusterSize}`);
+      throw new InvalidArgumentError(
+        `${what}: offset ${offset} is not aligned to the cluster size ${this.clusterSize}`,
+      );
     }
     return offset / this.clusterSize;
   }
@@ -383,7 +395,7 @@ export class Refcounts {
     const end = first + count;
     let needsBlocks = false;
     // Pass 1: validate.
-    for (let c = first; c < end; ) {
+    for (let c = first; c < end;) {
       const slot = Math.floor(c / E);
       const stop = Math.min(end, (slot + 1) * E);
       const off = this.blockOffset(slot);
@@ -410,7 +422,7 @@ export class Refcounts {
     if (needsBlocks) await this.#ensureBlocks(first, count);
     // Pass 2: apply.
     const zeroed: ZeroRun[] = [];
-    for (let c = first; c < end; ) {
+    for (let c = first; c < end;) {
       const slot = Math.floor(c / E);
       const stop = Math.min(end, (slot + 1) * E);
       const off = this.blockOffset(slot);
@@ -503,7 +515,10 @@ export class Refcounts {
         await this.#backend.write(at, entry);
         await this.#backend.flush();
       } catch (cause) {
-        throw new IoError(`writing refcount table entry ${slot} at ${hex(at)} failed`, { offset: at, cause });
+        throw new IoError(`writing refcount table entry ${slot} at ${hex(at)} failed`, {
+          offset: at,
+          cause,
+        });
       }
       this.#table.set(slot, off);
       return off;
@@ -515,7 +530,11 @@ export class Refcounts {
    * avoidEnd). Clusters no block describes (including everything past the table) are free.
    * Returns the run start and the lowest free cluster seen (a new hint).
    */
-  async #findFree(n: number, avoidStart: number, avoidEnd: number): Promise<{ start: number; lowestFree: number }> {
+  async #findFree(
+    n: number,
+    avoidStart: number,
+    avoidEnd: number,
+  ): Promise<{ start: number; lowestFree: number }> {
     const E = this.entriesPerBlock;
     let c = this.#hint;
     let start = c;
@@ -584,7 +603,10 @@ export class Refcounts {
     // Sizes: the area holds k blocks describing itself, the block for needSlot, and a table
     // of T clusters covering every entry up to the area's last block. Grow T by half at
     // least, so growth stays rare.
-    let T = Math.max(oldClusters + 1, Math.ceil((oldClusters * 3) / 2));
+    let T = Math.max(
+      oldClusters + 1,
+      Math.min(Math.ceil((oldClusters * 3) / 2), MAX_REFTABLE_BYTES / cs),
+    );
     let k = 1;
     for (;;) {
       const n = k + 1 + T;

@@ -21,7 +21,11 @@ export const MAX_REFCOUNT_ORDER = 6;
 
 /** refcount_bits for a refcount_order (`1 << order`), validated. */
 export function refcountBitsOf(refcountOrder: number): number {
-  if (!Number.isInteger(refcountOrder) || refcountOrder < MIN_REFCOUNT_ORDER || refcountOrder > MAX_REFCOUNT_ORDER) {
+  if (
+    !Number.isInteger(refcountOrder) ||
+    refcountOrder < MIN_REFCOUNT_ORDER ||
+    refcountOrder > MAX_REFCOUNT_ORDER
+  ) {
     throw new InvalidArgumentError(
       `refcount_order ${refcountOrder} is outside ${MIN_REFCOUNT_ORDER}..${MAX_REFCOUNT_ORDER} (refcount widths 1..64 bits)`,
     );
@@ -56,7 +60,9 @@ export class RefcountBlockView {
 
   constructor(bytes: Uint8Array, refcountBits: number) {
     if (![1, 2, 4, 8, 16, 32, 64].includes(refcountBits)) {
-      throw new InvalidArgumentError(`refcount width ${refcountBits} bits is not one of 1, 2, 4, 8, 16, 32, 64`);
+      throw new InvalidArgumentError(
+        `refcount width ${refcountBits} bits is not one of 1, 2, 4, 8, 16, 32, 64`,
+      );
     }
     if ((bytes.byteLength * 8) % refcountBits !== 0) {
       throw new InvalidArgumentError(
@@ -133,7 +139,8 @@ export class RefcountBlockView {
 
   /** True when entry `i` is zero (a free cluster). Never throws for wide values. */
   isZero(i: number): boolean {
-    if (this.bits === 64) return (this.view.getUint32(i * 8, false) | this.view.getUint32(i * 8 + 4, false)) === 0;
+    if (this.bits === 64)
+      return (this.view.getUint32(i * 8, false) | this.view.getUint32(i * 8 + 4, false)) === 0;
     return this.get(i) === 0;
   }
 

@@ -32,12 +32,23 @@ import {
   isValidImageSize,
   maxImageSize,
 } from "./spec/constants.js";
-import { QED_HEADER_SIZE, decodeQedHeader, encodeQedHeader, validateQedHeader } from "./spec/header.js";
+import {
+  QED_HEADER_SIZE,
+  decodeQedHeader,
+  encodeQedHeader,
+  validateQedHeader,
+} from "./spec/header.js";
 import type { QedHeader } from "./spec/header.js";
 import { QED_ENTRY_TOO_LARGE, QedTable, classifyL1Entry, classifyL2Entry } from "./spec/table.js";
 import type { QedGeometry } from "./spec/table.js";
 import { walkQed } from "./walk.js";
-import type { QedCheckOptions, QedCheckResult, QedInfo, QedOpenOptions, QedTimer } from "./types.js";
+import type {
+  QedCheckOptions,
+  QedCheckResult,
+  QedInfo,
+  QedOpenOptions,
+  QedTimer,
+} from "./types.js";
 
 type Mutable<T> = { -readonly [K in keyof T]: T[K] };
 
@@ -111,13 +122,16 @@ export class QedImage implements WritableDiskImage {
     this.#fileSize = fileSize;
     this.#backingFilename = backingFilename;
     this.#backingFormat =
-      backingFilename !== undefined && (header.features & QED_F_BACKING_FORMAT_NO_PROBE) !== 0n ? "raw" : undefined;
+      backingFilename !== undefined && (header.features & QED_F_BACKING_FORMAT_NO_PROBE) !== 0n
+        ? "raw"
+        : undefined;
     this.#needCheckDurable = (header.features & QED_F_NEED_CHECK) !== 0n;
     this.#delay = options.needCheckClearDelayMs ?? QED_NEED_CHECK_TIMEOUT_MS;
     this.#timer = options.timer ?? defaultTimer;
     const tableBytes = header.tableSize * header.clusterSize;
     const capacity =
-      options.l2CacheCapacity ?? Math.max(2, Math.min(50, Math.floor((64 * 1024 * 1024) / tableBytes)));
+      options.l2CacheCapacity ??
+      Math.max(2, Math.min(50, Math.floor((64 * 1024 * 1024) / tableBytes)));
     this.#cache = new ClusterCache({ backend, tableSize: tableBytes, capacity, name: "QED L2" });
   }
 
@@ -162,7 +176,12 @@ export class QedImage implements WritableDiskImage {
   }
 
   #geometry(): QedGeometry {
-    return { clusterSize: this.#cs, tableSize: this.#h.tableSize, headerSize: this.#h.headerSize, fileSize: this.#fileSize };
+    return {
+      clusterSize: this.#cs,
+      tableSize: this.#h.tableSize,
+      headerSize: this.#h.headerSize,
+      fileSize: this.#fileSize,
+    };
   }
 
   // ---------------------------------------------------------------- lookup
@@ -271,7 +290,16 @@ export class QedImage implements WritableDiskImage {
     if (length === 0) throw new InvalidArgumentError(`block status of an empty range at ${offset}`);
     const run = await this.#findRun(offset, length);
     if (run.kind === "data") {
-      return { offset, length: run.length, present: true, zero: false, data: true, depth: 0, hostOffset: run.host, file: this.backend.name };
+      return {
+        offset,
+        length: run.length,
+        present: true,
+        zero: false,
+        data: true,
+        depth: 0,
+        hostOffset: run.host,
+        file: this.backend.name,
+      };
     }
     if (run.kind === "zero") {
       return { offset, length: run.length, present: true, zero: true, data: false, depth: 0 };
@@ -285,7 +313,10 @@ export class QedImage implements WritableDiskImage {
     if (offset >= backing.virtualSize) {
       return { offset, length: run.length, present: false, zero: true, data: false, depth: 0 };
     }
-    const below = await backing.blockStatus(offset, Math.min(run.length, backing.virtualSize - offset));
+    const below = await backing.blockStatus(
+      offset,
+      Math.min(run.length, backing.virtualSize - offset),
+    );
     return { ...below, offset, depth: below.depth + 1 };
   }
 
@@ -307,7 +338,11 @@ export class QedImage implements WritableDiskImage {
     }
   }
 
-  async writeZeroes(offset: number, length: number, _options?: { mayUnmap?: boolean }): Promise<void> {
+  async writeZeroes(
+    offset: number,
+    length: number,
+    _options?: { mayUnmap?: boolean },
+  ): Promise<void> {
     this.#checkWritable();
     this.#checkRange(offset, length);
     if (length === 0) return;
@@ -349,7 +384,11 @@ export class QedImage implements WritableDiskImage {
    * Allocate for the run at `pos` (at most `maxLen` bytes), holding the lock of its L2 table.
    * `data` undefined means a zero write of whole clusters. Returns the bytes handled.
    */
-  async #allocatingWrite(pos: number, maxLen: number, data: Uint8Array | undefined): Promise<number> {
+  async #allocatingWrite(
+    pos: number,
+    maxLen: number,
+    data: Uint8Array | undefined,
+  ): Promise<number> {
     const cs = this.#cs;
     const l1i = Math.floor(pos / (cs * this.#entries));
     return await this.#withTableLock(l1i, async () => {
@@ -399,7 +438,8 @@ export class QedImage implements WritableDiskImage {
   async #updateL2(l1i: number, firstIndex: number, n: number, target: number): Promise<void> {
     const cs = this.#cs;
     const fill = (t: QedTable): void => {
-      for (let i = 0; i < n; i++) t.set(firstIndex + i, target === QED_CLUSTER_ZERO ? target : target + i * cs);
+      for (let i = 0; i < n; i++)
+        t.set(firstIndex + i, target === QED_CLUSTER_ZERO ? target : target + i * cs);
     };
     const l1v = this.#l1.get(l1i);
     if (l1v === 0) {
@@ -428,9 +468,17 @@ export class QedImage implements WritableDiskImage {
   }
 
   /** Write the 512-byte sectors holding entries [first, first+n) of a table (serialized, from a snapshot). */
-  async #writeTableSectors(tableOffset: number, bytes: Uint8Array, first: number, n: number): Promise<void> {
+  async #writeTableSectors(
+    tableOffset: number,
+    bytes: Uint8Array,
+    first: number,
+    n: number,
+  ): Promise<void> {
     const start = Math.floor((first * 8) / QED_SECTOR_SIZE) * QED_SECTOR_SIZE;
-    const end = Math.min(bytes.length, Math.ceil(((first + n) * 8) / QED_SECTOR_SIZE) * QED_SECTOR_SIZE);
+    const end = Math.min(
+      bytes.length,
+      Math.ceil(((first + n) * 8) / QED_SECTOR_SIZE) * QED_SECTOR_SIZE,
+    );
     await this.#serialMeta(() => this.backend.write(tableOffset + start, bytes.slice(start, end)));
   }
 
@@ -506,7 +554,8 @@ export class QedImage implements WritableDiskImage {
   #onTimer(): void {
     this.#timerArmed = false;
     this.#timerHandle = undefined;
-    if (this.#allocInFlight > 0 || this.#closed || this.#plug !== undefined || !this.needCheck) return;
+    if (this.#allocInFlight > 0 || this.#closed || this.#plug !== undefined || !this.needCheck)
+      return;
     const p = this.#clearNeedCheck().catch(() => {
       // Like QEMU: a failed clean leaves the bit set; the next open checks the image.
     });
@@ -604,6 +653,14 @@ export class QedImage implements WritableDiskImage {
     return { ...r, leaksFixed: 0, imageEndOffset: this.#fileSize, markedClean };
   }
 
+  /** @internal Replace the autoclear mask and make the header durable (open uses this). */
+  async _setAutoclear(mask: bigint): Promise<void> {
+    this.#checkWritable();
+    this.#h.autoclearFeatures = mask;
+    await this.#writeHeader();
+    await this.backend.flush();
+  }
+
   async close(): Promise<void> {
     if (this.#closed) return;
     this.#cancelTimer();
@@ -631,18 +688,26 @@ export class QedImage implements WritableDiskImage {
   // ---------------------------------------------------------------- guards
 
   #checkOpen(): void {
-    if (this.#closed) throw new IoError(`${this.backend.name}: QED image is closed`, { code: ErrorCode.CLOSED });
+    if (this.#closed)
+      throw new IoError(`${this.backend.name}: QED image is closed`, { code: ErrorCode.CLOSED });
   }
 
   #checkWritable(): void {
     this.#checkOpen();
     if (this.readOnly) {
-      throw new IoError(`${this.backend.name}: QED image is open read-only`, { code: ErrorCode.READ_ONLY });
+      throw new IoError(`${this.backend.name}: QED image is open read-only`, {
+        code: ErrorCode.READ_ONLY,
+      });
     }
   }
 
   #checkRange(offset: number, length: number): void {
-    if (!Number.isSafeInteger(offset) || !Number.isSafeInteger(length) || offset < 0 || length < 0) {
+    if (
+      !Number.isSafeInteger(offset) ||
+      !Number.isSafeInteger(length) ||
+      offset < 0 ||
+      length < 0
+    ) {
       throw new InvalidArgumentError(`invalid request: offset ${offset}, length ${length}`);
     }
     if (offset + length > this.#h.imageSize) {
@@ -673,10 +738,13 @@ export async function readQedMetadata(backend: BlockBackend): Promise<{
     try {
       backingFilename = new TextDecoder("utf-8", { fatal: true }).decode(raw);
     } catch (e) {
-      throw new FormatError(`QED backing file name at ${hex(header.backingFilenameOffset)} is not valid UTF-8`, {
-        offset: header.backingFilenameOffset,
-        cause: e,
-      });
+      throw new FormatError(
+        `QED backing file name at ${hex(header.backingFilenameOffset)} is not valid UTF-8`,
+        {
+          offset: header.backingFilenameOffset,
+          cause: e,
+        },
+      );
     }
   }
   const l1 = new Uint8Array(header.tableSize * header.clusterSize);
@@ -689,7 +757,10 @@ export async function readQedMetadata(backend: BlockBackend): Promise<{
  * bit is set, check and repair the image first (as QEMU does). The backing file, if any, is
  * opened through `options.openBacking`.
  */
-export async function openQed(backend: BlockBackend, options: QedOpenOptions = {}): Promise<QedImage> {
+export async function openQed(
+  backend: BlockBackend,
+  options: QedOpenOptions = {},
+): Promise<QedImage> {
   const readOnly = options.readOnly === true || backend.readOnly;
   const { header, fileSize, backingFilename, l1 } = await readQedMetadata(backend);
   const image = new QedImage(backend, header, l1, fileSize, backingFilename, readOnly, options);

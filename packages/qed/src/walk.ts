@@ -105,7 +105,12 @@ export async function walkQed(ctx: WalkContext, repair: boolean): Promise<WalkRe
       bytes = await ctx.readL2(value);
     } catch (e) {
       r.checkErrors++;
-      r.problems.push({ kind: "error", fixed: false, offset: value, message: `reading the L2 table at ${hex(value)} failed: ${(e as Error).message}` });
+      r.problems.push({
+        kind: "error",
+        fixed: false,
+        offset: value,
+        message: `reading the L2 table at ${hex(value)} failed: ${(e as Error).message}`,
+      });
       continue;
     }
     const l2 = new QedTable(bytes);
@@ -135,7 +140,12 @@ export async function walkQed(ctx: WalkContext, repair: boolean): Promise<WalkRe
         ctx.l2Fixed?.(value);
       } catch (e) {
         r.checkErrors++;
-        r.problems.push({ kind: "error", fixed: false, offset: value, message: `writing the repaired L2 table at ${hex(value)} failed: ${(e as Error).message}` });
+        r.problems.push({
+          kind: "error",
+          fixed: false,
+          offset: value,
+          message: `writing the repaired L2 table at ${hex(value)} failed: ${(e as Error).message}`,
+        });
       }
     }
   }
@@ -144,12 +154,17 @@ export async function walkQed(ctx: WalkContext, repair: boolean): Promise<WalkRe
       await ctx.backend.write(ctx.l1TableOffset, l1.bytes);
     } catch (e) {
       r.checkErrors++;
-      r.problems.push({ kind: "error", fixed: false, offset: ctx.l1TableOffset, message: `writing the repaired L1 table failed: ${(e as Error).message}` });
+      r.problems.push({
+        kind: "error",
+        fixed: false,
+        offset: ctx.l1TableOffset,
+        message: `writing the repaired L1 table failed: ${(e as Error).message}`,
+      });
     }
   }
   if (r.checkErrors === 0) {
     // Leaks: clusters past the header that nothing references, reported per run.
-    for (let c = g.headerSize; c < nclusters; ) {
+    for (let c = g.headerSize; c < nclusters;) {
       if (used[c] === 1) {
         c++;
         continue;

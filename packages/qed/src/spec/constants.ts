@@ -72,5 +72,10 @@ export function maxImageSize(clusterSize: number, tableSize: number): number {
 
 /** True when `size` is a multiple of 512 no larger than the tables can map. */
 export function isValidImageSize(size: number, clusterSize: number, tableSize: number): boolean {
-  return Number.isSafeInteger(size) && size >= 0 && size % QED_SECTOR_SIZE === 0 && size <= maxImageSize(clusterSize, tableSize);
+  return (
+    Number.isSafeInteger(size) &&
+    size >= 0 &&
+    size % QED_SECTOR_SIZE === 0 &&
+    size <= maxImageSize(clusterSize, tableSize)
+  );
 }

@@ -52,13 +52,23 @@ export const QED_HEADER_FIELDS = {
   /** u64, bytes: guest-visible size, a multiple of 512. */
   imageSize: { offset: 48, type: "u64", unit: "bytes", doc: "virtual disk size" },
   /** u32, bytes from the start of the file: where the backing file name is stored. */
-  backingFilenameOffset: { offset: 56, type: "u32", unit: "bytes", doc: "backing file name offset" },
+  backingFilenameOffset: {
+    offset: 56,
+    type: "u32",
+    unit: "bytes",
+    doc: "backing file name offset",
+  },
   /** u32, bytes: length of the backing file name (no terminator). */
   backingFilenameSize: { offset: 60, type: "u32", unit: "bytes", doc: "backing file name length" },
 } as const;
 
 /** The QED header codec. */
-export const QedHeaderStruct = defineStruct("QED header", "little", QED_HEADER_SIZE, QED_HEADER_FIELDS);
+export const QedHeaderStruct = defineStruct(
+  "QED header",
+  "little",
+  QED_HEADER_SIZE,
+  QED_HEADER_FIELDS,
+);
 
 /** A decoded QED header: plain readonly data, feature masks as bigint. */
 export type QedHeader = Decoded<typeof QED_HEADER_FIELDS>;
@@ -74,9 +84,12 @@ export function decodeQedHeader(bytes: Uint8Array, at = 0): QedHeader {
   const view = new DataView(bytes.buffer, bytes.byteOffset + at, 4);
   const magic = view.getUint32(0, true);
   if (magic !== QED_MAGIC) {
-    throw new FormatError(`not a QED image: QED header magic ${hex(magic)} is not ${hex(QED_MAGIC)} ("QED\\0")`, {
-      offset: 0,
-    });
+    throw new FormatError(
+      `not a QED image: QED header magic ${hex(magic)} is not ${hex(QED_MAGIC)} ("QED\\0")`,
+      {
+        offset: 0,
+      },
+    );
   }
   return QedHeaderStruct.decode(bytes, at, 0);
 }
@@ -122,9 +135,12 @@ export function validateQedHeader(h: QedHeader, fileSize: number): void {
     );
   }
   if (h.imageSize % QED_SECTOR_SIZE !== 0) {
-    throw new FormatError(`QED header image_size ${h.imageSize} is not a multiple of ${QED_SECTOR_SIZE}`, {
-      offset: QED_HEADER_FIELDS.imageSize.offset,
-    });
+    throw new FormatError(
+      `QED header image_size ${h.imageSize} is not a multiple of ${QED_SECTOR_SIZE}`,
+      {
+        offset: QED_HEADER_FIELDS.imageSize.offset,
+      },
+    );
   }
   const max = maxImageSize(h.clusterSize, h.tableSize);
   if (h.imageSize > max) {

@@ -83,7 +83,9 @@ export function isValidClusterOffset(offset: number, g: QedGeometry): boolean {
 export function isValidTableOffset(offset: number, g: QedGeometry): boolean {
   if (offset < 0) return false;
   const last = offset + (g.tableSize - 1) * g.clusterSize;
-  return Number.isSafeInteger(last) && isValidClusterOffset(offset, g) && isValidClusterOffset(last, g);
+  return (
+    Number.isSafeInteger(last) && isValidClusterOffset(offset, g) && isValidClusterOffset(last, g)
+  );
 }
 
 /** Classify an L2 entry value (as returned by {@link QedTable.get}). */

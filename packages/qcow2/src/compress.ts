@@ -118,3 +118,43 @@ export function decompressorFor(compressionType: number): Decompressor {
   if (compressionType === 1) return zstd;
   throw new CorruptImageError(`unknown compression type ${hex(compressionType)}`);
 }
+
+type DeflateRawSync = (buf: Uint8Array, opts: { level?: number; windowBits?: number }) => Uint8Array;
+let nodeDeflate: DeflateRawSync | null | undefined;
+
+async function loadNodeDeflate(): Promise<DeflateRawSync | null> {
+  if (nodeDeflate !== undefined) return nodeDeflate;
+  try {
+    const spec = "node:zlib";
+    const z = (await import(/* @vite-ignore */ spec)) as { deflateRawSync: DeflateRawSync };
+    nodeDeflate = z.deflateRawSync;
+  } catch {
+    nodeDeflate = null;
+  }
+  return nodeDeflate;
+}
+
+/**
+ * Compress one cluster as QEMU does: raw deflate with a 4 KiB window (zlib), so every reader
+ * can inflate it. Returns undefined when the result is not smaller than the input. zstd
+ * compression needs a compressor passed in the open options.
+ */
+export async function defaultCompress(data: Uint8Array, compressionType: number): Promise<Uint8Array | undefined> {
+  if (compressionType !== 0) {
+    throw new CorruptImageError(
+      "writing zstd-compressed clusters needs a zstd compressor (pass `compress` in the open options)",
+    );
+  }
+  const deflate = await loadNodeDeflate();
+  let out: Uint8Array;
+  if (deflate) {
+    out = deflate(data, { windowBits: 12 });
+  } else {
+    const cs = new CompressionStream("deflate-raw");
+    const w = cs.writable.getWriter();
+    void w.write(data);
+    void w.close();
+    out = new Uint8Array(await new Response(cs.readable).arrayBuffer());
+  }
+  return out.byteLength < data.byteLength ? out : undefined;
+}

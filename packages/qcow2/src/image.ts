@@ -1,5 +1,7 @@
 import {
   CorruptImageError,
+  ErrorCode,
+  IoError,
   FormatError,
   InvalidArgumentError,
   UnsupportedFeatureError,
@@ -8,6 +10,8 @@ import {
 } from "@qimg/structs";
 import type { BlockBackend, BlockStatus, DiskImage } from "@qimg/io";
 import { ClusterCache } from "@qimg/cluster-cache";
+import type { CachedTable } from "@qimg/cluster-cache";
+import { Refcounts, rebuildRefcounts } from "@qimg/refcount";
 import {
   AutoclearFeatures,
   CompatibleFeatures,
@@ -43,6 +47,10 @@ import {
 import type { CompressedLayout } from "./spec/l2.js";
 import { decompressorFor } from "./compress.js";
 import type { Decompressor } from "./compress.js";
+import { defaultCompress } from "./compress.js";
+import { encodeHeaderArea } from "./spec/header-area.js";
+import { walkReferences } from "./walk.js";
+import { encodeCompressed } from "./spec/l2.js";
 import type { BackingOpener, Qcow2Info } from "./types.js";
 
 export interface Qcow2OpenOptions {
@@ -62,6 +70,14 @@ export interface Qcow2OpenOptions {
   readonly depth?: number;
   /** Names of the images above this one (for cycle detection). */
   readonly chain?: readonly string[];
+  /** Override the image's lazy-refcounts bit for this open (like `-drive lazy_refcounts=on`). */
+  readonly lazyRefcounts?: boolean;
+  /** Write metadata through at once instead of batching it until flush. Default false. */
+  readonly writethrough?: boolean;
+  /** Refcount block cache size in bytes. Default 4 clusters' worth of blocks, at least 256 KiB. */
+  readonly refcountCacheBytes?: number;
+  /** Compresses a cluster for `writeCompressed`; default deflate (zlib) via node:zlib. */
+  readonly compress?: Compressor;
 }
 
 /** Kinds of guest ranges, as the qcow2 spec classifies (sub)clusters. */
@@ -86,6 +102,50 @@ interface Extent {
   compressedLength: number;
 }
 
+/** Compresses one cluster; returns undefined when compression does not pay. */
+export type Compressor = (data: Uint8Array, compressionType: number) => Promise<Uint8Array | undefined>;
+
+interface InFlight {
+  readonly first: number;
+  readonly last: number;
+  readonly done: Promise<void>;
+}
+
+/** Everything a read-write open needs on top of the read path. */
+interface WriteState {
+  readonly refcounts: Refcounts;
+  readonly refcountCache: ClusterCache;
+  readonly lazy: boolean;
+  readonly compress: Compressor;
+  /** Serialises metadata changes (L1, L2 entries, refcounts). */
+  readonly meta: Mutex;
+  /** Guest cluster ranges with a write in flight. */
+  readonly inflight: Set<InFlight>;
+  /** Host clusters of metadata (overlap checks): header, L1, refcount table and blocks, L2, snapshots. */
+  readonly metadata: Map<number, string>;
+  /** Dirty range of the in-memory L1 table, in entries [lo, hi). */
+  l1DirtyLo: number;
+  l1DirtyHi: number;
+  /** Refcount decrements postponed until the L2/L1 change that dropped the reference is on disk. */
+  pendingFrees: [offset: number, clusters: number][];
+  /** The dirty bit is set on disk (lazy refcounts). */
+  dirtyOnDisk: boolean;
+  /** Set once an overlap was caught: the image is read-only from then on. */
+  corrupted: boolean;
+  /** Host cluster being filled with compressed data, and the next free byte in it. */
+  compressedCluster: number;
+  compressedNext: number;
+}
+
+class Mutex {
+  private tail: Promise<unknown> = Promise.resolve();
+  run<T>(fn: () => Promise<T>): Promise<T> {
+    const r = this.tail.then(fn, fn);
+    this.tail = r.catch(() => undefined);
+    return r;
+  }
+}
+
 const TWO_32 = 0x1_0000_0000;
 const MAX_SNAPSHOT_TABLE_BYTES = 64 * 1024 * 1024;
 
@@ -95,9 +155,11 @@ const MAX_SNAPSHOT_TABLE_BYTES = 64 * 1024 * 1024;
  */
 export class Qcow2Image implements DiskImage {
   readonly format = "qcow2";
-  readonly readOnly = true;
+  readOnly = true;
   readonly virtualSize: number;
-  readonly header: Qcow2Header;
+  private hdr: Qcow2Header;
+  /** Location of the bitmap directory, when the bitmaps extension is valid. */
+  readonly bitmapDirectory: { readonly offset: number; readonly length: number } | undefined;
   readonly clusterSize: number;
   readonly clusterBits: number;
   readonly extensions: readonly HeaderExtension[];
@@ -120,6 +182,8 @@ export class Qcow2Image implements DiskImage {
   private dataBackend: BlockBackend;
   private fileSize: number;
   private closed = false;
+  /** Write-side state; undefined for read-only opens. */
+  private w: WriteState | undefined;
   private readonly scratch: Extent = {
     kind: Kind.Unallocated,
     length: 0,
@@ -143,10 +207,12 @@ export class Qcow2Image implements DiskImage {
       backingFormat: string | undefined;
       dataFileName: string | undefined;
       l2CacheBytes: number | undefined;
+      bitmapDirectory: { offset: number; length: number } | undefined;
     },
   ) {
     const h = init.header;
-    this.header = h;
+    this.hdr = h;
+    this.bitmapDirectory = init.bitmapDirectory;
     this.virtualSize = h.size;
     this.clusterBits = h.clusterBits;
     this.clusterSize = 2 ** h.clusterBits;
@@ -216,15 +282,12 @@ export class Qcow2Image implements DiskImage {
       );
     }
     const incompat = IncompatibleFeatures.decode(header.incompatibleFeatures);
-    if (options.readOnly === false) {
-      if (incompat.has("corrupt")) {
-        throw new CorruptImageError("image is corrupt; cannot be opened read/write", {
-          offset: 72,
-        });
-      }
-      throw new InvalidArgumentError(
-        "this qcow2 driver opens images read-only; read-write opens are not supported yet",
-      );
+    const writable = options.readOnly === false;
+    if (writable && incompat.has("corrupt")) {
+      throw new CorruptImageError("image is corrupt; cannot be opened read/write", { offset: 72 });
+    }
+    if (writable && backend.readOnly) {
+      throw new InvalidArgumentError(`cannot open ${backend.name} read/write: the file is read-only`);
     }
     // Backing file name and format.
     let backingFilename: string | undefined;
@@ -292,6 +355,7 @@ export class Qcow2Image implements DiskImage {
     }
     // Persistent bitmaps (only meaningful while the autoclear bit says the extension is valid).
     let bitmaps: BitmapEntry[] = [];
+    let bitmapDirectory: { offset: number; length: number } | undefined;
     const autoclear = AutoclearFeatures.decode(header.autoclearFeatures);
     const bmExt = extensions.find((e) => e.type === ExtensionType.bitmaps);
     if (bmExt && autoclear.has("bitmaps")) {
@@ -315,6 +379,7 @@ export class Qcow2Image implements DiskImage {
       const dir = new Uint8Array(ext.directorySize);
       await backend.read(ext.directoryOffset, dir);
       bitmaps = decodeBitmapDirectory(dir, ext.nbBitmaps, ext.directoryOffset);
+      bitmapDirectory = { offset: ext.directoryOffset, length: ext.directorySize };
     }
     const image = new Qcow2Image(backend, {
       header,
@@ -328,6 +393,7 @@ export class Qcow2Image implements DiskImage {
       backingFormat,
       dataFileName,
       l2CacheBytes: options.l2CacheBytes,
+      bitmapDirectory,
     });
     if (!options.noBacking) {
       try {
@@ -360,12 +426,25 @@ export class Qcow2Image implements DiskImage {
         throw e;
       }
     }
+    if (writable) {
+      try {
+        await image.initWrite(options);
+      } catch (e) {
+        await image.closeSide();
+        throw e;
+      }
+    }
     return image;
+  }
+
+  /** The current header (it changes on read-write opens: dirty bit, moved tables). */
+  get header(): Qcow2Header {
+    return this.hdr;
   }
 
   /** The facts `qemu-img info` shows. */
   info(): Qcow2Info {
-    const h = this.header;
+    const h = this.hdr;
     const incompat = IncompatibleFeatures.decode(h.incompatibleFeatures);
     const compat = CompatibleFeatures.decode(h.compatibleFeatures);
     const autoclear = AutoclearFeatures.decode(h.autoclearFeatures);
@@ -433,6 +512,10 @@ export class Qcow2Image implements DiskImage {
   async read(offset: number, buf: Uint8Array): Promise<void> {
     this.checkOpen();
     checkRequest(offset, buf.length, this.virtualSize);
+    await this.readInternal(offset, buf);
+  }
+
+  private async readInternal(offset: number, buf: Uint8Array): Promise<void> {
     let done = 0;
     while (done < buf.length) {
       const pos = offset + done;
@@ -522,11 +605,19 @@ export class Qcow2Image implements DiskImage {
     }
   }
 
+  /**
+   * Close the image. A read-write image is closed cleanly: every cache is flushed, pending
+   * refcount decrements are applied, and the dirty bit is cleared.
+   */
   async close(): Promise<void> {
     if (this.closed) return;
-    this.closed = true;
-    await this.closeSide();
-    await this.backend.close();
+    try {
+      if (this.w && !this.w.corrupted) await this.closeClean();
+    } finally {
+      this.closed = true;
+      await this.closeSide();
+      await this.backend.close();
+    }
   }
 
   private async closeSide(): Promise<void> {
@@ -595,13 +686,13 @@ export class Qcow2Image implements DiskImage {
     if (l2Offset % cs !== 0) {
       throw new CorruptImageError(
         `L2 table offset ${hex(l2Offset)} in L1 entry ${l1Index} is not aligned to the cluster size ${cs}`,
-        { offset: this.header.l1TableOffset + l1Index * 8 },
+        { offset: this.hdr.l1TableOffset + l1Index * 8 },
       );
     }
     if (l2Offset + cs > this.fileSize) {
       throw new CorruptImageError(
         `L2 table at ${hex(l2Offset)} (L1 entry ${l1Index}) is past the end of the file (${this.fileSize} bytes)`,
-        { offset: this.header.l1TableOffset + l1Index * 8 },
+        { offset: this.hdr.l1TableOffset + l1Index * 8 },
       );
     }
     let table = this.l2Cache.peek(l2Offset);
@@ -720,6 +811,836 @@ export class Qcow2Image implements DiskImage {
       host,
       compressedLength,
     );
+  }
+
+  // ------------------------------------------------------------------ write path
+
+  /** Set up the write side: refcounts, caches, repair of a dirty image, autoclear bits. */
+  private async initWrite(options: Qcow2OpenOptions): Promise<void> {
+    const cs = this.clusterSize;
+    const compat = CompatibleFeatures.decode(this.hdr.compatibleFeatures);
+    const lazy = options.lazyRefcounts ?? compat.has("lazyRefcounts");
+    if (lazy && this.hdr.version === 2) {
+      throw new InvalidArgumentError(
+        "Lazy refcounts require a qcow2 image with at least qemu 1.1 compatibility level",
+      );
+    }
+    this.readOnly = false;
+    // Autoclear features we do not maintain are cleared before anything is written: unknown
+    // ones, and persistent bitmaps (our writes do not update them, so they become invalid).
+    const keep = AutoclearFeatures.maskOf("rawExternalData");
+    if ((this.hdr.autoclearFeatures & ~keep) !== 0n) {
+      await this.rewriteHeader({ autoclearFeatures: this.hdr.autoclearFeatures & keep });
+    }
+    // A dirty image (lazy refcounts, not closed cleanly) has stale refcounts: rebuild them
+    // from the references, as QEMU does when it opens such an image read-write.
+    if (IncompatibleFeatures.decode(this.hdr.incompatibleFeatures).has("dirty")) {
+      await this.rebuildRefcountStructures();
+      await this.rewriteHeader({
+        incompatibleFeatures:
+          this.hdr.incompatibleFeatures & ~IncompatibleFeatures.maskOf("dirty"),
+      });
+    }
+    const refcountCache = new ClusterCache({
+      backend: this.backend,
+      tableSize: cs,
+      capacity: Math.max(
+        4,
+        Math.floor((options.refcountCacheBytes ?? Math.max(256 * 1024, 4 * cs)) / cs),
+      ),
+      name: "refcount",
+      writethrough: options.writethrough ?? false,
+    });
+    const refcounts = await Refcounts.open({
+      backend: this.backend,
+      cache: refcountCache,
+      clusterBits: this.clusterBits,
+      refcountOrder: this.hdr.refcountOrder,
+      tableOffset: this.hdr.refcountTableOffset,
+      tableClusters: this.hdr.refcountTableClusters,
+      onTableMoved: async (tableOffset, tableClusters) => {
+        await this.rewriteHeader({
+          refcountTableOffset: tableOffset,
+          refcountTableClusters: tableClusters,
+        });
+        if (this.w) this.buildMetadataMap();
+      },
+    });
+    // Refcount blocks reach the disk before the L2 entries that use them (unless lazy).
+    if (!lazy) this.l2Cache.dependOn(refcountCache);
+    this.l2Cache.writethrough = options.writethrough ?? false;
+    this.w = {
+      refcounts,
+      refcountCache,
+      lazy,
+      compress: options.compress ?? defaultCompress,
+      meta: new Mutex(),
+      inflight: new Set(),
+      metadata: new Map(),
+      l1DirtyLo: Number.MAX_SAFE_INTEGER,
+      l1DirtyHi: 0,
+      pendingFrees: [],
+      dirtyOnDisk: false,
+      corrupted: false,
+      compressedCluster: -1,
+      compressedNext: 0,
+    };
+    this.buildMetadataMap();
+  }
+
+  /** Rewrite the whole header area (header, extensions, backing name) in one write, then sync. */
+  private async rewriteHeader(changes: Partial<Qcow2Header>): Promise<void> {
+    const next: Qcow2Header = { ...this.hdr, ...changes };
+    const area = encodeHeaderArea(
+      next,
+      this.extensions.map((e) => ({ type: e.type, data: e.data })),
+      this.backingFilename,
+    );
+    await this.backend.write(0, area.bytes);
+    await this.backend.flush();
+    this.hdr = area.header;
+  }
+
+  /** Count every reference and write fresh refcount structures (the repair of a dirty image). */
+  private async rebuildRefcountStructures(): Promise<void> {
+    const cs = this.clusterSize;
+    const fileSize = await this.backend.size();
+    const hostClusters = Math.ceil(fileSize / cs);
+    const counts = new Float64Array(hostClusters);
+    const max = this.hdr.refcountOrder === 6 ? Number.MAX_SAFE_INTEGER : 2 ** 2 ** this.hdr.refcountOrder - 1;
+    await walkReferences(
+      {
+        backend: this.backend,
+        header: this.hdr,
+        snapshots: this.snapshots,
+        bitmaps: this.bitmaps,
+        bitmapDirectory: this.bitmapDirectory,
+      },
+      {
+        reference: (r) => {
+          if (r.kind === "refcount-table" || r.kind === "refcount-block") return;
+          const first = Math.floor(r.offset / cs);
+          const last = Math.floor((r.offset + Math.max(1, r.length) - 1) / cs);
+          for (let c = first; c <= last && c < hostClusters; c++) {
+            const v = (counts[c] ?? 0) + 1;
+            if (v > max) {
+              throw new CorruptImageError(
+                `cluster ${hex(c * cs)} has ${v} references, more than ${this.hdr.refcountOrder}-order refcounts hold`,
+              );
+            }
+            counts[c] = v;
+          }
+        },
+      },
+    );
+    await rebuildRefcounts({
+      backend: this.backend,
+      clusterBits: this.clusterBits,
+      refcountOrder: this.hdr.refcountOrder,
+      counts,
+      onTableMoved: async (tableOffset, tableClusters) => {
+        await this.rewriteHeader({
+          refcountTableOffset: tableOffset,
+          refcountTableClusters: tableClusters,
+        });
+      },
+    });
+    this.fileSize = await this.backend.size();
+  }
+
+  /** Host clusters holding metadata, for the overlap checks before writes. */
+  private buildMetadataMap(): void {
+    const w = this.w;
+    if (!w) return;
+    const cs = this.clusterSize;
+    const m = w.metadata;
+    m.clear();
+    const add = (offset: number, bytes: number, what: string): void => {
+      const first = Math.floor(offset / cs);
+      const last = Math.floor((offset + Math.max(1, bytes) - 1) / cs);
+      for (let c = first; c <= last; c++) if (!m.has(c)) m.set(c, what);
+    };
+    add(0, cs, "the qcow2 header");
+    add(this.hdr.l1TableOffset, this.hdr.l1Size * 8, "the active L1 table");
+    add(this.hdr.refcountTableOffset, this.hdr.refcountTableClusters * cs, "the refcount table");
+    for (let i = 0; i < w.refcounts.tableEntries; i++) {
+      const b = w.refcounts.blockOffset(i);
+      if (b !== 0) add(b, cs, "a refcount block");
+    }
+    if (this.hdr.nbSnapshots > 0) {
+      const last = this.snapshots[this.snapshots.length - 1];
+      if (last) add(this.hdr.snapshotsOffset, last.offset + 40 - this.hdr.snapshotsOffset, "the snapshot table");
+      for (const snap of this.snapshots) add(snap.l1TableOffset, snap.l1Size * 8, "a snapshot's L1 table");
+    }
+    for (let i = 0; i < this.l1.length; i++) {
+      const off = this.l1.getMasked(i, L1_OFFSET_MASK);
+      if (off !== 0 && off % cs === 0) add(off, cs, "an active L2 table");
+    }
+  }
+
+  /** Refresh the refcount blocks in the metadata map after allocations may have added some. */
+  private refreshRefcountBlocks(upTo: number): void {
+    const w = this.w!;
+    const cs = this.clusterSize;
+    const last = Math.min(w.refcounts.tableEntries, Math.ceil((upTo / cs + 1) / w.refcounts.entriesPerBlock) + 1);
+    for (let i = 0; i < last; i++) {
+      const b = w.refcounts.blockOffset(i);
+      if (b !== 0 && !w.metadata.has(b / cs)) w.metadata.set(b / cs, "a refcount block");
+    }
+  }
+
+  /** Refuse (and mark the image corrupt) when [offset, +length) overlaps metadata. */
+  private async checkOverlap(offset: number, length: number, allow?: string): Promise<void> {
+    const w = this.w!;
+    const cs = this.clusterSize;
+    const first = Math.floor(offset / cs);
+    const last = Math.floor((offset + length - 1) / cs);
+    for (let c = first; c <= last; c++) {
+      const what = w.metadata.get(c);
+      if (what !== undefined && what !== allow) await this.markCorrupt(what, c * cs);
+    }
+  }
+
+  private async markCorrupt(what: string, offset: number): Promise<never> {
+    const w = this.w!;
+    w.corrupted = true;
+    this.readOnly = true;
+    if (this.hdr.version === 3) {
+      try {
+        await this.rewriteHeader({
+          incompatibleFeatures: this.hdr.incompatibleFeatures | IncompatibleFeatures.maskOf("corrupt"),
+        });
+      } catch {
+        // The image is already refusing writes; the error below is what matters.
+      }
+    }
+    throw new CorruptImageError(
+      `Preventing invalid write on metadata (overlaps with ${what}) at ${hex(offset)}; image marked as corrupt`,
+      { offset },
+    );
+  }
+
+  private checkWritable(): WriteState {
+    this.checkOpen();
+    const w = this.w;
+    if (!w || this.readOnly) {
+      throw new IoError(
+        w?.corrupted
+          ? `${this.backend.name}: the image was marked corrupt and is read-only`
+          : `${this.backend.name} is opened read-only`,
+        { code: ErrorCode.READ_ONLY },
+      );
+    }
+    return w;
+  }
+
+  /**
+   * Claim guest clusters [first, last]: the claim is registered synchronously (call this before
+   * any await), then waits for every earlier request that overlaps. So overlapping requests
+   * take effect in the order they were issued, and unrelated ones run in parallel.
+   */
+  private lockClusters(first: number, last: number): Promise<() => void> {
+    const w = this.w!;
+    const earlier: Promise<void>[] = [];
+    for (const r of w.inflight) if (r.first <= last && first <= r.last) earlier.push(r.done);
+    let resolve!: () => void;
+    const rec: InFlight = { first, last, done: new Promise<void>((r) => (resolve = r)) };
+    w.inflight.add(rec);
+    const release = (): void => {
+      w.inflight.delete(rec);
+      resolve();
+    };
+    return Promise.all(earlier).then(() => release);
+  }
+
+  /** With lazy refcounts the dirty bit must be on disk before any allocating write. */
+  private async markDirtyOnDisk(): Promise<void> {
+    const w = this.w!;
+    if (!w.lazy || w.dirtyOnDisk || this.hdr.version === 2) return;
+    await w.meta.run(async () => {
+      if (w.dirtyOnDisk) return;
+      await this.rewriteHeader({
+        incompatibleFeatures: this.hdr.incompatibleFeatures | IncompatibleFeatures.maskOf("dirty"),
+      });
+      w.dirtyOnDisk = true;
+    });
+  }
+
+  /** Read guest bytes for copy-on-write; bytes past the virtual size read as zeros. */
+  private async readGuest(offset: number, buf: Uint8Array): Promise<void> {
+    const n = Math.max(0, Math.min(buf.length, this.virtualSize - offset));
+    if (n > 0) await this.readInternal(offset, buf.subarray(0, n));
+    if (n < buf.length) buf.fill(0, n);
+  }
+
+  private setL1(index: number, l2Offset: number): void {
+    const w = this.w!;
+    this.l1.set(index, l2Offset);
+    this.l1.setFlag(index, OFLAG_COPIED, true);
+    w.l1DirtyLo = Math.min(w.l1DirtyLo, index);
+    w.l1DirtyHi = Math.max(w.l1DirtyHi, index + 1);
+  }
+
+  /** Under the metadata lock: the L2 table for `l1Index`, allocated or copied when needed; pinned. */
+  private async l2ForWrite(l1Index: number): Promise<CachedTable> {
+    const w = this.w!;
+    const cs = this.clusterSize;
+    if (l1Index >= this.l1.length) {
+      throw new CorruptImageError(`guest offset needs L1 entry ${l1Index}, but the L1 table has ${this.l1.length}`);
+    }
+    const off = this.l1.getMasked(l1Index, L1_OFFSET_MASK);
+    const copied = this.l1.test(l1Index, OFLAG_COPIED);
+    if (off !== 0 && copied) {
+      if (off % cs !== 0 || off + cs > this.fileSize) {
+        throw new CorruptImageError(
+          `L2 table offset ${hex(off)} in L1 entry ${l1Index} is not a cluster inside the file`,
+          { offset: this.hdr.l1TableOffset + l1Index * 8 },
+        );
+      }
+      await this.checkOverlap(off, cs, "an active L2 table");
+      return this.l2Cache.get(off);
+    }
+    // New table, or a copy of a table shared with a snapshot.
+    const newOff = await w.refcounts.allocate(1);
+    this.refreshRefcountBlocks(newOff);
+    await this.checkOverlap(newOff, cs);
+    const table = await this.l2Cache.getEmpty(newOff);
+    if (off !== 0) {
+      const old = await this.l2Cache.get(off);
+      table.bytes.set(old.bytes);
+      this.l2Cache.release(old);
+      w.pendingFrees.push([off, 1]);
+    }
+    this.fileSize = Math.max(this.fileSize, newOff + cs);
+    await this.l2Cache.markDirty(table);
+    w.metadata.set(newOff / cs, "an active L2 table");
+    this.setL1(l1Index, newOff);
+    return table;
+  }
+
+  /** Queue the reference held by L2 entry word `i` for freeing once the change is durable. */
+  private queueFree(l2: U64TableView, i: number): void {
+    const w = this.w!;
+    const hi = l2.hi(i);
+    const lo = l2.lo(i);
+    if ((hi & OFLAG_COMPRESSED.hi) !== 0) {
+      const d = decodeCompressed(hi, lo, this.layout);
+      const cs = this.clusterSize;
+      const first = Math.floor(d.hostOffset / cs);
+      const last = Math.floor((d.hostOffset + d.length - 1) / cs);
+      w.pendingFrees.push([first * cs, last - first + 1]);
+      return;
+    }
+    if (this.hasDataFile) return; // data clusters are not refcounted
+    const off = ((hi & L2_OFFSET_MASK.hi) >>> 0) * TWO_32 + ((lo & L2_OFFSET_MASK.lo) >>> 0);
+    if (off !== 0) w.pendingFrees.push([off, 1]);
+  }
+
+  /** Write guest bytes. Allocates (copying on write) where the clusters are not writable in place. */
+  async write(offset: number, data: Uint8Array): Promise<void> {
+    this.checkWritable();
+    checkRequest(offset, data.length, this.virtualSize);
+    if (data.length === 0) return;
+    const cs = this.clusterSize;
+    const release = await this.lockClusters(
+      Math.floor(offset / cs),
+      Math.floor((offset + data.length - 1) / cs),
+    );
+    try {
+      await this.writeLocked(offset, data);
+    } finally {
+      release();
+    }
+  }
+
+  /** Write while holding the cluster claim for the range. */
+  private async writeLocked(offset: number, data: Uint8Array): Promise<void> {
+    const cs = this.clusterSize;
+    const span = this.l2Entries * cs;
+    const end = offset + data.length;
+    let pos = offset;
+    while (pos < end) {
+      const chunkEnd = Math.min(end, (Math.floor(pos / span) + 1) * span);
+      await this.writeChunk(pos, data.subarray(pos - offset, chunkEnd - offset));
+      pos = chunkEnd;
+    }
+  }
+
+  /** True when standard L2 entry word `i` can take a write in place. */
+  private inPlace(l2: U64TableView, i: number): boolean {
+    const hi = l2.hi(i);
+    const lo = l2.lo(i);
+    if ((hi & OFLAG_COMPRESSED.hi) !== 0 || (lo & OFLAG_ZERO.lo) !== 0) return false;
+    if ((hi & OFLAG_COPIED.hi) === 0) return false;
+    return this.hasDataFile || ((hi & L2_OFFSET_MASK.hi) | (lo & L2_OFFSET_MASK.lo)) !== 0;
+  }
+
+  private hostOf(l2: U64TableView, i: number): number {
+    return l2.getMasked(i, L2_OFFSET_MASK);
+  }
+
+  /** Write [pos, pos + src.length), which lies inside one L2 table's range. */
+  private async writeChunk(pos: number, src: Uint8Array): Promise<void> {
+    const w = this.w!;
+    const cs = this.clusterSize;
+    const end = pos + src.length;
+    const g0 = Math.floor(pos / cs);
+    const g1 = Math.floor((end - 1) / cs);
+    const l1Index = Math.floor(g0 / this.l2Entries);
+    const base = l1Index * this.l2Entries;
+    if (w.lazy) await this.markDirtyOnDisk();
+    const table = await w.meta.run(() => this.l2ForWrite(l1Index));
+    try {
+      const l2 = new U64TableView(table.bytes, "big");
+      if (this.extendedL2) {
+        for (let g = g0; g <= g1; g++) {
+          const cStart = Math.max(pos, g * cs);
+          const cEnd = Math.min(end, (g + 1) * cs);
+          await this.writeClusterExtended(table, l2, g - base, g, cStart, src.subarray(cStart - pos, cEnd - pos));
+        }
+        return;
+      }
+      let g = g0;
+      while (g <= g1) {
+        const i = g - base;
+        if (this.inPlace(l2, i)) {
+          const h = this.hostOf(l2, i);
+          let gEnd = g + 1;
+          while (gEnd <= g1 && this.inPlace(l2, gEnd - base) && this.hostOf(l2, gEnd - base) === h + (gEnd - g) * cs) {
+            gEnd++;
+          }
+          const runStart = Math.max(pos, g * cs);
+          const runEnd = Math.min(end, gEnd * cs);
+          const hostStart = h + (runStart - g * cs);
+          if (!this.hasDataFile) await this.checkOverlap(hostStart, runEnd - runStart);
+          await this.dataBackend.write(hostStart, src.subarray(runStart - pos, runEnd - pos));
+          g = gEnd;
+        } else {
+          let gEnd = g + 1;
+          while (gEnd <= g1 && !this.inPlace(l2, gEnd - base)) gEnd++;
+          await this.allocatingWrite(table, l2, base, g, gEnd, pos, src);
+          g = gEnd;
+        }
+      }
+    } finally {
+      this.l2Cache.release(table);
+    }
+  }
+
+  /**
+   * Allocate fresh clusters for guest clusters [g0, g1), fill them with the new data plus the
+   * old contents around it (copy on write), then point the L2 entries at them.
+   */
+  private async allocatingWrite(
+    table: CachedTable,
+    l2: U64TableView,
+    base: number,
+    g0: number,
+    g1: number,
+    pos: number,
+    src: Uint8Array,
+  ): Promise<void> {
+    const w = this.w!;
+    const cs = this.clusterSize;
+    const n = g1 - g0;
+    const end = pos + src.length;
+    let host: number;
+    if (this.hasDataFile) {
+      host = g0 * cs; // clusters in an external data file sit at their guest offset
+    } else {
+      host = await w.meta.run(async () => {
+        const h = await w.refcounts.allocate(n);
+        this.refreshRefcountBlocks(h + n * cs);
+        return h;
+      });
+      await this.checkOverlap(host, n * cs);
+    }
+    const runStart = g0 * cs;
+    const runEnd = g1 * cs;
+    const dataStart = Math.max(pos, runStart);
+    const dataEnd = Math.min(end, runEnd);
+    const body = src.subarray(dataStart - pos, dataEnd - pos);
+    const headLen = dataStart - runStart;
+    const tailLen = runEnd - dataEnd;
+    if (headLen === 0 && tailLen === 0) {
+      await this.dataBackend.write(host, body);
+    } else if (n * cs <= 4 * 1024 * 1024) {
+      const buf = new Uint8Array(n * cs);
+      if (headLen > 0) await this.readGuest(runStart, buf.subarray(0, headLen));
+      buf.set(body, headLen);
+      if (tailLen > 0) await this.readGuest(dataEnd, buf.subarray(n * cs - tailLen));
+      await this.dataBackend.write(host, buf);
+    } else {
+      if (headLen > 0) {
+        const head = new Uint8Array(headLen);
+        await this.readGuest(runStart, head);
+        await this.dataBackend.write(host, head);
+      }
+      await this.dataBackend.write(host + headLen, body);
+      if (tailLen > 0) {
+        const tail = new Uint8Array(tailLen);
+        await this.readGuest(dataEnd, tail);
+        await this.dataBackend.write(host + n * cs - tailLen, tail);
+      }
+    }
+    this.fileSize = Math.max(this.fileSize, this.hasDataFile ? this.fileSize : host + n * cs);
+    await w.meta.run(async () => {
+      for (let k = 0; k < n; k++) {
+        const i = g0 + k - base;
+        this.queueFree(l2, i);
+        const h = host + k * cs;
+        l2.setWords(i, (Math.floor(h / TWO_32) | OFLAG_COPIED.hi) >>> 0, h >>> 0);
+      }
+      await this.l2Cache.markDirty(table);
+    });
+  }
+
+  /** Extended L2: write inside one cluster at subcluster granularity. */
+  private async writeClusterExtended(
+    table: CachedTable,
+    l2: U64TableView,
+    index: number,
+    g: number,
+    start: number,
+    src: Uint8Array,
+  ): Promise<void> {
+    const w = this.w!;
+    const cs = this.clusterSize;
+    const scs = this.subclusterSize;
+    const i = index * 2;
+    const hi = l2.hi(i);
+    const within = start - g * cs;
+    const sc0 = Math.floor(within / scs);
+    const sc1 = Math.floor((within + src.length - 1) / scs);
+    const touched = (sc1 === 31 ? 0xffff_ffff : ((1 << (sc1 + 1)) >>> 0) - 1) & ~(((1 << sc0) >>> 0) - 1);
+    const off = this.hostOf(l2, i);
+    const reusable =
+      (hi & OFLAG_COMPRESSED.hi) === 0 && (hi & OFLAG_COPIED.hi) !== 0 && (off !== 0 || this.hasDataFile);
+    if (reusable) {
+      const alloc = l2.lo(i + 1);
+      if ((alloc & touched) >>> 0 === touched >>> 0) {
+        await this.checkOverlap(off + within, src.length);
+        await this.dataBackend.write(off + within, src);
+        return;
+      }
+      // Fill the touched subclusters: old contents around the new data, then mark them allocated.
+      const regionStart = sc0 * scs;
+      const buf = new Uint8Array((sc1 + 1) * scs - regionStart);
+      await this.readGuest(g * cs + regionStart, buf);
+      buf.set(src, within - regionStart);
+      await this.checkOverlap(off + regionStart, buf.length);
+      await this.dataBackend.write(off + regionStart, buf);
+      await w.meta.run(async () => {
+        l2.setWords(i + 1, (l2.hi(i + 1) & ~touched) >>> 0, (l2.lo(i + 1) | touched) >>> 0);
+        await this.l2Cache.markDirty(table);
+      });
+      return;
+    }
+    // A new cluster: copy the whole cluster's current contents and allocate every subcluster.
+    let host: number;
+    if (this.hasDataFile) {
+      host = g * cs;
+    } else {
+      host = await w.meta.run(async () => {
+        const h = await w.refcounts.allocate(1);
+        this.refreshRefcountBlocks(h + cs);
+        return h;
+      });
+      await this.checkOverlap(host, cs);
+    }
+    const buf = new Uint8Array(cs);
+    await this.readGuest(g * cs, buf);
+    buf.set(src, within);
+    await this.dataBackend.write(host, buf);
+    if (!this.hasDataFile) this.fileSize = Math.max(this.fileSize, host + cs);
+    await w.meta.run(async () => {
+      this.queueFree(l2, i);
+      l2.setWords(i, (Math.floor(host / TWO_32) | OFLAG_COPIED.hi) >>> 0, host >>> 0);
+      l2.setWords(i + 1, 0, 0xffff_ffff);
+      await this.l2Cache.markDirty(table);
+    });
+  }
+
+  /**
+   * Make [offset, +length) read as zeros. Whole clusters (subclusters with extended L2) get
+   * the zero flag on version 3 images (released when `mayUnmap`); partial ones are written
+   * with zero bytes.
+   */
+  async writeZeroes(offset: number, length: number, options: { mayUnmap?: boolean } = {}): Promise<void> {
+    this.checkWritable();
+    checkRequest(offset, length, this.virtualSize);
+    if (length === 0) return;
+    const cs = this.clusterSize;
+    const release = await this.lockClusters(Math.floor(offset / cs), Math.floor((offset + length - 1) / cs));
+    try {
+      const gran = this.hdr.version === 2 ? cs : this.subclusterSize;
+      const end = offset + length;
+      const alignedStart = Math.ceil(offset / gran) * gran;
+      const alignedEnd = end === this.virtualSize ? end : Math.floor(end / gran) * gran;
+      if (alignedStart >= alignedEnd) {
+        await this.writeLocked(offset, new Uint8Array(length));
+        return;
+      }
+      if (alignedStart > offset) await this.writeLocked(offset, new Uint8Array(alignedStart - offset));
+      await this.zeroAligned(alignedStart, alignedEnd, "zero", options.mayUnmap ?? false);
+      if (alignedEnd < end) await this.writeLocked(alignedEnd, new Uint8Array(end - alignedEnd));
+    } finally {
+      release();
+    }
+  }
+
+  /**
+   * Discard [offset, +length): whole clusters only (as QEMU). The clusters are released; they
+   * read as zeros afterwards (unallocated without a backing file on version 2).
+   */
+  async discard(offset: number, length: number): Promise<void> {
+    this.checkWritable();
+    checkRequest(offset, length, this.virtualSize);
+    const cs = this.clusterSize;
+    const end = offset + length;
+    const alignedStart = Math.ceil(offset / cs) * cs;
+    const alignedEnd = end === this.virtualSize ? end : Math.floor(end / cs) * cs;
+    if (alignedStart >= alignedEnd) return;
+    const release = await this.lockClusters(alignedStart / cs, Math.floor((alignedEnd - 1) / cs));
+    try {
+      await this.zeroAligned(alignedStart, alignedEnd, "discard", true);
+    } finally {
+      release();
+    }
+  }
+
+  private async zeroAligned(start: number, end: number, mode: "zero" | "discard", mayUnmap: boolean): Promise<void> {
+    const w = this.w!;
+    const cs = this.clusterSize;
+    {
+      if (w.lazy) await this.markDirtyOnDisk();
+      const span = this.l2Entries * cs;
+      let pos = start;
+      while (pos < end) {
+        const chunkEnd = Math.min(end, (Math.floor(pos / span) + 1) * span);
+        const l1Index = Math.floor(pos / span);
+        const base = l1Index * this.l2Entries;
+        // Nothing to do for a discard where no L2 table exists and nothing shows through.
+        if (this.l1.getMasked(l1Index, L1_OFFSET_MASK) === 0 && (mode === "discard" || this.hdr.version === 2) && !this.backing) {
+          pos = chunkEnd;
+          continue;
+        }
+        const v2Writes: [number, number][] = [];
+        await w.meta.run(async () => {
+          const table = await this.l2ForWrite(l1Index);
+          try {
+            const l2 = new U64TableView(table.bytes, "big");
+            for (let p = pos; p < chunkEnd; ) {
+              const g = Math.floor(p / cs);
+              const i = g - base;
+              const cEnd = Math.min(chunkEnd, (g + 1) * cs);
+              if (this.extendedL2) {
+                this.zeroExtended(l2, i, p - g * cs, cEnd - g * cs, mode, mayUnmap);
+              } else {
+                this.zeroStandard(l2, i, g, mode, mayUnmap, v2Writes);
+              }
+              p = cEnd;
+            }
+            await this.l2Cache.markDirty(table);
+          } finally {
+            this.l2Cache.release(table);
+          }
+        });
+        for (const [o, n] of v2Writes) {
+          await this.writeChunk(o, new Uint8Array(n));
+        }
+        pos = chunkEnd;
+      }
+    }
+  }
+
+  private zeroStandard(
+    l2: U64TableView,
+    i: number,
+    g: number,
+    mode: "zero" | "discard",
+    mayUnmap: boolean,
+    v2Writes: [number, number][],
+  ): void {
+    const cs = this.clusterSize;
+    const hi = l2.hi(i);
+    const lo = l2.lo(i);
+    const compressed = (hi & OFLAG_COMPRESSED.hi) !== 0;
+    const host = compressed ? 0 : this.hostOf(l2, i);
+    const allocated = compressed || host !== 0 || (this.hasDataFile && (hi & OFLAG_COPIED.hi) !== 0);
+    const v3 = this.hdr.version === 3;
+    if (mode === "discard") {
+      if (!this.backing && !allocated) return;
+      if (allocated) this.queueFree(l2, i);
+      l2.setWords(i, 0, v3 ? OFLAG_ZERO.lo : 0);
+      return;
+    }
+    if (!v3) {
+      // No zero flag: unallocated clusters without a backing file already read as zeros.
+      if (!allocated && !this.backing) return;
+      v2Writes.push([g * cs, Math.min(cs, this.virtualSize - g * cs)]);
+      return;
+    }
+    const copied = (hi & OFLAG_COPIED.hi) !== 0;
+    if (allocated && !mayUnmap && !compressed && copied && !this.hasDataFile) {
+      // Keep the cluster allocated (zero-alloc), as QEMU does without unmap.
+      l2.setWords(i, hi, (lo | OFLAG_ZERO.lo) >>> 0);
+      return;
+    }
+    if (allocated) this.queueFree(l2, i);
+    l2.setWords(i, 0, OFLAG_ZERO.lo);
+  }
+
+  private zeroExtended(
+    l2: U64TableView,
+    index: number,
+    from: number,
+    to: number,
+    mode: "zero" | "discard",
+    mayUnmap: boolean,
+  ): void {
+    const scs = this.subclusterSize;
+    const i = index * 2;
+    const sc0 = Math.floor(from / scs);
+    const sc1 = Math.ceil(to / scs) - 1;
+    const mask = (sc1 === 31 ? 0xffff_ffff : ((1 << (sc1 + 1)) >>> 0) - 1) & ~(((1 << sc0) >>> 0) - 1);
+    const whole = mask >>> 0 === 0xffff_ffff;
+    const hi = l2.hi(i);
+    const compressed = (hi & OFLAG_COMPRESSED.hi) !== 0;
+    const host = compressed ? 0 : this.hostOf(l2, i);
+    if (whole && (mayUnmap || mode === "discard" || compressed) ) {
+      if (compressed || host !== 0) this.queueFree(l2, i);
+      l2.setWords(i, 0, 0);
+      l2.setWords(i + 1, 0xffff_ffff, 0);
+      return;
+    }
+    if (compressed) {
+      // A partial zero of a compressed cluster would need copy on write; QEMU does the same
+      // by decompressing, which our write path does for us.
+      return;
+    }
+    l2.setWords(i + 1, (l2.hi(i + 1) | mask) >>> 0, (l2.lo(i + 1) & ~mask) >>> 0);
+  }
+
+  /**
+   * Write one whole cluster compressed (the last cluster of the disk may be shorter and is
+   * padded). Falls back to a normal write when compression does not pay.
+   */
+  async writeCompressed(offset: number, data: Uint8Array): Promise<void> {
+    const w = this.checkWritable();
+    const cs = this.clusterSize;
+    if (offset % cs !== 0 || (data.length !== cs && offset + data.length !== this.virtualSize) || data.length > cs) {
+      throw new InvalidArgumentError(`compressed writes must cover exactly one whole cluster (${cs} bytes)`);
+    }
+    if (this.hasDataFile) {
+      throw new InvalidArgumentError("compressed writes are not supported with an external data file");
+    }
+    checkRequest(offset, data.length, this.virtualSize);
+    const g = offset / cs;
+    const release = await this.lockClusters(g, g);
+    try {
+      let full = data;
+      if (data.length < cs) {
+        full = new Uint8Array(cs);
+        full.set(data);
+      }
+      const packed = await w.compress(full, this.hdr.compressionType);
+      if (!packed || packed.length > cs - 512) {
+        await this.writeLocked(offset, data);
+        return;
+      }
+      if (w.lazy) await this.markDirtyOnDisk();
+      const l1Index = Math.floor(g / this.l2Entries);
+      const table = await w.meta.run(() => this.l2ForWrite(l1Index));
+      try {
+        const host = await w.meta.run(() => this.allocateBytes(packed.length));
+        await this.checkOverlap(host, packed.length);
+        await this.backend.write(host, packed);
+        this.fileSize = Math.max(this.fileSize, host + packed.length);
+        await w.meta.run(async () => {
+          const l2 = new U64TableView(table.bytes, "big");
+          const i = (g - l1Index * this.l2Entries) * (this.extendedL2 ? 2 : 1);
+          this.queueFree(l2, i);
+          const sectors = Math.floor((host + packed.length - 1) / 512) - Math.floor(host / 512);
+          const d = encodeCompressed(host, sectors, this.layout);
+          l2.setWords(i, d.hi, d.lo);
+          if (this.extendedL2) l2.setWords(i + 1, 0, 0);
+          await this.l2Cache.markDirty(table);
+        });
+      } finally {
+        this.l2Cache.release(table);
+      }
+    } finally {
+      release();
+    }
+  }
+
+  /** Under the metadata lock: byte-granular space for compressed data (QEMU's alloc_bytes). */
+  private async allocateBytes(size: number): Promise<number> {
+    const w = this.w!;
+    const cs = this.clusterSize;
+    if (w.compressedCluster >= 0 && w.compressedNext + size <= cs) {
+      const at = w.compressedCluster * cs + w.compressedNext;
+      // Another compressed cluster shares this host cluster: one more reference.
+      await w.refcounts.update(w.compressedCluster, 1);
+      w.compressedNext += size;
+      if (w.compressedNext === cs) w.compressedCluster = -1;
+      return at;
+    }
+    const n = Math.ceil(size / cs);
+    const host = await w.refcounts.allocate(n);
+    this.refreshRefcountBlocks(host + n * cs);
+    const used = size - (n - 1) * cs;
+    w.compressedCluster = used < cs ? host / cs + n - 1 : -1;
+    w.compressedNext = used;
+    return host;
+  }
+
+  /**
+   * Make every completed write durable, in the order that keeps the image consistent: refcount
+   * blocks, then L2 tables, then the L1 table, then a sync; only then are freed clusters'
+   * refcounts lowered.
+   */
+  async flush(): Promise<void> {
+    this.checkOpen();
+    const w = this.w;
+    if (!w) return;
+    if (w.corrupted) return;
+    await w.meta.run(() => this.flushLocked());
+  }
+
+  private async flushLocked(): Promise<void> {
+    const w = this.w!;
+    if (this.dataBackend !== this.backend) await this.dataBackend.flush();
+    await w.refcountCache.flush();
+    await this.l2Cache.flush();
+    if (w.l1DirtyHi > w.l1DirtyLo) {
+      const from = w.l1DirtyLo * 8;
+      const to = w.l1DirtyHi * 8;
+      await this.backend.write(this.hdr.l1TableOffset + from, this.l1.bytes.subarray(from, to));
+      w.l1DirtyLo = Number.MAX_SAFE_INTEGER;
+      w.l1DirtyHi = 0;
+    }
+    await this.backend.flush();
+    const frees = w.pendingFrees;
+    w.pendingFrees = [];
+    for (const [off, n] of frees) await w.refcounts.free(off, n);
+  }
+
+  /** Flush everything, apply the postponed refcount changes, and clear the dirty bit. */
+  private async closeClean(): Promise<void> {
+    const w = this.w!;
+    // Let requests still in flight finish first.
+    while (w.inflight.size > 0) await [...w.inflight][0]!.done;
+    await w.meta.run(async () => {
+      await this.flushLocked();
+      await w.refcountCache.flush();
+      if (IncompatibleFeatures.decode(this.hdr.incompatibleFeatures).has("dirty")) {
+        await this.rewriteHeader({
+          incompatibleFeatures: this.hdr.incompatibleFeatures & ~IncompatibleFeatures.maskOf("dirty"),
+        });
+      }
+    });
   }
 }
 

@@ -73,3 +73,7 @@ export { probeQcow2 } from "./probe.js";
 export { createQcow2, normalizeCreateOptions } from "./create.js";
 export type { Qcow2CreateOptions, Preallocation } from "./create.js";
 export { encodeHeaderArea } from "./spec/header-area.js";
+export { walkReferences } from "./walk.js";
+export type { Reference, ReferenceKind, WalkProblem, WalkInput, WalkVisitor } from "./walk.js";
+export type { Compressor } from "./image.js";
+export { defaultCompress } from "./compress.js";

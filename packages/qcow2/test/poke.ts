@@ -52,7 +52,11 @@ export function pokeU64(bytes: Uint8Array, offset: number, value: number | bigin
 }
 
 /** Overwrite bytes at `offset`. */
-export function pokeBytes(bytes: Uint8Array, offset: number, data: Uint8Array | readonly number[]): void {
+export function pokeBytes(
+  bytes: Uint8Array,
+  offset: number,
+  data: Uint8Array | readonly number[],
+): void {
   checkRange(bytes, offset, data.length);
   bytes.set(data, offset);
 }
@@ -81,7 +85,8 @@ export function peekU64(bytes: Uint8Array, offset: number): bigint {
 /** A u64 field as a number (throws in the test, not the driver, when it is not safe). */
 export function peekOffset(bytes: Uint8Array, offset: number): number {
   const v = peekU64(bytes, offset);
-  if (v > BigInt(Number.MAX_SAFE_INTEGER)) throw new Error(`peek: u64 at ${offset} is ${v}, above 2^53-1`);
+  if (v > BigInt(Number.MAX_SAFE_INTEGER))
+    throw new Error(`peek: u64 at ${offset} is ${v}, above 2^53-1`);
   return Number(v);
 }
 
@@ -146,7 +151,9 @@ export function l2OffsetOf(bytes: Uint8Array, i: number): number {
 }
 
 /** Header extensions (type, offset of the 8-byte prefix, data length), as the file lays them out. */
-export function extensionsOf(bytes: Uint8Array): { type: number; offset: number; length: number }[] {
+export function extensionsOf(
+  bytes: Uint8Array,
+): { type: number; offset: number; length: number }[] {
   const { version, headerLength, clusterSize } = layoutOf(bytes);
   const backing = Number(peekU64(bytes, H.backingFileOffset));
   let pos = version >= 3 ? headerLength : 72;
@@ -162,7 +169,15 @@ export function extensionsOf(bytes: Uint8Array): { type: number; offset: number;
   return out;
 }
 
-/** Open an in-memory image read-only, without backing or data files. */
-export function openBytes(bytes: Uint8Array, options: Qcow2OpenOptions = {}): Promise<Qcow2Image> {
-  return openQcow2(MemoryBackend.from(bytes, { readOnly: true, name: "poked.qcow2" }), { noBacking: true, ...options });
+/**
+ * Open an in-memory image without backing or data files. The memory backend is read-only
+ * unless `writableBackend` (for tests of what a read-write open refuses).
+ */
+export function openBytes(
+  bytes: Uint8Array,
+  options: Qcow2OpenOptions = {},
+  writableBackend = false,
+): Promise<Qcow2Image> {
+  const backend = MemoryBackend.from(bytes, { readOnly: !writableBackend, name: "poked.qcow2" });
+  return openQcow2(backend, { noBacking: true, ...options });
 }

@@ -69,13 +69,18 @@ export const inflateRaw: Decompressor = async (src, out) => {
     let res: Uint8Array;
     try {
       res = inflate(src, { finishFlush: Z_SYNC_FLUSH, maxOutputLength: out.length });
+      n = Math.min(res.length, out.length);
+      out.set(res.subarray(0, n));
     } catch (cause) {
-      throw new CorruptImageError(`deflate data is invalid: ${(cause as Error).message}`, {
-        cause,
-      });
+      if ((cause as { code?: string }).code !== "ERR_BUFFER_TOO_LARGE") {
+        throw new CorruptImageError(`deflate data is invalid (${(cause as Error).message})`, {
+          cause,
+        });
+      }
+      // The stream holds more than a cluster: QEMU takes the first cluster's worth; so do we,
+      // decoding as a stream that stops when the cluster is full (bounded memory).
+      n = await inflateWithStream(src, out);
     }
-    n = Math.min(res.length, out.length);
-    out.set(res.subarray(0, n));
   } else {
     n = await inflateWithStream(src, out);
   }
@@ -86,7 +91,39 @@ export const inflateRaw: Decompressor = async (src, out) => {
   }
 };
 
+/** Largest zstd window we accept: QEMU-written frames never need more than a 2 MiB cluster. */
+const MAX_ZSTD_WINDOW = 8 * 1024 * 1024;
+
+/** The window size a zstd frame header declares (or its content size in single-segment mode). */
+function zstdWindow(src: Uint8Array): number {
+  if (src.length < 6 || src[0] !== 0x28 || src[1] !== 0xb5 || src[2] !== 0x2f || src[3] !== 0xfd)
+    return 0;
+  const fhd = src[4]!;
+  const singleSegment = (fhd & 0x20) !== 0;
+  if (!singleSegment) {
+    const wd = src[5]!;
+    const base = 2 ** (10 + (wd >> 3));
+    return base + (base / 8) * (wd & 7);
+  }
+  const fcsFlag = fhd >> 6;
+  const dictBytes = [0, 1, 2, 4][fhd & 3]!;
+  const at = 5 + dictBytes;
+  const fcsBytes = [1, 2, 4, 8][fcsFlag]!;
+  if (src.length < at + fcsBytes) return 0;
+  let v = 0;
+  for (let i = fcsBytes - 1; i >= 0; i--) v = v * 256 + src[at + i]!;
+  return fcsBytes === 2 ? v + 256 : v;
+}
+
 export const zstd: Decompressor = (src, out) => {
+  const window = zstdWindow(src);
+  if (window > MAX_ZSTD_WINDOW) {
+    return Promise.reject(
+      new CorruptImageError(
+        `zstd frame declares a ${window}-byte window, more than the ${MAX_ZSTD_WINDOW} allowed`,
+      ),
+    );
+  }
   // The zstd frame is followed by padding up to the sector end, which is not another frame;
   // decode as a stream and stop as soon as the cluster is full.
   let n = 0;
@@ -119,7 +156,10 @@ export function decompressorFor(compressionType: number): Decompressor {
   throw new CorruptImageError(`unknown compression type ${hex(compressionType)}`);
 }
 
-type DeflateRawSync = (buf: Uint8Array, opts: { level?: number; windowBits?: number }) => Uint8Array;
+type DeflateRawSync = (
+  buf: Uint8Array,
+  opts: { level?: number; windowBits?: number },
+) => Uint8Array;
 let nodeDeflate: DeflateRawSync | null | undefined;
 
 async function loadNodeDeflate(): Promise<DeflateRawSync | null> {
@@ -139,7 +179,10 @@ async function loadNodeDeflate(): Promise<DeflateRawSync | null> {
  * can inflate it. Returns undefined when the result is not smaller than the input. zstd
  * compression needs a compressor passed in the open options.
  */
-export async function defaultCompress(data: Uint8Array, compressionType: number): Promise<Uint8Array | undefined> {
+export async function defaultCompress(
+  data: Uint8Array,
+  compressionType: number,
+): Promise<Uint8Array | undefined> {
   if (compressionType !== 0) {
     throw new CorruptImageError(
       "writing zstd-compressed clusters needs a zstd compressor (pass `compress` in the open options)",

@@ -103,7 +103,10 @@ interface Extent {
 }
 
 /** Compresses one cluster; returns undefined when compression does not pay. */
-export type Compressor = (data: Uint8Array, compressionType: number) => Promise<Uint8Array | undefined>;
+export type Compressor = (
+  data: Uint8Array,
+  compressionType: number,
+) => Promise<Uint8Array | undefined>;
 
 interface InFlight {
   readonly first: number;
@@ -213,7 +216,8 @@ export class Qcow2Image implements DiskImage {
     const h = init.header;
     this.hdr = h;
     this.bitmapDirectory = init.bitmapDirectory;
-    this.virtualSize = h.size;
+    // QEMU counts whole 512-byte sectors: a size that is not a multiple of 512 is rounded down.
+    this.virtualSize = Math.floor(h.size / 512) * 512;
     this.clusterBits = h.clusterBits;
     this.clusterSize = 2 ** h.clusterBits;
     this.fileSize = init.fileSize;
@@ -287,7 +291,9 @@ export class Qcow2Image implements DiskImage {
       throw new CorruptImageError("image is corrupt; cannot be opened read/write", { offset: 72 });
     }
     if (writable && backend.readOnly) {
-      throw new InvalidArgumentError(`cannot open ${backend.name} read/write: the file is read-only`);
+      throw new InvalidArgumentError(
+        `cannot open ${backend.name} read/write: the file is read-only`,
+      );
     }
     // Backing file name and format.
     let backingFilename: string | undefined;
@@ -527,7 +533,9 @@ export class Qcow2Image implements DiskImage {
           dst.fill(0);
           break;
         case Kind.Normal:
-          await this.dataBackend.read(e.host, dst, { zeroPastEof: true });
+          // Data past the end of the file (even past 2^53) reads as zeros, as QEMU reads it.
+          if (e.host > Number.MAX_SAFE_INTEGER - n) dst.fill(0);
+          else await this.dataBackend.read(e.host, dst, { zeroPastEof: true });
           break;
         case Kind.Compressed: {
           const cluster = await this.readCompressed(e.host, e.compressedLength);
@@ -656,11 +664,15 @@ export class Qcow2Image implements DiskImage {
     }
     const src = new Uint8Array(Math.min(length, avail));
     await this.backend.read(host, src);
-    const out =
-      last?.data.length === this.clusterSize
-        ? new Uint8Array(this.clusterSize)
-        : new Uint8Array(this.clusterSize);
-    await this.decompress(src, out);
+    const out = new Uint8Array(this.clusterSize);
+    try {
+      await this.decompress(src, out);
+    } catch (cause) {
+      throw new CorruptImageError(
+        `compressed cluster at ${hex(host)} (${length} bytes) cannot be decompressed: ${(cause as Error).message}`,
+        { offset: host, cause },
+      );
+    }
     this.lastCompressed = { host, data: out };
     return out;
   }
@@ -782,6 +794,12 @@ export class Qcow2Image implements DiskImage {
           runBytes = end * this.subclusterSize - inCluster;
         } else {
           const zeroFlag = (lo & OFLAG_ZERO.lo) !== 0;
+          if (zeroFlag && this.hdr.version === 2) {
+            throw new CorruptImageError(
+              `zero cluster entry in L2 entry ${l2Index} of table ${hex(l2Offset)} in a version 2 image`,
+              { offset: l2Offset + i * 8 },
+            );
+          }
           const hasHost = off !== 0 || (this.hasDataFile && copied);
           if (zeroFlag) k = Kind.Zero;
           else if (hasHost) k = Kind.Normal;
@@ -837,8 +855,7 @@ export class Qcow2Image implements DiskImage {
     if (IncompatibleFeatures.decode(this.hdr.incompatibleFeatures).has("dirty")) {
       await this.rebuildRefcountStructures();
       await this.rewriteHeader({
-        incompatibleFeatures:
-          this.hdr.incompatibleFeatures & ~IncompatibleFeatures.maskOf("dirty"),
+        incompatibleFeatures: this.hdr.incompatibleFeatures & ~IncompatibleFeatures.maskOf("dirty"),
       });
     }
     const refcountCache = new ClusterCache({
@@ -907,7 +924,10 @@ export class Qcow2Image implements DiskImage {
     const fileSize = await this.backend.size();
     const hostClusters = Math.ceil(fileSize / cs);
     const counts = new Float64Array(hostClusters);
-    const max = this.hdr.refcountOrder === 6 ? Number.MAX_SAFE_INTEGER : 2 ** 2 ** this.hdr.refcountOrder - 1;
+    const max =
+      this.hdr.refcountOrder === 6
+        ? Number.MAX_SAFE_INTEGER
+        : 2 ** (2 ** this.hdr.refcountOrder) - 1;
     await walkReferences(
       {
         backend: this.backend,
@@ -969,8 +989,14 @@ export class Qcow2Image implements DiskImage {
     }
     if (this.hdr.nbSnapshots > 0) {
       const last = this.snapshots[this.snapshots.length - 1];
-      if (last) add(this.hdr.snapshotsOffset, last.offset + 40 - this.hdr.snapshotsOffset, "the snapshot table");
-      for (const snap of this.snapshots) add(snap.l1TableOffset, snap.l1Size * 8, "a snapshot's L1 table");
+      if (last)
+        add(
+          this.hdr.snapshotsOffset,
+          last.offset + 40 - this.hdr.snapshotsOffset,
+          "the snapshot table",
+        );
+      for (const snap of this.snapshots)
+        add(snap.l1TableOffset, snap.l1Size * 8, "a snapshot's L1 table");
     }
     for (let i = 0; i < this.l1.length; i++) {
       const off = this.l1.getMasked(i, L1_OFFSET_MASK);
@@ -982,7 +1008,10 @@ export class Qcow2Image implements DiskImage {
   private refreshRefcountBlocks(upTo: number): void {
     const w = this.w!;
     const cs = this.clusterSize;
-    const last = Math.min(w.refcounts.tableEntries, Math.ceil((upTo / cs + 1) / w.refcounts.entriesPerBlock) + 1);
+    const last = Math.min(
+      w.refcounts.tableEntries,
+      Math.ceil((upTo / cs + 1) / w.refcounts.entriesPerBlock) + 1,
+    );
     for (let i = 0; i < last; i++) {
       const b = w.refcounts.blockOffset(i);
       if (b !== 0 && !w.metadata.has(b / cs)) w.metadata.set(b / cs, "a refcount block");
@@ -1008,7 +1037,8 @@ export class Qcow2Image implements DiskImage {
     if (this.hdr.version === 3) {
       try {
         await this.rewriteHeader({
-          incompatibleFeatures: this.hdr.incompatibleFeatures | IncompatibleFeatures.maskOf("corrupt"),
+          incompatibleFeatures:
+            this.hdr.incompatibleFeatures | IncompatibleFeatures.maskOf("corrupt"),
         });
       } catch {
         // The image is already refusing writes; the error below is what matters.
@@ -1086,7 +1116,9 @@ export class Qcow2Image implements DiskImage {
     const w = this.w!;
     const cs = this.clusterSize;
     if (l1Index >= this.l1.length) {
-      throw new CorruptImageError(`guest offset needs L1 entry ${l1Index}, but the L1 table has ${this.l1.length}`);
+      throw new CorruptImageError(
+        `guest offset needs L1 entry ${l1Index}, but the L1 table has ${this.l1.length}`,
+      );
     }
     const off = this.l1.getMasked(l1Index, L1_OFFSET_MASK);
     const copied = this.l1.test(l1Index, OFLAG_COPIED);
@@ -1196,7 +1228,14 @@ export class Qcow2Image implements DiskImage {
         for (let g = g0; g <= g1; g++) {
           const cStart = Math.max(pos, g * cs);
           const cEnd = Math.min(end, (g + 1) * cs);
-          await this.writeClusterExtended(table, l2, g - base, g, cStart, src.subarray(cStart - pos, cEnd - pos));
+          await this.writeClusterExtended(
+            table,
+            l2,
+            g - base,
+            g,
+            cStart,
+            src.subarray(cStart - pos, cEnd - pos),
+          );
         }
         return;
       }
@@ -1206,7 +1245,11 @@ export class Qcow2Image implements DiskImage {
         if (this.inPlace(l2, i)) {
           const h = this.hostOf(l2, i);
           let gEnd = g + 1;
-          while (gEnd <= g1 && this.inPlace(l2, gEnd - base) && this.hostOf(l2, gEnd - base) === h + (gEnd - g) * cs) {
+          while (
+            gEnd <= g1 &&
+            this.inPlace(l2, gEnd - base) &&
+            this.hostOf(l2, gEnd - base) === h + (gEnd - g) * cs
+          ) {
             gEnd++;
           }
           const runStart = Math.max(pos, g * cs);
@@ -1312,10 +1355,13 @@ export class Qcow2Image implements DiskImage {
     const within = start - g * cs;
     const sc0 = Math.floor(within / scs);
     const sc1 = Math.floor((within + src.length - 1) / scs);
-    const touched = (sc1 === 31 ? 0xffff_ffff : ((1 << (sc1 + 1)) >>> 0) - 1) & ~(((1 << sc0) >>> 0) - 1);
+    const touched =
+      (sc1 === 31 ? 0xffff_ffff : ((1 << (sc1 + 1)) >>> 0) - 1) & ~(((1 << sc0) >>> 0) - 1);
     const off = this.hostOf(l2, i);
     const reusable =
-      (hi & OFLAG_COMPRESSED.hi) === 0 && (hi & OFLAG_COPIED.hi) !== 0 && (off !== 0 || this.hasDataFile);
+      (hi & OFLAG_COMPRESSED.hi) === 0 &&
+      (hi & OFLAG_COPIED.hi) !== 0 &&
+      (off !== 0 || this.hasDataFile);
     if (reusable) {
       const alloc = l2.lo(i + 1);
       if ((alloc & touched) >>> 0 === touched >>> 0) {
@@ -1366,12 +1412,19 @@ export class Qcow2Image implements DiskImage {
    * the zero flag on version 3 images (released when `mayUnmap`); partial ones are written
    * with zero bytes.
    */
-  async writeZeroes(offset: number, length: number, options: { mayUnmap?: boolean } = {}): Promise<void> {
+  async writeZeroes(
+    offset: number,
+    length: number,
+    options: { mayUnmap?: boolean } = {},
+  ): Promise<void> {
     this.checkWritable();
     checkRequest(offset, length, this.virtualSize);
     if (length === 0) return;
     const cs = this.clusterSize;
-    const release = await this.lockClusters(Math.floor(offset / cs), Math.floor((offset + length - 1) / cs));
+    const release = await this.lockClusters(
+      Math.floor(offset / cs),
+      Math.floor((offset + length - 1) / cs),
+    );
     try {
       const gran = this.hdr.version === 2 ? cs : this.subclusterSize;
       const end = offset + length;
@@ -1381,7 +1434,8 @@ export class Qcow2Image implements DiskImage {
         await this.writeLocked(offset, new Uint8Array(length));
         return;
       }
-      if (alignedStart > offset) await this.writeLocked(offset, new Uint8Array(alignedStart - offset));
+      if (alignedStart > offset)
+        await this.writeLocked(offset, new Uint8Array(alignedStart - offset));
       await this.zeroAligned(alignedStart, alignedEnd, "zero", options.mayUnmap ?? false);
       if (alignedEnd < end) await this.writeLocked(alignedEnd, new Uint8Array(end - alignedEnd));
     } finally {
@@ -1409,7 +1463,12 @@ export class Qcow2Image implements DiskImage {
     }
   }
 
-  private async zeroAligned(start: number, end: number, mode: "zero" | "discard", mayUnmap: boolean): Promise<void> {
+  private async zeroAligned(
+    start: number,
+    end: number,
+    mode: "zero" | "discard",
+    mayUnmap: boolean,
+  ): Promise<void> {
     const w = this.w!;
     const cs = this.clusterSize;
     {
@@ -1421,7 +1480,11 @@ export class Qcow2Image implements DiskImage {
         const l1Index = Math.floor(pos / span);
         const base = l1Index * this.l2Entries;
         // Nothing to do for a discard where no L2 table exists and nothing shows through.
-        if (this.l1.getMasked(l1Index, L1_OFFSET_MASK) === 0 && (mode === "discard" || this.hdr.version === 2) && !this.backing) {
+        if (
+          this.l1.getMasked(l1Index, L1_OFFSET_MASK) === 0 &&
+          (mode === "discard" || this.hdr.version === 2) &&
+          !this.backing
+        ) {
           pos = chunkEnd;
           continue;
         }
@@ -1430,7 +1493,7 @@ export class Qcow2Image implements DiskImage {
           const table = await this.l2ForWrite(l1Index);
           try {
             const l2 = new U64TableView(table.bytes, "big");
-            for (let p = pos; p < chunkEnd; ) {
+            for (let p = pos; p < chunkEnd;) {
               const g = Math.floor(p / cs);
               const i = g - base;
               const cEnd = Math.min(chunkEnd, (g + 1) * cs);
@@ -1467,7 +1530,8 @@ export class Qcow2Image implements DiskImage {
     const lo = l2.lo(i);
     const compressed = (hi & OFLAG_COMPRESSED.hi) !== 0;
     const host = compressed ? 0 : this.hostOf(l2, i);
-    const allocated = compressed || host !== 0 || (this.hasDataFile && (hi & OFLAG_COPIED.hi) !== 0);
+    const allocated =
+      compressed || host !== 0 || (this.hasDataFile && (hi & OFLAG_COPIED.hi) !== 0);
     const v3 = this.hdr.version === 3;
     if (mode === "discard") {
       if (!this.backing && !allocated) return;
@@ -1503,12 +1567,13 @@ export class Qcow2Image implements DiskImage {
     const i = index * 2;
     const sc0 = Math.floor(from / scs);
     const sc1 = Math.ceil(to / scs) - 1;
-    const mask = (sc1 === 31 ? 0xffff_ffff : ((1 << (sc1 + 1)) >>> 0) - 1) & ~(((1 << sc0) >>> 0) - 1);
+    const mask =
+      (sc1 === 31 ? 0xffff_ffff : ((1 << (sc1 + 1)) >>> 0) - 1) & ~(((1 << sc0) >>> 0) - 1);
     const whole = mask >>> 0 === 0xffff_ffff;
     const hi = l2.hi(i);
     const compressed = (hi & OFLAG_COMPRESSED.hi) !== 0;
     const host = compressed ? 0 : this.hostOf(l2, i);
-    if (whole && (mayUnmap || mode === "discard" || compressed) ) {
+    if (whole && (mayUnmap || mode === "discard" || compressed)) {
       if (compressed || host !== 0) this.queueFree(l2, i);
       l2.setWords(i, 0, 0);
       l2.setWords(i + 1, 0xffff_ffff, 0);
@@ -1529,11 +1594,19 @@ export class Qcow2Image implements DiskImage {
   async writeCompressed(offset: number, data: Uint8Array): Promise<void> {
     const w = this.checkWritable();
     const cs = this.clusterSize;
-    if (offset % cs !== 0 || (data.length !== cs && offset + data.length !== this.virtualSize) || data.length > cs) {
-      throw new InvalidArgumentError(`compressed writes must cover exactly one whole cluster (${cs} bytes)`);
+    if (
+      offset % cs !== 0 ||
+      (data.length !== cs && offset + data.length !== this.virtualSize) ||
+      data.length > cs
+    ) {
+      throw new InvalidArgumentError(
+        `compressed writes must cover exactly one whole cluster (${cs} bytes)`,
+      );
     }
     if (this.hasDataFile) {
-      throw new InvalidArgumentError("compressed writes are not supported with an external data file");
+      throw new InvalidArgumentError(
+        "compressed writes are not supported with an external data file",
+      );
     }
     checkRequest(offset, data.length, this.virtualSize);
     const g = offset / cs;
@@ -1637,7 +1710,8 @@ export class Qcow2Image implements DiskImage {
       await w.refcountCache.flush();
       if (IncompatibleFeatures.decode(this.hdr.incompatibleFeatures).has("dirty")) {
         await this.rewriteHeader({
-          incompatibleFeatures: this.hdr.incompatibleFeatures & ~IncompatibleFeatures.maskOf("dirty"),
+          incompatibleFeatures:
+            this.hdr.incompatibleFeatures & ~IncompatibleFeatures.maskOf("dirty"),
         });
       }
     });

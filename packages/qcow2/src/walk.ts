@@ -104,7 +104,10 @@ export async function walkReferences(input: WalkInput, visit: WalkVisitor): Prom
   // Refcount table and blocks.
   const rtBytes = h.refcountTableClusters * cs;
   await visit.reference({ kind: "refcount-table", offset: h.refcountTableOffset, length: rtBytes });
-  const rt = new U64TableView(new Uint8Array(Math.max(0, Math.min(rtBytes, fileSize - h.refcountTableOffset))), "big");
+  const rt = new U64TableView(
+    new Uint8Array(Math.max(0, Math.min(rtBytes, fileSize - h.refcountTableOffset))),
+    "big",
+  );
   const rtLen = Math.floor(rt.bytes.byteLength / 8) * 8;
   const rtView = new U64TableView(rt.bytes.subarray(0, rtLen), "big");
   if (rtLen > 0) await backend.read(h.refcountTableOffset, rtView.bytes);
@@ -113,23 +116,45 @@ export async function walkReferences(input: WalkInput, visit: WalkVisitor): Prom
     const off = rtView.getMasked(i, REFTABLE_OFFSET_MASK);
     const entryOffset = h.refcountTableOffset + i * 8;
     if ((rtView.lo(i) & 0x1ff) !== 0 || off % cs !== 0) {
-      await problem({ message: `refcount block ${i} offset ${hex(off)} is not aligned to the cluster size`, offset: entryOffset, where: "refcount-table" });
+      await problem({
+        message: `refcount block ${i} offset ${hex(off)} is not aligned to the cluster size`,
+        offset: entryOffset,
+        where: "refcount-table",
+      });
       continue;
     }
     if (off + cs > fileSize) {
-      await problem({ message: `refcount block ${i} at ${hex(off)} is past the end of the file`, offset: entryOffset, where: "refcount-table" });
+      await problem({
+        message: `refcount block ${i} at ${hex(off)} is past the end of the file`,
+        offset: entryOffset,
+        where: "refcount-table",
+      });
       continue;
     }
-    await visit.reference({ kind: "refcount-block", offset: off, length: cs, index: i, entryOffset });
+    await visit.reference({
+      kind: "refcount-block",
+      offset: off,
+      length: cs,
+      index: i,
+      entryOffset,
+    });
   }
 
   // Snapshot table.
   if (h.nbSnapshots > 0 && input.snapshots.length > 0) {
     const last = input.snapshots[input.snapshots.length - 1]!;
     const enc = new TextEncoder();
-    const entryBytes = 40 + last.extraData.byteLength + enc.encode(last.id).byteLength + enc.encode(last.name).byteLength;
+    const entryBytes =
+      40 +
+      last.extraData.byteLength +
+      enc.encode(last.id).byteLength +
+      enc.encode(last.name).byteLength;
     const end = last.offset + Math.ceil(entryBytes / 8) * 8;
-    await visit.reference({ kind: "snapshot-table", offset: h.snapshotsOffset, length: end - h.snapshotsOffset });
+    await visit.reference({
+      kind: "snapshot-table",
+      offset: h.snapshotsOffset,
+      length: end - h.snapshotsOffset,
+    });
   }
 
   // Encryption header.
@@ -138,7 +163,11 @@ export async function walkReferences(input: WalkInput, visit: WalkVisitor): Prom
   }
 
   const l2 = new U64TableView(new Uint8Array(cs), "big");
-  const walkL1 = async (l1Offset: number, l1Size: number, snapshot: number | undefined): Promise<void> => {
+  const walkL1 = async (
+    l1Offset: number,
+    l1Size: number,
+    snapshot: number | undefined,
+  ): Promise<void> => {
     const bytes = l1Size * 8;
     await visit.reference({ kind: "l1", offset: l1Offset, length: bytes, snapshot });
     if (l1Offset + bytes > fileSize || l1Offset % cs !== 0) {
@@ -157,18 +186,41 @@ export async function walkReferences(input: WalkInput, visit: WalkVisitor): Prom
       const off = l1.getMasked(i, L1_OFFSET_MASK);
       const guest = { offset: i * l2Entries * cs, length: l2Entries * cs };
       if (l1.test(i, L1_RESERVED_MASK)) {
-        await problem({ message: `L1 entry ${i} ${hex(l1.getBigInt(i))} has reserved bits set`, offset: entryOffset, where: "l1", guest });
+        await problem({
+          message: `L1 entry ${i} ${hex(l1.getBigInt(i))} has reserved bits set`,
+          offset: entryOffset,
+          where: "l1",
+          guest,
+        });
       }
       if (off === 0) continue;
       if (off % cs !== 0) {
-        await problem({ message: `L2 table offset ${hex(off)} in L1 entry ${i} is not aligned to the cluster size ${cs}`, offset: entryOffset, where: "l1", guest });
+        await problem({
+          message: `L2 table offset ${hex(off)} in L1 entry ${i} is not aligned to the cluster size ${cs}`,
+          offset: entryOffset,
+          where: "l1",
+          guest,
+        });
         continue;
       }
       if (off + cs > fileSize) {
-        await problem({ message: `L2 table at ${hex(off)} (L1 entry ${i}) is past the end of the file`, offset: entryOffset, where: "l1", guest });
+        await problem({
+          message: `L2 table at ${hex(off)} (L1 entry ${i}) is past the end of the file`,
+          offset: entryOffset,
+          where: "l1",
+          guest,
+        });
         continue;
       }
-      await visit.reference({ kind: "l2", offset: off, length: cs, snapshot, index: i, copied: l1.test(i, OFLAG_COPIED), entryOffset });
+      await visit.reference({
+        kind: "l2",
+        offset: off,
+        length: cs,
+        snapshot,
+        index: i,
+        copied: l1.test(i, OFLAG_COPIED),
+        entryOffset,
+      });
       await backend.read(off, l2.bytes);
       for (let j = 0; j < l2Entries; j++) {
         const k = j * stride;
@@ -181,23 +233,58 @@ export async function walkReferences(input: WalkInput, visit: WalkVisitor): Prom
         if ((hi & OFLAG_COMPRESSED.hi) !== 0) {
           const d = decodeCompressed(hi, lo, layout);
           if (d.hostOffset === 0 || d.hostOffset + d.length > fileSize + 512) {
-            await problem({ message: `compressed cluster descriptor in L2 entry ${j} of table ${hex(off)} points to ${hex(d.hostOffset)}, outside the file`, offset: eOff, where: "l2", guest: g });
+            await problem({
+              message: `compressed cluster descriptor in L2 entry ${j} of table ${hex(off)} points to ${hex(d.hostOffset)}, outside the file`,
+              offset: eOff,
+              where: "l2",
+              guest: g,
+            });
             continue;
           }
-          await visit.reference({ kind: "compressed", offset: d.hostOffset, length: d.length, snapshot, index: gIndex, copied: (hi & OFLAG_COPIED.hi) !== 0, entryOffset: eOff });
+          await visit.reference({
+            kind: "compressed",
+            offset: d.hostOffset,
+            length: d.length,
+            snapshot,
+            index: gIndex,
+            copied: (hi & OFLAG_COPIED.hi) !== 0,
+            entryOffset: eOff,
+          });
           continue;
         }
         const host = ((hi & L2_OFFSET_MASK.hi) >>> 0) * TWO_32 + ((lo & L2_OFFSET_MASK.lo) >>> 0);
-        if (((hi & L2_RESERVED_MASK.hi) | (lo & L2_RESERVED_MASK.lo & ~(extendedL2 ? 0 : OFLAG_ZERO.lo))) !== 0) {
-          await problem({ message: `L2 entry ${j} of table ${hex(off)} (${hex(l2.getBigInt(k))}) has reserved bits set`, offset: eOff, where: "l2", guest: g });
+        if (
+          ((hi & L2_RESERVED_MASK.hi) |
+            (lo & L2_RESERVED_MASK.lo & ~(extendedL2 ? 0 : OFLAG_ZERO.lo))) !==
+          0
+        ) {
+          await problem({
+            message: `L2 entry ${j} of table ${hex(off)} (${hex(l2.getBigInt(k))}) has reserved bits set`,
+            offset: eOff,
+            where: "l2",
+            guest: g,
+          });
         }
         if (host === 0) continue;
         if (host % cs !== 0) {
-          await problem({ message: `cluster offset ${hex(host)} in L2 entry ${j} of table ${hex(off)} is not aligned to the cluster size ${cs}`, offset: eOff, where: "l2", guest: g });
+          await problem({
+            message: `cluster offset ${hex(host)} in L2 entry ${j} of table ${hex(off)} is not aligned to the cluster size ${cs}`,
+            offset: eOff,
+            where: "l2",
+            guest: g,
+          });
           continue;
         }
         if (hasDataFile) continue; // data clusters live in the data file, not counted here
-        await visit.reference({ kind: "data", offset: host, length: cs, snapshot, index: gIndex, copied: (hi & OFLAG_COPIED.hi) !== 0, entryOffset: eOff });
+        await visit.reference({
+          kind: "data",
+          offset: host,
+          length: cs,
+          snapshot,
+          index: gIndex,
+          copied: (hi & OFLAG_COPIED.hi) !== 0,
+          entryOffset: eOff,
+        });
       }
     }
   };
@@ -214,7 +301,11 @@ export async function walkReferences(input: WalkInput, visit: WalkVisitor): Prom
     for (const b of input.bitmaps) {
       const bytes = b.bitmapTableSize * 8;
       if (b.bitmapTableOffset % cs !== 0 || b.bitmapTableOffset + bytes > fileSize) {
-        await problem({ message: `bitmap '${b.name}' table at ${hex(b.bitmapTableOffset)} is invalid`, offset: b.bitmapTableOffset, where: "bitmap" });
+        await problem({
+          message: `bitmap '${b.name}' table at ${hex(b.bitmapTableOffset)} is invalid`,
+          offset: b.bitmapTableOffset,
+          where: "bitmap",
+        });
         continue;
       }
       await visit.reference({ kind: "bitmap-table", offset: b.bitmapTableOffset, length: bytes });

@@ -15,48 +15,55 @@ const CONFIGS: [string, Qcow2CreateOptions][] = [
 ];
 
 describe("64 requests in flight", () => {
-  it.each(CONFIGS)("%s: overlapping and unrelated requests match a sequential model", async (name, cfg) => {
-    const rounds = LONG ? 200 : 12;
-    const seed = Number(process.env.QIMG_SEED ?? 4242) + name.length;
-    const r = prng(seed);
-    const mem = new MemoryBackend();
-    await createQcow2(mem, cfg);
-    const image = await openQcow2(mem, { readOnly: false });
-    const size = image.virtualSize;
-    const cs = image.clusterSize;
-    const model = new Uint8Array(size);
-    for (let round = 0; round < rounds; round++) {
-      const pending: Promise<void>[] = [];
-      for (let k = 0; k < 64; k++) {
-        // Cluster the requests in a small area half of the time so many overlap.
-        const area = r() < 0.5 ? Math.min(size, 8 * cs) : size;
-        const off = Math.floor(r() * area);
-        const len = Math.min(size - off, 1 + Math.floor(r() * (r() < 0.5 ? 2 * cs : 4096)));
-        const x = r();
-        if (x < 0.75) {
-          const d = new Uint8Array(len).fill((round * 64 + k) % 251 + 1);
-          pending.push(image.write(off, d));
-          model.set(d, off);
-        } else if (x < 0.9) {
-          pending.push(image.writeZeroes(off, len, { mayUnmap: x < 0.85 }));
-          model.fill(0, off, off + len);
-        } else {
-          pending.push(image.discard(off, len));
-          const a = Math.ceil(off / cs) * cs;
-          const e = off + len === size ? size : Math.floor((off + len) / cs) * cs;
-          if (e > a) model.fill(0, a, e);
+  it.each(CONFIGS)(
+    "%s: overlapping and unrelated requests match a sequential model",
+    async (name, cfg) => {
+      const rounds = LONG ? 200 : 12;
+      const seed = Number(process.env.QIMG_SEED ?? 4242) + name.length;
+      const r = prng(seed);
+      const mem = new MemoryBackend();
+      await createQcow2(mem, cfg);
+      const image = await openQcow2(mem, { readOnly: false });
+      const size = image.virtualSize;
+      const cs = image.clusterSize;
+      const model = new Uint8Array(size);
+      for (let round = 0; round < rounds; round++) {
+        const pending: Promise<void>[] = [];
+        for (let k = 0; k < 64; k++) {
+          // Cluster the requests in a small area half of the time so many overlap.
+          const area = r() < 0.5 ? Math.min(size, 8 * cs) : size;
+          const off = Math.floor(r() * area);
+          const len = Math.min(size - off, 1 + Math.floor(r() * (r() < 0.5 ? 2 * cs : 4096)));
+          const x = r();
+          if (x < 0.75) {
+            const d = new Uint8Array(len).fill(((round * 64 + k) % 251) + 1);
+            pending.push(image.write(off, d));
+            model.set(d, off);
+          } else if (x < 0.9) {
+            pending.push(image.writeZeroes(off, len, { mayUnmap: x < 0.85 }));
+            model.fill(0, off, off + len);
+          } else {
+            pending.push(image.discard(off, len));
+            const a = Math.ceil(off / cs) * cs;
+            const e = off + len === size ? size : Math.floor((off + len) / cs) * cs;
+            if (e > a) model.fill(0, a, e);
+          }
         }
+        if (r() < 0.3) pending.push(image.flush());
+        await Promise.all(pending);
       }
-      if (r() < 0.3) pending.push(image.flush());
-      await Promise.all(pending);
-    }
-    const back = new Uint8Array(size);
-    await image.read(0, back);
-    const bad = back.findIndex((b, i) => b !== model[i]);
-    expect(bad, `seed ${seed}: first difference at byte ${bad}`).toBe(-1);
-    await image.close();
-    const c = await consistency(MemoryBackend.from(mem.bytes()));
-    expect(c.corruptions, `seed ${seed}: a cluster was referenced more often than counted`).toEqual([]);
-    expect(c.leaks, `seed ${seed}: leaks after a clean close`).toBe(0);
-  }, 120_000);
+      const back = new Uint8Array(size);
+      await image.read(0, back);
+      const bad = back.findIndex((b, i) => b !== model[i]);
+      expect(bad, `seed ${seed}: first difference at byte ${bad}`).toBe(-1);
+      await image.close();
+      const c = await consistency(MemoryBackend.from(mem.bytes()));
+      expect(
+        c.corruptions,
+        `seed ${seed}: a cluster was referenced more often than counted`,
+      ).toEqual([]);
+      expect(c.leaks, `seed ${seed}: leaks after a clean close`).toBe(0);
+    },
+    120_000,
+  );
 });

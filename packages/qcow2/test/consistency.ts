@@ -25,7 +25,13 @@ export async function consistency(backend: BlockBackend): Promise<Consistency> {
   const refs = new Float64Array(n);
   const problems: string[] = [];
   await walkReferences(
-    { backend, header: h, snapshots: image.snapshots, bitmaps: image.bitmaps, bitmapDirectory: image.bitmapDirectory },
+    {
+      backend,
+      header: h,
+      snapshots: image.snapshots,
+      bitmaps: image.bitmaps,
+      bitmapDirectory: image.bitmapDirectory,
+    },
     {
       reference(r) {
         const first = Math.floor(r.offset / cs);
@@ -52,7 +58,8 @@ export async function consistency(backend: BlockBackend): Promise<Consistency> {
   const corruptions: string[] = [];
   let leaks = 0;
   for (let c = 0; c < n; c++) {
-    if (stored[c]! < refs[c]!) corruptions.push(`cluster ${c} refcount=${stored[c]} reference=${refs[c]}`);
+    if (stored[c]! < refs[c]!)
+      corruptions.push(`cluster ${c} refcount=${stored[c]} reference=${refs[c]}`);
     else if (stored[c]! > refs[c]!) leaks++;
   }
   return { corruptions, leaks, problems };

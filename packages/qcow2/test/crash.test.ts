@@ -98,7 +98,9 @@ async function crashRun(seed: number): Promise<void> {
   await again.read(0, back);
   for (let i = 0; i < size; i++) {
     if (touched[i] === 0 && back[i] !== durable[i]) {
-      expect.fail(`seed ${seed}: byte ${i} reads ${back[i]} but ${durable[i]} was flushed before the crash`);
+      expect.fail(
+        `seed ${seed}: byte ${i} reads ${back[i]} but ${durable[i]} was flushed before the crash`,
+      );
     }
   }
   await again.close();
@@ -160,7 +162,10 @@ describe("injected I/O errors", () => {
       }
       const back = new Uint8Array(size);
       await image.read(0, back);
-      expect(Buffer.compare(back, model), `seed ${seed}: image differs from the successful writes`).toBe(0);
+      expect(
+        Buffer.compare(back, model),
+        `seed ${seed}: image differs from the successful writes`,
+      ).toBe(0);
       fault.clearFaults();
       await image.close();
       const c = await consistency(MemoryBackend.from(mem.bytes()));
@@ -168,7 +173,10 @@ describe("injected I/O errors", () => {
       const reopened = await openQcow2(MemoryBackend.from(mem.bytes()));
       const after = new Uint8Array(size);
       await reopened.read(0, after);
-      expect(Buffer.compare(after, model), `seed ${seed}: data lost across close (${failures} failures)`).toBe(0);
+      expect(
+        Buffer.compare(after, model),
+        `seed ${seed}: data lost across close (${failures} failures)`,
+      ).toBe(0);
     }
   }, 600_000);
 });

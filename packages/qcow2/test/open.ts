@@ -9,7 +9,8 @@ export const openBacking: BackingOpener = async (req) => {
   const file = path.resolve(path.dirname(req.relativeTo), req.filename);
   if (req.chain.includes(file)) throw new Error(`backing chain loop at ${file}`);
   const backend = await FileBackend.open(file, { readOnly: true });
-  if (req.format === "qcow2") return openQcow2(backend, { openBacking, openDataFile, depth: req.depth, chain: req.chain });
+  if (req.format === "qcow2")
+    return openQcow2(backend, { openBacking, openDataFile, depth: req.depth, chain: req.chain });
   if (req.format === "raw") return RawImage.open(backend);
   await backend.close();
   throw new Error(`test opener: unsupported backing format ${String(req.format)}`);
@@ -18,7 +19,10 @@ export const openBacking: BackingOpener = async (req) => {
 export const openDataFile = (name: string, relativeTo: string): Promise<FileBackend> =>
   FileBackend.open(path.resolve(path.dirname(relativeTo), name), { readOnly: true });
 
-export async function openFile(file: string, options: Qcow2OpenOptions = {}): Promise<DiskImage & Awaited<ReturnType<typeof openQcow2>>> {
+export async function openFile(
+  file: string,
+  options: Qcow2OpenOptions = {},
+): Promise<DiskImage & Awaited<ReturnType<typeof openQcow2>>> {
   const backend = await FileBackend.open(file, { readOnly: true });
   try {
     return await openQcow2(backend, { openBacking, openDataFile, ...options });

@@ -11,15 +11,21 @@ const haveQemu = requireQemu();
 
 async function openCopy(name: string, rw = true) {
   const file = copyFixture(name);
-  return { file, image: await openQcow2(await FileBackend.open(file, { readOnly: !rw }), { readOnly: !rw, noBacking: true }) };
+  return {
+    file,
+    image: await openQcow2(await FileBackend.open(file, { readOnly: !rw }), {
+      readOnly: !rw,
+      noBacking: true,
+    }),
+  };
 }
 
 describe("read-write opens", () => {
   it("refuses a corrupt-flagged image read/write and opens it read-only", async () => {
     const file = fixturePath("qcow2-corrupt-bit");
-    await expect(openQcow2(await FileBackend.open(file, { readOnly: true }), { readOnly: false })).rejects.toThrow(
-      /image is corrupt; cannot be opened read\/write/,
-    );
+    await expect(
+      openQcow2(await FileBackend.open(file, { readOnly: true }), { readOnly: false }),
+    ).rejects.toThrow(/image is corrupt; cannot be opened read\/write/);
     const ro = await openQcow2(await FileBackend.open(file, { readOnly: true }));
     expect(ro.info().corrupt).toBe(true);
     await ro.close();
@@ -37,7 +43,10 @@ describe("read-write opens", () => {
       // Reading shows what qemu-img read from the crashed image.
       const raw = spawnSync("qemu-img", ["convert", "-O", "raw", file, `${file}.raw`]);
       expect(raw.status).toBe(0);
-      const sha = (await import("node:crypto")).createHash("sha256").update(fs.readFileSync(`${file}.raw`)).digest("hex");
+      const sha = (await import("node:crypto"))
+        .createHash("sha256")
+        .update(fs.readFileSync(`${file}.raw`))
+        .digest("hex");
       expect(sha).toBe(getFixture("qcow2-lazy-refcounts-dirty").sha256);
     }
   });
@@ -66,10 +75,14 @@ describe("read-write opens", () => {
     const guest = index * (image.clusterSize / 8) * image.clusterSize;
     const err = await image.write(guest, new Uint8Array(512).fill(9)).catch((e: unknown) => e);
     expect(err).toBeInstanceOf(CorruptImageError);
-    expect((err as Error).message).toMatch(/Preventing invalid write on metadata \(overlaps with the refcount table\)/);
+    expect((err as Error).message).toMatch(
+      /Preventing invalid write on metadata \(overlaps with the refcount table\)/,
+    );
     await expect(image.write(0, new Uint8Array(512))).rejects.toThrow(/marked corrupt/);
     await image.close();
-    const ro = await openQcow2(await FileBackend.open(file, { readOnly: true }), { noBacking: true });
+    const ro = await openQcow2(await FileBackend.open(file, { readOnly: true }), {
+      noBacking: true,
+    });
     expect(ro.info().corrupt).toBe(true);
     await ro.close();
   });
@@ -86,7 +99,9 @@ describe("read-write opens", () => {
   });
 
   it("refuses writes on a read-only open", async () => {
-    const image = await openQcow2(await FileBackend.open(fixturePath("qcow2-v3"), { readOnly: true }));
+    const image = await openQcow2(
+      await FileBackend.open(fixturePath("qcow2-v3"), { readOnly: true }),
+    );
     await expect(image.write(0, new Uint8Array(1))).rejects.toThrow(/read-only/);
     await image.close();
   });

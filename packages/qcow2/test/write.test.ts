@@ -10,7 +10,8 @@ import type { Qcow2CreateOptions } from "../src/index.js";
 import { prng } from "./prng.js";
 
 const haveQemu = requireQemu();
-if (!haveQemu) console.log("skipping qemu-img verification of written images: qemu-img is not on PATH");
+if (!haveQemu)
+  console.log("skipping qemu-img verification of written images: qemu-img is not on PATH");
 const tmp = fs.mkdtempSync(path.join(os.tmpdir(), "qimg-write-"));
 afterAll(() => fs.rmSync(tmp, { recursive: true, force: true }));
 
@@ -73,7 +74,13 @@ function pattern(seed: number, len: number): Uint8Array {
 }
 
 /** Apply ops to the image and to a model; discards are "may read as zero or old data". */
-async function run(image: Awaited<ReturnType<typeof openQcow2>>, model: Uint8Array, ops: Op[], cs: number, backingModel?: Uint8Array): Promise<void> {
+async function run(
+  image: Awaited<ReturnType<typeof openQcow2>>,
+  model: Uint8Array,
+  ops: Op[],
+  cs: number,
+  backingModel?: Uint8Array,
+): Promise<void> {
   for (const op of ops) {
     switch (op.kind) {
       case "write": {
@@ -90,9 +97,11 @@ async function run(image: Awaited<ReturnType<typeof openQcow2>>, model: Uint8Arr
         await image.discard(op.off, op.len);
         // Only whole clusters are discarded; they read as zeros (v3) afterwards.
         const a = Math.ceil(op.off / cs) * cs;
-        const end = op.off + op.len === model.length ? model.length : Math.floor((op.off + op.len) / cs) * cs;
+        const end =
+          op.off + op.len === model.length ? model.length : Math.floor((op.off + op.len) / cs) * cs;
         if (end > a) {
-          if (image.header.version === 2 && backingModel) model.set(backingModel.subarray(a, end), a);
+          if (image.header.version === 2 && backingModel)
+            model.set(backingModel.subarray(a, end), a);
           else model.fill(0, a, end);
         }
         break;
@@ -115,24 +124,27 @@ const configs: [string, Qcow2CreateOptions][] = [
 ];
 
 describe("qcow2 writes", () => {
-  it.each(configs)("%s: random writes, zeroes and discards read back and pass qemu-img check", async (name, o) => {
-    const file = path.join(tmp, `${name}.qcow2`);
-    const b = await FileBackend.open(file, { create: true, truncate: true });
-    await createQcow2(b, o);
-    const image = await openQcow2(b, { readOnly: false });
-    const cs = image.clusterSize;
-    const model = new Uint8Array(image.virtualSize);
-    const seed = 1000 + name.length;
-    await run(image, model, randomOps(seed, image.virtualSize, 150, cs), cs);
-    const back = new Uint8Array(image.virtualSize);
-    await image.read(0, back);
-    expect(Buffer.compare(back, model), `seed ${seed}: read-back differs from the model`).toBe(0);
-    await image.close();
-    if (!haveQemu) return;
-    const c = qemuCheck(file);
-    expect(c.status, c.out).toBe(0);
-    expect(Buffer.compare(qemuRaw(file), model), `seed ${seed}: qemu-img's view differs`).toBe(0);
-  });
+  it.each(configs)(
+    "%s: random writes, zeroes and discards read back and pass qemu-img check",
+    async (name, o) => {
+      const file = path.join(tmp, `${name}.qcow2`);
+      const b = await FileBackend.open(file, { create: true, truncate: true });
+      await createQcow2(b, o);
+      const image = await openQcow2(b, { readOnly: false });
+      const cs = image.clusterSize;
+      const model = new Uint8Array(image.virtualSize);
+      const seed = 1000 + name.length;
+      await run(image, model, randomOps(seed, image.virtualSize, 150, cs), cs);
+      const back = new Uint8Array(image.virtualSize);
+      await image.read(0, back);
+      expect(Buffer.compare(back, model), `seed ${seed}: read-back differs from the model`).toBe(0);
+      await image.close();
+      if (!haveQemu) return;
+      const c = qemuCheck(file);
+      expect(c.status, c.out).toBe(0);
+      expect(Buffer.compare(qemuRaw(file), model), `seed ${seed}: qemu-img's view differs`).toBe(0);
+    },
+  );
 
   it("writes over a backing file copy the rest of the cluster from it", async () => {
     const base = path.join(tmp, "base.raw");

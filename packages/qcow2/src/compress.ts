@@ -156,6 +156,20 @@ export function decompressorFor(compressionType: number): Decompressor {
   throw new CorruptImageError(`unknown compression type ${hex(compressionType)}`);
 }
 
+interface ZstdWasm {
+  compress(data: Uint8Array, level: number): Uint8Array;
+}
+let zstdWasm: Promise<ZstdWasm> | undefined;
+
+/** zstd compression through a WebAssembly build of the reference library (runs in browsers). */
+function loadZstd(): Promise<ZstdWasm> {
+  zstdWasm ??= import("@bokuweb/zstd-wasm").then(async (m) => {
+    await m.init();
+    return { compress: (d: Uint8Array, level: number) => m.compress(d, level) };
+  });
+  return zstdWasm;
+}
+
 type DeflateRawSync = (
   buf: Uint8Array,
   opts: { level?: number; windowBits?: number },
@@ -176,17 +190,20 @@ async function loadNodeDeflate(): Promise<DeflateRawSync | null> {
 
 /**
  * Compress one cluster as QEMU does: raw deflate with a 4 KiB window (zlib), so every reader
- * can inflate it. Returns undefined when the result is not smaller than the input. zstd
- * compression needs a compressor passed in the open options.
+ * can inflate it; zstd at level 3. Returns undefined when the result is not smaller than the
+ * input.
  */
 export async function defaultCompress(
   data: Uint8Array,
   compressionType: number,
 ): Promise<Uint8Array | undefined> {
+  if (compressionType === 1) {
+    const z = await loadZstd();
+    const out = z.compress(data, 3);
+    return out.byteLength < data.byteLength ? out : undefined;
+  }
   if (compressionType !== 0) {
-    throw new CorruptImageError(
-      "writing zstd-compressed clusters needs a zstd compressor (pass `compress` in the open options)",
-    );
+    throw new CorruptImageError(`unknown compression type ${compressionType}`);
   }
   const deflate = await loadNodeDeflate();
   let out: Uint8Array;

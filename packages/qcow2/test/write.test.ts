@@ -189,3 +189,40 @@ describe("qcow2 writes", () => {
     expect(again.info().dirty).toBe(false);
   });
 });
+
+describe("compressed writes", () => {
+  it.each(["zlib", "zstd"] as const)(
+    "%s: clusters written compressed read back in qimg and qemu-img",
+    async (type) => {
+      const file = path.join(tmp, `compressed-${type}.qcow2`);
+      const b = await FileBackend.open(file, { create: true, truncate: true });
+      await createQcow2(b, { size: 4 << 20, compressionType: type });
+      const image = await openQcow2(b, { readOnly: false });
+      const cs = image.clusterSize;
+      const model = new Uint8Array(image.virtualSize);
+      // Compressible clusters (several share one host cluster), an incompressible one, and an
+      // overwrite of a compressed cluster with a normal write.
+      for (let g = 0; g < 40; g++) {
+        const d = new Uint8Array(cs);
+        if (g === 7) d.set(pattern(g, cs));
+        else for (let i = 0; i < cs; i++) d[i] = (i % (g + 3)) * 11;
+        await image.writeCompressed(g * cs, d);
+        model.set(d, g * cs);
+      }
+      const over = pattern(99, 1000);
+      await image.write(3 * cs + 100, over);
+      model.set(over, 3 * cs + 100);
+      const s = await image.blockStatus(0, cs);
+      expect(s.compressed).toBe(true);
+      const back = new Uint8Array(image.virtualSize);
+      await image.read(0, back);
+      expect(Buffer.compare(back, model)).toBe(0);
+      await image.close();
+      if (!haveQemu) return;
+      const c = qemuCheck(file);
+      expect(c.status, c.out).toBe(0);
+      expect(c.out).toMatch(/compressed clusters/);
+      expect(Buffer.compare(qemuRaw(file), model)).toBe(0);
+    },
+  );
+});

@@ -1,0 +1,904 @@
+import type { BlockBackend } from "@qimg/io";
+import {
+  AutoclearFeatures,
+  ExtensionType,
+  FdeExtension,
+  IncompatibleFeatures,
+  compressedLayout,
+  decodeCompressed,
+  encodeHeaderArea,
+  openQcow2,
+} from "@qimg/qcow2";
+import type {
+  BitmapEntry,
+  CompressedLayout,
+  HeaderExtension,
+  Qcow2Header,
+  SnapshotEntry,
+} from "@qimg/qcow2";
+import { createClusterCounts, maxRefcount, rebuildRefcounts } from "@qimg/refcount";
+import type { ClusterCounts } from "@qimg/refcount";
+import { U64TableView } from "@qimg/structs";
+import { checkExitCode } from "./result.js";
+import type { CheckMessage, CheckMessageKind, CheckResult, LostRange } from "./result.js";
+import { StoredRefcounts } from "./stored.js";
+
+/** How much a check may repair, as `qemu-img check -r`. */
+export type RepairMode = "leaks" | "all";
+
+export interface CheckOptions {
+  /** Repair leaks only, or everything that can be repaired. Default: check only. */
+  readonly repair?: RepairMode | undefined;
+  /** Name reported as `filename` (qemu-img prints the path it was given). Default: the backend's name. */
+  readonly filename?: string | undefined;
+}
+
+const FIX_LEAKS = 1;
+const FIX_ERRORS = 2;
+const TWO_32 = 0x1_0000_0000;
+const MAX_L1_ENTRIES = 0x200_0000 / 8; // QCOW_MAX_L1_SIZE / 8
+
+/** 64-bit entry words -> lower-case hex without leading zeros, as PRIx64. */
+function hex64(hi: number, lo: number): string {
+  return ((BigInt(hi >>> 0) << 32n) | BigInt(lo >>> 0)).toString(16);
+}
+
+/** Offset bits 9..55 of an L1/L2 entry as a number. */
+function offsetOf(hi: number, lo: number): number {
+  return (hi & 0x00ff_ffff) * TWO_32 + ((lo & 0xffff_fe00) >>> 0);
+}
+
+/** Everything about the image the checker needs, as read at open. */
+interface Layout {
+  readonly header: Qcow2Header;
+  readonly extensions: readonly HeaderExtension[];
+  readonly backingFile: string | undefined;
+  readonly snapshots: readonly SnapshotEntry[];
+  readonly snapshotsSize: number;
+  readonly bitmaps: readonly BitmapEntry[];
+  readonly bitmapDirectory: { readonly offset: number; readonly length: number } | undefined;
+  readonly crypto: { readonly offset: number; readonly length: number } | undefined;
+}
+
+async function readLayout(backend: BlockBackend): Promise<Layout> {
+  const image = await openQcow2(backend, { readOnly: true, noBacking: true });
+  // Not closed: closing would close the caller's backend; a read-only image holds nothing else.
+  const header = image.header;
+  const snapshots = image.snapshots;
+  let snapshotsSize = 0;
+  if (snapshots.length > 0) {
+    const enc = new TextEncoder();
+    const last = snapshots[snapshots.length - 1]!;
+    const bytes =
+      40 +
+      last.extraData.byteLength +
+      enc.encode(last.id).byteLength +
+      enc.encode(last.name).byteLength;
+    snapshotsSize = last.offset + Math.ceil(bytes / 8) * 8 - header.snapshotsOffset;
+  }
+  let crypto: Layout["crypto"];
+  const fde = image.extensions.find((e) => e.type === ExtensionType.fullDiskEncryption);
+  if (fde !== undefined && fde.data.byteLength >= 16) {
+    const d = FdeExtension.decode(fde.data, 0, fde.offset + 8);
+    crypto = { offset: d.offset, length: d.length };
+  }
+  return {
+    header,
+    extensions: image.extensions,
+    backingFile: image.backingFilename,
+    snapshots,
+    snapshotsSize,
+    bitmaps: image.bitmaps,
+    bitmapDirectory: image.bitmapDirectory,
+    crypto,
+  };
+}
+
+interface Counters {
+  checkErrors: number;
+  corruptions: number;
+  leaks: number;
+  corruptionsFixed: number;
+  leaksFixed: number;
+  allocated: number;
+  fragmented: number;
+  compressed: number;
+}
+
+const zero = (): Counters => ({
+  checkErrors: 0,
+  corruptions: 0,
+  leaks: 0,
+  corruptionsFixed: 0,
+  leaksFixed: 0,
+  allocated: 0,
+  fragmented: 0,
+  compressed: 0,
+});
+
+/** Thrown inside a pass when the check cannot go on (qemu-img: "Check failed: ..."). */
+class CheckAbort extends Error {}
+
+/** One pass of QEMU's qcow2_check_refcounts (plus our -r all extensions), over one layout. */
+class Pass {
+  readonly cs: number;
+  readonly bits: number;
+  readonly refcountBits: number;
+  readonly maxRc: number;
+  readonly l2Entries: number;
+  readonly entryBytes: number;
+  readonly extendedL2: boolean;
+  readonly hasDataFile: boolean;
+  readonly layoutC: CompressedLayout;
+  res: Counters = zero();
+  counts: ClusterCounts;
+  nbClusters: number;
+  fileSize: number;
+  rebuild = false;
+  highest = 0;
+  /** Clusters counted for the refcount table and blocks, [first, count] runs. */
+  refcountRuns: [number, number][] = [];
+  #tagRefcount = false;
+  stored!: StoredRefcounts;
+
+  constructor(
+    readonly backend: BlockBackend,
+    readonly layout: Layout,
+    fileSize: number,
+    readonly log: (kind: CheckMessageKind, text: string, offset?: number) => void,
+    readonly lost: LostRange[],
+  ) {
+    const h = layout.header;
+    this.bits = h.clusterBits;
+    this.cs = 2 ** h.clusterBits;
+    this.refcountBits = 2 ** h.refcountOrder;
+    this.maxRc = maxRefcount(this.refcountBits);
+    const incompat = IncompatibleFeatures.decode(h.incompatibleFeatures);
+    this.extendedL2 = incompat.has("extendedL2");
+    this.hasDataFile = incompat.has("externalDataFile");
+    this.entryBytes = this.extendedL2 ? 16 : 8;
+    this.l2Entries = this.cs / this.entryBytes;
+    this.layoutC = compressedLayout(h.clusterBits);
+    this.fileSize = fileSize;
+    this.nbClusters = Math.ceil(fileSize / this.cs);
+    this.counts = createClusterCounts(this.refcountBits, this.nbClusters);
+  }
+
+  async openStored(): Promise<void> {
+    const h = this.layout.header;
+    this.stored = await StoredRefcounts.open(
+      this.backend,
+      h.clusterBits,
+      h.refcountOrder,
+      h.refcountTableOffset,
+      h.refcountTableClusters,
+    );
+  }
+
+  #grow(n: number): void {
+    if (n <= this.counts.length) {
+      this.nbClusters = Math.max(this.nbClusters, n);
+      return;
+    }
+    const next = createClusterCounts(
+      this.refcountBits,
+      Math.max(n, Math.ceil(this.counts.length * 1.5)),
+    );
+    next.set(this.counts);
+    this.counts = next;
+    this.nbClusters = n;
+  }
+
+  /** qcow2_inc_refcounts_imrt: count one reference to every cluster of [offset, offset+size). */
+  inc(offset: number, size: number): void {
+    if (size <= 0) return;
+    if (offset + size - this.fileSize >= this.cs) {
+      this.log(
+        "corruption",
+        `ERROR: counting reference for region exceeding the end of the file by one cluster or more: offset 0x${offset.toString(16)} size 0x${size.toString(16)}`,
+        offset,
+      );
+      this.res.corruptions++;
+      return;
+    }
+    const first = Math.floor(offset / this.cs);
+    const last = Math.floor((offset + size - 1) / this.cs);
+    if (last >= this.nbClusters) this.#grow(last + 1);
+    for (let k = first; k <= last; k++) {
+      const v = this.counts[k]!;
+      if (v === this.maxRc) {
+        this.log(
+          "corruption",
+          `ERROR: overflow cluster offset=0x${(k * this.cs).toString(16)}`,
+          k * this.cs,
+        );
+        this.log(
+          "info",
+          "Use qemu-img amend to increase the refcount entry width or qemu-img convert to create a clean copy if the image cannot be opened for writing",
+        );
+        this.res.corruptions++;
+        continue;
+      }
+      this.counts[k] = v + 1;
+    }
+    if (this.#tagRefcount) this.refcountRuns.push([first, last - first + 1]);
+  }
+
+  async #write(offset: number, data: Uint8Array): Promise<void> {
+    await this.backend.write(offset, data);
+  }
+
+  /** check_refcounts_l2 */
+  async checkL2(l2Offset: number, l1Index: number, fragInfo: boolean, fix: number): Promise<void> {
+    const l2 = new U64TableView(new Uint8Array(this.cs), "big");
+    await this.backend.read(l2Offset, l2.bytes, { zeroPastEof: true });
+    const stride = this.extendedL2 ? 2 : 1;
+    let nextContiguous = 0;
+    const virtualSize = this.layout.header.size;
+    for (let i = 0; i < this.l2Entries; i++) {
+      const k = i * stride;
+      let hi = l2.hi(k);
+      const lo = l2.lo(k);
+      const bmHi = this.extendedL2 ? l2.hi(k + 1) : 0;
+      const bmLo = this.extendedL2 ? l2.lo(k + 1) : 0;
+      const bitmapNonZero = (bmHi | bmLo) !== 0;
+      const entryOffset = l2Offset + i * this.entryBytes;
+      const guest = (l1Index * this.l2Entries + i) * this.cs;
+      const type = this.clusterType(hi, lo);
+      if (type !== "compressed" && ((hi & 0x3f00_0000) !== 0 || (lo & 0x1fe) !== 0)) {
+        this.log(
+          "corruption",
+          `ERROR found l2 entry with reserved bits set: ${hex64(hi, lo)}`,
+          entryOffset,
+        );
+        this.res.corruptions++;
+      }
+      const drop = async (reason: string, replacement: number): Promise<boolean> => {
+        // Our -r all extension: unmap an entry that points nowhere valid.
+        if (!(fix & FIX_ERRORS)) return false;
+        const e = new U64TableView(new Uint8Array(this.entryBytes), "big");
+        e.setWords(0, 0, replacement);
+        await this.#write(entryOffset, e.bytes);
+        this.res.corruptions--;
+        this.res.corruptionsFixed++;
+        if (replacement === 0 && guest < virtualSize) {
+          this.lost.push({ offset: guest, length: Math.min(this.cs, virtualSize - guest), reason });
+        }
+        this.log(
+          "repair",
+          `Repairing L2 entry ${i} of table ${l2Offset.toString(16)}: ${reason}`,
+          entryOffset,
+        );
+        return true;
+      };
+      switch (type) {
+        case "compressed": {
+          if ((hi & 0x8000_0000) !== 0) {
+            const d = decodeCompressed(hi, lo, this.layoutC);
+            this.log(
+              "corruption",
+              `ERROR: coffset=0x${d.hostOffset.toString(16)}: copied flag must never be set for compressed clusters`,
+              entryOffset,
+            );
+            hi &= 0x7fff_ffff;
+            this.res.corruptions++;
+          }
+          if (this.hasDataFile) {
+            this.log(
+              "corruption",
+              `ERROR compressed cluster ${i} with data file, entry=0x${hex64(hi, lo)}`,
+              entryOffset,
+            );
+            this.res.corruptions++;
+            break;
+          }
+          if (bitmapNonZero) {
+            this.log(
+              "corruption",
+              `ERROR compressed cluster ${i} with non-zero subcluster allocation bitmap, entry=0x${hex64(hi, lo)}`,
+              entryOffset,
+            );
+            this.res.corruptions++;
+            break;
+          }
+          const d = decodeCompressed(hi, lo, this.layoutC);
+          if (fix & FIX_ERRORS && d.hostOffset + d.length - this.fileSize >= this.cs) {
+            this.res.corruptions++;
+            this.log(
+              "corruption",
+              `ERROR: counting reference for region exceeding the end of the file by one cluster or more: offset 0x${d.hostOffset.toString(16)} size 0x${d.length.toString(16)}`,
+              d.hostOffset,
+            );
+            if (await drop("compressed data outside the image file", 0)) continue;
+          } else {
+            this.inc(d.hostOffset, d.length);
+          }
+          if (fragInfo) {
+            this.res.allocated++;
+            this.res.compressed++;
+            this.res.fragmented++;
+          }
+          break;
+        }
+        case "normal":
+        case "zero-alloc": {
+          const offset = offsetOf(hi, lo);
+          if (this.extendedL2 && ((bmHi >>> 0) & (bmLo >>> 0)) !== 0) {
+            this.res.corruptions++;
+            this.log(
+              "corruption",
+              `ERROR offset=${offset.toString(16)}: Allocated cluster has corrupted subcluster allocation bitmap`,
+              entryOffset,
+            );
+          }
+          if (offset % this.cs !== 0) {
+            this.res.corruptions++;
+            const containsData = this.extendedL2 ? bmLo >>> 0 !== 0 : (lo & 1) === 0;
+            if (!containsData) {
+              this.log(
+                "corruption",
+                `${fix & FIX_ERRORS ? "Repairing" : "ERROR"} offset=${offset.toString(16)}: Preallocated cluster is not properly aligned; L2 entry corrupted.`,
+                entryOffset,
+              );
+              if (fix & FIX_ERRORS) {
+                const e = new U64TableView(new Uint8Array(this.entryBytes), "big");
+                e.setWords(0, 0, this.extendedL2 ? 0 : 1);
+                await this.#write(entryOffset, e.bytes);
+                this.res.corruptions--;
+                this.res.corruptionsFixed++;
+                continue;
+              }
+            } else {
+              this.log(
+                "corruption",
+                `ERROR offset=${offset.toString(16)}: Data cluster is not properly aligned; L2 entry corrupted.`,
+                entryOffset,
+              );
+              if (await drop("data cluster offset not aligned to the cluster size", 0)) continue;
+            }
+          }
+          if (
+            !this.hasDataFile &&
+            fix & FIX_ERRORS &&
+            offset + this.cs - this.fileSize >= this.cs
+          ) {
+            this.res.corruptions++;
+            this.log(
+              "corruption",
+              `ERROR: counting reference for region exceeding the end of the file by one cluster or more: offset 0x${offset.toString(16)} size 0x${this.cs.toString(16)}`,
+              offset,
+            );
+            // A preallocated zero cluster stays a zero cluster; data is lost.
+            const preallocZero = !this.extendedL2 && (lo & 1) !== 0;
+            if (await drop("data cluster outside the image file", preallocZero ? 1 : 0)) continue;
+          }
+          if (fragInfo) {
+            this.res.allocated++;
+            if (nextContiguous !== 0 && offset !== nextContiguous) this.res.fragmented++;
+            nextContiguous = offset + this.cs;
+          }
+          if (!this.hasDataFile) this.inc(offset, this.cs);
+          break;
+        }
+        case "zero-plain":
+          break;
+        case "unallocated":
+          if (this.extendedL2 && bmLo >>> 0 !== 0) {
+            this.res.corruptions++;
+            this.log(
+              "corruption",
+              "ERROR: Unallocated cluster has non-zero subcluster allocation map",
+              entryOffset,
+            );
+          }
+          break;
+      }
+    }
+  }
+
+  clusterType(
+    hi: number,
+    lo: number,
+  ): "compressed" | "zero-alloc" | "zero-plain" | "unallocated" | "normal" {
+    if ((hi & 0x4000_0000) !== 0) return "compressed";
+    const hasOffset = offsetOf(hi, lo) !== 0;
+    if ((lo & 1) !== 0 && !this.extendedL2) return hasOffset ? "zero-alloc" : "zero-plain";
+    if (!hasOffset) return this.hasDataFile && (hi & 0x8000_0000) !== 0 ? "normal" : "unallocated";
+    return "normal";
+  }
+
+  /** check_refcounts_l1 */
+  async checkL1(l1Offset: number, l1Size: number, fragInfo: boolean, fix: number): Promise<void> {
+    if (l1Size === 0) return;
+    const bytes = l1Size * 8;
+    this.inc(l1Offset, bytes);
+    const l1 = new U64TableView(new Uint8Array(bytes), "big");
+    await this.backend.read(l1Offset, l1.bytes, { zeroPastEof: true });
+    const virtualSize = this.layout.header.size;
+    for (let i = 0; i < l1Size; i++) {
+      const hi = l1.hi(i);
+      const lo = l1.lo(i);
+      if ((hi | lo) === 0) continue;
+      const entryOffset = l1Offset + i * 8;
+      if ((hi & 0x7f00_0000) !== 0 || (lo & 0x1ff) !== 0) {
+        this.log(
+          "corruption",
+          `ERROR found L1 entry with reserved bits set: ${hex64(hi, lo)}`,
+          entryOffset,
+        );
+        this.res.corruptions++;
+      }
+      const l2Offset = offsetOf(hi, lo);
+      const misaligned = l2Offset % this.cs !== 0;
+      const outside = l2Offset + this.cs - this.fileSize >= this.cs;
+      if (fix & FIX_ERRORS && l2Offset !== 0 && (misaligned || outside)) {
+        // Our -r all extension: drop an L1 entry whose L2 table cannot be where it says.
+        this.res.corruptions++;
+        const reason = misaligned
+          ? "L2 table not aligned to the cluster size"
+          : "L2 table outside the image file";
+        this.log(
+          "corruption",
+          misaligned
+            ? `ERROR l2_offset=${l2Offset.toString(16)}: Table is not cluster aligned; L1 entry corrupted`
+            : `ERROR l2_offset=${l2Offset.toString(16)}: L2 table is outside the image file; L1 entry corrupted`,
+          entryOffset,
+        );
+        await this.#write(entryOffset, new Uint8Array(8));
+        this.res.corruptions--;
+        this.res.corruptionsFixed++;
+        const guest = i * this.l2Entries * this.cs;
+        if (guest < virtualSize) {
+          this.lost.push({
+            offset: guest,
+            length: Math.min(this.l2Entries * this.cs, virtualSize - guest),
+            reason,
+          });
+        }
+        this.log("repair", `Repairing L1 entry ${i}: dropped (${reason})`, entryOffset);
+        continue;
+      }
+      this.inc(l2Offset, this.cs);
+      if (misaligned) {
+        this.log(
+          "corruption",
+          `ERROR l2_offset=${l2Offset.toString(16)}: Table is not cluster aligned; L1 entry corrupted`,
+          entryOffset,
+        );
+        this.res.corruptions++;
+      }
+      await this.checkL2(l2Offset, i, fragInfo, fix);
+    }
+  }
+
+  /** calculate_refcounts */
+  async calculate(fix: number): Promise<void> {
+    const L = this.layout;
+    const h = L.header;
+    this.inc(0, this.cs);
+    await this.checkL1(h.l1TableOffset, h.l1Size, true, fix);
+    if (this.hasDataFile && h.nbSnapshots > 0) {
+      this.log("corruption", `ERROR ${h.nbSnapshots} snapshots in image with data file`);
+      this.res.corruptions++;
+    }
+    for (const sn of L.snapshots) {
+      if (sn.l1TableOffset % this.cs !== 0) {
+        this.log(
+          "corruption",
+          `ERROR snapshot ${sn.id} (${sn.name}) l1_offset=0x${sn.l1TableOffset.toString(16)}: L1 table is not cluster aligned; snapshot table entry corrupted`,
+          sn.offset,
+        );
+        this.res.corruptions++;
+        continue;
+      }
+      if (sn.l1Size > MAX_L1_ENTRIES) {
+        this.log(
+          "corruption",
+          `ERROR snapshot ${sn.id} (${sn.name}) l1_size=0x${sn.l1Size.toString(16)}: L1 table is too large; snapshot table entry corrupted`,
+          sn.offset,
+        );
+        this.res.corruptions++;
+        continue;
+      }
+      await this.checkL1(sn.l1TableOffset, sn.l1Size, false, fix);
+    }
+    this.inc(h.snapshotsOffset, L.snapshotsSize);
+    this.#tagRefcount = true;
+    this.inc(h.refcountTableOffset, h.refcountTableClusters * this.cs);
+    this.#tagRefcount = false;
+    if (L.crypto !== undefined) this.inc(L.crypto.offset, L.crypto.length);
+    await this.checkBitmaps();
+    this.checkRefblocks();
+  }
+
+  async checkBitmaps(): Promise<void> {
+    const L = this.layout;
+    if (L.bitmaps.length === 0 || L.bitmapDirectory === undefined) return;
+    if (!AutoclearFeatures.decode(L.header.autoclearFeatures).has("bitmaps")) return;
+    this.inc(L.bitmapDirectory.offset, L.bitmapDirectory.length);
+    for (const bm of L.bitmaps) {
+      const bytes = bm.bitmapTableSize * 8;
+      this.inc(bm.bitmapTableOffset, bytes);
+      if (bm.bitmapTableOffset % this.cs !== 0 || bm.bitmapTableOffset + bytes > this.fileSize) {
+        this.res.corruptions++;
+        return;
+      }
+      const t = new U64TableView(new Uint8Array(bytes), "big");
+      await this.backend.read(bm.bitmapTableOffset, t.bytes);
+      for (let i = 0; i < t.length; i++) {
+        const hi = t.hi(i);
+        const lo = t.lo(i);
+        if ((hi & 0xff00_0000) !== 0 || (lo & 0x1fe) !== 0) {
+          this.res.corruptions++;
+          continue;
+        }
+        const off = offsetOf(hi, lo);
+        if (off !== 0 && ((lo & 1) !== 0 || off % this.cs !== 0)) {
+          this.res.corruptions++;
+          continue;
+        }
+        if (off === 0) continue;
+        this.inc(off, this.cs);
+      }
+    }
+  }
+
+  /** check_refblocks */
+  checkRefblocks(): void {
+    for (let i = 0; i < this.stored.tableEntries; i++) {
+      const { hi, lo } = this.stored.entryWords(i);
+      const offset = (hi >>> 0) * TWO_32 + ((lo & 0xffff_fe00) >>> 0);
+      const cluster = Math.floor(offset / this.cs);
+      const entryOffset = this.layout.header.refcountTableOffset + i * 8;
+      if ((lo & 0x1ff) !== 0) {
+        this.log(
+          "corruption",
+          `ERROR refcount table entry ${i} has reserved bits set`,
+          entryOffset,
+        );
+        this.res.corruptions++;
+        this.rebuild = true;
+        continue;
+      }
+      if (offset % this.cs !== 0) {
+        this.log(
+          "corruption",
+          `ERROR refcount block ${i} is not cluster aligned; refcount table entry corrupted`,
+          entryOffset,
+        );
+        this.res.corruptions++;
+        this.rebuild = true;
+        continue;
+      }
+      if (cluster >= this.nbClusters) {
+        this.res.corruptions++;
+        this.log("corruption", `ERROR refcount block ${i} is outside image`, entryOffset);
+        // QEMU -r all grows the file to cover the block; we rebuild instead.
+        this.rebuild = true;
+        continue;
+      }
+      if (offset !== 0) {
+        this.#tagRefcount = true;
+        this.inc(offset, this.cs);
+        this.#tagRefcount = false;
+        const n = this.counts[cluster]!;
+        if (n !== 1) {
+          this.log("corruption", `ERROR refcount block ${i} refcount=${n}`, offset);
+          this.res.corruptions++;
+          this.rebuild = true;
+        }
+      }
+    }
+  }
+
+  /** compare_refcounts */
+  async compare(fix: number): Promise<void> {
+    this.highest = 0;
+    for (let i = 0; i < this.nbClusters; i++) {
+      let r1: number;
+      try {
+        r1 = await this.stored.get(i);
+      } catch {
+        this.log("error", `Can't get refcount for cluster ${i}: Input/output error`, i * this.cs);
+        this.res.checkErrors++;
+        continue;
+      }
+      const r2 = this.counts[i]!;
+      if (r1 > 0 || r2 > 0) this.highest = i;
+      if (r1 === r2) continue;
+      let fixed: "leaksFixed" | "corruptionsFixed" | undefined;
+      if (r1 === 0) this.rebuild = true;
+      else if (r1 > r2 && fix & FIX_LEAKS) fixed = "leaksFixed";
+      else if (r1 < r2 && fix & FIX_ERRORS) fixed = "corruptionsFixed";
+      const word = fixed !== undefined ? "Repairing" : r1 < r2 ? "ERROR" : "Leaked";
+      this.log(
+        fixed !== undefined ? "repair" : r1 < r2 ? "corruption" : "leak",
+        `${word} cluster ${i} refcount=${r1} reference=${r2}`,
+        i * this.cs,
+      );
+      if (fixed !== undefined) {
+        try {
+          await this.stored.set(i, r2);
+          this.res[fixed]++;
+          continue;
+        } catch {
+          // counted below
+        }
+      }
+      if (r1 < r2) this.res.corruptions++;
+      else this.res.leaks++;
+    }
+  }
+
+  /** check_oflag_copied */
+  async checkOflagCopied(fix: number): Promise<void> {
+    const h = this.layout.header;
+    let repair: boolean;
+    if (fix & FIX_ERRORS) repair = true;
+    else if (fix & FIX_LEAKS)
+      repair = this.res.checkErrors === 0 && this.res.corruptions === 0 && this.res.leaks === 0;
+    else repair = false;
+    const l1 = new U64TableView(new Uint8Array(h.l1Size * 8), "big");
+    if (l1.bytes.byteLength > 0)
+      await this.backend.read(h.l1TableOffset, l1.bytes, { zeroPastEof: true });
+    const l2 = new U64TableView(new Uint8Array(this.cs), "big");
+    const stride = this.extendedL2 ? 2 : 1;
+    for (let i = 0; i < h.l1Size; i++) {
+      let hi = l1.hi(i);
+      const lo = l1.lo(i);
+      const l2Offset = offsetOf(hi, lo);
+      if (l2Offset === 0) continue;
+      let refcount: number;
+      try {
+        refcount = await this.stored.get(Math.floor(l2Offset / this.cs));
+      } catch {
+        continue;
+      }
+      const copied = (hi & 0x8000_0000) !== 0;
+      const aligned = l2Offset % this.cs === 0;
+      if ((refcount === 1) !== copied) {
+        this.res.corruptions++;
+        this.log(
+          repair ? "repair" : "corruption",
+          `${repair ? "Repairing" : "ERROR"} OFLAG_COPIED L2 cluster: l1_index=${i} l1_entry=${hex64(hi, lo)} refcount=${refcount}`,
+          h.l1TableOffset + i * 8,
+        );
+        if (repair) {
+          hi = refcount === 1 ? (hi | 0x8000_0000) >>> 0 : hi & 0x7fff_ffff;
+          l1.setWords(i, hi, lo);
+          await this.#write(h.l1TableOffset + i * 8, l1.bytes.subarray(i * 8, i * 8 + 8));
+          this.res.corruptions--;
+          this.res.corruptionsFixed++;
+        }
+      }
+      await this.backend.read(l2Offset, l2.bytes, { zeroPastEof: true });
+      let dirty = 0;
+      for (let j = 0; j < this.l2Entries; j++) {
+        const k = j * stride;
+        const ehi = l2.hi(k);
+        const elo = l2.lo(k);
+        const type = this.clusterType(ehi, elo);
+        if (type !== "normal" && type !== "zero-alloc") continue;
+        let rc = 1;
+        if (!this.hasDataFile) {
+          try {
+            rc = await this.stored.get(Math.floor(offsetOf(ehi, elo) / this.cs));
+          } catch {
+            continue;
+          }
+        }
+        const ecopied = (ehi & 0x8000_0000) !== 0;
+        if ((rc === 1) !== ecopied) {
+          this.res.corruptions++;
+          this.log(
+            repair ? "repair" : "corruption",
+            `${repair ? "Repairing" : "ERROR"} OFLAG_COPIED data cluster: l2_entry=${hex64(ehi, elo)} refcount=${rc}`,
+            l2Offset + j * this.entryBytes,
+          );
+          if (repair && aligned) {
+            l2.setWords(k, rc === 1 ? (ehi | 0x8000_0000) >>> 0 : ehi & 0x7fff_ffff, elo);
+            dirty++;
+          }
+        }
+      }
+      if (dirty > 0) {
+        await this.#write(l2Offset, l2.bytes);
+        this.res.corruptions -= dirty;
+        this.res.corruptionsFixed += dirty;
+      }
+    }
+  }
+}
+
+/** Rewrite the header area (one write) and sync. */
+async function writeHeader(
+  backend: BlockBackend,
+  layout: Layout,
+  header: Qcow2Header,
+): Promise<void> {
+  const { bytes } = encodeHeaderArea(
+    header,
+    layout.extensions.map((e) => ({ type: e.type, data: e.data })),
+    layout.backingFile,
+  );
+  await backend.write(0, bytes);
+  await backend.flush();
+}
+
+const DIRTY = 1n;
+const CORRUPT = 2n;
+const KNOWN_AUTOCLEAR = 3n; // bitmaps, raw external data
+
+interface PassOutcome {
+  res: Counters;
+  imageEndOffset: number;
+  totalClusters: number;
+  failure: string | undefined;
+  rebuilt: boolean;
+}
+
+/** qcow2_co_check_locked: one full check (with repairs when `fix` says so). */
+async function runCheck(
+  backend: BlockBackend,
+  fix: number,
+  log: (kind: CheckMessageKind, text: string, offset?: number) => void,
+  lost: LostRange[],
+): Promise<PassOutcome> {
+  let layout = await readLayout(backend);
+  const h0 = layout.header;
+  const cs = 2 ** h0.clusterBits;
+  const totalClusters = Math.ceil(h0.size / cs);
+  if (fix !== 0 && (h0.autoclearFeatures & ~KNOWN_AUTOCLEAR) !== 0n) {
+    // What QEMU does on every read-write open: drop autoclear bits it does not know.
+    const header = { ...h0, autoclearFeatures: h0.autoclearFeatures & KNOWN_AUTOCLEAR };
+    await writeHeader(backend, layout, header);
+    layout = { ...layout, header };
+  }
+  const fileSize = await backend.size();
+  let p = new Pass(backend, layout, fileSize, log, lost);
+  let rebuilt = false;
+  try {
+    await p.openStored();
+    await p.calculate(fix);
+    // Entries dropped by the walk must be gone on disk before any refcount goes down.
+    if (fix !== 0) await backend.flush();
+    const pre = { ...p.res };
+    await p.compare(0);
+    if (p.rebuild && fix & FIX_ERRORS) {
+      const old = { ...p.res };
+      log("info", "Rebuilding refcount structure");
+      // New counts: everything referenced except the old refcount table and blocks, which
+      // become free once the header names the new ones.
+      const counts = p.counts.slice(0, p.nbClusters);
+      for (const [first, n] of p.refcountRuns) {
+        for (let c = first; c < first + n; c++) if (counts[c]! > 0) counts[c] = counts[c]! - 1;
+      }
+      await backend.flush();
+      let header = layout.header;
+      await rebuildRefcounts({
+        backend,
+        clusterBits: header.clusterBits,
+        refcountOrder: header.refcountOrder,
+        counts,
+        onTableMoved: async (tableOffset, tableClusters) => {
+          header = {
+            ...header,
+            refcountTableOffset: tableOffset,
+            refcountTableClusters: tableClusters,
+          };
+          await writeHeader(backend, layout, header);
+        },
+      });
+      rebuilt = true;
+      layout = { ...layout, header };
+      const carried = p.res;
+      p = new Pass(backend, layout, await backend.size(), log, lost);
+      await p.openStored();
+      p.res = { ...carried, corruptions: 0, leaks: 0, allocated: 0, fragmented: 0, compressed: 0 };
+      await p.calculate(0);
+      let freshLeaks = 0;
+      if (fix & FIX_LEAKS) {
+        const saved = p.res;
+        p.res = zero();
+        await p.compare(FIX_LEAKS);
+        if (p.rebuild) log("error", "ERROR rebuilt refcount structure is still broken");
+        freshLeaks = p.res.leaks;
+        p.res = saved;
+      }
+      if (p.res.corruptions < old.corruptions)
+        p.res.corruptionsFixed += old.corruptions - p.res.corruptions;
+      if (p.res.leaks < old.leaks) p.res.leaksFixed += old.leaks - p.res.leaks;
+      p.res.leaks += freshLeaks;
+    } else if (fix !== 0) {
+      if (p.rebuild) {
+        log("error", "ERROR need to rebuild refcount structures");
+        p.res.checkErrors++;
+        throw new CheckAbort("Input/output error");
+      }
+      if (p.res.leaks > 0 || p.res.corruptions > 0) {
+        p.res = pre;
+        await p.compare(fix);
+      }
+    }
+    if (fix !== 0) await backend.flush();
+    await p.checkOflagCopied(fix);
+    if (fix !== 0) await backend.flush();
+  } catch (e) {
+    if (e instanceof CheckAbort) {
+      return { res: p.res, imageEndOffset: 0, totalClusters, failure: e.message, rebuilt };
+    }
+    throw e;
+  }
+  const res = p.res;
+  if (fix !== 0 && res.checkErrors === 0 && res.corruptions === 0) {
+    // qcow2_mark_clean + qcow2_mark_consistent, after everything else is on disk.
+    const h = layout.header;
+    const incompat = h.incompatibleFeatures & ~(DIRTY | CORRUPT);
+    if (incompat !== h.incompatibleFeatures) {
+      await writeHeader(backend, layout, { ...h, incompatibleFeatures: incompat });
+    }
+  }
+  return { res, imageEndOffset: (p.highest + 1) * cs, totalClusters, failure: undefined, rebuilt };
+}
+
+/**
+ * Check a qcow2 image as `qemu-img check [-r leaks|all]` does: count every reference to
+ * every host cluster (header, active and snapshot L1/L2 tables, data and compressed
+ * clusters, refcount table and blocks, snapshot table, bitmaps), compare with the stored
+ * refcounts up to the end of the file, check the COPIED flags, and report what qemu-img
+ * reports. Never throws on corruption; throws a typed error only when the image cannot be
+ * opened at all (qemu-img: "Could not open", exit 1) or on I/O failure.
+ *
+ * With `repair`, fixes what qemu-img fixes (leaks; with "all" also too-low refcounts,
+ * COPIED flags, and a rebuild of broken refcount structures), and in "all" mode also drops
+ * L1/L2 entries pointing outside the file or misaligned (listed in `lostRanges`). After a
+ * repair that fixed anything, the image is checked again and the result describes that
+ * second check, with the fixed counts of the first (as qemu-img).
+ */
+export async function checkQcow2(
+  backend: BlockBackend,
+  options: CheckOptions = {},
+): Promise<CheckResult> {
+  const fix =
+    options.repair === "all" ? FIX_LEAKS | FIX_ERRORS : options.repair === "leaks" ? FIX_LEAKS : 0;
+  const messages: CheckMessage[] = [];
+  const log = (kind: CheckMessageKind, text: string, offset?: number): void => {
+    messages.push(offset === undefined ? { kind, text } : { kind, text, offset });
+  };
+  const lost: LostRange[] = [];
+  const filename = options.filename ?? backend.name;
+  let out = await runCheck(backend, fix, log, lost);
+  let repaired: CheckResult["repaired"];
+  const rebuilt = out.rebuilt;
+  if (out.failure === undefined && (out.res.corruptionsFixed > 0 || out.res.leaksFixed > 0)) {
+    repaired = { leaks: out.res.leaksFixed, corruptions: out.res.corruptionsFixed };
+    const again = await runCheck(backend, 0, log, []);
+    again.res.leaksFixed = out.res.leaksFixed;
+    again.res.corruptionsFixed = out.res.corruptionsFixed;
+    out = again;
+  }
+  const r = out.res;
+  const base = {
+    checkErrors: r.checkErrors,
+    corruptions: r.corruptions,
+    leaks: r.leaks,
+    failure: out.failure,
+  };
+  return {
+    filename,
+    format: "qcow2",
+    ...base,
+    corruptionsFixed: r.corruptionsFixed,
+    leaksFixed: r.leaksFixed,
+    imageEndOffset: out.failure === undefined ? out.imageEndOffset : 0,
+    totalClusters: out.totalClusters,
+    allocatedClusters: r.allocated,
+    fragmentedClusters: r.fragmented,
+    compressedClusters: r.compressed,
+    messages,
+    repaired,
+    lostRanges: lost,
+    rebuilt,
+    exitCode: checkExitCode(base),
+  };
+}

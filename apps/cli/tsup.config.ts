@@ -1,7 +1,8 @@
 import { defineConfig } from "tsup";
 
 export default defineConfig({
-  entry: { qimg: "src/main.ts" },
+  // The compression worker is its own file: the pool starts it by URL next to qimg.js.
+  entry: { qimg: "src/main.ts", "compress-worker": "src/util/compress-worker.ts" },
   format: ["esm"],
   platform: "node",
   target: "node20",

@@ -13,6 +13,13 @@ export interface CliContext {
   readonly progressStream: NodeJS.WritableStream | undefined;
   /** Print stack traces for every error (`--debug`). */
   debug: boolean;
+  /**
+   * End the process at once, without running any cleanup (qemu-io's `abort`, `sigraise`).
+   * Undefined for in-process contexts: the command then stops and returns the code instead.
+   */
+  readonly exitNow?: ((code: number) => never) | undefined;
+  /** Send `signal` to this process (qemu-io's `sigraise`); undefined in-process. */
+  readonly raiseSignal?: ((signal: number) => void) | undefined;
 }
 
 /** The context of the real process. */
@@ -27,6 +34,10 @@ export function processContext(): CliContext {
     stderrIsTTY: process.stderr.isTTY,
     progressStream: process.stderr,
     debug: false,
+    exitNow: (code) => process.exit(code),
+    raiseSignal: (signal) => {
+      process.kill(process.pid, signal);
+    },
   };
 }
 

@@ -13,6 +13,7 @@ import type {
   BackingOpener,
   BackingRequest,
   BitmapInfo,
+  Compressor,
   Qcow2Info,
   SnapshotInfo,
 } from "@qimg/qcow2";
@@ -45,6 +46,15 @@ export interface DriverOpenOptions {
   readonly openBacking: BackingOpener | undefined;
   /** Opens an external data file (qcow2 data_file) by recorded name. */
   readonly openDataFile: (name: string, relativeTo: string) => Promise<BlockBackend>;
+  /** qcow2 open options for read-write opens of the top image. */
+  readonly qcow2?: Qcow2WriteOptions | undefined;
+}
+
+/** The qcow2 write-side open options the CLI passes through (`-o lazy-refcounts=...`, `-t`). */
+export interface Qcow2WriteOptions {
+  readonly lazyRefcounts?: boolean | undefined;
+  readonly writethrough?: boolean | undefined;
+  readonly compress?: Compressor | undefined;
 }
 
 function missing(what: string): never {
@@ -63,12 +73,19 @@ export async function openQcow2Image(
 ): Promise<DiskImage> {
   const open = (qcow2 as Partial<typeof qcow2>).openQcow2;
   if (typeof open !== "function") missing("the qcow2 format driver");
+  const extra = options.qcow2;
+  const write = {
+    ...(extra?.lazyRefcounts !== undefined ? { lazyRefcounts: extra.lazyRefcounts } : {}),
+    ...(extra?.writethrough !== undefined ? { writethrough: extra.writethrough } : {}),
+    ...(extra?.compress !== undefined ? { compress: extra.compress } : {}),
+  };
   return options.openBacking === undefined
-    ? open(backend, { readOnly: options.readOnly, noBacking: true })
+    ? open(backend, { readOnly: options.readOnly, noBacking: true, ...write })
     : open(backend, {
         readOnly: options.readOnly,
         openBacking: options.openBacking,
         openDataFile: options.openDataFile,
+        ...write,
       });
 }
 

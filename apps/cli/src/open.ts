@@ -14,6 +14,7 @@ import {
   type BackingRequest,
   type BlockBackend,
   type DiskImage,
+  type Qcow2WriteOptions,
 } from "./drivers.js";
 import { inFile } from "./errors.js";
 import { PROBE_SIZE, probeFormat, probedRawWarning } from "./probe.js";
@@ -33,6 +34,8 @@ export interface OpenImageOptions {
   readonly openBacking?: boolean;
   /** Where warnings go. */
   readonly ctx: CliContext;
+  /** qcow2 write-side options (only for the top image). */
+  readonly qcow2?: Qcow2WriteOptions | undefined;
 }
 
 /**
@@ -80,6 +83,7 @@ async function openOnBackend(
     openBacking: BackingOpener | undefined;
     ctx: CliContext;
     warnRaw: boolean;
+    qcow2?: Qcow2WriteOptions | undefined;
   },
 ): Promise<DiskImage> {
   try {
@@ -97,6 +101,7 @@ async function openOnBackend(
         const path = combinePath(relativeTo, name);
         return inFile(path, () => FileBackend.open(path, { readOnly }));
       },
+      qcow2: options.qcow2,
     };
     switch (fmt) {
       case "qcow2":
@@ -165,6 +170,7 @@ export async function openImage(path: string, options: OpenImageOptions): Promis
       openBacking: openBacking ? fileBackingOpener(options.ctx, [realPathOrSelf(path)]) : undefined,
       ctx: options.ctx,
       warnRaw: !readOnly,
+      qcow2: options.qcow2,
     });
   });
 }

@@ -1,15 +1,21 @@
 import type { CommandDef } from "../command.js";
+import { benchCommand } from "./bench.js";
 import { compareCommand } from "./compare.js";
 import { convertCommand } from "./convert.js";
+import { createCommand } from "./create.js";
 import { ddCommand } from "./dd.js";
 import { infoCommand } from "./info.js";
+import { ioCommand } from "./io.js";
 import { mapCommand } from "./map.js";
 
 /** Every command qimg has, in the order `--help` lists them. */
 export const COMMANDS: readonly CommandDef[] = [
+  benchCommand,
   compareCommand,
   convertCommand,
+  createCommand,
   ddCommand,
   infoCommand,
+  ioCommand,
   mapCommand,
 ];

@@ -1,0 +1,114 @@
+/**
+ * A pool of worker threads that compress qcow2 clusters in parallel (one worker per core).
+ * `compress` has the shape of the qcow2 driver's `Compressor` open option, so the driver's
+ * `writeCompressed` hands the deflate work to the pool while the main thread keeps reading
+ * and writing.
+ *
+ * The worker is ./compress-worker.ts: from source (tsx) the .ts file is started with tsx's
+ * loader; from the bundle, dist/compress-worker.js next to dist/qimg.js.
+ */
+import { createRequire } from "node:module";
+import { availableParallelism } from "node:os";
+import { pathToFileURL } from "node:url";
+import { Worker } from "node:worker_threads";
+
+interface Pending {
+  readonly resolve: (data: Uint8Array) => void;
+  readonly reject: (e: Error) => void;
+}
+
+interface Reply {
+  readonly id: number;
+  readonly data?: Uint8Array;
+  readonly error?: string;
+}
+
+/** Start one worker: the bundled .js next to this file, or (from source) the .ts via tsx. */
+function startWorker(): Worker {
+  const here = import.meta.url;
+  if (!here.endsWith(".ts")) return new Worker(new URL("./compress-worker.js", here));
+  // Running from source: register tsx's loader inside the worker, then load the .ts file.
+  // (Node 20 does not apply `--import tsx` hooks inside workers; tsx's tsImport does work.)
+  const api = pathToFileURL(
+    createRequire(here)
+      .resolve("tsx/esm/api")
+      .replace(/index\.cjs$/, "index.mjs"),
+  ).href;
+  const file = new URL("./compress-worker.ts", here).href;
+  const boot = `import(${JSON.stringify(api)}).then((m) => m.tsImport(${JSON.stringify(file)}, ${JSON.stringify(file)}));`;
+  return new Worker(boot, { eval: true });
+}
+
+export class CompressPool {
+  private readonly workers: Worker[] = [];
+  private readonly load: number[] = [];
+  private readonly pending = new Map<number, Pending>();
+  private nextId = 0;
+  private closed = false;
+
+  constructor(threads = availableParallelism()) {
+    for (let i = 0; i < Math.max(1, threads); i++) {
+      const w = startWorker();
+      const index = i;
+      w.on("message", (reply: Reply) => {
+        this.load[index] = (this.load[index] ?? 1) - 1;
+        const p = this.pending.get(reply.id);
+        if (p === undefined) return;
+        this.pending.delete(reply.id);
+        if (reply.data !== undefined) p.resolve(reply.data);
+        else p.reject(new Error(`compression failed: ${reply.error ?? "unknown error"}`));
+      });
+      w.on("error", (e) => this.failAll(e));
+      this.workers.push(w);
+      this.load.push(0);
+    }
+  }
+
+  get size(): number {
+    return this.workers.length;
+  }
+
+  private failAll(e: Error): void {
+    for (const p of this.pending.values()) p.reject(e);
+    this.pending.clear();
+  }
+
+  /** Deflate `data` (raw, 4 KiB window) on the least busy worker. */
+  deflate(data: Uint8Array): Promise<Uint8Array> {
+    if (this.closed) return Promise.reject(new Error("compression pool is closed"));
+    let best = 0;
+    for (let i = 1; i < this.workers.length; i++) {
+      if ((this.load[i] ?? 0) < (this.load[best] ?? 0)) best = i;
+    }
+    const id = this.nextId++;
+    const copy = data.slice();
+    return new Promise<Uint8Array>((resolve, reject) => {
+      this.pending.set(id, { resolve, reject });
+      this.load[best] = (this.load[best] ?? 0) + 1;
+      this.workers[best]?.postMessage({ id, data: copy }, [copy.buffer]);
+    });
+  }
+
+  /**
+   * A qcow2 `Compressor`: zlib only (type 0); returns undefined when compression does not pay.
+   */
+  readonly compress = async (
+    data: Uint8Array,
+    compressionType: number,
+  ): Promise<Uint8Array | undefined> => {
+    if (compressionType !== 0) {
+      throw new Error(
+        "writing zstd-compressed clusters is not supported by qimg (use compression_type=zlib)",
+      );
+    }
+    const out = await this.deflate(data);
+    return out.byteLength < data.byteLength ? out : undefined;
+  };
+
+  async close(): Promise<void> {
+    if (this.closed) return;
+    this.closed = true;
+    this.failAll(new Error("compression pool closed"));
+    await Promise.all(this.workers.map((w) => w.terminate()));
+  }
+}

@@ -1,0 +1,28 @@
+/**
+ * Worker thread of the compression pool (./compress-pool.ts): deflates clusters as QEMU's
+ * qcow2 driver does (raw deflate, 4 KiB window, default level) and sends the bytes back.
+ * Built as its own entry (dist/compress-worker.js) next to dist/qimg.js.
+ */
+import { parentPort } from "node:worker_threads";
+import { deflateRawSync } from "node:zlib";
+
+interface Job {
+  readonly id: number;
+  readonly data: Uint8Array;
+}
+
+const port = parentPort;
+if (port !== null) {
+  port.on("message", (job: Job) => {
+    try {
+      const out = deflateRawSync(job.data, { windowBits: 12 });
+      const bytes = new Uint8Array(out.buffer, out.byteOffset, out.byteLength);
+      // Transfer when the result owns its buffer; copy otherwise (pooled small buffers).
+      const own = bytes.byteOffset === 0 && bytes.byteLength === bytes.buffer.byteLength;
+      const send = own ? bytes : bytes.slice();
+      port.postMessage({ id: job.id, data: send }, [send.buffer as ArrayBuffer]);
+    } catch (e) {
+      port.postMessage({ id: job.id, error: e instanceof Error ? e.message : String(e) });
+    }
+  });
+}

@@ -36,6 +36,8 @@ export interface OpenImageOptions {
   readonly ctx: CliContext;
   /** qcow2 write-side options (only for the top image). */
   readonly qcow2?: Qcow2WriteOptions | undefined;
+  /** Ignore flushes on the top image's file (qemu's cache=unsafe). */
+  readonly noFlush?: boolean;
 }
 
 /**
@@ -163,7 +165,7 @@ export async function openImage(path: string, options: OpenImageOptions): Promis
   const readOnly = options.readOnly ?? true;
   return inFile(path, async () => {
     if (options.format !== undefined) checkFormat(options.format);
-    const backend = await FileBackend.open(path, { readOnly });
+    const backend = await FileBackend.open(path, { readOnly, noFlush: options.noFlush ?? false });
     const openBacking = options.openBacking ?? true;
     return openOnBackend(backend, options.format, {
       readOnly,

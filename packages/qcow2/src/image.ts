@@ -1220,6 +1220,33 @@ export class Qcow2Image implements DiskImage {
     const g1 = Math.floor((end - 1) / cs);
     const l1Index = Math.floor(g0 / this.l2Entries);
     const base = l1Index * this.l2Entries;
+    // Fast path: the L2 table is cached and every cluster is writable in place, so no metadata
+    // changes and no lock are needed (the host offsets are taken before the first await).
+    if (!this.extendedL2 && this.l1.test(l1Index, OFLAG_COPIED)) {
+      const cached = this.l2Cache.peek(this.l1.getMasked(l1Index, L1_OFFSET_MASK));
+      if (cached) {
+        const l2 = new U64TableView(cached.bytes, "big");
+        const h = this.hostOf(l2, g0 - base);
+        let ok = this.inPlace(l2, g0 - base);
+        for (let g = g0 + 1; ok && g <= g1; g++) {
+          ok = this.inPlace(l2, g - base) && this.hostOf(l2, g - base) === h + (g - g0) * cs;
+        }
+        if (ok) {
+          const hostStart = h + (pos - g0 * cs);
+          if (!this.hasDataFile) {
+            for (
+              let c = Math.floor(hostStart / cs);
+              c <= Math.floor((hostStart + src.length - 1) / cs);
+              c++
+            ) {
+              if (w.metadata.has(c)) await this.checkOverlap(c * cs, cs);
+            }
+          }
+          await this.dataBackend.write(hostStart, src);
+          return;
+        }
+      }
+    }
     if (w.lazy) await this.markDirtyOnDisk();
     const table = await w.meta.run(() => this.l2ForWrite(l1Index));
     try {

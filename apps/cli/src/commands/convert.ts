@@ -50,6 +50,17 @@ export interface ConvertOptions {
   readonly progress?: boolean;
   /** Compression threads (default: one per core). */
   readonly threads?: number | undefined;
+  /** `-t`: cache mode of the target; qemu-img convert's default is "unsafe" (no flushes). */
+  readonly cache?: string | undefined;
+}
+
+const CACHE_MODES = ["none", "writeback", "writethrough", "directsync", "unsafe"];
+
+/** True when the target's flushes are skipped (cache=unsafe, the default). */
+function targetNoFlush(cache: string | undefined): boolean {
+  const mode = cache ?? "unsafe";
+  if (!CACHE_MODES.includes(mode)) throw new CliError(`Invalid cache option: ${mode}`);
+  return mode === "unsafe";
 }
 
 /** Output formats `dd` can write. */
@@ -117,7 +128,11 @@ async function convertToRaw(
 ): Promise<void> {
   const size = image.virtualSize;
   const target = await inFile(options.target, () =>
-    FileBackend.open(options.target, { create: true, truncate: true }),
+    FileBackend.open(options.target, {
+      create: true,
+      truncate: true,
+      noFlush: targetNoFlush(options.cache),
+    }),
   );
   try {
     await inFile(options.target, () => target.truncate(roundUp(size, 512)));
@@ -159,6 +174,7 @@ async function convertToImage(
       format,
       readOnly: false,
       ctx,
+      noFlush: targetNoFlush(options.cache),
       qcow2: pool === undefined ? undefined : { compress: pool.compress },
     });
     try {
@@ -202,20 +218,42 @@ async function copyInto(
     if (failure !== undefined) throw asError(failure);
   };
   const progress = startProgress(ctx, options.progress === true, size);
+  // A small pool of chunk buffers, reused once every write issued from one has finished
+  // (fresh 2 MiB buffers per chunk cost page faults and zeroing on every chunk).
+  const pool: { buf: Uint8Array; pending: Promise<void>[] }[] = [];
+  const poolSize = maxInFlight + 2;
+  let next = 0;
+  // A raw source has no allocation metadata: asking it for block status would read the data
+  // twice, so zero detection happens on the data read instead.
+  const rawSource = source.format === "raw" && source.backing === undefined;
   try {
     for (let offset = 0; offset < size; offset += chunk) {
       const end = Math.min(size, offset + chunk);
       progress.update(offset);
-      if (await inFile(options.source, () => allZero(source, offset, end))) continue;
-      // A fresh buffer per chunk: writes in flight still hold the previous ones.
-      const buf = new Uint8Array(end - offset);
+      if (!rawSource && (await inFile(options.source, () => allZero(source, offset, end))))
+        continue;
+      let slot = pool[next % poolSize];
+      if (slot === undefined) {
+        slot = { buf: new Uint8Array(chunk), pending: [] };
+        pool.push(slot);
+      } else {
+        await Promise.all(slot.pending);
+        slot.pending = [];
+      }
+      next++;
+      const current = slot;
+      const buf = current.buf.subarray(0, end - offset);
+      const track = (p: Promise<void>): Promise<void> => {
+        current.pending.push(p.catch(() => undefined));
+        return issue(p);
+      };
       await inFile(options.source, () => source.read(offset, buf));
       let runStart = -1;
       for (let b = 0; b <= buf.length; b += cs) {
         const zero = b >= buf.length || isZero(buf, b, Math.min(b + cs, buf.length));
         if (compressed) {
           if (!zero) {
-            await issue(
+            await track(
               w.writeCompressed!(offset + b, buf.subarray(b, Math.min(b + cs, buf.length))),
             );
           }
@@ -223,7 +261,7 @@ async function copyInto(
         }
         if (!zero && runStart < 0) runStart = b;
         if (zero && runStart >= 0) {
-          await issue(w.write(offset + runStart, buf.subarray(runStart, Math.min(b, buf.length))));
+          await track(w.write(offset + runStart, buf.subarray(runStart, Math.min(b, buf.length))));
           runStart = -1;
         }
       }
@@ -253,10 +291,19 @@ export const convertCommand: CommandDef = {
         "-W, --out-of-order",
         "allow out-of-order writes (qimg always keeps several in flight)",
       )
-      .option("-U, --force-share", "accepted for qemu-img compatibility (qimg takes no locks)");
+      .option("-U, --force-share", "accepted for qemu-img compatibility (qimg takes no locks)")
+      .option(
+        "-t, --cache <mode>",
+        "target cache mode: unsafe (default, no flushes), writeback, ...",
+      )
+      .option(
+        "-T, --source-cache <mode>",
+        "source cache mode (accepted for qemu-img compatibility)",
+      );
   },
   run(ctx, args, opts) {
     return runConvert(ctx, {
+      cache: stringOpt(opts, "cache"),
       source: args[0] ?? "",
       target: args[1] ?? "",
       format: stringOpt(opts, "format"),

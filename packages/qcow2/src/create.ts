@@ -75,27 +75,30 @@ export function normalizeCreateOptions(o: Qcow2CreateOptions) {
       `${what} only supported with compatibility level 1.1 and above (use version=v3 or greater)`,
     );
   };
+  if (o.extendedL2 && clusterSize < 16384) {
+    throw new InvalidArgumentError(
+      "Extended L2 entries are only supported with cluster sizes of at least 16384 bytes",
+    );
+  }
   if (version === 2) {
+    // The order of these checks is qemu-img's, so the same message wins.
+    if (o.extendedL2) needV3("Extended L2 entries are");
     if (refcountBits !== 16) {
       throw new InvalidArgumentError(
         "Different refcount widths than 16 bits require compatibility level 1.1 or above (use version=v3 or greater)",
       );
     }
     if (o.lazyRefcounts) needV3("Lazy refcounts");
-    if (o.extendedL2) needV3("Extended L2 entries are");
-    if (o.compressionType === "zstd") needV3("Non-zlib compression type is");
     if (o.dataFile !== undefined) needV3("External data files are");
-  }
-  if (o.extendedL2 && clusterSize < 16384) {
-    throw new InvalidArgumentError(
-      "Extended L2 entries are only supported with cluster sizes of at least 16384 bytes",
-    );
+    if (o.compressionType === "zstd") needV3("Non-zlib compression type is");
   }
   if (o.dataFileRaw && o.dataFile === undefined) {
     throw new InvalidArgumentError("data-file-raw requires data-file");
   }
-  if (o.dataFile !== undefined && o.backingFile !== undefined) {
-    throw new InvalidArgumentError("Backing file and data file cannot be used at the same time");
+  if (o.dataFileRaw && o.backingFile !== undefined) {
+    throw new InvalidArgumentError(
+      "Backing file and data-file-raw cannot be used at the same time",
+    );
   }
   if (o.backingFormat !== undefined && o.backingFile === undefined) {
     throw new InvalidArgumentError("Backing format cannot be used without backing file");
@@ -161,7 +164,8 @@ export async function createQcow2(
     incompatible |= IncompatibleFeatures.maskOf("externalDataFile");
   const compatible = options.lazyRefcounts ? CompatibleFeatures.maskOf("lazyRefcounts") : 0n;
   const autoclear = options.dataFileRaw ? AutoclearFeatures.maskOf("rawExternalData") : 0n;
-  const l1Clusters = Math.max(1, Math.ceil((n.l1Size * 8) / cs));
+  // A zero-sized disk has an empty L1 table, which needs no cluster (as qemu-img creates it).
+  const l1Clusters = Math.ceil((n.l1Size * 8) / cs);
   // Clusters: 0 header; then the refcount structures (placed by rebuild at cluster 1);
   // we compute their size first so the L1 table and data can follow them.
   const header0: Qcow2Header = {

@@ -135,6 +135,8 @@ interface WriteState {
   dirtyOnDisk: boolean;
   /** Set once an overlap was caught: the image is read-only from then on. */
   corrupted: boolean;
+  /** cache=writethrough: every request is durable (data and metadata) when it completes. */
+  readonly writethrough: boolean;
   /** Host cluster being filled with compressed data, and the next free byte in it. */
   compressedCluster: number;
   compressedNext: number;
@@ -318,8 +320,11 @@ export class Qcow2Image implements DiskImage {
     if (incompat.has("externalDataFile") && dataFileName === undefined && !options.noBacking) {
       throw new FormatError("qcow2 image uses an external data file but does not name it");
     }
-    if (incompat.has("externalDataFile") && backingFilename !== undefined) {
-      throw new FormatError("qcow2 image has both an external data file and a backing file");
+    if (
+      AutoclearFeatures.decode(header.autoclearFeatures).has("rawExternalData") &&
+      backingFilename !== undefined
+    ) {
+      throw new FormatError("qcow2 image has both a raw external data file and a backing file");
     }
     // Active L1 table.
     const l1Bytes = header.l1Size * 8;
@@ -899,6 +904,7 @@ export class Qcow2Image implements DiskImage {
       pendingFrees: [],
       dirtyOnDisk: false,
       corrupted: false,
+      writethrough: options.writethrough ?? false,
       compressedCluster: -1,
       compressedNext: 0,
     };
@@ -1183,6 +1189,7 @@ export class Qcow2Image implements DiskImage {
     } finally {
       release();
     }
+    if (this.w?.writethrough) await this.flush();
   }
 
   /** Write while holding the cluster claim for the range. */
@@ -1468,6 +1475,7 @@ export class Qcow2Image implements DiskImage {
     } finally {
       release();
     }
+    if (this.w?.writethrough) await this.flush();
   }
 
   /**
@@ -1488,6 +1496,7 @@ export class Qcow2Image implements DiskImage {
     } finally {
       release();
     }
+    if (this.w?.writethrough) await this.flush();
   }
 
   private async zeroAligned(
@@ -1673,6 +1682,7 @@ export class Qcow2Image implements DiskImage {
     } finally {
       release();
     }
+    if (w.writethrough) await this.flush();
   }
 
   /** Under the metadata lock: byte-granular space for compressed data (QEMU's alloc_bytes). */

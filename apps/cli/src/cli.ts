@@ -59,7 +59,7 @@ export async function runCli(
     cmd.action(async (...actionArgs: unknown[]) => {
       const self = actionArgs[actionArgs.length - 1] as Command;
       const args = self.processedArgs.flatMap((a: unknown) =>
-        Array.isArray(a) ? (a as unknown[]).map(String) : a === undefined ? [] : [String(a)],
+        Array.isArray(a) ? (a as unknown[]).map(String) : a === undefined ? [] : [argText(a)],
       );
       try {
         exitCode = await def.run(ctx, args, self.opts());
@@ -83,4 +83,9 @@ export async function runCli(
     return reportError(e, ctx, 1);
   }
   return exitCode;
+}
+
+/** A parsed commander argument as text. */
+function argText(a: unknown): string {
+  return typeof a === "string" ? a : (JSON.stringify(a) ?? "");
 }

@@ -8,6 +8,7 @@
  * - The exit code is the error's own `exitCode` when it has one, else the command's default
  *   for errors (1 for most commands, 2 for `compare`, as qemu-img does).
  */
+import { inspect } from "node:util";
 import { isQimgError } from "@qimg/structs";
 import type { CliContext } from "./context.js";
 
@@ -134,7 +135,7 @@ function stackOf(e: unknown): string {
   for (let depth = 0; cur !== undefined && cur !== null && depth < 8; depth++) {
     out +=
       (depth === 0 ? "" : "Caused by: ") +
-      (cur instanceof Error ? (cur.stack ?? String(cur)) : String(cur)) +
+      (cur instanceof Error ? (cur.stack ?? cur.message) : inspect(cur)) +
       "\n";
     cur = cur instanceof Error ? cur.cause : undefined;
   }

@@ -67,7 +67,7 @@ export async function probeBackend(backend: BlockBackend): Promise<"qcow2" | "qe
   return probeFormat(head);
 }
 
-function checkFormat(format: string): void {
+export function checkFormat(format: string): void {
   if (!(KNOWN_FORMATS as readonly string[]).includes(format)) {
     throw new InvalidArgumentError(`Unknown driver '${format}'`);
   }

@@ -161,7 +161,7 @@ const MAX_SNAPSHOT_TABLE_BYTES = 64 * 1024 * 1024;
 export class Qcow2Image implements DiskImage {
   readonly format = "qcow2";
   readOnly = true;
-  readonly virtualSize: number;
+  private size: number;
   private hdr: Qcow2Header;
   /** Location of the bitmap directory, when the bitmaps extension is valid. */
   readonly bitmapDirectory: { readonly offset: number; readonly length: number } | undefined;
@@ -176,7 +176,7 @@ export class Qcow2Image implements DiskImage {
   readonly dataFileName: string | undefined;
   backing: DiskImage | undefined;
 
-  private readonly l1: U64TableView;
+  private l1: U64TableView;
   private readonly l2Cache: ClusterCache;
   private readonly l2Entries: number;
   private readonly extendedL2: boolean;
@@ -219,7 +219,7 @@ export class Qcow2Image implements DiskImage {
     this.hdr = h;
     this.bitmapDirectory = init.bitmapDirectory;
     // QEMU counts whole 512-byte sectors: a size that is not a multiple of 512 is rounded down.
-    this.virtualSize = Math.floor(h.size / 512) * 512;
+    this.size = Math.floor(h.size / 512) * 512;
     this.clusterBits = h.clusterBits;
     this.clusterSize = 2 ** h.clusterBits;
     this.fileSize = init.fileSize;
@@ -446,6 +446,11 @@ export class Qcow2Image implements DiskImage {
       }
     }
     return image;
+  }
+
+  /** Guest-visible size in bytes (whole 512-byte sectors). */
+  get virtualSize(): number {
+    return this.size;
   }
 
   /** The current header (it changes on read-write opens: dirty bit, moved tables). */
@@ -1704,6 +1709,56 @@ export class Qcow2Image implements DiskImage {
     w.compressedCluster = used < cs ? host / cs + n - 1 : -1;
     w.compressedNext = used;
     return host;
+  }
+
+  /**
+   * Grow the disk to `newSize` bytes (a multiple of 512). When the L1 table is too small, a
+   * larger one is written and synced before the header points at it; the old one is freed
+   * afterwards. Shrinking is refused (data would be lost).
+   */
+  async resize(newSize: number): Promise<void> {
+    const w = this.checkWritable();
+    if (!Number.isSafeInteger(newSize) || newSize < 0 || newSize % 512 !== 0) {
+      throw new InvalidArgumentError(`The new size must be a multiple of 512 (got ${newSize})`);
+    }
+    if (newSize < this.size) {
+      throw new InvalidArgumentError(
+        `qcow2 images cannot be shrunk (from ${this.size} to ${newSize} bytes): data past the new end would be lost`,
+      );
+    }
+    while (w.inflight.size > 0) await [...w.inflight][0]!.done;
+    await w.meta.run(async () => {
+      await this.flushLocked();
+      const cs = this.clusterSize;
+      const needed = Math.ceil(newSize / (cs * this.l2Entries));
+      if (needed * 8 > 32 * 1024 * 1024) {
+        throw new InvalidArgumentError(`${newSize} bytes is too large for this image's cluster size ${cs}`);
+      }
+      if (needed > this.l1.length) {
+        const clusters = Math.ceil((needed * 8) / cs);
+        const offset = await w.refcounts.allocate(clusters);
+        this.refreshRefcountBlocks(offset + clusters * cs);
+        await this.checkOverlap(offset, clusters * cs);
+        const grown = new U64TableView(new Uint8Array(needed * 8), "big");
+        grown.bytes.set(this.l1.bytes);
+        const padded = new Uint8Array(clusters * cs);
+        padded.set(grown.bytes);
+        await w.refcountCache.flush();
+        await this.backend.write(offset, padded);
+        await this.backend.flush();
+        const oldOffset = this.hdr.l1TableOffset;
+        const oldClusters = Math.ceil((this.hdr.l1Size * 8) / cs);
+        await this.rewriteHeader({ l1TableOffset: offset, l1Size: needed, size: newSize });
+        this.l1 = grown;
+        this.fileSize = Math.max(this.fileSize, offset + clusters * cs);
+        if (oldClusters > 0) await w.refcounts.free(oldOffset, oldClusters);
+        await w.refcountCache.flush();
+        this.buildMetadataMap();
+      } else {
+        await this.rewriteHeader({ size: newSize });
+      }
+      this.size = newSize;
+    });
   }
 
   /**

@@ -226,3 +226,36 @@ describe("compressed writes", () => {
     },
   );
 });
+
+describe("resize", () => {
+  it.each([
+    ["64k", { size: 1 << 20 }, 10 * 2 ** 30],
+    ["512", { size: 1 << 20, clusterSize: 512 }, 64 << 20],
+    ["same-l1", { size: 1 << 20 }, 2 << 20],
+  ] as const)("%s: grows, keeps the data, passes qemu-img check", async (name, o, newSize) => {
+    const file = path.join(tmp, `resize-${name}.qcow2`);
+    const b = await FileBackend.open(file, { create: true, truncate: true });
+    await createQcow2(b, o);
+    const image = await openQcow2(b, { readOnly: false });
+    const d = pattern(5, 300_000);
+    await image.write(1000, d);
+    await image.resize(newSize);
+    expect(image.virtualSize).toBe(newSize);
+    const tail = pattern(6, 4096);
+    await image.write(newSize - 4096, tail);
+    await expect(image.resize(newSize - 512)).rejects.toThrow(/cannot be shrunk/);
+    await image.close();
+    const again = await openQcow2(await FileBackend.open(file, { readOnly: true }));
+    expect(again.virtualSize).toBe(newSize);
+    const back = new Uint8Array(d.length);
+    await again.read(1000, back);
+    expect(Buffer.compare(back, d)).toBe(0);
+    const t = new Uint8Array(4096);
+    await again.read(newSize - 4096, t);
+    expect(Buffer.compare(t, tail)).toBe(0);
+    await again.close();
+    if (!haveQemu) return;
+    const c = qemuCheck(file);
+    expect(c.status, c.out).toBe(0);
+  });
+});

@@ -1,5 +1,6 @@
 import type { CommandDef } from "../command.js";
 import { benchCommand } from "./bench.js";
+import { checkCommand } from "./check.js";
 import { compareCommand } from "./compare.js";
 import { convertCommand } from "./convert.js";
 import { createCommand } from "./create.js";
@@ -7,10 +8,12 @@ import { ddCommand } from "./dd.js";
 import { infoCommand } from "./info.js";
 import { ioCommand } from "./io.js";
 import { mapCommand } from "./map.js";
+import { resizeCommand } from "./resize.js";
 
 /** Every command qimg has, in the order `--help` lists them. */
 export const COMMANDS: readonly CommandDef[] = [
   benchCommand,
+  checkCommand,
   compareCommand,
   convertCommand,
   createCommand,
@@ -18,4 +21,5 @@ export const COMMANDS: readonly CommandDef[] = [
   infoCommand,
   ioCommand,
   mapCommand,
+  resizeCommand,
 ];

@@ -129,6 +129,11 @@ function two(n: number): string {
   return String(n).padStart(2, "0");
 }
 
+/** A JSON value as text: strings as they are, anything else as JSON. */
+function str(v: unknown): string {
+  return typeof v === "string" ? v : (JSON.stringify(v) ?? "");
+}
+
 /** One row of qemu's snapshot table (bdrv_snapshot_dump), without the newline. */
 export function snapshotRow(s: JsonObject): string {
   const date = new Date(Number(s["date-sec"]) * 1000);
@@ -136,11 +141,11 @@ export function snapshotRow(s: JsonObject): string {
   const secs = Number(s["vm-clock-sec"]);
   const nsec = Number(s["vm-clock-nsec"]);
   const clock = `${two(Math.floor(secs / 3600))}:${two(Math.floor(secs / 60) % 60)}:${two(secs % 60)}.${String(Math.floor(nsec / 1_000_000) % 1000).padStart(3, "0")}`;
-  const icount = s.icount === undefined ? "" : String(s.icount);
+  const icount = s.icount === undefined ? "" : str(s.icount);
   return (
-    pad(String(s.id), 9, true) +
+    pad(str(s.id), 9, true) +
     " " +
-    pad(String(s.name), 16, true) +
+    pad(str(s.name), 16, true) +
     " " +
     pad(sizeToStr(Number(s["vm-state-size"])), 8, false) +
     pad(dateBuf, 20, false) +
@@ -162,22 +167,22 @@ export function humanInfo(info: JsonObject): string {
   const actual = info["actual-size"];
   const virtualSize = Number(info["virtual-size"]);
   let out =
-    `image: ${String(info.filename)}\n` +
-    `file format: ${String(info.format)}\n` +
+    `image: ${str(info.filename)}\n` +
+    `file format: ${str(info.format)}\n` +
     `virtual size: ${sizeToStr(virtualSize)} (${virtualSize} bytes)\n` +
     `disk size: ${actual === undefined ? "unavailable" : sizeToStr(Number(actual))}\n`;
   if (info.encrypted === true) out += "encrypted: yes\n";
-  if (info["cluster-size"] !== undefined) out += `cluster_size: ${String(info["cluster-size"])}\n`;
+  if (info["cluster-size"] !== undefined) out += `cluster_size: ${str(info["cluster-size"])}\n`;
   if (info["dirty-flag"] === true) out += "cleanly shut down: no\n";
   const backing = info["backing-filename"];
   if (backing !== undefined) {
     const full = info["full-backing-filename"];
-    out += `backing file: ${String(backing)}`;
+    out += `backing file: ${str(backing)}`;
     if (full === undefined) out += " (cannot determine actual path)";
-    else if (full !== backing) out += ` (actual path: ${String(full)})`;
+    else if (full !== backing) out += ` (actual path: ${str(full)})`;
     out += "\n";
     if (info["backing-filename-format"] !== undefined)
-      out += `backing file format: ${String(info["backing-filename-format"])}\n`;
+      out += `backing file format: ${str(info["backing-filename-format"])}\n`;
   }
   const snapshots = info.snapshots;
   if (Array.isArray(snapshots)) {

@@ -1,0 +1,67 @@
+/**
+ * `qimg check [-f fmt] [-r leaks|all] [--output human|json] [-q] FILE` — qemu-img check:
+ * per-item lines on stderr, the summary on stdout, qemu-img's JSON keys, and its exit codes
+ * (0 clean or fully repaired, 1 the check could not complete, 2 corruptions remain, 3 only
+ * leaks remain, 63 the format has no check).
+ */
+import type { Command } from "commander";
+import { checkImage, formatCheckHuman, formatCheckJson } from "@qimg/check";
+import type { RepairMode } from "@qimg/check";
+import { FileBackend } from "@qimg/io";
+import type { CommandDef } from "../command.js";
+import { parseOutputFormat, stringOpt } from "../command.js";
+import { CliError, inFile } from "../errors.js";
+import { checkFormat, probeBackend } from "../open.js";
+
+/** qemu-img's exit code for formats without a check (raw). */
+const NO_CHECK = 63;
+
+export const checkCommand: CommandDef = {
+  name: "check",
+  errorExitCode: 1,
+  configure(cmd: Command) {
+    cmd
+      .description("check an image for inconsistencies, and repair them (qemu-img check)")
+      .argument("<file>", "image to check")
+      .option("-f, --format <fmt>", "image format (qcow2, qed, raw); probed when omitted")
+      .option("-r, --repair <what>", "repair: 'leaks' (leaked clusters only) or 'all'")
+      .option("--output <fmt>", "output format: human or json", "human")
+      .option("-q, --quiet", "print nothing; only the exit code tells")
+      .option("-U, --force-share", "accepted for qemu-img compatibility (qimg takes no locks)");
+  },
+  async run(ctx, args, opts) {
+    const file = args[0] ?? "";
+    const output = parseOutputFormat(opts.output);
+    const repairOpt = stringOpt(opts, "repair");
+    if (repairOpt !== undefined && repairOpt !== "leaks" && repairOpt !== "all") {
+      throw new CliError(`Unknown option for -r: '${repairOpt}' (expected 'leaks' or 'all')`);
+    }
+    const repair = repairOpt as RepairMode | undefined;
+    const format = stringOpt(opts, "format");
+    if (format !== undefined) checkFormat(format);
+    // Plain check opens read-only and changes nothing; -r opens read-write.
+    const backend = await inFile(file, () => FileBackend.open(file, { readOnly: repair === undefined }));
+    try {
+      const fmt = format ?? (await inFile(file, () => probeBackend(backend))) ?? "raw";
+      if (fmt === "raw") {
+        ctx.stderr("qimg: This image format does not support checks\n");
+        return NO_CHECK;
+      }
+      const result = await inFile(file, () =>
+        checkImage(backend, fmt as "qcow2" | "qed", { repair, filename: file }),
+      );
+      if (opts.quiet === true) return result.exitCode;
+      if (output === "json") {
+        ctx.stderr(result.messages.map((m) => `${m.text}\n`).join(""));
+        ctx.stdout(formatCheckJson(result));
+      } else {
+        const text = formatCheckHuman(result);
+        ctx.stderr(text.stderr);
+        ctx.stdout(text.stdout);
+      }
+      return result.exitCode;
+    } finally {
+      await backend.close().catch(() => undefined);
+    }
+  },
+};

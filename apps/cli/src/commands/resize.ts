@@ -1,0 +1,71 @@
+/**
+ * `qimg resize [-f fmt] [--shrink] [-q] FILE [+|-]SIZE` — qemu-img resize. Growing works on
+ * raw, qcow2 and QED; shrinking needs `--shrink` and is supported for raw only (as qemu-img
+ * 7.2 for QED; qimg does not shrink qcow2 either).
+ */
+import type { Command } from "commander";
+import type { CommandDef } from "../command.js";
+import { stringOpt } from "../command.js";
+import { CliError, inFile } from "../errors.js";
+import { openImage } from "../open.js";
+import { parseSize } from "../util/size.js";
+
+interface Resizable {
+  resize(size: number): Promise<void>;
+}
+
+function hasResize(x: unknown): x is Resizable {
+  return typeof (x as Partial<Resizable>).resize === "function";
+}
+
+export const resizeCommand: CommandDef = {
+  name: "resize",
+  errorExitCode: 1,
+  configure(cmd: Command) {
+    cmd
+      .description("change the virtual size of an image (qemu-img resize)")
+      .argument("<file>", "image to resize")
+      .argument("<size>", "new size, or +SIZE / -SIZE relative to the current one (k, M, G, T suffixes)")
+      .option("-f, --format <fmt>", "image format (qcow2, qed, raw); probed when omitted")
+      .option("--shrink", "allow making the image smaller (data past the new end is lost)")
+      .option("-q, --quiet", "print nothing on success")
+      .option("-U, --force-share", "accepted for qemu-img compatibility (qimg takes no locks)");
+  },
+  async run(ctx, args, opts) {
+    const file = args[0] ?? "";
+    const sizeText = args[1] ?? "";
+    const image = await openImage(file, { format: stringOpt(opts, "format"), readOnly: false, ctx });
+    try {
+      const current = image.virtualSize;
+      const sign = sizeText.startsWith("+") ? 1 : sizeText.startsWith("-") ? -1 : 0;
+      let amount: number;
+      try {
+        amount = parseSize(sign === 0 ? sizeText : sizeText.slice(1));
+      } catch {
+        throw new CliError(`Invalid image size specified. You may use k, M, G, T, P or E suffixes for kilobytes, megabytes, gigabytes, terabytes, petabytes and exabytes.`);
+      }
+      const size = sign === 0 ? amount : current + sign * amount;
+      if (size < 0) throw new CliError("New image size must be positive.");
+      if (size < current) {
+        if (opts.shrink !== true) {
+          throw new CliError("Use the --shrink option to perform a shrink operation.");
+        }
+        ctx.stderr(
+          "qimg: warning: Shrinking an image will delete all data beyond the shrunken image's end. Before performing such an operation, make sure there is no important data there.\n",
+        );
+        if (image.format !== "raw") throw new CliError("Shrinking images is currently not supported", { file });
+      }
+      if (image.format === "raw") {
+        await inFile(file, () => image.backend.truncate(size));
+      } else if (hasResize(image)) {
+        await inFile(file, () => image.resize(size));
+      } else {
+        throw new CliError(`resizing ${image.format} images is not supported`, { file });
+      }
+    } finally {
+      await inFile(file, () => image.close());
+    }
+    if (opts.quiet !== true) ctx.stdout("Image resized.\n");
+    return 0;
+  },
+};

@@ -16,7 +16,7 @@ import {
   type DiskImage,
   type Qcow2WriteOptions,
 } from "./drivers.js";
-import { inFile } from "./errors.js";
+import { CliError, inFile } from "./errors.js";
 import { PROBE_SIZE, probeFormat, probedRawWarning } from "./probe.js";
 
 /** Formats this build can open. */
@@ -86,12 +86,23 @@ async function openOnBackend(
     ctx: CliContext;
     warnRaw: boolean;
     qcow2?: Qcow2WriteOptions | undefined;
+    /** Set for backing files: never conclude "raw" from probing (the probing attack). */
+    backingOf?: string | undefined;
   },
 ): Promise<DiskImage> {
   try {
     let fmt = format;
     if (fmt === undefined) {
-      fmt = (await probeBackend(backend)) ?? "raw";
+      const probed = await probeBackend(backend);
+      if (probed === undefined && options.backingOf !== undefined) {
+        // A raw backing file holds guest data, which could pose as any format's header, and
+        // a raw guess could expose host files: qimg never guesses raw for a backing file.
+        throw new CliError(
+          `backing file '${backend.name}' of '${options.backingOf}' has no recorded format and is not qcow2 or QED; ` +
+            `qimg does not guess raw for backing files (record the format, e.g. qemu-img rebase -u -F raw -b '${backend.name}' '${options.backingOf}')`,
+        );
+      }
+      fmt = probed ?? "raw";
       if (fmt === "raw" && options.warnRaw) options.ctx.stderr(probedRawWarning(backend.name));
     }
     checkFormat(fmt);
@@ -150,6 +161,7 @@ export function fileBackingOpener(ctx: CliContext, chain: readonly string[]): Ba
         openBacking: fileBackingOpener(ctx, [...chain, real]),
         ctx,
         warnRaw: true,
+        backingOf: request.relativeTo,
       });
     });
   };

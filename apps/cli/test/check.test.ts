@@ -31,7 +31,10 @@ describe("qimg check gives qemu-img's verdict on every fixture", () => {
 
 describe.skipIf(!hasQemu)("qimg check -r all leaves images qemu-img calls clean", () => {
   const broken = listFixtures({ broken: true }).filter((f) => f.check?.exitCode !== 1);
-  for (const f of [...broken, ...listFixtures().filter((x) => x.name === "qcow2-lazy-refcounts-dirty")]) {
+  for (const f of [
+    ...broken,
+    ...listFixtures().filter((x) => x.name === "qcow2-lazy-refcounts-dirty"),
+  ]) {
     it(f.name, async () => {
       const file = copyFixture(f.name);
       const r = await qimg(["check", "-r", "all", basename(file)], dirname(file));
@@ -46,7 +49,9 @@ describe.skipIf(!hasQemu)("qimg check -r all leaves images qemu-img calls clean"
     const file = copyFixture("qcow2-broken-leak-unused");
     const r = await qimg(["check", "-r", "leaks", basename(file)], dirname(file));
     expect(r.code).toBe(0);
-    expect(r.stdout).toMatch(/The following inconsistencies were found and repaired:\n\n {4}1 leaked clusters\n {4}0 corruptions/);
+    expect(r.stdout).toMatch(
+      /The following inconsistencies were found and repaired:\n\n {4}1 leaked clusters\n {4}0 corruptions/,
+    );
     const q = spawnSync("qemu-img", ["check", file], { encoding: "utf8" });
     expect(q.status).toBe(0);
   });

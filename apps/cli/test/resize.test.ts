@@ -12,18 +12,23 @@ const tmp = mkdtempSync(join(tmpdir(), "qimg-resize-"));
 afterAll(() => rmSync(tmp, { recursive: true, force: true }));
 
 describe.skipIf(!hasQemu)("qimg resize", () => {
-  it.each(["qcow2", "qed"])("%s: grows; qemu-img sees the new size and a clean image", async (fmt) => {
-    const file = join(tmp, `grow.${fmt}`);
-    expect((await qimg(["create", "-q", "-f", fmt, file, "1M"])).code).toBe(0);
-    expect((await qimg(["io", "-c", "write -P 0x42 0 64k", file])).code).toBe(0);
-    const r = await qimg(["resize", file, "+3G"]);
-    expect(r.stdout).toBe("Image resized.\n");
-    expect(r.code).toBe(0);
-    const info = JSON.parse(execFileSync("qemu-img", ["info", "--output=json", file], { encoding: "utf8" }));
-    expect(info["virtual-size"]).toBe((1 << 20) + 3 * 2 ** 30);
-    expect(spawnSync("qemu-img", ["check", file]).status).toBe(0);
-    expect(spawnSync("qemu-io", ["-f", fmt, "-c", "read -P 0x42 0 64k", file]).status).toBe(0);
-  });
+  it.each(["qcow2", "qed"])(
+    "%s: grows; qemu-img sees the new size and a clean image",
+    async (fmt) => {
+      const file = join(tmp, `grow.${fmt}`);
+      expect((await qimg(["create", "-q", "-f", fmt, file, "1M"])).code).toBe(0);
+      expect((await qimg(["io", "-c", "write -P 0x42 0 64k", file])).code).toBe(0);
+      const r = await qimg(["resize", file, "+3G"]);
+      expect(r.stdout).toBe("Image resized.\n");
+      expect(r.code).toBe(0);
+      const info = JSON.parse(
+        execFileSync("qemu-img", ["info", "--output=json", file], { encoding: "utf8" }),
+      );
+      expect(info["virtual-size"]).toBe((1 << 20) + 3 * 2 ** 30);
+      expect(spawnSync("qemu-img", ["check", file]).status).toBe(0);
+      expect(spawnSync("qemu-io", ["-f", fmt, "-c", "read -P 0x42 0 64k", file]).status).toBe(0);
+    },
+  );
 
   it("refuses to shrink without --shrink, as qemu-img", async () => {
     const file = join(tmp, "shrink.qcow2");

@@ -189,12 +189,6 @@ export class Qcow2Image implements DiskImage {
   private closed = false;
   /** Write-side state; undefined for read-only opens. */
   private w: WriteState | undefined;
-  private readonly scratch: Extent = {
-    kind: Kind.Unallocated,
-    length: 0,
-    host: -1,
-    compressedLength: 0,
-  };
   /** The last decompressed cluster, so sequential small reads decompress once. */
   private lastCompressed: { host: number; data: Uint8Array } | undefined;
 
@@ -689,10 +683,12 @@ export class Qcow2Image implements DiskImage {
 
   /**
    * Resolve the run of guest bytes starting at `pos` (at most `max` bytes) that share one kind,
-   * walking contiguous entries of one L2 table. Returns a reused object.
+   * walking contiguous entries of one L2 table.
    */
   private async resolve(pos: number, max: number): Promise<Extent> {
-    const e = this.scratch;
+    // A fresh result per call (per extent, not per entry): concurrent requests interleave at
+    // every await, so a shared scratch object would be overwritten under another request.
+    const e: Extent = { kind: Kind.Unallocated, length: 0, host: -1, compressedLength: 0 };
     const cs = this.clusterSize;
     const guestCluster = Math.floor(pos / cs);
     const l1Index = Math.floor(guestCluster / this.l2Entries);
@@ -1732,7 +1728,9 @@ export class Qcow2Image implements DiskImage {
       const cs = this.clusterSize;
       const needed = Math.ceil(newSize / (cs * this.l2Entries));
       if (needed * 8 > 32 * 1024 * 1024) {
-        throw new InvalidArgumentError(`${newSize} bytes is too large for this image's cluster size ${cs}`);
+        throw new InvalidArgumentError(
+          `${newSize} bytes is too large for this image's cluster size ${cs}`,
+        );
       }
       if (needed > this.l1.length) {
         const clusters = Math.ceil((needed * 8) / cs);

@@ -40,7 +40,9 @@ export const checkCommand: CommandDef = {
     const format = stringOpt(opts, "format");
     if (format !== undefined) checkFormat(format);
     // Plain check opens read-only and changes nothing; -r opens read-write.
-    const backend = await inFile(file, () => FileBackend.open(file, { readOnly: repair === undefined }));
+    const backend = await inFile(file, () =>
+      FileBackend.open(file, { readOnly: repair === undefined }),
+    );
     try {
       const fmt = format ?? (await inFile(file, () => probeBackend(backend))) ?? "raw";
       if (fmt === "raw") {

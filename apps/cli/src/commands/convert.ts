@@ -92,12 +92,6 @@ export async function runConvert(ctx: CliContext, options: ConvertOptions): Prom
   }
   const opts = parseOptions(optText, acceptedOptionsOf(outFormat), options.target);
   opts.delete("size");
-  if (options.compress === true && opts.get("compression_type")?.value === "zstd") {
-    throw new CliError(
-      "error while converting qcow2: writing zstd-compressed clusters is not supported by qimg (use -o compression_type=zlib)",
-      { file: options.target },
-    );
-  }
   const image = await openImage(options.source, { format: options.format, ctx });
   try {
     if (outFormat === "raw") {

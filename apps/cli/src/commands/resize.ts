@@ -25,7 +25,10 @@ export const resizeCommand: CommandDef = {
     cmd
       .description("change the virtual size of an image (qemu-img resize)")
       .argument("<file>", "image to resize")
-      .argument("<size>", "new size, or +SIZE / -SIZE relative to the current one (k, M, G, T suffixes)")
+      .argument(
+        "<size>",
+        "new size, or +SIZE / -SIZE relative to the current one (k, M, G, T suffixes)",
+      )
       .option("-f, --format <fmt>", "image format (qcow2, qed, raw); probed when omitted")
       .option("--shrink", "allow making the image smaller (data past the new end is lost)")
       .option("-q, --quiet", "print nothing on success")
@@ -34,7 +37,11 @@ export const resizeCommand: CommandDef = {
   async run(ctx, args, opts) {
     const file = args[0] ?? "";
     const sizeText = args[1] ?? "";
-    const image = await openImage(file, { format: stringOpt(opts, "format"), readOnly: false, ctx });
+    const image = await openImage(file, {
+      format: stringOpt(opts, "format"),
+      readOnly: false,
+      ctx,
+    });
     try {
       const current = image.virtualSize;
       const sign = sizeText.startsWith("+") ? 1 : sizeText.startsWith("-") ? -1 : 0;
@@ -42,7 +49,9 @@ export const resizeCommand: CommandDef = {
       try {
         amount = parseSize(sign === 0 ? sizeText : sizeText.slice(1));
       } catch {
-        throw new CliError(`Invalid image size specified. You may use k, M, G, T, P or E suffixes for kilobytes, megabytes, gigabytes, terabytes, petabytes and exabytes.`);
+        throw new CliError(
+          `Invalid image size specified. You may use k, M, G, T, P or E suffixes for kilobytes, megabytes, gigabytes, terabytes, petabytes and exabytes.`,
+        );
       }
       const size = sign === 0 ? amount : current + sign * amount;
       if (size < 0) throw new CliError("New image size must be positive.");
@@ -53,7 +62,8 @@ export const resizeCommand: CommandDef = {
         ctx.stderr(
           "qimg: warning: Shrinking an image will delete all data beyond the shrunken image's end. Before performing such an operation, make sure there is no important data there.\n",
         );
-        if (image.format !== "raw") throw new CliError("Shrinking images is currently not supported", { file });
+        if (image.format !== "raw")
+          throw new CliError("Shrinking images is currently not supported", { file });
       }
       if (image.format === "raw") {
         await inFile(file, () => image.backend.truncate(size));

@@ -74,7 +74,7 @@ export class CompressPool {
   }
 
   /** Deflate `data` (raw, 4 KiB window) on the least busy worker. */
-  deflate(data: Uint8Array): Promise<Uint8Array> {
+  deflate(data: Uint8Array, type = 0): Promise<Uint8Array> {
     if (this.closed) return Promise.reject(new Error("compression pool is closed"));
     let best = 0;
     for (let i = 1; i < this.workers.length; i++) {
@@ -85,23 +85,21 @@ export class CompressPool {
     return new Promise<Uint8Array>((resolve, reject) => {
       this.pending.set(id, { resolve, reject });
       this.load[best] = (this.load[best] ?? 0) + 1;
-      this.workers[best]?.postMessage({ id, data: copy }, [copy.buffer]);
+      this.workers[best]?.postMessage({ id, data: copy, type }, [copy.buffer]);
     });
   }
 
   /**
-   * A qcow2 `Compressor`: zlib only (type 0); returns undefined when compression does not pay.
+   * A qcow2 `Compressor` (zlib or zstd); returns undefined when compression does not pay.
    */
   readonly compress = async (
     data: Uint8Array,
     compressionType: number,
   ): Promise<Uint8Array | undefined> => {
-    if (compressionType !== 0) {
-      throw new Error(
-        "writing zstd-compressed clusters is not supported by qimg (use compression_type=zlib)",
-      );
+    if (compressionType !== 0 && compressionType !== 1) {
+      throw new Error(`unknown qcow2 compression type ${compressionType}`);
     }
-    const out = await this.deflate(data);
+    const out = await this.deflate(data, compressionType);
     return out.byteLength < data.byteLength ? out : undefined;
   };
 

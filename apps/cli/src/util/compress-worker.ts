@@ -9,13 +9,28 @@ import { deflateRawSync } from "node:zlib";
 interface Job {
   readonly id: number;
   readonly data: Uint8Array;
+  /** qcow2 compression type: 0 zlib (raw deflate), 1 zstd. */
+  readonly type?: number;
+}
+
+type ZstdCompress = (data: Uint8Array, level: number) => Uint8Array;
+let zstd: Promise<ZstdCompress> | undefined;
+function loadZstd(): Promise<ZstdCompress> {
+  zstd ??= import("@bokuweb/zstd-wasm").then(async (m) => {
+    await m.init();
+    return (d: Uint8Array, level: number) => m.compress(d, level);
+  });
+  return zstd;
 }
 
 const port = parentPort;
 if (port !== null) {
-  port.on("message", (job: Job) => {
+  port.on("message", async (job: Job) => {
     try {
-      const out = deflateRawSync(job.data, { windowBits: 12 });
+      const out =
+        job.type === 1
+          ? (await loadZstd())(job.data, 3)
+          : deflateRawSync(job.data, { windowBits: 12 });
       const bytes = new Uint8Array(out.buffer, out.byteOffset, out.byteLength);
       // Transfer when the result owns its buffer; copy otherwise (pooled small buffers).
       const own = bytes.byteOffset === 0 && bytes.byteLength === bytes.buffer.byteLength;

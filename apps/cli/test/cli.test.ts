@@ -109,6 +109,7 @@ describe("commands in-process", () => {
     const commands = [...r.stdout.matchAll(/^ {2}(\w+) /gm)].map((m) => m[1]);
     expect(commands.sort()).toEqual([
       "bench",
+      "check",
       "compare",
       "convert",
       "create",
@@ -117,6 +118,7 @@ describe("commands in-process", () => {
       "info",
       "io",
       "map",
+      "resize",
     ]);
   });
 

@@ -4,6 +4,7 @@
  */
 import { spawnSync } from "node:child_process";
 import { requireQemu } from "@qimg/fixtures";
+import { seededRandom } from "@qimg/io";
 
 export const hasQemu = requireQemu();
 
@@ -28,14 +29,4 @@ export function qemuInfo(file: string, format?: string, cwd?: string): Record<st
   return JSON.parse(r.stdout) as Record<string, unknown>;
 }
 
-/** Seeded PRNG (mulberry32). */
-export function prng(seed: number): () => number {
-  let a = seed >>> 0;
-  return () => {
-    a = (a + 0x6d2b79f5) >>> 0;
-    let t = a;
-    t = Math.imul(t ^ (t >>> 15), t | 1);
-    t ^= t + Math.imul(t ^ (t >>> 7), t | 61);
-    return ((t ^ (t >>> 14)) >>> 0) / 4294967296;
-  };
-}
+export const prng = seededRandom;

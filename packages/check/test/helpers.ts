@@ -3,6 +3,7 @@ import { readFileSync } from "node:fs";
 import { createHash } from "node:crypto";
 import { basename, dirname } from "node:path";
 import { requireQemu } from "@qimg/fixtures";
+import { seededRandom } from "@qimg/io";
 
 /** Whether interop tests can run; prints why not once (fails under QIMG_REQUIRE_QEMU=1). */
 export function haveQemu(): boolean {
@@ -42,14 +43,4 @@ export function qemuToRaw(file: string, format: string, out: string): boolean {
 export const sha256 = (path: string): string =>
   createHash("sha256").update(readFileSync(path)).digest("hex");
 
-/** mulberry32 PRNG for seeded randomized tests. */
-export function prng(seed: number): () => number {
-  let a = seed >>> 0;
-  return () => {
-    a = (a + 0x6d2b79f5) >>> 0;
-    let t = a;
-    t = Math.imul(t ^ (t >>> 15), t | 1);
-    t ^= t + Math.imul(t ^ (t >>> 7), t | 61);
-    return ((t ^ (t >>> 14)) >>> 0) / 4294967296;
-  };
-}
+export const prng = seededRandom;

@@ -6,6 +6,7 @@ import { ErrorCode, InvalidArgumentError, IoError } from "@qimg/structs";
 import type { BackendKind, BlockBackend, ReadOptions } from "./backend.js";
 import { MemoryBackend } from "./memory.js";
 import { checkNonNegativeInt } from "./validate.js";
+import { seededRandom } from "./random.js";
 
 /** The operations a fault can be injected into. */
 export type FaultOp = "read" | "write" | "flush" | "truncate";
@@ -70,17 +71,7 @@ export interface FaultCounters {
 type Pending =
   { kind: "write"; offset: number; data: Uint8Array } | { kind: "truncate"; size: number };
 
-/** mulberry32: a small seeded PRNG returning floats in [0, 1). */
-function mulberry32(seed: number): () => number {
-  let a = seed >>> 0;
-  return () => {
-    a = (a + 0x6d2b79f5) >>> 0;
-    let t = a;
-    t = Math.imul(t ^ (t >>> 15), t | 1);
-    t ^= t + Math.imul(t ^ (t >>> 7), t | 61);
-    return ((t ^ (t >>> 14)) >>> 0) / 4294967296;
-  };
-}
+const mulberry32 = seededRandom;
 
 /**
  * Wraps a backend and (a) fails chosen operations with an `IO` IoError whose message says

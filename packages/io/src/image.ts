@@ -57,3 +57,26 @@ export interface WritableDiskImage extends DiskImage {
   discard(offset: number, length: number): Promise<void>;
   flush(): Promise<void>;
 }
+
+/**
+ * What a format driver asks for when an image names a backing file. Every driver uses this one
+ * shape, so a single opener (the CLI's opens files by path and dispatches on format) serves
+ * qcow2 and QED alike, and the format packages stay free of Node APIs and of each other.
+ */
+export interface BackingRequest {
+  /** The backing file name exactly as recorded in the image. */
+  readonly filename: string;
+  /** The recorded (or caller-forced) backing format; undefined when none is known. */
+  readonly format: string | undefined;
+  /** Name of the image that refers to it (resolve relative names against its directory). */
+  readonly relativeTo: string;
+  /** Open read-only (backing files always are, unless committing). */
+  readonly readOnly: boolean;
+  /** How deep this backing file is (1 = direct backing file of the top image). */
+  readonly depth: number;
+  /** Names of the images already open above it, top first (for cycle detection). */
+  readonly chain: readonly string[];
+}
+
+/** Opens a backing file for a driver. */
+export type BackingOpener = (request: BackingRequest) => Promise<DiskImage>;

@@ -12,5 +12,12 @@ export type {
   PowerLossOptions,
   PowerLossReport,
 } from "./fault.js";
-export type { BlockStatus, DiskImage, WritableDiskImage } from "./image.js";
+export type {
+  BackingOpener,
+  BackingRequest,
+  BlockStatus,
+  DiskImage,
+  WritableDiskImage,
+} from "./image.js";
 export { RawImage } from "./raw.js";
+export { seededRandom } from "./random.js";

@@ -75,11 +75,6 @@ export function normalizeCreateOptions(o: Qcow2CreateOptions) {
       `${what} only supported with compatibility level 1.1 and above (use version=v3 or greater)`,
     );
   };
-  if (o.extendedL2 && clusterSize < 16384) {
-    throw new InvalidArgumentError(
-      "Extended L2 entries are only supported with cluster sizes of at least 16384 bytes",
-    );
-  }
   if (version === 2) {
     // The order of these checks is qemu-img's, so the same message wins.
     if (o.extendedL2) needV3("Extended L2 entries are");
@@ -91,6 +86,11 @@ export function normalizeCreateOptions(o: Qcow2CreateOptions) {
     if (o.lazyRefcounts) needV3("Lazy refcounts");
     if (o.dataFile !== undefined) needV3("External data files are");
     if (o.compressionType === "zstd") needV3("Non-zlib compression type is");
+  }
+  if (o.extendedL2 && clusterSize < 16384) {
+    throw new InvalidArgumentError(
+      "Extended L2 entries are only supported with cluster sizes of at least 16384 bytes",
+    );
   }
   if (o.dataFileRaw && o.dataFile === undefined) {
     throw new InvalidArgumentError("data-file-raw requires data-file");

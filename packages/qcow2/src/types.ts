@@ -1,26 +1,4 @@
-import type { DiskImage } from "@qimg/io";
-
-/** What a driver asks for when an image names a backing file. */
-export interface BackingRequest {
-  /** The backing file name exactly as recorded in the image. */
-  readonly filename: string;
-  /** The recorded (or caller-forced) backing format; undefined when none is known. */
-  readonly format: string | undefined;
-  /** Name of the image that refers to it (resolve relative names against its directory). */
-  readonly relativeTo: string;
-  /** Open read-only (backing files always are, unless committing). */
-  readonly readOnly: boolean;
-  /** How deep this backing file is (1 = direct backing file of the top image). */
-  readonly depth: number;
-  /** Names of the images already open above it, top first (for cycle detection). */
-  readonly chain: readonly string[];
-}
-
-/**
- * Opens a backing file. Supplied by the caller (the CLI supplies one that opens files by path
- * and dispatches on format) so the format packages stay free of Node APIs and of each other.
- */
-export type BackingOpener = (request: BackingRequest) => Promise<DiskImage>;
+export type { BackingOpener, BackingRequest } from "@qimg/io";
 
 export interface SnapshotInfo {
   /** Unique ID string (QEMU numbers them "1", "2", ...). */

@@ -21,6 +21,7 @@ import {
   peekU32,
   peekU64,
 } from "./poke.js";
+import { seededRandom } from "@qimg/io";
 
 const LONG = process.env.QIMG_LONG === "1";
 const ITERATIONS = LONG ? 2000 : 40;
@@ -59,17 +60,7 @@ function parseSeed(s: string | undefined): number | undefined {
   return n >>> 0;
 }
 
-/** mulberry32: small, fast, good enough for picking bytes. */
-function prng(seed: number): () => number {
-  let a = seed >>> 0;
-  return () => {
-    a = (a + 0x6d2b79f5) >>> 0;
-    let t = a;
-    t = Math.imul(t ^ (t >>> 15), t | 1);
-    t ^= t + Math.imul(t ^ (t >>> 7), t | 61);
-    return ((t ^ (t >>> 14)) >>> 0) / 4294967296;
-  };
-}
+const prng = seededRandom;
 
 /** One independent stream per (seed, fixture, iteration), so any iteration replays alone. */
 function iterationSeed(seed: number, fixture: string, iteration: number): number {

@@ -5,21 +5,12 @@ import path from "node:path";
 import { afterAll, describe, expect, it } from "vitest";
 import { copyFixture, requireQemu } from "@qimg/fixtures";
 import { openFile } from "./open.js";
+import { seededRandom } from "@qimg/io";
 
 const haveQemu = requireQemu();
 if (!haveQemu) console.log("skipping qcow2 random-read interop: qemu-img is not on PATH");
 
-/** mulberry32: a small seeded PRNG. */
-function prng(seed: number): () => number {
-  let a = seed >>> 0;
-  return () => {
-    a = (a + 0x6d2b79f5) >>> 0;
-    let t = a;
-    t = Math.imul(t ^ (t >>> 15), t | 1);
-    t ^= t + Math.imul(t ^ (t >>> 7), t | 61);
-    return ((t ^ (t >>> 14)) >>> 0) / 4294967296;
-  };
-}
+const prng = seededRandom;
 
 const tmp = fs.mkdtempSync(path.join(os.tmpdir(), "qimg-rr-"));
 afterAll(() => fs.rmSync(tmp, { recursive: true, force: true }));

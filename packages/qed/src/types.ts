@@ -1,26 +1,6 @@
-import type { DiskImage } from "@qimg/io";
+import type { BackingOpener } from "@qimg/io";
 
-/**
- * What a driver asks for when an image names a backing file. Structurally identical to the
- * qcow2 package's type, so one opener serves both formats.
- */
-export interface BackingRequest {
-  /** The backing file name exactly as recorded in the image. */
-  readonly filename: string;
-  /** The recorded backing format ("raw" when QED's no-probe flag is set); undefined when unknown. */
-  readonly format: string | undefined;
-  /** Name of the image that refers to it (resolve relative names against its directory). */
-  readonly relativeTo: string;
-  /** Open read-only (backing files always are, unless committing). */
-  readonly readOnly: boolean;
-  /** How deep this backing file is (1 = direct backing file of the top image). */
-  readonly depth: number;
-  /** Names of the images already open above it, top first (for cycle detection). */
-  readonly chain: readonly string[];
-}
-
-/** Opens a backing file; supplied by the caller (the CLI opens files by path and dispatches on format). */
-export type BackingOpener = (request: BackingRequest) => Promise<DiskImage>;
+export type { BackingOpener, BackingRequest } from "@qimg/io";
 
 /** A timer the need-check logic uses; inject a fake one in tests. */
 export interface QedTimer {

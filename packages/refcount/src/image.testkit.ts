@@ -8,6 +8,7 @@ import { MemoryBackend } from "@qimg/io";
 import { Refcounts } from "./refcounts.js";
 import type { RefcountsOptions } from "./refcounts.js";
 import { rebuildRefcounts } from "./rebuild.js";
+import { seededRandom } from "@qimg/io";
 
 export const HDR_TABLE_OFFSET = 48;
 export const HDR_TABLE_CLUSTERS = 56;
@@ -115,14 +116,4 @@ export async function walk(
   return { counts, metadata };
 }
 
-/** mulberry32 PRNG for seeded randomized tests. */
-export function prng(seed: number): () => number {
-  let a = seed >>> 0;
-  return () => {
-    a = (a + 0x6d2b79f5) >>> 0;
-    let t = a;
-    t = Math.imul(t ^ (t >>> 15), t | 1);
-    t ^= t + Math.imul(t ^ (t >>> 7), t | 61);
-    return ((t ^ (t >>> 14)) >>> 0) / 4294967296;
-  };
-}
+export const prng = seededRandom;

@@ -1,17 +1,8 @@
 /** Test helpers (not exported from the package). */
 import type { QedTimer } from "../types.js";
+import { seededRandom } from "@qimg/io";
 
-/** mulberry32: a small seeded PRNG returning floats in [0, 1). */
-export function prng(seed: number): () => number {
-  let a = seed >>> 0;
-  return () => {
-    a = (a + 0x6d2b79f5) >>> 0;
-    let t = a;
-    t = Math.imul(t ^ (t >>> 15), t | 1);
-    t ^= t + Math.imul(t ^ (t >>> 7), t | 61);
-    return ((t ^ (t >>> 14)) >>> 0) / 4294967296;
-  };
-}
+export const prng = seededRandom;
 
 /** A pattern buffer like qemu-io's `-P`. */
 export function pattern(length: number, byte: number): Uint8Array {

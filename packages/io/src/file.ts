@@ -240,17 +240,11 @@ export class FileBackend implements BlockBackend {
       if (n === 0) break;
       done += n;
     }
-    if (done < len) {
-      if (options?.zeroPastEof !== true)
-        throw shortRead(this.name, offset, len, Math.max(this.#size, offset + done));
-      buf.fill(0, done);
-    }
+    this.#endRead(offset, buf, done, options);
   }
 
   async #writeAsync(offset: number, data: Uint8Array): Promise<void> {
-    this.#check();
-    if (this.readOnly) throw readOnlyError(this.name, "write");
-    checkRange(offset, data, this.name);
+    this.#beginWrite(offset, data);
     const len = data.length;
     let done = 0;
     while (done < len) {
@@ -261,6 +255,20 @@ export class FileBackend implements BlockBackend {
       }
     }
     if (offset + len > this.#size && len > 0) this.#size = offset + len;
+  }
+
+  /** A short read past EOF: zeros when the caller asked for them, else a typed error. */
+  #endRead(offset: number, buf: Uint8Array, done: number, options: ReadOptions | undefined): void {
+    if (done >= buf.length) return;
+    if (options?.zeroPastEof !== true)
+      throw shortRead(this.name, offset, buf.length, Math.max(this.#size, offset + done));
+    buf.fill(0, done);
+  }
+
+  #beginWrite(offset: number, data: Uint8Array): void {
+    this.#check();
+    if (this.readOnly) throw readOnlyError(this.name, "write");
+    checkRange(offset, data, this.name);
   }
 
   #readSync(offset: number, buf: Uint8Array, options: ReadOptions | undefined): void {
@@ -278,11 +286,7 @@ export class FileBackend implements BlockBackend {
       if (n === 0) break;
       done += n;
     }
-    if (done < len) {
-      if (options?.zeroPastEof !== true)
-        throw shortRead(this.name, offset, len, Math.max(this.#size, offset + done));
-      buf.fill(0, done);
-    }
+    this.#endRead(offset, buf, done, options);
   }
 
   write(offset: number, data: Uint8Array): Promise<void> {
@@ -291,9 +295,7 @@ export class FileBackend implements BlockBackend {
   }
 
   #writeSync(offset: number, data: Uint8Array): void {
-    this.#check();
-    if (this.readOnly) throw readOnlyError(this.name, "write");
-    checkRange(offset, data, this.name);
+    this.#beginWrite(offset, data);
     const len = data.length;
     let done = 0;
     while (done < len) {

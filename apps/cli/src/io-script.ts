@@ -284,7 +284,17 @@ export class IoScript {
       if (!quiet) this.out(report("read", seconds, offset, length, length, 1));
       if (bad) throw new CommandFailed();
     };
-    const op = this.target.image.read(offset, buf);
+    await this.complete(this.target.image.read(offset, buf), finish, aio, cmd, "read");
+  }
+
+  /** aio_* commands run in the background until aio_flush; the others complete here. */
+  private async complete(
+    op: Promise<void>,
+    finish: () => void,
+    aio: boolean,
+    cmd: string,
+    what: "read" | "write",
+  ): Promise<void> {
     if (aio) {
       this.track(op.then(finish), cmd);
       return;
@@ -292,7 +302,7 @@ export class IoScript {
     try {
       await op;
     } catch (e) {
-      this.fail(`read failed: ${this.errorText(e)}`);
+      this.fail(`${what} failed: ${this.errorText(e)}`);
     }
     finish();
   }
@@ -322,16 +332,7 @@ export class IoScript {
       if (!quiet)
         this.out(report("wrote", (performance.now() - t0) / 1000, offset, length, length, 1));
     };
-    if (aio) {
-      this.track(op.then(finish), cmd);
-      return;
-    }
-    try {
-      await op;
-    } catch (e) {
-      this.fail(`write failed: ${this.errorText(e)}`);
-    }
-    finish();
+    await this.complete(op, finish, aio, cmd, "write");
   }
 
   /** write -c: one compressed write per whole cluster (the last one may end at the disk end). */

@@ -10,6 +10,7 @@ export default tseslint.config(
       "packages/fixtures/images/**",
       "**/*.config.ts",
       "vitest.shared.ts",
+      "scripts/**",
       "eslint.config.js",
     ],
   },

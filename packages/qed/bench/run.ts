@@ -9,7 +9,7 @@ import fs from "node:fs";
 import os from "node:os";
 import path from "node:path";
 import { FileBackend } from "@qimg/io";
-import { createQed, openQed } from "../src/index.js";
+import { openQed } from "../src/index.js";
 
 const SIZE = 1 << 30;
 const COUNT = Number(process.env.QIMG_BENCH_COUNT ?? 200_000);

@@ -25,19 +25,25 @@ function loadZstd(): Promise<ZstdCompress> {
 
 const port = parentPort;
 if (port !== null) {
-  port.on("message", async (job: Job) => {
-    try {
-      const out =
-        job.type === 1
-          ? (await loadZstd())(job.data, 3)
-          : deflateRawSync(job.data, { windowBits: 12 });
-      const bytes = new Uint8Array(out.buffer, out.byteOffset, out.byteLength);
-      // Transfer when the result owns its buffer; copy otherwise (pooled small buffers).
-      const own = bytes.byteOffset === 0 && bytes.byteLength === bytes.buffer.byteLength;
-      const send = own ? bytes : bytes.slice();
-      port.postMessage({ id: job.id, data: send }, [send.buffer as ArrayBuffer]);
-    } catch (e) {
-      port.postMessage({ id: job.id, error: e instanceof Error ? e.message : String(e) });
-    }
+  port.on("message", (job: Job) => {
+    void handle(job);
   });
+}
+
+async function handle(job: Job): Promise<void> {
+  const out = parentPort;
+  if (out === null) return;
+  try {
+    const packed =
+      job.type === 1
+        ? (await loadZstd())(job.data, 3)
+        : deflateRawSync(job.data, { windowBits: 12 });
+    const bytes = new Uint8Array(packed.buffer, packed.byteOffset, packed.byteLength);
+    // Transfer when the result owns its buffer; copy otherwise (pooled small buffers).
+    const own = bytes.byteOffset === 0 && bytes.byteLength === bytes.buffer.byteLength;
+    const send = own ? bytes : bytes.slice();
+    out.postMessage({ id: job.id, data: send }, [send.buffer as ArrayBuffer]);
+  } catch (e) {
+    out.postMessage({ id: job.id, error: e instanceof Error ? e.message : String(e) });
+  }
 }

@@ -1,5 +1,5 @@
 // The README's first command: unpack a bundled fixture (a qcow2 image with a backing file,
-// made by real qemu-img) and run `qimg info` and `qimg map` on it.
+// made by real qemu-img) and run `qimg info`, `qimg map` and `qimg check` on it.
 import { execFileSync } from "node:child_process";
 import fs from "node:fs";
 import os from "node:os";

@@ -19,7 +19,8 @@ const qimg = path.join(root, "apps/cli/dist/qimg.js");
 const image = path.join(dir, "top.qcow2");
 for (const args of [
   ["info", "--backing-chain", image],
-  ["map", image],
+  ["map", "--output=json", image],
+  ["check", image],
 ]) {
   console.log(`$ qimg ${args.join(" ")}`);
   console.log(execFileSync(process.execPath, [qimg, ...args], { encoding: "utf8" }));

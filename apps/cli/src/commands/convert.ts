@@ -215,15 +215,28 @@ async function copyInto(
   // A small pool of chunk buffers, reused once every write issued from one has finished
   // (fresh 2 MiB buffers per chunk cost page faults and zeroing on every chunk).
   const pool: { buf: Uint8Array; pending: Promise<void>[] }[] = [];
-  const poolSize = maxInFlight + 2;
+  // Reads run ahead of the writes (on the thread pool, in parallel), while the writes are
+  // issued strictly in guest order so the target allocates its clusters sequentially.
+  const READ_AHEAD = 4;
+  const poolSize = maxInFlight + READ_AHEAD + 2;
   let next = 0;
   // A raw source has no allocation metadata: asking it for block status would read the data
   // twice, so zero detection happens on the data read instead.
   const rawSource = source.format === "raw" && source.backing === undefined;
-  try {
-    for (let offset = 0; offset < size; offset += chunk) {
+  interface Ahead {
+    readonly offset: number;
+    readonly buf: Uint8Array;
+    readonly slot: { buf: Uint8Array; pending: Promise<void>[] };
+    readonly read: Promise<void>;
+  }
+  const ahead: Ahead[] = [];
+  let nextOffset = 0;
+  /** Start reading the next chunk that is not all zeros; false at the end of the source. */
+  const startRead = async (): Promise<boolean> => {
+    while (nextOffset < size) {
+      const offset = nextOffset;
       const end = Math.min(size, offset + chunk);
-      progress.update(offset);
+      nextOffset = end;
       if (!rawSource && (await inFile(options.source, () => allZero(source, offset, end))))
         continue;
       let slot = pool[next % poolSize];
@@ -235,13 +248,24 @@ async function copyInto(
         slot.pending = [];
       }
       next++;
-      const current = slot;
-      const buf = current.buf.subarray(0, end - offset);
+      const buf = slot.buf.subarray(0, end - offset);
+      const read = inFile(options.source, () => source.read(offset, buf));
+      read.catch(() => undefined); // awaited in order below
+      ahead.push({ offset, buf, slot, read });
+      return true;
+    }
+    return false;
+  };
+  try {
+    while (ahead.length < READ_AHEAD && (await startRead()));
+    while (ahead.length > 0) {
+      const { offset, buf, slot, read } = ahead.shift()!;
+      progress.update(offset);
+      await read;
       const track = (p: Promise<void>): Promise<void> => {
-        current.pending.push(p.catch(() => undefined));
+        slot.pending.push(p.catch(() => undefined));
         return issue(p);
       };
-      await inFile(options.source, () => source.read(offset, buf));
       let runStart = -1;
       for (let b = 0; b <= buf.length; b += cs) {
         const zero = b >= buf.length || isZero(buf, b, Math.min(b + cs, buf.length));
@@ -259,6 +283,7 @@ async function copyInto(
           runStart = -1;
         }
       }
+      while (ahead.length < READ_AHEAD && (await startRead()));
     }
     await Promise.all(inflight);
     if (failure !== undefined) throw asError(failure);

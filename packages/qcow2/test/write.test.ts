@@ -259,3 +259,39 @@ describe("resize", () => {
     expect(c.status, c.out).toBe(0);
   });
 });
+
+describe("writes over internal snapshots", () => {
+  it.skipIf(!haveQemu)(
+    "copy shared clusters on write and leave every snapshot intact",
+    async () => {
+      const { copyFixture } = await import("@qimg/fixtures");
+      const file = copyFixture("qcow2-snapshots");
+      const snaps = ["snap1", "snap2", "snap3"];
+      const before = snaps.map((s) => {
+        const out = `${file}.${s}.before`;
+        execFileSync("qemu-img", ["convert", "-O", "raw", "-l", `snapshot.name=${s}`, file, out]);
+        return fs.readFileSync(out);
+      });
+      const image = await openQcow2(await FileBackend.open(file), { readOnly: false });
+      const model = new Uint8Array(image.virtualSize);
+      await image.read(0, model);
+      const d = pattern(11, 1 << 20);
+      await image.write(0, d);
+      model.set(d, 0);
+      await image.writeZeroes(1 << 20, 128 * 1024);
+      model.fill(0, 1 << 20, (1 << 20) + 128 * 1024);
+      const small = pattern(12, 3000);
+      await image.write(100_000, small);
+      model.set(small, 100_000);
+      await image.close();
+      const c = qemuCheck(file);
+      expect(c.status, c.out).toBe(0);
+      expect(Buffer.compare(qemuRaw(file), model)).toBe(0);
+      snaps.forEach((s, i) => {
+        const out = `${file}.${s}.after`;
+        execFileSync("qemu-img", ["convert", "-O", "raw", "-l", `snapshot.name=${s}`, file, out]);
+        expect(Buffer.compare(fs.readFileSync(out), before[i]!), `snapshot ${s} changed`).toBe(0);
+      });
+    },
+  );
+});

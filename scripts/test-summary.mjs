@@ -21,7 +21,11 @@ for (const group of ["packages", "apps"]) {
 }
 console.log(rows.join("\n"));
 // .ci/run must run exactly the README's test command.
-const testCommand = (text) => text.split("\n").find((l) => l.includes("run test:all"))?.trim();
+const testCommand = (text) =>
+  text
+    .split("\n")
+    .find((l) => l.includes("run test:all"))
+    ?.trim();
 const readmeCommand = testCommand(fs.readFileSync(path.join(root, "README.md"), "utf8"));
 const ciCommand = testCommand(fs.readFileSync(path.join(root, ".ci/run"), "utf8"));
 if (readmeCommand === undefined || readmeCommand !== ciCommand) {

@@ -252,8 +252,14 @@ export class Qcow2Image implements DiskImage {
   /** Open a qcow2 image. Validates the header, L1 table and snapshot table. */
   static async open(backend: BlockBackend, options: Qcow2OpenOptions = {}): Promise<Qcow2Image> {
     const fileSize = await backend.size();
-    const first = new Uint8Array(Math.min(fileSize, 2 * 1024 * 1024));
+    // The header area is the first cluster: read 64 KiB, and more only for larger clusters.
+    let first = new Uint8Array(Math.min(fileSize, 64 * 1024));
     await backend.read(0, first);
+    const bits = first.byteLength >= 24 ? new DataView(first.buffer).getUint32(20, false) : 0;
+    if (bits > 16 && bits <= 21 && fileSize > first.byteLength) {
+      first = new Uint8Array(Math.min(fileSize, 2 ** bits));
+      await backend.read(0, first);
+    }
     const header = decodeHeader(first);
     if (header.clusterBits < 9 || header.clusterBits > 21) {
       validateHeader(header); // throws the cluster_bits error
@@ -605,7 +611,7 @@ export class Qcow2Image implements DiskImage {
         }
         return {
           offset,
-          length: b ? n : n,
+          length: n,
           present: false,
           zero: true,
           data: false,
@@ -688,7 +694,6 @@ export class Qcow2Image implements DiskImage {
   private async resolve(pos: number, max: number): Promise<Extent> {
     // A fresh result per call (per extent, not per entry): concurrent requests interleave at
     // every await, so a shared scratch object would be overwritten under another request.
-    const e: Extent = { kind: Kind.Unallocated, length: 0, host: -1, compressedLength: 0 };
     const cs = this.clusterSize;
     const guestCluster = Math.floor(pos / cs);
     const l1Index = Math.floor(guestCluster / this.l2Entries);
@@ -697,10 +702,11 @@ export class Qcow2Image implements DiskImage {
     const tableEnd = (l1Index + 1) * this.l2Entries * cs;
     const limit = Math.min(max, tableEnd - pos, this.virtualSize - pos);
     if (l1Index >= this.l1.length) {
-      return set(e, Kind.Unallocated, limit, -1, 0);
+      return { kind: Kind.Unallocated, length: limit, host: -1, compressedLength: 0 };
     }
     const l2Offset = this.l1.getMasked(l1Index, L1_OFFSET_MASK);
-    if (l2Offset === 0) return set(e, Kind.Unallocated, limit, -1, 0);
+    if (l2Offset === 0)
+      return { kind: Kind.Unallocated, length: limit, host: -1, compressedLength: 0 };
     if (l2Offset % cs !== 0) {
       throw new CorruptImageError(
         `L2 table offset ${hex(l2Offset)} in L1 entry ${l1Index} is not aligned to the cluster size ${cs}`,
@@ -828,13 +834,12 @@ export class Qcow2Image implements DiskImage {
       inCluster = (inCluster + runBytes) % cs;
       if (inCluster === 0) l2Index++;
     }
-    return set(
-      e,
-      kind === -1 ? Kind.Unallocated : kind,
-      Math.min(length, limit),
+    return {
+      kind: kind === -1 ? Kind.Unallocated : kind,
+      length: Math.min(length, limit),
       host,
       compressedLength,
-    );
+    };
   }
 
   // ------------------------------------------------------------------ write path
@@ -928,13 +933,9 @@ export class Qcow2Image implements DiskImage {
   /** Count every reference and write fresh refcount structures (the repair of a dirty image). */
   private async rebuildRefcountStructures(): Promise<void> {
     const cs = this.clusterSize;
-    const fileSize = await this.backend.size();
-    const hostClusters = Math.ceil(fileSize / cs);
-    const counts = new Float64Array(hostClusters);
-    const max =
-      this.hdr.refcountOrder === 6
-        ? Number.MAX_SAFE_INTEGER
-        : 2 ** (2 ** this.hdr.refcountOrder) - 1;
+    // Every reference as a run of host clusters; adjacent runs merge, so a sequentially written
+    // image needs only a few. The refcount package counts them (and refuses overflows).
+    const runs: [number, number][] = [];
     await walkReferences(
       {
         backend: this.backend,
@@ -947,16 +948,10 @@ export class Qcow2Image implements DiskImage {
         reference: (r) => {
           if (r.kind === "refcount-table" || r.kind === "refcount-block") return;
           const first = Math.floor(r.offset / cs);
-          const last = Math.floor((r.offset + Math.max(1, r.length) - 1) / cs);
-          for (let c = first; c <= last && c < hostClusters; c++) {
-            const v = (counts[c] ?? 0) + 1;
-            if (v > max) {
-              throw new CorruptImageError(
-                `cluster ${hex(c * cs)} has ${v} references, more than ${this.hdr.refcountOrder}-order refcounts hold`,
-              );
-            }
-            counts[c] = v;
-          }
+          const count = Math.floor((r.offset + Math.max(1, r.length) - 1) / cs) - first + 1;
+          const last = runs[runs.length - 1];
+          if (last !== undefined && last[0] + last[1] * cs === first * cs) last[1] += count;
+          else runs.push([first * cs, count]);
         },
       },
     );
@@ -964,7 +959,7 @@ export class Qcow2Image implements DiskImage {
       backend: this.backend,
       clusterBits: this.clusterBits,
       refcountOrder: this.hdr.refcountOrder,
-      counts,
+      references: runs,
       onTableMoved: async (tableOffset, tableClusters) => {
         await this.rewriteHeader({
           refcountTableOffset: tableOffset,
@@ -1806,20 +1801,6 @@ export class Qcow2Image implements DiskImage {
       }
     });
   }
-}
-
-function set(
-  e: Extent,
-  kind: Kind,
-  length: number,
-  host: number,
-  compressedLength: number,
-): Extent {
-  e.kind = kind;
-  e.length = length;
-  e.host = host;
-  e.compressedLength = compressedLength;
-  return e;
 }
 
 function checkRequest(offset: number, length: number, size: number): void {

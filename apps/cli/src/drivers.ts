@@ -1,14 +1,11 @@
 /**
- * The format drivers the CLI dispatches to, in one file.
- *
- * The libraries' value exports are read through namespace imports and checked at run time,
- * so a build in which a driver is not exported yet still runs (every other format keeps
- * working, and the missing one fails with a clear message instead of a link error).
+ * The format drivers the CLI dispatches to, in one file: the one place that maps the CLI's
+ * open options onto each library's.
  */
-import * as io from "@qimg/io";
-import * as qcow2 from "@qimg/qcow2";
-import * as qed from "@qimg/qed";
+import { RawImage } from "@qimg/io";
 import type { BlockBackend, BlockStatus, DiskImage } from "@qimg/io";
+import { openQcow2 } from "@qimg/qcow2";
+import type { Qcow2Image } from "@qimg/qcow2";
 import type {
   BackingOpener,
   BackingRequest,
@@ -17,7 +14,8 @@ import type {
   Qcow2Info,
   SnapshotInfo,
 } from "@qimg/qcow2";
-import { UnsupportedFeatureError } from "@qimg/structs";
+import { openQed } from "@qimg/qed";
+import type { QedImage, QedInfo } from "@qimg/qed";
 
 export type {
   BackingOpener,
@@ -27,18 +25,9 @@ export type {
   BlockStatus,
   DiskImage,
   Qcow2Info,
+  QedInfo,
   SnapshotInfo,
 };
-
-/** What `openQed(...).info()` reports. */
-export interface QedInfo {
-  readonly virtualSize: number;
-  readonly clusterSize: number;
-  readonly tableSize: number;
-  readonly backingFilename?: string | undefined;
-  readonly backingFormat?: string | undefined;
-  readonly needCheck: boolean;
-}
 
 export interface DriverOpenOptions {
   readonly readOnly: boolean;
@@ -57,22 +46,14 @@ export interface Qcow2WriteOptions {
   readonly compress?: Compressor | undefined;
 }
 
-function missing(what: string): never {
-  throw new UnsupportedFeatureError(`${what} is not available in this build of qimg`, [what]);
-}
-
-export async function openRaw(backend: BlockBackend): Promise<DiskImage> {
-  const RawImage = (io as Partial<typeof io>).RawImage;
-  if (typeof RawImage !== "function") missing("the raw format driver");
+export function openRaw(backend: BlockBackend): Promise<DiskImage> {
   return RawImage.open(backend);
 }
 
-export async function openQcow2Image(
+export function openQcow2Image(
   backend: BlockBackend,
   options: DriverOpenOptions,
 ): Promise<DiskImage> {
-  const open = (qcow2 as Partial<typeof qcow2>).openQcow2;
-  if (typeof open !== "function") missing("the qcow2 format driver");
   const extra = options.qcow2;
   const write = {
     ...(extra?.lazyRefcounts !== undefined ? { lazyRefcounts: extra.lazyRefcounts } : {}),
@@ -80,8 +61,8 @@ export async function openQcow2Image(
     ...(extra?.compress !== undefined ? { compress: extra.compress } : {}),
   };
   return options.openBacking === undefined
-    ? open(backend, { readOnly: options.readOnly, noBacking: true, ...write })
-    : open(backend, {
+    ? openQcow2(backend, { readOnly: options.readOnly, noBacking: true, ...write })
+    : openQcow2(backend, {
         readOnly: options.readOnly,
         openBacking: options.openBacking,
         openDataFile: options.openDataFile,
@@ -89,21 +70,19 @@ export async function openQcow2Image(
       });
 }
 
-export async function openQedImage(
+export function openQedImage(
   backend: BlockBackend,
   options: DriverOpenOptions,
 ): Promise<DiskImage> {
-  const open = (qed as Partial<typeof qed>).openQed;
-  if (typeof open !== "function") missing("the QED format driver");
-  return open(backend, { readOnly: options.readOnly, openBacking: options.openBacking });
+  return openQed(backend, { readOnly: options.readOnly, openBacking: options.openBacking });
 }
 
 /** The qcow2 facts of an image opened by {@link openQcow2Image}. */
 export function qcow2InfoOf(image: DiskImage): Qcow2Info {
-  return (image as DiskImage & { info(): Qcow2Info }).info();
+  return (image as Qcow2Image).info();
 }
 
 /** The QED facts of an image opened by {@link openQedImage}. */
 export function qedInfoOf(image: DiskImage): QedInfo {
-  return (image as DiskImage & { info(): QedInfo }).info();
+  return (image as QedImage).info();
 }

@@ -2,8 +2,6 @@ import { spawnSync } from "node:child_process";
 import { createRequire } from "node:module";
 import { dirname, join } from "node:path";
 import { fileURLToPath, pathToFileURL } from "node:url";
-import * as qed from "@qimg/qed";
-import * as qcow2 from "@qimg/qcow2";
 import { runCli } from "../src/cli.js";
 import { captureContext } from "../src/context.js";
 
@@ -41,11 +39,4 @@ export function qimgProcess(args: readonly string[], cwd?: string): RunResult {
     },
   );
   return { code: r.status ?? -1, stdout: r.stdout, stderr: r.stderr };
-}
-
-/** Whether this build has a driver for `format` (the format packages land separately). */
-export function driverAvailable(format: string): boolean {
-  if (format === "qcow2") return typeof (qcow2 as Record<string, unknown>).openQcow2 === "function";
-  if (format === "qed") return typeof (qed as Record<string, unknown>).openQed === "function";
-  return true;
 }

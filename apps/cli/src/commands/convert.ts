@@ -24,7 +24,7 @@ import type { DiskImage } from "../drivers.js";
 import { CliError, inFile } from "../errors.js";
 import { openImage, sameFile } from "../open.js";
 import { CompressPool } from "../util/compress-pool.js";
-import { copySparse } from "../util/copy.js";
+import { blockStatusPays, copySparse } from "../util/copy.js";
 import { startProgress } from "../util/progress.js";
 import { isHelpRequest, optionsHelp, parseOptions } from "../util/qemu-opts.js";
 import { roundUp } from "../util/size.js";
@@ -220,9 +220,7 @@ async function copyInto(
   const READ_AHEAD = 4;
   const poolSize = maxInFlight + READ_AHEAD + 2;
   let next = 0;
-  // A raw source has no allocation metadata: asking it for block status would read the data
-  // twice, so zero detection happens on the data read instead.
-  const rawSource = source.format === "raw" && source.backing === undefined;
+  const rawSource = !blockStatusPays(source);
   interface Ahead {
     readonly offset: number;
     readonly buf: Uint8Array;

@@ -15,6 +15,15 @@ const ZERO_BLOCK = 4096;
  * Copy guest bytes `[from, to)` of `image` to `target` at `targetOffset + (x - from)`.
  * `onProgress` is called with the number of bytes handled so far.
  */
+/**
+ * Whether asking `image` for block status saves work. A raw image has no allocation metadata:
+ * its block status reads the data to find zeros, so a copy that reads the data anyway would
+ * read it twice; copies detect zeros in the data they read instead.
+ */
+export function blockStatusPays(image: DiskImage): boolean {
+  return !(image.format === "raw" && image.backing === undefined);
+}
+
 export async function copySparse(
   image: DiskImage,
   from: number,
@@ -23,8 +32,7 @@ export async function copySparse(
   targetOffset: number,
   onProgress?: (done: number) => void,
 ): Promise<void> {
-  // A raw image has no allocation metadata: its block status would read the data twice.
-  const raw = image.format === "raw" && image.backing === undefined;
+  const raw = !blockStatusPays(image);
   let offset = from;
   let extentEnd = from;
   let done = 0;

@@ -10,4 +10,10 @@ export default defineConfig({
   sourcemap: true,
   clean: true,
   noExternal: [/^@qimg\//],
+  // Bundle the workspace libraries from their source (the "@qimg/source" export condition),
+  // so `pnpm --filter qimg build` works alone, without building them first. This is the one
+  // tsup-only option here; a move to tsdown has to carry the condition over to its resolver.
+  esbuildOptions(options) {
+    options.conditions = ["@qimg/source", "import", "module", "default"];
+  },
 });

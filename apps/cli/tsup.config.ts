@@ -9,7 +9,14 @@ export default defineConfig({
   dts: false,
   sourcemap: true,
   clean: true,
-  noExternal: [/^@qimg\//],
+  // commander is bundled too: resolving and loading it from node_modules costs start-up time
+  // on every run.
+  noExternal: [/^@qimg\//, "commander"],
+  // commander is CommonJS and requires Node built-ins; an ES module bundle needs a real
+  // \`require\` for them.
+  banner: {
+    js: 'import { createRequire as __qimgRequire } from "node:module"; const require = __qimgRequire(import.meta.url);',
+  },
   // Bundle the workspace libraries from their source (the "@qimg/source" export condition),
   // so `pnpm --filter qimg build` works alone, without building them first. This is the one
   // tsup-only option here; a move to tsdown has to carry the condition over to its resolver.

@@ -1,8 +1,17 @@
 /**
  * A progress bar on stderr, drawn only when stderr is a terminal (and `-p` was given).
  */
-import cliProgress from "cli-progress";
+import { createRequire } from "node:module";
+import type cliProgressModule from "cli-progress";
 import type { CliContext } from "../context.js";
+
+/**
+ * cli-progress is loaded on first use: it costs about 15 ms of start-up, and most runs draw
+ * no bar (no `-p`, or stderr is not a terminal).
+ */
+function loadCliProgress(): typeof cliProgressModule {
+  return createRequire(import.meta.url)("cli-progress") as typeof cliProgressModule;
+}
 
 export interface Progress {
   /** Set the number of bytes done. */
@@ -14,6 +23,7 @@ const NONE: Progress = { update: () => undefined, stop: () => undefined };
 
 export function startProgress(ctx: CliContext, enabled: boolean, total: number): Progress {
   if (!enabled || !ctx.stderrIsTTY || ctx.progressStream === undefined) return NONE;
+  const cliProgress = loadCliProgress();
   const bar = new cliProgress.SingleBar(
     {
       stream: ctx.progressStream,

@@ -21,3 +21,4 @@ export type {
 } from "./image.js";
 export { RawImage } from "./raw.js";
 export { seededRandom } from "./random.js";
+export { alignedBuffer, alignedBuffers, MAX_ALIGNED_BUFFER, WASM_PAGE } from "./aligned.js";

@@ -4,6 +4,7 @@
  *   0 identical, 1 different, 2 error opening an image (or any other error), 3 block status
  *   error, 4 read error.
  */
+import { alignedBuffers } from "@qimg/io";
 import type { Command } from "commander";
 import { stringOpt, type CommandDef } from "../command.js";
 import type { CliContext } from "../context.js";
@@ -129,8 +130,7 @@ async function compareImages(
     say("Strict mode: Image size mismatch!\n");
     return COMPARE_EXIT.DIFFERENT;
   }
-  const bufA = new Uint8Array(IO_BUF_SIZE);
-  const bufB = new Uint8Array(IO_BUF_SIZE);
+  const [bufA, bufB] = alignedBuffers(2, IO_BUF_SIZE) as [Uint8Array, Uint8Array];
   const progress = startProgress(ctx, options.progress === true, Math.max(sizeA, sizeB));
   try {
     /** qemu-img's check_empty_sectors(): 0 when the range reads as zeros. */

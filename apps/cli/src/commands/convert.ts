@@ -9,8 +9,10 @@
  *   type, deflating on a pool of worker threads (one per core) while the main thread reads
  *   and writes.
  */
+import { statSync } from "node:fs";
+import { open } from "node:fs/promises";
 import type { Command } from "commander";
-import { FileBackend } from "@qimg/io";
+import { alignedBuffers, FileBackend } from "@qimg/io";
 import { stringOpt, type CommandDef } from "../command.js";
 import type { CliContext } from "../context.js";
 import {
@@ -25,6 +27,7 @@ import { CliError, inFile } from "../errors.js";
 import { openImage, sameFile } from "../open.js";
 import { CompressPool } from "../util/compress-pool.js";
 import { blockStatusPays, copySparse } from "../util/copy.js";
+import { preallocate, PREALLOCATE_MIN, type FileRange } from "../util/preallocate.js";
 import { startProgress } from "../util/progress.js";
 import { isHelpRequest, optionsHelp, parseOptions } from "../util/qemu-opts.js";
 import { roundUp } from "../util/size.js";
@@ -108,7 +111,18 @@ export async function runConvert(ctx: CliContext, options: ConvertOptions): Prom
         );
       }
     });
+    // Preallocate room for the data past the new image's end (the file keeps its size), and
+    // give back what the copy did not use at the end.
+    const reserved =
+      options.compress === true
+        ? 0
+        : await preallocate(
+            options.target,
+            [{ offset: statSync(options.target).size, length: await dataBytes(image, options) }],
+            { keepSize: true },
+          );
     await convertToImage(ctx, image, outFormat, options);
+    if (reserved > 0) await trimPastEnd(options.target);
     return 0;
   } finally {
     await image.close();
@@ -130,6 +144,9 @@ async function convertToRaw(
   );
   try {
     await inFile(options.target, () => target.truncate(roundUp(size, 512)));
+    if (blockStatusPays(image)) {
+      await preallocate(options.target, await largeDataExtents(image));
+    }
     const progress = startProgress(ctx, options.progress === true, size);
     try {
       await inFile(options.source, () =>
@@ -141,6 +158,54 @@ async function convertToRaw(
     await inFile(options.target, () => target.flush());
   } finally {
     await target.close();
+  }
+}
+
+/**
+ * The extents of `image` that hold data (not zeros) and are at least PREALLOCATE_MIN bytes
+ * long, found from its metadata (block status), adjacent extents merged.
+ */
+async function largeDataExtents(image: DiskImage): Promise<FileRange[]> {
+  const out: FileRange[] = [];
+  let start = -1;
+  let pos = 0;
+  const size = image.virtualSize;
+  const close = (end: number): void => {
+    if (start >= 0 && end - start >= PREALLOCATE_MIN)
+      out.push({ offset: start, length: end - start });
+    start = -1;
+  };
+  while (pos < size) {
+    const s = await image.blockStatus(pos, size - pos);
+    if (s.zero) close(s.offset);
+    else if (start < 0) start = s.offset;
+    pos = s.offset + s.length;
+  }
+  close(size);
+  return out;
+}
+
+/**
+ * About how many bytes of data a copy of `image` writes: the allocated size of a raw file, or
+ * the data extents of an image with metadata (plus 1/64 for the target's tables).
+ */
+async function dataBytes(image: DiskImage, options: ConvertOptions): Promise<number> {
+  let bytes = 0;
+  if (!blockStatusPays(image)) {
+    bytes = Math.min(image.virtualSize, statSync(options.source).blocks * 512);
+  } else {
+    for (const r of await largeDataExtents(image)) bytes += r.length;
+  }
+  return bytes + Math.ceil(bytes / 64);
+}
+
+/** Free blocks preallocated past the end of `path` (truncating to its own size does that). */
+async function trimPastEnd(path: string): Promise<void> {
+  const fd = await open(path, "r+");
+  try {
+    await fd.truncate((await fd.stat()).size);
+  } finally {
+    await fd.close();
   }
 }
 
@@ -213,8 +278,10 @@ async function copyInto(
   };
   const progress = startProgress(ctx, options.progress === true, size);
   // A small pool of chunk buffers, reused once every write issued from one has finished
-  // (fresh 2 MiB buffers per chunk cost page faults and zeroing on every chunk).
+  // (fresh 2 MiB buffers per chunk cost page faults and zeroing on every chunk). They are
+  // page-aligned, which makes the kernel's copies faster, and mapped once, on first use.
   const pool: { buf: Uint8Array; pending: Promise<void>[] }[] = [];
+  let poolBuffers: Uint8Array[] | undefined;
   // Reads run ahead of the writes (on the thread pool, in parallel), while the writes are
   // issued strictly in guest order so the target allocates its clusters sequentially.
   const READ_AHEAD = 4;
@@ -239,7 +306,8 @@ async function copyInto(
         continue;
       let slot = pool[next % poolSize];
       if (slot === undefined) {
-        slot = { buf: new Uint8Array(chunk), pending: [] };
+        poolBuffers ??= alignedBuffers(poolSize, chunk);
+        slot = { buf: poolBuffers[pool.length]!, pending: [] };
         pool.push(slot);
       } else {
         await Promise.all(slot.pending);

@@ -3,6 +3,7 @@
  * are not read, and blocks of zeros are not written (the target is freshly truncated, so they
  * read back as zeros).
  */
+import { alignedBuffers } from "@qimg/io";
 import type { BlockBackend, DiskImage } from "../drivers.js";
 import { isZero } from "./zero.js";
 
@@ -65,8 +66,9 @@ export async function copySparse(
     queue = p.catch(() => undefined);
     return p;
   };
-  const worker = async (): Promise<void> => {
-    const buf = new Uint8Array(COPY_CHUNK);
+  // Page-aligned buffers (the kernel copies to and from them faster), one mapping for all.
+  const buffers = alignedBuffers(WORKERS, COPY_CHUNK);
+  const worker = async (buf: Uint8Array): Promise<void> => {
     for (;;) {
       const c = await take();
       if (c === undefined) return;
@@ -89,7 +91,7 @@ export async function copySparse(
       onProgress?.(done);
     }
   };
-  await Promise.all(Array.from({ length: WORKERS }, worker));
+  await Promise.all(buffers.map(worker));
 }
 
 /** Chunks copied at once (qemu-img convert's default is 8 parallel requests). */

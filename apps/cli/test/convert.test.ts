@@ -3,13 +3,13 @@
  * qemu-img compare says identical, qemu-img check says clean; zero ranges stay unallocated.
  * Also qimg bench's output lines.
  */
-import { mkdtempSync, rmSync, writeFileSync } from "node:fs";
+import { mkdtempSync, rmSync, statSync, writeFileSync } from "node:fs";
 import { tmpdir } from "node:os";
 import { dirname, join } from "node:path";
 import { fixturePath, listFixtures } from "@qimg/fixtures";
 import { afterAll, describe, expect, it } from "vitest";
 import { qimg, qimgProcess } from "./helpers.js";
-import { hasQemu, prng, qemuImg, qemuInfo } from "./qemu.js";
+import { hasQemu, prng, qemuImg, qemuInfo, qemuIo } from "./qemu.js";
 
 if (!hasQemu) console.log("skipping qimg convert interop tests: qemu-img is not on PATH");
 
@@ -168,5 +168,53 @@ describe.skipIf(!hasQemu)("qimg bench", () => {
     expect(qemuImg(["check", f]).code).toBe(0);
     const bad = await qimg(["bench", "--flush-interval=10", f]);
     expect(bad.stderr).toBe("qimg: --flush-interval is only available in write tests\n");
+  });
+});
+
+describe.skipIf(!hasQemu)("convert preallocates large data extents and keeps holes", () => {
+  // 40 MiB of data (above the 32 MiB preallocation threshold), then a 24 MiB hole, then 8 MiB
+  // of data (below it), then a 1 MiB all-zero block written as data inside the first extent.
+  const MiB = 1024 * 1024;
+  const size = 72 * MiB;
+  const src = join(tmp, "prealloc-src.qcow2");
+  const ref = join(tmp, "prealloc-ref.raw");
+  const made = (): void => {
+    if (qemuImg(["create", "-f", "qcow2", src, String(size)]).code !== 0) throw new Error("create");
+    const w = (args: string): void => {
+      const r = qemuIo(["-f", "qcow2", "-c", args, src]);
+      if (r.code !== 0) throw new Error(r.stderr);
+    };
+    w(`write -P 0x5a 0 ${40 * MiB}`);
+    w(`write -P 0 ${10 * MiB} ${MiB}`);
+    w(`write -P 0x33 ${64 * MiB} ${8 * MiB}`);
+    qemuImg(["convert", "-f", "qcow2", "-O", "raw", src, ref]);
+  };
+
+  it("-O raw: same bytes as qemu-img's output, and the hole stays a hole", async () => {
+    made();
+    const dst = join(tmp, "prealloc.raw");
+    const r = await qimg(["convert", "-f", "qcow2", "-O", "raw", src, dst]);
+    expect(r).toEqual({ code: 0, stdout: "", stderr: "" });
+    expect(qemuImg(["compare", "-f", "raw", "-F", "raw", ref, dst]).code).toBe(0);
+    // At most the two data extents are allocated (48 MiB); the 24 MiB hole is not.
+    expect(statSync(dst).blocks * 512).toBeLessThanOrEqual(48 * MiB + MiB);
+    const map = JSON.parse(qemuImg(["map", "--output=json", "-f", "raw", dst]).stdout) as {
+      start: number;
+      length: number;
+      data: boolean;
+    }[];
+    const holeCovered = map.filter(
+      (e) => !e.data && e.start <= 40 * MiB && e.start + e.length >= 64 * MiB,
+    );
+    expect(holeCovered.length, JSON.stringify(map)).toBe(1);
+  });
+
+  it("-O qcow2: nothing preallocated is left past the end of the image", async () => {
+    const dst = join(tmp, "prealloc.qcow2");
+    const r = await qimg(["convert", "-f", "qcow2", "-O", "qcow2", src, dst]);
+    expect(r).toEqual({ code: 0, stdout: "", stderr: "" });
+    verify(src, dst, "qcow2", "qcow2");
+    const st = statSync(dst);
+    expect(st.blocks * 512).toBeLessThanOrEqual(st.size + 64 * 1024);
   });
 });

@@ -13,6 +13,13 @@
  */
 import { InvalidArgumentError } from "@qimg/structs";
 
+/** The part of the WebAssembly JS API used here (its typings live in the DOM library). */
+interface WasmMemoryConstructor {
+  new (descriptor: { initial: number; maximum?: number }): { readonly buffer: ArrayBuffer };
+}
+const WasmMemory = (globalThis as unknown as { WebAssembly: { Memory: WasmMemoryConstructor } })
+  .WebAssembly.Memory;
+
 /** WebAssembly's page size: every aligned buffer's capacity is a multiple of it. */
 export const WASM_PAGE = 65536;
 /** Largest aligned buffer (1 GiB); larger requests are split by the caller. */
@@ -29,7 +36,7 @@ export function alignedBuffer(size: number): Uint8Array {
     );
   }
   const pages = Math.max(1, Math.ceil(size / WASM_PAGE));
-  const memory = new WebAssembly.Memory({ initial: pages, maximum: pages });
+  const memory = new WasmMemory({ initial: pages, maximum: pages });
   return new Uint8Array(memory.buffer, 0, size);
 }
 

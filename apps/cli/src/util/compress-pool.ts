@@ -81,7 +81,8 @@ export class CompressPool {
       if ((this.load[i] ?? 0) < (this.load[best] ?? 0)) best = i;
     }
     const id = this.nextId++;
-    const copy = data.slice();
+    // A copy of our own to transfer (Buffer#slice would share it, and transferring detaches).
+    const copy = new Uint8Array(data);
     return new Promise<Uint8Array>((resolve, reject) => {
       this.pending.set(id, { resolve, reject });
       this.load[best] = (this.load[best] ?? 0) + 1;

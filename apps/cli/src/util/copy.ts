@@ -52,6 +52,12 @@ export async function copySparse(
         continue;
       }
       extentEnd = end;
+      // Adjacent data extents (compressed clusters are one extent each) join into one chunk.
+      while (!raw && extentEnd < to && extentEnd - offset < COPY_CHUNK) {
+        const next = await image.blockStatus(extentEnd, Math.min(to - extentEnd, COPY_CHUNK));
+        if (next.zero) break;
+        extentEnd = Math.min(to, next.offset + next.length);
+      }
     }
     const n = Math.min(COPY_CHUNK, extentEnd - offset);
     const chunk: [number, number] = [offset, n];

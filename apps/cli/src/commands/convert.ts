@@ -9,8 +9,7 @@
  *   type, deflating on a pool of worker threads (one per core) while the main thread reads
  *   and writes.
  */
-import { statSync } from "node:fs";
-import { open } from "node:fs/promises";
+import { closeSync, fstatSync, ftruncateSync, openSync, statSync } from "node:fs";
 import type { Command } from "commander";
 import { alignedBuffers, FileBackend } from "@qimg/io";
 import { stringOpt, type CommandDef } from "../command.js";
@@ -122,7 +121,7 @@ export async function runConvert(ctx: CliContext, options: ConvertOptions): Prom
             { keepSize: true },
           );
     await convertToImage(ctx, image, outFormat, options);
-    if (reserved > 0) await trimPastEnd(options.target);
+    if (reserved > 0) trimPastEnd(options.target);
     return 0;
   } finally {
     await image.close();
@@ -200,12 +199,12 @@ async function dataBytes(image: DiskImage, options: ConvertOptions): Promise<num
 }
 
 /** Free blocks preallocated past the end of `path` (truncating to its own size does that). */
-async function trimPastEnd(path: string): Promise<void> {
-  const fd = await open(path, "r+");
+function trimPastEnd(path: string): void {
+  const fd = openSync(path, "r+");
   try {
-    await fd.truncate((await fd.stat()).size);
+    ftruncateSync(fd, fstatSync(fd).size);
   } finally {
-    await fd.close();
+    closeSync(fd);
   }
 }
 
@@ -227,7 +226,7 @@ async function convertToImage(
   options: ConvertOptions,
 ): Promise<void> {
   const compress = options.compress === true;
-  const pool = compress ? new CompressPool(options.threads) : undefined;
+  const pool = compress ? await CompressPool.start(options.threads) : undefined;
   try {
     const target = await openImage(options.target, {
       format,

@@ -10,7 +10,7 @@
 import { createRequire } from "node:module";
 import { availableParallelism } from "node:os";
 import { pathToFileURL } from "node:url";
-import { Worker } from "node:worker_threads";
+import type { Worker } from "node:worker_threads";
 
 interface Pending {
   readonly resolve: (data: Uint8Array) => void;
@@ -24,7 +24,7 @@ interface Reply {
 }
 
 /** Start one worker: the bundled .js next to this file, or (from source) the .ts via tsx. */
-function startWorker(): Worker {
+function startWorker(Worker: typeof import("node:worker_threads").Worker): Worker {
   const here = import.meta.url;
   if (!here.endsWith(".ts")) return new Worker(new URL("./compress-worker.js", here));
   // Running from source: register tsx's loader inside the worker, then load the .ts file.
@@ -46,9 +46,18 @@ export class CompressPool {
   private nextId = 0;
   private closed = false;
 
-  constructor(threads = availableParallelism()) {
+  /**
+   * Start a pool of `threads` workers (default: one per core). node:worker_threads is loaded
+   * here, not at start-up: most runs never compress.
+   */
+  static async start(threads = availableParallelism()): Promise<CompressPool> {
+    const { Worker } = await import("node:worker_threads");
+    return new CompressPool(threads, Worker);
+  }
+
+  private constructor(threads: number, Worker: typeof import("node:worker_threads").Worker) {
     for (let i = 0; i < Math.max(1, threads); i++) {
-      const w = startWorker();
+      const w = startWorker(Worker);
       const index = i;
       w.on("message", (reply: Reply) => {
         this.load[index] = (this.load[index] ?? 1) - 1;

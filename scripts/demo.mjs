@@ -15,7 +15,7 @@ for (const f of fs.readdirSync(src)) {
     zlib.gunzipSync(fs.readFileSync(path.join(src, f))),
   );
 }
-const qimg = path.join(root, "apps/cli/dist/qimg.js");
+const qimg = path.join(root, "apps/cli/dist/qimg.cjs");
 const image = path.join(dir, "top.qcow2");
 for (const args of [
   ["info", "--backing-chain", image],

@@ -1,26 +1,33 @@
 import { defineConfig } from "tsup";
 
 export default defineConfig({
-  // The compression worker is its own file: the pool starts it by URL next to qimg.js.
-  entry: { qimg: "src/main.ts", "compress-worker": "src/util/compress-worker.ts" },
-  format: ["esm"],
+  // dist/qimg.cjs is the executable: a small loader that runs dist/cli.cjs (the whole CLI)
+  // with a V8 code cache (see src/bin.ts). The compression worker is its own file: the pool
+  // starts it by URL next to cli.cjs. CommonJS, because only classic scripts can use a code
+  // cache on Node 20 (and they skip the ES module loader's work at start-up).
+  entry: {
+    qimg: "src/bin.ts",
+    cli: "src/main.ts",
+    "compress-worker": "src/util/compress-worker.ts",
+  },
+  format: ["cjs"],
   platform: "node",
   target: "node20",
   dts: false,
   sourcemap: true,
   clean: true,
+  // import.meta.url in the sources (worker and package paths) works in CommonJS output.
+  shims: true,
   // commander is bundled too: resolving and loading it from node_modules costs start-up time
   // on every run.
   noExternal: [/^@qimg\//, "commander"],
-  // commander is CommonJS and requires Node built-ins; an ES module bundle needs a real
-  // \`require\` for them.
-  banner: {
-    js: 'import { createRequire as __qimgRequire } from "node:module"; const require = __qimgRequire(import.meta.url);',
-  },
   // Bundle the workspace libraries from their source (the "@qimg/source" export condition),
   // so `pnpm --filter qimg build` works alone, without building them first. This is the one
   // tsup-only option here; a move to tsdown has to carry the condition over to its resolver.
   esbuildOptions(options) {
-    options.conditions = ["@qimg/source", "import", "module", "default"];
+    options.conditions = ["@qimg/source", "require", "module", "default"];
+    // Modules loaded on demand (zlib, zstd, worker threads) are required, not imported: a
+    // script compiled with a code cache (bin.ts) cannot use import() on Node 20.
+    options.supported = { ...options.supported, "dynamic-import": false };
   },
 });

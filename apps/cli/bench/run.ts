@@ -5,7 +5,7 @@
  *   pnpm --filter qimg bench                 # 1 GiB images
  *   QIMG_BENCH_SIZE=256M pnpm --filter qimg bench
  *
- * Runs the built CLI (dist/qimg.js) when it exists, else the source through tsx. Each case
+ * Runs the built CLI (dist/qimg.cjs) when it exists, else the source through tsx. Each case
  * runs QIMG_BENCH_REPEAT times (default 3), alternating tools, after a sync; the best counts.
  * qimg's times include Node's start-up (the first row measures it), which matters at small sizes.
  * Temporary files live under os.tmpdir() and are deleted at the end.
@@ -18,7 +18,7 @@ import { dirname, join } from "node:path";
 import { fileURLToPath, pathToFileURL } from "node:url";
 
 const CLI_DIR = join(dirname(fileURLToPath(import.meta.url)), "..");
-const DIST = join(CLI_DIR, "dist", "qimg.js");
+const DIST = join(CLI_DIR, "dist", "qimg.cjs");
 
 function parseSize(text: string): number {
   const m = /^(\d+)([kmgt]?)$/i.exec(text.trim());

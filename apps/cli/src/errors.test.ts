@@ -41,12 +41,16 @@ describe("error reporting", () => {
     expect(ctx.out.stderr).toBe("qimg: bad\nqimg: f: nope\n");
   });
 
-  it("prints a stack for internal errors, and for all errors with --debug", () => {
+  it("prints one line for internal errors too; stacks only with --debug", () => {
     const ctx = captureContext();
     expect(reportError(new TypeError("x is undefined"), ctx, 1)).toBe(1);
-    const lines = ctx.out.stderr.split("\n");
-    expect(lines[0]).toBe("qimg: internal error: x is undefined");
-    expect(lines[1]).toMatch(/^TypeError: x is undefined/);
+    expect(ctx.out.stderr).toBe(
+      "qimg: internal error: x is undefined (please report it; --debug prints the details)\n",
+    );
+
+    const debugInternal = captureContext({ debug: true });
+    reportError(new TypeError("x is undefined"), debugInternal, 1);
+    expect(debugInternal.out.stderr.split("\n")[1]).toMatch(/^TypeError: x is undefined/);
 
     const quiet = captureContext();
     reportError(new CliError("plain"), quiet, 1);

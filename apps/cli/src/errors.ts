@@ -3,7 +3,8 @@
  *
  * - Expected errors (a {@link CliError}, or any error of the `@qimg/structs` family) print one
  *   line, `qimg: <file>: <message>` (or `qimg: <message>` when no file applies), to stderr.
- * - Anything else is an internal error (a bug): the line says so and a stack trace follows.
+ * - Anything else is an internal error (a bug): the line says so and how to get the details;
+ *   still one line, no stack trace.
  * - With `--debug` every error prints its stack trace (and causes).
  * - The exit code is the error's own `exitCode` when it has one, else the command's default
  *   for errors (1 for most commands, 2 for `compare`, as qemu-img does).
@@ -120,7 +121,9 @@ export function describeError(e: unknown): DescribedError {
     isQimgError(inner) ||
     (errnoOf(inner) !== undefined && ERRNO_TEXT[errnoOf(inner) ?? ""] !== undefined);
   const message = messageOf(inner, file);
-  const body = expected ? message : `internal error: ${message}`;
+  const body = expected
+    ? message
+    : `internal error: ${message} (please report it; --debug prints the details)`;
   return {
     line: file === undefined ? `qimg: ${body}` : `qimg: ${file}: ${body}`,
     internal: !expected,
@@ -149,6 +152,6 @@ function stackOf(e: unknown): string {
 export function reportError(e: unknown, ctx: CliContext, defaultExitCode = 1): number {
   const d = describeError(e);
   ctx.stderr(d.line + "\n");
-  if (d.internal || ctx.debug) ctx.stderr(stackOf(d.error));
+  if (ctx.debug) ctx.stderr(stackOf(d.error));
   return d.exitCode ?? defaultExitCode;
 }

@@ -1,4 +1,4 @@
-import { Decompress as ZstdStream } from "fzstd";
+import type { Decompress as ZstdStreamType } from "fzstd";
 import { CorruptImageError, hex } from "@qimg/structs";
 
 /**
@@ -115,13 +115,19 @@ function zstdWindow(src: Uint8Array): number {
   return fcsBytes === 2 ? v + 256 : v;
 }
 
-export const zstd: Decompressor = (src, out) => {
+let fzstd: Promise<typeof ZstdStreamType> | undefined;
+/** fzstd, loaded on the first zstd cluster (most images have none; it costs start-up time). */
+function loadFzstd(): Promise<typeof ZstdStreamType> {
+  fzstd ??= import("fzstd").then((m) => m.Decompress);
+  return fzstd;
+}
+
+export const zstd: Decompressor = async (src, out) => {
+  const ZstdStream = await loadFzstd();
   const window = zstdWindow(src);
   if (window > MAX_ZSTD_WINDOW) {
-    return Promise.reject(
-      new CorruptImageError(
-        `zstd frame declares a ${window}-byte window, more than the ${MAX_ZSTD_WINDOW} allowed`,
-      ),
+    throw new CorruptImageError(
+      `zstd frame declares a ${window}-byte window, more than the ${MAX_ZSTD_WINDOW} allowed`,
     );
   }
   // The zstd frame is followed by padding up to the sector end, which is not another frame;
@@ -143,11 +149,8 @@ export const zstd: Decompressor = (src, out) => {
       failure instanceof Error
         ? failure.message
         : `decompressed to ${n} bytes instead of ${out.length}`;
-    return Promise.reject(
-      new CorruptImageError(`zstd data is invalid: ${why}`, { cause: failure }),
-    );
+    throw new CorruptImageError(`zstd data is invalid: ${why}`, { cause: failure });
   }
-  return Promise.resolve();
 };
 
 export function decompressorFor(compressionType: number): Decompressor {

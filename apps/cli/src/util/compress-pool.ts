@@ -5,7 +5,7 @@
  * and writing.
  *
  * The worker is ./compress-worker.ts: from source (tsx) the .ts file is started with tsx's
- * loader; from the bundle, dist/compress-worker.js next to dist/qimg.js.
+ * loader; from the bundle, dist/compress-worker.cjs next to dist/cli.cjs.
  */
 import { createRequire } from "node:module";
 import { availableParallelism } from "node:os";
@@ -26,7 +26,7 @@ interface Reply {
 /** Start one worker: the bundled .js next to this file, or (from source) the .ts via tsx. */
 function startWorker(Worker: typeof import("node:worker_threads").Worker): Worker {
   const here = import.meta.url;
-  if (!here.endsWith(".ts")) return new Worker(new URL("./compress-worker.js", here));
+  if (!here.endsWith(".ts")) return new Worker(new URL("./compress-worker.cjs", here));
   // Running from source: register tsx's loader inside the worker, then load the .ts file.
   // (Node 20 does not apply `--import tsx` hooks inside workers; tsx's tsImport does work.)
   const api = pathToFileURL(

@@ -1,7 +1,7 @@
 /**
  * Worker thread of the compression pool (./compress-pool.ts): deflates clusters as QEMU's
  * qcow2 driver does (raw deflate, 4 KiB window, default level) and sends the bytes back.
- * Built as its own entry (dist/compress-worker.js) next to dist/qimg.js.
+ * Built as its own entry (dist/compress-worker.cjs) next to dist/cli.cjs.
  */
 import { parentPort } from "node:worker_threads";
 import { deflateRawSync } from "node:zlib";

@@ -10,6 +10,7 @@ import type { CliContext } from "./context.js";
 import { CliError, inFile } from "./errors.js";
 import { combinePath, openImage } from "./open.js";
 import { formattingLine, type OptDesc, type OptMap } from "./util/qemu-opts.js";
+import { preallocate } from "./util/preallocate.js";
 import { roundUp } from "./util/size.js";
 
 /** Formats qimg can create. */
@@ -227,24 +228,22 @@ export async function writeNewImage(
   format: CreateFormat,
   opts: OptMap,
   size: number,
+  { noFlush = false }: { noFlush?: boolean } = {},
 ): Promise<void> {
+  const fileOptions = { create: true, truncate: true, noFlush };
   if (format === "qcow2") {
     const o = qcow2CreateOptions(opts, size);
     // Validate before touching any file.
-    const create = (qcow2 as Partial<typeof qcow2>).createQcow2;
-    if (typeof create !== "function") throw new CliError("qcow2 creation is not available");
     qcow2.normalizeCreateOptions(o);
-    const backend = await FileBackend.open(file, { create: true, truncate: true });
+    const backend = await FileBackend.open(file, fileOptions);
     let data: FileBackend | undefined;
     try {
       if (o.dataFile !== undefined) {
         const dataPath = o.dataFile;
-        data = await inFile(dataPath, () =>
-          FileBackend.open(dataPath, { create: true, truncate: true }),
-        );
+        data = await inFile(dataPath, () => FileBackend.open(dataPath, fileOptions));
         await data.truncate(roundUp(size, 512));
       }
-      await create(backend, o, data);
+      await qcow2.createQcow2(backend, o, data);
     } finally {
       await data?.close();
       await backend.close();
@@ -252,8 +251,6 @@ export async function writeNewImage(
     return;
   }
   if (format === "qed") {
-    const create = (qed as Partial<typeof qed>).createQed;
-    if (typeof create !== "function") throw new CliError("QED creation is not available");
     const clusterSize = num(opts, "cluster_size") ?? 65536;
     const tableSize = num(opts, "table_size") ?? 4;
     if (!isPow2(clusterSize) || clusterSize < 4096 || clusterSize > 64 * 1024 * 1024) {
@@ -264,9 +261,9 @@ export async function writeNewImage(
     }
     const backingFile = str(opts, "backing_file");
     const backingFormat = str(opts, "backing_fmt");
-    const backend = await FileBackend.open(file, { create: true, truncate: true });
+    const backend = await FileBackend.open(file, fileOptions);
     try {
-      await create(backend, {
+      await qed.createQed(backend, {
         size,
         clusterSize,
         tableSize,
@@ -283,10 +280,15 @@ export async function writeNewImage(
     ["off", "falloc", "full"] as const,
     "preallocation",
   );
-  const backend = await FileBackend.open(file, { create: true, truncate: true });
+  const backend = await FileBackend.open(file, fileOptions);
   try {
     const total = roundUp(size, 512);
-    if (prealloc === "full" || prealloc === "falloc") {
+    // falloc allocates without writing; where the system cannot, zeros are written as for full.
+    const allocated =
+      prealloc === "falloc" &&
+      total > 0 &&
+      (await preallocate(file, [{ offset: 0, length: total }], { minLength: 0 })) === 1;
+    if (prealloc === "full" || (prealloc === "falloc" && !allocated)) {
       const zero = new Uint8Array(Math.min(total, 4 << 20));
       for (let pos = 0; pos < total; pos += zero.length) {
         await backend.write(pos, zero.subarray(0, Math.min(zero.length, total - pos)));

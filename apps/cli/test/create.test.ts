@@ -3,7 +3,7 @@
  * combinations, every image qimg creates passes `qemu-img check`, and `qemu-img info` reports
  * the same facts as for qemu-img's own image.
  */
-import { existsSync, mkdtempSync, rmSync, statSync } from "node:fs";
+import { existsSync, mkdtempSync, readFileSync, rmSync, statSync } from "node:fs";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { afterAll, describe, expect, it } from "vitest";
@@ -160,6 +160,15 @@ describe.skipIf(!hasQemu)("qimg create = qemu-img create", () => {
   it("raw, and usage errors", async () => {
     await both("raw", "", "100");
     await both("raw", "preallocation=full", "1M");
+    await both("raw", "preallocation=falloc", "3M");
+    // falloc allocates the blocks (as qemu-img does with fallocate) and they read as zeros.
+    const fa = join(tmp, "falloc.raw");
+    expect((await qimg(["create", "-f", "raw", "-o", "preallocation=falloc", fa, "3M"])).code).toBe(
+      0,
+    );
+    expect(statSync(fa).size).toBe(3 * 1024 * 1024);
+    expect(statSync(fa).blocks * 512).toBeGreaterThanOrEqual(3 * 1024 * 1024);
+    expect(readFileSync(fa).every((b) => b === 0)).toBe(true);
     const bad = await qimg(["create", "-f", "qcow2", join(tmp, "bad.qcow2"), "1Q"]);
     expect(bad.code).toBe(1);
     expect(bad.stderr).toMatch(

@@ -102,7 +102,9 @@ export async function runConvert(ctx: CliContext, options: ConvertOptions): Prom
     }
     await inFile(options.target, async () => {
       try {
-        await writeNewImage(options.target, outFormat, opts, image.virtualSize);
+        await writeNewImage(options.target, outFormat, opts, image.virtualSize, {
+          noFlush: targetNoFlush(options.cache),
+        });
       } catch (e) {
         throw new CliError(
           `error while converting ${outFormat}: ${e instanceof Error ? e.message : String(e)}`,

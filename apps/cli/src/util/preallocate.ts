@@ -36,18 +36,19 @@ function fallocate(path: string, range: FileRange, keepSize: boolean): Promise<b
 }
 
 /**
- * Preallocate the largest of `ranges` (each at least PREALLOCATE_MIN bytes) in `path`.
- * `keepSize`: do not change the file's size (ranges may lie past its end). Resolves to the
- * number of ranges preallocated; never rejects.
+ * Preallocate the largest of `ranges` (each at least `minLength`, default PREALLOCATE_MIN,
+ * bytes) in `path`. `keepSize`: do not change the file's size (ranges may lie past its end).
+ * Resolves to the number of ranges preallocated; never rejects.
  */
 export async function preallocate(
   path: string,
   ranges: readonly FileRange[],
-  options: { keepSize?: boolean } = {},
+  options: { keepSize?: boolean; minLength?: number } = {},
 ): Promise<number> {
   if (process.platform !== "linux") return 0;
+  const min = options.minLength ?? PREALLOCATE_MIN;
   const chosen = ranges
-    .filter((r) => r.length >= PREALLOCATE_MIN)
+    .filter((r) => r.length >= min && r.length > 0)
     .sort((a, b) => b.length - a.length)
     .slice(0, MAX_RANGES);
   let done = 0;

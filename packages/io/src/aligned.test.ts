@@ -43,3 +43,19 @@ describe("alignedBuffers", () => {
     expect(() => alignedBuffers(0, 4096)).toThrow(InvalidArgumentError);
   });
 });
+
+describe("without WebAssembly", () => {
+  it("falls back to ordinary zeroed memory of the same shape", () => {
+    const saved = Object.getOwnPropertyDescriptor(globalThis, "WebAssembly")!;
+    Object.defineProperty(globalThis, "WebAssembly", { value: undefined, configurable: true });
+    try {
+      const [a, b] = alignedBuffers(2, 5000);
+      expect(a!.length).toBe(5000);
+      expect(b!.byteOffset).toBe(8192);
+      expect(a!.every((x) => x === 0)).toBe(true);
+      expect(alignedBuffer(3).buffer.byteLength).toBe(WASM_PAGE);
+    } finally {
+      Object.defineProperty(globalThis, "WebAssembly", saved);
+    }
+  });
+});

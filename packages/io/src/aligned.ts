@@ -7,6 +7,7 @@
  * malloc places 16 bytes past a page boundary (the same holds for writes). JavaScript cannot
  * ask for alignment, but a WebAssembly.Memory is mapped on its own and starts on a page
  * boundary in every engine, so its bytes serve as an aligned buffer (here and in browsers).
+ * Where WebAssembly is missing (node --jitless) the buffers are ordinary memory.
  *
  * Each call maps a new region (rounded up to 64 KiB, wasm's page size), so use it for a few
  * long-lived buffers — copy chunks, request slots — and slice it, not per request.
@@ -17,8 +18,11 @@ import { InvalidArgumentError } from "@qimg/structs";
 interface WasmMemoryConstructor {
   new (descriptor: { initial: number; maximum?: number }): { readonly buffer: ArrayBuffer };
 }
-const WasmMemory = (globalThis as unknown as { WebAssembly: { Memory: WasmMemoryConstructor } })
-  .WebAssembly.Memory;
+/** WebAssembly.Memory, or undefined where there is no WebAssembly (node --jitless, some hosts). */
+function wasmMemory(): WasmMemoryConstructor | undefined {
+  const wasm = (globalThis as { WebAssembly?: { Memory?: WasmMemoryConstructor } }).WebAssembly;
+  return wasm?.Memory;
+}
 
 /** WebAssembly's page size: every aligned buffer's capacity is a multiple of it. */
 export const WASM_PAGE = 65536;
@@ -36,8 +40,10 @@ export function alignedBuffer(size: number): Uint8Array {
     );
   }
   const pages = Math.max(1, Math.ceil(size / WASM_PAGE));
-  const memory = new WasmMemory({ initial: pages, maximum: pages });
-  return new Uint8Array(memory.buffer, 0, size);
+  const Memory = wasmMemory();
+  // Without WebAssembly, ordinary memory: correct, only slower to copy.
+  if (Memory === undefined) return new Uint8Array(pages * WASM_PAGE).subarray(0, size);
+  return new Uint8Array(new Memory({ initial: pages, maximum: pages }).buffer, 0, size);
 }
 
 /**

@@ -108,10 +108,20 @@ export type Compressor = (
   compressionType: number,
 ) => Promise<Uint8Array | undefined>;
 
+/** A claim on guest clusters [first, last] by one request (see `claimClusters`). */
 interface InFlight {
   readonly first: number;
   readonly last: number;
-  readonly done: Promise<void>;
+  /** Requests waiting for this one to finish (created only when someone waits). */
+  waiters: (() => void)[] | undefined;
+}
+
+/** Claims spanning at most this many clusters are indexed per cluster; wider ones are scanned. */
+const INDEXED_SPAN = 64;
+
+/** A promise that settles when claim `r` is released. */
+function released(r: InFlight): Promise<void> {
+  return new Promise<void>((resolve) => (r.waiters ??= []).push(resolve));
 }
 
 /** Everything a read-write open needs on top of the read path. */
@@ -124,6 +134,10 @@ interface WriteState {
   readonly meta: Mutex;
   /** Guest cluster ranges with a write in flight. */
   readonly inflight: Set<InFlight>;
+  /** The claims of at most INDEXED_SPAN clusters, by cluster. */
+  readonly claimsByCluster: Map<number, InFlight[]>;
+  /** The claims of more than INDEXED_SPAN clusters. */
+  readonly wideClaims: Set<InFlight>;
   /** Host clusters of metadata (overlap checks): header, L1, refcount table and blocks, L2, snapshots. */
   readonly metadata: Map<number, string>;
   /** Dirty range of the in-memory L1 table, in entries [lo, hi). */
@@ -904,6 +918,8 @@ export class Qcow2Image implements DiskImage {
       compress: options.compress ?? defaultCompress,
       meta: new Mutex(),
       inflight: new Set(),
+      claimsByCluster: new Map(),
+      wideClaims: new Set(),
       metadata: new Map(),
       l1DirtyLo: Number.MAX_SAFE_INTEGER,
       l1DirtyHi: 0,
@@ -1071,18 +1087,65 @@ export class Qcow2Image implements DiskImage {
    * any await), then waits for every earlier request that overlaps. So overlapping requests
    * take effect in the order they were issued, and unrelated ones run in parallel.
    */
-  private lockClusters(first: number, last: number): Promise<() => void> {
+  /**
+   * Claim guest clusters [first, last] for one request, behind every earlier claim that
+   * overlaps them (FIFO). Returns the release function and, when an earlier claim overlaps,
+   * a promise to await before going on; uncontended claims cost no promise, and overlaps are
+   * found through a per-cluster index rather than by scanning every request in flight.
+   */
+  private claimClusters(
+    first: number,
+    last: number,
+  ): { readonly release: () => void; readonly wait: Promise<unknown> | undefined } {
     const w = this.w!;
-    const earlier: Promise<void>[] = [];
-    for (const r of w.inflight) if (r.first <= last && first <= r.last) earlier.push(r.done);
-    let resolve!: () => void;
-    const rec: InFlight = { first, last, done: new Promise<void>((r) => (resolve = r)) };
+    let earlier: Promise<void>[] | undefined;
+    const narrow = last - first < INDEXED_SPAN;
+    if (narrow) {
+      for (let c = first; c <= last; c++) {
+        const list = w.claimsByCluster.get(c);
+        if (list !== undefined) for (const r of list) (earlier ??= []).push(released(r));
+      }
+      for (const r of w.wideClaims) {
+        if (r.first <= last && first <= r.last) (earlier ??= []).push(released(r));
+      }
+    } else {
+      for (const r of w.inflight) {
+        if (r.first <= last && first <= r.last) (earlier ??= []).push(released(r));
+      }
+    }
+    const rec: InFlight = { first, last, waiters: undefined };
     w.inflight.add(rec);
+    if (narrow) {
+      for (let c = first; c <= last; c++) {
+        const list = w.claimsByCluster.get(c);
+        if (list === undefined) w.claimsByCluster.set(c, [rec]);
+        else list.push(rec);
+      }
+    } else {
+      w.wideClaims.add(rec);
+    }
     const release = (): void => {
       w.inflight.delete(rec);
-      resolve();
+      if (narrow) {
+        for (let c = first; c <= last; c++) {
+          const list = w.claimsByCluster.get(c)!;
+          if (list.length === 1) w.claimsByCluster.delete(c);
+          else list.splice(list.indexOf(rec), 1);
+        }
+      } else {
+        w.wideClaims.delete(rec);
+      }
+      const waiters = rec.waiters;
+      rec.waiters = undefined;
+      if (waiters !== undefined) for (const wake of waiters) wake();
     };
-    return Promise.all(earlier).then(() => release);
+    return { release, wait: earlier === undefined ? undefined : Promise.all(earlier) };
+  }
+
+  /** Wait until no request holds a claim. */
+  private async drainClaims(): Promise<void> {
+    const w = this.w!;
+    while (w.inflight.size > 0) await released(w.inflight.values().next().value as InFlight);
   }
 
   /** With lazy refcounts the dirty bit must be on disk before any allocating write. */
@@ -1176,14 +1239,15 @@ export class Qcow2Image implements DiskImage {
     checkRequest(offset, data.length, this.virtualSize);
     if (data.length === 0) return;
     const cs = this.clusterSize;
-    const release = await this.lockClusters(
+    const claim = this.claimClusters(
       Math.floor(offset / cs),
       Math.floor((offset + data.length - 1) / cs),
     );
     try {
+      if (claim.wait !== undefined) await claim.wait;
       await this.writeLocked(offset, data);
     } finally {
-      release();
+      claim.release();
     }
     if (this.w?.writethrough) await this.flush();
   }
@@ -1193,6 +1257,11 @@ export class Qcow2Image implements DiskImage {
     const cs = this.clusterSize;
     const span = this.l2Entries * cs;
     const end = offset + data.length;
+    // Most requests stay inside one L2 table's range: no subarray for them.
+    if (Math.floor(offset / span) === Math.floor((end - 1) / span)) {
+      await this.writeChunk(offset, data);
+      return;
+    }
     let pos = offset;
     while (pos < end) {
       const chunkEnd = Math.min(end, (Math.floor(pos / span) + 1) * span);
@@ -1451,11 +1520,12 @@ export class Qcow2Image implements DiskImage {
     checkRequest(offset, length, this.virtualSize);
     if (length === 0) return;
     const cs = this.clusterSize;
-    const release = await this.lockClusters(
+    const claim = this.claimClusters(
       Math.floor(offset / cs),
       Math.floor((offset + length - 1) / cs),
     );
     try {
+      if (claim.wait !== undefined) await claim.wait;
       const gran = this.hdr.version === 2 ? cs : this.subclusterSize;
       const end = offset + length;
       const alignedStart = Math.ceil(offset / gran) * gran;
@@ -1469,7 +1539,7 @@ export class Qcow2Image implements DiskImage {
       await this.zeroAligned(alignedStart, alignedEnd, "zero", options.mayUnmap ?? false);
       if (alignedEnd < end) await this.writeLocked(alignedEnd, new Uint8Array(end - alignedEnd));
     } finally {
-      release();
+      claim.release();
     }
     if (this.w?.writethrough) await this.flush();
   }
@@ -1486,11 +1556,12 @@ export class Qcow2Image implements DiskImage {
     const alignedStart = Math.ceil(offset / cs) * cs;
     const alignedEnd = end === this.virtualSize ? end : Math.floor(end / cs) * cs;
     if (alignedStart >= alignedEnd) return;
-    const release = await this.lockClusters(alignedStart / cs, Math.floor((alignedEnd - 1) / cs));
+    const claim = this.claimClusters(alignedStart / cs, Math.floor((alignedEnd - 1) / cs));
     try {
+      if (claim.wait !== undefined) await claim.wait;
       await this.zeroAligned(alignedStart, alignedEnd, "discard", true);
     } finally {
-      release();
+      claim.release();
     }
     if (this.w?.writethrough) await this.flush();
   }
@@ -1642,8 +1713,9 @@ export class Qcow2Image implements DiskImage {
     }
     checkRequest(offset, data.length, this.virtualSize);
     const g = offset / cs;
-    const release = await this.lockClusters(g, g);
+    const claim = this.claimClusters(g, g);
     try {
+      if (claim.wait !== undefined) await claim.wait;
       let full = data;
       if (data.length < cs) {
         full = new Uint8Array(cs);
@@ -1676,7 +1748,7 @@ export class Qcow2Image implements DiskImage {
         this.l2Cache.release(table);
       }
     } finally {
-      release();
+      claim.release();
     }
     if (w.writethrough) await this.flush();
   }
@@ -1717,7 +1789,7 @@ export class Qcow2Image implements DiskImage {
         `qcow2 images cannot be shrunk (from ${this.size} to ${newSize} bytes): data past the new end would be lost`,
       );
     }
-    while (w.inflight.size > 0) await [...w.inflight][0]!.done;
+    await this.drainClaims();
     await w.meta.run(async () => {
       await this.flushLocked();
       const cs = this.clusterSize;
@@ -1789,7 +1861,7 @@ export class Qcow2Image implements DiskImage {
   private async closeClean(): Promise<void> {
     const w = this.w!;
     // Let requests still in flight finish first.
-    while (w.inflight.size > 0) await [...w.inflight][0]!.done;
+    await this.drainClaims();
     await w.meta.run(async () => {
       await this.flushLocked();
       await w.refcountCache.flush();

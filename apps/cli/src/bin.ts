@@ -7,12 +7,12 @@
  * `module.enableCompileCache` does the same, Node 20 has no such thing).
  *
  * The cache lives in the user's cache directory ($XDG_CACHE_HOME/qimg or ~/.cache/qimg,
- * created 0700), one file per bundle content, Node version and command, written on exit
- * when it was missing or V8 rejected it (another V8, other flags). It is never read from a
+ * created 0700), one file per bundle file (size, modification time, inode: V8 itself checks
+ * only the source's length), Node version and command, written on exit when it was missing
+ * or V8 rejected it (another V8, other flags); files of older bundles are removed then. It is never read from a
  * shared directory: a planted cache would be code we run. Set QIMG_NO_COMPILE_CACHE=1 to
  * bypass it; any failure to read or write it just means compiling as usual.
  */
-import { createHash } from "node:crypto";
 import * as fs from "node:fs";
 import { homedir } from "node:os";
 import * as path from "node:path";
@@ -33,13 +33,18 @@ function cacheFile(): string | undefined {
   }
   const base = process.env.XDG_CACHE_HOME ?? (home === "" ? "" : path.join(home, ".cache"));
   if (!path.isAbsolute(base)) return undefined;
-  const key = createHash("sha256")
-    .update(source)
-    .update(`\0${process.version}\0${process.arch}\0${process.execArgv.join(" ")}`)
-    .digest("hex")
-    .slice(0, 24);
+  // No content hash: loading node:crypto alone costs more than the cache saves.
+  const st = fs.statSync(bundle);
+  const key = [
+    st.size,
+    Math.floor(st.mtimeMs),
+    st.ino,
+    process.version,
+    process.arch,
+    process.execArgv.join(" ").replace(/[^\w.=-]/g, "_"),
+  ].join("-");
   const command = (process.argv[2] ?? "").replace(/[^a-z]/g, "").slice(0, 16) || "none";
-  return path.join(base, "qimg", `cli-${key}-${command}.v8cache`);
+  return path.join(base, "qimg", `cli-${command}-${key}.v8cache`);
 }
 
 const file = cacheFile();
@@ -67,6 +72,13 @@ if (file !== undefined && (cached === undefined || script.cachedDataRejected ===
       const tmp = `${file}.${process.pid}.tmp`;
       fs.writeFileSync(tmp, script.createCachedData(), { mode: 0o600 });
       fs.renameSync(tmp, file);
+      // Caches of this command for other bundles or Nodes are dead weight now.
+      const prefix = path.basename(file).split("-").slice(0, 2).join("-") + "-";
+      for (const old of fs.readdirSync(path.dirname(file))) {
+        if (old.startsWith(prefix) && old !== path.basename(file) && old.endsWith(".v8cache")) {
+          fs.rmSync(path.join(path.dirname(file), old), { force: true });
+        }
+      }
     } catch {
       // No cache this time.
     }

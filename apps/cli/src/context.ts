@@ -22,17 +22,30 @@ export interface CliContext {
   readonly raiseSignal?: ((signal: number) => void) | undefined;
 }
 
-/** The context of the real process. */
-export function processContext(): CliContext {
+/**
+ * The context of the real process. The process streams are touched only when used (creating
+ * one costs start-up time); `used` records which ones were, so the caller can wait for just
+ * those to drain.
+ */
+export function processContext(
+  used: { stdout: boolean; stderr: boolean } = { stdout: false, stderr: false },
+): CliContext {
   return {
     stdout: (text) => {
+      used.stdout = true;
       process.stdout.write(text);
     },
     stderr: (text) => {
+      used.stderr = true;
       process.stderr.write(text);
     },
-    stderrIsTTY: process.stderr.isTTY,
-    progressStream: process.stderr,
+    get stderrIsTTY() {
+      return process.stderr.isTTY;
+    },
+    get progressStream() {
+      used.stderr = true;
+      return process.stderr;
+    },
     debug: false,
     exitNow: (code) => process.exit(code),
     raiseSignal: (signal) => {

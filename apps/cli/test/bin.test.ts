@@ -36,7 +36,7 @@ describe.skipIf(!existsSync(BIN))("dist/qimg.cjs", () => {
     expect(statSync(dir).mode & 0o777).toBe(0o700);
     const files = readdirSync(dir);
     expect(files).toHaveLength(1);
-    expect(files[0]).toMatch(/^cli-[0-9a-f]{24}-info\.v8cache$/);
+    expect(files[0]).toMatch(/^cli-info-\d+-\d+-\d+-v\d+\.\d+\.\d+-\w+-.*\.v8cache$/);
     const file = join(dir, files[0]!);
     expect(statSync(file).mode & 0o777).toBe(0o600);
     const before = statSync(file).mtimeMs;
@@ -46,7 +46,18 @@ describe.skipIf(!existsSync(BIN))("dist/qimg.cjs", () => {
     expect(statSync(file).mtimeMs).toBe(before); // accepted, so not rewritten
 
     run(["--version"], { XDG_CACHE_HOME: cache });
-    expect(readdirSync(dir).sort()).toEqual([files[0], files[0]!.replace("-info.", "-version.")]);
+    expect(readdirSync(dir).sort()).toEqual([
+      files[0],
+      files[0]!.replace("cli-info-", "cli-version-"),
+    ]);
+
+    // A cache of another bundle for the same command is removed when this one is written.
+    const stale = join(dir, files[0]!.replace(/^cli-info-\d+/, "cli-info-1"));
+    writeFileSync(stale, "old");
+    rmSync(file);
+    run(["info", image], { XDG_CACHE_HOME: cache });
+    expect(existsSync(stale)).toBe(false);
+    expect(existsSync(file)).toBe(true);
   });
 
   it("replaces a corrupt cache, and runs without one when disabled or unsafe", () => {

@@ -22,3 +22,5 @@ export type {
 export { RawImage } from "./raw.js";
 export { seededRandom } from "./random.js";
 export { alignedBuffer, alignedBuffers, MAX_ALIGNED_BUFFER, WASM_PAGE } from "./aligned.js";
+export { RangeClaims } from "./claims.js";
+export type { RangeClaim } from "./claims.js";

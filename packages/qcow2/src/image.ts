@@ -8,7 +8,8 @@ import {
   U64TableView,
   hex,
 } from "@qimg/structs";
-import type { BlockBackend, BlockStatus, DiskImage } from "@qimg/io";
+import { RangeClaims } from "@qimg/io";
+import type { BlockBackend, BlockStatus, DiskImage, RangeClaim } from "@qimg/io";
 import { ClusterCache } from "@qimg/cluster-cache";
 import type { CachedTable } from "@qimg/cluster-cache";
 import { Refcounts, rebuildRefcounts } from "@qimg/refcount";
@@ -108,22 +109,6 @@ export type Compressor = (
   compressionType: number,
 ) => Promise<Uint8Array | undefined>;
 
-/** A claim on guest clusters [first, last] by one request (see `claimClusters`). */
-interface InFlight {
-  readonly first: number;
-  readonly last: number;
-  /** Requests waiting for this one to finish (created only when someone waits). */
-  waiters: (() => void)[] | undefined;
-}
-
-/** Claims spanning at most this many clusters are indexed per cluster; wider ones are scanned. */
-const INDEXED_SPAN = 64;
-
-/** A promise that settles when claim `r` is released. */
-function released(r: InFlight): Promise<void> {
-  return new Promise<void>((resolve) => (r.waiters ??= []).push(resolve));
-}
-
 /** Everything a read-write open needs on top of the read path. */
 interface WriteState {
   readonly refcounts: Refcounts;
@@ -132,12 +117,8 @@ interface WriteState {
   readonly compress: Compressor;
   /** Serialises metadata changes (L1, L2 entries, refcounts). */
   readonly meta: Mutex;
-  /** Guest cluster ranges with a write in flight. */
-  readonly inflight: Set<InFlight>;
-  /** The claims of at most INDEXED_SPAN clusters, by cluster. */
-  readonly claimsByCluster: Map<number, InFlight[]>;
-  /** The claims of more than INDEXED_SPAN clusters. */
-  readonly wideClaims: Set<InFlight>;
+  /** Guest cluster ranges with a request in flight (FIFO: overlapping requests wait). */
+  readonly claims: RangeClaims;
   /** Host clusters of metadata (overlap checks): header, L1, refcount table and blocks, L2, snapshots. */
   readonly metadata: Map<number, string>;
   /** Dirty range of the in-memory L1 table, in entries [lo, hi). */
@@ -917,9 +898,7 @@ export class Qcow2Image implements DiskImage {
       lazy,
       compress: options.compress ?? defaultCompress,
       meta: new Mutex(),
-      inflight: new Set(),
-      claimsByCluster: new Map(),
-      wideClaims: new Set(),
+      claims: new RangeClaims(),
       metadata: new Map(),
       l1DirtyLo: Number.MAX_SAFE_INTEGER,
       l1DirtyHi: 0,
@@ -1087,65 +1066,14 @@ export class Qcow2Image implements DiskImage {
    * any await), then waits for every earlier request that overlaps. So overlapping requests
    * take effect in the order they were issued, and unrelated ones run in parallel.
    */
-  /**
-   * Claim guest clusters [first, last] for one request, behind every earlier claim that
-   * overlaps them (FIFO). Returns the release function and, when an earlier claim overlaps,
-   * a promise to await before going on; uncontended claims cost no promise, and overlaps are
-   * found through a per-cluster index rather than by scanning every request in flight.
-   */
-  private claimClusters(
-    first: number,
-    last: number,
-  ): { readonly release: () => void; readonly wait: Promise<unknown> | undefined } {
-    const w = this.w!;
-    let earlier: Promise<void>[] | undefined;
-    const narrow = last - first < INDEXED_SPAN;
-    if (narrow) {
-      for (let c = first; c <= last; c++) {
-        const list = w.claimsByCluster.get(c);
-        if (list !== undefined) for (const r of list) (earlier ??= []).push(released(r));
-      }
-      for (const r of w.wideClaims) {
-        if (r.first <= last && first <= r.last) (earlier ??= []).push(released(r));
-      }
-    } else {
-      for (const r of w.inflight) {
-        if (r.first <= last && first <= r.last) (earlier ??= []).push(released(r));
-      }
-    }
-    const rec: InFlight = { first, last, waiters: undefined };
-    w.inflight.add(rec);
-    if (narrow) {
-      for (let c = first; c <= last; c++) {
-        const list = w.claimsByCluster.get(c);
-        if (list === undefined) w.claimsByCluster.set(c, [rec]);
-        else list.push(rec);
-      }
-    } else {
-      w.wideClaims.add(rec);
-    }
-    const release = (): void => {
-      w.inflight.delete(rec);
-      if (narrow) {
-        for (let c = first; c <= last; c++) {
-          const list = w.claimsByCluster.get(c)!;
-          if (list.length === 1) w.claimsByCluster.delete(c);
-          else list.splice(list.indexOf(rec), 1);
-        }
-      } else {
-        w.wideClaims.delete(rec);
-      }
-      const waiters = rec.waiters;
-      rec.waiters = undefined;
-      if (waiters !== undefined) for (const wake of waiters) wake();
-    };
-    return { release, wait: earlier === undefined ? undefined : Promise.all(earlier) };
+  /** Claim guest clusters [first, last] for one request (see RangeClaims). */
+  private claimClusters(first: number, last: number): RangeClaim {
+    return this.w!.claims.claim(first, last);
   }
 
   /** Wait until no request holds a claim. */
-  private async drainClaims(): Promise<void> {
-    const w = this.w!;
-    while (w.inflight.size > 0) await released(w.inflight.values().next().value as InFlight);
+  private drainClaims(): Promise<void> {
+    return this.w!.claims.drain();
   }
 
   /** With lazy refcounts the dirty bit must be on disk before any allocating write. */

@@ -12,7 +12,8 @@
  * to allocated clusters go straight to the file and never wait.
  */
 import { ClusterCache } from "@qimg/cluster-cache";
-import type { BlockBackend, BlockStatus, DiskImage, WritableDiskImage } from "@qimg/io";
+import { RangeClaims } from "@qimg/io";
+import type { BlockBackend, BlockStatus, DiskImage, RangeClaim, WritableDiskImage } from "@qimg/io";
 import {
   CorruptImageError,
   ErrorCode,
@@ -95,6 +96,8 @@ export class QedImage implements WritableDiskImage {
   #closed = false;
 
   readonly #locks = new Map<number, Promise<void>>();
+  /** Guest clusters with a write in flight (FIFO: overlapping writes wait for earlier ones). */
+  readonly #claims = new RangeClaims();
   #metaChain: Promise<void> = Promise.resolve();
   #allocInFlight = 0;
   #needCheckDurable: boolean;
@@ -325,6 +328,28 @@ export class QedImage implements WritableDiskImage {
   async write(offset: number, data: Uint8Array): Promise<void> {
     this.#checkWritable();
     this.#checkRange(offset, data.length);
+    if (data.length === 0) return;
+    const claim = this.#claim(offset, data.length);
+    try {
+      if (claim.wait !== undefined) await claim.wait;
+      await this.#writeClaimed(offset, data);
+    } finally {
+      claim.release();
+    }
+  }
+
+  /**
+   * Claim the clusters of [offset, offset + length) so that overlapping requests in flight
+   * take effect in the order they were issued (a write issued later never lands under one
+   * issued earlier), as qcow2's driver does.
+   */
+  #claim(offset: number, length: number): RangeClaim {
+    const cs = this.#cs;
+    return this.#claims.claim(Math.floor(offset / cs), Math.floor((offset + length - 1) / cs));
+  }
+
+  /** `write` once the range is claimed. */
+  async #writeClaimed(offset: number, data: Uint8Array): Promise<void> {
     let done = 0;
     while (done < data.length) {
       const pos = offset + done;
@@ -346,17 +371,30 @@ export class QedImage implements WritableDiskImage {
     this.#checkWritable();
     this.#checkRange(offset, length);
     if (length === 0) return;
+    const claim = this.#claim(offset, length);
+    try {
+      if (claim.wait !== undefined) await claim.wait;
+      await this.#writeZeroesClaimed(offset, length);
+    } finally {
+      claim.release();
+    }
+  }
+
+  /** `writeZeroes` once the range is claimed. */
+  async #writeZeroesClaimed(offset: number, length: number): Promise<void> {
     const cs = this.#cs;
     const end = offset + length;
     const alignedStart = Math.ceil(offset / cs) * cs;
     const alignedEnd = Math.floor(end / cs) * cs;
     if (alignedStart >= alignedEnd) {
-      await this.write(offset, new Uint8Array(length));
+      await this.#writeClaimed(offset, new Uint8Array(length));
       return;
     }
     // Like QEMU's block layer: unaligned head and tail are written as data, whole clusters
     // become zero clusters (allocated clusters are zeroed in place, as QEMU's QED does).
-    if (offset < alignedStart) await this.write(offset, new Uint8Array(alignedStart - offset));
+    if (offset < alignedStart) {
+      await this.#writeClaimed(offset, new Uint8Array(alignedStart - offset));
+    }
     let pos = alignedStart;
     while (pos < alignedEnd) {
       const run = await this.#findRun(pos, alignedEnd - pos);
@@ -369,7 +407,7 @@ export class QedImage implements WritableDiskImage {
         pos += await this.#allocatingWrite(pos, alignedEnd - pos, undefined);
       }
     }
-    if (alignedEnd < end) await this.write(alignedEnd, new Uint8Array(end - alignedEnd));
+    if (alignedEnd < end) await this.#writeClaimed(alignedEnd, new Uint8Array(end - alignedEnd));
   }
 
   async #zeroInPlace(host: number, length: number): Promise<void> {

@@ -12,7 +12,6 @@
  * Nothing depends on it: when the tool is missing, the file system refuses, or the platform is
  * not Linux, the copy runs as it would have without it.
  */
-import { spawn } from "node:child_process";
 
 /** Ranges smaller than this are not worth a process start (about 3 ms). */
 export const PREALLOCATE_MIN = 32 * 1024 * 1024;
@@ -24,7 +23,9 @@ export interface FileRange {
   readonly length: number;
 }
 
-function fallocate(path: string, range: FileRange, keepSize: boolean): Promise<boolean> {
+async function fallocate(path: string, range: FileRange, keepSize: boolean): Promise<boolean> {
+  // Loaded here: node:child_process costs start-up time on every run otherwise.
+  const { spawn } = await import("node:child_process");
   const args = ["-o", String(range.offset), "-l", String(range.length)];
   if (keepSize) args.push("--keep-size");
   args.push("--", path);

@@ -1460,12 +1460,12 @@ export class Qcow2Image implements DiskImage {
       const alignedEnd = end === this.virtualSize ? end : Math.floor(end / gran) * gran;
       if (alignedStart >= alignedEnd) {
         await this.writeLocked(offset, new Uint8Array(length));
-        return;
+      } else {
+        if (alignedStart > offset)
+          await this.writeLocked(offset, new Uint8Array(alignedStart - offset));
+        await this.zeroAligned(alignedStart, alignedEnd, "zero", options.mayUnmap ?? false);
+        if (alignedEnd < end) await this.writeLocked(alignedEnd, new Uint8Array(end - alignedEnd));
       }
-      if (alignedStart > offset)
-        await this.writeLocked(offset, new Uint8Array(alignedStart - offset));
-      await this.zeroAligned(alignedStart, alignedEnd, "zero", options.mayUnmap ?? false);
-      if (alignedEnd < end) await this.writeLocked(alignedEnd, new Uint8Array(end - alignedEnd));
     } finally {
       claim.release();
     }
@@ -1650,35 +1650,39 @@ export class Qcow2Image implements DiskImage {
         full.set(data);
       }
       const packed = await w.compress(full, this.hdr.compressionType);
-      if (!packed || packed.length > cs - 512) {
-        await this.writeLocked(offset, data);
-        return;
-      }
-      if (w.lazy) await this.markDirtyOnDisk();
-      const l1Index = Math.floor(g / this.l2Entries);
-      const table = await w.meta.run(() => this.l2ForWrite(l1Index));
-      try {
-        const host = await w.meta.run(() => this.allocateBytes(packed.length));
-        await this.checkOverlap(host, packed.length);
-        await this.backend.write(host, packed);
-        this.fileSize = Math.max(this.fileSize, host + packed.length);
-        await w.meta.run(async () => {
-          const l2 = new U64TableView(table.bytes, "big");
-          const i = (g - l1Index * this.l2Entries) * (this.extendedL2 ? 2 : 1);
-          this.queueFree(l2, i);
-          const sectors = Math.floor((host + packed.length - 1) / 512) - Math.floor(host / 512);
-          const d = encodeCompressed(host, sectors, this.layout);
-          l2.setWords(i, d.hi, d.lo);
-          if (this.extendedL2) l2.setWords(i + 1, 0, 0);
-          await this.l2Cache.markDirty(table);
-        });
-      } finally {
-        this.l2Cache.release(table);
-      }
+      // Data that does not shrink enough is stored as it is.
+      if (!packed || packed.length > cs - 512) await this.writeLocked(offset, data);
+      else await this.storeCompressed(g, packed);
     } finally {
       claim.release();
     }
     if (w.writethrough) await this.flush();
+  }
+
+  /** Under the claim of guest cluster `g`: store `packed` as its compressed cluster. */
+  private async storeCompressed(g: number, packed: Uint8Array): Promise<void> {
+    const w = this.w!;
+    if (w.lazy) await this.markDirtyOnDisk();
+    const l1Index = Math.floor(g / this.l2Entries);
+    const table = await w.meta.run(() => this.l2ForWrite(l1Index));
+    try {
+      const host = await w.meta.run(() => this.allocateBytes(packed.length));
+      await this.checkOverlap(host, packed.length);
+      await this.backend.write(host, packed);
+      this.fileSize = Math.max(this.fileSize, host + packed.length);
+      await w.meta.run(async () => {
+        const l2 = new U64TableView(table.bytes, "big");
+        const i = (g - l1Index * this.l2Entries) * (this.extendedL2 ? 2 : 1);
+        this.queueFree(l2, i);
+        const sectors = Math.floor((host + packed.length - 1) / 512) - Math.floor(host / 512);
+        const d = encodeCompressed(host, sectors, this.layout);
+        l2.setWords(i, d.hi, d.lo);
+        if (this.extendedL2) l2.setWords(i + 1, 0, 0);
+        await this.l2Cache.markDirty(table);
+      });
+    } finally {
+      this.l2Cache.release(table);
+    }
   }
 
   /** Under the metadata lock: byte-granular space for compressed data (QEMU's alloc_bytes). */

@@ -6,6 +6,7 @@ import { FileBackend, MemoryBackend } from "@qimg/io";
 import { copyFixture, fixturePath, getFixture, requireQemu } from "@qimg/fixtures";
 import { AutoclearFeatures, createQcow2, openQcow2 } from "../src/index.js";
 import { consistency } from "./consistency.js";
+import { prng } from "./prng.js";
 
 const haveQemu = requireQemu();
 
@@ -124,6 +125,31 @@ describe("writethrough", () => {
     const c = await consistency(MemoryBackend.from(survivor.bytes()));
     expect(c.corruptions).toEqual([]);
     expect(c.leaks).toBe(0);
+  });
+});
+
+describe("writethrough on every path that writes", () => {
+  it("flushes after a zero write inside one subcluster and a compressed write that falls back", async () => {
+    const { FaultBackend } = await import("@qimg/io");
+    const mem = new MemoryBackend();
+    await createQcow2(mem, { size: 4 << 20 });
+    const fault = await FaultBackend.wrap(mem);
+    const image = await openQcow2(fault, { readOnly: false, writethrough: true });
+    // A zero write smaller than a cluster is written as data (no zero flag can cover it).
+    await image.writeZeroes(100, 300);
+    const afterZero = fault.flushes;
+    expect(afterZero).toBeGreaterThan(0);
+    // Incompressible data: stored uncompressed instead.
+    const noise = new Uint8Array(65536);
+    const rnd = prng(5);
+    for (let i = 0; i < noise.length; i++) noise[i] = Math.floor(rnd() * 256);
+    await image.writeCompressed(1 << 20, noise);
+    expect(fault.flushes).toBeGreaterThan(afterZero);
+    const survivor = fault.powerLoss();
+    const again = await openQcow2(survivor);
+    const buf = new Uint8Array(65536);
+    await again.read(1 << 20, buf);
+    expect(buf).toEqual(noise);
   });
 });
 

@@ -70,3 +70,23 @@ describe("RangeClaims", () => {
     expect(c.size).toBe(0);
   });
 });
+
+describe("RangeClaims.run", () => {
+  it("runs overlapping work in call order and releases the claim when the work fails", async () => {
+    const c = new RangeClaims();
+    const order: string[] = [];
+    const slow = c.run(0, 1, async () => {
+      await new Promise((r) => setTimeout(r, 5));
+      order.push("slow");
+      throw new Error("boom");
+    });
+    const next = c.run(1, 2, () => {
+      order.push("next");
+      return Promise.resolve(42);
+    });
+    await expect(slow).rejects.toThrow("boom");
+    await expect(next).resolves.toBe(42);
+    expect(order).toEqual(["slow", "next"]);
+    expect(c.size).toBe(0);
+  });
+});

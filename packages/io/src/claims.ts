@@ -92,6 +92,22 @@ export class RangeClaims {
     return { wait: earlier === undefined ? undefined : Promise.all(earlier), release };
   }
 
+  /**
+   * Run `fn` holding a claim on units [first, last]. The claim is made at once, before any
+   * await, so the order of calls is the order in which overlapping requests take effect; `fn`
+   * starts when every earlier overlapping claim is released, and the claim is released when
+   * `fn` settles.
+   */
+  async run<T>(first: number, last: number, fn: () => Promise<T>): Promise<T> {
+    const claim = this.claim(first, last);
+    try {
+      if (claim.wait !== undefined) await claim.wait;
+      return await fn();
+    } finally {
+      claim.release();
+    }
+  }
+
   /** Settles once no claim is held (claims made meanwhile are waited for too). */
   async drain(): Promise<void> {
     while (this.#all.size > 0) await released(this.#all.values().next().value as Claim);

@@ -9,7 +9,7 @@ import {
   hex,
 } from "@qimg/structs";
 import { RangeClaims } from "@qimg/io";
-import type { BlockBackend, BlockStatus, DiskImage, RangeClaim } from "@qimg/io";
+import type { BlockBackend, BlockStatus, DiskImage } from "@qimg/io";
 import { ClusterCache } from "@qimg/cluster-cache";
 import type { CachedTable } from "@qimg/cluster-cache";
 import { Refcounts, rebuildRefcounts } from "@qimg/refcount";
@@ -1062,18 +1062,11 @@ export class Qcow2Image implements DiskImage {
   }
 
   /**
-   * Claim guest clusters [first, last]: the claim is registered synchronously (call this before
-   * any await), then waits for every earlier request that overlaps. So overlapping requests
-   * take effect in the order they were issued, and unrelated ones run in parallel.
+   * Run `fn` holding guest clusters [first, last] (RangeClaims.run): overlapping requests take
+   * effect in the order they were issued, and unrelated ones run in parallel.
    */
-  /** Claim guest clusters [first, last] for one request (see RangeClaims). */
-  private claimClusters(first: number, last: number): RangeClaim {
-    return this.w!.claims.claim(first, last);
-  }
-
-  /** Wait until no request holds a claim. */
-  private drainClaims(): Promise<void> {
-    return this.w!.claims.drain();
+  private withClusters<T>(first: number, last: number, fn: () => Promise<T>): Promise<T> {
+    return this.w!.claims.run(first, last, fn);
   }
 
   /** With lazy refcounts the dirty bit must be on disk before any allocating write. */
@@ -1167,16 +1160,11 @@ export class Qcow2Image implements DiskImage {
     checkRequest(offset, data.length, this.virtualSize);
     if (data.length === 0) return;
     const cs = this.clusterSize;
-    const claim = this.claimClusters(
+    await this.withClusters(
       Math.floor(offset / cs),
       Math.floor((offset + data.length - 1) / cs),
+      () => this.writeLocked(offset, data),
     );
-    try {
-      if (claim.wait !== undefined) await claim.wait;
-      await this.writeLocked(offset, data);
-    } finally {
-      claim.release();
-    }
     if (this.w?.writethrough) await this.flush();
   }
 
@@ -1448,27 +1436,25 @@ export class Qcow2Image implements DiskImage {
     checkRequest(offset, length, this.virtualSize);
     if (length === 0) return;
     const cs = this.clusterSize;
-    const claim = this.claimClusters(
+    await this.withClusters(
       Math.floor(offset / cs),
       Math.floor((offset + length - 1) / cs),
+      async () => {
+        const gran = this.hdr.version === 2 ? cs : this.subclusterSize;
+        const end = offset + length;
+        const alignedStart = Math.ceil(offset / gran) * gran;
+        const alignedEnd = end === this.virtualSize ? end : Math.floor(end / gran) * gran;
+        if (alignedStart >= alignedEnd) {
+          await this.writeLocked(offset, new Uint8Array(length));
+        } else {
+          if (alignedStart > offset)
+            await this.writeLocked(offset, new Uint8Array(alignedStart - offset));
+          await this.zeroAligned(alignedStart, alignedEnd, "zero", options.mayUnmap ?? false);
+          if (alignedEnd < end)
+            await this.writeLocked(alignedEnd, new Uint8Array(end - alignedEnd));
+        }
+      },
     );
-    try {
-      if (claim.wait !== undefined) await claim.wait;
-      const gran = this.hdr.version === 2 ? cs : this.subclusterSize;
-      const end = offset + length;
-      const alignedStart = Math.ceil(offset / gran) * gran;
-      const alignedEnd = end === this.virtualSize ? end : Math.floor(end / gran) * gran;
-      if (alignedStart >= alignedEnd) {
-        await this.writeLocked(offset, new Uint8Array(length));
-      } else {
-        if (alignedStart > offset)
-          await this.writeLocked(offset, new Uint8Array(alignedStart - offset));
-        await this.zeroAligned(alignedStart, alignedEnd, "zero", options.mayUnmap ?? false);
-        if (alignedEnd < end) await this.writeLocked(alignedEnd, new Uint8Array(end - alignedEnd));
-      }
-    } finally {
-      claim.release();
-    }
     if (this.w?.writethrough) await this.flush();
   }
 
@@ -1484,13 +1470,9 @@ export class Qcow2Image implements DiskImage {
     const alignedStart = Math.ceil(offset / cs) * cs;
     const alignedEnd = end === this.virtualSize ? end : Math.floor(end / cs) * cs;
     if (alignedStart >= alignedEnd) return;
-    const claim = this.claimClusters(alignedStart / cs, Math.floor((alignedEnd - 1) / cs));
-    try {
-      if (claim.wait !== undefined) await claim.wait;
-      await this.zeroAligned(alignedStart, alignedEnd, "discard", true);
-    } finally {
-      claim.release();
-    }
+    await this.withClusters(alignedStart / cs, Math.floor((alignedEnd - 1) / cs), () =>
+      this.zeroAligned(alignedStart, alignedEnd, "discard", true),
+    );
     if (this.w?.writethrough) await this.flush();
   }
 
@@ -1641,9 +1623,7 @@ export class Qcow2Image implements DiskImage {
     }
     checkRequest(offset, data.length, this.virtualSize);
     const g = offset / cs;
-    const claim = this.claimClusters(g, g);
-    try {
-      if (claim.wait !== undefined) await claim.wait;
+    await this.withClusters(g, g, async () => {
       let full = data;
       if (data.length < cs) {
         full = new Uint8Array(cs);
@@ -1653,9 +1633,7 @@ export class Qcow2Image implements DiskImage {
       // Data that does not shrink enough is stored as it is.
       if (!packed || packed.length > cs - 512) await this.writeLocked(offset, data);
       else await this.storeCompressed(g, packed);
-    } finally {
-      claim.release();
-    }
+    });
     if (w.writethrough) await this.flush();
   }
 
@@ -1721,7 +1699,7 @@ export class Qcow2Image implements DiskImage {
         `qcow2 images cannot be shrunk (from ${this.size} to ${newSize} bytes): data past the new end would be lost`,
       );
     }
-    await this.drainClaims();
+    await w.claims.drain();
     await w.meta.run(async () => {
       await this.flushLocked();
       const cs = this.clusterSize;
@@ -1793,7 +1771,7 @@ export class Qcow2Image implements DiskImage {
   private async closeClean(): Promise<void> {
     const w = this.w!;
     // Let requests still in flight finish first.
-    await this.drainClaims();
+    await w.claims.drain();
     await w.meta.run(async () => {
       await this.flushLocked();
       await w.refcountCache.flush();

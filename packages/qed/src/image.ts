@@ -13,7 +13,7 @@
  */
 import { ClusterCache } from "@qimg/cluster-cache";
 import { RangeClaims } from "@qimg/io";
-import type { BlockBackend, BlockStatus, DiskImage, RangeClaim, WritableDiskImage } from "@qimg/io";
+import type { BlockBackend, BlockStatus, DiskImage, WritableDiskImage } from "@qimg/io";
 import {
   CorruptImageError,
   ErrorCode,
@@ -329,23 +329,18 @@ export class QedImage implements WritableDiskImage {
     this.#checkWritable();
     this.#checkRange(offset, data.length);
     if (data.length === 0) return;
-    const claim = this.#claim(offset, data.length);
-    try {
-      if (claim.wait !== undefined) await claim.wait;
-      await this.#writeClaimed(offset, data);
-    } finally {
-      claim.release();
-    }
+    await this.#withClusters(offset, data.length, () => this.#writeClaimed(offset, data));
   }
 
   /**
-   * Claim the clusters of [offset, offset + length) so that overlapping requests in flight
-   * take effect in the order they were issued (a write issued later never lands under one
-   * issued earlier), as qcow2's driver does.
+   * Run `fn` holding the clusters of [offset, offset + length), so that overlapping requests
+   * in flight take effect in the order they were issued (a write issued later never lands
+   * under one issued earlier), as qcow2's driver does.
    */
-  #claim(offset: number, length: number): RangeClaim {
+  #withClusters(offset: number, length: number, fn: () => Promise<void>): Promise<void> {
     const cs = this.#cs;
-    return this.#claims.claim(Math.floor(offset / cs), Math.floor((offset + length - 1) / cs));
+    const first = Math.floor(offset / cs);
+    return this.#claims.run(first, Math.floor((offset + length - 1) / cs), fn);
   }
 
   /** `write` once the range is claimed. */
@@ -371,13 +366,7 @@ export class QedImage implements WritableDiskImage {
     this.#checkWritable();
     this.#checkRange(offset, length);
     if (length === 0) return;
-    const claim = this.#claim(offset, length);
-    try {
-      if (claim.wait !== undefined) await claim.wait;
-      await this.#writeZeroesClaimed(offset, length);
-    } finally {
-      claim.release();
-    }
+    await this.#withClusters(offset, length, () => this.#writeZeroesClaimed(offset, length));
   }
 
   /** `writeZeroes` once the range is claimed. */

@@ -146,7 +146,7 @@ async function convertToRaw(
   try {
     await inFile(options.target, () => target.truncate(roundUp(size, 512)));
     if (blockStatusPays(image)) {
-      await preallocate(options.target, await largeDataExtents(image));
+      await preallocate(options.target, (await dataExtents(image)).large);
     }
     const progress = startProgress(ctx, options.progress === true, size);
     try {
@@ -163,17 +163,21 @@ async function convertToRaw(
 }
 
 /**
- * The extents of `image` that hold data (not zeros) and are at least PREALLOCATE_MIN bytes
- * long, found from its metadata (block status), adjacent extents merged.
+ * The data (not zero) of `image`, from its metadata (block status): how many bytes there are,
+ * and the extents (adjacent ones merged) of at least PREALLOCATE_MIN bytes. Smaller extents
+ * are counted but not kept, so memory stays bounded however fragmented the image is.
  */
-async function largeDataExtents(image: DiskImage): Promise<FileRange[]> {
-  const out: FileRange[] = [];
+async function dataExtents(image: DiskImage): Promise<{ bytes: number; large: FileRange[] }> {
+  const large: FileRange[] = [];
+  let bytes = 0;
   let start = -1;
   let pos = 0;
   const size = image.virtualSize;
   const close = (end: number): void => {
-    if (start >= 0 && end - start >= PREALLOCATE_MIN)
-      out.push({ offset: start, length: end - start });
+    if (start >= 0) {
+      bytes += end - start;
+      if (end - start >= PREALLOCATE_MIN) large.push({ offset: start, length: end - start });
+    }
     start = -1;
   };
   while (pos < size) {
@@ -183,7 +187,7 @@ async function largeDataExtents(image: DiskImage): Promise<FileRange[]> {
     pos = s.offset + s.length;
   }
   close(size);
-  return out;
+  return { bytes, large };
 }
 
 /**
@@ -191,12 +195,9 @@ async function largeDataExtents(image: DiskImage): Promise<FileRange[]> {
  * the data extents of an image with metadata (plus 1/64 for the target's tables).
  */
 async function dataBytes(image: DiskImage, options: ConvertOptions): Promise<number> {
-  let bytes = 0;
-  if (!blockStatusPays(image)) {
-    bytes = Math.min(image.virtualSize, statSync(options.source).blocks * 512);
-  } else {
-    for (const r of await largeDataExtents(image)) bytes += r.length;
-  }
+  const bytes = blockStatusPays(image)
+    ? (await dataExtents(image)).bytes
+    : Math.min(image.virtualSize, statSync(options.source).blocks * 512);
   return bytes + Math.ceil(bytes / 64);
 }
 

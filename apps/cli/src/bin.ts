@@ -24,8 +24,11 @@ import Module from "node:module";
 const bundle = path.join(__dirname, "cli.cjs");
 const source = fs.readFileSync(bundle, "utf8").replace(/^#!.*/, "");
 
-/** The cache file for this bundle, Node and command, or undefined when there is no safe place. */
-function cacheFile(): string | undefined {
+/**
+ * The cache file for this bundle, Node and command, and the name prefix every cache of this
+ * command shares; undefined when there is no safe place.
+ */
+function cacheFile(): { file: string; commandPrefix: string } | undefined {
   if (process.env.QIMG_NO_COMPILE_CACHE === "1") return undefined;
   let home: string;
   try {
@@ -46,14 +49,15 @@ function cacheFile(): string | undefined {
     process.execArgv.join(" ").replace(/[^\w.=-]/g, "_"),
   ].join("-");
   const command = (process.argv[2] ?? "").replace(/[^a-z]/g, "").slice(0, 16) || "none";
-  return path.join(base, "qimg", `cli-${command}-${key}.v8cache`);
+  const commandPrefix = `cli-${command}-`;
+  return { file: path.join(base, "qimg", `${commandPrefix}${key}.v8cache`), commandPrefix };
 }
 
-const file = cacheFile();
+const cache = cacheFile();
 let cached: Buffer | undefined;
-if (file !== undefined) {
+if (cache !== undefined) {
   try {
-    cached = fs.readFileSync(file);
+    cached = fs.readFileSync(cache.file);
   } catch {
     cached = undefined;
   }
@@ -66,20 +70,20 @@ const script = new vm.Script(Module.wrap(source), {
   ...(cached === undefined ? {} : { cachedData: cached }),
 });
 
-if (file !== undefined && (cached === undefined || script.cachedDataRejected === true)) {
+if (cache !== undefined && (cached === undefined || script.cachedDataRejected === true)) {
+  const { file, commandPrefix } = cache;
   // Written at exit, so the functions this command ran are compiled into it too.
   process.on("exit", () => {
     try {
-      fs.mkdirSync(path.dirname(file), { recursive: true, mode: 0o700 });
+      const dir = path.dirname(file);
+      fs.mkdirSync(dir, { recursive: true, mode: 0o700 });
       const tmp = `${file}.${process.pid}.tmp`;
       fs.writeFileSync(tmp, script.createCachedData(), { mode: 0o600 });
       fs.renameSync(tmp, file);
       // Caches of this command for other bundles or Nodes are dead weight now.
-      const prefix = path.basename(file).split("-").slice(0, 2).join("-") + "-";
-      for (const old of fs.readdirSync(path.dirname(file))) {
-        if (old.startsWith(prefix) && old !== path.basename(file) && old.endsWith(".v8cache")) {
-          fs.rmSync(path.join(path.dirname(file), old), { force: true });
-        }
+      for (const old of fs.readdirSync(dir)) {
+        const stale = old.startsWith(commandPrefix) && old.endsWith(".v8cache");
+        if (stale && old !== path.basename(file)) fs.rmSync(path.join(dir, old), { force: true });
       }
     } catch {
       // No cache this time.

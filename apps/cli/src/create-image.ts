@@ -2,7 +2,7 @@
  * Creating image files (qemu-img create, and the target of convert): qemu-img's option names,
  * checks and messages, per format.
  */
-import { FileBackend } from "@qimg/io";
+import { FileBackend } from "@qimg/io/node";
 import * as qcow2 from "@qimg/qcow2";
 import * as qed from "@qimg/qed";
 import type { Qcow2CreateOptions } from "@qimg/qcow2";

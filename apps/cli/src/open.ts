@@ -3,7 +3,7 @@
  * opener handed to the format drivers.
  */
 import { realpathSync, statSync } from "node:fs";
-import { FileBackend } from "@qimg/io";
+import { FileBackend } from "@qimg/io/node";
 import { CorruptImageError, InvalidArgumentError } from "@qimg/structs";
 import type { CliContext } from "./context.js";
 import {

@@ -3,7 +3,7 @@ import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { describe, expect, it } from "vitest";
 import { copyFixture, listFixtures } from "@qimg/fixtures";
-import { FileBackend } from "@qimg/io";
+import { FileBackend } from "@qimg/io/node";
 import { decodeHeader } from "@qimg/qcow2";
 import { checkImage, formatCheckHuman, toQemuJson } from "../src/index.js";
 import type { CheckResult, LostRange, RepairMode } from "../src/index.js";

@@ -1,6 +1,6 @@
 import { describe, expect, it } from "vitest";
 import { fixturePath, listFixtures } from "@qimg/fixtures";
-import { FileBackend } from "@qimg/io";
+import { FileBackend } from "@qimg/io/node";
 import { QimgError } from "@qimg/structs";
 import { checkImage, formatCheckHuman, formatCheckJson, toQemuJson } from "../src/index.js";
 import type { CheckResult } from "../src/index.js";

@@ -9,7 +9,7 @@
 import * as fs from "node:fs";
 import * as os from "node:os";
 import * as path from "node:path";
-import { FileBackend } from "../src/index.js";
+import { FileBackend } from "../src/node.js";
 
 const FILE_SIZE = 64 * 1024 * 1024;
 const BLOCK = 4096;

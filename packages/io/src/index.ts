@@ -1,6 +1,8 @@
+/**
+ * `@qimg/io`: the platform-neutral entry (runs in Node and in browsers). The file backend,
+ * which needs Node, is in `@qimg/io/node`.
+ */
 export type { BackendKind, BlockBackend, ReadOptions } from "./backend.js";
-export { FileBackend } from "./file.js";
-export type { FileBackendOptions } from "./file.js";
 export { MemoryBackend } from "./memory.js";
 export type { MemoryBackendOptions } from "./memory.js";
 export { FaultBackend } from "./fault.js";

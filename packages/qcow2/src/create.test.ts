@@ -3,7 +3,7 @@ import fs from "node:fs";
 import os from "node:os";
 import path from "node:path";
 import { afterAll, describe, expect, it } from "vitest";
-import { FileBackend } from "@qimg/io";
+import { FileBackend } from "@qimg/io/node";
 import { requireQemu } from "@qimg/fixtures";
 import { createQcow2, normalizeCreateOptions } from "./create.js";
 import type { Qcow2CreateOptions } from "./create.js";

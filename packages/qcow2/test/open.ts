@@ -1,5 +1,6 @@
 import path from "node:path";
-import { FileBackend, RawImage } from "@qimg/io";
+import { RawImage } from "@qimg/io";
+import { FileBackend } from "@qimg/io/node";
 import type { DiskImage } from "@qimg/io";
 import { openQcow2 } from "../src/index.js";
 import type { BackingOpener, Qcow2OpenOptions } from "../src/index.js";

@@ -9,7 +9,7 @@ import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { afterAll, describe, expect, it } from "vitest";
 import { ClusterCache } from "@qimg/cluster-cache";
-import { FileBackend } from "@qimg/io";
+import { FileBackend } from "@qimg/io/node";
 import type { BlockBackend } from "@qimg/io";
 import { Refcounts } from "../src/index.js";
 import { walk } from "../src/image.testkit.js";

@@ -7,7 +7,7 @@
 import type { Command } from "commander";
 import { checkImage, formatCheckHuman, formatCheckJson } from "@qimg/check";
 import type { RepairMode } from "@qimg/check";
-import { FileBackend } from "@qimg/io";
+import { FileBackend } from "@qimg/io/node";
 import type { CommandDef } from "../command.js";
 import { parseOutputFormat, stringOpt } from "../command.js";
 import { CliError, inFile } from "../errors.js";

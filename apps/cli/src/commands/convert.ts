@@ -11,7 +11,8 @@
  */
 import { closeSync, fstatSync, ftruncateSync, openSync, statSync } from "node:fs";
 import type { Command } from "commander";
-import { alignedBuffers, FileBackend } from "@qimg/io";
+import { alignedBuffers } from "@qimg/io";
+import { FileBackend } from "@qimg/io/node";
 import { stringOpt, type CommandDef } from "../command.js";
 import type { CliContext } from "../context.js";
 import {

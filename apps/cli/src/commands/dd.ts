@@ -9,7 +9,7 @@
  * - the output is created (truncated) with the copied size rounded up to 512 bytes.
  */
 import type { Command } from "commander";
-import { FileBackend } from "@qimg/io";
+import { FileBackend } from "@qimg/io/node";
 import { stringOpt, type CommandDef } from "../command.js";
 import type { CliContext } from "../context.js";
 import { CliError, inFile } from "../errors.js";

@@ -1,0 +1,7 @@
+/**
+ * `@qimg/io/node`: the backends that need Node's file system. Everything platform-neutral
+ * (interfaces, memory and fault backends, claims, raw images) is in the main entry, `@qimg/io`,
+ * which runs in browsers too.
+ */
+export { FileBackend } from "./file.js";
+export type { FileBackendOptions } from "./file.js";

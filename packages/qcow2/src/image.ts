@@ -499,7 +499,7 @@ export class Qcow2Image implements DiskImage {
         icount:
           s.icount === undefined || s.icount === 0xffff_ffff_ffff_ffffn
             ? undefined
-            : Number(s.icount),
+            : BigInt.asIntN(64, s.icount),
         l1TableOffset: s.l1TableOffset,
         l1Size: s.l1Size,
       })),

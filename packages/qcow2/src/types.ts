@@ -8,12 +8,15 @@ export interface SnapshotInfo {
   readonly vmStateSize: number;
   readonly dateSec: number;
   readonly dateNsec: number;
-  /** Guest clock in nanoseconds when taken. */
-  readonly vmClockNsec: number;
+  /** Guest clock in nanoseconds when taken (any u64: bigint, as stored). */
+  readonly vmClockNsec: bigint;
   /** Virtual disk size when taken (v3 extra data), if recorded. */
   readonly diskSize: number | undefined;
-  /** Instruction count (icount) when taken, if recorded and not -1. */
-  readonly icount: number | undefined;
+  /**
+   * Instruction count (icount) when taken, as the signed 64-bit value QEMU prints; undefined
+   * when not recorded (absent or -1).
+   */
+  readonly icount: bigint | undefined;
   /** Host offset of the snapshot's L1 table. */
   readonly l1TableOffset: number;
   readonly l1Size: number;

@@ -35,11 +35,11 @@ function snapshotJson(s: SnapshotInfo): JsonObject {
   // Key order as qemu-img 7.2 prints it.
   return {
     icount: s.icount,
-    "vm-clock-nsec": s.vmClockNsec % 1_000_000_000,
+    "vm-clock-nsec": Number(s.vmClockNsec % 1_000_000_000n),
     name: s.name,
     "date-sec": s.dateSec,
     "date-nsec": s.dateNsec,
-    "vm-clock-sec": Math.floor(s.vmClockNsec / 1_000_000_000),
+    "vm-clock-sec": Number(s.vmClockNsec / 1_000_000_000n),
     id: s.id,
     "vm-state-size": s.vmStateSize,
   };
@@ -131,6 +131,7 @@ function two(n: number): string {
 
 /** A JSON value as text: strings as they are, anything else as JSON. */
 function str(v: unknown): string {
+  if (typeof v === "bigint") return v.toString();
   return typeof v === "string" ? v : (JSON.stringify(v) ?? "");
 }
 

@@ -6,6 +6,7 @@
 export type QJson =
   | string
   | number
+  | bigint
   | boolean
   | null
   | readonly QJson[]
@@ -24,6 +25,7 @@ export function toQemuJson(value: QJson, indent = 0): string {
       .map(([k, v]) => `${inner}${JSON.stringify(k)}: ${toQemuJson(v, indent + 4)}`);
     return items.length === 0 ? `{\n${pad}}` : `{\n${items.join(",\n")}\n${pad}}`;
   }
+  if (typeof value === "bigint") return value.toString();
   return JSON.stringify(value);
 }
 

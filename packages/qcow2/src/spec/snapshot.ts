@@ -28,7 +28,12 @@ export const SNAPSHOT_FIELDS = {
     unit: "nanoseconds",
     doc: "u32: creation time, nanosecond part",
   },
-  vmClockNsec: { offset: 24, type: "u64", unit: "nanoseconds", doc: "u64: guest clock when taken" },
+  vmClockNsec: {
+    offset: 24,
+    type: "bits64",
+    unit: "nanoseconds",
+    doc: "u64: guest clock when taken (any 64-bit value; not an offset, so kept as bigint)",
+  },
   vmStateSize: {
     offset: 32,
     type: "u32",
@@ -73,7 +78,8 @@ export interface SnapshotEntry {
   readonly name: string;
   readonly dateSec: number;
   readonly dateNsec: number;
-  readonly vmClockNsec: number;
+  /** Guest clock in nanoseconds; any u64 (QEMU reads values past 2^53), so a bigint. */
+  readonly vmClockNsec: bigint;
   readonly vmStateSize: number;
   readonly diskSize: number | undefined;
   readonly icount: bigint | undefined;

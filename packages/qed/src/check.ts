@@ -4,7 +4,7 @@ import { encodeQedHeader } from "./spec/header.js";
 import { QedTable } from "./spec/table.js";
 import { QedImage, readQedMetadata } from "./image.js";
 import type { QedCheckOptions, QedCheckResult } from "./types.js";
-import { walkQed } from "./walk.js";
+import { referencesTornCluster, walkQed } from "./walk.js";
 
 /**
  * Check a QED image's tables the way `qemu-img check` does: invalid L1/L2 entries (outside the
@@ -23,24 +23,35 @@ export async function checkQed(
   if (target instanceof QedImage) return await target.check(options);
   const backend = target;
   const repair = options.repair === true;
-  const { header, fileSize, l1 } = await readQedMetadata(backend);
+  const meta = await readQedMetadata(backend);
+  const { header, l1 } = meta;
+  let fileSize = meta.fileSize;
+  const table = new QedTable(l1);
+  const readL2 = async (offset: number): Promise<Uint8Array> => {
+    const bytes = new Uint8Array(header.tableSize * header.clusterSize);
+    await backend.read(offset, bytes, { zeroPastEof: true });
+    return bytes;
+  };
+  const geometry = {
+    clusterSize: header.clusterSize,
+    tableSize: header.tableSize,
+    headerSize: header.headerSize,
+    fileSize,
+  };
+  if (repair && (await referencesTornCluster(geometry, meta.size, table, readL2))) {
+    // The file ends inside a cluster that a table points into: keep the bytes still there
+    // (QEMU drops the entries) by growing the file to the cluster's end.
+    fileSize = Math.ceil(meta.size / header.clusterSize) * header.clusterSize;
+    await backend.truncate(fileSize);
+  }
   const r = await walkQed(
     {
       backend,
-      geometry: {
-        clusterSize: header.clusterSize,
-        tableSize: header.tableSize,
-        headerSize: header.headerSize,
-        fileSize,
-      },
+      geometry: { ...geometry, fileSize },
       l1TableOffset: header.l1TableOffset,
       imageSize: header.imageSize,
-      l1: new QedTable(l1),
-      readL2: async (offset) => {
-        const bytes = new Uint8Array(header.tableSize * header.clusterSize);
-        await backend.read(offset, bytes);
-        return bytes;
-      },
+      l1: table,
+      readL2,
     },
     repair,
   );

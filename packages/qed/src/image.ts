@@ -40,9 +40,15 @@ import {
   validateQedHeader,
 } from "./spec/header.js";
 import type { QedHeader } from "./spec/header.js";
-import { QED_ENTRY_TOO_LARGE, QedTable, classifyL1Entry, classifyL2Entry } from "./spec/table.js";
+import {
+  QED_ENTRY_TOO_LARGE,
+  QedTable,
+  classifyL1Entry,
+  classifyL2Entry,
+  qedFileSize,
+} from "./spec/table.js";
 import type { QedGeometry } from "./spec/table.js";
-import { walkQed } from "./walk.js";
+import { referencesTornCluster, walkQed } from "./walk.js";
 import type {
   QedCheckOptions,
   QedCheckResult,
@@ -72,6 +78,30 @@ const defaultTimer: QedTimer = {
   },
 };
 
+/**
+ * The backend as the table cache sees it: bytes of a torn last sector read as zeros, as
+ * QEMU's block layer reads them (a table may end in it).
+ */
+function zeroPastEofReader(backend: BlockBackend): BlockBackend {
+  return {
+    get readOnly() {
+      return backend.readOnly;
+    },
+    get kind() {
+      return backend.kind;
+    },
+    get name() {
+      return backend.name;
+    },
+    read: (offset, buf) => backend.read(offset, buf, { zeroPastEof: true }),
+    write: (offset, data) => backend.write(offset, data),
+    flush: () => backend.flush(),
+    size: () => backend.size(),
+    truncate: (size) => backend.truncate(size),
+    close: () => backend.close(),
+  };
+}
+
 /** Largest zero buffer written at once when zeroing allocated clusters in place. */
 const ZERO_CHUNK = 4 * 1024 * 1024;
 
@@ -93,6 +123,13 @@ export class QedImage implements WritableDiskImage {
   readonly #delay: number;
   readonly #timer: QedTimer;
   #fileSize: number;
+  /**
+   * The real size of the file while its last cluster is torn (the file ends inside the
+   * cluster at `#fileSize`) and it is not yet known whether a table entry points into it;
+   * undefined otherwise.
+   */
+  #tornSize: number | undefined;
+  #resolvingTorn: Promise<void> | undefined;
   #closed = false;
 
   readonly #locks = new Map<number, Promise<void>>();
@@ -115,6 +152,7 @@ export class QedImage implements WritableDiskImage {
     backingFilename: string | undefined,
     readOnly: boolean,
     options: QedOpenOptions,
+    realSize: number = fileSize,
   ) {
     this.backend = backend;
     this.readOnly = readOnly;
@@ -123,6 +161,7 @@ export class QedImage implements WritableDiskImage {
     this.#entries = (header.tableSize * header.clusterSize) / 8;
     this.#l1 = new QedTable(l1);
     this.#fileSize = fileSize;
+    this.#tornSize = realSize > fileSize ? realSize : undefined;
     this.#backingFilename = backingFilename;
     this.#backingFormat =
       backingFilename !== undefined && (header.features & QED_F_BACKING_FORMAT_NO_PROBE) !== 0n
@@ -135,7 +174,12 @@ export class QedImage implements WritableDiskImage {
     const capacity =
       options.l2CacheCapacity ??
       Math.max(2, Math.min(50, Math.floor((64 * 1024 * 1024) / tableBytes)));
-    this.#cache = new ClusterCache({ backend, tableSize: tableBytes, capacity, name: "QED L2" });
+    this.#cache = new ClusterCache({
+      backend: zeroPastEofReader(backend),
+      tableSize: tableBytes,
+      capacity,
+      name: "QED L2",
+    });
   }
 
   // ---------------------------------------------------------------- facts
@@ -158,7 +202,11 @@ export class QedImage implements WritableDiskImage {
     return { ...this.#h };
   }
 
-  /** Offset where the next cluster will be allocated (the file size rounded down to a cluster, plus allocations). */
+  /**
+   * Offset where the next cluster will be allocated: QEMU's `file_size` (the file size rounded
+   * up to a sector and down to a cluster) plus allocations — or past a torn last cluster that
+   * a table entry points into, once the first allocation has looked.
+   */
   get fileEnd(): number {
     return this.#fileSize;
   }
@@ -263,7 +311,7 @@ export class QedImage implements WritableDiskImage {
       const pos = offset + done;
       const run = await this.#findRun(pos, buf.length - done);
       const sub = buf.subarray(done, done + run.length);
-      if (run.kind === "data") await this.backend.read(run.host, sub);
+      if (run.kind === "data") await this.backend.read(run.host, sub, { zeroPastEof: true });
       else if (run.kind === "zero") sub.fill(0);
       else await this.#readBacking(pos, sub);
       done += run.length;
@@ -555,10 +603,32 @@ export class QedImage implements WritableDiskImage {
         })();
         await this.#settingNeedCheck;
       }
+      if (this.#tornSize !== undefined) {
+        this.#resolvingTorn ??= this.#resolveTorn().finally(() => {
+          this.#resolvingTorn = undefined;
+        });
+        await this.#resolvingTorn;
+      }
     } catch (e) {
       this.#endAlloc();
       throw e;
     }
+  }
+
+  /**
+   * The file ends inside the cluster at `#fileSize`. When a table entry points into that
+   * cluster, its bytes are in use: allocations start past it (and the entry becomes valid,
+   * reading the bytes still there and zeros after them). Otherwise allocations reuse it, as
+   * QEMU's do.
+   */
+  async #resolveTorn(): Promise<void> {
+    const size = this.#tornSize;
+    if (size === undefined) return;
+    const g = this.#geometry();
+    if (await referencesTornCluster(g, size, this.#l1, async (o) => (await this.#l2(o)).bytes)) {
+      this.#fileSize = Math.ceil(size / this.#cs) * this.#cs;
+    }
+    this.#tornSize = undefined;
   }
 
   #endAlloc(): void {
@@ -660,6 +730,11 @@ export class QedImage implements WritableDiskImage {
     this.#checkOpen();
     const repair = options.repair === true;
     if (repair) this.#checkWritable();
+    if (repair && this.#tornSize !== undefined) {
+      const size = this.#tornSize;
+      await this.#resolveTorn();
+      if (this.#fileSize > size) await this.backend.truncate(this.#fileSize);
+    }
     const r = await walkQed(
       {
         backend: this.backend,
@@ -748,7 +823,10 @@ export class QedImage implements WritableDiskImage {
 /** Read and validate the header, backing file name and L1 table of a QED file. */
 export async function readQedMetadata(backend: BlockBackend): Promise<{
   header: QedHeader;
+  /** QEMU's `file_size` (see {@link qedFileSize}). */
   fileSize: number;
+  /** The real size of the file in bytes. */
+  size: number;
   backingFilename: string | undefined;
   l1: Uint8Array;
 }> {
@@ -757,7 +835,7 @@ export async function readQedMetadata(backend: BlockBackend): Promise<{
   if (head.length > 0) await backend.read(0, head);
   const header = decodeQedHeader(head);
   validateQedHeader(header, size);
-  const fileSize = size - (size % header.clusterSize);
+  const fileSize = qedFileSize(size, header.clusterSize);
   let backingFilename: string | undefined;
   if ((header.features & QED_F_BACKING_FILE) !== 0n) {
     const raw = new Uint8Array(header.backingFilenameSize);
@@ -775,8 +853,8 @@ export async function readQedMetadata(backend: BlockBackend): Promise<{
     }
   }
   const l1 = new Uint8Array(header.tableSize * header.clusterSize);
-  await backend.read(header.l1TableOffset, l1);
-  return { header, fileSize, backingFilename, l1 };
+  await backend.read(header.l1TableOffset, l1, { zeroPastEof: true });
+  return { header, fileSize, size, backingFilename, l1 };
 }
 
 /**
@@ -789,8 +867,17 @@ export async function openQed(
   options: QedOpenOptions = {},
 ): Promise<QedImage> {
   const readOnly = options.readOnly === true || backend.readOnly;
-  const { header, fileSize, backingFilename, l1 } = await readQedMetadata(backend);
-  const image = new QedImage(backend, header, l1, fileSize, backingFilename, readOnly, options);
+  const { header, fileSize, size, backingFilename, l1 } = await readQedMetadata(backend);
+  const image = new QedImage(
+    backend,
+    header,
+    l1,
+    fileSize,
+    backingFilename,
+    readOnly,
+    options,
+    size,
+  );
   if (!readOnly) {
     if ((header.autoclearFeatures & ~QED_KNOWN_AUTOCLEAR_FEATURES) !== 0n) {
       await image._setAutoclear(header.autoclearFeatures & QED_KNOWN_AUTOCLEAR_FEATURES);

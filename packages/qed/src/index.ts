@@ -39,6 +39,8 @@ export {
   QedTable,
   isValidClusterOffset,
   isValidTableOffset,
+  qedFileSize,
+
   classifyL1Entry,
   classifyL2Entry,
 } from "./spec/table.js";

@@ -39,6 +39,35 @@ function describe(value: number): string {
   return value === QED_ENTRY_TOO_LARGE ? "a value above 2^53-1" : hex(value);
 }
 
+/**
+ * Whether any table entry points into the torn last cluster of the file: the cluster at
+ * `g.fileSize` when the file really ends inside it (`bytes` is the real file size). QEMU
+ * treats such entries as invalid (the cluster is not inside its `file_size`); a repair that
+ * grows the file to the cluster's end keeps the bytes still there, and an allocation must
+ * start past that cluster instead of on top of it.
+ */
+export async function referencesTornCluster(
+  g: QedGeometry,
+  bytes: number,
+  l1: QedTable,
+  readL2: (offset: number) => Promise<Uint8Array>,
+): Promise<boolean> {
+  const cs = g.clusterSize;
+  const torn = g.fileSize;
+  const end = Math.ceil(bytes / cs) * cs;
+  if (end <= torn) return false;
+  const grown: QedGeometry = { ...g, fileSize: end };
+  const span = g.tableSize * cs;
+  for (let i = 0; i < l1.length; i++) {
+    const v = l1.get(i);
+    if (classifyL1Entry(v, grown) !== "offset") continue;
+    if (v <= torn && torn < v + span) return true;
+    const l2 = new QedTable(await readL2(v));
+    for (let j = 0; j < l2.length; j++) if (l2.get(j) === torn) return true;
+  }
+  return false;
+}
+
 export async function walkQed(ctx: WalkContext, repair: boolean): Promise<WalkResult> {
   const g = ctx.geometry;
   const cs = g.clusterSize;

@@ -26,7 +26,7 @@ import {
   isValidTableSize,
   maxImageSize,
 } from "./constants.js";
-import { isValidTableOffset } from "./table.js";
+import { isValidTableOffset, qedFileSize } from "./table.js";
 
 /** Size of the fixed header in bytes. */
 export const QED_HEADER_SIZE = 64;
@@ -160,7 +160,7 @@ export function validateQedHeader(h: QedHeader, fileSize: number): void {
     clusterSize: h.clusterSize,
     tableSize: h.tableSize,
     headerSize: h.headerSize,
-    fileSize: fileSize - (fileSize % h.clusterSize),
+    fileSize: qedFileSize(fileSize, h.clusterSize),
   };
   if (!isValidTableOffset(h.l1TableOffset, geometry)) {
     const end = h.l1TableOffset + h.tableSize * h.clusterSize;

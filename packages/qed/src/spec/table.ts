@@ -9,7 +9,7 @@
  * Tables are hot: {@link QedTable} is a zero-copy view over the cached bytes.
  */
 import { U64TableView } from "@qimg/structs";
-import { QED_CLUSTER_UNALLOCATED, QED_CLUSTER_ZERO } from "./constants.js";
+import { QED_CLUSTER_UNALLOCATED, QED_CLUSTER_ZERO, QED_SECTOR_SIZE } from "./constants.js";
 
 /** Size in bytes of one table entry. */
 export const QED_TABLE_ENTRY_SIZE = 8;
@@ -28,7 +28,7 @@ export interface QedGeometry {
   readonly tableSize: number;
   /** Clusters of header at the start of the file. */
   readonly headerSize: number;
-  /** File size rounded down to a whole cluster (QEMU's `file_size`). */
+  /** File size rounded up to a sector, then down to a whole cluster (QEMU's `file_size`, see {@link qedFileSize}). */
   readonly fileSize: number;
 }
 
@@ -66,6 +66,16 @@ export class QedTable {
   set(i: number, value: number): void {
     this.view.set(i, value);
   }
+}
+
+/**
+ * QEMU's `file_size` for a file of `bytes` bytes: the length the block layer reports (rounded
+ * up to a whole 512-byte sector; the missing bytes of a torn last sector read as zeros),
+ * rounded down to a whole cluster. Table entries must point below it.
+ */
+export function qedFileSize(bytes: number, clusterSize: number): number {
+  const sectors = Math.ceil(bytes / QED_SECTOR_SIZE) * QED_SECTOR_SIZE;
+  return sectors - (sectors % clusterSize);
 }
 
 /** True when `offset` is a cluster-aligned offset past the header and inside the file. */

@@ -40,7 +40,6 @@ export {
   isValidClusterOffset,
   isValidTableOffset,
   qedFileSize,
-
   classifyL1Entry,
   classifyL2Entry,
 } from "./spec/table.js";

@@ -38,6 +38,11 @@ export interface OpenImageOptions {
   readonly qcow2?: Qcow2WriteOptions | undefined;
   /** Ignore flushes on the top image's file (qemu's cache=unsafe). */
   readonly noFlush?: boolean;
+  /**
+   * Called with the path of every file opened for the image: the image itself, each backing
+   * file and each external data file (so a command can refuse to write to any of them).
+   */
+  readonly onOpen?: ((path: string) => void) | undefined;
 }
 
 /**
@@ -88,6 +93,7 @@ async function openOnBackend(
     qcow2?: Qcow2WriteOptions | undefined;
     /** Set for backing files: never conclude "raw" from probing (the probing attack). */
     backingOf?: string | undefined;
+    onOpen?: ((path: string) => void) | undefined;
   },
 ): Promise<DiskImage> {
   try {
@@ -112,6 +118,7 @@ async function openOnBackend(
       openBacking: options.openBacking,
       openDataFile: (name: string, relativeTo: string) => {
         const path = combinePath(relativeTo, name);
+        options.onOpen?.(path);
         return inFile(path, () => FileBackend.open(path, { readOnly }));
       },
       qcow2: options.qcow2,
@@ -139,7 +146,11 @@ async function openOnBackend(
  *
  * `chain` holds the real paths of the images above the one being opened, top first.
  */
-export function fileBackingOpener(ctx: CliContext, chain: readonly string[]): BackingOpener {
+export function fileBackingOpener(
+  ctx: CliContext,
+  chain: readonly string[],
+  onOpen?: (path: string) => void,
+): BackingOpener {
   return async (request: BackingRequest): Promise<DiskImage> => {
     const depth = chain.length;
     const path = combinePath(request.relativeTo, request.filename);
@@ -154,14 +165,16 @@ export function fileBackingOpener(ctx: CliContext, chain: readonly string[]): Ba
         `backing file '${path}' of '${request.relativeTo}' makes a loop in the backing chain`,
       );
     }
+    onOpen?.(path);
     return inFile(path, async () => {
       const backend = await FileBackend.open(path, { readOnly: request.readOnly });
       return openOnBackend(backend, request.format, {
         readOnly: request.readOnly,
-        openBacking: fileBackingOpener(ctx, [...chain, real]),
+        openBacking: fileBackingOpener(ctx, [...chain, real], onOpen),
         ctx,
         warnRaw: true,
         backingOf: request.relativeTo,
+        onOpen,
       });
     });
   };
@@ -177,14 +190,18 @@ export async function openImage(path: string, options: OpenImageOptions): Promis
   const readOnly = options.readOnly ?? true;
   return inFile(path, async () => {
     if (options.format !== undefined) checkFormat(options.format);
+    options.onOpen?.(path);
     const backend = await FileBackend.open(path, { readOnly, noFlush: options.noFlush ?? false });
     const openBacking = options.openBacking ?? true;
     return openOnBackend(backend, options.format, {
       readOnly,
-      openBacking: openBacking ? fileBackingOpener(options.ctx, [realPathOrSelf(path)]) : undefined,
+      openBacking: openBacking
+        ? fileBackingOpener(options.ctx, [realPathOrSelf(path)], options.onOpen)
+        : undefined,
       ctx: options.ctx,
       warnRaw: !readOnly,
       qcow2: options.qcow2,
+      onOpen: options.onOpen,
     });
   });
 }

@@ -9,7 +9,15 @@
  *   type, deflating on a pool of worker threads (one per core) while the main thread reads
  *   and writes.
  */
-import { closeSync, fstatSync, ftruncateSync, openSync, statSync } from "node:fs";
+import {
+  closeSync,
+  fstatSync,
+  ftruncateSync,
+  openSync,
+  statSync,
+  unlinkSync,
+  type BigIntStats,
+} from "node:fs";
 import type { Command } from "commander";
 import { alignedBuffers } from "@qimg/io";
 import { FileBackend } from "@qimg/io/node";
@@ -95,39 +103,97 @@ export async function runConvert(ctx: CliContext, options: ConvertOptions): Prom
   }
   const opts = parseOptions(optText, acceptedOptionsOf(outFormat), options.target);
   opts.delete("size");
-  const image = await openImage(options.source, { format: options.format, ctx });
+  const noFlush = targetNoFlush(options.cache);
+  // Every file the source opens (the image, its backing chain, data files): none of them may
+  // be written (the target, or the target's data file), however it is named.
+  const opened: string[] = [];
+  const image = await openImage(options.source, {
+    format: options.format,
+    ctx,
+    onOpen: (path) => opened.push(path),
+  });
   try {
-    if (outFormat === "raw") {
-      await convertToRaw(ctx, image, options);
-      return 0;
-    }
-    await inFile(options.target, async () => {
-      try {
-        await writeNewImage(options.target, outFormat, opts, image.virtualSize, {
-          noFlush: targetNoFlush(options.cache),
-        });
-      } catch (e) {
+    const dataFile = opts.get("data_file")?.text;
+    const written = dataFile === undefined ? [options.target] : [options.target, dataFile];
+    for (const out of written) {
+      const used = opened.find((path) => sameFile(path, out));
+      if (used !== undefined) {
         throw new CliError(
-          `error while converting ${outFormat}: ${e instanceof Error ? e.message : String(e)}`,
-          { cause: e },
+          `refusing to overwrite '${used}': the source image '${options.source}' reads it`,
+          { file: out },
         );
       }
-    });
-    // Preallocate room for the data past the new image's end (the file keeps its size), and
-    // give back what the copy did not use at the end.
-    const reserved =
-      options.compress === true
-        ? 0
-        : await preallocate(
-            options.target,
-            [{ offset: statSync(options.target).size, length: await dataBytes(image, options) }],
-            { keepSize: true },
+    }
+    // From here on a failure removes what the convert created or truncated.
+    const guard = new OutputGuard(written);
+    try {
+      if (outFormat === "raw") {
+        await convertToRaw(ctx, image, options);
+        return 0;
+      }
+      await inFile(options.target, async () => {
+        try {
+          await writeNewImage(options.target, outFormat, opts, image.virtualSize, { noFlush });
+        } catch (e) {
+          throw new CliError(
+            `error while converting ${outFormat}: ${e instanceof Error ? e.message : String(e)}`,
+            { cause: e },
           );
-    await convertToImage(ctx, image, outFormat, options);
-    if (reserved > 0) trimPastEnd(options.target);
-    return 0;
+        }
+      });
+      // Preallocate room for the data past the new image's end (the file keeps its size), and
+      // give back what the copy did not use at the end.
+      const reserved =
+        options.compress === true
+          ? 0
+          : await preallocate(
+              options.target,
+              [{ offset: statSync(options.target).size, length: await dataBytes(image, options) }],
+              { keepSize: true },
+            );
+      await convertToImage(ctx, image, outFormat, options);
+      if (reserved > 0) trimPastEnd(options.target);
+      return 0;
+    } catch (e) {
+      guard.undo();
+      throw e;
+    }
   } finally {
     await image.close();
+  }
+}
+
+/**
+ * The output files of a convert as they were before it began, to remove on failure the ones
+ * it created or changed (a half-written target is never left behind; a file the convert did
+ * not get to touch stays as it was).
+ */
+class OutputGuard {
+  private readonly before: (BigIntStats | undefined)[];
+
+  constructor(private readonly paths: readonly string[]) {
+    this.before = paths.map((p) => statSync(p, { bigint: true, throwIfNoEntry: false }));
+  }
+
+  undo(): void {
+    this.paths.forEach((path, i) => {
+      const was = this.before[i];
+      const now = statSync(path, { bigint: true, throwIfNoEntry: false });
+      if (now === undefined || !now.isFile()) return;
+      const unchanged =
+        was !== undefined &&
+        was.ino === now.ino &&
+        was.dev === now.dev &&
+        was.size === now.size &&
+        was.mtimeNs === now.mtimeNs &&
+        was.ctimeNs === now.ctimeNs;
+      if (unchanged) return;
+      try {
+        unlinkSync(path);
+      } catch {
+        // Best effort: the error that made the convert fail is the one to report.
+      }
+    });
   }
 }
 
@@ -255,7 +321,29 @@ async function convertToImage(
   }
 }
 
-/** Copy every non-zero cluster of `source` into `w`, several writes in flight. */
+/**
+ * Write explicit zeros over the parts of `[offset, offset + length)` where the new target does
+ * not read as zeros yet (its backing file has data there), so the target reads as the source.
+ */
+async function zeroOverBacking(w: WritableImage, offset: number, length: number): Promise<void> {
+  const end = offset + length;
+  let pos = offset;
+  while (pos < end) {
+    const s = await w.image.blockStatus(pos, end - pos);
+    const next = Math.min(end, s.offset + s.length);
+    if (!s.zero) await w.writeZeroes(pos, next - pos, false);
+    pos = next;
+  }
+}
+
+/**
+ * Copy `source` into `w` (a new image of at least the source's size, its virtual size rounded
+ * up to 512): every cluster that is not all zeros is written, several writes in flight. The
+ * copy covers the target's whole virtual size; what lies past the source's end reads as zeros,
+ * so a last partial cluster is written (or compressed) padded with zeros. When the target has
+ * a backing file, ranges where the source reads zeros but the target would show backing data
+ * are zeroed explicitly.
+ */
 async function copyInto(
   ctx: CliContext,
   source: DiskImage,
@@ -263,10 +351,12 @@ async function copyInto(
   options: ConvertOptions,
   maxInFlight: number,
 ): Promise<void> {
-  const size = source.virtualSize;
+  const srcSize = source.virtualSize;
+  const size = Math.max(w.image.virtualSize, srcSize);
   const cs = w.clusterSize;
   const chunk = Math.max(CONVERT_CHUNK, cs);
   const compressed = options.compress === true;
+  const backed = w.image.backing !== undefined;
   const inflight = new Set<Promise<void>>();
   let failure: unknown;
   const issue = async (p: Promise<void>): Promise<void> => {
@@ -293,20 +383,31 @@ async function copyInto(
   const rawSource = !blockStatusPays(source);
   interface Ahead {
     readonly offset: number;
-    readonly buf: Uint8Array;
-    readonly slot: { buf: Uint8Array; pending: Promise<void>[] };
-    readonly read: Promise<void>;
+    readonly end: number;
+    /** Undefined for a chunk the source reports as all zeros (nothing read). */
+    readonly data?: {
+      readonly buf: Uint8Array;
+      readonly slot: { buf: Uint8Array; pending: Promise<void>[] };
+      readonly read: Promise<void>;
+    };
   }
   const ahead: Ahead[] = [];
   let nextOffset = 0;
-  /** Start reading the next chunk that is not all zeros; false at the end of the source. */
+  /** Start reading the next chunk (or note an all-zero one); false at the end. */
   const startRead = async (): Promise<boolean> => {
     while (nextOffset < size) {
       const offset = nextOffset;
       const end = Math.min(size, offset + chunk);
       nextOffset = end;
-      if (!rawSource && (await inFile(options.source, () => allZero(source, offset, end))))
-        continue;
+      const srcEnd = Math.min(end, srcSize);
+      if (
+        offset >= srcSize ||
+        (!rawSource && (await inFile(options.source, () => allZero(source, offset, srcEnd))))
+      ) {
+        if (!backed) continue;
+        ahead.push({ offset, end });
+        return true;
+      }
       let slot = pool[next % poolSize];
       if (slot === undefined) {
         poolBuffers ??= alignedBuffers(poolSize, chunk);
@@ -318,9 +419,13 @@ async function copyInto(
       }
       next++;
       const buf = slot.buf.subarray(0, end - offset);
-      const read = inFile(options.source, () => source.read(offset, buf));
+      // Past the source's end the target reads zeros (the buffer is reused: clear it).
+      buf.fill(0, srcEnd - offset);
+      const read = inFile(options.source, () =>
+        source.read(offset, buf.subarray(0, srcEnd - offset)),
+      );
       read.catch(() => undefined); // awaited in order below
-      ahead.push({ offset, buf, slot, read });
+      ahead.push({ offset, end, data: { buf, slot, read } });
       return true;
     }
     return false;
@@ -328,28 +433,42 @@ async function copyInto(
   try {
     while (ahead.length < READ_AHEAD && (await startRead()));
     while (ahead.length > 0) {
-      const { offset, buf, slot, read } = ahead.shift()!;
+      const { offset, end, data } = ahead.shift()!;
       progress.update(offset);
-      await read;
-      const track = (p: Promise<void>): Promise<void> => {
-        slot.pending.push(p.catch(() => undefined));
-        return issue(p);
-      };
-      let runStart = -1;
-      for (let b = 0; b <= buf.length; b += cs) {
-        const zero = b >= buf.length || isZero(buf, b, Math.min(b + cs, buf.length));
-        if (compressed) {
-          if (!zero) {
-            await track(
-              w.writeCompressed!(offset + b, buf.subarray(b, Math.min(b + cs, buf.length))),
-            );
+      if (data === undefined) {
+        await issue(zeroOverBacking(w, offset, end - offset));
+      } else {
+        const { buf, slot, read } = data;
+        await read;
+        const track = (p: Promise<void>): Promise<void> => {
+          slot.pending.push(p.catch(() => undefined));
+          return issue(p);
+        };
+        const n = buf.length;
+        // Runs of data clusters are written together; runs of zero clusters only need work
+        // when the target has a backing file.
+        let dataStart = -1;
+        let zeroStart = -1;
+        for (let b = 0; b < n; b += cs) {
+          const e = Math.min(b + cs, n);
+          if (isZero(buf, b, e)) {
+            if (dataStart >= 0) {
+              await track(w.write(offset + dataStart, buf.subarray(dataStart, b)));
+              dataStart = -1;
+            }
+            if (zeroStart < 0) zeroStart = b;
+          } else {
+            if (zeroStart >= 0) {
+              if (backed) await track(zeroOverBacking(w, offset + zeroStart, b - zeroStart));
+              zeroStart = -1;
+            }
+            if (compressed) await track(w.writeCompressed!(offset + b, buf.subarray(b, e)));
+            else if (dataStart < 0) dataStart = b;
           }
-          continue;
         }
-        if (!zero && runStart < 0) runStart = b;
-        if (zero && runStart >= 0) {
-          await track(w.write(offset + runStart, buf.subarray(runStart, Math.min(b, buf.length))));
-          runStart = -1;
+        if (dataStart >= 0) await track(w.write(offset + dataStart, buf.subarray(dataStart, n)));
+        if (zeroStart >= 0 && backed) {
+          await track(zeroOverBacking(w, offset + zeroStart, n - zeroStart));
         }
       }
       while (ahead.length < READ_AHEAD && (await startRead()));

@@ -51,6 +51,7 @@ import type { Decompressor } from "./compress.js";
 import { defaultCompress } from "./compress.js";
 import { encodeHeaderArea } from "./spec/header-area.js";
 import { walkReferences } from "./walk.js";
+import { PersistentBitmaps } from "./bitmap.js";
 import { encodeCompressed } from "./spec/l2.js";
 import type { BackingOpener, Qcow2Info } from "./types.js";
 
@@ -186,6 +187,8 @@ export class Qcow2Image implements DiskImage {
   private w: WriteState | undefined;
   /** The last decompressed cluster, so sequential small reads decompress once. */
   private lastCompressed: { host: number; data: Uint8Array } | undefined;
+  /** Persistent dirty bitmaps kept up to date by this read-write open (bitmap.ts). */
+  private pbm: PersistentBitmaps | undefined;
 
   private constructor(
     readonly backend: BlockBackend,
@@ -850,9 +853,9 @@ export class Qcow2Image implements DiskImage {
       );
     }
     this.readOnly = false;
-    // Autoclear features we do not maintain are cleared before anything is written: unknown
-    // ones, and persistent bitmaps (our writes do not update them, so they become invalid).
-    const keep = AutoclearFeatures.maskOf("rawExternalData");
+    // Autoclear features we do not maintain (unknown ones) are cleared before anything is
+    // written; persistent bitmaps are maintained (bitmap.ts), so their bit stays.
+    const keep = AutoclearFeatures.maskOf("rawExternalData") | AutoclearFeatures.maskOf("bitmaps");
     if ((this.hdr.autoclearFeatures & ~keep) !== 0n) {
       await this.rewriteHeader({ autoclearFeatures: this.hdr.autoclearFeatures & keep });
     }
@@ -910,6 +913,42 @@ export class Qcow2Image implements DiskImage {
       compressedNext: 0,
     };
     this.buildMetadataMap();
+    await this.openBitmaps();
+  }
+
+  /** Load the persistent bitmaps and mark them in use on disk, before any guest write. */
+  private async openBitmaps(): Promise<void> {
+    const w = this.w!;
+    const cs = this.clusterSize;
+    const bit = AutoclearFeatures.maskOf("bitmaps");
+    if (!this.bitmapDirectory || this.bitmaps.length === 0) return;
+    if ((this.hdr.autoclearFeatures & bit) === 0n) return;
+    this.pbm = await PersistentBitmaps.open(
+      {
+        backend: this.backend,
+        clusterSize: cs,
+        allocate: async (n) => {
+          const h = await w.refcounts.allocate(n);
+          this.refreshRefcountBlocks(h + n * cs);
+          this.fileSize = Math.max(this.fileSize, h + n * cs);
+          return h;
+        },
+        free: (offset, n) => w.refcounts.free(offset, n),
+        sync: async () => {
+          await w.refcountCache.flush();
+          await this.backend.flush();
+        },
+        setAutoclear: (on) =>
+          this.rewriteHeader({
+            autoclearFeatures: on
+              ? this.hdr.autoclearFeatures | bit
+              : this.hdr.autoclearFeatures & ~bit,
+          }),
+      },
+      this.bitmapDirectory,
+      this.bitmaps,
+      this.size,
+    );
   }
 
   /** Rewrite the whole header area (header, extensions, backing name) in one write, then sync. */
@@ -1159,6 +1198,7 @@ export class Qcow2Image implements DiskImage {
     this.checkWritable();
     checkRequest(offset, data.length, this.virtualSize);
     if (data.length === 0) return;
+    this.pbm?.setDirty(offset, data.length);
     const cs = this.clusterSize;
     await this.withClusters(
       Math.floor(offset / cs),
@@ -1435,6 +1475,7 @@ export class Qcow2Image implements DiskImage {
     this.checkWritable();
     checkRequest(offset, length, this.virtualSize);
     if (length === 0) return;
+    this.pbm?.setDirty(offset, length);
     const cs = this.clusterSize;
     await this.withClusters(
       Math.floor(offset / cs),
@@ -1465,6 +1506,8 @@ export class Qcow2Image implements DiskImage {
   async discard(offset: number, length: number): Promise<void> {
     this.checkWritable();
     checkRequest(offset, length, this.virtualSize);
+    // QEMU dirties the whole requested range, even where nothing is released.
+    this.pbm?.setDirty(offset, length);
     const cs = this.clusterSize;
     const end = offset + length;
     const alignedStart = Math.ceil(offset / cs) * cs;
@@ -1622,6 +1665,7 @@ export class Qcow2Image implements DiskImage {
       );
     }
     checkRequest(offset, data.length, this.virtualSize);
+    this.pbm?.setDirty(offset, data.length);
     const g = offset / cs;
     await this.withClusters(g, g, async () => {
       let full = data;
@@ -1699,6 +1743,7 @@ export class Qcow2Image implements DiskImage {
         `qcow2 images cannot be shrunk (from ${this.size} to ${newSize} bytes): data past the new end would be lost`,
       );
     }
+    this.pbm?.checkResize();
     await w.claims.drain();
     await w.meta.run(async () => {
       await this.flushLocked();
@@ -1733,6 +1778,7 @@ export class Qcow2Image implements DiskImage {
         await this.rewriteHeader({ size: newSize });
       }
       this.size = newSize;
+      this.pbm?.resize(newSize);
     });
   }
 
@@ -1774,6 +1820,8 @@ export class Qcow2Image implements DiskImage {
     await w.claims.drain();
     await w.meta.run(async () => {
       await this.flushLocked();
+      // Bitmaps go back to disk (IN_USE cleared) before the image is marked clean.
+      if (this.pbm) await this.pbm.store();
       await w.refcountCache.flush();
       if (IncompatibleFeatures.decode(this.hdr.incompatibleFeatures).has("dirty")) {
         await this.rewriteHeader({

@@ -89,3 +89,65 @@ export function decodeBitmapDirectory(
   }
   return out;
 }
+
+/** Where one directory entry sits inside the directory bytes, and its size (padded to 8). */
+export interface BitmapDirSlot {
+  readonly position: number;
+  readonly size: number;
+  readonly extraDataSize: number;
+}
+
+/**
+ * The slots of `count` entries in the directory bytes, in order. Throws a FormatError like
+ * {@link decodeBitmapDirectory} when an entry runs past the directory.
+ */
+export function bitmapDirectorySlots(
+  bytes: Uint8Array,
+  count: number,
+  dirOffset: number,
+): BitmapDirSlot[] {
+  const out: BitmapDirSlot[] = [];
+  let pos = 0;
+  for (let i = 0; i < count; i++) {
+    const at = dirOffset + pos;
+    if (pos + BITMAP_DIR_FIXED_SIZE > bytes.byteLength) {
+      throw new FormatError(
+        `qcow2 bitmap directory entry ${i} at ${hex(at)} runs past the directory`,
+        { offset: at },
+      );
+    }
+    const e = BitmapDirEntry.decode(bytes, pos, at);
+    const size = Math.ceil((BITMAP_DIR_FIXED_SIZE + e.extraDataSize + e.nameSize) / 8) * 8;
+    if (pos + size > bytes.byteLength) {
+      throw new FormatError(
+        `qcow2 bitmap directory entry ${i} at ${hex(at)} runs past the directory`,
+        { offset: at },
+      );
+    }
+    out.push({ position: pos, size, extraDataSize: e.extraDataSize });
+    pos += size;
+  }
+  return out;
+}
+
+/**
+ * Rewrite the table offset, table size and flags of the entry at `position` in the
+ * directory bytes, leaving every other byte (name, extra data, padding) as it was.
+ */
+export function patchBitmapDirEntry(
+  bytes: Uint8Array,
+  position: number,
+  change: { bitmapTableOffset: number; bitmapTableSize: number; flags: number },
+): void {
+  const e = BitmapDirEntry.decode(bytes, position);
+  BitmapDirEntry.encode(
+    {
+      ...e,
+      bitmapTableOffset: change.bitmapTableOffset,
+      bitmapTableSize: change.bitmapTableSize,
+      flags: BigInt(change.flags >>> 0),
+    },
+    bytes,
+    position,
+  );
+}

@@ -1,0 +1,419 @@
+/**
+ * Persistent dirty bitmaps, kept up to date by a read-write open the way QEMU keeps them
+ * (block/qcow2-bitmap.c; "Bitmaps extension" in docs/interop/qcow2.txt):
+ *
+ * - open: every bitmap that is not already in use is checked and marked in use (IN_USE) on
+ *   disk before the first guest write; the directory is rewritten in place with the bitmaps
+ *   autoclear bit cleared around the write, so a torn directory is never trusted;
+ * - every write, write-zeroes, discard and compressed write sets the dirty bits of the guest
+ *   range it was asked to change in each enabled (AUTO) bitmap: one in-memory bit per
+ *   granularity chunk;
+ * - clean close: the new bits are merged into the stored data (into the existing data
+ *   clusters, which no reader trusts while the bitmap is in use, or into new ones), tables
+ *   grown after a resize, and IN_USE cleared the same careful way.
+ *
+ * A crash leaves the bitmaps IN_USE, which QEMU reports as inconsistent, as it should.
+ * Bitmaps already in use at open are left exactly as they are; disabled bitmaps keep their
+ * data (their table only grows with the disk).
+ */
+import {
+  CorruptImageError,
+  InvalidArgumentError,
+  UnsupportedFeatureError,
+  hex,
+} from "@qimg/structs";
+import type { U64TableView } from "@qimg/structs";
+import type { BlockBackend } from "@qimg/io";
+import { BitmapFlag, bitmapDirectorySlots, patchBitmapDirEntry } from "./spec/bitmap-directory.js";
+import type { BitmapDirSlot, BitmapEntry } from "./spec/bitmap-directory.js";
+import {
+  BITMAP_MAX_DATA_BYTES,
+  BITMAP_MAX_GRANULARITY_BITS,
+  BITMAP_MAX_TABLE_SIZE,
+  BITMAP_MIN_GRANULARITY_BITS,
+  BITMAP_TABLE_ENTRY_SIZE,
+  BitmapChunk,
+  bitmapDataBytes,
+  bitmapTableSize,
+  bitmapTableView,
+  classifyBitmapTableEntry,
+} from "./spec/bitmap-table.js";
+
+/** What the bitmap module needs from the driver. */
+export interface BitmapHost {
+  /** The qcow2 file itself (not an external data file). */
+  readonly backend: BlockBackend;
+  readonly clusterSize: number;
+  /** Allocate `n` contiguous clusters (refcount 1); returns the host offset of the first. */
+  allocate(n: number): Promise<number>;
+  /** Drop the reference to `n` clusters at `offset` once nothing on disk points there. */
+  free(offset: number, n: number): Promise<void>;
+  /** Make refcount changes and every write so far durable. */
+  sync(): Promise<void>;
+  /** Set or clear the bitmaps autoclear bit in the header; durable when it resolves. */
+  setAutoclear(on: boolean): Promise<void>;
+}
+
+/** One bitmap of the directory, as this open sees it. */
+interface Tracked {
+  readonly name: string;
+  readonly slot: BitmapDirSlot;
+  /** Flags at open (before this open marked it in use). */
+  readonly flags: number;
+  readonly granularityBits: number;
+  readonly granularity: number;
+  /** Not in use at open: this open owns it and stores it back at close. */
+  readonly consistent: boolean;
+  /** Consistent and AUTO: writes set its bits. */
+  readonly enabled: boolean;
+  tableOffset: number;
+  tableSize: number;
+  /** The table as read at open (consistent bitmaps only). */
+  table: U64TableView | undefined;
+  /** Bits set since open (enabled bitmaps only; merged into the stored bits at close). */
+  bits: Uint8Array;
+  /** One byte per bitmap table entry: 1 when `bits` has new bits in that cluster's range. */
+  changed: Uint8Array;
+}
+
+const EMPTY = new Uint8Array(0);
+
+/** Set bits [first, last] of `bits` (least significant bit first in each byte). */
+function setBitRange(bits: Uint8Array, first: number, last: number): void {
+  const fb = Math.floor(first / 8);
+  const lb = Math.floor(last / 8);
+  const head = (0xff << (first % 8)) & 0xff;
+  const tail = 0xff >>> (7 - (last % 8));
+  if (fb === lb) {
+    bits[fb]! |= head & tail;
+    return;
+  }
+  bits[fb]! |= head;
+  if (lb > fb + 1) bits.fill(0xff, fb + 1, lb);
+  bits[lb]! |= tail;
+}
+
+/**
+ * The persistent bitmaps of one read-write open. Create with {@link PersistentBitmaps.open};
+ * call {@link setDirty} for every guest range a request changes and {@link store} on a
+ * clean close.
+ */
+export class PersistentBitmaps {
+  /** Enabled, consistent bitmaps (the hot path walks only these). */
+  private readonly active: Tracked[];
+  private stored = false;
+
+  private constructor(
+    private readonly host: BitmapHost,
+    private readonly dirOffset: number,
+    private readonly dir: Uint8Array,
+    private readonly tracked: Tracked[],
+    private size: number,
+  ) {
+    this.active = tracked.filter((t) => t.enabled);
+  }
+
+  /**
+   * Check the directory and the tables of the bitmaps not in use (refusing the open the way
+   * QEMU refuses it when they break the spec), then mark those bitmaps in use on disk.
+   * `entries` are the decoded directory entries; `virtualSize` the guest size in bytes.
+   */
+  static async open(
+    host: BitmapHost,
+    directory: { readonly offset: number; readonly length: number },
+    entries: readonly BitmapEntry[],
+    virtualSize: number,
+  ): Promise<PersistentBitmaps> {
+    const cs = host.clusterSize;
+    const fileSize = await host.backend.size();
+    const dir = new Uint8Array(directory.length);
+    await host.backend.read(directory.offset, dir);
+    const slots = bitmapDirectorySlots(dir, entries.length, directory.offset);
+    const used = slots.reduce((n, s) => n + s.size, 0);
+    if (used !== dir.byteLength) {
+      throw new CorruptImageError(
+        `bitmap directory at ${hex(directory.offset)} is broken: its ${entries.length} entries use ${used} of ${dir.byteLength} bytes`,
+        { offset: directory.offset },
+      );
+    }
+    const tracked: Tracked[] = [];
+    for (let i = 0; i < entries.length; i++) {
+      const e = entries[i]!;
+      const slot = slots[i]!;
+      const at = directory.offset + slot.position;
+      if (slot.extraDataSize !== 0) {
+        throw new UnsupportedFeatureError(
+          `bitmap '${e.name}' has ${slot.extraDataSize} bytes of extra data, which is not supported`,
+          ["bitmap extra data"],
+          { offset: at },
+        );
+      }
+      const inUse = (e.flags & BitmapFlag.inUse) !== 0;
+      const bad =
+        e.bitmapTableSize === 0 ||
+        e.bitmapTableOffset === 0 ||
+        e.bitmapTableOffset % cs !== 0 ||
+        e.bitmapTableSize > BITMAP_MAX_TABLE_SIZE ||
+        e.granularityBits > BITMAP_MAX_GRANULARITY_BITS ||
+        e.granularityBits < BITMAP_MIN_GRANULARITY_BITS ||
+        (e.flags & ~(BitmapFlag.inUse | BitmapFlag.auto)) !== 0 ||
+        e.type !== 1 ||
+        e.bitmapTableSize * cs > BITMAP_MAX_DATA_BYTES ||
+        (!inUse && virtualSize > e.bitmapTableSize * cs * 8 * 2 ** e.granularityBits);
+      if (bad) {
+        throw new CorruptImageError(
+          `bitmap '${e.name}' (directory entry at ${hex(at)}) does not satisfy the constraints of the qcow2 spec`,
+          { offset: at },
+        );
+      }
+      let table: U64TableView | undefined;
+      if (!inUse) {
+        const expected = bitmapTableSize(virtualSize, e.granularityBits, cs);
+        const bytes = e.bitmapTableSize * BITMAP_TABLE_ENTRY_SIZE;
+        if (e.bitmapTableSize !== expected || e.bitmapTableOffset + bytes > fileSize) {
+          throw new CorruptImageError(
+            `bitmap '${e.name}' table at ${hex(e.bitmapTableOffset)} has ${e.bitmapTableSize} entries, expected ${expected} inside the ${fileSize}-byte file`,
+            { offset: at },
+          );
+        }
+        table = bitmapTableView(new Uint8Array(bytes));
+        await host.backend.read(e.bitmapTableOffset, table.bytes);
+        for (let j = 0; j < table.length; j++) {
+          const c = classifyBitmapTableEntry(table, j, cs);
+          if (typeof c === "string") {
+            throw new CorruptImageError(`bitmap '${e.name}': ${c}`, {
+              offset: e.bitmapTableOffset + j * 8,
+            });
+          }
+          if (c.kind === BitmapChunk.data && c.offset + cs > fileSize) {
+            throw new CorruptImageError(
+              `bitmap '${e.name}': data cluster ${hex(c.offset)} is past the end of the file`,
+              { offset: e.bitmapTableOffset + j * 8 },
+            );
+          }
+        }
+      }
+      const enabled = !inUse && (e.flags & BitmapFlag.auto) !== 0;
+      tracked.push({
+        name: e.name,
+        slot,
+        flags: e.flags,
+        granularityBits: e.granularityBits,
+        granularity: 2 ** e.granularityBits,
+        consistent: !inUse,
+        enabled,
+        tableOffset: e.bitmapTableOffset,
+        tableSize: e.bitmapTableSize,
+        table,
+        bits: enabled ? new Uint8Array(bitmapDataBytes(virtualSize, e.granularityBits)) : EMPTY,
+        changed: enabled ? new Uint8Array(e.bitmapTableSize) : EMPTY,
+      });
+    }
+    const pb = new PersistentBitmaps(host, directory.offset, dir, tracked, virtualSize);
+    await pb.markInUse();
+    return pb;
+  }
+
+  /** Names and flags as they are on disk now (for tests and info). */
+  get names(): readonly string[] {
+    return this.tracked.map((t) => t.name);
+  }
+
+  /** Mark every consistent bitmap in use on disk (QEMU does this for all it loads). */
+  private async markInUse(): Promise<void> {
+    let any = false;
+    for (const t of this.tracked) {
+      if (!t.consistent) continue;
+      any = true;
+      patchBitmapDirEntry(this.dir, t.slot.position, {
+        bitmapTableOffset: t.tableOffset,
+        bitmapTableSize: t.tableSize,
+        flags: t.flags | BitmapFlag.inUse,
+      });
+    }
+    if (any) await this.writeDirectory();
+  }
+
+  /**
+   * Rewrite the directory in place: the autoclear bit is off while the write is under way,
+   * so a torn directory is never taken for a valid one (it then only costs the bitmaps).
+   */
+  private async writeDirectory(): Promise<void> {
+    await this.host.setAutoclear(false);
+    await this.host.backend.write(this.dirOffset, this.dir);
+    await this.host.backend.flush();
+    await this.host.setAutoclear(true);
+  }
+
+  /**
+   * Record that guest bytes [offset, offset + length) changed: sets the bits in every enabled
+   * bitmap. Allocation-free; call it for every write, write-zeroes, discard and compressed
+   * write, with the range as requested.
+   */
+  setDirty(offset: number, length: number): void {
+    if (length <= 0) return;
+    const perChunk = this.host.clusterSize * 8;
+    const active = this.active;
+    for (let i = 0; i < active.length; i++) {
+      const t = active[i]!;
+      const first = Math.floor(offset / t.granularity);
+      const last = Math.floor((offset + length - 1) / t.granularity);
+      setBitRange(t.bits, first, last);
+      const c0 = Math.floor(first / perChunk);
+      const c1 = Math.floor(last / perChunk);
+      if (c0 === c1) t.changed[c0] = 1;
+      else t.changed.fill(1, c0, c1 + 1);
+    }
+  }
+
+  /** Throw (as QEMU refuses) when the disk must not be resized: a bitmap is inconsistent. */
+  checkResize(): void {
+    for (const t of this.tracked) {
+      if (!t.consistent) {
+        throw new InvalidArgumentError(
+          `Bitmap '${t.name}' is inconsistent and cannot be used (remove it before resizing)`,
+        );
+      }
+    }
+  }
+
+  /** The disk grew to `newSize` bytes: bitmaps grow with it (new bits clean, as QEMU). */
+  resize(newSize: number): void {
+    if (newSize < this.size) {
+      throw new InvalidArgumentError("persistent bitmaps cannot be shrunk");
+    }
+    this.size = newSize;
+    const cs = this.host.clusterSize;
+    for (const t of this.active) {
+      const bits = new Uint8Array(bitmapDataBytes(newSize, t.granularityBits));
+      bits.set(t.bits);
+      t.bits = bits;
+      const changed = new Uint8Array(bitmapTableSize(newSize, t.granularityBits, cs));
+      changed.set(t.changed);
+      t.changed = changed;
+    }
+  }
+
+  /**
+   * Store the bitmaps back (clean close): merge the new bits into the data clusters, write
+   * the tables, then clear IN_USE in the directory. Bitmaps in use at open stay as they are.
+   */
+  async store(): Promise<void> {
+    if (this.stored) return;
+    const host = this.host;
+    const cs = host.clusterSize;
+    const backend = host.backend;
+    const tableWrites: { t: Tracked; table: U64TableView; offset: number }[] = [];
+    const oldTables: [number, number][] = [];
+    const cluster = new Uint8Array(cs);
+    // 1. Data: only clusters with new bits; an all-ones chunk cannot change.
+    for (const t of this.tracked) {
+      if (!t.consistent || !t.table) continue;
+      const size = bitmapTableSize(this.size, t.granularityBits, cs);
+      let table = t.table;
+      let dirty = false;
+      if (size !== t.tableSize) {
+        table = bitmapTableView(new Uint8Array(size * BITMAP_TABLE_ENTRY_SIZE));
+        table.bytes.set(t.table.bytes);
+        dirty = true;
+      }
+      for (let c = 0; c < t.changed.length; c++) {
+        if (t.changed[c] === 0) continue;
+        const kind = classifyBitmapTableEntry(table, c, cs);
+        if (typeof kind === "string") throw new CorruptImageError(`bitmap '${t.name}': ${kind}`);
+        if (kind.kind === BitmapChunk.ones) continue;
+        if (kind.kind === BitmapChunk.data) await backend.read(kind.offset, cluster);
+        else cluster.fill(0);
+        const from = c * cs;
+        const to = Math.min(from + cs, t.bits.length);
+        for (let k = from; k < to; k++) cluster[k - from]! |= t.bits[k]!;
+        if (kind.kind === BitmapChunk.data) {
+          // In place: nothing trusts this data while the bitmap is IN_USE on disk.
+          await backend.write(kind.offset, cluster);
+        } else {
+          const off = await host.allocate(1);
+          await backend.write(off, cluster);
+          table.set(c, off);
+          dirty = true;
+        }
+      }
+      if (!dirty) continue;
+      if (size !== t.tableSize) {
+        const clusters = Math.ceil((size * BITMAP_TABLE_ENTRY_SIZE) / cs);
+        const off = await host.allocate(clusters);
+        oldTables.push([t.tableOffset, Math.ceil((t.tableSize * BITMAP_TABLE_ENTRY_SIZE) / cs)]);
+        tableWrites.push({ t, table, offset: off });
+      } else {
+        tableWrites.push({ t, table, offset: t.tableOffset });
+      }
+    }
+    // 2. Tables, once the clusters they point at are allocated on disk.
+    if (tableWrites.length > 0) {
+      await host.sync();
+      for (const w of tableWrites) {
+        const padded = new Uint8Array(Math.ceil(w.table.bytes.byteLength / cs) * cs);
+        if (w.offset === w.t.tableOffset) {
+          await backend.write(w.offset, w.table.bytes);
+        } else {
+          padded.set(w.table.bytes);
+          await backend.write(w.offset, padded);
+        }
+        w.t.table = w.table;
+        w.t.tableOffset = w.offset;
+        w.t.tableSize = w.table.length;
+      }
+      await host.sync();
+    }
+    // 3. The directory: IN_USE cleared, AUTO as it was.
+    let any = false;
+    for (const t of this.tracked) {
+      if (!t.consistent) continue;
+      any = true;
+      patchBitmapDirEntry(this.dir, t.slot.position, {
+        bitmapTableOffset: t.tableOffset,
+        bitmapTableSize: t.tableSize,
+        flags: t.flags & ~BitmapFlag.inUse,
+      });
+    }
+    if (any) await this.writeDirectory();
+    // 4. Tables replaced by larger ones are no longer referenced.
+    for (const [off, n] of oldTables) await host.free(off, n);
+    this.stored = true;
+  }
+}
+
+/**
+ * Read the stored bits of one bitmap (bit `n` is bit `n % 8` of byte `n / 8`, covering guest
+ * bytes [n * granularity, (n + 1) * granularity)). Reads what is on disk whatever the flags
+ * say; an IN_USE bitmap's bits mean nothing.
+ */
+export async function readBitmapBits(
+  backend: BlockBackend,
+  entry: BitmapEntry,
+  clusterSize: number,
+  virtualSize: number,
+): Promise<Uint8Array> {
+  const cs = clusterSize;
+  const out = new Uint8Array(bitmapDataBytes(virtualSize, entry.granularityBits));
+  const table = bitmapTableView(new Uint8Array(entry.bitmapTableSize * BITMAP_TABLE_ENTRY_SIZE));
+  await backend.read(entry.bitmapTableOffset, table.bytes);
+  const cluster = new Uint8Array(cs);
+  for (let c = 0; c < table.length && c * cs < out.length; c++) {
+    const kind = classifyBitmapTableEntry(table, c, cs);
+    if (typeof kind === "string") {
+      throw new CorruptImageError(`bitmap '${entry.name}': ${kind}`, {
+        offset: entry.bitmapTableOffset + c * 8,
+      });
+    }
+    const n = Math.min(cs, out.length - c * cs);
+    if (kind.kind === BitmapChunk.ones) out.fill(0xff, c * cs, c * cs + n);
+    else if (kind.kind === BitmapChunk.data) {
+      await backend.read(kind.offset, cluster);
+      out.set(cluster.subarray(0, n), c * cs);
+    }
+  }
+  // Bits past the last one cover nothing.
+  const bits = Math.ceil(virtualSize / 2 ** entry.granularityBits);
+  if (bits % 8 !== 0 && out.length > 0) out[out.length - 1]! &= 0xff >>> (8 - (bits % 8));
+  return out;
+}

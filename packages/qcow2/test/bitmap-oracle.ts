@@ -1,0 +1,141 @@
+/**
+ * QEMU as the oracle for persistent dirty bitmaps: `qemu-img info` for the list and flags,
+ * `qemu-img check` for the refcounts, and the dirty ranges exported by `qemu-nbd -B name`
+ * read back with `qemu-img map` over the nbd driver's `x-dirty-bitmap` option (QEMU's own
+ * iotests read bitmaps this way: a dirty range shows `"data": false`).
+ */
+import { spawnSync } from "node:child_process";
+import fs from "node:fs";
+import path from "node:path";
+import { FileBackend } from "@qimg/io/node";
+import { openQcow2 } from "../src/index.js";
+import { readBitmapBits } from "../src/bitmap.js";
+
+export interface Run {
+  readonly code: number;
+  readonly stdout: string;
+  readonly stderr: string;
+}
+
+export function run(tool: string, args: readonly string[]): Run {
+  const r = spawnSync(tool, args, { encoding: "utf8", env: { ...process.env, LC_ALL: "C" } });
+  return { code: r.status ?? -1, stdout: r.stdout, stderr: r.stderr };
+}
+
+export function must(tool: string, args: readonly string[]): string {
+  const r = run(tool, args);
+  if (r.code !== 0) throw new Error(`${tool} ${args.join(" ")}: exit ${r.code}: ${r.stderr}`);
+  return r.stdout;
+}
+
+export interface BitmapInfo {
+  readonly name: string;
+  readonly granularity: number;
+  readonly flags: readonly string[];
+}
+
+/** The bitmap list of `qemu-img info --output=json` (empty when there is none). */
+export function infoBitmaps(file: string): BitmapInfo[] {
+  const info = JSON.parse(must("qemu-img", ["info", "-U", "--output=json", file])) as {
+    "format-specific"?: { data?: { bitmaps?: BitmapInfo[] } };
+  };
+  return info["format-specific"]?.data?.bitmaps ?? [];
+}
+
+/** `qemu-img check --output=json`, with its exit code. */
+export function check(file: string): { code: number; result: Record<string, unknown> } {
+  const r = run("qemu-img", ["check", "-U", "--output=json", file]);
+  let result: Record<string, unknown> = {};
+  try {
+    result = JSON.parse(r.stdout) as Record<string, unknown>;
+  } catch {
+    result = { unparsed: r.stdout + r.stderr };
+  }
+  return { code: r.code, result };
+}
+
+export type Ranges = [start: number, length: number][];
+
+function merge(ranges: Ranges): Ranges {
+  const out: Ranges = [];
+  for (const [s, l] of ranges) {
+    const last = out[out.length - 1];
+    if (last && last[0] + last[1] === s) last[1] += l;
+    else out.push([s, l]);
+  }
+  return out;
+}
+
+/**
+ * Dirty guest ranges of each named bitmap as QEMU exports them (qemu-nbd -B; the bitmaps
+ * must be consistent, or qemu-nbd refuses them).
+ */
+export async function qemuDirtyRanges(
+  file: string,
+  names: readonly string[],
+  dir: string,
+): Promise<Map<string, Ranges>> {
+  const out = new Map<string, Ranges>();
+  if (names.length === 0) return out;
+  const sock = path.join(dir, `nbd-${process.pid}-${Math.random().toString(36).slice(2)}.sock`);
+  const pidFile = `${sock}.pid`;
+  must("qemu-nbd", [
+    "-t",
+    "-r",
+    "-f",
+    "qcow2",
+    "-k",
+    sock,
+    ...names.flatMap((n) => ["-B", n]),
+    "--fork",
+    `--pid-file=${pidFile}`,
+    file,
+  ]);
+  try {
+    for (const name of names) {
+      const map = JSON.parse(
+        must("qemu-img", [
+          "map",
+          "--output=json",
+          "--image-opts",
+          `driver=nbd,server.type=unix,server.path=${sock},x-dirty-bitmap=qemu:dirty-bitmap:${name}`,
+        ]),
+      ) as { start: number; length: number; data: boolean }[];
+      out.set(
+        name,
+        merge(map.filter((e) => !e.data).map((e): [number, number] => [e.start, e.length])),
+      );
+    }
+  } finally {
+    for (let i = 0; i < 50 && !fs.existsSync(pidFile); i++)
+      await new Promise((r) => setTimeout(r, 20));
+    const pid = Number(fs.readFileSync(pidFile, "utf8").trim());
+    if (pid > 0) process.kill(pid, "SIGTERM");
+    fs.rmSync(sock, { force: true });
+    fs.rmSync(pidFile, { force: true });
+  }
+  return out;
+}
+
+/** Dirty guest ranges of each bitmap as our reader decodes them, clipped to the disk. */
+export async function ourDirtyRanges(file: string): Promise<Map<string, Ranges>> {
+  const backend = await FileBackend.open(file, { readOnly: true });
+  const image = await openQcow2(backend, { noBacking: true });
+  try {
+    const out = new Map<string, Ranges>();
+    for (const b of image.bitmaps) {
+      const bits = await readBitmapBits(backend, b, image.clusterSize, image.virtualSize);
+      const g = 2 ** b.granularityBits;
+      const ranges: Ranges = [];
+      for (let n = 0; n * g < image.virtualSize; n++) {
+        if ((bits[n >> 3]! >> (n & 7)) & 1) {
+          ranges.push([n * g, Math.min(g, image.virtualSize - n * g)]);
+        }
+      }
+      out.set(b.name, merge(ranges));
+    }
+    return out;
+  } finally {
+    await image.close();
+  }
+}

@@ -1,0 +1,350 @@
+/**
+ * Persistent dirty bitmaps under qimg writes, with QEMU as the oracle: twin images get the
+ * same operations through qemu-io and through the driver; afterwards both must show the same
+ * bitmap list and flags (qemu-img info), the same dirty ranges (qemu-nbd -B + qemu-img map),
+ * the same guest bytes (qemu-img compare), and ours must check clean (qemu-img check).
+ */
+import fs from "node:fs";
+import os from "node:os";
+import path from "node:path";
+import { afterAll, describe, expect, it } from "vitest";
+import { FaultBackend, MemoryBackend } from "@qimg/io";
+import { FileBackend } from "@qimg/io/node";
+import { requireQemu } from "@qimg/fixtures";
+import { AutoclearFeatures, openQcow2 } from "../src/index.js";
+import { prng } from "./prng.js";
+import { check, infoBitmaps, must, ourDirtyRanges, qemuDirtyRanges, run } from "./bitmap-oracle.js";
+
+const haveQemu = requireQemu();
+const LONG = process.env.QIMG_LONG === "1";
+if (!haveQemu) console.log("bitmaps.test: qemu-img not found, skipping the QEMU oracle tests");
+const tmp = fs.mkdtempSync(path.join(os.tmpdir(), "qimg-bitmaps-"));
+afterAll(() => fs.rmSync(tmp, { recursive: true, force: true }));
+
+type Op =
+  | { kind: "write"; off: number; len: number; pattern: number }
+  | { kind: "zero"; off: number; len: number; unmap: boolean }
+  | { kind: "discard"; off: number; len: number }
+  | { kind: "compress"; off: number; len: number; pattern: number };
+
+function qemuIoCommand(op: Op): string {
+  switch (op.kind) {
+    case "write":
+      return `write -P ${op.pattern} ${op.off} ${op.len}`;
+    case "zero":
+      return `write -z${op.unmap ? " -u" : ""} ${op.off} ${op.len}`;
+    case "discard":
+      return `discard ${op.off} ${op.len}`;
+    case "compress":
+      return `write -c -P ${op.pattern} ${op.off} ${op.len}`;
+  }
+}
+
+async function applyOurs(
+  image: Awaited<ReturnType<typeof openQcow2>>,
+  ops: readonly Op[],
+): Promise<void> {
+  for (const op of ops) {
+    switch (op.kind) {
+      case "write":
+        await image.write(op.off, new Uint8Array(op.len).fill(op.pattern));
+        break;
+      case "zero":
+        await image.writeZeroes(op.off, op.len, { mayUnmap: op.unmap });
+        break;
+      case "discard":
+        await image.discard(op.off, op.len);
+        break;
+      case "compress":
+        await image.writeCompressed(op.off, new Uint8Array(op.len).fill(op.pattern));
+        break;
+    }
+  }
+}
+
+interface Twin {
+  readonly seed: number;
+  readonly ours: string;
+  readonly theirs: string;
+  readonly size: number;
+  readonly clusterSize: number;
+  readonly ops: Op[];
+  readonly describe: string;
+}
+
+/** Random image with 1..3 bitmaps (some disabled, some already dirty), copied into twins. */
+function makeTwin(seed: number): Twin {
+  const r = prng(seed);
+  const pick = <T>(xs: readonly T[]): T => xs[Math.floor(r() * xs.length)]!;
+  const clusterSize = pick([512, 1024, 4096, 16384, 65536]);
+  // Sizes from qemu-img create are whole sectors; keep them off the cluster and granularity.
+  const size = 512 * (1 + Math.floor(r() * 12000)) + (r() < 0.7 ? 512 * 3 : 0);
+  const opts = [`cluster_size=${clusterSize}`];
+  if (r() < 0.25) opts.push("lazy_refcounts=on");
+  if (clusterSize >= 16384 && r() < 0.3) opts.push("extended_l2=on");
+  const dir = path.join(tmp, `s${seed}`);
+  fs.mkdirSync(dir, { recursive: true });
+  const base = path.join(dir, "base.qcow2");
+  must("qemu-img", ["create", "-q", "-f", "qcow2", "-o", opts.join(","), base, String(size)]);
+  const nb = 1 + Math.floor(r() * 3);
+  const names: string[] = [];
+  for (let i = 0; i < nb; i++) {
+    const g = 2 ** (9 + Math.floor(r() * 12));
+    const name = `b${i}-${g}`;
+    names.push(name);
+    must("qemu-img", [
+      "bitmap",
+      "--add",
+      "-g",
+      String(g),
+      ...(r() < 0.3 ? ["--disable"] : []),
+      base,
+      name,
+    ]);
+  }
+  // Some bitmaps already hold bits (and some clusters data) before the twins part.
+  const touched = new Set<number>();
+  const randRange = (maxLen: number): [number, number] => {
+    const off = Math.floor(r() * size);
+    const len = 1 + Math.floor(r() * Math.min(maxLen, size - off));
+    return [off, len];
+  };
+  if (r() < 0.6) {
+    const pre: string[] = [];
+    for (let i = 0; i < 1 + Math.floor(r() * 3); i++) {
+      const [off, len] = randRange(200_000);
+      pre.push("-c", `write -P 7 ${off} ${len}`);
+      for (
+        let c = Math.floor(off / clusterSize);
+        c <= Math.floor((off + len - 1) / clusterSize);
+        c++
+      )
+        touched.add(c);
+    }
+    must("qemu-io", ["-f", "qcow2", ...pre, base]);
+  }
+  const ours = path.join(dir, "ours.qcow2");
+  const theirs = path.join(dir, "theirs.qcow2");
+  fs.copyFileSync(base, ours);
+  fs.copyFileSync(base, theirs);
+  const ops: Op[] = [];
+  for (let i = 0, n = 1 + Math.floor(r() * 10); i < n; i++) {
+    const x = r();
+    const aligned = r() < 0.3;
+    let [off, len] = randRange(r() < 0.2 ? size : 300_000);
+    if (aligned) {
+      off = Math.floor(off / clusterSize) * clusterSize;
+      len = Math.max(clusterSize, Math.floor(len / clusterSize) * clusterSize);
+      len = Math.min(len, size - off);
+    }
+    if (x < 0.45) ops.push({ kind: "write", off, len, pattern: 1 + Math.floor(r() * 250) });
+    else if (x < 0.65) ops.push({ kind: "zero", off, len, unmap: r() < 0.5 });
+    else if (x < 0.85) ops.push({ kind: "discard", off, len });
+    else {
+      // Compressed writes only into clusters nothing has written yet (QEMU refuses others).
+      const c = Math.floor(off / clusterSize);
+      const cOff = c * clusterSize;
+      if (touched.has(c) || cOff >= size) continue;
+      ops.push({
+        kind: "compress",
+        off: cOff,
+        len: Math.min(clusterSize, size - cOff),
+        pattern: 1 + Math.floor(r() * 250),
+      });
+      touched.add(c);
+      continue;
+    }
+    const last = ops[ops.length - 1]!;
+    for (
+      let c = Math.floor(last.off / clusterSize);
+      c <= Math.floor((last.off + last.len - 1) / clusterSize);
+      c++
+    )
+      touched.add(c);
+  }
+  return {
+    seed,
+    ours,
+    theirs,
+    size,
+    clusterSize,
+    ops,
+    describe: `seed ${seed}: -o ${opts.join(",")} size ${size} bitmaps ${names.join(",")}; ops ${ops.map(qemuIoCommand).join(" | ")}`,
+  };
+}
+
+async function openRw(file: string) {
+  return openQcow2(await FileBackend.open(file, { readOnly: false }), { readOnly: false });
+}
+
+/** Everything QEMU says about the bitmaps of `file`, for comparing twins. */
+async function bitmapFacts(file: string) {
+  const list = infoBitmaps(file);
+  const consistent = list.filter((b) => !b.flags.includes("in-use")).map((b) => b.name);
+  return { list, ranges: Object.fromEntries(await qemuDirtyRanges(file, consistent, tmp)) };
+}
+
+async function runTwin(seed: number): Promise<void> {
+  const t = makeTwin(seed);
+  try {
+    if (t.ops.length > 0)
+      must("qemu-io", ["-f", "qcow2", ...t.ops.flatMap((o) => ["-c", qemuIoCommand(o)]), t.theirs]);
+    const image = await openRw(t.ours);
+    await applyOurs(image, t.ops);
+    await image.close();
+
+    const c = check(t.ours);
+    expect(c.result["check-errors"] ?? 0).toBe(0);
+    expect(c.result.leaks ?? 0).toBe(0);
+    expect(c.result.corruptions ?? 0).toBe(0);
+    expect(c.code).toBe(0);
+    expect(run("qemu-img", ["compare", "-q", t.theirs, t.ours]).code).toBe(0);
+    const ours = await bitmapFacts(t.ours);
+    const theirs = await bitmapFacts(t.theirs);
+    expect(ours.list).toEqual(theirs.list);
+    expect(ours.ranges).toEqual(theirs.ranges);
+    // Our reader decodes QEMU's bitmaps exactly as QEMU exports them.
+    const decoded = Object.fromEntries(await ourDirtyRanges(t.theirs));
+    for (const [name, ranges] of Object.entries(theirs.ranges))
+      expect(decoded[name]).toEqual(ranges);
+  } catch (e) {
+    console.error(`bitmaps differential failed: ${t.describe}`);
+    throw e;
+  }
+}
+
+describe.skipIf(!haveQemu)("persistent bitmaps against QEMU", () => {
+  it("after a qimg write, qemu-img check is clean and qemu-img info still lists the bitmap without in-use", async () => {
+    const file = path.join(tmp, "simple.qcow2");
+    must("qemu-img", ["create", "-q", "-f", "qcow2", file, "10485760"]);
+    must("qemu-img", ["bitmap", "--add", file, "b0"]);
+    must("qemu-img", ["bitmap", "--add", "-g", "131072", "--disable", file, "b1"]);
+    const image = await openRw(file);
+    await image.write(1_000_000, new Uint8Array(70_000).fill(9));
+    await image.close();
+    expect(infoBitmaps(file)).toEqual([
+      { name: "b0", granularity: 65536, flags: ["auto"] },
+      { name: "b1", granularity: 131072, flags: [] },
+    ]);
+    const c = check(file);
+    expect(c.result.leaks ?? 0).toBe(0);
+    expect(c.code).toBe(0);
+    // The bits cover exactly the written range, at 64 KiB granularity; b1 stays clean.
+    const ranges = await qemuDirtyRanges(file, ["b0", "b1"], tmp);
+    expect(ranges.get("b0")).toEqual([[983040, 131072]]);
+    expect(ranges.get("b1")).toEqual([]);
+  });
+
+  it("marks the bitmaps in use on disk from the read-write open until the clean close", async () => {
+    const file = path.join(tmp, "inuse.qcow2");
+    must("qemu-img", ["create", "-q", "-f", "qcow2", file, "4194304"]);
+    must("qemu-img", ["bitmap", "--add", file, "b0"]);
+    must("qemu-img", ["bitmap", "--add", "--disable", file, "b1"]);
+    const image = await openRw(file);
+    // QEMU marks every bitmap it loads read-write in use (disabled ones too).
+    expect(infoBitmaps(file).map((b) => b.flags)).toEqual([["in-use", "auto"], ["in-use"]]);
+    expect(image.header.autoclearFeatures & AutoclearFeatures.maskOf("bitmaps")).not.toBe(0n);
+    await image.write(0, new Uint8Array(512).fill(1));
+    await image.close();
+    expect(infoBitmaps(file).map((b) => b.flags)).toEqual([["auto"], []]);
+  });
+
+  it("a read-only open changes nothing", async () => {
+    const file = path.join(tmp, "ro.qcow2");
+    must("qemu-img", ["create", "-q", "-f", "qcow2", file, "4194304"]);
+    must("qemu-img", ["bitmap", "--add", file, "b0"]);
+    const before = fs.readFileSync(file);
+    const image = await openQcow2(await FileBackend.open(file, { readOnly: true }));
+    await image.read(0, new Uint8Array(4096));
+    await image.close();
+    expect(fs.readFileSync(file).equals(before)).toBe(true);
+  });
+
+  it("a crash after writes leaves the bitmaps in use, as qemu-io's abort does", async () => {
+    const base = path.join(tmp, "crash-base.qcow2");
+    must("qemu-img", ["create", "-q", "-f", "qcow2", "-o", "cluster_size=4096", base, "3146240"]);
+    must("qemu-img", ["bitmap", "--add", "-g", "4096", base, "b0"]);
+    must("qemu-img", ["bitmap", "--add", "--disable", base, "b1"]);
+    const theirs = path.join(tmp, "crash-theirs.qcow2");
+    fs.copyFileSync(base, theirs);
+    run("qemu-io", ["-f", "qcow2", "-c", "write -P 3 5000 70000", "-c", "abort", theirs]);
+    // Ours: power is lost after the write reached the file (the close never happens).
+    const mem = new MemoryBackend();
+    await mem.write(0, fs.readFileSync(base));
+    let dead = false;
+    const fault = await FaultBackend.wrap(mem, { failWhen: () => dead });
+    const image = await openQcow2(fault, { readOnly: false });
+    await image.write(5000, new Uint8Array(70000).fill(3));
+    await image.flush();
+    dead = true;
+    await image.close().catch(() => undefined);
+    const ours = path.join(tmp, "crash-ours.qcow2");
+    fs.writeFileSync(ours, mem.snapshot());
+    expect(infoBitmaps(ours)).toEqual(infoBitmaps(theirs));
+    expect(infoBitmaps(ours).map((b) => b.flags)).toEqual([["in-use", "auto"], ["in-use"]]);
+    expect(check(ours).result.leaks ?? 0).toBe(0);
+    expect(check(ours).code).toBe(check(theirs).code);
+    // An image whose bitmaps are inconsistent stays so after our next clean session...
+    const again = await openRw(ours);
+    await again.write(0, new Uint8Array(4096).fill(1));
+    await again.close();
+    run("qemu-io", ["-f", "qcow2", "-c", "write -P 1 0 4096", theirs]);
+    expect(infoBitmaps(ours)).toEqual(infoBitmaps(theirs));
+    expect(infoBitmaps(ours).map((b) => b.flags)).toEqual([["in-use", "auto"], ["in-use"]]);
+    expect(check(ours).code).toBe(0);
+    // ...and cannot be resized, as QEMU refuses.
+    const r = run("qemu-img", ["resize", theirs, "4194304"]);
+    expect(r.code).toBe(1);
+    const before = fs.readFileSync(ours);
+    const img = await openRw(ours);
+    await expect(img.resize(4194304)).rejects.toThrow(/Bitmap 'b0' is inconsistent/);
+    await img.close();
+    expect(infoBitmaps(ours)).toEqual(infoBitmaps(theirs));
+    expect(JSON.parse(must("qemu-img", ["info", "--output=json", ours]))["virtual-size"]).toBe(
+      before.length > 0 ? 3146240 : 0,
+    );
+  });
+
+  it("resize grows the bitmaps as qemu-img resize does", async () => {
+    for (const seed of [11, 12, 13]) {
+      const r = prng(seed);
+      const base = path.join(tmp, `resize-${seed}.qcow2`);
+      const cs = [512, 4096, 65536][seed % 3]!;
+      const size = 512 * (1 + Math.floor(r() * 5000));
+      must("qemu-img", [
+        "create",
+        "-q",
+        "-f",
+        "qcow2",
+        "-o",
+        `cluster_size=${cs}`,
+        base,
+        String(size),
+      ]);
+      must("qemu-img", ["bitmap", "--add", "-g", "512", base, "fine"]);
+      must("qemu-img", ["bitmap", "--add", "-g", "65536", "--disable", base, "off"]);
+      must("qemu-io", ["-f", "qcow2", "-c", `write -P 5 ${Math.floor(size / 3)} 3000`, base]);
+      const ours = path.join(tmp, `resize-${seed}-ours.qcow2`);
+      const theirs = path.join(tmp, `resize-${seed}-theirs.qcow2`);
+      fs.copyFileSync(base, ours);
+      fs.copyFileSync(base, theirs);
+      const grown = size + 512 * (1 + Math.floor(r() * 40000));
+      const tail = Math.max(0, grown - 7000);
+      must("qemu-img", ["resize", "-q", theirs, String(grown)]);
+      must("qemu-io", ["-f", "qcow2", "-c", `write -P 6 ${tail} 5000`, theirs]);
+      const image = await openRw(ours);
+      await image.resize(grown);
+      await image.write(tail, new Uint8Array(5000).fill(6));
+      await image.close();
+      expect(check(ours).code).toBe(0);
+      expect(check(ours).result.leaks ?? 0).toBe(0);
+      expect(await bitmapFacts(ours)).toEqual(await bitmapFacts(theirs));
+    }
+  });
+
+  const cases = LONG ? 400 : 24;
+  it(`random operations on twin images keep the same bitmaps as qemu-io (${cases} seeds)`, async () => {
+    const first = Number(process.env.QIMG_SEED ?? 1);
+    for (let s = first; s < first + cases; s++) await runTwin(s);
+  }, 600_000);
+});

@@ -2,6 +2,8 @@
  * Creating image files (qemu-img create, and the target of convert): qemu-img's option names,
  * checks and messages, per format.
  */
+import * as fs from "node:fs";
+import type { BlockBackend } from "@qimg/io";
 import { FileBackend } from "@qimg/io/node";
 import * as qcow2 from "@qimg/qcow2";
 import * as qed from "@qimg/qed";
@@ -222,7 +224,103 @@ function shortReason(message: string): string {
   return message;
 }
 
-/** Create the file(s) of a new image of `size` bytes; no messages printed. */
+/**
+ * A file a create writes. It remembers whether the file existed before and whether anything
+ * was written to it (through `backend`), so a failed create can put things back as far as
+ * possible: a file the create made is removed, and so is one it had begun to overwrite (what
+ * is left of it would be a half-made image; qemu-img removes it too). A file that existed and
+ * was not touched yet stays as it was.
+ */
+interface NewFile {
+  readonly path: string;
+  readonly file: FileBackend;
+  /** `file`, noting the first write or truncate. */
+  readonly backend: BlockBackend;
+  readonly created: boolean;
+  touched: boolean;
+}
+
+function errnoOf(e: unknown): string | undefined {
+  return typeof e === "object" && e !== null && "code" in e && typeof e.code === "string"
+    ? e.code
+    : undefined;
+}
+
+async function openNewFile(path: string, noFlush: boolean): Promise<NewFile> {
+  let created = false;
+  try {
+    await fs.promises.stat(path);
+  } catch (e) {
+    // A missing file, or a dangling symbolic link: opening creates it.
+    created = errnoOf(e) === "ENOENT";
+  }
+  // Opened without O_TRUNC: the formats' create functions check their options before they
+  // truncate, so a refused create leaves an existing file as it was.
+  const file = await FileBackend.open(path, { create: true, noFlush });
+  const f: NewFile = {
+    path,
+    file,
+    created,
+    touched: false,
+    backend: {
+      get readOnly() {
+        return file.readOnly;
+      },
+      get kind() {
+        return file.kind;
+      },
+      get name() {
+        return file.name;
+      },
+      read: (offset, buf, options) => file.read(offset, buf, options),
+      write: (offset, data) => {
+        f.touched = true;
+        return file.write(offset, data);
+      },
+      flush: () => file.flush(),
+      size: () => file.size(),
+      truncate: (size) => {
+        f.touched = true;
+        return file.truncate(size);
+      },
+      close: () => file.close(),
+    },
+  };
+  return f;
+}
+
+/**
+ * Run `fn` over the files of a new image, opened in order. On failure, every file is closed,
+ * and each regular file that was created or written is removed; the error is rethrown.
+ */
+async function withNewFiles(
+  paths: readonly string[],
+  noFlush: boolean,
+  fn: (files: readonly NewFile[]) => Promise<void>,
+): Promise<void> {
+  const files: NewFile[] = [];
+  try {
+    for (const p of paths) files.push(await inFile(p, () => openNewFile(p, noFlush)));
+    await fn(files);
+  } catch (e) {
+    for (const f of files) {
+      await f.file.close().catch(() => undefined);
+      if ((f.created || f.touched) && f.file.kind === "file") {
+        await fs.promises
+          .realpath(f.path)
+          .then((real) => fs.promises.unlink(real))
+          .catch(() => undefined);
+      }
+    }
+    throw e;
+  }
+  for (const f of files) await f.file.close();
+}
+
+/**
+ * Create the file(s) of a new image of `size` bytes; no messages printed. Options are checked
+ * before any file is touched; a create that fails leaves no half-made image behind.
+ */
 export async function writeNewImage(
   file: string,
   format: CreateFormat,
@@ -230,24 +328,22 @@ export async function writeNewImage(
   size: number,
   { noFlush = false }: { noFlush?: boolean } = {},
 ): Promise<void> {
-  const fileOptions = { create: true, truncate: true, noFlush };
   if (format === "qcow2") {
     const o = qcow2CreateOptions(opts, size);
     // Validate before touching any file.
     qcow2.normalizeCreateOptions(o);
-    const backend = await FileBackend.open(file, fileOptions);
-    let data: FileBackend | undefined;
-    try {
-      if (o.dataFile !== undefined) {
-        const dataPath = o.dataFile;
-        data = await inFile(dataPath, () => FileBackend.open(dataPath, fileOptions));
-        await data.truncate(roundUp(size, 512));
+    const paths = o.dataFile === undefined ? [file] : [file, o.dataFile];
+    await withNewFiles(paths, noFlush, async ([main, data]) => {
+      if (data !== undefined) {
+        await inFile(data.path, async () => {
+          await data.backend.truncate(0);
+          await data.backend.truncate(roundUp(size, 512));
+        });
       }
-      await qcow2.createQcow2(backend, o, data);
-    } finally {
-      await data?.close();
-      await backend.close();
-    }
+      await qcow2.createQcow2(main!.backend, o, data?.backend);
+      await main!.backend.flush();
+      await data?.backend.flush();
+    });
     return;
   }
   if (format === "qed") {
@@ -261,18 +357,15 @@ export async function writeNewImage(
     }
     const backingFile = str(opts, "backing_file");
     const backingFormat = str(opts, "backing_fmt");
-    const backend = await FileBackend.open(file, fileOptions);
-    try {
-      await qed.createQed(backend, {
+    await withNewFiles([file], noFlush, async ([main]) => {
+      await qed.createQed(main!.backend, {
         size,
         clusterSize,
         tableSize,
         ...(backingFile !== undefined ? { backingFile } : {}),
         ...(backingFormat !== undefined ? { backingFormat } : {}),
       });
-    } finally {
-      await backend.close();
-    }
+    });
     return;
   }
   const prealloc = oneOf(
@@ -280,8 +373,9 @@ export async function writeNewImage(
     ["off", "falloc", "full"] as const,
     "preallocation",
   );
-  const backend = await FileBackend.open(file, fileOptions);
-  try {
+  await withNewFiles([file], noFlush, async ([main]) => {
+    const backend = main!.backend;
+    await backend.truncate(0);
     const total = roundUp(size, 512);
     // falloc allocates without writing; where the system cannot, zeros are written as for full.
     const allocated =
@@ -296,9 +390,7 @@ export async function writeNewImage(
     }
     await backend.truncate(total);
     await backend.flush();
-  } finally {
-    await backend.close();
-  }
+  });
 }
 
 function isPow2(n: number): boolean {

@@ -8,6 +8,7 @@ import { requireQemu } from "@qimg/fixtures";
 import { createQcow2, normalizeCreateOptions } from "./create.js";
 import type { Qcow2CreateOptions } from "./create.js";
 import { openQcow2 } from "./image.js";
+import { ExtensionType, decodeExtensions } from "./spec/extensions.js";
 
 const haveQemu = requireQemu();
 if (!haveQemu) console.log("skipping qemu-img check of created images: qemu-img is not on PATH");
@@ -141,4 +142,58 @@ describe("createQcow2", () => {
       normalizeCreateOptions({ size: 1, compat: "0.10", compressionType: "zstd" }),
     ).toThrow("Non-zlib compression type is only supported with compatibility level 1.1 and above");
   });
+});
+
+describe("createQcow2 header area and preallocation, as qemu-img 7.2", () => {
+  it("refuses a header area that does not fit the first cluster, with qemu-img's messages", () => {
+    // v3 with 512-byte clusters and no feature table: 112 + 16 (backing format) + 8 = 136.
+    const base = { size: 1 << 20, clusterSize: 512, backingFormat: "raw" } as const;
+    expect(() => normalizeCreateOptions({ ...base, backingFile: "b".repeat(376) })).not.toThrow();
+    expect(() => normalizeCreateOptions({ ...base, backingFile: "b".repeat(377) })).toThrow(
+      `Could not assign backing file '${"b".repeat(377)}' with format 'raw': No space left on device`,
+    );
+    expect(() =>
+      normalizeCreateOptions({ size: 1, backingFile: "b".repeat(1024), backingFormat: "raw" }),
+    ).toThrow("with format 'raw': Invalid argument");
+    expect(() =>
+      normalizeCreateOptions({ size: 1, clusterSize: 512, dataFile: "d".repeat(400) }),
+    ).toThrow("Could not update qcow2 header: No space left on device");
+  });
+
+  it("writes the feature-name table only with clusters larger than 4 KiB", async () => {
+    for (const clusterSize of [512, 4096, 8192]) {
+      const file = await create(`ft-${clusterSize}.qcow2`, { size: 1 << 20, clusterSize });
+      const bytes = new Uint8Array(fs.readFileSync(file).subarray(0, clusterSize));
+      const types = decodeExtensions(bytes, 112, clusterSize).map((e) => e.type);
+      expect(types.includes(ExtensionType.featureNameTable), String(clusterSize)).toBe(
+        clusterSize > 4096,
+      );
+    }
+  });
+
+  it.skipIf(!haveQemu)(
+    "extended L2 preallocation maps like qemu-img's (subclusters unallocated)",
+    async () => {
+      for (const preallocation of ["metadata", "falloc", "full"] as const) {
+        const o = { size: 1000000 + 512, extendedL2: true, preallocation };
+        const ours = await create(`xl2-${preallocation}.qcow2`, o);
+        const theirs = path.join(tmp, `xl2-${preallocation}.e.qcow2`);
+        execFileSync("qemu-img", [
+          "create",
+          "-q",
+          "-f",
+          "qcow2",
+          "-o",
+          `extended_l2=on,preallocation=${preallocation}`,
+          theirs,
+          String(o.size),
+        ]);
+        const mapOf = (f: string): unknown =>
+          JSON.parse(execFileSync("qemu-img", ["map", "--output=json", f], { encoding: "utf8" }))
+            // host offsets depend on the layout, which differs for falloc/full
+            .map((e: Record<string, unknown>) => ({ ...e, offset: undefined }));
+        expect(mapOf(ours)).toEqual(mapOf(theirs));
+      }
+    },
+  );
 });

@@ -6,12 +6,13 @@ import {
   CompatibleFeatures,
   FEATURE_NAMES,
   IncompatibleFeatures,
+  MAX_BACKING_NAME,
   MAX_L1_BYTES,
 } from "./spec/header.js";
 import type { Qcow2Header } from "./spec/header.js";
 import { ExtensionType, encodeFeatureNames, encodeStringExtension } from "./spec/extensions.js";
 import type { FeatureName } from "./spec/extensions.js";
-import { encodeHeaderArea } from "./spec/header-area.js";
+import { encodeHeaderArea, headerAreaLength } from "./spec/header-area.js";
 import { U64TableView } from "@qimg/structs";
 import { L2_OFFSET_MASK, OFLAG_COPIED } from "./spec/l2.js";
 
@@ -43,6 +44,42 @@ const QEMU_FEATURE_TABLE: FeatureName[] = [
   ...FEATURE_NAMES.compatible.map((name, bit) => ({ type: "compatible" as const, bit, name })),
   ...FEATURE_NAMES.autoclear.map((name, bit) => ({ type: "autoclear" as const, bit, name })),
 ];
+
+/**
+ * Largest cluster size whose images get no feature-name table. QEMU leaves the table out of
+ * images with clusters of 4 KiB and less: its 8 entries (392 bytes with their prefix) would
+ * leave almost no room for a backing file name in a 512-byte header cluster. qemu-img 7.2
+ * writes images this way, and we write the same header bytes.
+ */
+export const FEATURE_TABLE_MIN_CLUSTER = 4096;
+
+/** The header extensions a new image gets, in QEMU's order. */
+function createExtensions(
+  o: Qcow2CreateOptions,
+  version: 2 | 3,
+  clusterSize: number,
+): { type: number; data: Uint8Array }[] {
+  const extensions: { type: number; data: Uint8Array }[] = [];
+  if (o.backingFormat !== undefined) {
+    extensions.push({
+      type: ExtensionType.backingFormat,
+      data: encodeStringExtension(o.backingFormat),
+    });
+  }
+  if (o.dataFile !== undefined) {
+    extensions.push({
+      type: ExtensionType.externalDataFile,
+      data: encodeStringExtension(o.dataFile),
+    });
+  }
+  if (version === 3 && clusterSize > FEATURE_TABLE_MIN_CLUSTER) {
+    extensions.push({
+      type: ExtensionType.featureNameTable,
+      data: encodeFeatureNames(QEMU_FEATURE_TABLE),
+    });
+  }
+  return extensions;
+}
 
 function isPow2(n: number): boolean {
   return Number.isInteger(n) && n > 0 && (n & (n - 1)) === 0;
@@ -125,9 +162,10 @@ export function normalizeCreateOptions(o: Qcow2CreateOptions) {
   const l1Size = Math.ceil(size / (clusterSize * l2Entries));
   if (l1Size * 8 > MAX_L1_BYTES) {
     throw new InvalidArgumentError(
-      `Image size ${size} is too large for the cluster size ${clusterSize}`,
+      `The image size is too large for file format 'qcow2' (try using a larger cluster size)`,
     );
   }
+  checkHeaderArea(o, version, clusterSize);
   return {
     size,
     version,
@@ -137,10 +175,38 @@ export function normalizeCreateOptions(o: Qcow2CreateOptions) {
     refcountOrder: Math.log2(refcountBits),
     l2Entries,
     l1Size,
-    preallocation,
+    // data_file_raw: the data file must read as the guest disk, so every cluster is mapped to
+    // its own offset from the start (QEMU turns preallocation=off into metadata here too).
+    preallocation: o.dataFileRaw && preallocation === "off" ? "metadata" : preallocation,
     extendedL2: !!o.extendedL2,
     zstd: o.compressionType === "zstd",
   };
+}
+
+/**
+ * Fail, with qemu-img's messages, when the header, its extensions and the backing file name
+ * do not fit the first cluster (QEMU finds out only after writing; we check before).
+ */
+function checkHeaderArea(o: Qcow2CreateOptions, version: 2 | 3, clusterSize: number): void {
+  const extensions = createExtensions(o, version, clusterSize);
+  const start = version === 2 ? 72 : 112;
+  const assign = (reason: string): InvalidArgumentError =>
+    new InvalidArgumentError(
+      `Could not assign backing file '${o.backingFile}'` +
+        (o.backingFormat !== undefined ? ` with format '${o.backingFormat}'` : "") +
+        `: ${reason}`,
+    );
+  const withoutName = headerAreaLength(start, extensions, undefined);
+  if (withoutName > clusterSize) {
+    throw new InvalidArgumentError("Could not update qcow2 header: No space left on device");
+  }
+  if (o.backingFile === undefined) return;
+  if (new TextEncoder().encode(o.backingFile).byteLength > MAX_BACKING_NAME) {
+    throw assign("Invalid argument");
+  }
+  if (headerAreaLength(start, extensions, o.backingFile) > clusterSize) {
+    throw assign("No space left on device");
+  }
 }
 
 /**
@@ -189,25 +255,7 @@ export async function createQcow2(
     compressionType: n.zstd ? 1 : 0,
     extraBytes: n.version === 3 ? new Uint8Array(7) : new Uint8Array(0),
   };
-  const extensions: { type: number; data: Uint8Array }[] = [];
-  if (options.backingFormat !== undefined) {
-    extensions.push({
-      type: ExtensionType.backingFormat,
-      data: encodeStringExtension(options.backingFormat),
-    });
-  }
-  if (options.dataFile !== undefined) {
-    extensions.push({
-      type: ExtensionType.externalDataFile,
-      data: encodeStringExtension(options.dataFile),
-    });
-  }
-  if (n.version === 3) {
-    extensions.push({
-      type: ExtensionType.featureNameTable,
-      data: encodeFeatureNames(QEMU_FEATURE_TABLE),
-    });
-  }
+  const extensions = createExtensions(options, n.version, cs);
   // Metadata preallocation: L2 tables for the whole disk and (without a data file) data clusters.
   const prealloc = n.preallocation !== "off";
   const l2Tables = prealloc ? n.l1Size : 0;
@@ -247,8 +295,9 @@ export async function createQcow2(
       const host = options.dataFile !== undefined ? guest * cs : dataStart + guest * cs;
       l2.setMasked(j * stride, L2_OFFSET_MASK, host);
       l2.setFlag(j * stride, OFLAG_COPIED, true);
-      // Extended L2: every subcluster allocated.
-      if (n.extendedL2) l2.setWords(j * stride + 1, 0, 0xffff_ffff);
+      // Extended L2: the subcluster bitmap stays 0 (every subcluster "unallocated" in an
+      // allocated cluster), as QEMU preallocates: reads still come from the backing file (or
+      // read zeros), and a write only sets the bits of the subclusters it covers.
     }
     await backend.write(l2Off, l2.bytes);
   }
@@ -264,7 +313,10 @@ export async function createQcow2(
     }
   }
   if (dataBackend && prealloc) {
-    await dataBackend.truncate(Math.max(await dataBackend.size(), n.size));
+    // The data file reaches the end of the last preallocated (sub)cluster, as QEMU's.
+    const unit = n.extendedL2 ? cs / 32 : cs;
+    const dataEnd = Math.ceil(n.size / unit) * unit;
+    await dataBackend.truncate(Math.max(await dataBackend.size(), dataEnd));
   }
   let header = header0;
   const writeHeader = async (tableOffset: number, tableClusters: number): Promise<void> => {
@@ -282,8 +334,6 @@ export async function createQcow2(
     await backend.write(0, area.bytes);
     await backend.flush();
   };
-  // Validate the header area fits before writing anything else that depends on it.
-  encodeHeaderArea(header0, extensions, options.backingFile);
   await rebuildRefcounts({
     backend,
     clusterBits: n.clusterBits,

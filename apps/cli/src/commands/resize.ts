@@ -18,6 +18,23 @@ function hasResize(x: unknown): x is Resizable {
   return typeof (x as Partial<Resizable>).resize === "function";
 }
 
+interface Qcow2Facts {
+  info(): { readonly compat?: string; readonly snapshots?: readonly unknown[] };
+}
+
+/**
+ * qemu-img's refusals that depend on the image, checked before anything changes: a version 2
+ * qcow2 image does not record each snapshot's disk size, so QEMU will not resize one that has
+ * snapshots (they would read past their L1 tables).
+ */
+function checkResizable(image: { readonly format: string }): void {
+  if (image.format !== "qcow2") return;
+  const info = (image as Partial<Qcow2Facts>).info?.();
+  if (info?.compat === "0.10" && (info.snapshots?.length ?? 0) > 0) {
+    throw new CliError("Can't resize a v2 image which has snapshots");
+  }
+}
+
 export const resizeCommand: CommandDef = {
   name: "resize",
   errorExitCode: 1,
@@ -65,6 +82,7 @@ export const resizeCommand: CommandDef = {
         if (image.format !== "raw")
           throw new CliError("Shrinking images is currently not supported", { file });
       }
+      checkResizable(image);
       if (image.format === "raw") {
         await inFile(file, () => image.backend.truncate(size));
       } else if (hasResize(image)) {

@@ -6,6 +6,20 @@ import { encodeExtensions } from "./extensions.js";
 const enc = new TextEncoder();
 
 /**
+ * Bytes the header area needs: the header (`start` bytes: 72 for version 2, header_length for
+ * version 3), the extensions with their end marker, then the backing file name.
+ */
+export function headerAreaLength(
+  start: number,
+  extensions: readonly { type: number; data: Uint8Array }[],
+  backingFile: string | undefined,
+): number {
+  let total = start + 8;
+  for (const e of extensions) total += 8 + Math.ceil(e.data.byteLength / 8) * 8;
+  return total + (backingFile === undefined ? 0 : enc.encode(backingFile).byteLength);
+}
+
+/**
  * Lay out the header area of cluster 0: the header, its extensions and the end marker, then
  * the backing file name. Returns the bytes and the header with `backingFileOffset` and
  * `backingFileSize` filled in. Fails when it does not fit the first cluster.

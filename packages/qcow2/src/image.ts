@@ -875,7 +875,8 @@ export class Qcow2Image implements DiskImage {
         Math.floor((options.refcountCacheBytes ?? Math.max(256 * 1024, 4 * cs)) / cs),
       ),
       name: "refcount",
-      writethrough: options.writethrough ?? false,
+      // Lazy refcounts stay cached even under writethrough (see flushLocked).
+      writethrough: (options.writethrough ?? false) && !lazy,
     });
     const refcounts = await Refcounts.open({
       backend: this.backend,
@@ -1161,6 +1162,10 @@ export class Qcow2Image implements DiskImage {
     const newOff = await w.refcounts.allocate(1);
     this.refreshRefcountBlocks(newOff);
     await this.checkOverlap(newOff, cs);
+    // A new L2 table's refcount is on disk before the table is used, lazy refcounts or not
+    // (QEMU's l2_allocate flushes the refcount cache here too); without lazy refcounts the
+    // cache dependency already orders it.
+    if (w.lazy) await w.refcountCache.flush();
     const table = await this.l2Cache.getEmpty(newOff);
     if (off !== 0) {
       const old = await this.l2Cache.get(off);
@@ -1798,7 +1803,10 @@ export class Qcow2Image implements DiskImage {
   private async flushLocked(): Promise<void> {
     const w = this.w!;
     if (this.dataBackend !== this.backend) await this.dataBackend.flush();
-    await w.refcountCache.flush();
+    // With lazy refcounts and the dirty bit on disk, refcounts need not be accurate on disk
+    // (a crash makes the next open rebuild them), so a flush leaves them cached, as QEMU
+    // does (qcow2_need_accurate_refcounts); a clean close writes them.
+    if (!w.lazy || !w.dirtyOnDisk) await w.refcountCache.flush();
     await this.l2Cache.flush();
     if (w.l1DirtyHi > w.l1DirtyLo) {
       const from = w.l1DirtyLo * 8;

@@ -4,7 +4,9 @@
  * -r, and closed cleanly at the end (which clears the dirty bit) — except after `abort` or
  * `sigraise`, which end the process at once, leaving a crash image.
  *
- * Open options (`-o`): `lazy-refcounts=on|off`, `cache=writeback|writethrough|...`.
+ * Open options (`-o`): `lazy-refcounts=on|off`, `cache=writeback|writethrough|...`. The cache
+ * mode (`-t`, `-n`) defaults to qemu-io's, writethrough: a write that completed survives a
+ * crash (`abort`, a kill) with its metadata; writeback keeps metadata cached until a flush.
  * Exit status: 0, or 1 when a command failed (qemu-io's); 134 after `abort`.
  */
 import type { Command } from "commander";
@@ -14,7 +16,7 @@ import { CliError } from "../errors.js";
 import { IoScript, ScriptCrash } from "../io-script.js";
 import { openImage } from "../open.js";
 import { parseBool, splitOptions } from "../util/qemu-opts.js";
-import { writableOf } from "../writable.js";
+import { writableOf, type WritableImage } from "../writable.js";
 import { collect } from "./create.js";
 
 export interface IoOptions {
@@ -29,19 +31,55 @@ export interface IoOptions {
 }
 
 const CACHE_MODES = ["none", "writeback", "writethrough", "directsync", "unsafe"] as const;
+type CacheMode = (typeof CACHE_MODES)[number];
 
-/** Whether a qemu cache mode writes metadata through (writethrough, directsync). */
-export function cacheWritethrough(mode: string | undefined): boolean | undefined {
-  if (mode === undefined) return undefined;
+/** qemu-io's default cache mode: every request is durable when it completes. */
+export const DEFAULT_IO_CACHE: CacheMode = "writethrough";
+
+/**
+ * What a qemu cache mode means here. O_DIRECT (none, directsync) has no counterpart: what
+ * is kept is each mode's durability: writethrough and directsync flush after every request
+ * (data and metadata, as the guest sees a write-through disk), writeback and none flush when
+ * asked, unsafe never.
+ */
+export function cacheMode(mode: string): { writethrough: boolean; noFlush: boolean } {
   if (!(CACHE_MODES as readonly string[]).includes(mode)) {
     throw new CliError(`Invalid cache option: ${mode}`);
   }
-  return mode === "writethrough" || mode === "directsync";
+  return {
+    writethrough: mode === "writethrough" || mode === "directsync",
+    noFlush: mode === "unsafe",
+  };
+}
+
+/** Whether a qemu cache mode writes metadata through (writethrough, directsync). */
+export function cacheWritethrough(mode: string | undefined): boolean | undefined {
+  return mode === undefined ? undefined : cacheMode(mode).writethrough;
+}
+
+/**
+ * The write side of a non-qcow2 image (QED, raw) under a write-through cache mode: every
+ * write, zero write and discard is followed by a flush. (The qcow2 driver does this itself,
+ * ordering its metadata as QEMU does.)
+ */
+function writethroughOf(w: WritableImage): WritableImage {
+  const then = async (p: Promise<void>): Promise<void> => {
+    await p;
+    await w.flush();
+  };
+  const compressed = w.writeCompressed;
+  return {
+    ...w,
+    write: (o, d) => then(w.write(o, d)),
+    writeZeroes: (o, l, u) => then(w.writeZeroes(o, l, u)),
+    discard: (o, l) => then(w.discard(o, l)),
+    writeCompressed: compressed === undefined ? undefined : (o, d) => then(compressed(o, d)),
+  };
 }
 
 export async function runIo(ctx: CliContext, o: IoOptions): Promise<number> {
   let lazyRefcounts: boolean | undefined;
-  let writethrough = cacheWritethrough(o.cache);
+  let mode = cacheMode(o.cache ?? DEFAULT_IO_CACHE);
   for (const [key, value] of splitOptions(o.openOptions ?? "")) {
     switch (key) {
       case "lazy-refcounts":
@@ -50,7 +88,7 @@ export async function runIo(ctx: CliContext, o: IoOptions): Promise<number> {
         break;
       case "cache":
       case "cache.mode":
-        writethrough = cacheWritethrough(value ?? "");
+        mode = cacheMode(value ?? "");
         break;
       default:
         throw new CliError(`Invalid parameter '${key}'`, { file: o.file });
@@ -61,14 +99,17 @@ export async function runIo(ctx: CliContext, o: IoOptions): Promise<number> {
     format: o.format,
     readOnly,
     ctx,
-    qcow2: { lazyRefcounts, writethrough },
+    noFlush: mode.noFlush,
+    qcow2: { lazyRefcounts, writethrough: mode.writethrough },
   });
   let crashed = false;
   try {
-    const script = new IoScript(
-      { image, writable: readOnly ? undefined : writableOf(image), file: o.file },
-      ctx,
-    );
+    let writable: WritableImage | undefined;
+    if (!readOnly) {
+      writable = writableOf(image);
+      if (mode.writethrough && image.format !== "qcow2") writable = writethroughOf(writable);
+    }
+    const script = new IoScript({ image, writable, file: o.file }, ctx);
     try {
       for (const line of o.commands) await script.run(line);
       await script.drain();
@@ -102,8 +143,9 @@ export const ioCommand: CommandDef = {
       .option("-r, --read-only", "open the image read-only")
       .option(
         "-t, --cache <mode>",
-        "cache mode: writeback (default), writethrough, none, directsync, unsafe",
+        "cache mode: writethrough (default, as qemu-io), writeback, none, directsync, unsafe",
       )
+      .option("-n, --nocache", "short for -t none (as qemu-io)")
       .option("-o, --options <opts>", "open options: lazy-refcounts=on|off, cache=MODE", collect)
       .option("-U, --force-share", "accepted for qemu-io compatibility (qimg takes no locks)");
   },
@@ -118,7 +160,7 @@ export const ioCommand: CommandDef = {
       format: stringOpt(opts, "format"),
       readOnly: opts.readOnly === true,
       openOptions,
-      cache: stringOpt(opts, "cache"),
+      cache: stringOpt(opts, "cache") ?? (opts.nocache === true ? "none" : undefined),
     });
   },
 };

@@ -42,7 +42,7 @@ export default defineConfig({
   platform: "node",
   target: "node20",
   dts: false,
-  sourcemap: true,
+  sourcemap: false,
   clean: true,
   // import.meta.url in the sources (worker and package paths) works in CommonJS output.
   shims: true,

@@ -6,6 +6,6 @@ export default defineConfig({
   platform: "neutral",
   target: "node20",
   dts: true,
-  sourcemap: true,
+  sourcemap: false,
   clean: true,
 });

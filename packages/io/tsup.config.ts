@@ -6,6 +6,6 @@ export default defineConfig({
   platform: "node",
   target: "node20",
   dts: true,
-  sourcemap: true,
+  sourcemap: false,
   clean: true,
 });

@@ -1,11 +1,11 @@
 import { defineConfig } from "tsup";
 
 export default defineConfig({
-  entry: ["src/index.ts"],
+  entry: { index: "src/index.ts", "spec/index": "src/spec/index.ts" },
   format: ["esm"],
   platform: "neutral",
   target: "node20",
   dts: true,
-  sourcemap: true,
+  sourcemap: false,
   clean: true,
 });

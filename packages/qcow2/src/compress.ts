@@ -1,5 +1,5 @@
 import type { Decompress as ZstdStreamType } from "fzstd";
-import { CorruptImageError, hex } from "@qimg/structs";
+import { CorruptImageError, UnsupportedFeatureError, hex } from "@qimg/structs";
 
 /**
  * Decompressors for compressed clusters. zlib clusters are raw deflate streams (no zlib
@@ -38,7 +38,7 @@ async function loadNodeZlib(): Promise<InflateRawSync | null> {
 async function inflateWithStream(src: Uint8Array, out: Uint8Array): Promise<number> {
   const ds = new DecompressionStream("deflate-raw");
   const writer = ds.writable.getWriter();
-  writer.write(src).catch(() => undefined);
+  writer.write(src as Uint8Array<ArrayBuffer>).catch(() => undefined);
   writer.close().catch(() => undefined);
   const reader = ds.readable.getReader();
   let n = 0;
@@ -164,18 +164,86 @@ interface ZstdWasm {
 }
 let zstdWasm: Promise<ZstdWasm> | undefined;
 
-/** zstd compression through a WebAssembly build of the reference library (runs in browsers). */
+/** How long the zstd WebAssembly module may take to start before we give up on it. */
+const ZSTD_INIT_TIMEOUT_MS = 20_000;
+
+/** The global event target of a browser or worker (absent in Node). */
+interface EventTargetLike {
+  addEventListener(type: string, listener: (event: { reason?: unknown }) => void): void;
+  removeEventListener(type: string, listener: (event: { reason?: unknown }) => void): void;
+}
+
+/**
+ * Wait for zstd-wasm's `init()`, which never settles when its `zstd.wasm` file cannot be
+ * loaded in a browser (a bundle that did not copy it next to itself): the loader's failure
+ * surfaces only as an unhandled rejection. Fail on that rejection, or after a timeout.
+ */
+function initZstdWasm(init: () => Promise<void>): Promise<void> {
+  const events = globalThis as unknown as Partial<EventTargetLike>;
+  return new Promise<void>((resolve, reject) => {
+    const fail = (why: string, cause?: unknown): void => {
+      done();
+      reject(
+        new UnsupportedFeatureError(
+          `zstd compression is unavailable: the zstd WebAssembly module did not load (${why}); ` +
+            "serve @bokuweb/zstd-wasm's zstd.wasm next to your bundle",
+          ["zstd compression"],
+          { cause },
+        ),
+      );
+    };
+    const onRejection = (event: { reason?: unknown }): void => {
+      const why = event.reason instanceof Error ? event.reason.message : String(event.reason);
+      if (/wasm|Aborted\(/i.test(why)) fail(why, event.reason);
+    };
+    const timer = setTimeout(
+      () => fail(`no answer in ${ZSTD_INIT_TIMEOUT_MS / 1000} s`),
+      ZSTD_INIT_TIMEOUT_MS,
+    );
+    const done = (): void => {
+      clearTimeout(timer);
+      events.removeEventListener?.("unhandledrejection", onRejection);
+    };
+    events.addEventListener?.("unhandledrejection", onRejection);
+    init().then(
+      () => {
+        done();
+        resolve();
+      },
+      (cause: unknown) => fail(cause instanceof Error ? cause.message : String(cause), cause),
+    );
+  });
+}
+
+/**
+ * zstd compression through a WebAssembly build of the reference library (runs in browsers).
+ * It is an optional peer dependency: only writers of zstd-compressed clusters need it.
+ */
 function loadZstd(): Promise<ZstdWasm> {
-  zstdWasm ??= import("@bokuweb/zstd-wasm").then(async (m) => {
-    await m.init();
+  zstdWasm ??= (async () => {
+    let m: typeof import("@bokuweb/zstd-wasm");
+    try {
+      m = await import("@bokuweb/zstd-wasm");
+    } catch (cause) {
+      throw new UnsupportedFeatureError(
+        "zstd compression needs the optional package @bokuweb/zstd-wasm (npm install @bokuweb/zstd-wasm)",
+        ["zstd compression"],
+        { cause },
+      );
+    }
+    await initZstdWasm(() => m.init());
     return { compress: (d: Uint8Array, level: number) => m.compress(d, level) };
+  })();
+  // A failed load is not cached: a later call may find the module (or the file) in place.
+  zstdWasm.catch(() => {
+    zstdWasm = undefined;
   });
   return zstdWasm;
 }
 
 type DeflateRawSync = (
   buf: Uint8Array,
-  opts: { level?: number; windowBits?: number },
+  opts: { level?: number; windowBits?: number; memLevel?: number },
 ) => Uint8Array;
 let nodeDeflate: DeflateRawSync | null | undefined;
 
@@ -192,7 +260,7 @@ async function loadNodeDeflate(): Promise<DeflateRawSync | null> {
 }
 
 /**
- * Compress one cluster as QEMU does: raw deflate with a 4 KiB window (zlib), so every reader
+ * Compress one cluster as QEMU does: raw deflate with a 4 KiB window and memLevel 9 (zlib), so every reader
  * can inflate it; zstd at level 3. Returns undefined when the result is not smaller than the
  * input.
  */
@@ -211,11 +279,11 @@ export async function defaultCompress(
   const deflate = await loadNodeDeflate();
   let out: Uint8Array;
   if (deflate) {
-    out = deflate(data, { windowBits: 12 });
+    out = deflate(data, { windowBits: 12, memLevel: 9 });
   } else {
     const cs = new CompressionStream("deflate-raw");
     const w = cs.writable.getWriter();
-    void w.write(data);
+    void w.write(data as Uint8Array<ArrayBuffer>);
     void w.close();
     out = new Uint8Array(await new Response(cs.readable).arrayBuffer());
   }

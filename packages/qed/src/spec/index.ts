@@ -1,0 +1,50 @@
+/**
+ * `@qimg/qed/spec`: the QED on-disk structures alone (header, feature bits, L1/L2 tables and
+ * their entry classification), as codecs over bytes. Importing it loads no driver and no I/O
+ * layer: a tool that only decodes headers needs nothing else.
+ */
+export {
+  QED_MAGIC,
+  QedFeatures,
+  QED_KNOWN_FEATURES,
+  QED_KNOWN_COMPAT_FEATURES,
+  QED_KNOWN_AUTOCLEAR_FEATURES,
+  QED_F_BACKING_FILE,
+  QED_F_NEED_CHECK,
+  QED_F_BACKING_FORMAT_NO_PROBE,
+  QED_MIN_CLUSTER_SIZE,
+  QED_MAX_CLUSTER_SIZE,
+  QED_DEFAULT_CLUSTER_SIZE,
+  QED_MIN_TABLE_SIZE,
+  QED_MAX_TABLE_SIZE,
+  QED_DEFAULT_TABLE_SIZE,
+  QED_NEED_CHECK_TIMEOUT_MS,
+  QED_CLUSTER_UNALLOCATED,
+  QED_CLUSTER_ZERO,
+  QED_SECTOR_SIZE,
+  isValidClusterSize,
+  isValidTableSize,
+  isValidImageSize,
+  maxImageSize,
+} from "./constants.js";
+export {
+  QED_HEADER_SIZE,
+  QED_HEADER_FIELDS,
+  QedHeaderStruct,
+  decodeQedHeader,
+  encodeQedHeader,
+  validateQedHeader,
+  qedFeatureNames,
+} from "./header.js";
+export type { QedHeader } from "./header.js";
+export {
+  QED_TABLE_ENTRY_SIZE,
+  QED_TABLE_ENTRY_FIELDS,
+  QED_ENTRY_TOO_LARGE,
+  QedTable,
+  isValidClusterOffset,
+  isValidTableOffset,
+  classifyL1Entry,
+  classifyL2Entry,
+} from "./table.js";
+export type { QedGeometry, QedEntryKind } from "./table.js";

@@ -59,3 +59,28 @@ describe("without WebAssembly", () => {
     }
   });
 });
+
+describe("when a wasm memory cannot be mapped", () => {
+  it("falls back to ordinary memory (an address-space limit makes WebAssembly.Memory throw)", () => {
+    const wasm = globalThis.WebAssembly as unknown as { Memory: unknown };
+    const saved = wasm.Memory;
+    let calls = 0;
+    wasm.Memory = function Memory(): never {
+      calls++;
+      throw new RangeError("WebAssembly.Memory(): could not allocate memory");
+    };
+    try {
+      const b = alignedBuffer(2 * 1024 * 1024 + 5);
+      expect(calls).toBe(1);
+      expect(b.length).toBe(2 * 1024 * 1024 + 5);
+      expect(b.buffer.byteLength % WASM_PAGE).toBe(0);
+      expect(b.every((x) => x === 0)).toBe(true);
+      const [x, y] = alignedBuffers(2, 5000);
+      expect(y!.byteOffset - x!.byteOffset).toBe(8192);
+      x!.fill(1);
+      expect(y!.every((v) => v === 0)).toBe(true);
+    } finally {
+      wasm.Memory = saved;
+    }
+  });
+});

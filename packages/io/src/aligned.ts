@@ -7,7 +7,8 @@
  * malloc places 16 bytes past a page boundary (the same holds for writes). JavaScript cannot
  * ask for alignment, but a WebAssembly.Memory is mapped on its own and starts on a page
  * boundary in every engine, so its bytes serve as an aligned buffer (here and in browsers).
- * Where WebAssembly is missing (node --jitless) the buffers are ordinary memory.
+ * Where WebAssembly is missing (node --jitless) or a wasm memory cannot be mapped (an
+ * address-space limit such as `ulimit -v`), the buffers are ordinary memory.
  *
  * Each call maps a new region (rounded up to 64 KiB, wasm's page size), so use it for a few
  * long-lived buffers — copy chunks, request slots — and slice it, not per request.
@@ -43,7 +44,17 @@ export function alignedBuffer(size: number): Uint8Array {
   const Memory = wasmMemory();
   // Without WebAssembly, ordinary memory: correct, only slower to copy.
   if (Memory === undefined) return new Uint8Array(pages * WASM_PAGE).subarray(0, size);
-  return new Uint8Array(new Memory({ initial: pages, maximum: pages }).buffer, 0, size);
+  let memory: { readonly buffer: ArrayBuffer };
+  try {
+    memory = new Memory({ initial: pages, maximum: pages });
+  } catch {
+    // Engines reserve address space for a wasm memory well beyond its size (guard regions,
+    // about 10 GiB per memory in V8 on 64-bit hosts); under an address-space limit
+    // (`ulimit -v`) or with too many memories that reservation fails (a RangeError) where
+    // an ordinary buffer of the same size fits. Unaligned memory is only slower to copy.
+    return new Uint8Array(pages * WASM_PAGE).subarray(0, size);
+  }
+  return new Uint8Array(memory.buffer, 0, size);
 }
 
 /**

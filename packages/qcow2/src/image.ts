@@ -51,6 +51,7 @@ import type { Decompressor } from "./compress.js";
 import { defaultCompress } from "./compress.js";
 import { encodeHeaderArea } from "./spec/header-area.js";
 import { walkReferences } from "./walk.js";
+import { Meta, MetadataMap, guardedBackend, metaName } from "./overlap.js";
 import { PersistentBitmaps } from "./bitmap.js";
 import { encodeCompressed } from "./spec/l2.js";
 import type { BackingOpener, Qcow2Info } from "./types.js";
@@ -120,8 +121,15 @@ interface WriteState {
   readonly meta: Mutex;
   /** Guest cluster ranges with a request in flight (FIFO: overlapping requests wait). */
   readonly claims: RangeClaims;
-  /** Host clusters of metadata (overlap checks): header, L1, refcount table and blocks, L2, snapshots. */
-  readonly metadata: Map<number, string>;
+  /**
+   * Host clusters of metadata (overlap checks): header, active and inactive L1 and L2 tables,
+   * refcount table and blocks, snapshot table, bitmap directory and tables.
+   */
+  readonly metadata: MetadataMap;
+  /** L2 tables of the snapshots (read once at open; the driver never changes snapshots). */
+  readonly inactiveL2: readonly number[];
+  /** Old L2 tables replaced by copies, still active on disk until the L1 table is written. */
+  retiredL2: number[];
   /** Dirty range of the in-memory L1 table, in entries [lo, hi). */
   l1DirtyLo: number;
   l1DirtyHi: number;
@@ -180,6 +188,8 @@ export class Qcow2Image implements DiskImage {
   private readonly layout: CompressedLayout;
   private readonly decompress: Decompressor;
   private readonly hasDataFile: boolean;
+  /** data_file_raw: the external data file always equals the guest disk. */
+  private readonly dataFileRaw: boolean;
   private dataBackend: BlockBackend;
   private fileSize: number;
   private closed = false;
@@ -226,6 +236,8 @@ export class Qcow2Image implements DiskImage {
     const incompat = IncompatibleFeatures.decode(h.incompatibleFeatures);
     this.extendedL2 = incompat.has("extendedL2");
     this.hasDataFile = incompat.has("externalDataFile");
+    this.dataFileRaw =
+      this.hasDataFile && AutoclearFeatures.decode(h.autoclearFeatures).has("rawExternalData");
     this.l2Entries = this.clusterSize / (this.extendedL2 ? 16 : 8);
     this.subclusterSize = this.extendedL2 ? this.clusterSize / SUBCLUSTERS : this.clusterSize;
     this.layout = compressedLayout(h.clusterBits);
@@ -240,7 +252,8 @@ export class Qcow2Image implements DiskImage {
       ),
     );
     this.l2Cache = new ClusterCache({
-      backend,
+      // L2 tables are written only where no other metadata lives.
+      backend: guardedBackend(backend, (o, n) => this.checkMetaWrite(o, n, Meta.activeL2)),
       tableSize: this.clusterSize,
       capacity: tables,
       name: "L2",
@@ -628,7 +641,10 @@ export class Qcow2Image implements DiskImage {
   async close(): Promise<void> {
     if (this.closed) return;
     try {
-      if (this.w && !this.w.corrupted) await this.closeClean();
+      if (this.w && !this.w.corrupted)
+        await this.closeClean().catch((e: unknown) => {
+          throw this.corruptCause(e);
+        });
     } finally {
       this.closed = true;
       await this.closeSide();
@@ -868,7 +884,9 @@ export class Qcow2Image implements DiskImage {
       });
     }
     const refcountCache = new ClusterCache({
-      backend: this.backend,
+      backend: guardedBackend(this.backend, (o, n) =>
+        this.checkMetaWrite(o, n, Meta.refcountBlock),
+      ),
       tableSize: cs,
       capacity: Math.max(
         4,
@@ -879,7 +897,10 @@ export class Qcow2Image implements DiskImage {
       writethrough: (options.writethrough ?? false) && !lazy,
     });
     const refcounts = await Refcounts.open({
-      backend: this.backend,
+      // Table entries are written in place; a grown table and its blocks go to free clusters.
+      backend: guardedBackend(this.backend, (o, n) =>
+        this.checkMetaWrite(o, n, Meta.refcountTable),
+      ),
       cache: refcountCache,
       clusterBits: this.clusterBits,
       refcountOrder: this.hdr.refcountOrder,
@@ -903,7 +924,9 @@ export class Qcow2Image implements DiskImage {
       compress: options.compress ?? defaultCompress,
       meta: new Mutex(),
       claims: new RangeClaims(),
-      metadata: new Map(),
+      metadata: new MetadataMap(cs),
+      inactiveL2: await this.snapshotL2Tables(),
+      retiredL2: [],
       l1DirtyLo: Number.MAX_SAFE_INTEGER,
       l1DirtyHi: 0,
       pendingFrees: [],
@@ -960,6 +983,7 @@ export class Qcow2Image implements DiskImage {
       this.extensions.map((e) => ({ type: e.type, data: e.data })),
       this.backingFilename,
     );
+    if (this.w) await this.checkOverlap(0, area.bytes.byteLength, Meta.header);
     await this.backend.write(0, area.bytes);
     await this.backend.flush();
     this.hdr = area.header;
@@ -1005,6 +1029,28 @@ export class Qcow2Image implements DiskImage {
     this.fileSize = await this.backend.size();
   }
 
+  /** Offsets of the L2 tables the snapshots' L1 tables point at (bounded by the file). */
+  private async snapshotL2Tables(): Promise<number[]> {
+    const cs = this.clusterSize;
+    const out: number[] = [];
+    for (const snap of this.snapshots) {
+      const bytes = snap.l1Size * 8;
+      if (
+        bytes === 0 ||
+        snap.l1TableOffset % cs !== 0 ||
+        snap.l1TableOffset + bytes > this.fileSize
+      )
+        continue;
+      const l1 = new U64TableView(new Uint8Array(bytes), "big");
+      await this.backend.read(snap.l1TableOffset, l1.bytes);
+      for (let i = 0; i < l1.length; i++) {
+        const off = l1.getMasked(i, L1_OFFSET_MASK);
+        if (off !== 0 && off % cs === 0 && off < this.fileSize) out.push(off);
+      }
+    }
+    return out;
+  }
+
   /** Host clusters holding metadata, for the overlap checks before writes. */
   private buildMetadataMap(): void {
     const w = this.w;
@@ -1012,32 +1058,43 @@ export class Qcow2Image implements DiskImage {
     const cs = this.clusterSize;
     const m = w.metadata;
     m.clear();
-    const add = (offset: number, bytes: number, what: string): void => {
-      const first = Math.floor(offset / cs);
-      const last = Math.floor((offset + Math.max(1, bytes) - 1) / cs);
-      for (let c = first; c <= last; c++) if (!m.has(c)) m.set(c, what);
-    };
-    add(0, cs, "the qcow2 header");
-    add(this.hdr.l1TableOffset, this.hdr.l1Size * 8, "the active L1 table");
-    add(this.hdr.refcountTableOffset, this.hdr.refcountTableClusters * cs, "the refcount table");
+    m.add(0, cs, Meta.header);
+    if (this.hdr.l1Size > 0) m.add(this.hdr.l1TableOffset, this.hdr.l1Size * 8, Meta.activeL1);
+    m.add(this.hdr.refcountTableOffset, this.hdr.refcountTableClusters * cs, Meta.refcountTable);
     for (let i = 0; i < w.refcounts.tableEntries; i++) {
       const b = w.refcounts.blockOffset(i);
-      if (b !== 0) add(b, cs, "a refcount block");
+      if (b !== 0) m.add(b, cs, Meta.refcountBlock);
     }
     if (this.hdr.nbSnapshots > 0) {
       const last = this.snapshots[this.snapshots.length - 1];
-      if (last)
-        add(
+      if (last) {
+        const enc = new TextEncoder();
+        const lastBytes =
+          40 +
+          last.extraData.byteLength +
+          enc.encode(last.id).byteLength +
+          enc.encode(last.name).byteLength;
+        m.add(
           this.hdr.snapshotsOffset,
-          last.offset + 40 - this.hdr.snapshotsOffset,
-          "the snapshot table",
+          last.offset + lastBytes - this.hdr.snapshotsOffset,
+          Meta.snapshotTable,
         );
+      }
       for (const snap of this.snapshots)
-        add(snap.l1TableOffset, snap.l1Size * 8, "a snapshot's L1 table");
+        if (snap.l1Size > 0) m.add(snap.l1TableOffset, snap.l1Size * 8, Meta.inactiveL1);
     }
+    for (const off of w.inactiveL2) m.add(off, cs, Meta.inactiveL2);
     for (let i = 0; i < this.l1.length; i++) {
       const off = this.l1.getMasked(i, L1_OFFSET_MASK);
-      if (off !== 0 && off % cs === 0) add(off, cs, "an active L2 table");
+      if (off !== 0 && off % cs === 0) m.add(off, cs, Meta.activeL2);
+    }
+    const dir = this.bitmapDirectory;
+    if (dir && AutoclearFeatures.decode(this.hdr.autoclearFeatures).has("bitmaps")) {
+      if (dir.length > 0) m.add(dir.offset, dir.length, Meta.bitmapDirectory);
+      for (const b of this.bitmaps) {
+        if (b.bitmapTableSize > 0 && b.bitmapTableOffset !== 0)
+          m.add(b.bitmapTableOffset, b.bitmapTableSize * 8, Meta.bitmapTable);
+      }
     }
   }
 
@@ -1051,20 +1108,35 @@ export class Qcow2Image implements DiskImage {
     );
     for (let i = 0; i < last; i++) {
       const b = w.refcounts.blockOffset(i);
-      if (b !== 0 && !w.metadata.has(b / cs)) w.metadata.set(b / cs, "a refcount block");
+      if (b !== 0 && (w.metadata.at(b / cs) & Meta.refcountBlock) === 0)
+        w.metadata.add(b, cs, Meta.refcountBlock);
     }
   }
 
-  /** Refuse (and mark the image corrupt) when [offset, +length) overlaps metadata. */
-  private async checkOverlap(offset: number, length: number, allow?: string): Promise<void> {
-    const w = this.w!;
-    const cs = this.clusterSize;
-    const first = Math.floor(offset / cs);
-    const last = Math.floor((offset + length - 1) / cs);
-    for (let c = first; c <= last; c++) {
-      const what = w.metadata.get(c);
-      if (what !== undefined && what !== allow) await this.markCorrupt(what, c * cs);
+  /**
+   * Refuse (and mark the image corrupt) when [offset, +length) holds metadata other than the
+   * kinds in `ignore` (the structure being written may overwrite itself, nothing else).
+   */
+  private async checkOverlap(offset: number, length: number, ignore = 0): Promise<void> {
+    const hit = this.w!.metadata.find(offset, length, ignore);
+    if (hit) await this.markCorrupt(metaName(hit.kinds), hit.cluster * this.clusterSize);
+  }
+
+  /** Overlap check for guest data written at host `offset` (nothing to check in a data file). */
+  private async checkData(offset: number, length: number): Promise<void> {
+    if (!this.hasDataFile) await this.checkOverlap(offset, length);
+  }
+
+  /** The check metadata caches run before writing a table of kind `own` (read-write only). */
+  private async checkMetaWrite(offset: number, length: number, own: number): Promise<void> {
+    const w = this.w;
+    if (!w) return;
+    if (w.corrupted) {
+      throw new IoError(`${this.backend.name}: the image was marked corrupt and is read-only`, {
+        code: ErrorCode.READ_ONLY,
+      });
     }
+    await this.checkOverlap(offset, length, own);
   }
 
   private async markCorrupt(what: string, offset: number): Promise<never> {
@@ -1072,11 +1144,16 @@ export class Qcow2Image implements DiskImage {
     w.corrupted = true;
     this.readOnly = true;
     if (this.hdr.version === 3) {
+      // Only the incompatible-features field changes (no overlap check: the header is the
+      // header, and the corrupt bit must get out whatever else is wrong).
       try {
-        await this.rewriteHeader({
-          incompatibleFeatures:
-            this.hdr.incompatibleFeatures | IncompatibleFeatures.maskOf("corrupt"),
-        });
+        const incompatibleFeatures =
+          this.hdr.incompatibleFeatures | IncompatibleFeatures.maskOf("corrupt");
+        const field = new Uint8Array(8);
+        new DataView(field.buffer).setBigUint64(0, incompatibleFeatures, false);
+        await this.backend.write(72, field);
+        await this.backend.flush();
+        this.hdr = { ...this.hdr, incompatibleFeatures };
       } catch {
         // The image is already refusing writes; the error below is what matters.
       }
@@ -1106,7 +1183,22 @@ export class Qcow2Image implements DiskImage {
    * effect in the order they were issued, and unrelated ones run in parallel.
    */
   private withClusters<T>(first: number, last: number, fn: () => Promise<T>): Promise<T> {
-    return this.w!.claims.run(first, last, fn);
+    return this.w!.claims.run(first, last, fn).catch((e: unknown) => {
+      throw this.corruptCause(e);
+    });
+  }
+
+  /**
+   * A metadata write refused by the overlap check reaches us wrapped by the cache that tried
+   * it ("writing L2 table ... failed"): once the image is marked corrupt, give callers the
+   * CorruptImageError itself.
+   */
+  private corruptCause(e: unknown): unknown {
+    if (!this.w?.corrupted) return e;
+    for (let c: unknown = e; c instanceof Error; c = c.cause) {
+      if (c instanceof CorruptImageError) return c;
+    }
+    return e;
   }
 
   /** With lazy refcounts the dirty bit must be on disk before any allocating write. */
@@ -1155,7 +1247,7 @@ export class Qcow2Image implements DiskImage {
           { offset: this.hdr.l1TableOffset + l1Index * 8 },
         );
       }
-      await this.checkOverlap(off, cs, "an active L2 table");
+      await this.checkOverlap(off, cs, Meta.activeL2);
       return this.l2Cache.get(off);
     }
     // New table, or a copy of a table shared with a snapshot.
@@ -1175,7 +1267,10 @@ export class Qcow2Image implements DiskImage {
     }
     this.fileSize = Math.max(this.fileSize, newOff + cs);
     await this.l2Cache.markDirty(table);
-    w.metadata.set(newOff / cs, "an active L2 table");
+    w.metadata.add(newOff, cs, Meta.activeL2);
+    // The old table stays protected as an active one until the L1 table on disk no longer
+    // points at it (then a snapshot may still use it: an inactive L2 table).
+    if (off !== 0) w.retiredL2.push(off);
     this.setL1(l1Index, newOff);
     return table;
   }
@@ -1315,7 +1410,7 @@ export class Qcow2Image implements DiskImage {
           const runStart = Math.max(pos, g * cs);
           const runEnd = Math.min(end, gEnd * cs);
           const hostStart = h + (runStart - g * cs);
-          if (!this.hasDataFile) await this.checkOverlap(hostStart, runEnd - runStart);
+          await this.checkData(hostStart, runEnd - runStart);
           await this.dataBackend.write(hostStart, src.subarray(runStart - pos, runEnd - pos));
           g = gEnd;
         } else {
@@ -1425,7 +1520,7 @@ export class Qcow2Image implements DiskImage {
     if (reusable) {
       const alloc = l2.lo(i + 1);
       if ((alloc & touched) >>> 0 === touched >>> 0) {
-        await this.checkOverlap(off + within, src.length);
+        await this.checkData(off + within, src.length);
         await this.dataBackend.write(off + within, src);
         return;
       }
@@ -1434,7 +1529,7 @@ export class Qcow2Image implements DiskImage {
       const buf = new Uint8Array((sc1 + 1) * scs - regionStart);
       await this.readGuest(g * cs + regionStart, buf);
       buf.set(src, within - regionStart);
-      await this.checkOverlap(off + regionStart, buf.length);
+      await this.checkData(off + regionStart, buf.length);
       await this.dataBackend.write(off + regionStart, buf);
       await w.meta.run(async () => {
         l2.setWords(i + 1, (l2.hi(i + 1) & ~touched) >>> 0, (l2.lo(i + 1) | touched) >>> 0);
@@ -1506,13 +1601,20 @@ export class Qcow2Image implements DiskImage {
 
   /**
    * Discard [offset, +length): whole clusters only (as QEMU). The clusters are released; they
-   * read as zeros afterwards (unallocated without a backing file on version 2).
+   * read as zeros afterwards (unallocated without a backing file on version 2). A version 2
+   * image with a backing file has no way to make a released cluster read as zeros (no zero
+   * flag), so there the discard does nothing, as QEMU's (which reports success).
    */
   async discard(offset: number, length: number): Promise<void> {
     this.checkWritable();
     checkRequest(offset, length, this.virtualSize);
     // QEMU dirties the whole requested range, even where nothing is released.
     this.pbm?.setDirty(offset, length);
+    if (
+      this.hdr.version === 2 &&
+      (this.backing !== undefined || this.backingFilename !== undefined)
+    )
+      return;
     const cs = this.clusterSize;
     const end = offset + length;
     const alignedStart = Math.ceil(offset / cs) * cs;
@@ -1533,6 +1635,9 @@ export class Qcow2Image implements DiskImage {
     const w = this.w!;
     const cs = this.clusterSize;
     {
+      // A raw external data file equals the guest disk at all times: zero it first (as QEMU
+      // does), for discards as well as zero writes.
+      if (this.dataFileRaw) await this.zeroDataFile(start, end);
       if (w.lazy) await this.markDirtyOnDisk();
       const span = this.l2Entries * cs;
       let pos = start;
@@ -1575,6 +1680,16 @@ export class Qcow2Image implements DiskImage {
         }
         pos = chunkEnd;
       }
+    }
+  }
+
+  /** Write zeros into the external data file over guest bytes [start, end). */
+  private async zeroDataFile(start: number, end: number): Promise<void> {
+    const chunk = Math.min(end - start, 1024 * 1024);
+    const zeros = new Uint8Array(chunk);
+    for (let pos = start; pos < end; pos += chunk) {
+      const n = Math.min(chunk, end - pos);
+      await this.dataBackend.write(pos, n === chunk ? zeros : zeros.subarray(0, n));
     }
   }
 
@@ -1679,8 +1794,9 @@ export class Qcow2Image implements DiskImage {
         full.set(data);
       }
       const packed = await w.compress(full, this.hdr.compressionType);
-      // Data that does not shrink enough is stored as it is.
-      if (!packed || packed.length > cs - 512) await this.writeLocked(offset, data);
+      // Data that does not shrink below a cluster is stored as it is (QEMU's limit too: with
+      // 512-byte clusters most data still compresses).
+      if (!packed || packed.length >= cs) await this.writeLocked(offset, data);
       else await this.storeCompressed(g, packed);
     });
     if (w.writethrough) await this.flush();
@@ -1716,9 +1832,15 @@ export class Qcow2Image implements DiskImage {
   private async allocateBytes(size: number): Promise<number> {
     const w = this.w!;
     const cs = this.clusterSize;
-    if (w.compressedCluster >= 0 && w.compressedNext + size <= cs) {
+    // Another compressed cluster may share the current host cluster (one more reference),
+    // unless its refcount is at the width's maximum (refcount_bits 1 or 2): then a new
+    // cluster is started, as QEMU's byte allocator does.
+    if (
+      w.compressedCluster >= 0 &&
+      w.compressedNext + size <= cs &&
+      (await w.refcounts.get(w.compressedCluster)) < w.refcounts.maxRefcount
+    ) {
       const at = w.compressedCluster * cs + w.compressedNext;
-      // Another compressed cluster shares this host cluster: one more reference.
       await w.refcounts.update(w.compressedCluster, 1);
       w.compressedNext += size;
       if (w.compressedNext === cs) w.compressedCluster = -1;
@@ -1797,7 +1919,11 @@ export class Qcow2Image implements DiskImage {
     const w = this.w;
     if (!w) return;
     if (w.corrupted) return;
-    await w.meta.run(() => this.flushLocked());
+    await w.meta
+      .run(() => this.flushLocked())
+      .catch((e: unknown) => {
+        throw this.corruptCause(e);
+      });
   }
 
   private async flushLocked(): Promise<void> {
@@ -1811,14 +1937,27 @@ export class Qcow2Image implements DiskImage {
     if (w.l1DirtyHi > w.l1DirtyLo) {
       const from = w.l1DirtyLo * 8;
       const to = w.l1DirtyHi * 8;
+      await this.checkOverlap(this.hdr.l1TableOffset + from, to - from, Meta.activeL1);
       await this.backend.write(this.hdr.l1TableOffset + from, this.l1.bytes.subarray(from, to));
       w.l1DirtyLo = Number.MAX_SAFE_INTEGER;
       w.l1DirtyHi = 0;
+      for (const off of w.retiredL2) w.metadata.remove(off / this.clusterSize, Meta.activeL2);
+      w.retiredL2 = [];
     }
     await this.backend.flush();
     const frees = w.pendingFrees;
     w.pendingFrees = [];
-    for (const [off, n] of frees) await w.refcounts.free(off, n);
+    for (const [off, n] of frees) {
+      await w.refcounts.free(off, n);
+      // A freed cluster may be reused for anything: no more compressed data goes into it.
+      const c = w.compressedCluster;
+      if (
+        c >= 0 &&
+        c * this.clusterSize >= off &&
+        c * this.clusterSize < off + n * this.clusterSize
+      )
+        w.compressedCluster = -1;
+    }
   }
 
   /** Flush everything, apply the postponed refcount changes, and clear the dirty bit. */

@@ -1,0 +1,48 @@
+/**
+ * Run the differential suite outside vitest and print every failure (shrunk), grouped by
+ * category: `node --conditions=@qimg/source --import tsx apps/cli/test/differential/explore.ts
+ * [cases] [baseSeed] [long]`.
+ */
+import { mkdtempSync, rmSync } from "node:fs";
+import { tmpdir } from "node:os";
+import { join } from "node:path";
+import { CI_LIMITS, LONG_LIMITS, generateCase } from "./gen.js";
+import { formatFailure, runCase, runPool, shrink, type CaseResult } from "./run.js";
+
+const cases = Number(process.argv[2] ?? 100);
+const base = Number(process.argv[3] ?? 1);
+const limits = process.argv[4] === "long" ? LONG_LIMITS : CI_LIMITS;
+const root = mkdtempSync(join(tmpdir(), "qimg-diff-"));
+const t0 = Date.now();
+const seeds = Array.from({ length: cases }, (_, i) => base + i);
+const results = await runPool(seeds, 2, (seed) => runCase(generateCase(seed, limits), root));
+const byCat = new Map<string, CaseResult[]>();
+let skipped = 0;
+const reasons = new Map<string, number>();
+for (const r of results) {
+  if (r.skipped) {
+    skipped++;
+    reasons.set(r.skipReason ?? "", (reasons.get(r.skipReason ?? "") ?? 0) + 1);
+  }
+  for (const c of new Set(r.failures.map((f) => f.category))) {
+    const l = byCat.get(c) ?? [];
+    l.push(r);
+    byCat.set(c, l);
+  }
+}
+console.log(
+  `${cases} cases (${skipped} skipped: QEMU refused the options) in ${((Date.now() - t0) / 1000).toFixed(1)} s; ${byCat.size} failure categories`,
+);
+for (const [why, n] of reasons) console.log(`  skipped ${n}: ${why}`);
+for (const [cat, rs] of [...byCat].sort()) {
+  console.log(
+    `\n=== ${cat}: ${rs.length} cases, seeds ${rs
+      .slice(0, 12)
+      .map((r) => r.spec.seed)
+      .join(" ")}`,
+  );
+  const first = rs.reduce((a, b) => (a.spec.ops.length <= b.spec.ops.length ? a : b));
+  const small = process.env.NOSHRINK === "1" ? first : await shrink(first, root, cat);
+  console.log(formatFailure(small, cat));
+}
+rmSync(root, { recursive: true, force: true });

@@ -1,0 +1,357 @@
+/**
+ * The seeded generator of the differential suite: from one seed, a create-option set, a virtual
+ * size (often not a multiple of 512 or of the cluster), an optional backing file of another size
+ * and format with random content, a sequence of qemu-io operations (writes at any offset and
+ * length, write-zeroes with and without unmap, discard, compressed writes, flush, resize) and a
+ * list of conversions. The runner (run.ts) replays it on twin images through QEMU and qimg.
+ */
+import { seededRandom } from "@qimg/io";
+
+export type ImageFormat = "qcow2" | "qed";
+export type AnyFormat = ImageFormat | "raw";
+
+export type Op =
+  | { readonly k: "write"; readonly off: number; readonly len: number; readonly pat: number }
+  | { readonly k: "zero"; readonly off: number; readonly len: number; readonly unmap: boolean }
+  | { readonly k: "discard"; readonly off: number; readonly len: number }
+  | { readonly k: "wc"; readonly off: number; readonly len: number; readonly pat: number }
+  | { readonly k: "flush" }
+  | { readonly k: "resize"; readonly delta: number };
+
+export interface Backing {
+  readonly format: AnyFormat;
+  readonly size: number;
+  /** Ranges of random bytes (the rest reads zeros and stays unallocated). */
+  readonly extents: readonly { readonly off: number; readonly len: number }[];
+  readonly seed: number;
+}
+
+export interface Convert {
+  readonly format: AnyFormat;
+  readonly compress: boolean;
+  /** Target creation options (`-o`), without backing_file. */
+  readonly options: readonly string[];
+  /** Keep the source's backing file as the target's (`-o backing_file=...,backing_fmt=...`). */
+  readonly keepBacking: boolean;
+}
+
+export interface CaseSpec {
+  readonly seed: number;
+  readonly format: ImageFormat;
+  /** `-o` creation options other than data_file and backing_file/backing_fmt. */
+  readonly options: readonly string[];
+  /** qcow2 only: an external data file (the runner names it). */
+  readonly dataFile: boolean;
+  readonly backing: Backing | undefined;
+  /** Virtual size given to create; undefined = the backing file's. */
+  readonly size: number | undefined;
+  readonly ops: readonly Op[];
+  readonly converts: readonly Convert[];
+}
+
+export interface GenLimits {
+  /** Largest virtual size drawn (bytes). */
+  readonly maxSize: number;
+  readonly minOps: number;
+  readonly maxOps: number;
+  /** Conversions per case; all kinds when undefined. */
+  readonly converts: number | undefined;
+}
+
+export const CI_LIMITS: GenLimits = { maxSize: 3 << 20, minOps: 3, maxOps: 12, converts: 2 };
+export const LONG_LIMITS: GenLimits = {
+  maxSize: 6 << 20,
+  minOps: 3,
+  maxOps: 16,
+  converts: undefined,
+};
+
+/** qemu-img rounds a qcow2/QED virtual size up to whole 512-byte sectors. */
+export const roundSector = (n: number): number => Math.ceil(n / 512) * 512;
+
+class Draw {
+  readonly rnd: () => number;
+  constructor(seed: number) {
+    this.rnd = seededRandom(seed);
+  }
+  /** Integer in [lo, hi]. */
+  int(lo: number, hi: number): number {
+    return lo + Math.floor(this.rnd() * (hi - lo + 1));
+  }
+  chance(p: number): boolean {
+    return this.rnd() < p;
+  }
+  pick<T>(xs: readonly T[]): T {
+    return xs[Math.floor(this.rnd() * xs.length)] as T;
+  }
+  /** A power of two 2^k, k in [lo, hi], weighted by `weights` when given. */
+  pow2(lo: number, hi: number): number {
+    return 2 ** this.int(lo, hi);
+  }
+}
+
+/** A byte count: often unaligned, sometimes a sector or cluster multiple. */
+function drawSize(d: Draw, max: number, cluster: number): number {
+  const n = d.int(1, max);
+  const r = d.rnd();
+  if (r < 0.45) return n;
+  if (r < 0.7) return Math.max(512, Math.floor(n / 512) * 512);
+  return Math.max(cluster, Math.floor(n / cluster) * cluster);
+}
+
+/** A request length for an image of `size` bytes with clusters of `cluster`. */
+function drawLength(d: Draw, size: number, cluster: number): number {
+  const r = d.rnd();
+  let len: number;
+  if (r < 0.3) len = d.int(1, 700);
+  else if (r < 0.55) len = d.int(1, Math.min(size, 3 * cluster + 1000));
+  else if (r < 0.75) len = d.int(1, 4) * cluster;
+  else if (r < 0.9) len = d.int(1, 64) * 512;
+  else len = d.int(1, size);
+  return Math.max(1, Math.min(len, size));
+}
+
+function drawOffset(d: Draw, size: number, len: number, cluster: number): number {
+  const room = Math.max(0, size - len);
+  const r = d.rnd();
+  if (r < 0.03) return size - len + d.int(1, 4096); // past the end: must be refused by both
+  if (r < 0.35) return Math.floor(d.int(0, room) / cluster) * cluster;
+  if (r < 0.5) return Math.floor(d.int(0, room) / 512) * 512;
+  if (r < 0.58) return room; // ends exactly at the end of the disk
+  return d.int(0, room);
+}
+
+const QCOW2_CLUSTERS = [9, 9, 10, 11, 12, 12, 13, 14, 15, 16, 16, 16, 17, 18, 19, 20, 21];
+
+function drawQcow2Options(d: Draw): { options: string[]; dataFile: boolean; cluster: number } {
+  // (the option list is filtered by consistent() in most cases)
+  const options: string[] = [];
+  const v2 = d.chance(0.2);
+  if (v2 || d.chance(0.3)) options.push(`compat=${v2 ? "0.10" : "1.1"}`);
+  const cluster = 2 ** d.pick(QCOW2_CLUSTERS);
+  if (cluster !== 65536 || d.chance(0.3)) options.push(`cluster_size=${cluster}`);
+  if (d.chance(0.5)) options.push(`refcount_bits=${d.pow2(0, 6)}`);
+  if (d.chance(0.25)) options.push(`extended_l2=${d.chance(0.85) ? "on" : "off"}`);
+  if (d.chance(0.2)) options.push(`lazy_refcounts=${d.chance(0.85) ? "on" : "off"}`);
+  if (d.chance(0.3)) options.push(`compression_type=${d.chance(0.8) ? "zstd" : "zlib"}`);
+  const dataFile = d.chance(0.15);
+  if (dataFile && d.chance(0.5)) options.push("data_file_raw=on");
+  const r = d.rnd();
+  if (r < 0.15) options.push("preallocation=metadata");
+  else if (r < 0.22) options.push("preallocation=falloc");
+  else if (r < 0.27) options.push("preallocation=full");
+  else if (r < 0.32) options.push("preallocation=off");
+  return { options, dataFile, cluster };
+}
+
+function drawQedOptions(d: Draw): { options: string[]; cluster: number } {
+  const options: string[] = [];
+  const cluster = 2 ** d.pick([12, 12, 13, 14, 15, 16, 16, 17, 18, 19, 20, 21]);
+  if (cluster !== 65536 || d.chance(0.3)) options.push(`cluster_size=${cluster}`);
+  if (d.chance(0.3)) options.push(`table_size=${d.chance(0.9) ? d.pow2(0, 4) : d.int(1, 16)}`);
+  return { options, cluster };
+}
+
+function drawConvertOptions(d: Draw, format: AnyFormat, compress: boolean): string[] {
+  const o: string[] = [];
+  if (format === "qcow2") {
+    if (d.chance(0.5)) o.push(`cluster_size=${2 ** d.pick(QCOW2_CLUSTERS)}`);
+    if (d.chance(0.15)) o.push("compat=0.10");
+    else if (compress && d.chance(0.4)) o.push("compression_type=zstd");
+    if (d.chance(0.2)) o.push(`refcount_bits=${d.pow2(0, 6)}`);
+  } else if (format === "qed") {
+    if (d.chance(0.5)) o.push(`cluster_size=${2 ** d.int(12, 21)}`);
+  }
+  return o;
+}
+
+/** Drop the options that QEMU refuses together (v2 + v3 features, small extended-L2 clusters...). */
+function consistent(
+  options: string[],
+  cluster: number,
+  backing: boolean,
+  dataFile: boolean,
+): string[] {
+  const v2 = options.includes("compat=0.10");
+  const has = (prefix: string): boolean => options.some((o) => o.startsWith(prefix));
+  const drop = (pred: (o: string) => boolean): void => {
+    options = options.filter((o) => !pred(o));
+  };
+  if (v2) {
+    drop((o) =>
+      /^(refcount_bits=(?!16$)|lazy_refcounts=on|extended_l2=on|compression_type=zstd|data_file_raw)/.test(
+        o,
+      ),
+    );
+  }
+  if (cluster < 16384) drop((o) => o === "extended_l2=on");
+  if (backing) {
+    drop((o) => o === "data_file_raw=on");
+    if (
+      has("preallocation=") &&
+      !options.includes("extended_l2=on") &&
+      !options.includes("preallocation=off")
+    ) {
+      drop((o) => o.startsWith("preallocation="));
+    }
+  }
+  if (v2 && dataFile) options = options.filter((o) => !o.startsWith("compat="));
+  return options;
+}
+
+/** Every conversion kind, in order; CI cases draw a few of them. */
+function allConverts(d: Draw, hasBacking: boolean): Convert[] {
+  const out: Convert[] = [
+    { format: "raw", compress: false, options: [], keepBacking: false },
+    {
+      format: "qcow2",
+      compress: false,
+      options: drawConvertOptions(d, "qcow2", false),
+      keepBacking: false,
+    },
+    {
+      format: "qcow2",
+      compress: true,
+      options: drawConvertOptions(d, "qcow2", true),
+      keepBacking: false,
+    },
+    {
+      format: "qed",
+      compress: false,
+      options: drawConvertOptions(d, "qed", false),
+      keepBacking: false,
+    },
+  ];
+  if (hasBacking) {
+    out.push({
+      format: "qcow2",
+      compress: false,
+      options: drawConvertOptions(d, "qcow2", false),
+      keepBacking: true,
+    });
+    out.push({ format: "qed", compress: false, options: [], keepBacking: true });
+  }
+  // Refused by qemu-img ("Compression not supported for this file format"): both must refuse.
+  if (d.chance(0.1))
+    out.push({
+      format: d.pick(["qed", "raw"] as const),
+      compress: true,
+      options: [],
+      keepBacking: false,
+    });
+  return out;
+}
+
+export function generateCase(seed: number, limits: GenLimits = CI_LIMITS): CaseSpec {
+  const d = new Draw(seed);
+  const format: ImageFormat = d.chance(0.78) ? "qcow2" : "qed";
+  let options: string[];
+  let dataFile = false;
+  let cluster: number;
+  if (format === "qcow2") {
+    ({ options, dataFile, cluster } = drawQcow2Options(d));
+  } else {
+    ({ options, cluster } = drawQedOptions(d));
+  }
+  let size: number | undefined = drawSize(d, limits.maxSize, cluster);
+  const hasBacking = d.chance(0.4);
+  // Most cases keep to combinations QEMU accepts; the rest check that qimg refuses them too.
+  if (format === "qcow2" && d.chance(0.85)) {
+    options = consistent(options, cluster, hasBacking, dataFile);
+  }
+  let backing: Backing | undefined;
+  if (hasBacking) {
+    const bsize = drawSize(d, limits.maxSize, 4096);
+    const extents: { off: number; len: number }[] = [];
+    const n = d.int(1, 6);
+    for (let i = 0; i < n; i++) {
+      const len = d.int(1, Math.max(1, Math.floor(bsize / 2)));
+      extents.push({ off: d.int(0, Math.max(0, bsize - len)), len: Math.min(len, bsize) });
+    }
+    backing = {
+      format: d.pick(["qcow2", "qcow2", "raw", "qed"] as const),
+      size: bsize,
+      extents,
+      seed: d.int(1, 2 ** 31),
+    };
+    if (d.chance(0.2)) size = undefined;
+  }
+  // Track the size QEMU will have, to aim requests at it.
+  let cur = roundSector(size ?? backing?.size ?? 0);
+  const ops: Op[] = [];
+  const nops = d.int(limits.minOps, limits.maxOps);
+  for (let i = 0; i < nops; i++) {
+    const r = d.rnd();
+    if (r < 0.36) {
+      const len = drawLength(d, cur, cluster);
+      ops.push({ k: "write", off: drawOffset(d, cur, len, cluster), len, pat: d.int(1, 255) });
+    } else if (r < 0.52) {
+      const len = drawLength(d, cur, cluster);
+      ops.push({ k: "zero", off: drawOffset(d, cur, len, cluster), len, unmap: d.chance(0.5) });
+    } else if (r < 0.64) {
+      const len = drawLength(d, cur, cluster);
+      ops.push({ k: "discard", off: drawOffset(d, cur, len, cluster), len });
+    } else if (r < 0.8) {
+      // Compressed: whole clusters (the last may end at the disk end); sometimes misaligned.
+      const clusters = Math.max(1, Math.ceil(cur / cluster));
+      const first = d.int(0, clusters - 1);
+      const off = first * cluster;
+      const n = d.int(1, Math.min(3, clusters - first));
+      let len = Math.min(n * cluster, cur - off);
+      let o = off;
+      if (d.chance(0.07))
+        len = d.pick([512, 1000, cluster + 512, cluster - 512].filter((x) => x > 0));
+      if (d.chance(0.05)) o = off + 512;
+      ops.push({ k: "wc", off: o, len: Math.max(1, len), pat: d.int(1, 255) });
+    } else if (r < 0.88) {
+      ops.push({ k: "flush" });
+    } else {
+      const delta = d.chance(0.75) ? d.int(1, 2048) * 512 : d.int(1, 600_000);
+      ops.push({ k: "resize", delta });
+      if (delta % 512 === 0) cur += delta;
+    }
+  }
+  let converts = allConverts(d, backing !== undefined);
+  if (limits.converts !== undefined) {
+    const chosen: Convert[] = [];
+    for (let i = 0; i < limits.converts && converts.length > 0; i++) {
+      const j = d.int(0, converts.length - 1);
+      chosen.push(converts[j] as Convert);
+      converts = converts.filter((_, x) => x !== j);
+    }
+    converts = chosen;
+  }
+  return { seed, format, options, dataFile, backing, size, ops, converts };
+}
+
+/** The qemu-io command line of an operation (resize is not one: the runner runs qemu-img). */
+export function ioCommand(op: Op): string {
+  switch (op.k) {
+    case "write":
+      return `write -P ${op.pat} ${op.off} ${op.len}`;
+    case "zero":
+      return `write -z${op.unmap ? " -u" : ""} ${op.off} ${op.len}`;
+    case "discard":
+      return `discard ${op.off} ${op.len}`;
+    case "wc":
+      return `write -c -P ${op.pat} ${op.off} ${op.len}`;
+    case "flush":
+      return "flush";
+    case "resize":
+      return `(resize +${op.delta})`;
+  }
+}
+
+/** Short text of a case for reports. */
+export function describeCase(c: CaseSpec): string {
+  const b = c.backing;
+  return [
+    `format=${c.format}`,
+    `options=${c.options.join(",") || "(defaults)"}`,
+    c.dataFile ? "data_file" : "",
+    `size=${c.size ?? "(backing's)"}`,
+    b ? `backing=${b.format}:${b.size}` : "",
+  ]
+    .filter((x) => x !== "")
+    .join(" ");
+}

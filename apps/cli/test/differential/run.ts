@@ -1,0 +1,465 @@
+/**
+ * The differential runner: replays one generated case (gen.ts) on twin images, one made and
+ * changed by QEMU (qemu-img create, qemu-io, qemu-img resize, qemu-img convert), the other by
+ * qimg (in-process, the same command lines), and returns what differs:
+ *  - exit statuses of create / every operation / resize / convert (both succeed or both refuse),
+ *  - guest bytes and virtual size (qemu-img compare between the twins and between each pair of
+ *    converted outputs; with data_file_raw, the raw data files too),
+ *  - `qemu-img check` clean on qimg's images, `qimg check` clean on QEMU's,
+ *  - a refused create leaves no file behind; no internal errors.
+ * `shrink` drops operations and conversions while the same failure remains.
+ */
+import { spawn } from "node:child_process";
+import {
+  closeSync,
+  existsSync,
+  mkdirSync,
+  openSync,
+  rmSync,
+  truncateSync,
+  writeSync,
+} from "node:fs";
+import { join } from "node:path";
+import { seededRandom } from "@qimg/io";
+import { qimg } from "../helpers.js";
+import { type AnyFormat, type CaseSpec, type Convert, type Op, ioCommand } from "./gen.js";
+
+export interface Outcome {
+  readonly code: number;
+  readonly stdout: string;
+  readonly stderr: string;
+}
+
+/** One command, as run, for the repro script. */
+interface Step {
+  readonly tool: "qemu-img" | "qemu-io" | "qimg";
+  readonly args: readonly string[];
+}
+
+export interface Failure {
+  /** Stable signature used to group findings and to keep shrinking on the same failure. */
+  readonly category: string;
+  readonly detail: string;
+}
+
+export interface CaseResult {
+  readonly spec: CaseSpec;
+  /** QEMU refused the create options: nothing else was run. */
+  readonly skipped: boolean;
+  /** qemu-img's reason when it refused the create options. */
+  readonly skipReason?: string | undefined;
+  readonly failures: readonly Failure[];
+  /** Commands that rebuild the twins, with the case directory as ".". */
+  readonly repro: string;
+}
+
+function spawnTool(tool: string, args: readonly string[]): Promise<Outcome> {
+  return new Promise((resolve) => {
+    const p = spawn(tool, args, {
+      env: { ...process.env, LC_ALL: "C" },
+      stdio: ["ignore", "pipe", "pipe"],
+    });
+    let stdout = "";
+    let stderr = "";
+    p.stdout.setEncoding("utf8").on("data", (s: string) => (stdout += s));
+    p.stderr.setEncoding("utf8").on("data", (s: string) => (stderr += s));
+    p.on("error", (e) => resolve({ code: -1, stdout, stderr: stderr + String(e) }));
+    p.on("close", (code, signal) => resolve({ code: code ?? (signal ? 128 : -1), stdout, stderr }));
+  });
+}
+
+const quote = (s: string): string =>
+  /^[\w@%+=:,./-]+$/.test(s) ? s : `'${s.replace(/'/g, `'\\''`)}'`;
+
+class Session {
+  readonly steps: Step[] = [];
+  readonly failures: Failure[] = [];
+  constructor(readonly dir: string) {}
+
+  path(name: string): string {
+    return join(this.dir, name);
+  }
+
+  async qemuImg(args: readonly string[]): Promise<Outcome> {
+    this.steps.push({ tool: "qemu-img", args });
+    return spawnTool("qemu-img", args);
+  }
+
+  async qemuIo(args: readonly string[]): Promise<Outcome> {
+    this.steps.push({ tool: "qemu-io", args });
+    return spawnTool("qemu-io", args);
+  }
+
+  async qimg(args: readonly string[], what: string): Promise<Outcome> {
+    this.steps.push({ tool: "qimg", args });
+    let r: Outcome;
+    try {
+      r = await qimg(args);
+    } catch (e) {
+      r = {
+        code: -2,
+        stdout: "",
+        stderr: `thrown: ${e instanceof Error ? (e.stack ?? e.message) : String(e)}`,
+      };
+    }
+    if (r.code === -2 || /internal error/.test(r.stderr)) {
+      this.fail(`internal-error:${what}`, `qimg ${args.join(" ")}: ${r.stderr.trim()}`);
+    }
+    return r;
+  }
+
+  fail(category: string, detail: string): void {
+    this.failures.push({ category, detail });
+  }
+
+  repro(): string {
+    const rel = (a: string): string => quote(a.split(`${this.dir}/`).join(""));
+    return this.steps.map((s) => `${s.tool} ${s.args.map(rel).join(" ")}`).join("\n");
+  }
+}
+
+/** Write the backing file's random content as raw, then convert it with qemu-img if needed. */
+async function makeBacking(
+  s: Session,
+  spec: CaseSpec,
+): Promise<{ file: string; format: AnyFormat } | undefined> {
+  const b = spec.backing;
+  if (b === undefined) return undefined;
+  const raw = s.path("base.raw");
+  const fd = openSync(raw, "w");
+  try {
+    const rnd = seededRandom(b.seed);
+    for (const e of b.extents) {
+      const buf = Buffer.alloc(e.len);
+      for (let i = 0; i < e.len; i++) buf[i] = Math.floor(rnd() * 256);
+      writeSync(fd, buf, 0, e.len, e.off);
+    }
+  } finally {
+    closeSync(fd);
+  }
+  // Make the raw file exactly b.size long (the extents may end before it).
+  truncateSync(raw, b.size);
+  if (b.format === "raw") return { file: raw, format: "raw" };
+  const file = s.path(`base.${b.format}`);
+  const r = await s.qemuImg(["convert", "-f", "raw", "-O", b.format, raw, file]);
+  if (r.code !== 0) throw new Error(`could not make the backing file: ${r.stderr}`);
+  return { file, format: b.format };
+}
+
+/**
+ * The qemu-io command list of a run of operations, each followed by a marker read
+ * (`read <i> 1`, reported as "read 1/1 bytes at offset <i>") so that the output of every
+ * operation can be told apart, even when two operations print the same line.
+ */
+export function ioCommands(ops: readonly Op[]): string[] {
+  return ops.flatMap((op, i) => ["-c", ioCommand(op), "-c", `read ${i} 1`]);
+}
+
+/**
+ * Per-operation outcome from qemu-io's (or qimg io's) stdout: an operation succeeded iff its
+ * report line ("wrote ...", "discard ...") comes before its marker; flush iff no "failed".
+ * An operation whose marker is missing (the run stopped) counts as failed.
+ */
+export function opStatuses(ops: readonly Op[], stdout: string): boolean[] {
+  return opOutputs(ops, stdout).map((o) => o.ok);
+}
+
+/** Each operation's outcome and its own output lines. */
+export function opOutputs(ops: readonly Op[], stdout: string): { ok: boolean; text: string }[] {
+  const lines = stdout.split("\n");
+  const out: { ok: boolean; text: string }[] = [];
+  let at = 0;
+  for (let i = 0; i < ops.length; i++) {
+    const op = ops[i] as Op;
+    const marker = `read 1/1 bytes at offset ${i}`;
+    let end = at;
+    while (end < lines.length && lines[end] !== marker) end++;
+    const own = lines.slice(at, end);
+    const text = own.filter((l) => l.trim() !== "" && !/^\d.*ops; /.test(l)).join(" | ");
+    if (end >= lines.length) {
+      out.push({ ok: false, text: `${text} (no output: the run stopped)` });
+      continue;
+    }
+    at = end + 1;
+    if (op.k === "flush" || op.k === "resize") {
+      out.push({ ok: !own.some((l) => /failed/.test(l)), text });
+    } else {
+      const word = op.k === "discard" ? "discard" : "wrote";
+      out.push({ ok: own.includes(`${word} ${op.len}/${op.len} bytes at offset ${op.off}`), text });
+    }
+  }
+  return out;
+}
+
+const firstLines = (s: string, n = 4): string =>
+  s
+    .split("\n")
+    .filter(
+      (l) => l.trim() !== "" && !/^\d.*ops; /.test(l) && !/^read 1\/1 bytes at offset \d+$/.test(l),
+    )
+    .slice(0, n)
+    .join(" | ");
+
+async function compareImages(
+  s: Session,
+  category: string,
+  a: { file: string; format: AnyFormat },
+  b: { file: string; format: AnyFormat },
+): Promise<void> {
+  const r = await s.qemuImg(["compare", "-f", a.format, "-F", b.format, a.file, b.file]);
+  if (r.code !== 0) s.fail(`${category}:content`, firstLines(r.stdout + r.stderr));
+  else if (/size mismatch/i.test(r.stdout)) s.fail(`${category}:size`, firstLines(r.stdout));
+}
+
+async function checkBoth(
+  s: Session,
+  category: string,
+  ours: string,
+  theirs: string | undefined,
+  format: AnyFormat,
+): Promise<void> {
+  if (format === "raw") return;
+  const q = await s.qemuImg(["check", "-f", format, ours]);
+  if (q.code !== 0)
+    s.fail(
+      `${category}:qemu-check-on-qimg`,
+      `exit ${q.code}: ${firstLines(q.stdout + q.stderr, 6)}`,
+    );
+  if (theirs !== undefined) {
+    const o = await s.qimg(["check", "-f", format, theirs], `${category}:check`);
+    if (o.code !== 0)
+      s.fail(
+        `${category}:qimg-check-on-qemu`,
+        `exit ${o.code}: ${firstLines(o.stdout + o.stderr, 6)}`,
+      );
+  }
+}
+
+function convertLabel(c: Convert): string {
+  return `${c.format}${c.compress ? "-c" : ""}${c.keepBacking ? "-backing" : ""}`;
+}
+
+export async function runCase(spec: CaseSpec, root: string, keep = false): Promise<CaseResult> {
+  const dir = join(root, `case-${spec.seed}-${Math.random().toString(36).slice(2, 8)}`);
+  mkdirSync(dir, { recursive: true });
+  const s = new Session(dir);
+  let skipped: string | false = false;
+  try {
+    skipped = await runIn(s, spec);
+  } catch (e) {
+    s.fail("harness-error", e instanceof Error ? (e.stack ?? e.message) : String(e));
+  } finally {
+    if (!keep) rmSync(dir, { recursive: true, force: true });
+  }
+  return {
+    spec,
+    skipped: skipped !== false,
+    skipReason: skipped === false ? undefined : skipped,
+    failures: s.failures,
+    repro: s.repro(),
+  };
+}
+
+async function runIn(s: Session, spec: CaseSpec): Promise<string | false> {
+  const fmt = spec.format;
+  const backing = await makeBacking(s, spec);
+  const q = s.path(`q.${fmt}`);
+  const o = s.path(`o.${fmt}`);
+  const createArgs = (file: string, data: string): string[] => {
+    const opts = [...spec.options];
+    if (spec.dataFile) opts.push(`data_file=${data}`);
+    const a = ["create", "-q", "-f", fmt];
+    if (backing !== undefined) a.push("-b", backing.file, "-F", backing.format);
+    if (opts.length > 0) a.push("-o", opts.join(","));
+    a.push(file);
+    if (spec.size !== undefined) a.push(String(spec.size));
+    return a;
+  };
+  const qc = await s.qemuImg(createArgs(q, s.path("q.data")));
+  const oc = await s.qimg(createArgs(o, s.path("o.data")), "create");
+  if (qc.code !== 0) {
+    if (oc.code === 0)
+      s.fail("create:qimg-accepts-what-qemu-refuses", `qemu-img: ${firstLines(qc.stderr)}`);
+    return firstLines(qc.stderr, 1).replace(/^qemu-img: [^:]*: /, "");
+  }
+  if (oc.code !== 0) {
+    s.fail("create:qimg-refuses", firstLines(oc.stderr));
+    if (existsSync(o)) s.fail("create:refused-left-file", `${o} exists after a refused create`);
+    return false;
+  }
+  const qImg = { file: q, format: fmt };
+  const oImg = { file: o, format: fmt };
+
+  const diverged = (): boolean => s.failures.some((f) => /^(op|resize):/.test(f.category));
+  // Operations: runs of qemu-io commands between resizes.
+  let segment: Op[] = [];
+  let index = 0;
+  const flushSegment = async (): Promise<void> => {
+    if (segment.length === 0) return;
+    const cmds = ioCommands(segment);
+    const qr = await s.qemuIo(["-f", fmt, ...cmds, q]);
+    const or = await s.qimg(["io", "-f", fmt, ...cmds, o], "io");
+    const qo = opOutputs(segment, qr.stdout);
+    const oo = opOutputs(segment, or.stdout);
+    const qs = qo.map((x) => x.ok);
+    const os = oo.map((x) => x.ok);
+    for (let i = 0; i < segment.length; i++) {
+      // Once one side ran an operation the other refused, later statuses follow from that.
+      if (qs[i] !== os[i] && !diverged()) {
+        const op = segment[i] as Op;
+        s.fail(
+          `op:${op.k}:${qs[i] === true ? "qimg-refuses" : "qimg-accepts"}`,
+          `#${index - segment.length + i} '${ioCommand(op)}': qemu-io ${qs[i] === true ? "ok" : "refused"}, qimg ${os[i] === true ? "ok" : "refused"}; qimg said: ${oo[i]?.text ?? ""} ${firstLines(or.stderr, 2)}; qemu-io said: ${qo[i]?.text ?? ""}`,
+        );
+      }
+    }
+    const qFailed = qs.includes(false);
+    if (
+      (qr.code !== 0) !== (or.code !== 0) &&
+      !s.failures.some((f) => f.category.startsWith("op:"))
+    ) {
+      s.fail(
+        "op:exit-status",
+        `qemu-io exit ${qr.code}, qimg io exit ${or.code} (qemu-io refused some: ${qFailed})`,
+      );
+    }
+    segment = [];
+  };
+  for (const op of spec.ops) {
+    index++;
+    if (op.k !== "resize") {
+      segment.push(op);
+      continue;
+    }
+    await flushSegment();
+    const qr = await s.qemuImg(["resize", "-q", "-f", fmt, q, `+${op.delta}`]);
+    const or = await s.qimg(["resize", "-q", "-f", fmt, o, `+${op.delta}`], "resize");
+    if ((qr.code === 0) !== (or.code === 0) && !diverged()) {
+      s.fail(
+        `resize:${qr.code === 0 ? "qimg-refuses" : "qimg-accepts"}`,
+        `+${op.delta}: qemu-img exit ${qr.code} (${firstLines(qr.stderr)}), qimg exit ${or.code} (${firstLines(or.stderr)})`,
+      );
+    }
+  }
+  await flushSegment();
+
+  // After an operation that only one side ran, the twins differ by design: compare no further.
+  if (!diverged()) await compareImages(s, "twins", qImg, oImg);
+  await checkBoth(s, "twins", o, q, fmt);
+  if (spec.dataFile && spec.options.includes("data_file_raw=on")) {
+    // The raw data file must equal the guest disk: compare QEMU's guest view with ours' raw file.
+    // (The data file may be shorter than the disk: the size is not compared.)
+    const r = await s.qemuImg(["compare", "-f", fmt, "-F", "raw", q, s.path("o.data")]);
+    if (r.code !== 0 && !diverged())
+      s.fail("data-file-raw:content", firstLines(r.stdout + r.stderr));
+  }
+
+  let n = 0;
+  for (const c of spec.converts) {
+    n++;
+    const label = convertLabel(c);
+    const cq = s.path(`cq${n}.${c.format}`);
+    const co = s.path(`co${n}.${c.format}`);
+    const opts = [...c.options];
+    if (c.keepBacking && backing !== undefined)
+      opts.push(`backing_file=${backing.file}`, `backing_fmt=${backing.format}`);
+    const args = (target: string): string[] => [
+      "convert",
+      "-f",
+      fmt,
+      "-O",
+      c.format,
+      ...(c.compress ? ["-c"] : []),
+      ...(opts.length > 0 ? ["-o", opts.join(",")] : []),
+      q,
+      target,
+    ];
+    const qr = await s.qemuImg(args(cq));
+    const or = await s.qimg(args(co), `convert-${label}`);
+    if ((qr.code === 0) !== (or.code === 0)) {
+      s.fail(
+        `convert:${label}:${qr.code === 0 ? "qimg-refuses" : "qimg-accepts"}`,
+        `qemu-img exit ${qr.code} (${firstLines(qr.stderr)}), qimg exit ${or.code} (${firstLines(or.stderr)})`,
+      );
+      continue;
+    }
+    if (qr.code !== 0) continue;
+    // Same guest bytes as the source, and the same virtual size as qemu-img's output.
+    await compareImages(s, `convert:${label}:vs-source`, { file: co, format: c.format }, qImg);
+    await compareImages(
+      s,
+      `convert:${label}:vs-qemu-output`,
+      { file: co, format: c.format },
+      { file: cq, format: c.format },
+    );
+    await checkBoth(s, `convert:${label}`, co, undefined, c.format);
+  }
+  return false;
+}
+
+/** Drop operations and conversions one at a time while a failure of the same category remains. */
+export async function shrink(
+  result: CaseResult,
+  root: string,
+  category: string,
+  budget = 60,
+): Promise<CaseResult> {
+  let best = result;
+  let runs = 0;
+  const stillFails = (r: CaseResult): boolean => r.failures.some((f) => f.category === category);
+  let progress = true;
+  while (progress && runs < budget) {
+    progress = false;
+    const spec = best.spec;
+    const candidates: CaseSpec[] = [];
+    for (let i = 0; i < spec.converts.length; i++)
+      candidates.push({ ...spec, converts: spec.converts.filter((_, j) => j !== i) });
+    for (let i = 0; i < spec.ops.length; i++)
+      candidates.push({ ...spec, ops: spec.ops.filter((_, j) => j !== i) });
+    for (const cand of candidates) {
+      if (runs >= budget) break;
+      runs++;
+      const r = await runCase(cand, root);
+      if (stillFails(r)) {
+        best = r;
+        progress = true;
+        break;
+      }
+    }
+  }
+  return best;
+}
+
+/** Report text of one failing case: seed, options, minimal sequence and the commands. */
+export function formatFailure(r: CaseResult, category: string): string {
+  const f = r.failures.find((x) => x.category === category) ?? r.failures[0];
+  const spec = r.spec;
+  const b = spec.backing;
+  return [
+    `seed ${spec.seed}: ${category}`,
+    `  ${f?.detail ?? ""}`,
+    `  format=${spec.format} options=${spec.options.join(",") || "-"}${spec.dataFile ? " +data_file" : ""} size=${spec.size ?? "(backing's)"}${b ? ` backing=${b.format}:${b.size}` : ""}`,
+    `  ops: ${spec.ops.map(ioCommand).join(" ; ") || "(none)"}`,
+    `  converts: ${spec.converts.map(convertLabel).join(" ") || "(none)"}`,
+    "  repro (in an empty directory; base.raw holds the backing's random bytes):",
+    ...r.repro.split("\n").map((l) => `    ${l}`),
+  ].join("\n");
+}
+
+/** Run cases with `concurrency` at a time. */
+export async function runPool<T, R>(
+  items: readonly T[],
+  concurrency: number,
+  fn: (t: T) => Promise<R>,
+): Promise<R[]> {
+  const out: R[] = new Array<R>(items.length);
+  let next = 0;
+  const worker = async (): Promise<void> => {
+    while (next < items.length) {
+      const i = next++;
+      out[i] = await fn(items[i] as T);
+    }
+  };
+  await Promise.all(Array.from({ length: Math.min(concurrency, items.length) }, worker));
+  return out;
+}

@@ -31,6 +31,8 @@ import { hasQemu, prng, qemuImg, qemuIo } from "./qemu.js";
 if (!hasQemu) console.log("skipping convert integrity tests: qemu-img is not on PATH");
 
 const LONG = process.env.QIMG_LONG === "1";
+/** The long run's cases take minutes on a loaded machine. */
+const LONG_TIMEOUT = LONG ? 3_600_000 : 120_000;
 const tmp = mkdtempSync(join(tmpdir(), "qimg-convint-"));
 afterAll(() => rmSync(tmp, { recursive: true, force: true }));
 
@@ -70,46 +72,60 @@ function checkJson(file: string): Record<string, number> {
 const SEED = Number(process.env.QIMG_SEED ?? 20261202);
 
 describe.skipIf(!hasQemu)("convert copies the whole image, tail included", () => {
-  it("random sizes (not multiples of 512), every source/target pair, -c, cluster sizes", async () => {
-    const cases = LONG ? 60 : 6;
-    for (let n = 0; n < cases; n++) {
-      const seed = SEED + n;
-      const rnd = prng(seed);
-      // Below and above one 2 MiB copy chunk; never a multiple of 512.
-      let size = 1 + Math.floor(rnd() * (n % 2 === 0 ? 2 * 1024 * 1024 : 7 * 1024 * 1024));
-      if (size % 512 === 0) size += 77;
-      const tag = `seed ${seed} size ${size}`;
-      const raw = join(tmp, `s${seed}.raw`);
-      writeFileSync(raw, content(size, rnd));
-      const srcCluster = [4096, 65536, 1 << 21][Math.floor(rnd() * 3)]!;
-      const sources: [string, string][] = [[raw, "raw"]];
-      for (const fmt of ["qcow2", "qed"]) {
-        const p = join(tmp, `s${seed}.${fmt}`);
-        const cs = fmt === "qed" ? Math.max(4096, srcCluster) : srcCluster;
-        const r = qemuImg(["convert", "-f", "raw", "-O", fmt, "-o", `cluster_size=${cs}`, raw, p]);
-        expect(r.code, `${tag}: ${r.stderr}`).toBe(0);
-        sources.push([p, fmt]);
-      }
-      const cluster = [512, 4096, 16384, 65536, 1 << 20][Math.floor(rnd() * 5)]!;
-      const targets: [string, string[]][] = [
-        ["raw", []],
-        ["qcow2", ["-o", `cluster_size=${cluster}`]],
-        ["qcow2", ["-c", "-o", `cluster_size=${Math.max(cluster, 4096)}`]],
-        ["qed", ["-o", `cluster_size=${Math.max(cluster, 4096)}`]],
-      ];
-      for (const [src, srcFmt] of sources) {
-        for (const [fmt, extra] of targets) {
-          const what = `${tag}: ${srcFmt} -> ${fmt} ${extra.join(" ")}`;
-          const dst = join(tmp, `d${seed}-${srcFmt}-${fmt}${extra.length}.${fmt}`);
-          const r = await qimg(["convert", "-f", srcFmt, "-O", fmt, ...extra, src, dst]);
-          expect(r, what).toEqual({ code: 0, stdout: "", stderr: "" });
-          expect(identical(src, srcFmt, dst, fmt), what).toBe("Images are identical.\n");
-          if (fmt !== "raw") expect(checkJson(dst).exit, what).toBe(0);
-          rmSync(dst);
+  it(
+    "random sizes (not multiples of 512), every source/target pair, -c, cluster sizes",
+    async () => {
+      const cases = LONG ? 60 : 6;
+      for (let n = 0; n < cases; n++) {
+        const seed = SEED + n;
+        const rnd = prng(seed);
+        // Below and above one 2 MiB copy chunk; never a multiple of 512.
+        let size = 1 + Math.floor(rnd() * (n % 2 === 0 ? 2 * 1024 * 1024 : 7 * 1024 * 1024));
+        if (size % 512 === 0) size += 77;
+        const tag = `seed ${seed} size ${size}`;
+        const raw = join(tmp, `s${seed}.raw`);
+        writeFileSync(raw, content(size, rnd));
+        const srcCluster = [4096, 65536, 1 << 21][Math.floor(rnd() * 3)]!;
+        const sources: [string, string][] = [[raw, "raw"]];
+        for (const fmt of ["qcow2", "qed"]) {
+          const p = join(tmp, `s${seed}.${fmt}`);
+          const cs = fmt === "qed" ? Math.max(4096, srcCluster) : srcCluster;
+          const r = qemuImg([
+            "convert",
+            "-f",
+            "raw",
+            "-O",
+            fmt,
+            "-o",
+            `cluster_size=${cs}`,
+            raw,
+            p,
+          ]);
+          expect(r.code, `${tag}: ${r.stderr}`).toBe(0);
+          sources.push([p, fmt]);
+        }
+        const cluster = [512, 4096, 16384, 65536, 1 << 20][Math.floor(rnd() * 5)]!;
+        const targets: [string, string[]][] = [
+          ["raw", []],
+          ["qcow2", ["-o", `cluster_size=${cluster}`]],
+          ["qcow2", ["-c", "-o", `cluster_size=${Math.max(cluster, 4096)}`]],
+          ["qed", ["-o", `cluster_size=${Math.max(cluster, 4096)}`]],
+        ];
+        for (const [src, srcFmt] of sources) {
+          for (const [fmt, extra] of targets) {
+            const what = `${tag}: ${srcFmt} -> ${fmt} ${extra.join(" ")}`;
+            const dst = join(tmp, `d${seed}-${srcFmt}-${fmt}${extra.length}.${fmt}`);
+            const r = await qimg(["convert", "-f", srcFmt, "-O", fmt, ...extra, src, dst]);
+            expect(r, what).toEqual({ code: 0, stdout: "", stderr: "" });
+            expect(identical(src, srcFmt, dst, fmt), what).toBe("Images are identical.\n");
+            if (fmt !== "raw") expect(checkJson(dst).exit, what).toBe(0);
+            rmSync(dst);
+          }
         }
       }
-    }
-  });
+    },
+    LONG_TIMEOUT,
+  );
 
   it("-c: the last partial cluster is padded and compressed, as qemu-img does", async () => {
     for (const [size, cs] of [
@@ -230,6 +246,18 @@ describe.skipIf(!hasQemu)("convert refuses to write a file the source reads", ()
         expect(r.stderr, what).toMatch(/^qimg: /);
       }
     }
+    // The source's external data file is a file it reads too.
+    const ext = join(tmp, "ch-ext.qcow2");
+    const extData = join(tmp, "ch-ext.data");
+    expect(
+      qemuImg(["create", "-q", "-f", "qcow2", "-o", `data_file=${extData}`, ext, "1M"]).code,
+    ).toBe(0);
+    expect(qemuIo(["-c", "write -P 3 0 64k", ext]).code).toBe(0);
+    const extSum = sha(extData);
+    for (const fmt of ["raw", "qcow2"]) {
+      expect((await qimg(["convert", "-O", fmt, ext, extData])).code, fmt).toBe(1);
+    }
+    expect(sha(extData)).toBe(extSum);
     // The new image's external data file may not be a file of the source's chain either.
     const out = join(tmp, "ch-out.qcow2");
     const d = await qimg(["convert", "-O", "qcow2", "-o", `data_file=${hard}`, top, out]);
@@ -275,6 +303,13 @@ describe.skipIf(!hasQemu)("a failed convert leaves no half-made target", () => {
       writeFileSync(dst, "old contents");
       expect((await qimg(["convert", "-O", fmt, src, dst])).code, fmt).toBe(1);
       expect(existsSync(dst), fmt).toBe(false);
+      // Through a symlink: the file written through it goes, not only the link.
+      const real = join(tmp, `bad-real.${fmt}`);
+      writeFileSync(real, "old contents");
+      const link = join(tmp, `bad-link.${fmt}`);
+      symlinkSync(real, link);
+      expect((await qimg(["convert", "-O", fmt, src, link])).code, fmt).toBe(1);
+      expect(existsSync(real), fmt).toBe(false);
     }
     // Refused before the target is touched (bad options): the old file stays as it was.
     const keep = join(tmp, "keep.qcow2");

@@ -14,6 +14,7 @@ import {
   fstatSync,
   ftruncateSync,
   openSync,
+  realpathSync,
   statSync,
   unlinkSync,
   type BigIntStats,
@@ -189,7 +190,8 @@ class OutputGuard {
         was.ctimeNs === now.ctimeNs;
       if (unchanged) return;
       try {
-        unlinkSync(path);
+        // Through a symlink, the file it names is the one that was written.
+        unlinkSync(realpathSync(path));
       } catch {
         // Best effort: the error that made the convert fail is the one to report.
       }

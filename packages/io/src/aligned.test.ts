@@ -62,7 +62,7 @@ describe("without WebAssembly", () => {
 
 describe("when a wasm memory cannot be mapped", () => {
   it("falls back to ordinary memory (an address-space limit makes WebAssembly.Memory throw)", () => {
-    const wasm = globalThis.WebAssembly as unknown as { Memory: unknown };
+    const wasm = (globalThis as unknown as { WebAssembly: { Memory: unknown } }).WebAssembly;
     const saved = wasm.Memory;
     let calls = 0;
     wasm.Memory = function Memory(): never {

@@ -1250,6 +1250,12 @@ export class Qcow2Image implements DiskImage {
       await this.checkOverlap(off, cs, Meta.activeL2);
       return this.l2Cache.get(off);
     }
+    if (off !== 0 && (off % cs !== 0 || off + cs > this.fileSize)) {
+      throw new CorruptImageError(
+        `L2 table offset ${hex(off)} in L1 entry ${l1Index} is not a cluster inside the file`,
+        { offset: this.hdr.l1TableOffset + l1Index * 8 },
+      );
+    }
     // New table, or a copy of a table shared with a snapshot.
     const newOff = await w.refcounts.allocate(1);
     this.refreshRefcountBlocks(newOff);

@@ -108,7 +108,12 @@ export async function openRw(file: string, options: Qcow2OpenOptions = {}): Prom
 
 /** Apply ops through the driver; returns the first error (the image is closed either way). */
 export async function driverOps(file: string, ops: readonly Op[]): Promise<unknown> {
-  const image = await openRw(file);
+  let image: Qcow2Image;
+  try {
+    image = await openRw(file);
+  } catch (e) {
+    return e;
+  }
   let failure: unknown;
   try {
     for (const op of ops) {

@@ -22,7 +22,6 @@ const LONG = process.env.QIMG_LONG === "1";
 const tmp = fs.mkdtempSync(path.join(os.tmpdir(), "qimg-overlap-"));
 afterAll(() => fs.rmSync(tmp, { recursive: true, force: true }));
 
-const CS = 65536;
 const COPIED = 1n << 63n;
 
 /** A qemu-made image with data, a snapshot and data written after it (own and shared L2s). */
@@ -111,7 +110,9 @@ async function twinOutcome(
   const failure = await driverOps(mine, ops);
   const problems: string[] = [];
   if (failure !== undefined && !(failure instanceof CorruptImageError))
-    problems.push(`driver failed with something else than a refused write: ${String(failure)}`);
+    problems.push(
+      `driver failed with something else than a refused write: ${failure instanceof Error ? failure.message : "?"}`,
+    );
   const A = qemuCheck(a);
   const B = qemuCheck(mine);
   if (B.code === 1 && A.code !== 1)

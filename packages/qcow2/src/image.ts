@@ -995,6 +995,12 @@ export class Qcow2Image implements DiskImage {
     // Every reference as a run of host clusters; adjacent runs merge, so a sequentially written
     // image needs only a few. The refcount package counts them (and refuses overflows).
     const runs: [number, number][] = [];
+    // A reference that ends a cluster or more past the end of the file is corruption, not
+    // space to count (QEMU's check reports it and leaves it out): memory stays bounded by the
+    // file's real size. A data cluster dropped that way loses its COPIED flag, as QEMU's
+    // repair does, so a later write copies it instead of writing far past the end.
+    const fileSize = await this.backend.size();
+    const uncopy: number[] = [];
     await walkReferences(
       {
         backend: this.backend,
@@ -1006,6 +1012,11 @@ export class Qcow2Image implements DiskImage {
       {
         reference: (r) => {
           if (r.kind === "refcount-table" || r.kind === "refcount-block") return;
+          if (r.offset + Math.max(1, r.length) - fileSize >= cs) {
+            if (r.kind === "data" && r.copied === true && r.entryOffset !== undefined)
+              uncopy.push(r.entryOffset);
+            return;
+          }
           const first = Math.floor(r.offset / cs);
           const count = Math.floor((r.offset + Math.max(1, r.length) - 1) / cs) - first + 1;
           const last = runs[runs.length - 1];
@@ -1026,6 +1037,14 @@ export class Qcow2Image implements DiskImage {
         });
       },
     });
+    const entry = new Uint8Array(8);
+    const view = new DataView(entry.buffer);
+    for (const at of uncopy) {
+      await this.backend.read(at, entry);
+      view.setUint32(0, view.getUint32(0, false) & ~OFLAG_COPIED.hi, false);
+      await this.backend.write(at, entry);
+    }
+    if (uncopy.length > 0) await this.backend.flush();
     this.fileSize = await this.backend.size();
   }
 

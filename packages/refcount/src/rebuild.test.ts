@@ -1,6 +1,6 @@
 import { describe, expect, it } from "vitest";
 import { FaultBackend, MemoryBackend } from "@qimg/io";
-import { InvalidArgumentError, RangeFormatError } from "@qimg/structs";
+import { CorruptImageError, InvalidArgumentError, RangeFormatError } from "@qimg/structs";
 import { countReferences, createClusterCounts, rebuildRefcounts } from "./rebuild.js";
 import {
   makeImage,
@@ -60,7 +60,6 @@ describe("rebuildRefcounts", () => {
       [3 * CS, 4],
       [5 * CS, 1],
       [5 * CS + 100, 1], // unaligned offsets count their cluster (compressed data)
-      [9000 * CS, 2], // past the initial size: the counts grow
     ];
     const counts = await countReferences(refs, {
       clusterBits: CB,
@@ -68,7 +67,7 @@ describe("rebuildRefcounts", () => {
       hostClusters: 10,
     });
     expect(Array.from(counts.subarray(0, 8))).toEqual([1, 0, 0, 1, 1, 3, 1, 0]);
-    expect(counts[9001]).toBe(1);
+    expect(counts.length).toBe(10);
     async function* gen(): AsyncGenerator<readonly [number, number]> {
       yield* refs.slice(0, 4);
     }
@@ -84,6 +83,32 @@ describe("rebuildRefcounts", () => {
     const got = new Float64Array(8);
     await rc.readRange(0, got);
     expect(Array.from(got)).toEqual([1, 0, 0, 1, 1, 3, 1, 0]);
+  });
+
+  it("never sizes the counts by a reference: runs past the file are corruption or dropped", async () => {
+    const refs: [number, number][] = [
+      [0, 1],
+      [2 ** 40 * CS, 1], // a poked offset far past the file: no array that large is made
+      [9 * CS, 2], // ends one cluster past the 10 the file holds
+      [3 * CS, 1],
+    ];
+    const err = await countReferences(refs, {
+      clusterBits: CB,
+      refcountOrder: 4,
+      hostClusters: 10,
+    }).catch((e: unknown) => e);
+    expect(err).toBeInstanceOf(CorruptImageError);
+    expect((err as Error).message).toMatch(/reaches past the end of the file \(10 clusters\)/);
+    const dropped: number[] = [];
+    const counts = await countReferences(refs, {
+      clusterBits: CB,
+      refcountOrder: 4,
+      hostClusters: 10,
+      onPastEnd: ([off]) => dropped.push(off),
+    });
+    expect(counts.length).toBe(10);
+    expect(dropped).toEqual([2 ** 40 * CS, 9 * CS]);
+    expect(Array.from(counts)).toEqual([1, 0, 0, 1, 0, 0, 0, 0, 0, 0]);
   });
 
   it("refuses counts the width cannot hold before writing anything", async () => {

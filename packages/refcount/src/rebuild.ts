@@ -10,7 +10,14 @@
  * counted in the new structures, so once the header has moved they are simply free.
  */
 import type { BlockBackend } from "@qimg/io";
-import { InvalidArgumentError, IoError, RangeFormatError, U64TableView, hex } from "@qimg/structs";
+import {
+  CorruptImageError,
+  InvalidArgumentError,
+  IoError,
+  RangeFormatError,
+  U64TableView,
+  hex,
+} from "@qimg/structs";
 import { refcountGeometry } from "./geometry.js";
 import { RefcountBlockView, maxRefcount } from "./spec/refcount-block.js";
 import { MAX_REFTABLE_BYTES, REFTABLE_ENTRY_SIZE } from "./spec/refcount-table.js";
@@ -33,13 +40,23 @@ export function createClusterCounts(refcountBits: number, length: number): Clust
 export interface CountReferencesOptions {
   readonly clusterBits: number;
   readonly refcountOrder: number;
-  /** Initial number of host clusters (e.g. file size / cluster size); grows when a reference lies past it. */
+  /**
+   * Number of host clusters that can hold anything (from the file's real size). The counts
+   * never grow past it: memory is bounded by the file, whatever the references say.
+   */
   readonly hostClusters: number;
+  /**
+   * Receives a reference that reaches past `hostClusters` and drops it (QEMU's check counts
+   * such a reference as a corruption and leaves it out). Without it, such a reference is a
+   * CorruptImageError.
+   */
+  readonly onPastEnd?: (run: ClusterRun) => void;
 }
 
 /**
  * Count references: every run adds one to each cluster it covers. A count above the
- * refcount width's maximum is a RangeFormatError (the image needs a wider refcount_bits).
+ * refcount width's maximum is a RangeFormatError (the image needs a wider refcount_bits); a
+ * run past the end of the file is a CorruptImageError (or goes to `onPastEnd`).
  */
 export async function countReferences(
   references: Iterable<ClusterRun> | AsyncIterable<ClusterRun>,
@@ -47,7 +64,10 @@ export async function countReferences(
 ): Promise<ClusterCounts> {
   const g = refcountGeometry(options.clusterBits, options.refcountOrder);
   const max = maxRefcount(g.refcountBits);
-  let counts = createClusterCounts(g.refcountBits, Math.max(0, options.hostClusters));
+  if (!Number.isSafeInteger(options.hostClusters) || options.hostClusters < 0) {
+    throw new InvalidArgumentError(`host cluster count ${options.hostClusters} is not a count`);
+  }
+  const counts = createClusterCounts(g.refcountBits, options.hostClusters);
   for await (const [hostOffset, clusterCount] of references) {
     if (
       !Number.isSafeInteger(hostOffset) ||
@@ -62,9 +82,14 @@ export async function countReferences(
     const first = Math.floor(hostOffset / g.clusterSize);
     const end = first + clusterCount;
     if (end > counts.length) {
-      const grown = createClusterCounts(g.refcountBits, Math.max(end, counts.length * 2));
-      grown.set(counts);
-      counts = grown;
+      if (options.onPastEnd) {
+        options.onPastEnd([hostOffset, clusterCount]);
+        continue;
+      }
+      throw new CorruptImageError(
+        `reference to ${clusterCount} cluster(s) at ${hex(hostOffset)} reaches past the end of the file (${counts.length} clusters)`,
+        { offset: hostOffset },
+      );
     }
     for (let c = first; c < end; c++) {
       const v = (counts[c] ?? 0) + 1;
@@ -85,7 +110,10 @@ export interface RebuildOptions {
    * `references`.
    */
   readonly counts?: ArrayLike<number>;
-  /** References to count (each run adds 1). Give this or `counts`. */
+  /**
+   * References to count (each run adds 1). Give this or `counts`. A run reaching a cluster or
+   * more past the end of the file is a CorruptImageError (drop such runs before).
+   */
   readonly references?: Iterable<ClusterRun> | AsyncIterable<ClusterRun>;
   /**
    * Byte offset (cluster aligned) where the new table and blocks go. Default: the end of the
@@ -131,7 +159,8 @@ export async function rebuildRefcounts(options: RebuildOptions): Promise<Rebuild
     (await countReferences(options.references ?? [], {
       clusterBits: g.clusterBits,
       refcountOrder: g.refcountOrder,
-      hostClusters: Math.ceil(fileSize / cs),
+      // A compressed cluster may end inside the cluster after a file's unaligned end.
+      hostClusters: Math.ceil(fileSize / cs) + 1,
     }));
   const N = counts.length;
 

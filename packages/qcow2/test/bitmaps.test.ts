@@ -69,6 +69,8 @@ interface Twin {
   readonly size: number;
   readonly clusterSize: number;
   readonly ops: Op[];
+  /** The operations run in two sessions: [0, split) and [split, end). */
+  readonly split: number;
   readonly describe: string;
 }
 
@@ -122,6 +124,34 @@ function makeTwin(seed: number): Twin {
         touched.add(c);
     }
     must("qemu-io", ["-f", "qcow2", ...pre, base]);
+  }
+  // Sometimes a crash already made the bitmaps inconsistent (IN_USE), and sometimes a
+  // consistent one was added after it.
+  let crashed = false;
+  if (r() < 0.2) {
+    const [off, len] = randRange(50_000);
+    run("qemu-io", ["-f", "qcow2", "-c", `write -P 3 ${off} ${len}`, "-c", "abort", base]);
+    for (let c = Math.floor(off / clusterSize); c <= Math.floor((off + len - 1) / clusterSize); c++)
+      touched.add(c);
+    crashed = true;
+    if (r() < 0.5) {
+      const g = 2 ** (9 + Math.floor(r() * 12));
+      names.push(`late-${g}`);
+      must("qemu-img", ["bitmap", "--add", "-g", String(g), base, `late-${g}`]);
+    }
+  }
+  // Sometimes the header's size is not a multiple of 512 (QEMU uses the whole sectors).
+  let odd = 0;
+  const span = (clusterSize * clusterSize) / (opts.includes("extended_l2=on") ? 16 : 8);
+  const oddTry = 1 + Math.floor(r() * 511);
+  // (Only where the L1 table still covers the larger size, or QEMU refuses the image.)
+  if (r() < 0.2 && Math.ceil((size + oddTry) / span) === Math.ceil(size / span)) {
+    odd = oddTry;
+    const fd = fs.openSync(base, "r+");
+    const b = Buffer.alloc(8);
+    b.writeBigUInt64BE(BigInt(size + odd));
+    fs.writeSync(fd, b, 0, 8, 24);
+    fs.closeSync(fd);
   }
   const ours = path.join(dir, "ours.qcow2");
   const theirs = path.join(dir, "theirs.qcow2");
@@ -180,7 +210,8 @@ function makeTwin(seed: number): Twin {
     size,
     clusterSize,
     ops,
-    describe: `seed ${seed}: -o ${opts.join(",")} size ${size} bitmaps ${names.join(",")}; ops ${ops.map(qemuIoCommand).join(" | ")}`,
+    split: Math.floor(r() * (ops.length + 1)),
+    describe: `seed ${seed}: -o ${opts.join(",")} size ${size}${odd ? `+${odd}` : ""}${crashed ? " crashed" : ""} bitmaps ${names.join(",")}; ops ${ops.map(qemuIoCommand).join(" | ")}`,
   };
 }
 
@@ -198,11 +229,13 @@ async function bitmapFacts(file: string) {
 async function runTwin(seed: number): Promise<void> {
   const t = makeTwin(seed);
   try {
-    if (t.ops.length > 0)
-      must("qemu-io", ["-f", "qcow2", ...t.ops.flatMap((o) => ["-c", qemuIoCommand(o)]), t.theirs]);
-    const image = await openRw(t.ours);
-    await applyOurs(image, t.ops);
-    await image.close();
+    for (const ops of [t.ops.slice(0, t.split), t.ops.slice(t.split)]) {
+      if (ops.length === 0) continue;
+      must("qemu-io", ["-f", "qcow2", ...ops.flatMap((o) => ["-c", qemuIoCommand(o)]), t.theirs]);
+      const image = await openRw(t.ours);
+      await applyOurs(image, ops);
+      await image.close();
+    }
 
     const c = check(t.ours);
     expect(c.result["check-errors"] ?? 0).toBe(0);

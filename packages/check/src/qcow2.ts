@@ -116,6 +116,16 @@ const zero = (): Counters => ({
   compressed: 0,
 });
 
+/** What a host cluster holds, as far as the metadata structures say (bits of `Pass.meta`). */
+const M_HEADER = 1;
+const M_L1 = 2;
+const M_REFTABLE = 4;
+const M_REFBLOCK = 8;
+const M_SNAPTABLE = 16;
+const M_BITMAP = 32;
+const M_CRYPTO = 64;
+const M_L2 = 128;
+
 /** Thrown inside a pass when the check cannot go on (qemu-img: "Check failed: ..."). */
 class CheckAbort extends Error {}
 
@@ -140,6 +150,13 @@ class Pass {
   refcountRuns: [number, number][] = [];
   #tagRefcount = false;
   stored!: StoredRefcounts;
+  /**
+   * One byte per host cluster inside the file (M_* bits): which metadata structures claim it,
+   * built before a repair walks the tables so that no repair writes into a "table" that is
+   * really the header, a refcount structure or another table, and no data entry that points
+   * at metadata survives a repair. Empty when not repairing.
+   */
+  meta: Uint8Array = new Uint8Array(0);
 
   constructor(
     readonly backend: BlockBackend,
@@ -189,6 +206,96 @@ class Pass {
     this.nbClusters = n;
   }
 
+  #mark(offset: number, size: number, flag: number): void {
+    if (size <= 0 || offset < 0 || offset >= this.fileSize) return;
+    const first = Math.floor(offset / this.cs);
+    const last = Math.min(Math.floor((offset + size - 1) / this.cs), this.meta.length - 1);
+    for (let c = first; c <= last; c++) this.meta[c] = this.meta[c]! | flag;
+  }
+
+  /** Mark the clusters of the L2 tables an L1 table names (aligned, inside the file). */
+  async #markL2s(l1Offset: number, l1Size: number): Promise<void> {
+    if (l1Size === 0 || l1Size > MAX_L1_ENTRIES || l1Offset % this.cs !== 0) return;
+    if (l1Offset >= this.fileSize) return;
+    this.#mark(l1Offset, l1Size * 8, M_L1);
+    const l1 = new U64TableView(new Uint8Array(l1Size * 8), "big");
+    await this.backend.read(l1Offset, l1.bytes, { zeroPastEof: true });
+    for (let i = 0; i < l1Size; i++) {
+      const off = offsetOf(l1.hi(i), l1.lo(i));
+      if (off !== 0 && off % this.cs === 0) this.#mark(off, this.cs, M_L2);
+    }
+  }
+
+  /**
+   * Build `meta` (for repairs): the header cluster, the active and snapshot L1 tables and the
+   * L2 tables they name, the refcount table and blocks, the snapshot table, the bitmap
+   * directory, tables and data, and the encryption header. Bounded by the file's size.
+   */
+  async buildMetaMap(): Promise<void> {
+    const L = this.layout;
+    const h = L.header;
+    this.meta = new Uint8Array(Math.ceil(this.fileSize / this.cs));
+    this.#mark(0, this.cs, M_HEADER);
+    await this.#markL2s(h.l1TableOffset, h.l1Size);
+    for (const sn of L.snapshots) await this.#markL2s(sn.l1TableOffset, sn.l1Size);
+    this.#mark(h.snapshotsOffset, L.snapshotsSize, M_SNAPTABLE);
+    this.#mark(h.refcountTableOffset, h.refcountTableClusters * this.cs, M_REFTABLE);
+    for (let i = 0; i < this.stored.tableEntries; i++) {
+      const { hi, lo } = this.stored.entryWords(i);
+      const off = (hi >>> 0) * TWO_32 + ((lo & 0xffff_fe00) >>> 0);
+      if (off !== 0 && off % this.cs === 0) this.#mark(off, this.cs, M_REFBLOCK);
+    }
+    if (L.crypto !== undefined) this.#mark(L.crypto.offset, L.crypto.length, M_CRYPTO);
+    if (L.bitmapDirectory !== undefined) {
+      this.#mark(L.bitmapDirectory.offset, L.bitmapDirectory.length, M_BITMAP);
+      for (const bm of L.bitmaps) {
+        const bytes = bm.bitmapTableSize * 8;
+        if (bm.bitmapTableOffset % this.cs !== 0 || bm.bitmapTableOffset + bytes > this.fileSize)
+          continue;
+        this.#mark(bm.bitmapTableOffset, bytes, M_BITMAP);
+        const t = new U64TableView(new Uint8Array(bytes), "big");
+        await this.backend.read(bm.bitmapTableOffset, t.bytes);
+        for (let i = 0; i < t.length; i++) {
+          const off = offsetOf(t.hi(i), t.lo(i));
+          if (off !== 0 && off % this.cs === 0) this.#mark(off, this.cs, M_BITMAP);
+        }
+      }
+    }
+  }
+
+  /**
+   * Whether a repair may write into the L2 table at `offset`: aligned, past the header,
+   * inside the file, and claimed by nothing but L2 tables. (Always true when not repairing.)
+   */
+  l2Writable(offset: number): boolean {
+    if (this.meta.length === 0) return true;
+    if (offset === 0 || offset % this.cs !== 0 || offset >= this.fileSize) return false;
+    return (this.meta[offset / this.cs]! & ~M_L2) === 0;
+  }
+
+  /**
+   * Whether a repair may write into the L1 table at [offset, +bytes): claimed by L1 tables and
+   * at most by L1 entries that point into it (those entries are dropped, as their "L2 table"
+   * overlaps an L1 table).
+   */
+  l1Writable(offset: number, bytes: number): boolean {
+    if (this.meta.length === 0) return true;
+    if (offset === 0 || offset % this.cs !== 0 || offset + bytes > this.fileSize) return false;
+    for (let c = offset / this.cs; c <= Math.floor((offset + bytes - 1) / this.cs); c++) {
+      if ((this.meta[c]! & ~(M_L1 | M_L2)) !== 0) return false;
+    }
+    return true;
+  }
+
+  /** Whether [offset, +size) touches a cluster some metadata structure claims. */
+  overlapsMeta(offset: number, size: number): boolean {
+    if (this.meta.length === 0 || size <= 0) return false;
+    const first = Math.floor(offset / this.cs);
+    const last = Math.min(Math.floor((offset + size - 1) / this.cs), this.meta.length - 1);
+    for (let c = first; c <= last; c++) if (this.meta[c] !== 0) return true;
+    return false;
+  }
+
   /** qcow2_inc_refcounts_imrt: count one reference to every cluster of [offset, offset+size). */
   inc(offset: number, size: number): void {
     if (size <= 0) return;
@@ -230,6 +337,8 @@ class Pass {
 
   /** check_refcounts_l2 */
   async checkL2(l2Offset: number, l1Index: number, fragInfo: boolean, fix: number): Promise<void> {
+    // A table past the end of the file reads as zeros (as QEMU reads it): nothing to walk.
+    if (l2Offset >= this.fileSize) return;
     const l2 = new U64TableView(new Uint8Array(this.cs), "big");
     await this.backend.read(l2Offset, l2.bytes, { zeroPastEof: true });
     const stride = this.extendedL2 ? 2 : 1;
@@ -310,6 +419,14 @@ class Pass {
               d.hostOffset,
             );
             if (await drop("compressed data outside the image file", 0)) continue;
+          } else if (fix & FIX_ERRORS && this.overlapsMeta(d.hostOffset, d.length)) {
+            this.res.corruptions++;
+            this.log(
+              "corruption",
+              `ERROR coffset=0x${d.hostOffset.toString(16)}: compressed data overlaps metadata; L2 entry corrupted`,
+              entryOffset,
+            );
+            if (await drop("compressed data overlaps metadata", 0)) continue;
           } else {
             this.inc(d.hostOffset, d.length);
           }
@@ -372,6 +489,18 @@ class Pass {
             const preallocZero = !this.extendedL2 && (lo & 1) !== 0;
             if (await drop("data cluster outside the image file", preallocZero ? 1 : 0)) continue;
           }
+          if (!this.hasDataFile && fix & FIX_ERRORS && this.overlapsMeta(offset, this.cs)) {
+            // Our -r all extension: a data cluster on top of metadata would let guest writes
+            // overwrite the metadata (and metadata updates the guest data).
+            this.res.corruptions++;
+            this.log(
+              "corruption",
+              `ERROR offset=${offset.toString(16)}: Data cluster overlaps metadata; L2 entry corrupted`,
+              entryOffset,
+            );
+            const preallocZero = !this.extendedL2 && (lo & 1) !== 0;
+            if (await drop("data cluster overlaps metadata", preallocZero ? 1 : 0)) continue;
+          }
           if (fragInfo) {
             this.res.allocated++;
             if (nextContiguous !== 0 && offset !== nextContiguous) this.res.fragmented++;
@@ -412,9 +541,13 @@ class Pass {
     if (l1Size === 0) return;
     const bytes = l1Size * 8;
     this.inc(l1Offset, bytes);
+    // A table past the end of the file reads as zeros: nothing to walk.
+    if (l1Offset >= this.fileSize) return;
     const l1 = new U64TableView(new Uint8Array(bytes), "big");
     await this.backend.read(l1Offset, l1.bytes, { zeroPastEof: true });
     const virtualSize = this.layout.header.size;
+    // A repair never writes into an L1 "table" that overlaps other metadata.
+    const l1Fix = this.l1Writable(l1Offset, bytes) ? fix : fix & ~FIX_ERRORS;
     for (let i = 0; i < l1Size; i++) {
       const hi = l1.hi(i);
       const lo = l1.lo(i);
@@ -431,24 +564,36 @@ class Pass {
       const l2Offset = offsetOf(hi, lo);
       const misaligned = l2Offset % this.cs !== 0;
       const outside = l2Offset + this.cs - this.fileSize >= this.cs;
-      if (fix & FIX_ERRORS && l2Offset !== 0 && (misaligned || outside)) {
+      // Offset 0 (an entry holding only flags), the header cluster, or a cluster that other
+      // metadata claims: never an L2 table a repair may write into.
+      const onMeta = !misaligned && !outside && !this.l2Writable(l2Offset);
+      if (l1Fix & FIX_ERRORS && (misaligned || outside || onMeta)) {
         // Our -r all extension: drop an L1 entry whose L2 table cannot be where it says.
         this.res.corruptions++;
         const reason = misaligned
           ? "L2 table not aligned to the cluster size"
-          : "L2 table outside the image file";
+          : outside
+            ? "L2 table outside the image file"
+            : l2Offset === 0
+              ? "L1 entry without an L2 table offset"
+              : "L2 table overlaps other metadata";
         this.log(
           "corruption",
           misaligned
             ? `ERROR l2_offset=${l2Offset.toString(16)}: Table is not cluster aligned; L1 entry corrupted`
-            : `ERROR l2_offset=${l2Offset.toString(16)}: L2 table is outside the image file; L1 entry corrupted`,
+            : outside
+              ? `ERROR l2_offset=${l2Offset.toString(16)}: L2 table is outside the image file; L1 entry corrupted`
+              : l2Offset === 0
+                ? `ERROR l1_entry=${hex64(hi, lo)}: L1 entry has flags but no L2 table offset; L1 entry corrupted`
+                : `ERROR l2_offset=${l2Offset.toString(16)}: L2 table overlaps other metadata; L1 entry corrupted`,
           entryOffset,
         );
         await this.#write(entryOffset, new Uint8Array(8));
         this.res.corruptions--;
         this.res.corruptionsFixed++;
         const guest = i * this.l2Entries * this.cs;
-        if (guest < virtualSize) {
+        // Offset 0 reads as unallocated before and after: nothing is lost.
+        if (guest < virtualSize && l2Offset !== 0) {
           this.lost.push({
             offset: guest,
             length: Math.min(this.l2Entries * this.cs, virtualSize - guest),
@@ -467,7 +612,12 @@ class Pass {
         );
         this.res.corruptions++;
       }
-      await this.checkL2(l2Offset, i, fragInfo, fix);
+      await this.checkL2(
+        l2Offset,
+        i,
+        fragInfo,
+        this.l2Writable(l2Offset) ? fix : fix & ~FIX_ERRORS,
+      );
     }
   }
 
@@ -655,7 +805,7 @@ class Pass {
         continue;
       }
       const copied = (hi & 0x8000_0000) !== 0;
-      const aligned = l2Offset % this.cs === 0;
+      const aligned = l2Offset % this.cs === 0 && this.l2Writable(l2Offset);
       if ((refcount === 1) !== copied) {
         this.res.corruptions++;
         this.log(
@@ -663,7 +813,7 @@ class Pass {
           `${repair ? "Repairing" : "ERROR"} OFLAG_COPIED L2 cluster: l1_index=${i} l1_entry=${hex64(hi, lo)} refcount=${refcount}`,
           h.l1TableOffset + i * 8,
         );
-        if (repair) {
+        if (repair && this.l1Writable(h.l1TableOffset, h.l1Size * 8)) {
           hi = refcount === 1 ? (hi | 0x8000_0000) >>> 0 : hi & 0x7fff_ffff;
           l1.setWords(i, hi, lo);
           await this.#write(h.l1TableOffset + i * 8, l1.bytes.subarray(i * 8, i * 8 + 8));
@@ -671,6 +821,7 @@ class Pass {
           this.res.corruptionsFixed++;
         }
       }
+      if (l2Offset >= this.fileSize) continue;
       await this.backend.read(l2Offset, l2.bytes, { zeroPastEof: true });
       let dirty = 0;
       for (let j = 0; j < this.l2Entries; j++) {
@@ -759,6 +910,7 @@ async function runCheck(
   let rebuilt = false;
   try {
     await p.openStored();
+    if (fix !== 0) await p.buildMetaMap();
     await p.calculate(fix);
     // Entries dropped by the walk must be gone on disk before any refcount goes down.
     if (fix !== 0) await backend.flush();
@@ -794,6 +946,7 @@ async function runCheck(
       const carried = p.res;
       p = new Pass(backend, layout, await backend.size(), log, lost);
       await p.openStored();
+      await p.buildMetaMap();
       p.res = { ...carried, corruptions: 0, leaks: 0, allocated: 0, fragmented: 0, compressed: 0 };
       await p.calculate(0);
       let freshLeaks = 0;

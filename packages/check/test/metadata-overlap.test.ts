@@ -1,0 +1,162 @@
+/**
+ * A repair never writes into a "table" that is really the header or other metadata: an L1
+ * entry holding only flags (offset 0), an L1 entry pointing at the refcount table or at the L1
+ * table itself, an L2 entry whose data cluster is the header or an L1 table. Checked against
+ * the real qemu-img on images it made (skips with a printed reason without qemu-img).
+ */
+import { spawnSync } from "node:child_process";
+import { copyFileSync, mkdtempSync, readFileSync, rmSync, writeFileSync } from "node:fs";
+import { tmpdir } from "node:os";
+import { join } from "node:path";
+import { afterAll, describe, expect, it } from "vitest";
+import { FileBackend } from "@qimg/io/node";
+import { checkImage } from "../src/index.js";
+import { haveQemu, prng } from "./helpers.js";
+
+const work = mkdtempSync(join(tmpdir(), "qimg-check-overlap-"));
+afterAll(() => rmSync(work, { recursive: true, force: true }));
+const SEED = Number(process.env.QIMG_SEED ?? Date.now() % 1_000_000);
+
+function run(cmd: string, args: string[]): { status: number; stdout: string; stderr: string } {
+  const r = spawnSync(cmd, args, { encoding: "utf8", env: { ...process.env, LC_ALL: "C" } });
+  return { status: r.status ?? -1, stdout: r.stdout, stderr: r.stderr };
+}
+
+/** corruptions + leaks + check errors as qemu-img check counts them. */
+function qemuProblems(file: string): number {
+  const r = run("qemu-img", ["check", "--output=json", file]);
+  const j = JSON.parse(r.stdout) as Record<string, number | undefined>;
+  return (j.corruptions ?? 0) + (j.leaks ?? 0) + (j["check-errors"] ?? 0);
+}
+
+const u32 = (b: Uint8Array, o: number): number =>
+  new DataView(b.buffer, b.byteOffset).getUint32(o, false);
+const u64 = (b: Uint8Array, o: number): number => u32(b, o) * 0x1_0000_0000 + u32(b, o + 4);
+
+/** A 2 GiB qcow2 (L1 of 4 or more entries) with data in the first and third GiB. */
+function base(name: string, rnd: () => number): { file: string; cs: number } {
+  const cs = [4096, 65536][Math.floor(rnd() * 2)]!;
+  const file = join(work, `${name}.qcow2`);
+  expect(
+    run("qemu-img", ["create", "-f", "qcow2", "-o", `cluster_size=${cs}`, file, "2G"]).status,
+  ).toBe(0);
+  const a = Math.floor(rnd() * 100_000);
+  const b = 1024 * 1024 * 1024 + Math.floor(rnd() * 100_000);
+  const w = run("qemu-io", [
+    "-c",
+    `write -P 0x5a ${a} 12345`,
+    "-c",
+    `write -P 0xa5 ${b} 7777`,
+    file,
+  ]);
+  expect(w.status, w.stderr).toBe(0);
+  return { file, cs };
+}
+
+function setU64(file: string, offset: number, value: bigint): void {
+  const f = new Uint8Array(readFileSync(file));
+  new DataView(f.buffer).setBigUint64(offset, value, false);
+  writeFileSync(file, f);
+}
+
+async function repairAll(file: string): Promise<void> {
+  const backend = await FileBackend.open(file);
+  try {
+    await checkImage(backend, "qcow2", { repair: "all" });
+  } finally {
+    await backend.close();
+  }
+}
+
+/** Mutate a copy of a clean image, repair it, and check what must hold. */
+async function expectRepairKeeps(
+  clean: string,
+  cs: number,
+  mutateAt: (bytes: Uint8Array) => { offset: number; value: bigint; keep: [number, number][] },
+): Promise<void> {
+  const file = clean.replace(/\.qcow2$/, "-mutated.qcow2");
+  copyFileSync(clean, file);
+  const before = new Uint8Array(readFileSync(file));
+  const m = mutateAt(before);
+  setU64(file, m.offset, m.value);
+  const mutated = new Uint8Array(readFileSync(file));
+  const problems = qemuProblems(file);
+  await repairAll(file);
+  const after = new Uint8Array(readFileSync(file));
+  const where = `seed ${SEED}, cs ${cs}, entry at 0x${m.offset.toString(16)} = 0x${m.value.toString(16)}`;
+  // Before the fix this wrote zeros over the header: the file was no qcow2 image any more.
+  expect(u32(after, 0), where).toBe(0x514649fb);
+  // The header cluster and the structures named in `keep` are untouched.
+  expect(Buffer.compare(after.subarray(0, cs), mutated.subarray(0, cs)), where).toBe(0);
+  for (const [o, n] of m.keep) {
+    expect(Buffer.compare(after.subarray(o, o + n), mutated.subarray(o, o + n)), where).toBe(0);
+  }
+  expect(qemuProblems(file), where).toBeLessThanOrEqual(problems);
+  expect(qemuProblems(file), where).toBe(0);
+  // Guest data as before the mutation (the mutated entries mapped nothing valid).
+  const cmp = run("qemu-img", ["compare", clean, file]);
+  expect(cmp.status, `${where}: ${cmp.stdout}${cmp.stderr}`).toBe(0);
+}
+
+describe.skipIf(!haveQemu())(`repair never writes into metadata (seed ${SEED})`, () => {
+  it("an L1 entry holding only the COPIED flag (offset 0) is not taken for an L2 table at offset 0", async () => {
+    const rnd = prng(SEED);
+    const { file, cs } = base("copied-only", rnd);
+    // QEMU's repair keeps the header (its overlap check refuses writes into it).
+    const twin = join(work, "copied-only-qemu.qcow2");
+    copyFileSync(file, twin);
+    const l1 = u64(new Uint8Array(readFileSync(file)), 40);
+    setU64(twin, l1 + 8, 0x8000_0000_0000_0000n);
+    run("qemu-img", ["check", "-r", "all", twin]);
+    expect(u32(new Uint8Array(readFileSync(twin)), 0)).toBe(0x514649fb);
+    await expectRepairKeeps(file, cs, () => ({
+      offset: l1 + 8,
+      value: 0x8000_0000_0000_0000n,
+      keep: [],
+    }));
+  });
+
+  it("an L1 entry pointing at the refcount table or at the L1 table is dropped, not written through", async () => {
+    const rnd = prng(SEED + 1);
+    for (const target of ["refcount table", "L1 table", "header"] as const) {
+      const { file, cs } = base(`l1-${target.replace(" ", "-")}`, rnd);
+      await expectRepairKeeps(file, cs, (f) => {
+        const l1 = u64(f, 40);
+        const rt = u64(f, 48);
+        const to = target === "refcount table" ? rt : target === "L1 table" ? l1 : 0;
+        return {
+          offset: l1 + 8 * 3,
+          value: 0x8000_0000_0000_0000n | BigInt(to),
+          keep: [[rt, cs]],
+        };
+      });
+    }
+  });
+
+  it("an L2 entry whose data cluster is the header or the L1 table is dropped", async () => {
+    const rnd = prng(SEED + 2);
+    for (const target of ["header", "L1 table", "refcount table"] as const) {
+      const { file, cs } = base(`l2-${target.replace(" ", "-")}`, rnd);
+      await expectRepairKeeps(file, cs, (f) => {
+        const l1 = u64(f, 40);
+        const rt = u64(f, 48);
+        const l2Offset = (u32(f, l1) & 0x00ff_ffff) * 0x1_0000_0000 + (u32(f, l1 + 4) & ~0x1ff);
+        const to = target === "header" ? 0 : target === "L1 table" ? l1 : rt;
+        // An unused entry of the first L2 table, far from the written data.
+        const index = cs / 8 - 1 - Math.floor(rnd() * 8);
+        const value =
+          target === "header"
+            ? (1n << 62n) | 512n // compressed, inside the header cluster
+            : 0x8000_0000_0000_0000n | BigInt(to);
+        return {
+          offset: l2Offset + index * 8,
+          value,
+          keep: [
+            [l1, 8],
+            [rt, cs],
+          ],
+        };
+      });
+    }
+  });
+});

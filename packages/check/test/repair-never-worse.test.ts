@@ -1,0 +1,285 @@
+/**
+ * Repair never makes an image worse. Real images made by qemu-img/qemu-io (random create
+ * options, data at random offsets, snapshots, compressed clusters, QED too) get seeded
+ * mutations of their metadata (L1/L2 entries, refcount table and block entries, header
+ * offsets and sizes, snapshot table entries, QED file size), then qimg's `check -r leaks` and
+ * `check -r all` run on copies, and:
+ * - the header is intact (magic, version, sizes and offsets a repair may not move);
+ * - `qemu-img check --output=json` counts no more problems (corruptions + leaks + check
+ *   errors) than before the repair (and can still check the image if it could before);
+ * - every guest cluster whose mapping was valid before (see image-model.ts: conservative)
+ *   reads the same bytes afterwards, as qemu-img reads them (`convert --salvage -O raw`);
+ * - a check that throws (the image cannot be opened) leaves the file unchanged.
+ *
+ * CI runs a short slice; QIMG_LONG=1 runs at least 10,000 cases (QIMG_REPAIR_CASES to
+ * change it). Two workers. A failure prints the seed, the case and the mutations, and keeps
+ * the mutated image.
+ */
+import { execFile } from "node:child_process";
+import { mkdtempSync, readFileSync, rmSync, writeFileSync } from "node:fs";
+import { tmpdir } from "node:os";
+import { join } from "node:path";
+import { promisify } from "node:util";
+import { describe, expect, it } from "vitest";
+import { FileBackend } from "@qimg/io/node";
+import { checkImage } from "../src/index.js";
+import type { RepairMode } from "../src/index.js";
+import { haveQemu, prng } from "./helpers.js";
+import { firstChangedCluster, headerFacts, modelImage, mutate } from "./image-model.js";
+import type { Format } from "./image-model.js";
+
+const run = promisify(execFile);
+const LONG = process.env.QIMG_LONG === "1";
+const SEED = Number(process.env.QIMG_SEED ?? Date.now() % 1_000_000_000);
+const CASES = Number(process.env.QIMG_REPAIR_CASES ?? (LONG ? 10_000 : 80));
+const PER_BASE = LONG ? 100 : 20;
+const WORKERS = 2;
+
+interface Tool {
+  code: number;
+  stdout: string;
+  stderr: string;
+}
+
+async function tool(cmd: string, args: string[], cwd?: string): Promise<Tool> {
+  try {
+    const r = await run(cmd, args, {
+      cwd,
+      encoding: "utf8",
+      env: { ...process.env, LC_ALL: "C" },
+      maxBuffer: 64 * 1024 * 1024,
+    });
+    return { code: 0, stdout: r.stdout, stderr: r.stderr };
+  } catch (e) {
+    const x = e as { code?: number | string; stdout?: string; stderr?: string };
+    return {
+      code: typeof x.code === "number" ? x.code : -1,
+      stdout: x.stdout ?? "",
+      stderr: x.stderr ?? String(e),
+    };
+  }
+}
+
+/** qemu-img check's problem count, or undefined when it cannot check the image. */
+async function qemuProblems(file: string, format: Format): Promise<number | undefined> {
+  const r = await tool("qemu-img", ["check", "-f", format, "--output=json", file]);
+  try {
+    const j = JSON.parse(r.stdout) as Record<string, number | undefined>;
+    return (j.corruptions ?? 0) + (j.leaks ?? 0) + (j["check-errors"] ?? 0);
+  } catch {
+    return undefined;
+  }
+}
+
+interface Base {
+  readonly format: Format;
+  readonly bytes: Uint8Array;
+  readonly describe: string;
+}
+
+/** A random image made by qemu-img / qemu-io (undefined when qemu refused the options). */
+async function makeBase(dir: string, rnd: () => number): Promise<Base | undefined> {
+  const pick = <T>(a: readonly T[]): T => a[Math.floor(rnd() * a.length)]!;
+  const format: Format = rnd() < 0.8 ? "qcow2" : "qed";
+  const file = join(dir, `base.${format}`);
+  rmSync(file, { force: true });
+  let cs: number;
+  const opts: string[] = [];
+  if (format === "qcow2") {
+    cs = pick([512, 1024, 4096, 4096, 16384, 65536, 65536]);
+    const v3 = rnd() < 0.8;
+    opts.push(`cluster_size=${cs}`, `compat=${v3 ? "1.1" : "0.10"}`);
+    if (v3) {
+      opts.push(`refcount_bits=${pick([1, 2, 4, 8, 16, 16, 32, 64])}`);
+      if (cs >= 16384 && rnd() < 0.3) opts.push("extended_l2=on");
+      if (rnd() < 0.3) opts.push("lazy_refcounts=on");
+    }
+  } else {
+    cs = pick([4096, 65536]);
+    opts.push(`cluster_size=${cs}`, `table_size=${pick([1, 2, 4])}`);
+  }
+  // Often not a multiple of the cluster size.
+  const size = (1 + Math.floor(rnd() * 8)) * 1024 * 1024 + Math.floor(rnd() * 64) * 512;
+  const c = await tool("qemu-img", [
+    "create",
+    "-f",
+    format,
+    "-o",
+    opts.join(","),
+    file,
+    String(size),
+  ]);
+  if (c.code !== 0) return undefined;
+  const batches = 1 + Math.floor(rnd() * 3);
+  let snapshots = 0;
+  for (let b = 0; b < batches; b++) {
+    const cmds: string[] = [];
+    const n = 2 + Math.floor(rnd() * 8);
+    for (let i = 0; i < n; i++) {
+      const r = rnd();
+      const len = 1 + Math.floor(rnd() * 3 * cs);
+      const off = Math.floor(rnd() * (size - len));
+      const p = 1 + Math.floor(rnd() * 254);
+      if (format === "qcow2" && r < 0.15 && size >= 2 * cs) {
+        const k = Math.floor(rnd() * Math.floor(size / cs));
+        cmds.push("-c", `write -c -P ${p} ${k * cs} ${cs}`);
+      } else if (r < 0.25) {
+        cmds.push("-c", `write -z ${off} ${len}`);
+      } else if (r < 0.3) {
+        cmds.push("-c", `discard ${off} ${len}`);
+      } else {
+        cmds.push("-c", `write -P ${p} ${off} ${len}`);
+      }
+    }
+    await tool("qemu-io", ["-f", format, ...cmds, file]);
+    if (format === "qcow2" && b < batches - 1 && rnd() < 0.6) {
+      const s = await tool("qemu-img", ["snapshot", "-c", `s${b}`, file]);
+      if (s.code === 0) snapshots++;
+    }
+  }
+  // Only clean images are bases.
+  if ((await qemuProblems(file, format)) !== 0) return undefined;
+  return {
+    format,
+    bytes: new Uint8Array(readFileSync(file)),
+    describe: `${format} ${opts.join(",")} size ${size}, ${snapshots} snapshot(s)`,
+  };
+}
+
+interface Outcome {
+  cases: number;
+  modes: number;
+  notOpenable: number;
+  validClusters: number;
+}
+
+async function repairWith(
+  file: string,
+  format: Format,
+  mode: RepairMode,
+): Promise<string | undefined> {
+  let backend: FileBackend | undefined;
+  try {
+    backend = await FileBackend.open(file);
+    await checkImage(backend, format, { repair: mode });
+    return undefined;
+  } catch (e) {
+    return (e as Error).message;
+  } finally {
+    await backend?.close();
+  }
+}
+
+/** One mutated image, both repair modes. Returns a failure description, or undefined. */
+async function runCase(
+  dir: string,
+  base: Base,
+  rnd: () => number,
+  tally: Outcome,
+): Promise<string | undefined> {
+  const { format } = base;
+  let bytes: Uint8Array = base.bytes.slice();
+  const what: string[] = [];
+  const n = rnd() < 0.7 ? 1 : 2 + Math.floor(rnd() * 2);
+  for (let i = 0; i < n; i++) {
+    const m = mutate(format, bytes, rnd);
+    bytes = m.bytes;
+    what.push(m.what);
+  }
+  const model = modelImage(format, bytes);
+  const src = join(dir, `case.${format}`);
+  writeFileSync(src, bytes);
+  const before = await qemuProblems(src, format);
+  tally.cases++;
+  if (before === undefined) tally.notOpenable++;
+  tally.validClusters += model?.valid.length ?? 0;
+  const facts = JSON.stringify(headerFacts(format, bytes));
+  for (const mode of ["leaks", "all"] as const) {
+    tally.modes++;
+    const file = join(dir, `repaired-${mode}.${format}`);
+    writeFileSync(file, bytes);
+    const fail = (msg: string): string =>
+      `${msg}\n  base: ${base.describe}\n  mutations: ${what.join("; ")}\n  mode: -r ${mode}\n  image kept at ${src}`;
+    const thrown = await repairWith(file, format, mode);
+    const after = new Uint8Array(readFileSync(file));
+    if (thrown !== undefined) {
+      if (Buffer.compare(after, bytes) !== 0)
+        return fail(`check threw (${thrown}) and changed the file`);
+      continue;
+    }
+    const factsAfter = JSON.stringify(headerFacts(format, after));
+    if (factsAfter !== facts) return fail(`header changed: ${facts} -> ${factsAfter}`);
+    const problems = await qemuProblems(file, format);
+    if (before !== undefined) {
+      if (problems === undefined)
+        return fail(`qemu-img could check the image before the repair, not after`);
+      if (problems > before)
+        return fail(`qemu-img check counts ${before} problems before, ${problems} after`);
+    }
+    if (model === undefined || model.valid.length === 0) continue;
+    const raw = join(dir, `raw-${mode}`);
+    const conv = await tool("qemu-img", [
+      "convert",
+      "-U",
+      "--salvage",
+      "-f",
+      format,
+      "-O",
+      "raw",
+      file,
+      raw,
+    ]);
+    if (conv.code !== 0) {
+      if (before === undefined) continue;
+      return fail(`qemu-img convert cannot read the repaired image: ${conv.stderr.trim()}`);
+    }
+    const changed = firstChangedCluster(model, new Uint8Array(readFileSync(raw)));
+    if (changed !== undefined) return fail(`a validly mapped cluster changed: ${changed}`);
+  }
+  return undefined;
+}
+
+describe.skipIf(!haveQemu())(
+  `repair never makes an image worse (seed ${SEED}, ${CASES} cases)`,
+  () => {
+    it(
+      "qimg check -r leaks / -r all on mutated qemu-made images",
+      async () => {
+        const tally: Outcome = { cases: 0, modes: 0, notOpenable: 0, validClusters: 0 };
+        const failures: string[] = [];
+        const worker = async (w: number): Promise<void> => {
+          const dir = mkdtempSync(join(tmpdir(), `qimg-never-worse-${w}-`));
+          let keep = false;
+          try {
+            for (let b = w; b * PER_BASE < CASES && failures.length === 0; b += WORKERS) {
+              const baseSeed = SEED + b * 7919;
+              let base: Base | undefined;
+              for (let attempt = 0; base === undefined && attempt < 5; attempt++) {
+                base = await makeBase(dir, prng(baseSeed + attempt * 104729));
+              }
+              if (base === undefined) continue;
+              const count = Math.min(PER_BASE, CASES - b * PER_BASE);
+              for (let i = 0; i < count && failures.length === 0; i++) {
+                const caseSeed = baseSeed * 1000 + i;
+                const f = await runCase(dir, base, prng(caseSeed), tally);
+                if (f !== undefined) {
+                  keep = true;
+                  failures.push(`seed ${SEED}, base ${b}, case seed ${caseSeed}: ${f}`);
+                }
+              }
+            }
+          } finally {
+            if (!keep) rmSync(dir, { recursive: true, force: true });
+          }
+        };
+        await Promise.all(Array.from({ length: WORKERS }, (_, w) => worker(w)));
+        console.log(
+          `repair-never-worse seed ${SEED}: ${tally.cases} mutated images, ${tally.modes} repairs, ` +
+            `${tally.notOpenable} qemu-img could not check before, ${tally.validClusters} valid clusters compared`,
+        );
+        expect(failures, failures.join("\n")).toEqual([]);
+      },
+      LONG ? 24 * 3600_000 : 300_000,
+    );
+  },
+);

@@ -216,7 +216,13 @@ function makeTwin(seed: number): Twin {
 }
 
 async function openRw(file: string) {
-  return openQcow2(await FileBackend.open(file, { readOnly: false }), { readOnly: false });
+  const backend = await FileBackend.open(file, { readOnly: false });
+  try {
+    return await openQcow2(backend, { readOnly: false });
+  } catch (e) {
+    await backend.close();
+    throw e;
+  }
 }
 
 /** Everything QEMU says about the bitmaps of `file`, for comparing twins. */
@@ -383,6 +389,110 @@ describe.skipIf(!haveQemu)("persistent bitmaps against QEMU", () => {
       expect(check(ours).code).toBe(0);
       expect(check(ours).result.leaks ?? 0).toBe(0);
       expect(await bitmapFacts(ours)).toEqual(await bitmapFacts(theirs));
+    }
+  });
+
+  it("power loss at any point of the close leaves bitmaps either in use or complete, never a broken image", async () => {
+    const base = path.join(tmp, "close-crash-base.qcow2");
+    must("qemu-img", ["create", "-q", "-f", "qcow2", "-o", "cluster_size=1024", base, "3000064"]);
+    must("qemu-img", ["bitmap", "--add", "-g", "512", base, "fine"]);
+    must("qemu-img", ["bitmap", "--add", "-g", "65536", base, "coarse"]);
+    must("qemu-img", ["bitmap", "--add", "--disable", base, "off"]);
+    must("qemu-io", ["-f", "qcow2", "-c", "write -P 1 1000 5000", base]);
+    const bytes = fs.readFileSync(base);
+    const session = async (img: Awaited<ReturnType<typeof openQcow2>>): Promise<void> => {
+      await img.write(700_001, new Uint8Array(300_000).fill(2));
+      await img.writeZeroes(2_000_000, 10_000);
+      await img.discard(0, 4096);
+    };
+    // The reference: the same session, closed cleanly.
+    const ref = path.join(tmp, "close-crash-ref.qcow2");
+    fs.writeFileSync(ref, bytes);
+    const refImage = await openRw(ref);
+    await session(refImage);
+    await refImage.close();
+    const expected = await bitmapFacts(ref);
+    const out = path.join(tmp, "close-crash.qcow2");
+    for (let n = 0; ; n++) {
+      const mem = new MemoryBackend();
+      await mem.write(0, bytes);
+      let counting = false;
+      let ops = 0;
+      const fault = await FaultBackend.wrap(mem, {
+        failWhen: (op) => counting && (op === "write" || op === "flush") && ++ops > n,
+      });
+      const image = await openQcow2(fault, { readOnly: false });
+      await session(image);
+      await image.flush();
+      counting = true;
+      let completed = true;
+      await image.close().catch(() => {
+        completed = false;
+      });
+      const survivor = fault.powerLoss({ tearLastWrite: true, seed: n });
+      fs.writeFileSync(out, survivor.snapshot());
+      const c = check(out);
+      const where = `power loss after ${n} writes/flushes of the close`;
+      expect(c.result.corruptions ?? 0, where).toBe(0);
+      expect(c.result["check-errors"] ?? 0, where).toBe(0);
+      // QEMU opens it read-write (a torn directory would make it refuse the image).
+      expect(run("qemu-io", ["-f", "qcow2", "-c", "read 0 512", out]).code, where).toBe(0);
+      fs.writeFileSync(out, survivor.snapshot());
+      const list = infoBitmaps(out);
+      // Either the autoclear bit is off (every bitmap dropped, as QEMU treats a directory
+      // that was being rewritten) or each bitmap is in use or complete.
+      if (list.length > 0) {
+        expect(
+          list.map((b) => b.name),
+          where,
+        ).toEqual(expected.list.map((b) => b.name));
+        const facts = await bitmapFacts(out);
+        for (const b of list) {
+          if (b.flags.includes("in-use")) continue;
+          expect(facts.ranges[b.name], `${where}: bitmap ${b.name}`).toEqual(
+            expected.ranges[b.name],
+          );
+        }
+      }
+      if (completed) {
+        // Every write and flush of the close was a crash point.
+        expect(n).toBeGreaterThan(8);
+        expect(list).toEqual(expected.list);
+        break;
+      }
+    }
+  });
+
+  it("refuses a read-write open of bitmaps that break the spec, as QEMU does, changing nothing", async () => {
+    const base = path.join(tmp, "bad-base.qcow2");
+    must("qemu-img", ["create", "-q", "-f", "qcow2", "-o", "cluster_size=4096", base, "1048576"]);
+    must("qemu-img", ["bitmap", "--add", "-g", "4096", base, "b0"]);
+    must("qemu-io", ["-f", "qcow2", "-c", "write 0 8192", base]);
+    const ro = await openQcow2(await FileBackend.open(base, { readOnly: true }));
+    const dir = ro.bitmapDirectory!.offset;
+    const table = ro.bitmaps[0]!.bitmapTableOffset;
+    await ro.close();
+    const poke = (file: string, at: number, bytes: number[]): void => {
+      const fd = fs.openSync(file, "r+");
+      fs.writeSync(fd, Buffer.from(bytes), 0, bytes.length, at);
+      fs.closeSync(fd);
+    };
+    const damages: [string, number, number[]][] = [
+      ["a reserved directory flag", dir + 15, [0x06]],
+      ["a bitmap type other than 1", dir + 16, [2]],
+      ["a granularity below 512", dir + 17, [8]],
+      ["a table size that does not fit the disk", dir + 8, [0, 0, 0, 7]],
+      ["reserved bits in a table entry", table + 7, [0x02]],
+      ["a table entry with an offset and the all-ones bit", table, [0, 0, 0, 0, 0, 0, 0x10, 0x01]],
+    ];
+    for (const [what, at, bytes] of damages) {
+      const file = path.join(tmp, "bad.qcow2");
+      fs.copyFileSync(base, file);
+      poke(file, at, bytes);
+      expect(run("qemu-io", ["-f", "qcow2", "-c", "write 0 512", file]).code, what).not.toBe(0);
+      const before = fs.readFileSync(file);
+      await expect(openRw(file), what).rejects.toThrow(/bitmap 'b0'/);
+      expect(fs.readFileSync(file).equals(before), what).toBe(true);
     }
   });
 

@@ -997,10 +997,14 @@ export class Qcow2Image implements DiskImage {
     const runs: [number, number][] = [];
     // A reference that ends a cluster or more past the end of the file is corruption, not
     // space to count (QEMU's check reports it and leaves it out): memory stays bounded by the
-    // file's real size. A data cluster dropped that way loses its COPIED flag, as QEMU's
-    // repair does, so a later write copies it instead of writing far past the end.
+    // file's real size. Such a data cluster (typically a crash lost its data write but kept the
+    // L2 entry) reads as zeros; its entry is rewritten to say so (a zero cluster on version 3,
+    // unallocated on version 2 without a backing file), so that neither the new refcount
+    // structures nor later allocations land under it and change what it reads, and a later
+    // write allocates instead of writing far past the end. (QEMU's repair only clears COPIED,
+    // which leaves the stale reference in place.)
     const fileSize = await this.backend.size();
-    const uncopy: number[] = [];
+    const pastEnd: number[] = [];
     await walkReferences(
       {
         backend: this.backend,
@@ -1013,8 +1017,7 @@ export class Qcow2Image implements DiskImage {
         reference: (r) => {
           if (r.kind === "refcount-table" || r.kind === "refcount-block") return;
           if (r.offset + Math.max(1, r.length) - fileSize >= cs) {
-            if (r.kind === "data" && r.copied === true && r.entryOffset !== undefined)
-              uncopy.push(r.entryOffset);
+            if (r.kind === "data" && r.entryOffset !== undefined) pastEnd.push(r.entryOffset);
             return;
           }
           const first = Math.floor(r.offset / cs);
@@ -1037,14 +1040,28 @@ export class Qcow2Image implements DiskImage {
         });
       },
     });
-    const entry = new Uint8Array(8);
-    const view = new DataView(entry.buffer);
-    for (const at of uncopy) {
-      await this.backend.read(at, entry);
-      view.setUint32(0, view.getUint32(0, false) & ~OFLAG_COPIED.hi, false);
-      await this.backend.write(at, entry);
+    if (pastEnd.length > 0) {
+      const hasBacking = this.backingFilename !== undefined;
+      const entry = new Uint8Array(this.extendedL2 ? 16 : 8);
+      const view = new DataView(entry.buffer);
+      for (const at of pastEnd) {
+        await this.backend.read(at, entry);
+        if (this.extendedL2) {
+          // No host cluster, every subcluster reads as zeros.
+          view.setBigUint64(0, 0n, false);
+          view.setBigUint64(8, 0xffff_ffff_0000_0000n, false);
+        } else if (this.hdr.version === 3) {
+          view.setBigUint64(0, BigInt(OFLAG_ZERO.lo), false);
+        } else if (!hasBacking) {
+          view.setBigUint64(0, 0n, false);
+        } else {
+          // Version 2 over a backing file has no way to say "zeros": keep the entry, not COPIED.
+          view.setUint32(0, view.getUint32(0, false) & ~OFLAG_COPIED.hi, false);
+        }
+        await this.backend.write(at, entry);
+      }
+      await this.backend.flush();
     }
-    if (uncopy.length > 0) await this.backend.flush();
     this.fileSize = await this.backend.size();
   }
 
@@ -1077,12 +1094,18 @@ export class Qcow2Image implements DiskImage {
     const cs = this.clusterSize;
     const m = w.metadata;
     m.clear();
-    m.add(0, cs, Meta.header);
-    if (this.hdr.l1Size > 0) m.add(this.hdr.l1TableOffset, this.hdr.l1Size * 8, Meta.activeL1);
-    m.add(this.hdr.refcountTableOffset, this.hdr.refcountTableClusters * cs, Meta.refcountTable);
+    // Sizes come from the file: nothing past its end is recorded (a u32 entry count of a
+    // corrupt table must not make this loop over billions of clusters).
+    const limit = this.fileSize + cs;
+    const add = (offset: number, bytes: number, kind: number): void => {
+      if (offset < limit) m.add(offset, Math.min(bytes, limit - offset), kind);
+    };
+    add(0, cs, Meta.header);
+    if (this.hdr.l1Size > 0) add(this.hdr.l1TableOffset, this.hdr.l1Size * 8, Meta.activeL1);
+    add(this.hdr.refcountTableOffset, this.hdr.refcountTableClusters * cs, Meta.refcountTable);
     for (let i = 0; i < w.refcounts.tableEntries; i++) {
       const b = w.refcounts.blockOffset(i);
-      if (b !== 0) m.add(b, cs, Meta.refcountBlock);
+      if (b !== 0) add(b, cs, Meta.refcountBlock);
     }
     if (this.hdr.nbSnapshots > 0) {
       const last = this.snapshots[this.snapshots.length - 1];
@@ -1093,26 +1116,26 @@ export class Qcow2Image implements DiskImage {
           last.extraData.byteLength +
           enc.encode(last.id).byteLength +
           enc.encode(last.name).byteLength;
-        m.add(
+        add(
           this.hdr.snapshotsOffset,
           last.offset + lastBytes - this.hdr.snapshotsOffset,
           Meta.snapshotTable,
         );
       }
       for (const snap of this.snapshots)
-        if (snap.l1Size > 0) m.add(snap.l1TableOffset, snap.l1Size * 8, Meta.inactiveL1);
+        if (snap.l1Size > 0) add(snap.l1TableOffset, snap.l1Size * 8, Meta.inactiveL1);
     }
-    for (const off of w.inactiveL2) m.add(off, cs, Meta.inactiveL2);
+    for (const off of w.inactiveL2) add(off, cs, Meta.inactiveL2);
     for (let i = 0; i < this.l1.length; i++) {
       const off = this.l1.getMasked(i, L1_OFFSET_MASK);
-      if (off !== 0 && off % cs === 0) m.add(off, cs, Meta.activeL2);
+      if (off !== 0 && off % cs === 0) add(off, cs, Meta.activeL2);
     }
     const dir = this.bitmapDirectory;
     if (dir && AutoclearFeatures.decode(this.hdr.autoclearFeatures).has("bitmaps")) {
-      if (dir.length > 0) m.add(dir.offset, dir.length, Meta.bitmapDirectory);
+      if (dir.length > 0) add(dir.offset, dir.length, Meta.bitmapDirectory);
       for (const b of this.bitmaps) {
         if (b.bitmapTableSize > 0 && b.bitmapTableOffset !== 0)
-          m.add(b.bitmapTableOffset, b.bitmapTableSize * 8, Meta.bitmapTable);
+          add(b.bitmapTableOffset, b.bitmapTableSize * 8, Meta.bitmapTable);
       }
     }
   }

@@ -14,6 +14,8 @@ import * as fs from "node:fs";
 import { promisify } from "node:util";
 import { ErrorCode, InvalidArgumentError, IoError } from "@qimg/structs";
 import type { BackendKind, BlockBackend, ReadOptions } from "./backend.js";
+import { lockImageFile } from "./lock.js";
+import type { ImageLock } from "./lock.js";
 import {
   checkNonNegativeInt,
   checkRange,
@@ -42,6 +44,18 @@ export interface FileBackendOptions {
    * fast, but nothing is durable until the OS writes it back. Default false.
    */
   readonly noFlush?: boolean;
+  /**
+   * Share every permission with other users of the file, as qemu-img's `-U` (read-only opens
+   * only): the open then neither waits for nor excludes writers. Default false.
+   */
+  readonly forceShare?: boolean;
+  /**
+   * Check image locks (default true): a read-write open fails with {@link ImageLockedError}
+   * while the file is open elsewhere in this process or a QEMU process uses it, and a
+   * read-only open fails while it is open for writing in this process or QEMU denies reading
+   * it. `false` skips the checks, as QEMU's `locking=off`. See lock.ts and the README.
+   */
+  readonly lock?: boolean;
 }
 
 function describeStats(st: fs.Stats): string {
@@ -138,6 +152,7 @@ export class FileBackend implements BlockBackend {
   #closed = false;
   #closing: Promise<void> | undefined;
   #noFlush = false;
+  #lock: ImageLock | undefined;
   readonly #inflight = new Set<Promise<unknown>>();
 
   private constructor(
@@ -171,6 +186,10 @@ export class FileBackend implements BlockBackend {
     if (readOnly && (create || truncate)) {
       throw new InvalidArgumentError(`${path}: cannot open read-only with create or truncate`);
     }
+    const forceShare = options.forceShare ?? false;
+    if (forceShare && !readOnly) {
+      throw new InvalidArgumentError(`${path}: forceShare can only be used with read-only opens`);
+    }
 
     let pre: fs.Stats | undefined;
     try {
@@ -181,9 +200,9 @@ export class FileBackend implements BlockBackend {
     if (pre !== undefined && kindOf(pre) === undefined) throw notAFile(path, pre);
 
     const c = fs.constants;
-    const flags = readOnly
-      ? c.O_RDONLY
-      : c.O_RDWR | (create ? c.O_CREAT : 0) | (truncate ? c.O_TRUNC : 0);
+    // No O_TRUNC: the file is truncated only after the lock check, so a refused open leaves a
+    // file that another process uses as it was.
+    const flags = readOnly ? c.O_RDONLY : c.O_RDWR | (create ? c.O_CREAT : 0);
     let fd: number;
     try {
       fd = fs.openSync(path, flags, 0o666);
@@ -200,10 +219,28 @@ export class FileBackend implements BlockBackend {
       const st = fs.fstatSync(fd);
       const kind = kindOf(st);
       if (kind === undefined) throw notAFile(path, st);
-      const size = kind === "block-device" ? blockDeviceSize(fd, st) : st.size;
-      const backend = new FileBackend(path, fd, kind, size, readOnly);
-      backend.#noFlush = options.noFlush ?? false;
-      return backend;
+      const lock =
+        options.lock === false
+          ? undefined
+          : lockImageFile(fd, path, readOnly ? (forceShare ? "read-shared" : "read") : "write");
+      try {
+        let size = kind === "block-device" ? blockDeviceSize(fd, st) : st.size;
+        if (truncate && kind === "file" && size > 0) {
+          try {
+            fs.ftruncateSync(fd, 0);
+          } catch (e) {
+            throw systemError(path, "truncate to 0 bytes", e);
+          }
+          size = 0;
+        }
+        const backend = new FileBackend(path, fd, kind, size, readOnly);
+        backend.#noFlush = options.noFlush ?? false;
+        backend.#lock = lock;
+        return backend;
+      } catch (e) {
+        lock?.release();
+        throw e;
+      }
     } catch (e) {
       fs.closeSync(fd);
       if (e instanceof IoError) throw e;
@@ -357,6 +394,7 @@ export class FileBackend implements BlockBackend {
     this.#closed = true;
     const pending = [...this.#inflight];
     this.#closing = Promise.allSettled(pending).then(async () => {
+      this.#lock?.release();
       try {
         await closeFd(this.#fd);
       } catch (e) {

@@ -5,3 +5,5 @@
  */
 export { FileBackend } from "./file.js";
 export type { FileBackendOptions } from "./file.js";
+export { ImageLockedError, LOCK_PERM_BASE, LOCK_SHARED_BASE, QEMU_PERMISSIONS } from "./lock.js";
+export type { QemuPermission } from "./lock.js";

@@ -181,11 +181,9 @@ describe.skipIf(!haveQemu)("images made by qimg, read by qemu", () => {
     it(`cluster ${clusterSize}, table ${tableSize}: qemu-img check is clean and the data matches`, async () => {
       const path = join(work, `made-${clusterSize}-${tableSize}.qed`);
       const size = 8 * M + 512;
-      await createQed(await FileBackend.open(path, { create: true, truncate: true }), {
-        size,
-        clusterSize,
-        tableSize,
-      });
+      const made = await FileBackend.open(path, { create: true, truncate: true });
+      await createQed(made, { size, clusterSize, tableSize });
+      await made.close(); // an image open for writing cannot be opened again
       const info = JSON.parse(run("qemu-img", ["info", "--output=json", path]).stdout) as Record<
         string,
         unknown
@@ -219,11 +217,9 @@ describe.skipIf(!haveQemu)("images made by qimg, read by qemu", () => {
     const base = new Uint8Array(3 * M).map((_, i) => (i >> 10) & 0xff);
     writeFileSync(join(dir, "base.raw"), base);
     const path = join(dir, "top.qed");
-    await createQed(await FileBackend.open(path, { create: true }), {
-      size: 4 * M,
-      backingFile: "base.raw",
-      backingFormat: "raw",
-    });
+    const made = await FileBackend.open(path, { create: true });
+    await createQed(made, { size: 4 * M, backingFile: "base.raw", backingFormat: "raw" });
+    await made.close(); // an image open for writing cannot be opened again
     const img = await openQed(await FileBackend.open(path), { openBacking: openRaw });
     const model = new Uint8Array(4 * M);
     model.set(base);

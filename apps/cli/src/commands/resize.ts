@@ -49,7 +49,10 @@ export const resizeCommand: CommandDef = {
       .option("-f, --format <fmt>", "image format (qcow2, qed, raw); probed when omitted")
       .option("--shrink", "allow making the image smaller (data past the new end is lost)")
       .option("-q, --quiet", "print nothing on success")
-      .option("-U, --force-share", "accepted for qemu-img compatibility (resize always needs the write lock)");
+      .option(
+        "-U, --force-share",
+        "accepted for qemu-img compatibility (resize always needs the write lock)",
+      );
   },
   async run(ctx, args, opts) {
     const file = args[0] ?? "";

@@ -214,11 +214,6 @@ export class PersistentBitmaps {
     return pb;
   }
 
-  /** Names and flags as they are on disk now (for tests and info). */
-  get names(): readonly string[] {
-    return this.tracked.map((t) => t.name);
-  }
-
   /** Mark every consistent bitmap in use on disk (QEMU does this for all it loads). */
   private async markInUse(): Promise<void> {
     let any = false;
@@ -351,10 +346,11 @@ export class PersistentBitmaps {
     if (tableWrites.length > 0) {
       await host.sync();
       for (const w of tableWrites) {
-        const padded = new Uint8Array(Math.ceil(w.table.bytes.byteLength / cs) * cs);
         if (w.offset === w.t.tableOffset) {
           await backend.write(w.offset, w.table.bytes);
         } else {
+          // A new table fills its clusters (zero padded), so the file never ends mid-cluster.
+          const padded = new Uint8Array(Math.ceil(w.table.bytes.byteLength / cs) * cs);
           padded.set(w.table.bytes);
           await backend.write(w.offset, padded);
         }

@@ -429,6 +429,22 @@ export function firstChangedCluster(model: Model, raw: Uint8Array): string | und
   return undefined;
 }
 
+/**
+ * The guest disk as the model reads it: the bytes of every valid cluster, zeros elsewhere
+ * (a cluster the model cannot read validly reads as 0xee, so it never matches by chance).
+ */
+export function readGuest(model: Model): Uint8Array {
+  const cs = model.clusterSize;
+  const out = new Uint8Array(model.virtualSize).fill(0xee);
+  for (const c of model.valid) {
+    const start = c.index * cs;
+    const end = Math.min(start + cs, model.virtualSize);
+    if (c.bytes === undefined) out.fill(0, start, end);
+    else out.set(c.bytes.subarray(0, end - start), start);
+  }
+  return out;
+}
+
 // ------------------------------------------------------------------ mutations
 
 /** Where the metadata of a file is, for drawing mutations. */

@@ -9,7 +9,7 @@ import * as qcow2 from "@qimg/qcow2";
 import * as qed from "@qimg/qed";
 import type { Qcow2CreateOptions } from "@qimg/qcow2";
 import type { CliContext } from "./context.js";
-import { CliError, inFile } from "./errors.js";
+import { CliError, FileContextError, describeError, inFile } from "./errors.js";
 import { combinePath, openImage } from "./open.js";
 import { formattingLine, type OptDesc, type OptMap } from "./util/qemu-opts.js";
 import { preallocate } from "./util/preallocate.js";
@@ -300,7 +300,17 @@ async function withNewFiles(
 ): Promise<void> {
   const files: NewFile[] = [];
   try {
-    for (const p of paths) files.push(await inFile(p, () => openNewFile(p, noFlush)));
+    for (const [i, p] of paths.entries()) {
+      try {
+        files.push(await openNewFile(p, noFlush));
+      } catch (e) {
+        const errno = e instanceof Error ? errnoOf(e.cause) : undefined;
+        if (i === 0 || errno === undefined) throw new FileContextError(p, e);
+        // A data file that cannot be made: qemu-img's words, attributed to the image.
+        const reason = describeError(e).line.replace(/^qimg: /, "");
+        throw new CliError(`Could not create '${p}': ${reason}`, { file: paths[0], cause: e });
+      }
+    }
     await fn(files);
   } catch (e) {
     for (const f of files) {

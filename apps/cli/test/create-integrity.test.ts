@@ -225,6 +225,18 @@ describe.skipIf(!hasQemu)("a refused create leaves nothing behind", () => {
   );
 });
 
+describe.skipIf(!hasQemu)("a data file that cannot be created", () => {
+  it("fails with qemu-img's message, and the image file is not left behind", async () => {
+    const args = ["create", "-q", "-f", "qcow2", "-o", "data_file=nodir/d.raw"];
+    const e = qemuImg([...args, "df-e.qcow2", "1M"], tmp);
+    const r = await qimg([...args, "df-q.qcow2", "1M"], tmp);
+    expect(r.code).toBe(e.code);
+    expect(r.stderr).toBe(e.stderr.replace("qemu-img: df-e.qcow2", "qimg: df-q.qcow2"));
+    expect(existsSync(join(tmp, "df-q.qcow2"))).toBe(false);
+    expect(existsSync(join(tmp, "df-e.qcow2"))).toBe(false);
+  });
+});
+
 describe.skipIf(!hasQemu)("a refused resize changes nothing", () => {
   const cases: readonly {
     fmt: string;

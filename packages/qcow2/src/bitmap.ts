@@ -115,10 +115,11 @@ export class PersistentBitmaps {
 
   /**
    * Check the directory and the tables of the bitmaps not in use (refusing the open the way
-   * QEMU refuses it when they break the spec), then mark those bitmaps in use on disk.
-   * `entries` are the decoded directory entries; `virtualSize` the guest size in bytes.
+   * QEMU refuses it when they break the spec); writes nothing. Then call {@link markInUse}
+   * before the first guest write. `entries` are the decoded directory entries;
+   * `virtualSize` the guest size in bytes.
    */
-  static async open(
+  static async load(
     host: BitmapHost,
     directory: { readonly offset: number; readonly length: number },
     entries: readonly BitmapEntry[],
@@ -209,13 +210,11 @@ export class PersistentBitmaps {
         changed: enabled ? new Uint8Array(e.bitmapTableSize) : EMPTY,
       });
     }
-    const pb = new PersistentBitmaps(host, directory.offset, dir, tracked, virtualSize);
-    await pb.markInUse();
-    return pb;
+    return new PersistentBitmaps(host, directory.offset, dir, tracked, virtualSize);
   }
 
   /** Mark every consistent bitmap in use on disk (QEMU does this for all it loads). */
-  private async markInUse(): Promise<void> {
+  async markInUse(): Promise<void> {
     let any = false;
     for (const t of this.tracked) {
       if (!t.consistent) continue;

@@ -868,6 +868,8 @@ export class Qcow2Image implements DiskImage {
         "Lazy refcounts require a qcow2 image with at least qemu 1.1 compatibility level",
       );
     }
+    // Persistent bitmaps are checked before anything is written: a refused open changes nothing.
+    await this.loadBitmaps();
     this.readOnly = false;
     // Autoclear features we do not maintain (unknown ones) are cleared before anything is
     // written; persistent bitmaps are maintained (bitmap.ts), so their bit stays.
@@ -937,29 +939,29 @@ export class Qcow2Image implements DiskImage {
       compressedNext: 0,
     };
     this.buildMetadataMap();
-    await this.openBitmaps();
+    // Bitmaps are marked in use on disk before any guest write.
+    await this.pbm?.markInUse();
   }
 
-  /** Load the persistent bitmaps and mark them in use on disk, before any guest write. */
-  private async openBitmaps(): Promise<void> {
-    const w = this.w!;
+  /** Load and check the persistent bitmaps (nothing is written yet). */
+  private async loadBitmaps(): Promise<void> {
     const cs = this.clusterSize;
     const bit = AutoclearFeatures.maskOf("bitmaps");
     if (!this.bitmapDirectory || this.bitmaps.length === 0) return;
     if ((this.hdr.autoclearFeatures & bit) === 0n) return;
-    this.pbm = await PersistentBitmaps.open(
+    this.pbm = await PersistentBitmaps.load(
       {
         backend: this.backend,
         clusterSize: cs,
         allocate: async (n) => {
-          const h = await w.refcounts.allocate(n);
+          const h = await this.w!.refcounts.allocate(n);
           this.refreshRefcountBlocks(h + n * cs);
           this.fileSize = Math.max(this.fileSize, h + n * cs);
           return h;
         },
-        free: (offset, n) => w.refcounts.free(offset, n),
+        free: (offset, n) => this.w!.refcounts.free(offset, n),
         sync: async () => {
-          await w.refcountCache.flush();
+          await this.w!.refcountCache.flush();
           await this.backend.flush();
         },
         setAutoclear: (on) =>

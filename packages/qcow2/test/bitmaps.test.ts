@@ -494,6 +494,20 @@ describe.skipIf(!haveQemu)("persistent bitmaps against QEMU", () => {
       await expect(openRw(file), what).rejects.toThrow(/bitmap 'b0'/);
       expect(fs.readFileSync(file).equals(before), what).toBe(true);
     }
+    // Nothing else happens first either: not even the repair of a dirty lazy-refcounts image.
+    const lazy = path.join(tmp, "bad-lazy.qcow2");
+    must("qemu-img", ["create", "-q", "-f", "qcow2", "-o", "lazy_refcounts=on", lazy, "1048576"]);
+    must("qemu-img", ["bitmap", "--add", lazy, "b0"]);
+    must("qemu-img", ["bitmap", "--add", lazy, "b1"]);
+    run("qemu-io", ["-f", "qcow2", "-c", "write 0 8192", "-c", "abort", lazy]);
+    const lro = await openQcow2(await FileBackend.open(lazy, { readOnly: true }));
+    expect(lro.info().dirty).toBe(true);
+    const at = lro.bitmapDirectory!.offset + lro.bitmapDirectory!.length - 32 + 15;
+    await lro.close();
+    poke(lazy, at, [0x06]);
+    const before = fs.readFileSync(lazy);
+    await expect(openRw(lazy)).rejects.toThrow(/bitmap 'b1'/);
+    expect(fs.readFileSync(lazy).equals(before)).toBe(true);
   });
 
   const cases = LONG ? 400 : 24;

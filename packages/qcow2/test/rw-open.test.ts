@@ -53,7 +53,7 @@ describe("read-write opens", () => {
     }
   });
 
-  it("clears unknown autoclear bits (and the bitmaps bit it does not maintain)", async () => {
+  it("clears unknown autoclear bits (the bitmaps bit is kept: bitmaps.test.ts)", async () => {
     const { file, image } = await openCopy("qcow2-autoclear-unknown");
     expect(image.header.autoclearFeatures & ~AutoclearFeatures.maskOf("rawExternalData")).toBe(0n);
     await image.close();

@@ -8,7 +8,7 @@ let passed = 0;
 let failed = 0;
 let skipped = 0;
 const rows = [];
-for (const group of ["packages", "apps"]) {
+for (const group of ["packages", "apps", "tests"]) {
   for (const dir of fs.readdirSync(path.join(root, group))) {
     const file = path.join(root, group, dir, ".vitest-result.json");
     if (!fs.existsSync(file)) continue;

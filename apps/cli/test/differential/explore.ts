@@ -7,11 +7,28 @@ import { mkdtempSync, rmSync } from "node:fs";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { CI_LIMITS, LONG_LIMITS, generateCase } from "./gen.js";
-import { formatFailure, runCase, runPool, shrink, type CaseResult } from "./run.js";
+import { formatFailure, runCase, runPool, shrink, timings, type CaseResult } from "./run.js";
 
 const cases = Number(process.argv[2] ?? 100);
 const base = Number(process.argv[3] ?? 1);
 const limits = process.argv[4] === "long" ? LONG_LIMITS : CI_LIMITS;
+const PER_CATEGORY = Number(process.env.PER_CATEGORY ?? 3);
+/** A coarse key of what a case exercises, to pick different examples of one category. */
+function featureKey(r: CaseResult): string {
+  const c = r.spec;
+  const opts = c.options
+    .filter((o) => !/^(cluster_size|refcount_bits=16|compat=1.1|.*=off)/.test(o))
+    .map((o) => o.replace(/=.*$/, (v) => (/^=(on|zlib)$/.test(v) ? "" : v)));
+  return [
+    c.format,
+    c.backing ? `backing-${c.backing.format}` : "",
+    c.dataFile ? "data_file" : "",
+    ...opts,
+    ...[...new Set(c.ops.map((o) => o.k))].sort(),
+  ]
+    .filter((x) => x !== "")
+    .join(" ");
+}
 const root = mkdtempSync(join(tmpdir(), "qimg-diff-"));
 const t0 = Date.now();
 const seeds = Array.from({ length: cases }, (_, i) => base + i);
@@ -33,6 +50,11 @@ for (const r of results) {
 console.log(
   `${cases} cases (${skipped} skipped: QEMU refused the options) in ${((Date.now() - t0) / 1000).toFixed(1)} s; ${byCat.size} failure categories`,
 );
+for (const [k, t] of [...timings].sort((a, b) => b[1].ms - a[1].ms)) {
+  console.log(
+    `  time ${k}: ${(t.ms / 1000).toFixed(1)} s in ${t.n} (${(t.ms / t.n).toFixed(0)} ms each)`,
+  );
+}
 for (const [why, n] of reasons) console.log(`  skipped ${n}: ${why}`);
 for (const [cat, rs] of [...byCat].sort()) {
   console.log(
@@ -41,8 +63,17 @@ for (const [cat, rs] of [...byCat].sort()) {
       .map((r) => r.spec.seed)
       .join(" ")}`,
   );
-  const first = rs.reduce((a, b) => (a.spec.ops.length <= b.spec.ops.length ? a : b));
-  const small = process.env.NOSHRINK === "1" ? first : await shrink(first, root, cat);
-  console.log(formatFailure(small, cat));
+  // Up to PER_CATEGORY cases with different features, each shrunk: one category may hide
+  // several bugs.
+  const seen = new Set<string>();
+  const sorted = [...rs].sort((a, b) => a.spec.ops.length - b.spec.ops.length);
+  for (const r of sorted) {
+    const key = featureKey(r);
+    if (seen.has(key) || seen.size >= PER_CATEGORY) continue;
+    seen.add(key);
+    const small = process.env.NOSHRINK === "1" ? r : await shrink(r, root, cat);
+    console.log(`-- features: ${key}`);
+    console.log(formatFailure(small, cat));
+  }
 }
 rmSync(root, { recursive: true, force: true });

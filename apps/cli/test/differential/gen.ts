@@ -47,6 +47,8 @@ export interface CaseSpec {
   readonly size: number | undefined;
   readonly ops: readonly Op[];
   readonly converts: readonly Convert[];
+  /** Persistent dirty bitmaps added with `qemu-img bitmap --add` to both twins (qcow2 v3). */
+  readonly bitmaps: readonly { readonly name: string; readonly granularity: number }[];
 }
 
 export interface GenLimits {
@@ -321,7 +323,12 @@ export function generateCase(seed: number, limits: GenLimits = CI_LIMITS): CaseS
     }
     converts = chosen;
   }
-  return { seed, format, options, dataFile, backing, size, ops, converts };
+  const bitmaps: { name: string; granularity: number }[] = [];
+  if (format === "qcow2" && !options.includes("compat=0.10") && d.chance(0.15)) {
+    const n = d.int(1, 2);
+    for (let i = 0; i < n; i++) bitmaps.push({ name: `b${i}`, granularity: d.pow2(9, 21) });
+  }
+  return { seed, format, options, dataFile, backing, size, ops, converts, bitmaps };
 }
 
 /** The qemu-io command line of an operation (resize is not one: the runner runs qemu-img). */
@@ -351,6 +358,9 @@ export function describeCase(c: CaseSpec): string {
     c.dataFile ? "data_file" : "",
     `size=${c.size ?? "(backing's)"}`,
     b ? `backing=${b.format}:${b.size}` : "",
+    c.bitmaps.length > 0
+      ? `bitmaps=${c.bitmaps.map((x) => `${x.name}:${x.granularity}`).join(",")}`
+      : "",
   ]
     .filter((x) => x !== "")
     .join(" ");

@@ -68,11 +68,54 @@ export async function referencesTornCluster(
   return false;
 }
 
+/**
+ * How many references (L1 table, L2 tables, data clusters; saturating at 2) each cluster of
+ * the file has, from a read-only pass over the tables. A repair never writes into an L2 table
+ * whose clusters something else also claims (the L1 table, another table, a data cluster).
+ */
+async function countReferences(ctx: WalkContext): Promise<Uint8Array> {
+  const g = ctx.geometry;
+  const cs = g.clusterSize;
+  const refs = new Uint8Array(Math.floor(g.fileSize / cs));
+  const add = (offset: number, n: number): void => {
+    for (let c = offset / cs, i = 0; i < n && c < refs.length; i++, c++) {
+      if (refs[c]! < 2) refs[c] = refs[c]! + 1;
+    }
+  };
+  add(ctx.l1TableOffset, g.tableSize);
+  const l1 = ctx.l1;
+  for (let i = 0; i < l1.length; i++) {
+    const value = l1.get(i);
+    if (classifyL1Entry(value, g) !== "offset") continue;
+    add(value, g.tableSize);
+    let l2: QedTable;
+    try {
+      l2 = new QedTable(await ctx.readL2(value));
+    } catch {
+      continue;
+    }
+    for (let j = 0; j < l2.length; j++) {
+      const v = l2.get(j);
+      if (classifyL2Entry(v, g) === "offset") add(v, 1);
+    }
+  }
+  return refs;
+}
+
 export async function walkQed(ctx: WalkContext, repair: boolean): Promise<WalkResult> {
   const g = ctx.geometry;
   const cs = g.clusterSize;
   const nclusters = Math.floor(g.fileSize / cs);
   const used = new Uint8Array(nclusters);
+  const refs = repair ? await countReferences(ctx) : undefined;
+  /** Whether the table at `offset` is claimed by nothing else (a repair may write into it). */
+  const ownTable = (offset: number): boolean => {
+    if (refs === undefined) return true;
+    for (let c = offset / cs, i = 0; i < g.tableSize && c < refs.length; i++, c++) {
+      if (refs[c]! > 1) return false;
+    }
+    return true;
+  };
   const r: WalkResult = {
     corruptions: 0,
     corruptionsFixed: 0,
@@ -103,10 +146,10 @@ export async function walkQed(ctx: WalkContext, repair: boolean): Promise<WalkRe
     return dup === 0;
   };
 
-  const bad = (offset: number, message: string): void => {
-    if (repair) r.corruptionsFixed++;
+  const bad = (offset: number, message: string, fix = repair): void => {
+    if (fix) r.corruptionsFixed++;
     else r.corruptions++;
-    r.problems.push({ kind: "corruption", fixed: repair, offset, message });
+    r.problems.push({ kind: "corruption", fixed: fix, offset, message });
   };
 
   markUsed(ctx.l1TableOffset, g.tableSize, "the L1 table");
@@ -143,6 +186,8 @@ export async function walkQed(ctx: WalkContext, repair: boolean): Promise<WalkRe
       continue;
     }
     const l2 = new QedTable(bytes);
+    // A table that is also the L1 table, another table or a data cluster is not written into.
+    const fixHere = repair && ownTable(value);
     let invalid = 0;
     let last = 0;
     for (let j = 0; j < l2.length; j++) {
@@ -156,14 +201,15 @@ export async function walkQed(ctx: WalkContext, repair: boolean): Promise<WalkRe
         bad(
           value + j * 8,
           `L2 table at ${hex(value)} entry ${j} points to a data cluster at ${describe(v)}, which is not cluster aligned or not inside the file (${hex(g.fileSize)} bytes)`,
+          fixHere,
         );
-        if (repair) l2.set(j, 0);
+        if (fixHere) l2.set(j, 0);
         invalid++;
         continue;
       }
       markUsed(v, 1, `L2 table at ${hex(value)} entry ${j}`);
     }
-    if (invalid > 0 && repair) {
+    if (invalid > 0 && fixHere) {
       try {
         await ctx.backend.write(value, bytes);
         ctx.l2Fixed?.(value);

@@ -1,5 +1,11 @@
 /**
- * A progress bar on stderr, drawn only when stderr is a terminal (and `-p` was given).
+ * `-p` progress, as qemu-img shows it: on stdout. When stdout is a terminal, a bar; otherwise
+ * (a pipe, a file, a test's captured output) qemu-img's own lines, `    (12.34/100%)\r`, one
+ * each time the progress moved by more than one percent, the last followed by a newline.
+ *
+ * The bar hides the cursor and turns line wrap off while it is drawn; both are restored on
+ * every way out: stop, process exit, and SIGINT/SIGTERM/SIGHUP (Ctrl-C), after which the
+ * signal takes its usual course.
  */
 import { createRequire } from "node:module";
 import type cliProgressModule from "cli-progress";
@@ -7,7 +13,7 @@ import type { CliContext } from "../context.js";
 
 /**
  * cli-progress is loaded on first use: it costs about 15 ms of start-up, and most runs draw
- * no bar (no `-p`, or stderr is not a terminal).
+ * no bar (no `-p`, or stdout is not a terminal).
  */
 function loadCliProgress(): typeof cliProgressModule {
   return createRequire(import.meta.url)("cli-progress") as typeof cliProgressModule;
@@ -21,12 +27,55 @@ export interface Progress {
 
 const NONE: Progress = { update: () => undefined, stop: () => undefined };
 
+/** qemu-img prints a new line only when the progress moved by more than this (percent). */
+const MIN_STEP = 1;
+
+/** Shows the cursor and turns line wrap back on. */
+export const RESTORE_TERMINAL = "\x1b[?25h\x1b[?7h";
+
+const SIGNALS = ["SIGINT", "SIGTERM", "SIGHUP"] as const;
+
 export function startProgress(ctx: CliContext, enabled: boolean, total: number): Progress {
-  if (!enabled || !ctx.stderrIsTTY || ctx.progressStream === undefined) return NONE;
+  if (!enabled) return NONE;
+  // The real process's context has a progress stream; in-process contexts (tests, embedding)
+  // have none, and get qemu-img's text lines on their stdout.
+  const terminal =
+    ctx.progressStream !== undefined && process.stdout.isTTY ? process.stdout : undefined;
+  return terminal === undefined ? startLines(ctx, total) : startBar(terminal, total);
+}
+
+/** qemu-img's progress lines on the context's stdout. */
+function startLines(ctx: CliContext, total: number): Progress {
+  let lastPrinted = 0;
+  const print = (percent: number): void => {
+    lastPrinted = percent;
+    ctx.stdout(`    (${percent.toFixed(2)}/100%)\r`);
+  };
+  const percentOf = (done: number): number =>
+    total <= 0 ? 100 : Math.min(100, (done / total) * 100);
+  print(0);
+  let stopped = false;
+  return {
+    update(done) {
+      if (stopped) return;
+      const percent = percentOf(done);
+      if (percent > lastPrinted + MIN_STEP || percent === 100) print(percent);
+    },
+    stop() {
+      if (stopped) return;
+      stopped = true;
+      print(100);
+      ctx.stdout("\n");
+    },
+  };
+}
+
+/** A bar on a terminal, with the terminal restored on every exit path. */
+function startBar(stream: NodeJS.WriteStream, total: number): Progress {
   const cliProgress = loadCliProgress();
   const bar = new cliProgress.SingleBar(
     {
-      stream: ctx.progressStream,
+      stream,
       format: "    ({percentage}/100%) [{bar}] {value_mib}/{total_mib} MiB",
       hideCursor: true,
       clearOnComplete: false,
@@ -34,16 +83,44 @@ export function startProgress(ctx: CliContext, enabled: boolean, total: number):
     },
     cliProgress.Presets.shades_classic,
   );
+  const restore = (): void => {
+    try {
+      stream.write(RESTORE_TERMINAL);
+    } catch {
+      // The terminal is gone: nothing to restore.
+    }
+  };
+  const onExit = (): void => restore();
+  const onSignal = (signal: NodeJS.Signals): void => {
+    restore();
+    detach();
+    bar.stop();
+    // Nobody else handles it: let it end the process as it would have without the bar.
+    if (process.listenerCount(signal) === 0) process.kill(process.pid, signal);
+  };
+  const detach = (): void => {
+    process.removeListener("exit", onExit);
+    for (const s of SIGNALS) process.removeListener(s, onSignal);
+  };
+  process.on("exit", onExit);
+  for (const s of SIGNALS) process.on(s, onSignal);
+
   const mib = (n: number): string => (n / 1024 / 1024).toFixed(1);
   const safeTotal = Math.max(total, 1);
   bar.start(safeTotal, 0, { value_mib: mib(0), total_mib: mib(total) });
+  let stopped = false;
   return {
     update(done) {
+      if (stopped) return;
       bar.update(Math.min(done, safeTotal), { value_mib: mib(done), total_mib: mib(total) });
     },
     stop() {
+      if (stopped) return;
+      stopped = true;
       bar.update(safeTotal, { value_mib: mib(total), total_mib: mib(total) });
       bar.stop();
+      restore();
+      detach();
     },
   };
 }

@@ -97,7 +97,9 @@ describe.skipIf(!hasQemu)("qimg convert to qcow2 and QED", () => {
     const src = rawSource("proc.raw", 3 * 1024 * 1024, 99);
     const dst = join(tmp, "proc.qcow2");
     const r = qimgProcess(["convert", "-c", "-p", "-O", "qcow2", src, dst]);
-    expect(r).toEqual({ code: 0, stdout: "", stderr: "" });
+    expect({ ...r, stdout: "" }).toEqual({ code: 0, stdout: "", stderr: "" });
+    // -p to a pipe: qemu-img's progress lines on stdout.
+    expect(r.stdout).toMatch(/^ {4}\(0\.00\/100%\)\r.* {4}\(100\.00\/100%\)\r\n$/s);
     verify(src, dst, "qcow2", "raw");
   });
 

@@ -20,8 +20,14 @@ export class RawImage implements DiskImage {
     return this.backend.readOnly;
   }
 
+  /**
+   * The virtual size is the file size rounded up to a whole 512-byte sector, as QEMU's block
+   * layer sees a raw file (`qemu-img info` of a 1000-byte file says 1024 bytes); the partial
+   * sector's missing tail reads as zeros.
+   */
   static async open(backend: BlockBackend): Promise<RawImage> {
-    return new RawImage(backend, await backend.size());
+    const size = await backend.size();
+    return new RawImage(backend, Math.ceil(size / SECTOR) * SECTOR);
   }
 
   async read(offset: number, buf: Uint8Array): Promise<void> {
@@ -79,6 +85,7 @@ export class RawImage implements DiskImage {
   }
 }
 
+const SECTOR = 512;
 const SCAN_BLOCK = 4096;
 const SCAN_CHUNK = 1024 * 1024;
 

@@ -84,7 +84,12 @@ function makeTwin(seed: number): Twin {
   const opts = [`cluster_size=${clusterSize}`];
   if (r() < 0.25) opts.push("lazy_refcounts=on");
   if (clusterSize >= 16384 && r() < 0.3) opts.push("extended_l2=on");
+  if (r() < 0.2) opts.push(`refcount_bits=${pick([1, 2, 8, 64])}`);
+  // An external data file (bitmaps stay in the qcow2 file); each twin gets its own, named
+  // with as many bytes so the header can be patched.
+  const dataFile = r() < 0.15;
   const dir = path.join(tmp, `s${seed}`);
+  if (dataFile) opts.push(`data_file=${path.join(dir, "dbase.raw")}`);
   fs.mkdirSync(dir, { recursive: true });
   const base = path.join(dir, "base.qcow2");
   must("qemu-img", ["create", "-q", "-f", "qcow2", "-o", opts.join(","), base, String(size)]);
@@ -157,6 +162,18 @@ function makeTwin(seed: number): Twin {
   const theirs = path.join(dir, "theirs.qcow2");
   fs.copyFileSync(base, ours);
   fs.copyFileSync(base, theirs);
+  if (dataFile) {
+    for (const [file, raw] of [
+      [ours, "dours.raw"],
+      [theirs, "dthem.raw"],
+    ] as const) {
+      const bytes = fs.readFileSync(file);
+      const at = bytes.indexOf(path.join(dir, "dbase.raw"));
+      bytes.write(path.join(dir, raw), at);
+      fs.writeFileSync(file, bytes);
+      fs.copyFileSync(path.join(dir, "dbase.raw"), path.join(dir, raw));
+    }
+  }
   const ops: Op[] = [];
   let freed = false;
   for (let i = 0, n = 1 + Math.floor(r() * 10); i < n; i++) {
@@ -185,7 +202,7 @@ function makeTwin(seed: number): Twin {
       // bytes 507937.. read compressed garbage). QEMU is the wrong twin there, not us.
       const c = Math.floor(off / clusterSize);
       const cOff = c * clusterSize;
-      if (freed || touched.has(c) || cOff >= size) continue;
+      if (freed || dataFile || touched.has(c) || cOff >= size) continue;
       ops.push({
         kind: "compress",
         off: cOff,
@@ -218,7 +235,11 @@ function makeTwin(seed: number): Twin {
 async function openRw(file: string) {
   const backend = await FileBackend.open(file, { readOnly: false });
   try {
-    return await openQcow2(backend, { readOnly: false });
+    return await openQcow2(backend, {
+      readOnly: false,
+      openDataFile: (name, relativeTo) =>
+        FileBackend.open(path.resolve(path.dirname(relativeTo), name), { readOnly: false }),
+    });
   } catch (e) {
     await backend.close();
     throw e;

@@ -56,6 +56,14 @@ export interface FileBackendOptions {
    * it. `false` skips the checks, as QEMU's `locking=off`. See lock.ts and the README.
    */
   readonly lock?: boolean;
+  /**
+   * Also hold QEMU's lock bytes where QEMU sees them, through a helper process (Perl, Linux
+   * x64/arm64): a QEMU process (or another qimg) started while this backend is open then
+   * refuses the image as it refuses one open in QEMU. Best effort (`locksPublished` tells);
+   * costs a process start (about 10 ms) per open. Default false, or true when the
+   * environment has QIMG_PUBLISH_LOCKS=1.
+   */
+  readonly publishLock?: boolean;
 }
 
 function describeStats(st: fs.Stats): string {
@@ -146,6 +154,10 @@ export class FileBackend implements BlockBackend {
   readonly name: string;
   /** The path the backend was opened with. */
   readonly path: string;
+  /** True when QEMU can see this open's locks (see `publishLock`). */
+  get locksPublished(): boolean {
+    return this.#lock?.published ?? false;
+  }
 
   #fd: number;
   #size: number;
@@ -222,7 +234,14 @@ export class FileBackend implements BlockBackend {
       const lock =
         options.lock === false
           ? undefined
-          : lockImageFile(fd, path, readOnly ? (forceShare ? "read-shared" : "read") : "write");
+          : await lockImageFile(
+              fd,
+              path,
+              readOnly ? (forceShare ? "read-shared" : "read") : "write",
+              {
+                publish: options.publishLock ?? process.env.QIMG_PUBLISH_LOCKS === "1",
+              },
+            );
       try {
         let size = kind === "block-device" ? blockDeviceSize(fd, st) : st.size;
         if (truncate && kind === "file" && size > 0) {
@@ -238,7 +257,7 @@ export class FileBackend implements BlockBackend {
         backend.#lock = lock;
         return backend;
       } catch (e) {
-        lock?.release();
+        await lock?.release();
         throw e;
       }
     } catch (e) {
@@ -394,7 +413,7 @@ export class FileBackend implements BlockBackend {
     this.#closed = true;
     const pending = [...this.#inflight];
     this.#closing = Promise.allSettled(pending).then(async () => {
-      this.#lock?.release();
+      await this.#lock?.release();
       try {
         await closeFd(this.#fd);
       } catch (e) {

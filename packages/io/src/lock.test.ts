@@ -5,7 +5,12 @@ import * as os from "node:os";
 import * as path from "node:path";
 import { afterAll, afterEach, describe, expect, it } from "vitest";
 import { FileBackend } from "./file.js";
-import { ImageLockedError, parseProcLocks, setProcLocksPathForTesting } from "./lock.js";
+import {
+  ImageLockedError,
+  canPublishLocks,
+  parseProcLocks,
+  setProcLocksPathForTesting,
+} from "./lock.js";
 
 const dir = fs.mkdtempSync(path.join(os.tmpdir(), "qimg-lock-"));
 afterAll(() => fs.rmSync(dir, { recursive: true, force: true }));
@@ -261,3 +266,97 @@ describe.skipIf(!haveQemuIo || !haveProcLocks)("QEMU's locks (qemu-io holding th
     await stop(c);
   });
 });
+
+const havePerl = spawnSync("perl", ["-e", "1"]).status === 0;
+if (!havePerl) console.log("skipping lock publishing tests: perl is not on PATH");
+
+describe.skipIf(!haveQemuIo || !haveProcLocks || !havePerl || !canPublishLocks())(
+  "publishLock: QEMU sees qimg's locks",
+  () => {
+    function qcow2(): string {
+      const p = path.join(dir, `p${++counter}.qcow2`);
+      const r = spawnSync("qemu-img", ["create", "-q", "-f", "qcow2", p, "1000000"], {
+        encoding: "utf8",
+      });
+      expect(r.status, r.stderr).toBe(0);
+      return p;
+    }
+    const qemuWrite = (p: string): ReturnType<typeof spawnSync> =>
+      spawnSync("qemu-io", ["-f", "qcow2", "-c", "write -P 0x33 0 4096", p], {
+        encoding: "utf8",
+      });
+
+    it("qemu-io cannot write an image qimg has open for writing; afterwards it can", async () => {
+      const p = qcow2();
+      const w = await FileBackend.open(p, { publishLock: true });
+      expect(w.locksPublished).toBe(true);
+      const before = fs.readFileSync(p);
+      const q = qemuWrite(p);
+      expect(q.status).not.toBe(0);
+      expect(String(q.stderr)).toMatch(
+        /Failed to get "write" lock\nIs another process using the image/,
+      );
+      // qemu-img info (read-only) is refused too: qimg holds write and does not share it.
+      const info = spawnSync("qemu-img", ["info", p], { encoding: "utf8" });
+      expect(info.stderr).toMatch(/Failed to get shared "write" lock/);
+      expect(Buffer.compare(fs.readFileSync(p), before)).toBe(0);
+      // This process's own publisher is not taken for a foreign user.
+      await refused(FileBackend.open(p), /"write" lock/); // (the in-process check)
+      await w.close();
+      expect(qemuWrite(p).status).toBe(0);
+    });
+
+    it("a qimg reader keeps QEMU from writing but lets it read", async () => {
+      const p = qcow2();
+      const r = await FileBackend.open(p, { readOnly: true, publishLock: true });
+      expect(r.locksPublished).toBe(true);
+      expect(String(qemuWrite(p).stderr)).toMatch(/Failed to get "write" lock/);
+      const read = spawnSync("qemu-io", ["-f", "qcow2", "-r", "-c", "read 0 512", p], {
+        encoding: "utf8",
+      });
+      expect(read.status, read.stderr).toBe(0);
+      await r.close();
+      expect(qemuWrite(p).status).toBe(0);
+    });
+
+    it("another process (qemu-img or qimg) sees the locks; a crash releases them", async () => {
+      const p = qcow2();
+      // A child Node process holds the image with published locks, then dies abruptly.
+      const script = [
+        `const { FileBackend } = await import(${JSON.stringify(new URL("./file.ts", import.meta.url).href)});`,
+        `const b = await FileBackend.open(${JSON.stringify(p)}, { publishLock: true });`,
+        `process.stdout.write(b.locksPublished ? "held\\n" : "not\\n");`,
+        "setInterval(() => {}, 1000);",
+      ].join("\n");
+      const tsx = import.meta.resolve("tsx");
+      const holder = spawn(
+        process.execPath,
+        ["--conditions=@qimg/source", "--import", tsx, "--input-type=module", "-e", script],
+        {
+          stdio: ["ignore", "pipe", "inherit"],
+        },
+      );
+      try {
+        const first = await new Promise<string>((resolve, reject) => {
+          holder.stdout.setEncoding("utf8");
+          holder.stdout.once("data", (d: string) => resolve(d.trim()));
+          holder.once("exit", (code) => reject(new Error(`holder exited with ${code}`)));
+        });
+        expect(first).toBe("held");
+        expect(String(qemuWrite(p).stderr)).toMatch(/Failed to get "write" lock/);
+        const e = await refused(FileBackend.open(p), /Failed to get "write" lock/);
+        expect(e.holder).toBe("another process");
+      } finally {
+        const exited = new Promise((r) => holder.once("exit", r));
+        holder.kill("SIGKILL");
+        await exited;
+      }
+      // The helper notices its parent is gone (its input closes) and lets go.
+      for (let i = 0; i < 100 && qemuWrite(p).status !== 0; i++) {
+        await new Promise((r) => setTimeout(r, 20));
+      }
+      expect(qemuWrite(p).status).toBe(0);
+      await (await FileBackend.open(p)).close();
+    });
+  },
+);

@@ -107,6 +107,8 @@ export interface ForeignLocks {
   readonly unshared: number;
 }
 
+const NO_PIDS: ReadonlySet<number> = new Set();
+
 const LINE =
   /^\d+:\s+(->\s+)?(OFDLCK|POSIX)\s+\S+\s+(READ|WRITE)\s+(-?\d+)\s+([0-9a-f]+):([0-9a-f]+):(\d+)\s+(\d+)\s+(\d+|EOF)\s*$/;
 
@@ -115,14 +117,20 @@ const LINE =
  * `ino`, from the text of /proc/locks. Locks that only wait (`->`) and POSIX locks of this
  * process are not counted; OFD locks are never this process's (Node cannot take them).
  */
-export function parseProcLocks(text: string, dev: bigint, ino: bigint, pid: number): ForeignLocks {
+export function parseProcLocks(
+  text: string,
+  dev: bigint,
+  ino: bigint,
+  pid: number,
+  ownPids: ReadonlySet<number> = NO_PIDS,
+): ForeignLocks {
   const [major, minor] = majorMinor(dev);
   let held = 0;
   let unshared = 0;
   for (const line of text.split("\n")) {
     const m = LINE.exec(line);
     if (m === null || m[1] !== undefined) continue;
-    if (m[2] === "POSIX" && Number(m[4]) === pid) continue;
+    if (m[2] === "POSIX" && (Number(m[4]) === pid || ownPids.has(Number(m[4])))) continue;
     if (BigInt("0x" + m[5]!) !== major || BigInt("0x" + m[6]!) !== minor) continue;
     if (BigInt(m[7]!) !== ino) continue;
     const start = Number(m[8]);
@@ -152,12 +160,15 @@ function foreignLocks(dev: bigint, ino: bigint): ForeignLocks {
   } catch {
     return { held: 0, unshared: 0 }; // not Linux, or no procfs: nothing to see
   }
-  return parseProcLocks(text, dev, ino, process.pid);
+  return parseProcLocks(text, dev, ino, process.pid, publisherPids);
 }
 
 /** One open's claim on an image file; release it when the file is closed. */
 export interface ImageLock {
-  release(): void;
+  /** True when QEMU can see the claim (lock bytes held by a helper process, see below). */
+  readonly published: boolean;
+  /** Ends the claim; resolves when published locks are gone too. Idempotent. */
+  release(): Promise<void>;
 }
 
 /**
@@ -177,38 +188,186 @@ function check(
   if (taken !== 0) throw new ImageLockedError(path, firstBit(taken), true, holder);
 }
 
+/** QEMU's lock bytes for `want`: its held permissions, then the ones it does not share. */
+function lockBytes(want: Holder): number[] {
+  const bytes: number[] = [];
+  for (let bit = 0; bit < QEMU_PERMISSIONS.length; bit++) {
+    if (want.held & (1 << bit)) bytes.push(LOCK_PERM_BASE + bit);
+  }
+  for (let bit = 0; bit < QEMU_PERMISSIONS.length; bit++) {
+    if (!(want.shared & (1 << bit))) bytes.push(LOCK_SHARED_BASE + bit);
+  }
+  return bytes;
+}
+
+/**
+ * Publishing locks for QEMU to see. Node cannot call fcntl(), so a small Perl process opens
+ * the file and holds a POSIX read lock on each of QEMU's bytes until its standard input
+ * closes (when the backend is closed, or this process ends in any way). QEMU tests for
+ * conflicts with F_OFD_GETLK, which sees POSIX locks of other processes too. The struct flock
+ * layout below is the LP64 Linux one, so this is offered on Linux x64 and arm64 only.
+ */
+const PUBLISHER = [
+  "use strict; use Fcntl;",
+  "my ($path, @bytes) = @ARGV; $| = 1;",
+  'open(my $fh, "<", $path) or do { print "err $!\\n"; exit 1 };',
+  "for my $b (@bytes) {",
+  '  my $fl = pack("s s x4 q q l x4", F_RDLCK, 0, $b, 1, 0);',
+  '  fcntl($fh, F_SETLK, $fl) or do { print "err $!\\n"; exit 1 };',
+  "}",
+  "my @st = stat($fh);",
+  'print "ok $st[0] $st[1]\\n";',
+  "while (<STDIN>) {}",
+].join("\n");
+
+const publisherPids = new Set<number>();
+
+/** Whether lock publishing can work here (platform and architecture). */
+export function canPublishLocks(): boolean {
+  return process.platform === "linux" && (process.arch === "x64" || process.arch === "arm64");
+}
+
+interface Publisher {
+  readonly pid: number;
+  /** Ends the helper; resolves once it has exited (and its locks are gone). */
+  stop(): Promise<void>;
+}
+
+/** Start a publisher for `bytes` of `path`; undefined when it cannot run or hold them. */
+async function publish(
+  path: string,
+  bytes: readonly number[],
+  dev: bigint,
+  ino: bigint,
+): Promise<Publisher | undefined> {
+  if (!canPublishLocks()) return undefined;
+  // Loaded here: most opens never publish, and child_process costs start-up time.
+  const { spawn } = await import("node:child_process");
+  return new Promise((resolve) => {
+    let child: import("node:child_process").ChildProcess;
+    try {
+      child = spawn("perl", ["-e", PUBLISHER, "--", path, ...bytes.map(String)], {
+        stdio: ["pipe", "pipe", "ignore"],
+      });
+    } catch {
+      resolve(undefined);
+      return;
+    }
+    let out = "";
+    let done = false;
+    const finish = (p: Publisher | undefined): void => {
+      if (done) return;
+      done = true;
+      resolve(p);
+    };
+    const exited = new Promise<void>((r) => child.once("exit", () => r()));
+    const stop = (): Promise<void> => {
+      // Keep this process alive until the helper is gone (it was unref'd while holding).
+      child.ref();
+      child.stdin?.end();
+      if (child.exitCode === null && child.signalCode === null) child.kill();
+      return exited;
+    };
+    child.on("error", () => finish(undefined));
+    child.on("exit", () => {
+      // Its locks are gone only now: until then they are still this process's own.
+      if (child.pid !== undefined) publisherPids.delete(child.pid);
+      finish(undefined);
+    });
+    child.stdout?.setEncoding("latin1");
+    child.stdout?.on("data", (chunk: string) => {
+      out += chunk;
+      const nl = out.indexOf("\n");
+      if (nl < 0) return;
+      const [word, d, i] = out.slice(0, nl).split(" ");
+      // The helper must have locked the very file this backend has open.
+      if (word === "ok" && d === String(dev) && i === String(ino) && child.pid !== undefined) {
+        publisherPids.add(child.pid);
+        // Neither the helper nor its pipes keep this process alive.
+        child.unref();
+        (child.stdin as unknown as { unref?: () => void } | null)?.unref?.();
+        (child.stdout as unknown as { unref?: () => void } | null)?.unref?.();
+        finish({ pid: child.pid, stop });
+      } else {
+        void stop();
+        finish(undefined);
+      }
+    });
+  });
+}
+
+/** Options of {@link lockImageFile}. */
+export interface LockOptions {
+  /**
+   * Also hold QEMU's lock bytes where QEMU can see them (through a helper process), so a
+   * QEMU process started meanwhile refuses the image as it would refuse another QEMU's.
+   * Best effort: without Perl, or elsewhere than Linux x64/arm64, only the checks apply
+   * (`published` tells).
+   */
+  readonly publish?: boolean;
+}
+
 /**
  * Claim the file `fd` (opened from `path`) for `mode`, or throw {@link ImageLockedError}
  * when an open of this process or a QEMU process (seen through its lock bytes) excludes it.
  */
-export function lockImageFile(fd: number, path: string, mode: LockMode): ImageLock {
+export async function lockImageFile(
+  fd: number,
+  path: string,
+  mode: LockMode,
+  options: LockOptions = {},
+): Promise<ImageLock> {
   const st = fs.fstatSync(fd, { bigint: true });
+  // A file system without inode numbers (some network and Windows file systems report 0)
+  // cannot tell files apart: no claim then, rather than one shared by every file.
+  if (st.ino === 0n) return { published: false, release: () => Promise.resolve() };
   const key = `${st.dev}:${st.ino}`;
   const want = MODES[mode];
-  const mine = registry.get(key) ?? [];
+  const foreign = (): void =>
+    // Another process: a reader is refused only when reading is denied (qemu-img would also
+    // refuse it while QEMU writes, unless given -U; qimg reads such an image, see the README).
+    check(path, want, foreignLocks(st.dev, st.ino), "another process", mode === "write");
+  const list = registry.get(key) ?? [];
   let held = 0;
   let unshared = 0;
-  for (const h of mine) {
+  for (const h of list) {
     held |= h.held;
     unshared |= ALL & ~h.shared;
   }
   check(path, want, { held, unshared }, "this process", true);
-  // Another process: a reader is refused only when reading is denied (qemu-img would also
-  // refuse it while QEMU writes, unless given -U; qimg reads such an image, see the README).
-  check(path, want, foreignLocks(st.dev, st.ino), "another process", mode === "write");
+  foreign();
+  // Registered before any wait, so a concurrent open in this process sees this one.
   const entry: Holder = { held: want.held, shared: want.shared };
-  mine.push(entry);
-  registry.set(key, mine);
-  let released = false;
+  list.push(entry);
+  registry.set(key, list);
+  const unregister = (): void => {
+    const current = registry.get(key);
+    if (current === undefined) return;
+    const i = current.indexOf(entry);
+    if (i >= 0) current.splice(i, 1);
+    if (current.length === 0) registry.delete(key);
+  };
+  let publisher: Publisher | undefined;
+  if (options.publish === true) {
+    try {
+      publisher = await publish(path, lockBytes(want), st.dev, st.ino);
+      // As QEMU does: take the locks, then look again for a user that came in meanwhile.
+      foreign();
+    } catch (e) {
+      await publisher?.stop();
+      unregister();
+      throw e;
+    }
+  }
+  let released: Promise<void> | undefined;
   return {
-    release(): void {
-      if (released) return;
-      released = true;
-      const list = registry.get(key);
-      if (list === undefined) return;
-      const i = list.indexOf(entry);
-      if (i >= 0) list.splice(i, 1);
-      if (list.length === 0) registry.delete(key);
+    published: publisher !== undefined,
+    release(): Promise<void> {
+      released ??= (async () => {
+        unregister();
+        await publisher?.stop();
+      })();
+      return released;
     },
   };
 }

@@ -11,7 +11,8 @@ import { join } from "node:path";
 import { pathToFileURL } from "node:url";
 import { afterAll, describe, expect, it } from "vitest";
 import { CLI_DIR, qimg } from "./helpers.js";
-import { hasQemu, prng, qemuImg } from "./qemu.js";
+import { printf2 } from "../src/util/progress.js";
+import { hasQemu, prng, qemuImg, qemuIo } from "./qemu.js";
 
 if (!hasQemu) console.log("skipping the qemu-img comparisons of -p and EPIPE: no qemu-img");
 
@@ -70,6 +71,69 @@ describe("-p when stdout is not a terminal: qemu-img's progress lines on stdout"
   it("without -p nothing is printed", async () => {
     const r = await qimg(["convert", "-f", "raw", "-O", "raw", src, join(tmp, "copy.raw")]);
     expect(r.stdout + r.stderr).toBe("");
+  });
+});
+
+describe.skipIf(!hasQemu)("compare -p as qemu-img compare -p", () => {
+  const seed = Number(process.env.QIMG_SEED ?? 777);
+  const a = rawFile("a.raw", 7 * 1024 * 1024 + 333, seed);
+  const same = rawFile("same.raw", 7 * 1024 * 1024 + 333, seed);
+  const other = rawFile("other.raw", 7 * 1024 * 1024 + 333, seed + 1);
+
+  /** The progress lines, then the verdict, then the newline that ends the progress. */
+  const SHAPE = /^ {4}\(0\.00\/100%\)\r( {4}\(\d{1,3}\.\d\d\/100%\)\r)*([^\r]*\n)\n$/;
+
+  it.each([
+    ["identical", same],
+    ["different", other],
+  ])("%s raw images: the same verdict after the progress lines", async (_what, b) => {
+    const args = ["compare", "-p", "-f", "raw", "-F", "raw", a, b];
+    const ours = await qimg(args);
+    const theirs = qemuImg(args);
+    expect(ours.code, `seed ${seed}`).toBe(theirs.code);
+    expect(ours.stdout).toMatch(SHAPE);
+    expect(theirs.stdout).toMatch(SHAPE);
+    expect(SHAPE.exec(ours.stdout)?.[2]).toBe(SHAPE.exec(theirs.stdout)?.[2]);
+  });
+
+  it("sparse qcow2 images (the same chunks as qemu-img): byte for byte", async () => {
+    const x = join(tmp, "x.qcow2");
+    const y = join(tmp, "y.qcow2");
+    for (const f of [x, y])
+      expect(qemuImg(["create", "-q", "-f", "qcow2", f, "3145728"]).code).toBe(0);
+    expect(qemuIo(["-c", "write -P 3 1049088 4608", y]).code).toBe(0);
+    for (const [p, q] of [
+      [x, x],
+      [x, y],
+    ] as const) {
+      const ours = await qimg(["compare", "-p", p, q]);
+      const theirs = qemuImg(["compare", "-p", p, q]);
+      expect(ours.code).toBe(theirs.code);
+      expect(JSON.stringify(ours.stdout)).toBe(JSON.stringify(theirs.stdout));
+    }
+  });
+});
+
+describe("printf2 (the %.2f of qemu-img's progress lines)", () => {
+  it("rounds the exact binary value, ties to even, as C's printf", () => {
+    const values = [
+      0,
+      3.125,
+      0.125,
+      0.375,
+      2.675,
+      1.005,
+      100 / 3,
+      200 / 3,
+      99.995,
+      99.999,
+      12.345,
+      100,
+    ];
+    const c = spawnSync("printf", [values.map(() => "%.2f\n").join(""), ...values.map(String)], {
+      encoding: "utf8",
+    });
+    expect(values.map(printf2).join("\n") + "\n").toBe(c.stdout);
   });
 });
 

@@ -206,10 +206,11 @@ async function compareImages(
         progress.update(offset);
       }
     }
+    say("Images are identical.\n");
   } finally {
-    progress.stop();
+    // As qemu-img: the verdict follows the last progress line, then the newline.
+    progress.end();
   }
-  say("Images are identical.\n");
   return COMPARE_EXIT.IDENTICAL;
 }
 

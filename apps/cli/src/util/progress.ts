@@ -22,10 +22,16 @@ function loadCliProgress(): typeof cliProgressModule {
 export interface Progress {
   /** Set the number of bytes done. */
   update(done: number): void;
+  /** The operation completed: show 100% and end the progress output. */
   stop(): void;
+  /**
+   * End the progress output as it stands (qemu-img's progress end: a newline after the last
+   * line), for commands that print their verdict after the last progress line.
+   */
+  end(): void;
 }
 
-const NONE: Progress = { update: () => undefined, stop: () => undefined };
+const NONE: Progress = { update: () => undefined, stop: () => undefined, end: () => undefined };
 
 /** qemu-img prints a new line only when the progress moved by more than this (percent). */
 const MIN_STEP = 1;
@@ -44,12 +50,28 @@ export function startProgress(ctx: CliContext, enabled: boolean, total: number):
   return terminal === undefined ? startLines(ctx, total) : startBar(terminal, total);
 }
 
+/**
+ * `x` with two decimals as C's printf("%.2f") writes it: the exact binary value rounded,
+ * ties to even (3.125 is "3.12"; JavaScript's toFixed says "3.13").
+ */
+export function printf2(x: number): string {
+  const exact = x.toFixed(20); // exact digits of the double, far past the second decimal
+  const dot = exact.indexOf(".");
+  const kept = exact.slice(0, dot + 3);
+  const rest = exact.slice(dot + 3);
+  const half = "5".padEnd(rest.length, "0");
+  const lastDigit = Number(kept[kept.length - 1]);
+  const up = rest > half || (rest === half && lastDigit % 2 === 1);
+  if (!up) return kept;
+  return (Math.round(Number(kept) * 100 + 1) / 100).toFixed(2);
+}
+
 /** qemu-img's progress lines on the context's stdout. */
 function startLines(ctx: CliContext, total: number): Progress {
   let lastPrinted = 0;
   const print = (percent: number): void => {
     lastPrinted = percent;
-    ctx.stdout(`    (${percent.toFixed(2)}/100%)\r`);
+    ctx.stdout(`    (${printf2(percent)}/100%)\r`);
   };
   const percentOf = (done: number): number =>
     total <= 0 ? 100 : Math.min(100, (done / total) * 100);
@@ -63,8 +85,12 @@ function startLines(ctx: CliContext, total: number): Progress {
     },
     stop() {
       if (stopped) return;
-      stopped = true;
       print(100);
+      this.end();
+    },
+    end() {
+      if (stopped) return;
+      stopped = true;
       ctx.stdout("\n");
     },
   };
@@ -116,8 +142,12 @@ function startBar(stream: NodeJS.WriteStream, total: number): Progress {
     },
     stop() {
       if (stopped) return;
-      stopped = true;
       bar.update(safeTotal, { value_mib: mib(total), total_mib: mib(total) });
+      this.end();
+    },
+    end() {
+      if (stopped) return;
+      stopped = true;
       bar.stop();
       restore();
       detach();

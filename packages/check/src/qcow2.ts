@@ -274,6 +274,18 @@ class Pass {
   }
 
   /**
+   * Whether an L2 table at `offset` (aligned, inside the file) would be offset 0, the header
+   * or a structure other than an L2 or refcount structure: never a table. (One under a
+   * refcount block or the refcount table is walked without writes; the refcount structures
+   * are rebuilt, since a block claimed twice forces a rebuild.)
+   */
+  l2OnOtherMeta(offset: number): boolean {
+    if (this.meta.length === 0) return false;
+    if (offset === 0) return true;
+    return (this.meta[offset / this.cs]! & ~(M_L2 | M_REFTABLE | M_REFBLOCK)) !== 0;
+  }
+
+  /**
    * Whether a repair may write into the L1 table at [offset, +bytes): claimed by L1 tables and
    * at most by L1 entries that point into it (those entries are dropped, as their "L2 table"
    * overlaps an L1 table).
@@ -287,12 +299,19 @@ class Pass {
     return true;
   }
 
-  /** Whether [offset, +size) touches a cluster some metadata structure claims. */
+  /**
+   * Whether [offset, +size) touches a cluster that metadata other than the refcount
+   * structures claims. A data cluster under the refcount table or a refcount block keeps its
+   * mapping: the refcount structures are what gets rebuilt (a block claimed twice forces a
+   * rebuild), the guest data could not be.
+   */
   overlapsMeta(offset: number, size: number): boolean {
     if (this.meta.length === 0 || size <= 0) return false;
     const first = Math.floor(offset / this.cs);
     const last = Math.min(Math.floor((offset + size - 1) / this.cs), this.meta.length - 1);
-    for (let c = first; c <= last; c++) if (this.meta[c] !== 0) return true;
+    for (let c = first; c <= last; c++) {
+      if ((this.meta[c]! & ~(M_REFTABLE | M_REFBLOCK)) !== 0) return true;
+    }
     return false;
   }
 
@@ -566,7 +585,7 @@ class Pass {
       const outside = l2Offset + this.cs - this.fileSize >= this.cs;
       // Offset 0 (an entry holding only flags), the header cluster, or a cluster that other
       // metadata claims: never an L2 table a repair may write into.
-      const onMeta = !misaligned && !outside && !this.l2Writable(l2Offset);
+      const onMeta = !misaligned && !outside && this.l2OnOtherMeta(l2Offset);
       if (l1Fix & FIX_ERRORS && (misaligned || outside || onMeta)) {
         // Our -r all extension: drop an L1 entry whose L2 table cannot be where it says.
         this.res.corruptions++;

@@ -61,8 +61,12 @@ function words(b: Uint8Array, o: number): [number, number] {
   return [be32(b, o), be32(b, o + 4)];
 }
 
-/** Host-cluster claims: bit 1 metadata, 2 L2 table, 4 data, 8 compressed data. */
+/**
+ * Host-cluster claims: bit 1 metadata, 2 L2 table, 4 data, 8 compressed data, 16 refcount
+ * table or block (a repair rebuilds those instead of giving up a mapping under them).
+ */
 const C_META = 1;
+const C_RC = 16;
 const C_L2 = 2;
 const C_DATA = 4;
 const C_COMP = 8;
@@ -80,7 +84,7 @@ class Claims {
   only(offset: number, size: number, kind: number): boolean {
     const last = Math.floor((offset + size - 1) / this.cs);
     for (let c = Math.floor(offset / this.cs); c <= last; c++) {
-      if ((this.map.get(c) ?? 0) & ~kind) return false;
+      if ((this.map.get(c) ?? 0) & ~(kind | C_RC)) return false;
     }
     return true;
   }
@@ -197,11 +201,11 @@ function modelQcow2(f: Uint8Array): Model | undefined {
   const l2Entries = cs / entryBytes;
   const claims = new Claims(cs);
   claims.add(0, cs, C_META);
-  claims.add(m.rtOffset, m.rtClusters * cs, C_META);
+  claims.add(m.rtOffset, m.rtClusters * cs, C_RC);
   for (let i = 0; i < m.rtClusters * (cs / 8) && m.rtOffset + i * 8 + 8 <= fileSize; i++) {
     const [hi, lo] = words(f, m.rtOffset + i * 8);
     const off = hi * TWO_32 + ((lo & ~0x1ff) >>> 0);
-    if (off !== 0) claims.add(off, cs, C_META);
+    if (off !== 0) claims.add(off, cs, C_RC);
   }
   if (m.nbSnapshots > 0) claims.add(m.snOffset, m.snTableEnd - m.snOffset, C_META);
   const tables = [{ l1Offset: m.l1Offset, l1Size: m.l1Size }, ...m.snapshots];

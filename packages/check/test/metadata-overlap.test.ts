@@ -72,7 +72,12 @@ async function repairAll(file: string): Promise<void> {
 async function expectRepairKeeps(
   clean: string,
   cs: number,
-  mutateAt: (bytes: Uint8Array) => { offset: number; value: bigint; keep: [number, number][] },
+  mutateAt: (bytes: Uint8Array) => {
+    offset: number;
+    value: bigint;
+    keep: [number, number][];
+    compareGuest?: boolean;
+  },
 ): Promise<void> {
   const file = clean.replace(/\.qcow2$/, "-mutated.qcow2");
   copyFileSync(clean, file);
@@ -82,17 +87,25 @@ async function expectRepairKeeps(
   const mutated = new Uint8Array(readFileSync(file));
   const problems = qemuProblems(file);
   await repairAll(file);
-  const after = new Uint8Array(readFileSync(file));
+  const repaired = new Uint8Array(readFileSync(file));
   const where = `seed ${SEED}, cs ${cs}, entry at 0x${m.offset.toString(16)} = 0x${m.value.toString(16)}`;
   // Before the fix this wrote zeros over the header: the file was no qcow2 image any more.
-  expect(u32(after, 0), where).toBe(0x514649fb);
-  // The header cluster and the structures named in `keep` are untouched.
-  expect(Buffer.compare(after.subarray(0, cs), mutated.subarray(0, cs)), where).toBe(0);
+  expect(u32(repaired, 0), where).toBe(0x514649fb);
+  // The header cluster and the structures named in `keep` are untouched (but a refcount
+  // rebuild moves the refcount table: its offset and size, bytes 48..59, may change).
+  const head = (b: Uint8Array): Buffer => {
+    const c = Buffer.from(b.subarray(0, cs));
+    c.fill(0, 48, 60);
+    return c;
+  };
+  expect(Buffer.compare(head(repaired), head(mutated)), where).toBe(0);
   for (const [o, n] of m.keep) {
-    expect(Buffer.compare(after.subarray(o, o + n), mutated.subarray(o, o + n)), where).toBe(0);
+    expect(Buffer.compare(repaired.subarray(o, o + n), mutated.subarray(o, o + n)), where).toBe(0);
   }
   expect(qemuProblems(file), where).toBeLessThanOrEqual(problems);
-  expect(qemuProblems(file), where).toBe(0);
+  const after = run("qemu-img", ["check", file]);
+  expect(qemuProblems(file), `${where}: ${after.stdout}${after.stderr}`).toBe(0);
+  if (m.compareGuest === false) return;
   // Guest data as before the mutation (the mutated entries mapped nothing valid).
   const cmp = run("qemu-img", ["compare", clean, file]);
   expect(cmp.status, `${where}: ${cmp.stdout}${cmp.stderr}`).toBe(0);
@@ -116,7 +129,7 @@ describe.skipIf(!haveQemu())(`repair never writes into metadata (seed ${SEED})`,
     }));
   });
 
-  it("an L1 entry pointing at the refcount table or at the L1 table is dropped, not written through", async () => {
+  it("an L1 entry pointing at the header or the L1 table is dropped; none is written through (the refcount table neither)", async () => {
     const rnd = prng(SEED + 1);
     for (const target of ["refcount table", "L1 table", "header"] as const) {
       const { file, cs } = base(`l1-${target.replace(" ", "-")}`, rnd);
@@ -127,7 +140,13 @@ describe.skipIf(!haveQemu())(`repair never writes into metadata (seed ${SEED})`,
         return {
           offset: l1 + 8 * 3,
           value: 0x8000_0000_0000_0000n | BigInt(to),
-          keep: [[rt, cs]],
+          // After the rebuild the old refcount table is just the L2 table that L1 entry names
+          // (QEMU's repair then fixes COPIED flags in it too), so it is only kept otherwise.
+          keep: target === "refcount table" ? [] : [[rt, cs]],
+          // An L2 table under the refcount table stays mapped, as in QEMU's repair (the
+          // refcount structures are rebuilt elsewhere; a refcount table entry pointing at a
+          // real L2 table looks the same, and dropping that would lose its data).
+          compareGuest: target !== "refcount table",
         };
       });
     }
@@ -135,13 +154,13 @@ describe.skipIf(!haveQemu())(`repair never writes into metadata (seed ${SEED})`,
 
   it("an L2 entry whose data cluster is the header or the L1 table is dropped", async () => {
     const rnd = prng(SEED + 2);
-    for (const target of ["header", "L1 table", "refcount table"] as const) {
+    for (const target of ["header", "L1 table"] as const) {
       const { file, cs } = base(`l2-${target.replace(" ", "-")}`, rnd);
       await expectRepairKeeps(file, cs, (f) => {
         const l1 = u64(f, 40);
         const rt = u64(f, 48);
         const l2Offset = (u32(f, l1) & 0x00ff_ffff) * 0x1_0000_0000 + (u32(f, l1 + 4) & ~0x1ff);
-        const to = target === "header" ? 0 : target === "L1 table" ? l1 : rt;
+        const to = target === "header" ? 0 : l1;
         // An unused entry of the first L2 table, far from the written data.
         const index = cs / 8 - 1 - Math.floor(rnd() * 8);
         const value =

@@ -4,7 +4,7 @@ import { encodeQedHeader } from "./spec/header.js";
 import { QedTable } from "./spec/table.js";
 import { QedImage, readQedMetadata } from "./image.js";
 import type { QedCheckOptions, QedCheckResult } from "./types.js";
-import { referencesTornCluster, walkQed } from "./walk.js";
+import { referencesTornCluster, tornClusterGrown, walkQed } from "./walk.js";
 
 /**
  * Check a QED image's tables the way `qemu-img check` does: invalid L1/L2 entries (outside the
@@ -38,13 +38,15 @@ export async function checkQed(
     headerSize: header.headerSize,
     fileSize,
   };
+  let grown = false;
   if (repair && (await referencesTornCluster(geometry, meta.size, table, readL2))) {
     // The file ends inside a cluster that a table points into: keep the bytes still there
     // (QEMU drops the entries) by growing the file to the cluster's end.
     fileSize = Math.ceil(meta.size / header.clusterSize) * header.clusterSize;
     await backend.truncate(fileSize);
+    grown = true;
   }
-  const r = await walkQed(
+  const walked = await walkQed(
     {
       backend,
       geometry: { ...geometry, fileSize },
@@ -55,6 +57,13 @@ export async function checkQed(
     },
     repair,
   );
+  const r = grown
+    ? {
+        ...walked,
+        corruptionsFixed: walked.corruptionsFixed + 1,
+        problems: [tornClusterGrown(geometry.fileSize, meta.size), ...walked.problems],
+      }
+    : walked;
   let markedClean = false;
   if (
     repair &&

@@ -48,7 +48,7 @@ import {
   qedFileSize,
 } from "./spec/table.js";
 import type { QedGeometry } from "./spec/table.js";
-import { referencesTornCluster, walkQed } from "./walk.js";
+import { referencesTornCluster, tornClusterGrown, walkQed } from "./walk.js";
 import type {
   QedCheckOptions,
   QedCheckResult,
@@ -730,12 +730,17 @@ export class QedImage implements WritableDiskImage {
     this.#checkOpen();
     const repair = options.repair === true;
     if (repair) this.#checkWritable();
+    let grown: { offset: number; size: number } | undefined;
     if (repair && this.#tornSize !== undefined) {
       const size = this.#tornSize;
+      const offset = this.#fileSize;
       await this.#resolveTorn();
-      if (this.#fileSize > size) await this.backend.truncate(this.#fileSize);
+      if (this.#fileSize > size) {
+        await this.backend.truncate(this.#fileSize);
+        grown = { offset, size };
+      }
     }
-    const r = await walkQed(
+    const walked = await walkQed(
       {
         backend: this.backend,
         geometry: this.#geometry(),
@@ -746,6 +751,14 @@ export class QedImage implements WritableDiskImage {
       },
       repair,
     );
+    const r =
+      grown === undefined
+        ? walked
+        : {
+            ...walked,
+            corruptionsFixed: walked.corruptionsFixed + 1,
+            problems: [tornClusterGrown(grown.offset, grown.size), ...walked.problems],
+          };
     let markedClean = false;
     if (repair && r.corruptions === 0 && r.checkErrors === 0 && this.needCheck) {
       this.#cancelTimer();

@@ -102,6 +102,16 @@ async function countReferences(ctx: WalkContext): Promise<Uint8Array> {
   return refs;
 }
 
+/** The fixed problem a repair reports after growing a torn last cluster to its end. */
+export function tornClusterGrown(offset: number, size: number): QedCheckProblem {
+  return {
+    kind: "corruption",
+    fixed: true,
+    offset,
+    message: `the file ends at ${hex(size)}, inside the cluster at ${hex(offset)} that a table points into: grown to the cluster's end`,
+  };
+}
+
 export async function walkQed(ctx: WalkContext, repair: boolean): Promise<WalkResult> {
   const g = ctx.geometry;
   const cs = g.clusterSize;

@@ -136,6 +136,7 @@ describe.skipIf(!haveQemu)(`QED file with a torn last cluster (seed ${SEED})`, (
       try {
         const r = await checkQed(backend, { repair: true });
         expect(r.corruptions, where).toBe(0);
+        expect(r.corruptionsFixed, where).toBe(1);
       } finally {
         await backend.close();
       }

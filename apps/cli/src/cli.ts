@@ -70,7 +70,7 @@ export async function runCli(
   }
 
   try {
-    await program.parseAsync([...argv], { from: "user" });
+    await program.parseAsync(sizeLast(argv), { from: "user" });
   } catch (e) {
     if (e instanceof CommanderError) {
       // --help and --version exit 0; usage errors were already printed as one line.
@@ -83,6 +83,21 @@ export async function runCli(
     return reportError(e, ctx, 1);
   }
   return exitCode;
+}
+
+/**
+ * `resize FILE -1M`: qemu-img takes resize's last argument as the size before it parses
+ * options, so a negative size needs no `--`. Commander would read `-1M` as an unknown
+ * option; put the `--` in for it.
+ */
+export function sizeLast(argv: readonly string[]): string[] {
+  const command = argv.findIndex((a) => !a.startsWith("-"));
+  const last = argv[argv.length - 1] ?? "";
+  const rest = argv.slice(command + 1, -1);
+  if (argv[command] !== "resize" || !/^-[\d.]/.test(last) || rest.includes("--")) {
+    return [...argv];
+  }
+  return [...argv.slice(0, -1), "--", last];
 }
 
 /** A parsed commander argument as text. */

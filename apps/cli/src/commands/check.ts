@@ -4,7 +4,7 @@
  * (0 clean or fully repaired, 1 the check could not complete, 2 corruptions remain, 3 only
  * leaks remain, 63 the format has no check).
  */
-import type { Command } from "commander";
+import { Option, type Command } from "commander";
 import { checkImage, formatCheckHuman, formatCheckJson } from "@qimg/check";
 import type { RepairMode } from "@qimg/check";
 import { FileBackend } from "@qimg/io/node";
@@ -25,7 +25,9 @@ export const checkCommand: CommandDef = {
       .argument("<file>", "image to check")
       .option("-f, --format <fmt>", "image format (qcow2, qed, raw); probed when omitted")
       .option("-r, --repair <what>", "repair: 'leaks' (leaked clusters only) or 'all'")
-      .option("--output <fmt>", "output format: human or json", "human")
+      .addOption(
+        new Option("--output <fmt>", "output format").choices(["human", "json"]).default("human"),
+      )
       .option("-q, --quiet", "print nothing; only the exit code tells")
       .option("-U, --force-share", "accepted for qemu-img compatibility (qimg takes no locks)");
   },

@@ -8,9 +8,9 @@
  * - every write, write-zeroes, discard and compressed write sets the dirty bits of the guest
  *   range it was asked to change in each enabled (AUTO) bitmap: one in-memory bit per
  *   granularity chunk;
- * - clean close: the new bits are merged into the stored data (into the existing data
- *   clusters, which no reader trusts while the bitmap is in use, or into new ones), tables
- *   grown after a resize, and IN_USE cleared the same careful way.
+ * - clean close: the new bits are merged with the stored ones into fresh clusters, each
+ *   changed bitmap gets a fresh table (larger after a resize), and the directory then points
+ *   at them with IN_USE cleared, the same careful way; the replaced clusters are freed last.
  *
  * A crash leaves the bitmaps IN_USE, which QEMU reports as inconsistent, as it should.
  * Bitmaps already in use at open are left exactly as they are; disabled bitmaps keep their
@@ -52,6 +52,11 @@ export interface BitmapHost {
   sync(): Promise<void>;
   /** Set or clear the bitmaps autoclear bit in the header; durable when it resolves. */
   setAutoclear(on: boolean): Promise<void>;
+  /**
+   * Overlap check before the directory is rewritten in place: throws (and marks the image
+   * corrupt) when [offset, +length) holds other metadata.
+   */
+  checkDirectoryWrite(offset: number, length: number): Promise<void>;
 }
 
 /** One bitmap of the directory, as this open sees it. */
@@ -94,7 +99,7 @@ function setBitRange(bits: Uint8Array, first: number, last: number): void {
 }
 
 /**
- * The persistent bitmaps of one read-write open. Create with {@link PersistentBitmaps.open};
+ * The persistent bitmaps of one read-write open. Create with {@link PersistentBitmaps.load}, then {@link markInUse};
  * call {@link setDirty} for every guest range a request changes and {@link store} on a
  * clean close.
  */
@@ -233,6 +238,7 @@ export class PersistentBitmaps {
    * so a torn directory is never taken for a valid one (it then only costs the bitmaps).
    */
   private async writeDirectory(): Promise<void> {
+    await this.host.checkDirectoryWrite(this.dirOffset, this.dir.byteLength);
     await this.host.setAutoclear(false);
     await this.host.backend.write(this.dirOffset, this.dir);
     await this.host.backend.flush();
@@ -289,28 +295,27 @@ export class PersistentBitmaps {
   }
 
   /**
-   * Store the bitmaps back (clean close): merge the new bits into the data clusters, write
-   * the tables, then clear IN_USE in the directory. Bitmaps in use at open stay as they are.
+   * Store the bitmaps back (clean close). Like QEMU, nothing already on disk is overwritten
+   * except the directory: changed clusters of bitmap data go to fresh clusters (the new bits
+   * merged into the old ones), each changed bitmap gets a fresh table, and only after those
+   * are durable does the directory point at them with IN_USE cleared; then the replaced
+   * clusters are freed. Bitmaps in use at open stay as they are.
    */
   async store(): Promise<void> {
     if (this.stored) return;
     const host = this.host;
     const cs = host.clusterSize;
     const backend = host.backend;
-    const tableWrites: { t: Tracked; table: U64TableView; offset: number }[] = [];
-    const oldTables: [number, number][] = [];
+    const newTables: { t: Tracked; table: U64TableView }[] = [];
+    const frees: [offset: number, clusters: number][] = [];
     const cluster = new Uint8Array(cs);
-    // 1. Data: only clusters with new bits; an all-ones chunk cannot change.
+    // 1. Data: only clusters with new bits (an all-ones chunk cannot change).
     for (const t of this.tracked) {
       if (!t.consistent || !t.table) continue;
       const size = bitmapTableSize(this.size, t.granularityBits, cs);
-      let table = t.table;
-      let dirty = false;
-      if (size !== t.tableSize) {
-        table = bitmapTableView(new Uint8Array(size * BITMAP_TABLE_ENTRY_SIZE));
-        table.bytes.set(t.table.bytes);
-        dirty = true;
-      }
+      const table = bitmapTableView(new Uint8Array(size * BITMAP_TABLE_ENTRY_SIZE));
+      table.bytes.set(t.table.bytes.subarray(0, table.bytes.byteLength));
+      let changed = size !== t.tableSize;
       for (let c = 0; c < t.changed.length; c++) {
         if (t.changed[c] === 0) continue;
         const kind = classifyBitmapTableEntry(table, c, cs);
@@ -320,46 +325,42 @@ export class PersistentBitmaps {
         else cluster.fill(0);
         const from = c * cs;
         const to = Math.min(from + cs, t.bits.length);
-        for (let k = from; k < to; k++) cluster[k - from]! |= t.bits[k]!;
-        if (kind.kind === BitmapChunk.data) {
-          // In place: nothing trusts this data while the bitmap is IN_USE on disk.
-          await backend.write(kind.offset, cluster);
-        } else {
-          const off = await host.allocate(1);
-          await backend.write(off, cluster);
-          table.set(c, off);
-          dirty = true;
+        let grew = false;
+        for (let k = from; k < to; k++) {
+          const v = cluster[k - from]! | t.bits[k]!;
+          if (v !== cluster[k - from]) {
+            cluster[k - from] = v;
+            grew = true;
+          }
         }
+        if (!grew) continue;
+        const off = await host.allocate(1);
+        await backend.write(off, cluster);
+        table.set(c, off);
+        if (kind.kind === BitmapChunk.data) frees.push([kind.offset, 1]);
+        changed = true;
       }
-      if (!dirty) continue;
-      if (size !== t.tableSize) {
-        const clusters = Math.ceil((size * BITMAP_TABLE_ENTRY_SIZE) / cs);
-        const off = await host.allocate(clusters);
-        oldTables.push([t.tableOffset, Math.ceil((t.tableSize * BITMAP_TABLE_ENTRY_SIZE) / cs)]);
-        tableWrites.push({ t, table, offset: off });
-      } else {
-        tableWrites.push({ t, table, offset: t.tableOffset });
-      }
+      if (changed) newTables.push({ t, table });
     }
-    // 2. Tables, once the clusters they point at are allocated on disk.
-    if (tableWrites.length > 0) {
-      await host.sync();
-      for (const w of tableWrites) {
-        if (w.offset === w.t.tableOffset) {
-          await backend.write(w.offset, w.table.bytes);
-        } else {
-          // A new table fills its clusters (zero padded), so the file never ends mid-cluster.
-          const padded = new Uint8Array(Math.ceil(w.table.bytes.byteLength / cs) * cs);
-          padded.set(w.table.bytes);
-          await backend.write(w.offset, padded);
-        }
-        w.t.table = w.table;
-        w.t.tableOffset = w.offset;
-        w.t.tableSize = w.table.length;
-      }
-      await host.sync();
+    // 2. Fresh tables (zero padded to whole clusters, so the file never ends mid-cluster).
+    const placed: { t: Tracked; table: U64TableView; offset: number }[] = [];
+    for (const { t, table } of newTables) {
+      const clusters = Math.ceil(table.bytes.byteLength / cs);
+      const off = await host.allocate(clusters);
+      const padded = new Uint8Array(clusters * cs);
+      padded.set(table.bytes);
+      await backend.write(off, padded);
+      frees.push([t.tableOffset, Math.ceil((t.tableSize * BITMAP_TABLE_ENTRY_SIZE) / cs)]);
+      placed.push({ t, table, offset: off });
     }
-    // 3. The directory: IN_USE cleared, AUTO as it was.
+    // Refcounts of the new clusters and their contents are on disk before anything uses them.
+    if (placed.length > 0) await host.sync();
+    for (const { t, table, offset } of placed) {
+      t.table = table;
+      t.tableOffset = offset;
+      t.tableSize = table.length;
+    }
+    // 3. The directory: new tables, IN_USE cleared, AUTO as it was.
     let any = false;
     for (const t of this.tracked) {
       if (!t.consistent) continue;
@@ -371,8 +372,8 @@ export class PersistentBitmaps {
       });
     }
     if (any) await this.writeDirectory();
-    // 4. Tables replaced by larger ones are no longer referenced.
-    for (const [off, n] of oldTables) await host.free(off, n);
+    // 4. What the directory no longer reaches.
+    for (const [off, n] of frees) await host.free(off, n);
     this.stored = true;
   }
 }

@@ -1887,13 +1887,11 @@ export class Qcow2Image implements DiskImage {
     // Another compressed cluster may share the current host cluster (one more reference),
     // unless its refcount is at the width's maximum (refcount_bits 1 or 2): then a new
     // cluster is started, as QEMU's byte allocator does.
-    if (
-      w.compressedCluster >= 0 &&
-      w.compressedNext + size <= cs &&
-      (await w.refcounts.get(w.compressedCluster)) < w.refcounts.maxRefcount
-    ) {
-      const at = w.compressedCluster * cs + w.compressedNext;
-      await w.refcounts.update(w.compressedCluster, 1);
+    const cur = w.compressedCluster;
+    const shareable = cur >= 0 && (await w.refcounts.get(cur)) < w.refcounts.maxRefcount;
+    if (shareable && w.compressedNext + size <= cs) {
+      const at = cur * cs + w.compressedNext;
+      await w.refcounts.update(cur, 1);
       w.compressedNext += size;
       if (w.compressedNext === cs) w.compressedCluster = -1;
       return at;
@@ -1901,10 +1899,19 @@ export class Qcow2Image implements DiskImage {
     const n = Math.ceil(size / cs);
     const host = await w.refcounts.allocate(n);
     this.refreshRefcountBlocks(host + n * cs);
-    const used = size - (n - 1) * cs;
-    w.compressedCluster = used < cs ? host / cs + n - 1 : -1;
-    w.compressedNext = used;
-    return host;
+    let at = host;
+    if (shareable && host === (cur + 1) * cs) {
+      // The new clusters follow the current one: the data starts in its free tail and runs on
+      // (QEMU packs the same way); clusters it does not reach are given back.
+      at = cur * cs + w.compressedNext;
+      const reached = Math.ceil((at + size - host) / cs);
+      if (reached < n) await w.refcounts.free(host + reached * cs, n - reached);
+      await w.refcounts.update(cur, 1);
+    }
+    const end = at + size;
+    w.compressedCluster = end % cs !== 0 ? Math.floor(end / cs) : -1;
+    w.compressedNext = end % cs;
+    return at;
   }
 
   /**

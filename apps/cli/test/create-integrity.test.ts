@@ -255,6 +255,17 @@ describe.skipIf(!hasQemu)("a refused resize changes nothing", () => {
     { fmt: "qed", args: ["1P"] },
     { fmt: "qed", args: ["2000001"] },
     { fmt: "raw", args: ["-f", "raw", "--", "-2M"] },
+    // A dirty image (lazy refcounts, QEMU aborted): a read-write open would repair it, so a
+    // refused resize must decide before opening it for writing. (Regression: qimg changed it.)
+    ...["abc", "500000"].map((size) => ({
+      fmt: "qcow2",
+      create: ["-o", "lazy_refcounts=on"],
+      prepare: (file: string) => {
+        qemuIo(["-f", "qcow2", "-c", "write 512k 64k", "-c", "abort", file]);
+        expect(readFileSync(file).readUInt32BE(76) & 1, "dirty bit").toBe(1);
+      },
+      args: [size],
+    })),
     {
       // Regression: qimg resized a v2 image with snapshots, which qemu-img refuses.
       fmt: "qcow2",

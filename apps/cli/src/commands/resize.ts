@@ -57,23 +57,24 @@ export const resizeCommand: CommandDef = {
   async run(ctx, args, opts) {
     const file = args[0] ?? "";
     const sizeText = args[1] ?? "";
-    const image = await openImage(file, {
-      format: stringOpt(opts, "format"),
-      readOnly: false,
-      ctx,
-    });
+    const format = stringOpt(opts, "format");
+    // The size is checked before the image is opened.
+    const sign = sizeText.startsWith("+") ? 1 : sizeText.startsWith("-") ? -1 : 0;
+    let amount: number;
     try {
-      const current = image.virtualSize;
-      const sign = sizeText.startsWith("+") ? 1 : sizeText.startsWith("-") ? -1 : 0;
-      let amount: number;
-      try {
-        amount = parseSize(sign === 0 ? sizeText : sizeText.slice(1));
-      } catch {
-        throw new CliError(
-          `Invalid image size specified. You may use k, M, G, T, P or E suffixes for kilobytes, megabytes, gigabytes, terabytes, petabytes and exabytes.`,
-        );
-      }
-      const size = sign === 0 ? amount : current + sign * amount;
+      amount = parseSize(sign === 0 ? sizeText : sizeText.slice(1));
+    } catch {
+      throw new CliError(
+        `Invalid image size specified. You may use k, M, G, T, P or E suffixes for kilobytes, megabytes, gigabytes, terabytes, petabytes and exabytes.`,
+      );
+    }
+    // Every refusal is decided on a read-only open: a read-write open may already change the
+    // file (it repairs an image left dirty), and a refused resize changes nothing.
+    let size: number;
+    const probe = await openImage(file, { format, readOnly: true, ctx });
+    try {
+      const current = probe.virtualSize;
+      size = sign === 0 ? amount : current + sign * amount;
       if (size < 0) throw new CliError("New image size must be positive.");
       if (size < current) {
         if (opts.shrink !== true) {
@@ -82,10 +83,18 @@ export const resizeCommand: CommandDef = {
         ctx.stderr(
           "qimg: warning: Shrinking an image will delete all data beyond the shrunken image's end. Before performing such an operation, make sure there is no important data there.\n",
         );
-        if (image.format !== "raw")
+        if (probe.format !== "raw")
           throw new CliError("Shrinking images is currently not supported", { file });
       }
-      checkResizable(image);
+      checkResizable(probe);
+      if (probe.format !== "raw" && !hasResize(probe)) {
+        throw new CliError(`resizing ${probe.format} images is not supported`, { file });
+      }
+    } finally {
+      await inFile(file, () => probe.close());
+    }
+    const image = await openImage(file, { format, readOnly: false, ctx });
+    try {
       if (image.format === "raw") {
         await inFile(file, () => image.backend.truncate(size));
       } else if (hasResize(image)) {

@@ -4,6 +4,7 @@
  * file, and every refused or failed create or resize, which must leave no new file and no
  * changed file behind.
  */
+import { spawnSync } from "node:child_process";
 import { existsSync, mkdtempSync, readFileSync, rmSync, writeFileSync } from "node:fs";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
@@ -293,4 +294,43 @@ describe.skipIf(!hasQemu)("a refused resize changes nothing", () => {
     expect(ours.code, ours.stdout).toBe(1);
     expect(Buffer.compare(readFileSync(files[0]!), before)).toBe(0);
   });
+});
+
+/** A 64 KiB tmpfs, where writes fail with ENOSPC part-way (needs root; skipped otherwise). */
+function smallFileSystem(): string | undefined {
+  const dir = mkdtempSync(join(tmp, "full-"));
+  const r = spawnSync("mount", ["-t", "tmpfs", "-o", "size=64k", "tmpfs", dir], {
+    encoding: "utf8",
+  });
+  return r.status === 0 ? dir : undefined;
+}
+const full = hasQemu && process.platform === "linux" ? smallFileSystem() : undefined;
+if (full === undefined) console.log("skipping the disk-full create test: cannot mount a tmpfs");
+afterAll(() => {
+  if (full !== undefined) spawnSync("umount", [full]);
+});
+
+describe.skipIf(full === undefined)("a create that fails part-way (disk full)", () => {
+  it.each([
+    ["qcow2", ["-o", "preallocation=full"], "1M"],
+    ["qcow2", ["-o", "cluster_size=512,preallocation=metadata"], "64M"],
+    ["raw", ["-o", "preallocation=full"], "1M"],
+    ["qed", ["-o", "table_size=16,cluster_size=1M"], "1M"],
+  ] as const)(
+    "%s %s %s: the half-made file is removed, as qemu-img removes it",
+    async (fmt, o, size) => {
+      for (const existing of [false, true]) {
+        const ours = join(full!, `q.${fmt}`);
+        const theirs = join(full!, `e.${fmt}`);
+        if (existing) writeFileSync(ours, randomBytes(3000, SEED));
+        const r = await qimg(["create", "-q", "-f", fmt, ...o, ours, size]);
+        expect(r.code, r.stdout).toBe(1);
+        expect(r.stderr).toMatch(/No space left on device|ENOSPC/);
+        expect(existsSync(ours), `${fmt} ${o.join(" ")} existing=${existing}`).toBe(false);
+        const e = qemuImg(["create", "-q", "-f", fmt, ...o, theirs, size]);
+        expect(e.code).not.toBe(0);
+        rmSync(theirs, { force: true });
+      }
+    },
+  );
 });

@@ -125,6 +125,9 @@ const M_SNAPTABLE = 16;
 const M_BITMAP = 32;
 const M_CRYPTO = 64;
 const M_L2 = 128;
+const M_DATA = 256;
+/** Structures that are never data or an L2 table, and are not rebuilt by a repair. */
+const FIXED_META = M_HEADER | M_L1 | M_SNAPTABLE | M_BITMAP | M_CRYPTO;
 
 /** Thrown inside a pass when the check cannot go on (qemu-img: "Check failed: ..."). */
 class CheckAbort extends Error {}
@@ -151,12 +154,12 @@ class Pass {
   #tagRefcount = false;
   stored!: StoredRefcounts;
   /**
-   * One byte per host cluster inside the file (M_* bits): which metadata structures claim it,
+   * Two bytes per host cluster inside the file (M_* bits): which metadata structures claim it,
    * built before a repair walks the tables so that no repair writes into a "table" that is
    * really the header, a refcount structure or another table, and no data entry that points
    * at metadata survives a repair. Empty when not repairing.
    */
-  meta: Uint8Array = new Uint8Array(0);
+  meta: Uint16Array = new Uint16Array(0);
 
   constructor(
     readonly backend: BlockBackend,
@@ -213,31 +216,29 @@ class Pass {
     for (let c = first; c <= last; c++) this.meta[c] = this.meta[c]! | flag;
   }
 
-  /** Mark the clusters of the L2 tables an L1 table names (aligned, inside the file). */
-  async #markL2s(l1Offset: number, l1Size: number): Promise<void> {
-    if (l1Size === 0 || l1Size > MAX_L1_ENTRIES || l1Offset % this.cs !== 0) return;
-    if (l1Offset >= this.fileSize) return;
-    this.#mark(l1Offset, l1Size * 8, M_L1);
-    const l1 = new U64TableView(new Uint8Array(l1Size * 8), "big");
-    await this.backend.read(l1Offset, l1.bytes, { zeroPastEof: true });
-    for (let i = 0; i < l1Size; i++) {
-      const off = offsetOf(l1.hi(i), l1.lo(i));
-      if (off !== 0 && off % this.cs === 0) this.#mark(off, this.cs, M_L2);
+  /** Whether an L1 table at [offset, +bytes) is one the map may trust (see buildMetaMap). */
+  #saneL1(offset: number, size: number): boolean {
+    if (size === 0 || size > MAX_L1_ENTRIES || offset % this.cs !== 0) return false;
+    if (offset === 0 || offset + size * 8 > this.fileSize) return false;
+    const last = Math.floor((offset + size * 8 - 1) / this.cs);
+    for (let c = offset / this.cs; c <= last; c++) {
+      if ((this.meta[c]! & ~M_L1) !== 0) return false;
     }
+    return true;
   }
 
   /**
-   * Build `meta` (for repairs): the header cluster, the active and snapshot L1 tables and the
-   * L2 tables they name, the refcount table and blocks, the snapshot table, the bitmap
-   * directory, tables and data, and the encryption header. Bounded by the file's size.
+   * Build `meta` (for repairs): which host clusters of the file the header, the refcount table
+   * and blocks, the snapshot table, bitmaps, the encryption header and the L1 tables claim;
+   * then, from every L1 table that overlaps none of those, the L2 tables it names (M_L2) and
+   * the data clusters those name (M_DATA). A table the map cannot trust adds nothing: garbage
+   * pointers must not make real tables or data look like metadata. Bounded by the file size.
    */
   async buildMetaMap(): Promise<void> {
     const L = this.layout;
     const h = L.header;
-    this.meta = new Uint8Array(Math.ceil(this.fileSize / this.cs));
+    this.meta = new Uint16Array(Math.ceil(this.fileSize / this.cs));
     this.#mark(0, this.cs, M_HEADER);
-    await this.#markL2s(h.l1TableOffset, h.l1Size);
-    for (const sn of L.snapshots) await this.#markL2s(sn.l1TableOffset, sn.l1Size);
     this.#mark(h.snapshotsOffset, L.snapshotsSize, M_SNAPTABLE);
     this.#mark(h.refcountTableOffset, h.refcountTableClusters * this.cs, M_REFTABLE);
     for (let i = 0; i < this.stored.tableEntries; i++) {
@@ -261,11 +262,45 @@ class Pass {
         }
       }
     }
+    const tables = [{ offset: h.l1TableOffset, size: h.l1Size }];
+    for (const sn of L.snapshots) tables.push({ offset: sn.l1TableOffset, size: sn.l1Size });
+    for (const t of tables) {
+      if (t.size > 0 && t.size <= MAX_L1_ENTRIES) this.#mark(t.offset, t.size * 8, M_L1);
+    }
+    const sane = tables.map((t) => this.#saneL1(t.offset, t.size));
+    const seen = new Set<number>();
+    const l2 = new U64TableView(new Uint8Array(this.cs), "big");
+    const stride = this.extendedL2 ? 2 : 1;
+    for (const [k, t] of tables.entries()) {
+      if (!sane[k]) continue;
+      const l1 = new U64TableView(new Uint8Array(t.size * 8), "big");
+      await this.backend.read(t.offset, l1.bytes, { zeroPastEof: true });
+      for (let i = 0; i < t.size; i++) {
+        const off = offsetOf(l1.hi(i), l1.lo(i));
+        if (off === 0 || off % this.cs !== 0 || off >= this.fileSize) continue;
+        this.#mark(off, this.cs, M_L2);
+        if (seen.has(off) || (this.meta[off / this.cs]! & ~M_L2) !== 0) continue;
+        seen.add(off);
+        await this.backend.read(off, l2.bytes, { zeroPastEof: true });
+        for (let j = 0; j < this.l2Entries; j++) {
+          const hi = l2.hi(j * stride);
+          const lo = l2.lo(j * stride);
+          const type = this.clusterType(hi, lo);
+          if (type === "compressed") {
+            const d = decodeCompressed(hi, lo, this.layoutC);
+            if (d.hostOffset < this.fileSize) this.#mark(d.hostOffset, d.length, M_DATA);
+          } else if ((type === "normal" || type === "zero-alloc") && !this.hasDataFile) {
+            this.#mark(offsetOf(hi, lo), this.cs, M_DATA);
+          }
+        }
+      }
+    }
   }
 
   /**
    * Whether a repair may write into the L2 table at `offset`: aligned, past the header,
-   * inside the file, and claimed by nothing but L2 tables. (Always true when not repairing.)
+   * inside the file, and claimed by nothing but L2 tables (no data cluster either).
+   * (Always true when not repairing.)
    */
   l2Writable(offset: number): boolean {
     if (this.meta.length === 0) return true;
@@ -274,43 +309,45 @@ class Pass {
   }
 
   /**
-   * Whether an L2 table at `offset` (aligned, inside the file) would be offset 0, the header
-   * or a structure other than an L2 or refcount structure: never a table. (One under a
-   * refcount block or the refcount table is walked without writes; the refcount structures
-   * are rebuilt, since a block claimed twice forces a rebuild.)
+   * Whether an L2 table at `offset` (aligned, inside the file) would be offset 0, the header,
+   * an L1 table, the snapshot table, bitmaps or the encryption header: never a table, and the
+   * L1 entry is dropped. Under a refcount structure or a data cluster it is walked without
+   * writes instead (the refcount structures are rebuilt; which of an L2 and a data pointer
+   * to the same cluster is wrong cannot be told, so both mappings stay, as in QEMU).
    */
   l2OnOtherMeta(offset: number): boolean {
     if (this.meta.length === 0) return false;
     if (offset === 0) return true;
-    return (this.meta[offset / this.cs]! & ~(M_L2 | M_REFTABLE | M_REFBLOCK)) !== 0;
+    return (this.meta[offset / this.cs]! & FIXED_META) !== 0;
   }
 
   /**
    * Whether a repair may write into the L1 table at [offset, +bytes): claimed by L1 tables and
-   * at most by L1 entries that point into it (those entries are dropped, as their "L2 table"
-   * overlaps an L1 table).
+   * at most by entries that point into it (L1 entries naming it as an L2 table, L2 entries
+   * naming it as data: those entries are dropped, as they overlap an L1 table).
    */
   l1Writable(offset: number, bytes: number): boolean {
     if (this.meta.length === 0) return true;
     if (offset === 0 || offset % this.cs !== 0 || offset + bytes > this.fileSize) return false;
     for (let c = offset / this.cs; c <= Math.floor((offset + bytes - 1) / this.cs); c++) {
-      if ((this.meta[c]! & ~(M_L1 | M_L2)) !== 0) return false;
+      if ((this.meta[c]! & ~(M_L1 | M_L2 | M_DATA)) !== 0) return false;
     }
     return true;
   }
 
   /**
-   * Whether [offset, +size) touches a cluster that metadata other than the refcount
-   * structures claims. A data cluster under the refcount table or a refcount block keeps its
-   * mapping: the refcount structures are what gets rebuilt (a block claimed twice forces a
-   * rebuild), the guest data could not be.
+   * Whether [offset, +size) touches the header, an L1 table, the snapshot table, bitmaps or
+   * the encryption header. A data cluster under the refcount structures or an L2 table keeps
+   * its mapping: the refcount structures are rebuilt (a block claimed twice forces a rebuild),
+   * and an L2 table that is also a data cluster is never written into; the guest data could
+   * not be rebuilt.
    */
   overlapsMeta(offset: number, size: number): boolean {
     if (this.meta.length === 0 || size <= 0) return false;
     const first = Math.floor(offset / this.cs);
     const last = Math.min(Math.floor((offset + size - 1) / this.cs), this.meta.length - 1);
     for (let c = first; c <= last; c++) {
-      if ((this.meta[c]! & ~(M_REFTABLE | M_REFBLOCK)) !== 0) return true;
+      if ((this.meta[c]! & FIXED_META) !== 0) return true;
     }
     return false;
   }
@@ -635,7 +672,8 @@ class Pass {
         l2Offset,
         i,
         fragInfo,
-        this.l2Writable(l2Offset) ? fix : fix & ~FIX_ERRORS,
+        // Through an L1 table that cannot be trusted, nothing is written at all.
+        this.l2Writable(l2Offset) ? l1Fix : l1Fix & ~FIX_ERRORS,
       );
     }
   }

@@ -1130,6 +1130,7 @@ export class Qcow2Image implements DiskImage {
         if (snap.l1Size > 0) add(snap.l1TableOffset, snap.l1Size * 8, Meta.inactiveL1);
     }
     for (const off of w.inactiveL2) add(off, cs, Meta.inactiveL2);
+    for (const off of w.retiredL2) add(off, cs, Meta.activeL2); // still active on disk
     for (let i = 0; i < this.l1.length; i++) {
       const off = this.l1.getMasked(i, L1_OFFSET_MASK);
       if (off !== 0 && off % cs === 0) add(off, cs, Meta.activeL2);
@@ -1635,20 +1636,74 @@ export class Qcow2Image implements DiskImage {
       async () => {
         const gran = this.hdr.version === 2 ? cs : this.subclusterSize;
         const end = offset + length;
+        const unmap = options.mayUnmap ?? false;
         const alignedStart = Math.ceil(offset / gran) * gran;
         const alignedEnd = end === this.virtualSize ? end : Math.floor(end / gran) * gran;
         if (alignedStart >= alignedEnd) {
-          await this.writeLocked(offset, new Uint8Array(length));
+          // No whole granule: one partial piece, or two when a granule boundary lies inside.
+          if (alignedStart > offset && alignedStart < end) {
+            await this.zeroPartial(offset, alignedStart, gran, unmap);
+            await this.zeroPartial(alignedStart, end, gran, unmap);
+          } else {
+            await this.zeroPartial(offset, end, gran, unmap);
+          }
         } else {
-          if (alignedStart > offset)
-            await this.writeLocked(offset, new Uint8Array(alignedStart - offset));
-          await this.zeroAligned(alignedStart, alignedEnd, "zero", options.mayUnmap ?? false);
-          if (alignedEnd < end)
-            await this.writeLocked(alignedEnd, new Uint8Array(end - alignedEnd));
+          if (alignedStart > offset) await this.zeroPartial(offset, alignedStart, gran, unmap);
+          await this.zeroAligned(alignedStart, alignedEnd, "zero", unmap);
+          if (alignedEnd < end) await this.zeroPartial(alignedEnd, end, gran, unmap);
         }
       },
     );
     if (this.w?.writethrough) await this.flush();
+  }
+
+  /**
+   * Zero [start, end), which lies inside one granule (a subcluster; a cluster on version 2).
+   * When the rest of the granule already reads as zeros with nothing stored (zero or
+   * unallocated over nothing), the whole granule gets the zero flag instead, as QEMU does:
+   * no cluster is allocated just to hold zeros. Otherwise zero bytes are written.
+   */
+  private async zeroPartial(
+    start: number,
+    end: number,
+    gran: number,
+    unmap: boolean,
+  ): Promise<void> {
+    if (this.hdr.version === 3) {
+      const g0 = Math.floor(start / gran) * gran;
+      const g1 = Math.min(g0 + gran, this.virtualSize);
+      if (await this.readsAsZeros(g0, g1)) {
+        await this.zeroAligned(g0, g1, "zero", unmap);
+        return;
+      }
+    }
+    await this.writeLocked(start, new Uint8Array(end - start));
+  }
+
+  /**
+   * True when guest bytes [pos, end) read as zeros and nothing is stored for them here: zero
+   * (sub)clusters, or unallocated ones over no backing data (or backing data that reads as
+   * zeros).
+   */
+  private async readsAsZeros(pos: number, end: number): Promise<boolean> {
+    while (pos < end) {
+      const e = await this.resolve(pos, end - pos);
+      if (e.kind !== Kind.Zero) {
+        if (e.kind !== Kind.Unallocated) return false;
+        const b = this.backing;
+        if (!b && this.backingFilename !== undefined) return false; // not opened: unknown
+        if (b && pos < b.virtualSize) {
+          const stop = Math.min(pos + e.length, b.virtualSize);
+          for (let p = pos; p < stop;) {
+            const st = await b.blockStatus(p, stop - p);
+            if (!st.zero) return false;
+            p += st.length;
+          }
+        }
+      }
+      pos += e.length;
+    }
+    return true;
   }
 
   /**

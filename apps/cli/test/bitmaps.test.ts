@@ -4,7 +4,7 @@
  * bitmap list and flags (qemu-img info), and qimg's image must check clean (no leaked bitmap
  * clusters, as before the fix: every qimg write cleared the bitmaps autoclear bit).
  */
-import { copyFileSync, mkdtempSync, rmSync } from "node:fs";
+import { copyFileSync, mkdtempSync, readFileSync, rmSync } from "node:fs";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { afterAll, describe, expect, it } from "vitest";
@@ -102,9 +102,15 @@ describe.skipIf(!hasQemu)("persistent bitmaps through the CLI", () => {
     qemuIo(["-f", "qcow2", "-c", "write 0 512", "-c", "abort", theirs]);
     qimgProcess(["io", "-f", "qcow2", "-c", "write 0 512", "-c", "abort", ours]);
     expect(qemuImg(["resize", theirs, "31457280"]).code).toBe(1);
+    // (A consistent bitmap next to it would be marked in use by a read-write open.)
+    ok(qemuImg(["bitmap", "--add", ours, "late"]));
+    ok(qemuImg(["bitmap", "--add", theirs, "late"]));
+    const before = readFileSync(ours);
     const r = await qimg(["resize", ours, "31457280"]);
     expect(r.code).toBe(1);
     expect(r.stderr).toMatch(/Bitmap 'daily' is inconsistent/);
+    // A refused resize changes nothing.
+    expect(readFileSync(ours).equals(before)).toBe(true);
     expect((qemuInfo(ours, "qcow2") as { "virtual-size": number })["virtual-size"]).toBe(20971008);
     expect(bitmaps(ours)).toEqual(bitmaps(theirs));
   });

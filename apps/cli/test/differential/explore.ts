@@ -32,7 +32,9 @@ function featureKey(r: CaseResult): string {
 const root = mkdtempSync(join(tmpdir(), "qimg-diff-"));
 const t0 = Date.now();
 const seeds = Array.from({ length: cases }, (_, i) => base + i);
-const results = await runPool(seeds, 2, (seed) => runCase(generateCase(seed, limits), root));
+const results = await runPool(seeds, 2, (seed) =>
+  runCase(generateCase(seed, limits), root, process.env.KEEP === "1"),
+);
 const byCat = new Map<string, CaseResult[]>();
 let skipped = 0;
 const reasons = new Map<string, number>();
@@ -76,4 +78,5 @@ for (const [cat, rs] of [...byCat].sort()) {
     console.log(formatFailure(small, cat));
   }
 }
-rmSync(root, { recursive: true, force: true });
+if (process.env.KEEP === "1") console.log(`kept ${root}`);
+else rmSync(root, { recursive: true, force: true });

@@ -321,7 +321,7 @@ async function runIn(s: Session, spec: CaseSpec): Promise<string | false> {
     // "QED table offset is invalid"): no oracle for those.
     const r = await s.qemuImg(["check", "-f", "qed", q]);
     if (/Could not open/.test(r.stderr))
-      return `QEMU cannot open its own image: ${firstLines(r.stderr, 1)}`;
+      return `QEMU cannot open its own image: ${firstLines(r.stderr, 1).replace(/^.*: /, "")}`;
   }
   for (const b of spec.bitmaps) {
     const add = (file: string): string[] => [

@@ -13,9 +13,18 @@ import { mkdtempSync, rmSync } from "node:fs";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { afterAll, describe, expect, it } from "vitest";
-import { hasQemu } from "../qemu.js";
-import { CI_LIMITS, LONG_LIMITS, generateCase } from "./gen.js";
-import { type CaseResult, formatFailure, runCase, runPool, shrink } from "./run.js";
+import { hasQemu, qemuImg, qemuIo } from "../qemu.js";
+import { CI_LIMITS, LONG_LIMITS, generateCase, type Op } from "./gen.js";
+import {
+  bitmapBits,
+  type CaseResult,
+  formatFailure,
+  ioCommands,
+  opStatuses,
+  runCase,
+  runPool,
+  shrink,
+} from "./run.js";
 
 const long = process.env.QIMG_LONG === "1";
 const gated = process.env.QIMG_DIFF !== "1";
@@ -29,6 +38,67 @@ else if (gated) console.log("skipping the differential suite: set QIMG_DIFF=1 to
 const root = mkdtempSync(join(tmpdir(), "qimg-diff-"));
 afterAll(() => {
   if (!keep) rmSync(root, { recursive: true, force: true });
+});
+
+describe("differential harness", () => {
+  it("tells each operation's outcome apart by the marker reads, even for repeated lines", () => {
+    const ops: Op[] = [
+      { k: "write", off: 0, len: 512, pat: 1 },
+      { k: "wc", off: 0, len: 512, pat: 2 },
+      { k: "flush" },
+      { k: "write", off: 0, len: 512, pat: 3 },
+      { k: "discard", off: 7, len: 9 },
+    ];
+    expect(ioCommands(ops).filter((_, i) => i % 2 === 1)).toEqual([
+      "write -P 1 0 512",
+      "read 0 1",
+      "write -c -P 2 0 512",
+      "read 1 1",
+      "flush",
+      "read 2 1",
+      "write -P 3 0 512",
+      "read 3 1",
+      "discard 7 9",
+      "read 4 1",
+    ]);
+    const out = [
+      "wrote 512/512 bytes at offset 0",
+      "512 bytes, 1 ops; 00.00 sec (1 MiB/sec and 1 ops/sec)",
+      "read 1/1 bytes at offset 0",
+      "write failed: Input/output error",
+      "read 1/1 bytes at offset 1",
+      "flush failed: Input/output error",
+      "read 1/1 bytes at offset 2",
+      "wrote 512/512 bytes at offset 0",
+      "read 1/1 bytes at offset 3",
+      "discard 9/9 bytes at offset 7",
+      "",
+    ].join("\n");
+    expect(opStatuses(ops, out)).toEqual([true, false, false, true, false]);
+  });
+
+  it.skipIf(!hasQemu)("reads the dirty bits of QEMU's persistent bitmaps", () => {
+    const file = join(root, "bitmaps.qcow2");
+    expect(qemuImg(["create", "-q", "-f", "qcow2", file, "3M"]).code).toBe(0);
+    expect(qemuImg(["bitmap", "--add", "-g", "65536", file, "b0"]).code).toBe(0);
+    expect(qemuImg(["bitmap", "--add", "-g", "512", file, "b1"]).code).toBe(0);
+    const io = qemuIo([
+      "-c",
+      "write 100000 1",
+      "-c",
+      "discard 2000000 70000",
+      "-c",
+      "write -z 1000 1",
+      file,
+    ]);
+    expect(io.code).toBe(0);
+    expect(bitmapBits(file)).toEqual(
+      new Map([
+        ["b0", "[0,1] [30,31]"],
+        ["b1", "[1,1] [195,195] [3906,4042]"],
+      ]),
+    );
+  });
 });
 
 describe.skipIf(!hasQemu || gated)("differential: qimg vs qemu-img/qemu-io on twin images", () => {

@@ -306,6 +306,13 @@ async function runIn(s: Session, spec: CaseSpec): Promise<string | false> {
   };
   const qc = await s.qemuImg(createArgs(q, s.path("q.data")));
   const oc = await s.qimg(createArgs(o, s.path("o.data")), "create");
+  if (oc.code !== 0) {
+    // A refused create leaves nothing behind (no image; no data file that QEMU would not leave).
+    if (existsSync(o)) s.fail("create:refused-left-file", `${o} exists after a refused create`);
+    if (spec.dataFile && existsSync(s.path("o.data")) && !existsSync(s.path("q.data"))) {
+      s.fail("create:refused-left-data-file", "o.data exists after a refused create");
+    }
+  }
   if (qc.code !== 0) {
     if (oc.code === 0)
       s.fail("create:qimg-accepts-what-qemu-refuses", `qemu-img: ${firstLines(qc.stderr)}`);
@@ -313,7 +320,6 @@ async function runIn(s: Session, spec: CaseSpec): Promise<string | false> {
   }
   if (oc.code !== 0) {
     s.fail("create:qimg-refuses", firstLines(oc.stderr));
-    if (existsSync(o)) s.fail("create:refused-left-file", `${o} exists after a refused create`);
     return false;
   }
   if (fmt === "qed") {

@@ -1877,6 +1877,10 @@ export class Qcow2Image implements DiskImage {
   async writeCompressed(offset: number, data: Uint8Array): Promise<void> {
     const w = this.checkWritable();
     const cs = this.clusterSize;
+    // QEMU refuses a misaligned compressed write, or one with a data file, after its bitmaps
+    // took the range as dirty (the refusal comes from inside the request): so do we.
+    if (Number.isSafeInteger(offset) && offset >= 0 && offset + data.length <= this.virtualSize)
+      this.pbm?.setDirty(offset, data.length);
     if (
       offset % cs !== 0 ||
       (data.length !== cs && offset + data.length !== this.virtualSize) ||
@@ -1892,7 +1896,6 @@ export class Qcow2Image implements DiskImage {
       );
     }
     checkRequest(offset, data.length, this.virtualSize);
-    this.pbm?.setDirty(offset, data.length);
     const g = offset / cs;
     await this.withClusters(g, g, async () => {
       let full = data;

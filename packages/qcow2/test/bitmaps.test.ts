@@ -566,6 +566,42 @@ describe.skipIf(!haveQemu)("persistent bitmaps against QEMU", () => {
     expect(errors(ours)).toBeLessThanOrEqual(errors(theirs));
   });
 
+  it("a compressed write QEMU refuses inside the request still dirties the range, as QEMU's", async () => {
+    const base = path.join(tmp, "refused-c.qcow2");
+    const dataFile = path.join(tmp, "refused-c.data");
+    must("qemu-img", ["create", "-q", "-f", "qcow2", "-o", "cluster_size=4096", base, "1048576"]);
+    must("qemu-img", ["bitmap", "--add", "-g", "512", base, "b0"]);
+    const withData = path.join(tmp, "refused-d.qcow2");
+    must("qemu-img", [
+      "create",
+      "-q",
+      "-f",
+      "qcow2",
+      "-o",
+      `cluster_size=4096,data_file=${dataFile}`,
+      withData,
+      "1048576",
+    ]);
+    must("qemu-img", ["bitmap", "--add", "-g", "512", withData, "b0"]);
+    for (const [file, off, len] of [
+      [base, 1024, 4096], // not on a cluster boundary (on a sector one)
+      [withData, 8192, 4096], // external data file
+    ] as const) {
+      const ours = `${file}.ours`;
+      const theirs = `${file}.theirs`;
+      fs.copyFileSync(file, ours);
+      fs.copyFileSync(file, theirs);
+      expect(
+        run("qemu-io", ["-f", "qcow2", "-c", `write -c ${off} ${len}`, theirs]).stdout,
+      ).toMatch(/write failed/);
+      const image = await openRw(ours);
+      await expect(image.writeCompressed(off, new Uint8Array(len))).rejects.toThrow();
+      await image.close();
+      expect(await bitmapFacts(ours)).toEqual(await bitmapFacts(theirs));
+      expect((await bitmapFacts(ours)).ranges.b0).not.toEqual([]);
+    }
+  });
+
   const cases = LONG ? 400 : 24;
   it(`random operations on twin images keep the same bitmaps as qemu-io (${cases} seeds)`, async () => {
     const first = Number(process.env.QIMG_SEED ?? 1);

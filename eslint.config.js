@@ -8,6 +8,7 @@ export default tseslint.config(
       "**/node_modules/**",
       "**/.turbo/**",
       "packages/fixtures/images/**",
+      "docs/api/**",
       "**/*.config.ts",
       "vitest.shared.ts",
       "scripts/**",

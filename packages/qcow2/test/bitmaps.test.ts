@@ -602,6 +602,35 @@ describe.skipIf(!haveQemu)("persistent bitmaps against QEMU", () => {
     }
   });
 
+  it("keeps an all-ones table entry (which QEMU reads but never writes) as QEMU keeps its bits", async () => {
+    const base = path.join(tmp, "ones.qcow2");
+    // 512-byte clusters and granularity: one bitmap cluster covers 2 MiB of the 5 MiB disk.
+    must("qemu-img", ["create", "-q", "-f", "qcow2", "-o", "cluster_size=512", base, "5242880"]);
+    must("qemu-img", ["bitmap", "--add", "-g", "512", base, "b0"]);
+    const ro = await openQcow2(await FileBackend.open(base, { readOnly: true }));
+    const table = ro.bitmaps[0]!.bitmapTableOffset;
+    await ro.close();
+    const fd = fs.openSync(base, "r+");
+    fs.writeSync(fd, Buffer.from([0, 0, 0, 0, 0, 0, 0, 1]), 0, 8, table + 8); // chunk 1: ones
+    fs.closeSync(fd);
+    const ours = path.join(tmp, "ones-ours.qcow2");
+    const theirs = path.join(tmp, "ones-theirs.qcow2");
+    fs.copyFileSync(base, ours);
+    fs.copyFileSync(base, theirs);
+    must("qemu-io", ["-f", "qcow2", "-c", "write 2100000 5000", "-c", "write 100 100", theirs]);
+    const image = await openRw(ours);
+    await image.write(2_100_000, new Uint8Array(5000));
+    await image.write(100, new Uint8Array(100));
+    await image.close();
+    const facts = await bitmapFacts(ours);
+    expect(facts).toEqual(await bitmapFacts(theirs));
+    expect(facts.ranges.b0).toEqual([
+      [0, 512],
+      [2097152, 2097152],
+    ]);
+    expect(check(ours).code).toBe(0);
+  });
+
   const cases = LONG ? 400 : 24;
   it(`random operations on twin images keep the same bitmaps as qemu-io (${cases} seeds)`, async () => {
     const first = Number(process.env.QIMG_SEED ?? 1);

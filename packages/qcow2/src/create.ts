@@ -51,7 +51,7 @@ const QEMU_FEATURE_TABLE: FeatureName[] = [
  * leave almost no room for a backing file name in a 512-byte header cluster. qemu-img 7.2
  * writes images this way, and we write the same header bytes.
  */
-export const FEATURE_TABLE_MIN_CLUSTER = 4096;
+export const NO_FEATURE_TABLE_MAX_CLUSTER = 4096;
 
 /** The header extensions a new image gets, in QEMU's order. */
 function createExtensions(
@@ -72,7 +72,7 @@ function createExtensions(
       data: encodeStringExtension(o.dataFile),
     });
   }
-  if (version === 3 && clusterSize > FEATURE_TABLE_MIN_CLUSTER) {
+  if (version === 3 && clusterSize > NO_FEATURE_TABLE_MAX_CLUSTER) {
     extensions.push({
       type: ExtensionType.featureNameTable,
       data: encodeFeatureNames(QEMU_FEATURE_TABLE),

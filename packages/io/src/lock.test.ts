@@ -106,6 +106,16 @@ describe("in-process image locks (QEMU's default permissions)", () => {
     await w.close();
   });
 
+  it("of two writers opening at the same time, exactly one gets the file", async () => {
+    const p = file();
+    const results = await Promise.allSettled([FileBackend.open(p), FileBackend.open(p)]);
+    const ok = results.filter((r) => r.status === "fulfilled");
+    expect(ok).toHaveLength(1);
+    const failed = results.find((r) => r.status === "rejected");
+    expect(failed?.reason).toBeInstanceOf(ImageLockedError);
+    await (ok[0] as PromiseFulfilledResult<FileBackend>).value.close();
+  });
+
   it("a failed open and a closed backend release their claim", async () => {
     const p = file();
     const w = await FileBackend.open(p);

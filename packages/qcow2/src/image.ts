@@ -1906,8 +1906,19 @@ export class Qcow2Image implements DiskImage {
       const packed = await w.compress(full, this.hdr.compressionType);
       // Data that does not shrink below a cluster is stored as it is (QEMU's limit too: with
       // 512-byte clusters most data still compresses).
-      if (!packed || packed.length >= cs) await this.writeLocked(offset, data);
-      else await this.storeCompressed(g, packed);
+      if (!packed || packed.length >= cs) {
+        await this.writeLocked(offset, data);
+        return;
+      }
+      // Compressed data never overwrites a cluster that has a host cluster (data, compressed,
+      // or preallocated zeros): QEMU fails such a write with EIO, and so do we.
+      const e = await this.resolve(offset, data.length);
+      if (e.kind === Kind.Compressed || e.host >= 0) {
+        throw new IoError(
+          `compressed write at guest offset ${hex(offset)}: the cluster is already allocated (compressed data cannot overwrite it)`,
+        );
+      }
+      await this.storeCompressed(g, packed);
     });
     if (w.writethrough) await this.flush();
   }

@@ -254,3 +254,40 @@ describe.skipIf(!haveQemu)("zero writes that do not cover a whole cluster", () =
     });
   }
 });
+
+describe.skipIf(!haveQemu)("compressed writes over clusters that have a host cluster", () => {
+  it("fail as qemu-io's do (EIO), and succeed over unallocated or plain zero clusters", async () => {
+    const dir = freshDir();
+    const cs = 65536;
+    const size = 8 * cs + 3584;
+    create(dir, "a.qcow2", `cluster_size=${cs}`, size);
+    create(dir, "b.qcow2", `cluster_size=${cs}`, size);
+    const setup: Op[] = [
+      { k: "write", off: 0, len: 2 * cs + 100, seed: 1 }, // clusters 0-2 hold data
+      { k: "compressed", off: 3 * cs, len: cs, seed: 2, text: true }, // cluster 3 compressed
+      { k: "zero", off: 4 * cs, len: cs, unmap: false }, // plain zero (nothing allocated)
+      { k: "write", off: 5 * cs, len: cs, seed: 3 },
+      { k: "zero", off: 5 * cs, len: cs, unmap: false }, // zero flag, host cluster kept
+    ];
+    expect(await twinProblems(dir, setup)).toEqual([]);
+    const attempts: [number, boolean][] = [
+      [1, false], // over data
+      [3, false], // over compressed data
+      [5, false], // over a preallocated zero cluster
+      [4, true], // over a plain zero cluster
+      [6, true], // unallocated
+    ];
+    for (const [c, ok] of attempts) {
+      const op: Op = { k: "compressed", off: c * cs, len: cs, seed: 10 + c, text: true };
+      const q = qemuIoOps(path.join(dir, "a.qcow2"), [op], dir);
+      expect(
+        /write failed: Input\/output error/.test(q.stdout + q.stderr),
+        `qemu-io, cluster ${c}`,
+      ).toBe(!ok);
+      const failure = await driverOps(path.join(dir, "b.qcow2"), [op]);
+      expect(failure === undefined, `driver, cluster ${c}: ${String(failure)}`).toBe(ok);
+      expect(compareImages(path.join(dir, "a.qcow2"), path.join(dir, "b.qcow2"))).toBe("");
+    }
+    expect(qemuCheck(path.join(dir, "b.qcow2")).code).toBe(0);
+  });
+});

@@ -126,6 +126,8 @@ const M_BITMAP = 32;
 const M_CRYPTO = 64;
 const M_L2 = 128;
 const M_DATA = 256;
+/** An L1 entry points into its own table (always dropped; the entry's table stays writable). */
+const M_SELF = 512;
 /** Structures that are never data or an L2 table, and are not rebuilt by a repair. */
 const FIXED_META = M_HEADER | M_L1 | M_SNAPTABLE | M_BITMAP | M_CRYPTO;
 
@@ -160,6 +162,8 @@ class Pass {
    * at metadata survives a repair. Empty when not repairing.
    */
   meta: Uint16Array = new Uint16Array(0);
+  /** Offsets of the L1 tables the map trusts (overlapping no other metadata). */
+  trustedL1 = new Set<number>();
 
   constructor(
     readonly backend: BlockBackend,
@@ -221,9 +225,7 @@ class Pass {
     if (size === 0 || size > MAX_L1_ENTRIES || offset % this.cs !== 0) return false;
     if (offset === 0 || offset + size * 8 > this.fileSize) return false;
     const last = Math.floor((offset + size * 8 - 1) / this.cs);
-    for (let c = offset / this.cs; c <= last; c++) {
-      if ((this.meta[c]! & ~M_L1) !== 0) return false;
-    }
+    for (let c = offset / this.cs; c <= last; c++) if (this.meta[c] !== 0) return false;
     return true;
   }
 
@@ -262,22 +264,28 @@ class Pass {
         }
       }
     }
+    // L1 tables, the active one first: one is trusted (and claims its clusters, its L2
+    // tables and their data) only when it lies inside the file and overlaps nothing claimed
+    // so far. A snapshot L1 table whose size or offset is wrong must not make the active
+    // image's tables or data look like metadata.
     const tables = [{ offset: h.l1TableOffset, size: h.l1Size }];
     for (const sn of L.snapshots) tables.push({ offset: sn.l1TableOffset, size: sn.l1Size });
-    for (const t of tables) {
-      if (t.size > 0 && t.size <= MAX_L1_ENTRIES) this.#mark(t.offset, t.size * 8, M_L1);
-    }
-    const sane = tables.map((t) => this.#saneL1(t.offset, t.size));
     const seen = new Set<number>();
     const l2 = new U64TableView(new Uint8Array(this.cs), "big");
     const stride = this.extendedL2 ? 2 : 1;
-    for (const [k, t] of tables.entries()) {
-      if (!sane[k]) continue;
+    for (const t of tables) {
+      if (!this.#saneL1(t.offset, t.size)) continue;
+      this.#mark(t.offset, t.size * 8, M_L1);
+      this.trustedL1.add(t.offset);
       const l1 = new U64TableView(new Uint8Array(t.size * 8), "big");
       await this.backend.read(t.offset, l1.bytes, { zeroPastEof: true });
       for (let i = 0; i < t.size; i++) {
         const off = offsetOf(l1.hi(i), l1.lo(i));
         if (off === 0 || off % this.cs !== 0 || off >= this.fileSize) continue;
+        if (off >= t.offset && off < t.offset + t.size * 8) {
+          this.#mark(off, this.cs, M_SELF);
+          continue;
+        }
         this.#mark(off, this.cs, M_L2);
         if (seen.has(off) || (this.meta[off / this.cs]! & ~M_L2) !== 0) continue;
         seen.add(off);
@@ -322,17 +330,21 @@ class Pass {
   }
 
   /**
-   * Whether a repair may write into the L1 table at [offset, +bytes): claimed by L1 tables and
-   * at most by entries that point into it (L1 entries naming it as an L2 table, L2 entries
-   * naming it as data: those entries are dropped, as they overlap an L1 table).
+   * Whether a repair may write the L1 entry at `entryOffset` (of a trusted table): its cluster
+   * is claimed by L1 tables only (and by entries pointing into their own table, which are
+   * dropped). A cluster an L2 or data pointer also claims may be a real table or real data
+   * under an L1 table whose size is wrong: never written.
    */
-  l1Writable(offset: number, bytes: number): boolean {
+  l1EntryWritable(entryOffset: number): boolean {
     if (this.meta.length === 0) return true;
-    if (offset === 0 || offset % this.cs !== 0 || offset + bytes > this.fileSize) return false;
-    for (let c = offset / this.cs; c <= Math.floor((offset + bytes - 1) / this.cs); c++) {
-      if ((this.meta[c]! & ~(M_L1 | M_L2 | M_DATA)) !== 0) return false;
-    }
-    return true;
+    if (entryOffset < this.cs || entryOffset >= this.fileSize) return false;
+    const m = this.meta[Math.floor(entryOffset / this.cs)]!;
+    return (m & M_L1) !== 0 && (m & ~(M_L1 | M_SELF)) === 0;
+  }
+
+  /** Whether a repair may write through the L1 table at `offset` at all. */
+  l1Trusted(offset: number): boolean {
+    return this.meta.length === 0 || this.trustedL1.has(offset);
   }
 
   /**
@@ -602,8 +614,8 @@ class Pass {
     const l1 = new U64TableView(new Uint8Array(bytes), "big");
     await this.backend.read(l1Offset, l1.bytes, { zeroPastEof: true });
     const virtualSize = this.layout.header.size;
-    // A repair never writes into an L1 "table" that overlaps other metadata.
-    const l1Fix = this.l1Writable(l1Offset, bytes) ? fix : fix & ~FIX_ERRORS;
+    // A repair never writes into or through an L1 "table" that overlaps other metadata.
+    const l1Fix = this.l1Trusted(l1Offset) ? fix : fix & ~FIX_ERRORS;
     for (let i = 0; i < l1Size; i++) {
       const hi = l1.hi(i);
       const lo = l1.lo(i);
@@ -623,7 +635,11 @@ class Pass {
       // Offset 0 (an entry holding only flags), the header cluster, or a cluster that other
       // metadata claims: never an L2 table a repair may write into.
       const onMeta = !misaligned && !outside && this.l2OnOtherMeta(l2Offset);
-      if (l1Fix & FIX_ERRORS && (misaligned || outside || onMeta)) {
+      if (
+        l1Fix & FIX_ERRORS &&
+        (misaligned || outside || onMeta) &&
+        this.l1EntryWritable(entryOffset)
+      ) {
         // Our -r all extension: drop an L1 entry whose L2 table cannot be where it says.
         this.res.corruptions++;
         const reason = misaligned
@@ -862,7 +878,8 @@ class Pass {
         continue;
       }
       const copied = (hi & 0x8000_0000) !== 0;
-      const aligned = l2Offset % this.cs === 0 && this.l2Writable(l2Offset);
+      const aligned =
+        l2Offset % this.cs === 0 && this.l2Writable(l2Offset) && this.l1Trusted(h.l1TableOffset);
       if ((refcount === 1) !== copied) {
         this.res.corruptions++;
         this.log(
@@ -870,7 +887,8 @@ class Pass {
           `${repair ? "Repairing" : "ERROR"} OFLAG_COPIED L2 cluster: l1_index=${i} l1_entry=${hex64(hi, lo)} refcount=${refcount}`,
           h.l1TableOffset + i * 8,
         );
-        if (repair && this.l1Writable(h.l1TableOffset, h.l1Size * 8)) {
+        const at = h.l1TableOffset + i * 8;
+        if (repair && this.l1Trusted(h.l1TableOffset) && this.l1EntryWritable(at)) {
           hi = refcount === 1 ? (hi | 0x8000_0000) >>> 0 : hi & 0x7fff_ffff;
           l1.setWords(i, hi, lo);
           await this.#write(h.l1TableOffset + i * 8, l1.bytes.subarray(i * 8, i * 8 + 8));
@@ -945,6 +963,28 @@ interface PassOutcome {
   rebuilt: boolean;
 }
 
+/**
+ * The end of the furthest L1 table or snapshot table that starts inside the file (or up to
+ * 32 MiB past it): a rebuild appends its structures at the end of the file, and a table that
+ * reaches past the end (its size is wrong) would then read them as entries — new references
+ * to garbage, which makes the image worse. (Placing them past the table instead turns its
+ * garbage entries into references inside the file: worse again.)
+ */
+function tablesEnd(layout: Layout, fileSize: number): number {
+  const h = layout.header;
+  const cs = 2 ** h.clusterBits;
+  let end = fileSize;
+  const reach = (offset: number, bytes: number): void => {
+    if (offset < fileSize + MAX_L1_ENTRIES * 8 && bytes <= MAX_L1_ENTRIES * 8) {
+      end = Math.max(end, offset + bytes);
+    }
+  };
+  reach(h.l1TableOffset, h.l1Size * 8);
+  for (const sn of layout.snapshots) reach(sn.l1TableOffset, sn.l1Size * 8);
+  reach(h.snapshotsOffset, layout.snapshotsSize);
+  return Math.ceil(end / cs) * cs;
+}
+
 /** qcow2_co_check_locked: one full check (with repairs when `fix` says so). */
 async function runCheck(
   backend: BlockBackend,
@@ -974,6 +1014,15 @@ async function runCheck(
     const pre = { ...p.res };
     await p.compare(0);
     if (p.rebuild && fix & FIX_ERRORS) {
+      const size = await backend.size();
+      if (tablesEnd(layout, size) > Math.ceil(size / cs) * cs) {
+        log(
+          "error",
+          "ERROR need to rebuild refcount structures, but an L1 table or the snapshot table reaches past the end of the file; not rebuilt",
+        );
+        p.res.checkErrors++;
+        throw new CheckAbort("Input/output error");
+      }
       const old = { ...p.res };
       log("info", "Rebuilding refcount structure");
       // New counts: everything referenced except the old refcount table and blocks, which

@@ -1999,6 +1999,23 @@ export class Qcow2Image implements DiskImage {
       );
     }
     this.pbm?.checkResize();
+    // A backing file that reaches past the old end would show through the new area: that
+    // area must read as zeros, so it is zeroed (as QEMU does). Version 2 has no zero flag;
+    // QEMU refuses the resize there, and so do we (before changing anything).
+    const oldSize = this.size;
+    const backingEnd =
+      this.backing !== undefined
+        ? this.backing.virtualSize
+        : this.backingFilename !== undefined
+          ? newSize
+          : 0;
+    const zeroEnd = Math.min(newSize, backingEnd);
+    if (zeroEnd > oldSize && this.hdr.version === 2) {
+      throw new UnsupportedFeatureError(
+        `Failed to zero out new clusters: a version 2 image (compat=0.10) cannot hide its backing file's data past the old end (${oldSize} bytes)`,
+        ["zero clusters"],
+      );
+    }
     await w.claims.drain();
     await w.meta.run(async () => {
       await this.flushLocked();
@@ -2035,6 +2052,24 @@ export class Qcow2Image implements DiskImage {
       this.size = newSize;
       this.pbm?.resize(newSize);
     });
+    if (zeroEnd > oldSize) {
+      const scs = this.subclusterSize;
+      const cs = this.clusterSize;
+      const alignedStart = Math.min(zeroEnd, Math.ceil(oldSize / scs) * scs);
+      const alignedEnd = zeroEnd === newSize ? zeroEnd : Math.ceil(zeroEnd / scs) * scs;
+      await this.withClusters(
+        Math.floor(oldSize / cs),
+        Math.floor((alignedEnd - 1) / cs),
+        async () => {
+          // The old last subcluster's tail gets zero bytes; whole subclusters the zero flag.
+          if (alignedStart > oldSize)
+            await this.writeLocked(oldSize, new Uint8Array(alignedStart - oldSize));
+          if (alignedEnd > alignedStart)
+            await this.zeroAligned(alignedStart, Math.min(alignedEnd, newSize), "zero", false);
+        },
+      );
+      await this.flush();
+    }
   }
 
   /**

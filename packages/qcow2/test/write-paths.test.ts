@@ -16,6 +16,7 @@ import {
   driverOps,
   firstDiff,
   modelOf,
+  openRw,
   qemuCheck,
   qemuImg,
   qemuIoOps,
@@ -289,5 +290,45 @@ describe.skipIf(!haveQemu)("compressed writes over clusters that have a host clu
       expect(compareImages(path.join(dir, "a.qcow2"), path.join(dir, "b.qcow2"))).toBe("");
     }
     expect(qemuCheck(path.join(dir, "b.qcow2")).code).toBe(0);
+  });
+});
+
+describe.skipIf(!haveQemu)("growing an image whose backing file reaches past the old end", () => {
+  it("the new area reads as zeros (version 3), or the resize is refused (version 2), as qemu-img resize", async () => {
+    for (const seed of seeds(4, 30, 6000)) {
+      const dir = freshDir();
+      const r = prng(seed);
+      const v2 = seed % 2 === 1;
+      const cs = r() < 0.5 ? 65536 : 4096;
+      const extra = !v2 && r() < 0.3 ? ",extended_l2=on" : "";
+      const oldSize = (200 + Math.floor(r() * 2000)) * 512;
+      const baseSize = oldSize + 1 + Math.floor(r() * 3_000_000);
+      const newSize = oldSize + 512 * (1 + Math.floor(r() * 8000));
+      const base = new Uint8Array(baseSize);
+      const g = prng(seed ^ 0x777);
+      for (let i = 0; i < baseSize; i++) base[i] = 1 + Math.floor(g() * 255);
+      fs.writeFileSync(path.join(dir, "base.raw"), base);
+      const opts = `${v2 ? "compat=0.10," : ""}cluster_size=${Math.max(cs, extra ? 16384 : 0)}${extra}`;
+      create(dir, "a.qcow2", opts, oldSize, "base.raw");
+      create(dir, "b.qcow2", opts, oldSize, "base.raw");
+      const ops = randomOps(seed, oldSize, cs, 8);
+      expect(await twinProblems(dir, ops), `seed ${seed}`).toEqual([]);
+      const before = fs.readFileSync(path.join(dir, "b.qcow2"));
+      const q = qemuImg(["resize", "a.qcow2", String(newSize)], dir);
+      const image = await openRw(path.join(dir, "b.qcow2"));
+      const failure = await image.resize(newSize).then(
+        () => undefined,
+        (e: unknown) => e,
+      );
+      await image.close();
+      const ctx = `seed ${seed} ${opts} ${oldSize} -> ${newSize} (backing ${baseSize}): qemu-img ${q.code} ${q.stderr}`;
+      expect(failure === undefined, `${ctx}; driver: ${String(failure)}`).toBe(q.code === 0);
+      if (q.code !== 0) {
+        expect(fs.readFileSync(path.join(dir, "b.qcow2")).equals(before), ctx).toBe(true);
+        continue;
+      }
+      expect(compareImages(path.join(dir, "a.qcow2"), path.join(dir, "b.qcow2")), ctx).toBe("");
+      expect(qemuCheck(path.join(dir, "b.qcow2")).code, ctx).toBe(0);
+    }
   });
 });

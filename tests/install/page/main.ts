@@ -118,9 +118,19 @@ async function writeImage(options: {
     for (let j = 0; j < 5; j++) {
       const r = random();
       if (options.compression !== undefined && r < 0.3) {
+        // A compressed write goes to a whole cluster nothing was written to yet (as in QEMU,
+        // it cannot overwrite an allocated one); none left: skip it.
         const clusters = Math.floor(size / cs);
-        const offset = Math.floor(random() * clusters) * cs;
-        // Compressed writes replace whole clusters: run them alone, in order.
+        const untouched = (c: number): boolean =>
+          ops.every((o) => o.offset + o.length <= c * cs || o.offset >= (c + 1) * cs);
+        const start = Math.floor(random() * clusters);
+        let cluster = -1;
+        for (let k = 0; k < clusters && cluster < 0; k++) {
+          if (untouched((start + k) % clusters)) cluster = (start + k) % clusters;
+        }
+        if (cluster < 0) continue;
+        const offset = cluster * cs;
+        // Run it alone, after the requests in flight.
         await Promise.all(pending.splice(0));
         const data = new Uint8Array(cs);
         const op = ops.length;

@@ -50,7 +50,9 @@ export async function createQed(backend: BlockBackend, options: QedCreateOptions
   const max = maxImageSize(clusterSize, tableSize);
   if (size > max) {
     throw new InvalidArgumentError(
-      `QED image size ${size} is larger than ${max} bytes, the most cluster size ${clusterSize} and table size ${tableSize} can map`,
+      max === 0
+        ? `QED image size ${size} is not allowed with cluster size ${clusterSize} and table size ${tableSize}: QEMU computes the largest size for these in 64 bits, which wraps to 0, so it would refuse to open the image (use a smaller cluster or table size)`
+        : `QED image size ${size} is larger than ${max} bytes, the most cluster size ${clusterSize} and table size ${tableSize} can map`,
     );
   }
   let features = 0n;
@@ -87,6 +89,8 @@ export async function createQed(backend: BlockBackend, options: QedCreateOptions
   await backend.truncate(0);
   await backend.write(0, header);
   if (name.length > 0) await backend.write(QED_HEADER_SIZE, name);
-  await backend.write(clusterSize, new Uint8Array(tableSize * clusterSize));
+  // The L1 table is all zeros: growing the (just emptied) file makes it so without a buffer of
+  // up to 1 GiB (64 MiB clusters, 16-cluster tables).
+  await backend.truncate(clusterSize + tableSize * clusterSize);
   await backend.flush();
 }

@@ -60,14 +60,19 @@ export function isValidTableSize(n: number): boolean {
 }
 
 /**
- * Largest virtual size two levels of tables can map: cluster_size * entries^2 where
- * entries = table_size * cluster_size / 8. Capped at 2^53-1 (the largest safe number);
- * the uncapped value can reach 2^80.
+ * Largest virtual size an image with these cluster and table sizes may have, as QEMU computes it:
+ * cluster_size * entries^2 where entries = table_size * cluster_size / 8, in unsigned 64-bit
+ * arithmetic that wraps. For the biggest combinations (3*log2(cluster_size) + 2*log2(table_size)
+ * >= 70, e.g. 2 MiB clusters with 16-cluster tables, 4 MiB with 4, 64 MiB with 1) the true value
+ * reaches 2^64 or more and QEMU's limit wraps to 0: qemu-img then refuses to create such an
+ * image with a non-zero size and refuses to open one, so qimg does the same. Capped at the
+ * largest safe number that is a multiple of 512 (the unwrapped limits reach 2^63).
  */
 export function maxImageSize(clusterSize: number, tableSize: number): number {
-  const entries = (tableSize * clusterSize) / 8;
-  const max = clusterSize * entries * entries;
-  return Math.min(max, Number.MAX_SAFE_INTEGER - (Number.MAX_SAFE_INTEGER % QED_SECTOR_SIZE));
+  const entries = BigInt((tableSize * clusterSize) / 8);
+  const max = (BigInt(clusterSize) * entries * entries) & 0xffff_ffff_ffff_ffffn;
+  const cap = Number.MAX_SAFE_INTEGER - (Number.MAX_SAFE_INTEGER % QED_SECTOR_SIZE);
+  return max > BigInt(cap) ? cap : Number(max);
 }
 
 /** True when `size` is a multiple of 512 no larger than the tables can map. */

@@ -22,11 +22,15 @@ function run(cmd: string, args: string[]): { status: number; stdout: string; std
   return { status: r.status ?? -1, stdout: r.stdout, stderr: r.stderr };
 }
 
-/** corruptions + leaks + check errors as qemu-img check counts them. */
+/** corruptions + leaks + check errors as qemu-img check counts them (Infinity: cannot check). */
 function qemuProblems(file: string): number {
   const r = run("qemu-img", ["check", "--output=json", file]);
-  const j = JSON.parse(r.stdout) as Record<string, number | undefined>;
-  return (j.corruptions ?? 0) + (j.leaks ?? 0) + (j["check-errors"] ?? 0);
+  try {
+    const j = JSON.parse(r.stdout) as Record<string, number | undefined>;
+    return (j.corruptions ?? 0) + (j.leaks ?? 0) + (j["check-errors"] ?? 0);
+  } catch {
+    return Infinity;
+  }
 }
 
 const u32 = (b: Uint8Array, o: number): number =>
@@ -179,3 +183,48 @@ describe.skipIf(!haveQemu())(`repair never writes into metadata (seed ${SEED})`,
     }
   });
 });
+
+describe.skipIf(!haveQemu())(
+  `snapshot table entries that name no real L1 table (seed ${SEED})`,
+  () => {
+    for (const [what, field, value] of [
+      ["L1 offset 0 (the header)", "offset", 0],
+      ["L1 size far past the end of the file", "size", 65536],
+    ] as const) {
+      it(`${what}: the repair keeps the active image's data and is never worse`, async () => {
+        const rnd = prng(SEED + (field === "offset" ? 3 : 4));
+        const { file, cs } = base(`sn-${field}`, rnd);
+        expect(run("qemu-img", ["snapshot", "-c", "s1", file]).status).toBe(0);
+        // Data written after the snapshot: copied-on-write clusters, L2 tables shared and not.
+        expect(run("qemu-io", ["-c", `write -P 0x77 ${cs * 3 + 17} ${cs * 2}`, file]).status).toBe(
+          0,
+        );
+        const clean = file.replace(/\.qcow2$/, "-clean.qcow2");
+        copyFileSync(file, clean);
+        const f = new Uint8Array(readFileSync(file));
+        const dv = new DataView(f.buffer);
+        const sn = u64(f, 64);
+        if (field === "offset") dv.setBigUint64(sn, BigInt(value), false);
+        else dv.setUint32(sn + 8, value, false);
+        writeFileSync(file, f);
+        const before = qemuProblems(file);
+        await repairAll(file);
+        const where = `seed ${SEED}, cs ${cs}, snapshot ${field} -> ${value}`;
+        const after = new Uint8Array(readFileSync(file));
+        expect(u32(after, 0), where).toBe(0x514649fb);
+        expect(qemuProblems(file), where).toBeLessThanOrEqual(before);
+        if (before !== Infinity) {
+          const cmp = run("qemu-img", ["compare", clean, file]);
+          expect(cmp.status, `${where}: ${cmp.stdout}${cmp.stderr}`).toBe(0);
+        } else {
+          // qemu-img cannot open it (snapshot L1 table past the end of the file): the active
+          // L1 table must be as it was.
+          const a = new Uint8Array(readFileSync(clean));
+          const l1 = u64(a, 40);
+          const n = u32(a, 36) * 8;
+          expect(Buffer.compare(after.subarray(l1, l1 + n), a.subarray(l1, l1 + n)), where).toBe(0);
+        }
+      });
+    }
+  },
+);

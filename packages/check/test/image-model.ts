@@ -63,7 +63,8 @@ function words(b: Uint8Array, o: number): [number, number] {
 
 /**
  * Host-cluster claims: bit 1 metadata, 2 L2 table, 4 data, 8 compressed data, 16 refcount
- * table or block (a repair rebuilds those instead of giving up a mapping under them).
+ * table or block. A mapping through a cluster the refcount structures also claim is not
+ * valid: a refcount repair writes refcount blocks, whatever else reads them.
  */
 const C_META = 1;
 const C_RC = 16;
@@ -84,7 +85,7 @@ class Claims {
   only(offset: number, size: number, kind: number): boolean {
     const last = Math.floor((offset + size - 1) / this.cs);
     for (let c = Math.floor(offset / this.cs); c <= last; c++) {
-      if ((this.map.get(c) ?? 0) & ~(kind | C_RC)) return false;
+      if ((this.map.get(c) ?? 0) & ~kind) return false;
     }
     return true;
   }

@@ -3,6 +3,7 @@ export type CheckMessageKind = "corruption" | "leak" | "error" | "repair" | "inf
 
 /** One per-item line, worded as qemu-img check prints it on stderr. */
 export interface CheckMessage {
+  /** What the line reports (an error, a leak, a repair, ...). */
   readonly kind: CheckMessageKind;
   /** The line, without the trailing newline. */
   readonly text: string;
@@ -12,7 +13,9 @@ export interface CheckMessage {
 
 /** A guest byte range whose data a repair had to drop (its mapping pointed nowhere valid). */
 export interface LostRange {
+  /** Guest offset of the range, in bytes. */
   readonly offset: number;
+  /** Its length, in bytes. */
   readonly length: number;
   /** Why the mapping was dropped. */
   readonly reason: string;
@@ -20,12 +23,19 @@ export interface LostRange {
 
 /** The result of checking one image: qemu-img check's facts plus our details. */
 export interface CheckResult {
+  /** The image's name as reported (`filename` in qemu-img's JSON). */
   readonly filename: string;
+  /** The format that was checked. */
   readonly format: "qcow2" | "qed";
+  /** Errors that kept parts of the check from completing (`check-errors`). */
   readonly checkErrors: number;
+  /** Corruptions remaining after any repair (`corruptions`). */
   readonly corruptions: number;
+  /** Leaked clusters remaining after any repair (`leaks`). */
   readonly leaks: number;
+  /** Corruptions the repair fixed (`corruptions-fixed`). */
   readonly corruptionsFixed: number;
+  /** Leaked clusters the repair fixed (`leaks-fixed`). */
   readonly leaksFixed: number;
   /** (highest used host cluster + 1) * cluster size; 0 when not reported (QED). */
   readonly imageEndOffset: number;
@@ -33,7 +43,9 @@ export interface CheckResult {
   readonly totalClusters: number;
   /** Guest clusters allocated in the active L1 table. */
   readonly allocatedClusters: number;
+  /** Allocated guest clusters not contiguous with the previous one on the host (`fragmented-clusters`). */
   readonly fragmentedClusters: number;
+  /** Compressed guest clusters (`compressed-clusters`). */
   readonly compressedClusters: number;
   /** Per-item lines in order (stderr in qemu-img's human output), repair passes included. */
   readonly messages: readonly CheckMessage[];

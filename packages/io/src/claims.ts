@@ -33,6 +33,11 @@ function released(c: Claim): Promise<void> {
   return new Promise<void>((resolve) => (c.waiters ??= []).push(resolve));
 }
 
+/**
+ * First-come, first-served claims on ranges of units (clusters): an overlapping claim waits
+ * until every earlier overlapping claim is released, so requests in flight together take
+ * effect in the order they were issued. See the package README.
+ */
 export class RangeClaims {
   readonly #all = new Set<Claim>();
   readonly #byUnit = new Map<number, Claim[]>();

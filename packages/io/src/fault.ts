@@ -23,6 +23,7 @@ export type FaultPredicate = (
   count: number,
 ) => boolean;
 
+/** Which operations {@link FaultBackend} fails, and whether it can simulate power loss. */
 export interface FaultBackendOptions {
   /** Fail the Nth operation of a kind (1-based), e.g. `{ write: 3 }` or `{ flush: [1, 4] }`. */
   readonly failOn?: Partial<Record<FaultOp, number | readonly number[]>>;
@@ -35,6 +36,7 @@ export interface FaultBackendOptions {
   readonly trackDurability?: boolean;
 }
 
+/** How {@link FaultBackend.powerLoss} treats the writes since the last completed flush. */
 export interface PowerLossOptions {
   /**
    * When true and the last operation since the last completed flush was a write, that write
@@ -60,9 +62,13 @@ export interface PowerLossReport {
 
 /** Operation counters; each attempted operation counts, including injected failures. */
 export interface FaultCounters {
+  /** Reads attempted. */
   readonly reads: number;
+  /** Writes attempted. */
   readonly writes: number;
+  /** Flushes attempted. */
   readonly flushes: number;
+  /** Truncates attempted. */
   readonly truncates: number;
   /** Failures injected so far. */
   readonly injected: number;
@@ -86,6 +92,7 @@ const mulberry32 = seededRandom;
  * reach the inner backend at all.
  */
 export class FaultBackend implements BlockBackend {
+  /** The wrapped backend, which receives every operation that is not failed. */
   readonly inner: BlockBackend;
 
   #failOn = new Map<FaultOp, Set<number>>();
@@ -151,12 +158,15 @@ export class FaultBackend implements BlockBackend {
       injected: this.#injected,
     };
   }
+  /** Reads attempted so far (injected failures included). */
   get reads(): number {
     return this.#reads;
   }
+  /** Writes attempted so far (injected failures included). */
   get writes(): number {
     return this.#writes;
   }
+  /** Flushes attempted so far (injected failures included). */
   get flushes(): number {
     return this.#flushes;
   }

@@ -32,6 +32,7 @@ const writeAsync = promisify(fs.write);
 /** Requests at least this large use the thread pool instead of synchronous calls. */
 const LARGE_IO = 256 * 1024;
 
+/** Options of {@link FileBackend.open}. */
 export interface FileBackendOptions {
   /** Open with O_RDONLY; writes and truncate fail with `READ_ONLY`. Default false. */
   readonly readOnly?: boolean;

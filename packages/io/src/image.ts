@@ -33,6 +33,7 @@ export interface DiskImage {
   readonly format: string;
   /** Guest-visible size in bytes. */
   readonly virtualSize: number;
+  /** True when the image was opened read-only (writes are refused). */
   readonly readOnly: boolean;
   /** The file the image lives in. */
   readonly backend: BlockBackend;
@@ -52,9 +53,16 @@ export interface DiskImage {
 
 /** Write side of a disk image (not every image is writable). */
 export interface WritableDiskImage extends DiskImage {
+  /** Write `data` at guest offset `offset` (inside `virtualSize`). */
   write(offset: number, data: Uint8Array): Promise<void>;
+  /**
+   * Make `length` guest bytes at `offset` read as zeros; `mayUnmap` lets the format release
+   * the clusters instead of writing zeros.
+   */
   writeZeroes(offset: number, length: number, options?: { mayUnmap?: boolean }): Promise<void>;
+  /** Tell the format the range's contents are no longer needed (they may read as zeros or old data). */
   discard(offset: number, length: number): Promise<void>;
+  /** Make every completed write durable (metadata in the format's safe order, then a sync). */
   flush(): Promise<void>;
 }
 

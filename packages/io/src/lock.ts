@@ -31,6 +31,7 @@ import { IoError } from "@qimg/structs";
 
 /** QEMU's permission bits, by bit number. */
 export const QEMU_PERMISSIONS = ["consistent read", "write", "write unchanged", "resize"] as const;
+/** One of QEMU's permission names (see {@link QEMU_PERMISSIONS}). */
 export type QemuPermission = (typeof QEMU_PERMISSIONS)[number];
 
 /** First lock byte of the held permissions (QEMU's RAW_LOCK_PERM_BASE). */

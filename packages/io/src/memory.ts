@@ -12,6 +12,7 @@ import {
   shortRead,
 } from "./validate.js";
 
+/** Options of {@link MemoryBackend}. */
 export interface MemoryBackendOptions {
   /** Refuse writes and truncate with a `READ_ONLY` IoError. Default false. */
   readonly readOnly?: boolean;

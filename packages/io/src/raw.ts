@@ -16,6 +16,7 @@ export class RawImage implements DiskImage {
     readonly virtualSize: number,
   ) {}
 
+  /** True when the backend is read-only. */
   get readOnly(): boolean {
     return this.backend.readOnly;
   }
@@ -35,11 +36,13 @@ export class RawImage implements DiskImage {
     await this.backend.read(offset, buf, { zeroPastEof: true });
   }
 
+  /** Write guest bytes: a raw image's guest bytes are the file's bytes. */
   async write(offset: number, data: Uint8Array): Promise<void> {
     checkRange(offset, data.length, this.virtualSize);
     await this.backend.write(offset, data);
   }
 
+  /** Sync the backend. */
   async flush(): Promise<void> {
     await this.backend.flush();
   }

@@ -604,7 +604,7 @@ export function mutate(
   const kinds: string[] = ["l1", "l2", "l2", "header"];
   if (format === "qcow2") kinds.push("reftable", "refblock", "refblock", "flags");
   if (t.snapshot.length > 0) kinds.push("snapshot");
-  if (format === "qed") kinds.push("size");
+  kinds.push("size");
   const kind = pick(rnd, kinds);
   const rw = format === "qcow2" ? { get: getBE64, put: putBE64 } : { get: getLE64, put: putLE64 };
   const entry = (list: number[], name: string): string => {
@@ -685,7 +685,7 @@ export function mutate(
       return { bytes: f, what: `header field at ${field}: bit ${bit} flipped` };
     }
     case "size": {
-      // QED: tear or extend the file end.
+      // Tear or extend the file end.
       const d = Math.floor(rnd() * 3 * t.cs) - 2 * t.cs;
       const n = Math.max(64 * 1024, fileSize + d);
       const out = new Uint8Array(n);

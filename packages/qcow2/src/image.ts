@@ -1069,26 +1069,32 @@ export class Qcow2Image implements DiskImage {
     this.fileSize = await this.backend.size();
   }
 
-  /** Offsets of the L2 tables the snapshots' L1 tables point at (bounded by the file). */
+  /**
+   * Offsets of the L2 tables the snapshots' L1 tables point at, each once. Each distinct L1
+   * table is read once, and at most 256 MiB of them in all (a hostile snapshot table could name
+   * the same large table a million times); past that budget snapshots' L2 tables go unchecked,
+   * as QEMU never checks them by default.
+   */
   private async snapshotL2Tables(): Promise<number[]> {
     const cs = this.clusterSize;
-    const out: number[] = [];
+    const out = new Set<number>();
+    const seen = new Set<string>();
+    let budget = 256 * 1024 * 1024;
     for (const snap of this.snapshots) {
       const bytes = snap.l1Size * 8;
-      if (
-        bytes === 0 ||
-        snap.l1TableOffset % cs !== 0 ||
-        snap.l1TableOffset + bytes > this.fileSize
-      )
-        continue;
+      const key = `${snap.l1TableOffset}:${bytes}`;
+      if (bytes === 0 || seen.has(key) || bytes > budget) continue;
+      if (snap.l1TableOffset % cs !== 0 || snap.l1TableOffset + bytes > this.fileSize) continue;
+      seen.add(key);
+      budget -= bytes;
       const l1 = new U64TableView(new Uint8Array(bytes), "big");
       await this.backend.read(snap.l1TableOffset, l1.bytes);
       for (let i = 0; i < l1.length; i++) {
         const off = l1.getMasked(i, L1_OFFSET_MASK);
-        if (off !== 0 && off % cs === 0 && off < this.fileSize) out.push(off);
+        if (off !== 0 && off % cs === 0 && off < this.fileSize) out.add(off);
       }
     }
-    return out;
+    return [...out];
   }
 
   /** Host clusters holding metadata, for the overlap checks before writes. */

@@ -16,6 +16,7 @@ interface Entry extends CachedTable {
   generation: number;
 }
 
+/** Options of a {@link ClusterCache}. */
 export interface ClusterCacheOptions {
   /** The file the tables live in. */
   readonly backend: BlockBackend;
@@ -29,10 +30,15 @@ export interface ClusterCacheOptions {
   readonly name?: string;
 }
 
+/** Counters of a {@link ClusterCache}, for tests and tuning. */
 export interface ClusterCacheStats {
+  /** Requests served from the cache. */
   hits: number;
+  /** Requests that had to read the table from the backend. */
   misses: number;
+  /** Tables dropped to make room. */
   evictions: number;
+  /** Dirty tables written to the backend. */
   writebacks: number;
 }
 
@@ -46,10 +52,15 @@ export interface ClusterCacheStats {
  * uses the cluster, and a crash can leave leaks but never a reference without a refcount.
  */
 export class ClusterCache {
+  /** Size of every table in bytes. */
   readonly tableSize: number;
+  /** Tables kept at most (more only while pinned). */
   readonly capacity: number;
+  /** Name used in messages ("L2", "refcount"). */
   readonly name: string;
+  /** Hit, miss, eviction and writeback counts. */
   readonly stats: ClusterCacheStats = { hits: 0, misses: 0, evictions: 0, writebacks: 0 };
+  /** Write every change through at once (true) or at flush and eviction (false). */
   writethrough: boolean;
 
   private readonly backend: BlockBackend;

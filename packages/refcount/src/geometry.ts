@@ -7,12 +7,18 @@ import { refcountBitsOf } from "./spec/refcount-block.js";
 
 /** Smallest and largest cluster_bits qcow2 allows (512 bytes .. 2 MiB). */
 export const MIN_CLUSTER_BITS = 9;
+/** Largest cluster_bits (2 MiB clusters). */
 export const MAX_CLUSTER_BITS = 21;
 
+/** The sizes that follow from cluster_bits and refcount_order. */
 export interface RefcountGeometry {
+  /** header.cluster_bits. */
   readonly clusterBits: number;
+  /** 2^clusterBits bytes. */
   readonly clusterSize: number;
+  /** header.refcount_order. */
   readonly refcountOrder: number;
+  /** 2^refcountOrder: the width of one refcount in bits. */
   readonly refcountBits: number;
   /** Entries in one refcount block: cluster_size * 8 / refcount_bits. */
   readonly entriesPerBlock: number;

@@ -37,8 +37,11 @@ export function createClusterCounts(refcountBits: number, length: number): Clust
   return new Float64Array(length);
 }
 
+/** The geometry a reference count is made for. */
 export interface CountReferencesOptions {
+  /** header.cluster_bits. */
   readonly clusterBits: number;
+  /** header.refcount_order. */
   readonly refcountOrder: number;
   /**
    * Number of host clusters that can hold anything (from the file's real size). The counts
@@ -100,10 +103,13 @@ export async function countReferences(
   return counts;
 }
 
+/** What {@link rebuildRefcounts} writes, and where. */
 export interface RebuildOptions {
   /** The image file. */
   readonly backend: BlockBackend;
+  /** header.cluster_bits. */
   readonly clusterBits: number;
+  /** header.refcount_order. */
   readonly refcountOrder: number;
   /**
    * Refcount of every host cluster by index (see {@link countReferences}). Give this or
@@ -126,6 +132,7 @@ export interface RebuildOptions {
   readonly onTableMoved: TableMovedHook;
 }
 
+/** Where {@link rebuildRefcounts} put the new structures. */
 export interface RebuildResult {
   /** New header.refcount_table_offset. */
   readonly tableOffset: number;
@@ -135,6 +142,7 @@ export interface RebuildResult {
   readonly blockCount: number;
   /** First byte and cluster count of the area holding the new table and blocks. */
   readonly areaOffset: number;
+  /** Clusters of that area. */
   readonly areaClusters: number;
 }
 

@@ -37,6 +37,7 @@ export type TableMovedHook = (tableOffset: number, tableClusters: number) => Pro
 /** Called with byte ranges whose clusters dropped to refcount 0 during a discarding free. */
 export type DiscardHook = (offset: number, length: number) => Promise<void> | void;
 
+/** Where the refcount structures are and how wide they are (see {@link Refcounts.open}). */
 export interface RefcountsOptions {
   /** The image file. */
   readonly backend: BlockBackend;
@@ -58,6 +59,7 @@ export interface RefcountsOptions {
   readonly readOnly?: boolean;
 }
 
+/** Options of {@link Refcounts.free}. */
 export interface FreeOptions {
   /** Pass ranges that reached refcount 0 to `onDiscard`. Default false. */
   readonly discard?: boolean;
@@ -73,15 +75,24 @@ type Change =
   | { readonly kind: "add"; readonly amount: number }
   | { readonly kind: "set"; readonly amount: number };
 
+/**
+ * An image's refcount table and blocks: lookups, reference updates with overflow checks,
+ * first-fit allocation, and growth of blocks and of the table. See the package README.
+ */
 export class Refcounts {
+  /** header.cluster_bits. */
   readonly clusterBits: number;
+  /** Cluster size in bytes. */
   readonly clusterSize: number;
+  /** header.refcount_order. */
   readonly refcountOrder: number;
+  /** Width of one refcount in bits. */
   readonly refcountBits: number;
   /** Clusters described by one refcount block. */
   readonly entriesPerBlock: number;
   /** Largest refcount an entry holds (2^bits-1; 2^53-1 for 64-bit entries). */
   readonly maxRefcount: number;
+  /** True when every change is refused. */
   readonly readOnly: boolean;
 
   readonly #backend: BlockBackend;

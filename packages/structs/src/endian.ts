@@ -12,14 +12,17 @@ export function viewOf(bytes: Uint8Array): DataView {
   return new DataView(bytes.buffer, bytes.byteOffset, bytes.byteLength);
 }
 
+/** The unsigned byte at `offset`. */
 export function readU8(view: DataView, offset: number): number {
   return view.getUint8(offset);
 }
 
+/** The unsigned 16-bit integer at `offset`, in the given byte order. */
 export function readU16(view: DataView, offset: number, littleEndian: boolean): number {
   return view.getUint16(offset, littleEndian);
 }
 
+/** The unsigned 32-bit integer at `offset`, in the given byte order. */
 export function readU32(view: DataView, offset: number, littleEndian: boolean): number {
   return view.getUint32(offset, littleEndian);
 }
@@ -56,11 +59,13 @@ export function readU64Bits(view: DataView, offset: number, littleEndian: boolea
   return (BigInt(hi) << 32n) | BigInt(lo);
 }
 
+/** Store `value` as an unsigned byte at `offset` (range-checked). */
 export function writeU8(view: DataView, offset: number, value: number): void {
   checkUint(value, 0xff, "u8");
   view.setUint8(offset, value);
 }
 
+/** Store `value` as an unsigned 16-bit integer at `offset`, in the given byte order (range-checked). */
 export function writeU16(
   view: DataView,
   offset: number,
@@ -71,6 +76,7 @@ export function writeU16(
   view.setUint16(offset, value, littleEndian);
 }
 
+/** Store `value` as an unsigned 32-bit integer at `offset`, in the given byte order (range-checked). */
 export function writeU32(
   view: DataView,
   offset: number,

@@ -31,6 +31,7 @@ export const ErrorCode = {
 
 export type ErrorCode = (typeof ErrorCode)[keyof typeof ErrorCode];
 
+/** Options of every qimg error: where in the file, and what caused it. */
 export interface QimgErrorOptions {
   /** Byte offset in the file that the error applies to. */
   readonly offset?: number | undefined;
@@ -40,7 +41,9 @@ export interface QimgErrorOptions {
 
 /** Base class of every error qimg throws on purpose. */
 export class QimgError extends Error {
+  /** Stable machine-readable code, from {@link ErrorCode}. */
   readonly code: ErrorCode;
+  /** Byte offset in the file the error applies to, when there is one. */
   readonly offset: number | undefined;
 
   constructor(code: ErrorCode, message: string, options: QimgErrorOptions = {}) {
@@ -60,6 +63,7 @@ export class FormatError extends QimgError {
 
 /** The image needs features we do not implement; `features` names each of them. */
 export class UnsupportedFeatureError extends QimgError {
+  /** The names of the unsupported features. */
   readonly features: readonly string[];
 
   constructor(message: string, features: readonly string[], options: QimgErrorOptions = {}) {

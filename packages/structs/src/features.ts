@@ -8,14 +8,17 @@ export interface FeatureBits<N extends string> {
   readonly names: readonly N[];
   /** Bits set that this definition does not know. */
   readonly unknown: bigint;
+  /** Whether the named bit is set. */
   has(name: N): boolean;
 }
 
+/** A named set of feature bits (see `defineFeatures`). */
 export interface FeatureSet<N extends string> {
   /** Bit number of every known feature. */
   readonly bits: Readonly<Record<N, number>>;
   /** All known bits as a mask. */
   readonly knownMask: bigint;
+  /** The names of the bits set in `mask`, and the bits without a name (kept, not dropped). */
   decode(mask: bigint): FeatureBits<N>;
   /** Build a mask from names, plus `unknown` bits kept from a decoded mask. */
   encode(names: Iterable<N>, unknown?: bigint): bigint;

@@ -19,9 +19,11 @@ import {
  */
 export type FieldType = "u8" | "u16" | "u32" | "u64" | "bits32" | "bits64" | "bytes";
 
+/** One field of an on-disk structure: where it is, its type, and what it means. */
 export interface FieldSpec {
   /** Byte offset inside the structure. */
   readonly offset: number;
+  /** How the bytes are read (unsigned integer width, 64-bit feature bits, raw bytes, ...). */
   readonly type: FieldType;
   /** Length in bytes; required for `bytes`, implied for the others. */
   readonly length?: number;
@@ -31,6 +33,7 @@ export interface FieldSpec {
   readonly doc?: string;
 }
 
+/** A structure's offset table: field name to {@link FieldSpec}. */
 export type FieldTable = Readonly<Record<string, FieldSpec>>;
 
 type ValueOf<T extends FieldType> = T extends "bits32" | "bits64"
@@ -44,12 +47,15 @@ export type Decoded<F extends FieldTable> = {
   readonly [K in keyof F]: ValueOf<F[K]["type"]>;
 };
 
+/** A declared structure: its offset table and an exact decode/encode pair (see `defineStruct`). */
 export interface StructDef<F extends FieldTable> {
   /** Name used in messages ("qcow2 header"). */
   readonly name: string;
+  /** Byte order of every field. */
   readonly endian: Endian;
   /** Total size in bytes. */
   readonly size: number;
+  /** The offset table it was declared with. */
   readonly fields: F;
   /** Decode `size` bytes at `at` in `bytes`; `fileOffset` is reported in errors. */
   decode(bytes: Uint8Array, at?: number, fileOffset?: number): Decoded<F>;

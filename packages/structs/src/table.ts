@@ -8,7 +8,9 @@ const TWO_32 = 0x1_0000_0000;
  * accessors can mask without BigInt.
  */
 export interface Mask64 {
+  /** The high 32 bits of the mask. */
   readonly hi: number;
+  /** The low 32 bits of the mask. */
   readonly lo: number;
 }
 
@@ -28,6 +30,7 @@ export function mask64(mask: bigint): Mask64 {
 export class U64TableView {
   /** Number of u64 entries. */
   readonly length: number;
+  /** The bytes the view reads and writes (not a copy). */
   readonly bytes: Uint8Array;
   private readonly view: DataView;
   private readonly le: boolean;

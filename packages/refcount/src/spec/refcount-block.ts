@@ -17,6 +17,7 @@ const MAX_SAFE_HI = 0x1f_ffff;
 
 /** Smallest and largest refcount_order the format allows (widths 1 .. 64 bits). */
 export const MIN_REFCOUNT_ORDER = 0;
+/** Largest refcount_order (64-bit refcounts). */
 export const MAX_REFCOUNT_ORDER = 6;
 
 /** refcount_bits for a refcount_order (`1 << order`), validated. */
@@ -52,6 +53,7 @@ export class RefcountBlockView {
   readonly bits: number;
   /** Largest value `set` accepts. */
   readonly max: number;
+  /** The block's bytes (a view, not a copy). */
   readonly bytes: Uint8Array;
   private readonly view: DataView;
   /** For sub-byte widths: log2 of entries per byte, and the entry mask. */

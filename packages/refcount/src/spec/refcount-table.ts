@@ -21,11 +21,13 @@ export const REFTABLE_RESERVED_MASK = mask64(0x1ffn);
  */
 export const MAX_REFTABLE_BYTES = 8 * 1024 * 1024;
 
+/** What {@link validateRefcountTable} checks: the table, where it is, and the file it is in. */
 export interface RefcountTableCheck {
   /** The table bytes (refcount_table_clusters * cluster_size). */
   readonly bytes: Uint8Array;
   /** Host offset of the table, for messages and error offsets. */
   readonly tableOffset: number;
+  /** The image's cluster size in bytes (every block offset must be aligned to it). */
   readonly clusterSize: number;
   /** Size of the image file; every block must lie inside it. */
   readonly fileSize: number;

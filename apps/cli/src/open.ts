@@ -39,6 +39,11 @@ export interface OpenImageOptions {
   /** Ignore flushes on the top image's file (qemu's cache=unsafe). */
   readonly noFlush?: boolean;
   /**
+   * qemu-img's `-U` (read-only opens only): share every permission on every file of the
+   * chain, so the image opens while another process (a VM, qemu-io) writes it.
+   */
+  readonly forceShare?: boolean | undefined;
+  /**
    * Called with the path of every file opened for the image: the image itself, each backing
    * file and each external data file (so a command can refuse to write to any of them).
    */
@@ -94,6 +99,7 @@ async function openOnBackend(
     /** Set for backing files: never conclude "raw" from probing (the probing attack). */
     backingOf?: string | undefined;
     onOpen?: ((path: string) => void) | undefined;
+    forceShare?: boolean | undefined;
   },
 ): Promise<DiskImage> {
   try {
@@ -119,7 +125,9 @@ async function openOnBackend(
       openDataFile: (name: string, relativeTo: string) => {
         const path = combinePath(relativeTo, name);
         options.onOpen?.(path);
-        return inFile(path, () => FileBackend.open(path, { readOnly }));
+        return inFile(path, () =>
+          FileBackend.open(path, { readOnly, forceShare: readOnly && options.forceShare === true }),
+        );
       },
       qcow2: options.qcow2,
     };
@@ -150,6 +158,7 @@ export function fileBackingOpener(
   ctx: CliContext,
   chain: readonly string[],
   onOpen?: (path: string) => void,
+  forceShare = false,
 ): BackingOpener {
   return async (request: BackingRequest): Promise<DiskImage> => {
     const depth = chain.length;
@@ -167,14 +176,19 @@ export function fileBackingOpener(
     }
     onOpen?.(path);
     return inFile(path, async () => {
-      const backend = await FileBackend.open(path, { readOnly: request.readOnly });
+      const share = forceShare && request.readOnly;
+      const backend = await FileBackend.open(path, {
+        readOnly: request.readOnly,
+        forceShare: share,
+      });
       return openOnBackend(backend, request.format, {
         readOnly: request.readOnly,
-        openBacking: fileBackingOpener(ctx, [...chain, real], onOpen),
+        openBacking: fileBackingOpener(ctx, [...chain, real], onOpen, forceShare),
         ctx,
         warnRaw: true,
         backingOf: request.relativeTo,
         onOpen,
+        forceShare: share,
       });
     });
   };
@@ -190,18 +204,27 @@ export async function openImage(path: string, options: OpenImageOptions): Promis
   const readOnly = options.readOnly ?? true;
   return inFile(path, async () => {
     if (options.format !== undefined) checkFormat(options.format);
+    const forceShare = options.forceShare === true;
+    if (forceShare && !readOnly) {
+      throw new CliError("force-share=on can only be used with read-only images");
+    }
     options.onOpen?.(path);
-    const backend = await FileBackend.open(path, { readOnly, noFlush: options.noFlush ?? false });
+    const backend = await FileBackend.open(path, {
+      readOnly,
+      noFlush: options.noFlush ?? false,
+      forceShare,
+    });
     const openBacking = options.openBacking ?? true;
     return openOnBackend(backend, options.format, {
       readOnly,
       openBacking: openBacking
-        ? fileBackingOpener(options.ctx, [realPathOrSelf(path)], options.onOpen)
+        ? fileBackingOpener(options.ctx, [realPathOrSelf(path)], options.onOpen, forceShare)
         : undefined,
       ctx: options.ctx,
       warnRaw: !readOnly,
       qcow2: options.qcow2,
       onOpen: options.onOpen,
+      forceShare,
     });
   });
 }

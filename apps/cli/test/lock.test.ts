@@ -81,8 +81,8 @@ describe.skipIf(!hasQemu || !haveProcLocks)("while qemu-io has the image open", 
       // qemu-img agrees that writing is refused.
       const theirs = qemuImg(["resize", img, "3M"], tmp);
       expect(theirs.stderr).toMatch(/Failed to get "write" lock/);
-      // Reading is allowed (qemu-img would need -U while QEMU writes; see the io README).
-      const info = await qimg(["info", "--output=json", img], tmp);
+      // Reading is allowed with -U (without it, see force-share.test.ts).
+      const info = await qimg(["info", "-U", "--output=json", img], tmp);
       expect(info.code, info.stderr).toBe(0);
       await stop(c);
       // Once QEMU is gone, the same write works.

@@ -238,8 +238,9 @@ describe.skipIf(!haveQemuIo || !haveProcLocks)("QEMU's locks (qemu-io holding th
     );
     expect(e.holder).toBe("another process");
     expect(Buffer.compare(fs.readFileSync(p), before)).toBe(0);
-    // Reading stays possible (see the README: qimg does not demand qemu-img's -U for it).
-    const r = await FileBackend.open(p, { readOnly: true });
+    // Reading needs forceShare (qemu-img's -U) while QEMU writes, as in qemu-img.
+    await refused(FileBackend.open(p, { readOnly: true }), /Failed to get shared "write" lock/);
+    const r = await FileBackend.open(p, { readOnly: true, forceShare: true });
     await r.close();
     await stop(c);
     const w = await FileBackend.open(p);

@@ -16,9 +16,9 @@
  * qimg has an image open. Inside one process, a registry keyed by device and inode applies the
  * same rules between qimg's own opens.
  *
- * One difference, on purpose: qemu-img refuses to *read* an image while a QEMU process writes
- * it (unless given -U); qimg reads it, and refuses a read only when QEMU denies reading (a
- * consistent-read lock). Inside the process, a read of a file open for writing is refused.
+ * As qemu-img, a read-only open is refused while a QEMU process writes the image (it does not
+ * share write), unless it is opened with forceShare (qemu-img -U). Inside the process, a read
+ * of a file open for writing is refused the same way.
  *
  * What an open asks for (QEMU's defaults for a format node over a file):
  * - read-only: holds consistent read; shares everything except write and resize.
@@ -325,9 +325,9 @@ export async function lockImageFile(
   const key = `${st.dev}:${st.ino}`;
   const want = MODES[mode];
   const foreign = (): void =>
-    // Another process: a reader is refused only when reading is denied (qemu-img would also
-    // refuse it while QEMU writes, unless given -U; qimg reads such an image, see the README).
-    check(path, want, foreignLocks(st.dev, st.ino), "another process", mode === "write");
+    // Another process: as qemu-img, a reader is refused while QEMU writes (it does not share
+    // write) unless it shares everything (forceShare, qemu-img -U).
+    check(path, want, foreignLocks(st.dev, st.ino), "another process", mode !== "read-shared");
   const list = registry.get(key) ?? [];
   let held = 0;
   let unshared = 0;

@@ -35,6 +35,8 @@ export interface BenchOptions {
   readonly flushInterval?: string | undefined;
   readonly noDrain?: boolean;
   readonly quiet?: boolean;
+  /** qemu-img -U (read benchmarks only). */
+  readonly forceShare?: boolean;
 }
 
 const INT_MAX = 2147483647;
@@ -83,6 +85,7 @@ export async function runBench(ctx: CliContext, o: BenchOptions): Promise<number
     readOnly: !isWrite,
     ctx,
     qcow2: { writethrough },
+    forceShare: o.forceShare === true,
   });
   try {
     const w = isWrite ? writableOf(image) : undefined;
@@ -162,7 +165,10 @@ export const benchCommand: CommandDef = {
       .option("--pattern <byte>", "byte written by -w (default 0)")
       .option("--flush-interval <n>", "flush every N write requests")
       .option("--no-drain", "do not wait for requests in flight before a flush")
-      .option("-U, --force-share", "accepted for qemu-img compatibility (qimg takes no locks)");
+      .option(
+        "-U, --force-share",
+        "open read-only images even while another process writes them (qemu-img -U: shares every lock; read-only opens only)",
+      );
   },
   run(ctx, args, opts) {
     return runBench(ctx, {
@@ -180,6 +186,7 @@ export const benchCommand: CommandDef = {
       flushInterval: stringOpt(opts, "flushInterval"),
       noDrain: opts.drain === false,
       quiet: opts.quiet === true,
+      forceShare: opts.forceShare === true,
     });
   },
 };

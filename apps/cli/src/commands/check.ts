@@ -29,7 +29,10 @@ export const checkCommand: CommandDef = {
         new Option("--output <fmt>", "output format").choices(["human", "json"]).default("human"),
       )
       .option("-q, --quiet", "print nothing; only the exit code tells")
-      .option("-U, --force-share", "accepted for qemu-img compatibility (qimg takes no locks)");
+      .option(
+        "-U, --force-share",
+        "open read-only images even while another process writes them (qemu-img -U: shares every lock; read-only opens only)",
+      );
   },
   async run(ctx, args, opts) {
     const file = args[0] ?? "";
@@ -42,8 +45,12 @@ export const checkCommand: CommandDef = {
     const format = stringOpt(opts, "format");
     if (format !== undefined) checkFormat(format);
     // Plain check opens read-only and changes nothing; -r opens read-write.
+    const forceShare = opts.forceShare === true;
+    if (forceShare && repair !== undefined) {
+      throw new CliError(`${file}: force-share=on can only be used with read-only images`);
+    }
     const backend = await inFile(file, () =>
-      FileBackend.open(file, { readOnly: repair === undefined }),
+      FileBackend.open(file, { readOnly: repair === undefined, forceShare }),
     );
     try {
       const fmt = format ?? (await inFile(file, () => probeBackend(backend))) ?? "raw";

@@ -22,6 +22,8 @@ export interface CompareOptions {
   readonly strict?: boolean;
   readonly quiet?: boolean;
   readonly progress?: boolean;
+  /** qemu-img -U. */
+  readonly forceShare?: boolean;
 }
 
 export const COMPARE_EXIT = {
@@ -97,13 +99,13 @@ export async function runCompare(ctx: CliContext, options: CompareOptions): Prom
   };
   const imageA = await inFile(
     options.a,
-    () => openImage(options.a, { format: options.formatA, ctx }),
+    () => openImage(options.a, { format: options.formatA, ctx, forceShare: options.forceShare }),
     COMPARE_EXIT.ERROR,
   );
   try {
     const imageB = await inFile(
       options.b,
-      () => openImage(options.b, { format: options.formatB, ctx }),
+      () => openImage(options.b, { format: options.formatB, ctx, forceShare: options.forceShare }),
       COMPARE_EXIT.ERROR,
     );
     try {
@@ -229,7 +231,10 @@ export const compareCommand: CommandDef = {
       .option("-s, --strict", "strict mode: fail on different sizes or allocation")
       .option("-q, --quiet", "print nothing, only set the exit code")
       .option("-p, --progress", "show a progress bar on stderr (when it is a terminal)")
-      .option("-U, --force-share", "accepted for qemu-img compatibility (qimg takes no locks)");
+      .option(
+        "-U, --force-share",
+        "open read-only images even while another process writes them (qemu-img -U: shares every lock; read-only opens only)",
+      );
   },
   run(ctx, args, opts) {
     return runCompare(ctx, {
@@ -240,6 +245,7 @@ export const compareCommand: CommandDef = {
       strict: opts.strict === true,
       quiet: opts.quiet === true,
       progress: opts.progress === true,
+      forceShare: opts.forceShare === true,
     });
   },
 };

@@ -64,6 +64,8 @@ export interface ConvertOptions {
   readonly threads?: number | undefined;
   /** `-t`: cache mode of the target; qemu-img convert's default is "unsafe" (no flushes). */
   readonly cache?: string | undefined;
+  /** `-U`: share every lock of the source (read-only), as qemu-img. */
+  readonly forceShare?: boolean;
 }
 
 const CACHE_MODES = ["none", "writeback", "writethrough", "directsync", "unsafe"];
@@ -112,6 +114,7 @@ export async function runConvert(ctx: CliContext, options: ConvertOptions): Prom
     format: options.format,
     ctx,
     onOpen: (path) => opened.push(path),
+    forceShare: options.forceShare === true,
   });
   try {
     const dataFile = opts.get("data_file")?.text;
@@ -500,7 +503,10 @@ export const convertCommand: CommandDef = {
         "-W, --out-of-order",
         "allow out-of-order writes (qimg always keeps several in flight)",
       )
-      .option("-U, --force-share", "accepted for qemu-img compatibility (qimg takes no locks)")
+      .option(
+        "-U, --force-share",
+        "open the source even while another process writes it (qemu-img -U: shares every lock)",
+      )
       .option(
         "-t, --cache <mode>",
         "target cache mode: unsafe (default, no flushes), writeback, ...",
@@ -520,6 +526,7 @@ export const convertCommand: CommandDef = {
       options: joinedOptions(opts),
       compress: opts.compress === true,
       progress: opts.progress === true,
+      forceShare: opts.forceShare === true,
     });
   },
 };

@@ -90,6 +90,8 @@ export interface DdOptions {
   readonly operands: readonly string[];
   readonly format?: string | undefined;
   readonly outputFormat?: string | undefined;
+  /** qemu-img -U (the input). */
+  readonly forceShare?: boolean;
 }
 
 export async function runDd(ctx: CliContext, options: DdOptions): Promise<number> {
@@ -97,7 +99,11 @@ export async function runDd(ctx: CliContext, options: DdOptions): Promise<number
   checkOutputFormat(options.outputFormat ?? "raw", op.output);
   if (sameFile(op.input, op.output))
     throw new CliError("the output file is the input file", { file: op.output });
-  const image = await openImage(op.input, { format: options.format, ctx });
+  const image = await openImage(op.input, {
+    format: options.format,
+    ctx,
+    forceShare: options.forceShare === true,
+  });
   try {
     let size = image.virtualSize;
     if (op.count !== undefined && op.count * op.bs < size) size = op.count * op.bs;
@@ -134,13 +140,17 @@ export const ddCommand: CommandDef = {
       .argument("[operands...]", "if=INPUT of=OUTPUT [bs=BYTES] [count=BLOCKS] [skip=BLOCKS]")
       .option("-f, --format <fmt>", "input format (qcow2, qed, raw); probed when omitted")
       .option("-O, --output-format <fmt>", "output format (raw)", "raw")
-      .option("-U, --force-share", "accepted for qemu-img compatibility (qimg takes no locks)");
+      .option(
+        "-U, --force-share",
+        "open read-only images even while another process writes them (qemu-img -U: shares every lock; read-only opens only)",
+      );
   },
   run(ctx, args, opts) {
     return runDd(ctx, {
       operands: args,
       format: stringOpt(opts, "format"),
       outputFormat: stringOpt(opts, "outputFormat"),
+      forceShare: opts.forceShare === true,
     });
   },
 };

@@ -18,6 +18,8 @@ export interface InfoOptions {
   readonly format?: string | undefined;
   readonly output?: OutputFormat;
   readonly backingChain?: boolean;
+  /** qemu-img -U. */
+  readonly forceShare?: boolean;
 }
 
 type JsonObject = { [key: string]: QJson | undefined };
@@ -203,6 +205,7 @@ export async function runInfo(ctx: CliContext, options: InfoOptions): Promise<nu
     format: options.format,
     ctx,
     openBacking: options.backingChain === true,
+    forceShare: options.forceShare === true,
   });
   try {
     const layers = options.backingChain === true ? chainOf(image) : [image];
@@ -237,7 +240,10 @@ export const infoCommand: CommandDef = {
           .default("human"),
       )
       .option("--backing-chain", "show every image of the backing chain")
-      .option("-U, --force-share", "accepted for qemu-img compatibility (qimg takes no locks)");
+      .option(
+        "-U, --force-share",
+        "open read-only images even while another process writes them (qemu-img -U: shares every lock; read-only opens only)",
+      );
   },
   run(ctx, args, opts) {
     return runInfo(ctx, {
@@ -245,6 +251,7 @@ export const infoCommand: CommandDef = {
       format: stringOpt(opts, "format"),
       output: parseOutputFormat(opts.output),
       backingChain: opts.backingChain === true,
+      forceShare: opts.forceShare === true,
     });
   },
 };

@@ -28,6 +28,8 @@ export interface IoOptions {
   readonly openOptions?: string | undefined;
   /** `-t` cache mode. */
   readonly cache?: string | undefined;
+  /** qemu-io -U (with -r only). */
+  readonly forceShare?: boolean;
 }
 
 const CACHE_MODES = ["none", "writeback", "writethrough", "directsync", "unsafe"] as const;
@@ -101,6 +103,7 @@ export async function runIo(ctx: CliContext, o: IoOptions): Promise<number> {
     ctx,
     noFlush: mode.noFlush,
     qcow2: { lazyRefcounts, writethrough: mode.writethrough },
+    forceShare: o.forceShare === true,
   });
   let crashed = false;
   try {
@@ -147,7 +150,10 @@ export const ioCommand: CommandDef = {
       )
       .option("-n, --nocache", "short for -t none (as qemu-io)")
       .option("-o, --options <opts>", "open options: lazy-refcounts=on|off, cache=MODE", collect)
-      .option("-U, --force-share", "accepted for qemu-io compatibility (qimg takes no locks)");
+      .option(
+        "-U, --force-share",
+        "open the image even while another process writes it (qemu-io -U: shares every lock; needs -r)",
+      );
   },
   run(ctx, args, opts) {
     const cmds = Array.isArray(opts.cmd) ? opts.cmd.map(String) : [];
@@ -161,6 +167,7 @@ export const ioCommand: CommandDef = {
       readOnly: opts.readOnly === true,
       openOptions,
       cache: stringOpt(opts, "cache") ?? (opts.nocache === true ? "none" : undefined),
+      forceShare: opts.forceShare === true,
     });
   },
 };

@@ -14,6 +14,8 @@ export interface MapOptions {
   readonly filename: string;
   readonly format?: string | undefined;
   readonly output?: OutputFormat;
+  /** qemu-img -U. */
+  readonly forceShare?: boolean;
 }
 
 /** qemu-img's MapEntry. */
@@ -141,7 +143,11 @@ export async function mapEntries(image: DiskImage): Promise<MapEntry[]> {
 
 export async function runMap(ctx: CliContext, options: MapOptions): Promise<number> {
   const output = options.output ?? "human";
-  const image = await openImage(options.filename, { format: options.format, ctx });
+  const image = await openImage(options.filename, {
+    format: options.format,
+    ctx,
+    forceShare: options.forceShare === true,
+  });
   try {
     await inFile(options.filename, async () => {
       if (output === "json") ctx.stdout("[");
@@ -190,13 +196,17 @@ export const mapCommand: CommandDef = {
           .choices(["human", "json"])
           .default("human"),
       )
-      .option("-U, --force-share", "accepted for qemu-img compatibility (qimg takes no locks)");
+      .option(
+        "-U, --force-share",
+        "open read-only images even while another process writes them (qemu-img -U: shares every lock; read-only opens only)",
+      );
   },
   run(ctx, args, opts) {
     return runMap(ctx, {
       filename: args[0] ?? "",
       format: stringOpt(opts, "format"),
       output: parseOutputFormat(opts.output),
+      forceShare: opts.forceShare === true,
     });
   },
 };

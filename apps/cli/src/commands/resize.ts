@@ -71,7 +71,9 @@ export const resizeCommand: CommandDef = {
     // Every refusal is decided on a read-only open: a read-write open may already change the
     // file (it repairs an image left dirty), and a refused resize changes nothing.
     let size: number;
-    const probe = await openImage(file, { format, readOnly: true, ctx });
+    // (forceShare: while QEMU writes the image, the read-write open below gives qemu-img's
+    // refusal, not this look.)
+    const probe = await openImage(file, { format, readOnly: true, ctx, forceShare: true });
     try {
       const current = probe.virtualSize;
       size = sign === 0 ? amount : current + sign * amount;

@@ -30,6 +30,7 @@ export const BITMAP_DIR_FIELDS = {
   extraDataSize: { offset: 20, type: "u32", unit: "bytes", doc: "u32: size of the extra data" },
 } as const;
 export const BITMAP_DIR_FIXED_SIZE = 24;
+/** The fixed 24-byte part of a bitmap directory entry (extra data and name follow it). */
 export const BitmapDirEntry = defineStruct(
   "qcow2 bitmap directory entry",
   "big",
@@ -37,14 +38,22 @@ export const BitmapDirEntry = defineStruct(
   BITMAP_DIR_FIELDS,
 );
 
+/** Bitmap directory entry flags. */
 export const BitmapFlag = { inUse: 1, auto: 2, extraDataCompatible: 4 } as const;
 
+/** One bitmap directory entry, decoded. */
 export interface BitmapEntry {
+  /** The bitmap's name. */
   readonly name: string;
+  /** log2 of the bytes of guest data one bit covers. */
   readonly granularityBits: number;
+  /** {@link BitmapFlag} bits. */
   readonly flags: number;
+  /** Bitmap type (1: dirty tracking bitmap). */
   readonly type: number;
+  /** File offset of the bitmap table. */
   readonly bitmapTableOffset: number;
+  /** Entries of the bitmap table. */
   readonly bitmapTableSize: number;
 }
 

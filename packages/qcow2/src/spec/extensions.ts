@@ -20,9 +20,12 @@ export const EXTENSION_PREFIX = {
     doc: "u32: length of the data, without padding",
   },
 } as const;
+/** The 8-byte prefix of every header extension: type and data length. */
 export const ExtensionPrefix = defineStruct("qcow2 header extension", "big", 8, EXTENSION_PREFIX);
 
+/** One header extension as found in the file. */
 export interface HeaderExtension {
+  /** Its type magic (see {@link ExtensionType}). */
   readonly type: number;
   /** Offset of the extension's prefix in the file. */
   readonly offset: number;
@@ -75,6 +78,7 @@ export const FEATURE_NAME_ENTRY = {
   bit: { offset: 1, type: "u8", doc: "u8: bit number within the feature field" },
   name: { offset: 2, type: "bytes", length: 46, doc: "46 bytes: feature name, NUL padded" },
 } as const;
+/** One 48-byte entry of the feature name table extension. */
 export const FeatureNameEntry = defineStruct(
   "qcow2 feature name entry",
   "big",
@@ -82,18 +86,24 @@ export const FeatureNameEntry = defineStruct(
   FEATURE_NAME_ENTRY,
 );
 
+/** Which feature bit field a feature name entry describes. */
 export type FeatureKind = "incompatible" | "compatible" | "autoclear";
 const KINDS: readonly FeatureKind[] = ["incompatible", "compatible", "autoclear"];
 
+/** A feature name table entry, decoded. */
 export interface FeatureName {
+  /** The bit field, or the raw type number when it is not one of the three known. */
   readonly type: FeatureKind | number;
+  /** Bit number in that field. */
   readonly bit: number;
+  /** The feature's name. */
   readonly name: string;
 }
 
 const textDecoder = new TextDecoder("utf-8", { fatal: false });
 const textEncoder = new TextEncoder();
 
+/** Decode the feature name table extension's data (48-byte entries; a partial tail is ignored). */
 export function decodeFeatureNames(data: Uint8Array): FeatureName[] {
   const out: FeatureName[] = [];
   for (let pos = 0; pos + 48 <= data.byteLength; pos += 48) {
@@ -108,6 +118,7 @@ export function decodeFeatureNames(data: Uint8Array): FeatureName[] {
   return out;
 }
 
+/** Encode a feature name table extension's data (names cut at 46 bytes). */
 export function encodeFeatureNames(names: readonly FeatureName[]): Uint8Array {
   const out = new Uint8Array(names.length * 48);
   names.forEach((n, i) => {
@@ -136,6 +147,7 @@ export const BITMAPS_EXTENSION = {
     doc: "u64: offset of the bitmap directory",
   },
 } as const;
+/** The bitmaps extension's data: bitmap count, directory size and offset. */
 export const BitmapsExtension = defineStruct(
   "qcow2 bitmaps extension",
   "big",
@@ -148,6 +160,7 @@ export const FDE_EXTENSION = {
   offset: { offset: 0, type: "u64", unit: "bytes", doc: "u64: offset of the encryption header" },
   length: { offset: 8, type: "u64", unit: "bytes", doc: "u64: length of the encryption header" },
 } as const;
+/** The full disk encryption header pointer extension's data: offset and length. */
 export const FdeExtension = defineStruct(
   "qcow2 encryption header pointer",
   "big",
@@ -161,6 +174,7 @@ export function decodeStringExtension(data: Uint8Array): string {
   return textDecoder.decode(nul < 0 ? data : data.subarray(0, nul));
 }
 
+/** The data of a string extension (backing format, data file name): UTF-8, without a NUL. */
 export function encodeStringExtension(value: string): Uint8Array {
   return textEncoder.encode(value);
 }

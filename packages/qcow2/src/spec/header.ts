@@ -96,14 +96,19 @@ export const HEADER_V3_FIELDS = {
   },
 } as const;
 
+/** Bytes of a version 2 header. */
 export const HEADER_V2_SIZE = 72;
+/** Bytes of a version 3 header without the optional fields past 104 (header_length is at least this). */
 export const HEADER_V3_SIZE = 104;
 /** Offset of the optional compression_type byte (when header_length > 104). */
 export const COMPRESSION_TYPE_OFFSET = 104;
 
+/** The version 2 header as a struct codec (big-endian, {@link HEADER_V2_FIELDS}). */
 export const HeaderV2 = defineStruct("qcow2 v2 header", "big", HEADER_V2_SIZE, HEADER_V2_FIELDS);
+/** The version 3 header as a struct codec (big-endian, {@link HEADER_V3_FIELDS}). */
 export const HeaderV3 = defineStruct("qcow2 v3 header", "big", HEADER_V3_SIZE, HEADER_V3_FIELDS);
 
+/** incompatible_features bits: an unknown one set means the image must not be opened. */
 export const IncompatibleFeatures = defineFeatures({
   dirty: 0,
   corrupt: 1,
@@ -111,7 +116,9 @@ export const IncompatibleFeatures = defineFeatures({
   compressionType: 3,
   extendedL2: 4,
 } as const);
+/** compatible_features bits: safe to ignore when unknown. */
 export const CompatibleFeatures = defineFeatures({ lazyRefcounts: 0 } as const);
+/** autoclear_features bits: a writer that does not know one clears it. */
 export const AutoclearFeatures = defineFeatures({ bitmaps: 0, rawExternalData: 1 } as const);
 
 /** Names QEMU uses in its feature-name table, for messages and for the table we write. */
@@ -127,35 +134,56 @@ export const FEATURE_NAMES = {
   autoclear: ["bitmaps", "raw external data"],
 } as const;
 
+/** compression_type values: how compressed clusters are encoded. */
 export const CompressionType = { zlib: 0, zstd: 1 } as const;
+/** A compression type by name. */
 export type CompressionTypeName = keyof typeof CompressionType;
 
 /** Largest active L1 table QEMU accepts: 32 MiB. */
 export const MAX_L1_BYTES = 32 * 1024 * 1024;
 /** Largest refcount table QEMU accepts: 8 MiB. */
 export const MAX_REFTABLE_BYTES = 8 * 1024 * 1024;
+/** Most snapshots QEMU accepts in one image. */
 export const MAX_SNAPSHOTS = 65536;
 export const MAX_BACKING_NAME = 1023;
 
 /** A decoded qcow2 header, normalized over v2 and v3. */
 export interface Qcow2Header {
+  /** Format version. */
   readonly version: 2 | 3;
+  /** File offset of the backing file name, 0 when there is none. */
   readonly backingFileOffset: number;
+  /** Length of the backing file name in bytes. */
   readonly backingFileSize: number;
+  /** log2 of the cluster size (9..21). */
   readonly clusterBits: number;
+  /** Virtual disk size in bytes. */
   readonly size: number;
+  /** 0 none, 1 AES (legacy), 2 LUKS. */
   readonly cryptMethod: number;
+  /** Entries of the active L1 table. */
   readonly l1Size: number;
+  /** File offset of the active L1 table. */
   readonly l1TableOffset: number;
+  /** File offset of the refcount table. */
   readonly refcountTableOffset: number;
+  /** Clusters of the refcount table. */
   readonly refcountTableClusters: number;
+  /** Entries of the snapshot table. */
   readonly nbSnapshots: number;
+  /** File offset of the snapshot table. */
   readonly snapshotsOffset: number;
+  /** incompatible_features (see {@link IncompatibleFeatures}); unknown bits kept. */
   readonly incompatibleFeatures: bigint;
+  /** compatible_features (see {@link CompatibleFeatures}); unknown bits kept. */
   readonly compatibleFeatures: bigint;
+  /** autoclear_features (see {@link AutoclearFeatures}); unknown bits kept. */
   readonly autoclearFeatures: bigint;
+  /** log2 of the refcount width in bits (4 for version 2). */
   readonly refcountOrder: number;
+  /** Header length in bytes (72 for version 2); header extensions follow it. */
   readonly headerLength: number;
+  /** compression_type (see {@link CompressionType}); 0 when the header is too short to hold it. */
   readonly compressionType: number;
   /** Header bytes from 104 (or 105 when compression_type is present) to header_length, kept verbatim. */
   readonly extraBytes: Uint8Array;

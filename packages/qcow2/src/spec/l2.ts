@@ -16,13 +16,21 @@ import { mask64 } from "@qimg/structs";
  * Extended L2 entries are 16 bytes: the standard u64, then a u64 bitmap whose bits 0..31 say
  * which of the 32 subclusters are allocated and bits 32..63 which read as zeros.
  */
+/** L1 entry bits 9..55: the L2 table's file offset. */
 export const L1_OFFSET_MASK = mask64(0x00ff_ffff_ffff_fe00n);
+/** L1 entry bits that must be zero. */
 export const L1_RESERVED_MASK = mask64(0x7f00_0000_0000_01ffn);
+/** Standard L2 entry bits 9..55: the data cluster's file offset. */
 export const L2_OFFSET_MASK = mask64(0x00ff_ffff_ffff_fe00n);
+/** Standard L2 entry bits that must be zero. */
 export const L2_RESERVED_MASK = mask64(0x3f00_0000_0000_01fen);
+/** Bit 63 of L1 and L2 entries: the cluster's refcount is exactly 1 (writable in place). */
 export const OFLAG_COPIED = mask64(1n << 63n);
+/** Bit 62 of an L2 entry: the cluster is compressed (the rest is a {@link compressedLayout} descriptor). */
 export const OFLAG_COMPRESSED = mask64(1n << 62n);
+/** Bit 0 of a standard L2 entry (version 3): the cluster reads as zeros. */
 export const OFLAG_ZERO = mask64(1n);
+/** Refcount table entry bits 9..63: the refcount block's file offset. */
 export const REFTABLE_OFFSET_MASK = mask64(0xffff_ffff_ffff_fe00n);
 export const REFTABLE_RESERVED_MASK = mask64(0x1ffn);
 
@@ -39,6 +47,10 @@ export interface CompressedLayout {
   readonly sectorsMax: number;
 }
 
+/**
+ * Where a compressed cluster descriptor keeps the host offset and the sector count, for a
+ * given cluster_bits.
+ */
 export function compressedLayout(clusterBits: number): CompressedLayout {
   const x = 62 - (clusterBits - 8);
   return {

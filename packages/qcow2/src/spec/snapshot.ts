@@ -48,6 +48,7 @@ export const SNAPSHOT_FIELDS = {
   },
 } as const;
 export const SNAPSHOT_FIXED_SIZE = 40;
+/** The fixed 40-byte part of a snapshot table entry (id, name and extra data follow it). */
 export const SnapshotFixed = defineStruct(
   "qcow2 snapshot entry",
   "big",
@@ -61,6 +62,7 @@ export const SNAPSHOT_EXTRA_FIELDS = {
   diskSize: { offset: 8, type: "u64", unit: "bytes", doc: "u64: virtual disk size when taken" },
   icount: { offset: 16, type: "bits64", doc: "u64: instruction count, or -1 when not recorded" },
 } as const;
+/** The known fields of a snapshot entry's extra data. */
 export const SnapshotExtra = defineStruct(
   "qcow2 snapshot extra data",
   "big",
@@ -71,17 +73,27 @@ export const SnapshotExtra = defineStruct(
 /** QEMU's limit on one entry's extra data. */
 export const MAX_SNAPSHOT_EXTRA = 1024;
 
+/** One snapshot table entry, decoded. */
 export interface SnapshotEntry {
+  /** File offset of the snapshot's L1 table. */
   readonly l1TableOffset: number;
+  /** Entries of that L1 table. */
   readonly l1Size: number;
+  /** The snapshot's unique id string. */
   readonly id: string;
+  /** The snapshot's name. */
   readonly name: string;
+  /** Wall-clock time it was taken: seconds since the epoch. */
   readonly dateSec: number;
+  /** The nanoseconds part of that time. */
   readonly dateNsec: number;
   /** Guest clock in nanoseconds; any u64 (QEMU reads values past 2^53), so a bigint. */
   readonly vmClockNsec: bigint;
+  /** Bytes of saved VM state (0 for a disk-only snapshot). */
   readonly vmStateSize: number;
+  /** Virtual disk size when taken, from the extra data; undefined when it is too short. */
   readonly diskSize: number | undefined;
+  /** Instruction count from the extra data; undefined when absent. */
   readonly icount: bigint | undefined;
   /** The extra data verbatim (unknown trailing fields round-trip). */
   readonly extraData: Uint8Array;

@@ -20,18 +20,25 @@ export const QED_KNOWN_COMPAT_FEATURES = 0n;
 /** Autoclear feature bits this implementation understands (none exist); others are cleared on read-write open. */
 export const QED_KNOWN_AUTOCLEAR_FEATURES = 0n;
 
+/** Feature bit: the image has a backing file. */
 export const QED_F_BACKING_FILE = QedFeatures.maskOf("backingFile");
+/** Feature bit: the image may be inconsistent and must be checked before use. */
 export const QED_F_NEED_CHECK = QedFeatures.maskOf("needCheck");
+/** Feature bit: the backing file is raw; do not probe its format. */
 export const QED_F_BACKING_FORMAT_NO_PROBE = QedFeatures.maskOf("backingFormatNoProbe");
 
 /** Cluster size limits and default, in bytes. */
 export const QED_MIN_CLUSTER_SIZE = 4 * 1024;
+/** Largest cluster size. */
 export const QED_MAX_CLUSTER_SIZE = 64 * 1024 * 1024;
+/** Cluster size of new images unless asked otherwise. */
 export const QED_DEFAULT_CLUSTER_SIZE = 64 * 1024;
 
 /** Table size limits and default, in clusters (for both L1 and L2 tables). */
 export const QED_MIN_TABLE_SIZE = 1;
+/** Largest table size. */
 export const QED_MAX_TABLE_SIZE = 16;
+/** Table size of new images unless asked otherwise. */
 export const QED_DEFAULT_TABLE_SIZE = 4;
 
 /** Quiet period after the last allocating write before the need-check bit is cleared (QEMU: 5 s). */

@@ -44,6 +44,7 @@ export const QED_ENTRY_TOO_LARGE = -1;
  * so callers treat it as an invalid offset instead of throwing).
  */
 export class QedTable {
+  /** The little-endian u64 view the entries are read through. */
   readonly view: U64TableView;
 
   constructor(bytes: Uint8Array) {
@@ -55,14 +56,17 @@ export class QedTable {
     return this.view.length;
   }
 
+  /** The table's bytes (not a copy). */
   get bytes(): Uint8Array {
     return this.view.bytes;
   }
 
+  /** Entry `i`: 0 unallocated, 1 zero cluster, else a file offset ({@link QED_ENTRY_TOO_LARGE} past 2^53). */
   get(i: number): number {
     return this.view.hi(i) > 0x1f_ffff ? QED_ENTRY_TOO_LARGE : this.view.get(i);
   }
 
+  /** Set entry `i` to `value` (a safe integer). */
   set(i: number, value: number): void {
     this.view.set(i, value);
   }

@@ -65,6 +65,7 @@ export interface DescribedError {
   readonly error: unknown;
 }
 
+/** System errors in the C library's strerror() words, as qemu-img prints them. */
 const ERRNO_TEXT: Readonly<Record<string, string>> = {
   ENOENT: "No such file or directory",
   EACCES: "Permission denied",
@@ -76,6 +77,22 @@ const ERRNO_TEXT: Readonly<Record<string, string>> = {
   EIO: "Input/output error",
   ELOOP: "Too many levels of symbolic links",
   EBUSY: "Device or resource busy",
+  ENAMETOOLONG: "File name too long",
+  EMFILE: "Too many open files",
+  ENFILE: "Too many open files in system",
+  EFBIG: "File too large",
+  EDQUOT: "Disk quota exceeded",
+  EEXIST: "File exists",
+  ENXIO: "No such device or address",
+  ENODEV: "No such device",
+  ETXTBSY: "Text file busy",
+  ENOMEM: "Cannot allocate memory",
+  EAGAIN: "Resource temporarily unavailable",
+  ENOTSUP: "Operation not supported",
+  EOPNOTSUPP: "Operation not supported",
+  EXDEV: "Invalid cross-device link",
+  ESTALE: "Stale file handle",
+  ENOTCONN: "Transport endpoint is not connected",
 };
 
 function errnoOf(e: unknown): string | undefined {
@@ -85,13 +102,18 @@ function errnoOf(e: unknown): string | undefined {
 }
 
 /** The message of `e`, with a leading `<file>: ` removed and system errors in strerror words. */
-function messageOf(e: unknown, file: string | undefined): string {
+export function messageOf(e: unknown, file: string | undefined): string {
+  if (e instanceof FileContextError) e = e.error;
   let message = e instanceof Error ? e.message : String(e);
   if (isQimgError(e)) {
     const errno = errnoOf(e.cause);
     const text = errno === undefined ? undefined : ERRNO_TEXT[errno];
     if (text !== undefined && /: open failed: /.test(message)) {
       message = text;
+    } else if (text !== undefined) {
+      // "<what> failed: ENOSPC: no space left on device, write" -> "<what> failed: No space..."
+      const at = message.indexOf(` failed: ${errno}`);
+      if (at >= 0) message = `${message.slice(0, at)} failed: ${text}`;
     }
   } else if (!(e instanceof CliError)) {
     const text = ERRNO_TEXT[errnoOf(e) ?? ""];

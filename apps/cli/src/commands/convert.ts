@@ -32,7 +32,7 @@ import {
   type CreateFormat,
 } from "../create-image.js";
 import type { DiskImage } from "../drivers.js";
-import { CliError, inFile } from "../errors.js";
+import { CliError, inFile, messageOf } from "../errors.js";
 import { openImage, sameFile } from "../open.js";
 import { CompressPool } from "../util/compress-pool.js";
 import { blockStatusPays, copySparse } from "../util/copy.js";
@@ -140,7 +140,7 @@ export async function runConvert(ctx: CliContext, options: ConvertOptions): Prom
           await writeNewImage(options.target, outFormat, opts, image.virtualSize, { noFlush });
         } catch (e) {
           throw new CliError(
-            `error while converting ${outFormat}: ${e instanceof Error ? e.message : String(e)}`,
+            `error while converting ${outFormat}: ${messageOf(e, options.target)}`,
             { cause: e },
           );
         }
@@ -173,15 +173,24 @@ export async function runConvert(ctx: CliContext, options: ConvertOptions): Prom
  * not get to touch stays as it was).
  */
 class OutputGuard {
-  private readonly before: (BigIntStats | undefined)[];
+  private readonly before: (BigIntStats | undefined | null)[];
 
   constructor(private readonly paths: readonly string[]) {
-    this.before = paths.map((p) => statSync(p, { bigint: true, throwIfNoEntry: false }));
+    // A name that cannot be looked up (too long, a file in the way of a directory...) is
+    // left alone: nothing can have been made under it.
+    this.before = paths.map((p) => {
+      try {
+        return statSync(p, { bigint: true, throwIfNoEntry: false });
+      } catch {
+        return null;
+      }
+    });
   }
 
   undo(): void {
     this.paths.forEach((path, i) => {
       const was = this.before[i];
+      if (was === null) return;
       const now = statSync(path, { bigint: true, throwIfNoEntry: false });
       if (now === undefined || !now.isFile()) return;
       const unchanged =
@@ -208,13 +217,19 @@ async function convertToRaw(
   options: ConvertOptions,
 ): Promise<void> {
   const size = image.virtualSize;
-  const target = await inFile(options.target, () =>
-    FileBackend.open(options.target, {
-      create: true,
-      truncate: true,
-      noFlush: targetNoFlush(options.cache),
-    }),
-  );
+  const target = await inFile(options.target, async () => {
+    try {
+      return await FileBackend.open(options.target, {
+        create: true,
+        truncate: true,
+        noFlush: targetNoFlush(options.cache),
+      });
+    } catch (e) {
+      throw new CliError(`error while converting raw: ${messageOf(e, options.target)}`, {
+        cause: e,
+      });
+    }
+  });
   try {
     await inFile(options.target, () => target.truncate(roundUp(size, 512)));
     if (blockStatusPays(image)) {

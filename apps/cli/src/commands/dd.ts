@@ -12,7 +12,7 @@ import type { Command } from "commander";
 import { FileBackend } from "@qimg/io/node";
 import { stringOpt, type CommandDef } from "../command.js";
 import type { CliContext } from "../context.js";
-import { CliError, inFile } from "../errors.js";
+import { CliError, inFile, messageOf } from "../errors.js";
 import { openImage, sameFile } from "../open.js";
 import { copySparse } from "../util/copy.js";
 import { parseSize, roundUp, SizeParseError } from "../util/size.js";
@@ -111,9 +111,15 @@ export async function runDd(ctx: CliContext, options: DdOptions): Promise<number
     const skipTooFar =
       op.skip !== undefined && (!Number.isSafeInteger(skipBytes) || size < skipBytes);
     const outSize = skipTooFar ? 0 : size - skipBytes;
-    const target = await inFile(op.output, () =>
-      FileBackend.open(op.output, { create: true, truncate: true }),
-    );
+    const target = await inFile(op.output, async () => {
+      try {
+        return await FileBackend.open(op.output, { create: true, truncate: true });
+      } catch (e) {
+        throw new CliError(`error while creating output image: ${messageOf(e, op.output)}`, {
+          cause: e,
+        });
+      }
+    });
     try {
       await inFile(op.output, () => target.truncate(roundUp(outSize, 512)));
       if (skipTooFar) {

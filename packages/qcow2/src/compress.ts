@@ -62,6 +62,7 @@ async function inflateWithStream(src: Uint8Array, out: Uint8Array): Promise<numb
   return n;
 }
 
+/** Decompress a zlib (raw deflate) compressed cluster; trailing sector padding is ignored. */
 export const inflateRaw: Decompressor = async (src, out) => {
   const inflate = await loadNodeZlib();
   let n: number;
@@ -122,6 +123,7 @@ function loadFzstd(): Promise<typeof ZstdStreamType> {
   return fzstd;
 }
 
+/** Decompress a zstd compressed cluster (fzstd, pure JavaScript); trailing padding is ignored. */
 export const zstd: Decompressor = async (src, out) => {
   const ZstdStream = await loadFzstd();
   const window = zstdWindow(src);
@@ -153,6 +155,7 @@ export const zstd: Decompressor = async (src, out) => {
   }
 };
 
+/** The decompressor for a header's compression_type (0 zlib, 1 zstd). */
 export function decompressorFor(compressionType: number): Decompressor {
   if (compressionType === 0) return inflateRaw;
   if (compressionType === 1) return zstd;

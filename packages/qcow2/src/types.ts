@@ -1,12 +1,16 @@
 export type { BackingOpener, BackingRequest } from "@qimg/io";
 
+/** A snapshot as `qemu-img info` lists it. */
 export interface SnapshotInfo {
   /** Unique ID string (QEMU numbers them "1", "2", ...). */
   readonly id: string;
+  /** The snapshot's name. */
   readonly name: string;
   /** Size of the saved VM state in bytes (64-bit in v3 extra data). */
   readonly vmStateSize: number;
+  /** Wall-clock time it was taken: seconds since the epoch. */
   readonly dateSec: number;
+  /** The nanoseconds part of that time. */
   readonly dateNsec: number;
   /** Guest clock in nanoseconds when taken (any u64: bigint, as stored). */
   readonly vmClockNsec: bigint;
@@ -19,11 +23,15 @@ export interface SnapshotInfo {
   readonly icount: bigint | undefined;
   /** Host offset of the snapshot's L1 table. */
   readonly l1TableOffset: number;
+  /** Entries of that L1 table. */
   readonly l1Size: number;
 }
 
+/** A persistent dirty bitmap as `qemu-img info` lists it. */
 export interface BitmapInfo {
+  /** The bitmap's name. */
   readonly name: string;
+  /** Bytes of guest data one bit covers. */
   readonly granularity: number;
   /** "in-use", "auto" as qemu-img info prints them. */
   readonly flags: readonly string[];
@@ -31,23 +39,39 @@ export interface BitmapInfo {
 
 /** The facts `qemu-img info` shows for a qcow2 image. */
 export interface Qcow2Info {
+  /** Guest-visible size in bytes. */
   readonly virtualSize: number;
+  /** Cluster size in bytes. */
   readonly clusterSize: number;
   /** "0.10" for version 2, "1.1" for version 3. */
   readonly compat: "0.10" | "1.1";
+  /** Format version. */
   readonly version: 2 | 3;
+  /** The dirty bit is set (refcounts may be stale: lazy refcounts after a crash). */
   readonly dirty: boolean;
+  /** The corrupt bit is set (QEMU opens such images read-only). */
   readonly corrupt: boolean;
+  /** Lazy refcounts are enabled. */
   readonly lazyRefcounts: boolean;
+  /** Width of one refcount in bits. */
   readonly refcountBits: number;
+  /** L2 entries are extended (32 subclusters per cluster). */
   readonly extendedL2: boolean;
+  /** How compressed clusters are encoded. */
   readonly compressionType: "zlib" | "zstd";
+  /** The image is encrypted (AES or LUKS). */
   readonly encrypted: boolean;
+  /** The backing file name as stored, if any. */
   readonly backingFilename: string | undefined;
+  /** The backing file format as stored, if any. */
   readonly backingFormat: string | undefined;
+  /** The external data file name, if any. */
   readonly dataFile: string | undefined;
+  /** The external data file is raw (guest offsets equal data file offsets). */
   readonly dataFileRaw: boolean;
+  /** The snapshot table. */
   readonly snapshots: readonly SnapshotInfo[];
+  /** The persistent bitmaps. */
   readonly bitmaps: readonly BitmapInfo[];
   /** Names of the incompatible/compatible/autoclear features that are set, known or not. */
   readonly features: {

@@ -34,6 +34,7 @@ export type ReferenceKind =
 
 /** One reference to a run of host clusters (each reference counts 1 for every cluster). */
 export interface Reference {
+  /** What structure or data the referenced cluster holds. */
   readonly kind: ReferenceKind;
   /** Host offset of the referenced bytes (cluster aligned except for compressed data). */
   readonly offset: number;
@@ -51,6 +52,7 @@ export interface Reference {
 
 /** A problem found while walking (never thrown: the walk continues past it). */
 export interface WalkProblem {
+  /** What is wrong, in words. */
   readonly message: string;
   /** Host offset of the bad entry or structure. */
   readonly offset: number;
@@ -60,10 +62,15 @@ export interface WalkProblem {
   readonly guest?: { readonly offset: number; readonly length: number } | undefined;
 }
 
+/** What {@link walkReferences} walks: the image file and its decoded metadata. */
 export interface WalkInput {
+  /** The image file. */
   readonly backend: BlockBackend;
+  /** Its decoded header. */
   readonly header: Qcow2Header;
+  /** Its snapshot table (each snapshot's L1 table is walked too). */
   readonly snapshots: readonly SnapshotEntry[];
+  /** Its bitmap directory (each bitmap's table and data clusters are walked). */
   readonly bitmaps: readonly BitmapEntry[];
   /** Bitmaps extension directory location, when the autoclear bit says bitmaps are valid. */
   readonly bitmapDirectory?: { readonly offset: number; readonly length: number } | undefined;
@@ -71,8 +78,11 @@ export interface WalkInput {
   readonly encryptionHeader?: { readonly offset: number; readonly length: number } | undefined;
 }
 
+/** What {@link walkReferences} calls for each reference and each problem it finds. */
 export interface WalkVisitor {
+  /** Called for every reference to a host cluster range. */
   reference(ref: Reference): void | Promise<void>;
+  /** Called for every bad entry (the walk goes on past it). */
   problem?(p: WalkProblem): void | Promise<void>;
 }
 

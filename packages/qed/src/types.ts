@@ -10,6 +10,7 @@ export interface QedTimer {
   clear(handle: unknown): void;
 }
 
+/** Options of {@link openQed}. */
 export interface QedOpenOptions {
   /** Open read-only even when the backend is writable. Default: the backend's `readOnly`. */
   readonly readOnly?: boolean;
@@ -29,12 +30,15 @@ export interface QedOpenOptions {
 
 /** The facts `qemu-img info` shows for a QED image. */
 export interface QedInfo {
+  /** Guest-visible size in bytes. */
   readonly virtualSize: number;
+  /** Cluster size in bytes. */
   readonly clusterSize: number;
   /** L1/L2 table size in clusters. */
   readonly tableSize: number;
   /** Header size in clusters. */
   readonly headerSize: number;
+  /** The backing file name as stored, if any. */
   readonly backingFilename?: string;
   /** "raw" when the no-probe flag is set; QED records no other format. */
   readonly backingFormat?: string;
@@ -42,10 +46,13 @@ export interface QedInfo {
   readonly needCheck: boolean;
   /** Raw feature masks, unknown bits included. */
   readonly features: bigint;
+  /** Compatible feature mask. */
   readonly compatFeatures: bigint;
+  /** Autoclear feature mask. */
   readonly autoclearFeatures: bigint;
 }
 
+/** Options of {@link createQed}, as `qemu-img create -f qed -o ...`. */
 export interface QedCreateOptions {
   /** Virtual size in bytes; rounded up to a multiple of 512 like qemu-img. */
   readonly size: number;
@@ -61,11 +68,13 @@ export interface QedCreateOptions {
 
 /** One problem found by {@link checkQed}. */
 export interface QedCheckProblem {
+  /** A corruption, a leaked cluster, or an I/O error. */
   readonly kind: "corruption" | "leak" | "error";
   /** Whether repair fixed it. */
   readonly fixed: boolean;
   /** File offset of the bad entry (or of the leaked cluster). */
   readonly offset: number;
+  /** The problem in words, as qemu-img check prints it. */
   readonly message: string;
 }
 
@@ -77,6 +86,7 @@ export interface QedCheckResult {
   readonly corruptionsFixed: number;
   /** Clusters in the file that no table references (QEMU does not repair these; nor do we). */
   readonly leaks: number;
+  /** Leaks repaired (always 0, as in QEMU). */
   readonly leaksFixed: number;
   /** Tables that could not be read or written. */
   readonly checkErrors: number;
@@ -90,9 +100,11 @@ export interface QedCheckResult {
   readonly imageEndOffset: number;
   /** Whether the need-check bit was cleared by this check. */
   readonly markedClean: boolean;
+  /** Every problem found, in order. */
   readonly problems: readonly QedCheckProblem[];
 }
 
+/** Options of {@link checkQed}. */
 export interface QedCheckOptions {
   /** Clear invalid table entries and, when nothing is left broken, the need-check bit. Default false. */
   readonly repair?: boolean;

@@ -1013,16 +1013,12 @@ async function runCheck(
     if (fix !== 0) await backend.flush();
     const pre = { ...p.res };
     await p.compare(0);
-    if (p.rebuild && fix & FIX_ERRORS) {
-      const size = await backend.size();
-      if (tablesEnd(layout, size) > Math.ceil(size / cs) * cs) {
-        log(
-          "error",
-          "ERROR need to rebuild refcount structures, but an L1 table or the snapshot table reaches past the end of the file; not rebuilt",
-        );
-        p.res.checkErrors++;
-        throw new CheckAbort("Input/output error");
-      }
+    const size = await backend.size();
+    // A rebuild appends its structures at the end of the file; a table reaching past the end
+    // would read them as entries. Then repair what can be repaired without a rebuild.
+    const noRebuild =
+      p.rebuild && (fix & FIX_ERRORS) !== 0 && tablesEnd(layout, size) > Math.ceil(size / cs) * cs;
+    if (p.rebuild && fix & FIX_ERRORS && !noRebuild) {
       const old = { ...p.res };
       log("info", "Rebuilding refcount structure");
       // New counts: everything referenced except the old refcount table and blocks, which
@@ -1069,7 +1065,12 @@ async function runCheck(
       if (p.res.leaks < old.leaks) p.res.leaksFixed += old.leaks - p.res.leaks;
       p.res.leaks += freshLeaks;
     } else if (fix !== 0) {
-      if (p.rebuild) {
+      if (noRebuild) {
+        log(
+          "error",
+          "ERROR need to rebuild refcount structures, but an L1 table or the snapshot table reaches past the end of the file; not rebuilt",
+        );
+      } else if (p.rebuild) {
         log("error", "ERROR need to rebuild refcount structures");
         p.res.checkErrors++;
         throw new CheckAbort("Input/output error");

@@ -1,6 +1,7 @@
 /**
  * qemu-img command lines that qimg refused or misread: `resize FILE -1M` (a negative size
- * without `--`) and `check --output=xml` (accepted silently before; qemu-img refuses it).
+ * without `--`), `check --output=xml` (accepted silently before; qemu-img refuses it),
+ * `convert -q` and `convert -O qcow2 -o help` (no file names).
  */
 import { mkdtempSync, readFileSync, rmSync, statSync, writeFileSync } from "node:fs";
 import { tmpdir } from "node:os";
@@ -91,5 +92,66 @@ describe("check --output=FMT", () => {
     expect(check.stderr.replace(/<\w+>/, "<x>")).toBe(info.stderr.replace(/<\w+>/, "<x>"));
     expect((await qimg(["check", "--output=json", image])).code).toBe(0);
     if (hasQemu) expect(qemuImg(["check", "--output=xml", image]).code).toBe(check.code);
+  });
+});
+
+describe("convert -q and convert -O FMT -o help", () => {
+  it("-o help needs no file names and prints what qemu-img prints", async () => {
+    for (const fmt of ["qcow2", "qed", "raw"]) {
+      const r = await qimg(["convert", "-O", fmt, "-o", "help"]);
+      expect(r.stderr).toBe("");
+      expect(r.code).toBe(0);
+      expect(r.stdout).toMatch(new RegExp(`^Supported ${fmt} options:\\n`));
+      if (hasQemu) {
+        const q = qemuImg(["convert", "-O", fmt, "-o", "help"]);
+        expect(q.code).toBe(0);
+        expect(r.stdout.split("\n")[0]).toBe(q.stdout.split("\n")[0]);
+      }
+    }
+  });
+
+  it("without file names (and no -o help), refuses as qemu-img does", async () => {
+    for (const args of [
+      ["convert", "-O", "qcow2"],
+      ["convert", "-O", "qcow2", join(tmp, "x.raw")],
+    ]) {
+      const r = await qimg(args);
+      expect(r.code).toBe(1);
+      expect(r.stderr).toBe("qimg: Must specify image file name\n");
+      if (hasQemu) expect(qemuImg(args).stderr).toBe("qemu-img: Must specify image file name\n");
+    }
+  });
+
+  it("-q is accepted and silences -p, as in qemu-img", async () => {
+    const src = randomFile("q.raw", 1_500_007, 99);
+    const r = await qimg([
+      "convert",
+      "-q",
+      "-p",
+      "-f",
+      "raw",
+      "-O",
+      "qcow2",
+      src,
+      join(tmp, "q.qcow2"),
+    ]);
+    expect(r).toEqual({ code: 0, stdout: "", stderr: "" });
+    if (hasQemu) {
+      const q = qemuImg([
+        "convert",
+        "-q",
+        "-p",
+        "-f",
+        "raw",
+        "-O",
+        "qcow2",
+        src,
+        join(tmp, "qq.qcow2"),
+      ]);
+      expect(q).toEqual({ code: 0, stdout: "", stderr: "" });
+      expect(qemuImg(["compare", "-f", "raw", "-F", "qcow2", src, join(tmp, "q.qcow2")]).code).toBe(
+        0,
+      );
+    }
   });
 });

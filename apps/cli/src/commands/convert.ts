@@ -507,13 +507,16 @@ export const convertCommand: CommandDef = {
   configure(cmd: Command) {
     cmd
       .description("convert an image to a new raw, qcow2 or QED image (qemu-img convert)")
-      .argument("<source>", "image to read")
-      .argument("<target>", "file to write (created or truncated)")
+      // Optional for commander, so that `convert -O qcow2 -o help` needs no file names (as in
+      // qemu-img); run() asks for them otherwise.
+      .argument("[source]", "image to read")
+      .argument("[target]", "file to write (created or truncated)")
       .option("-f, --format <fmt>", "source format (qcow2, qed, raw); probed when omitted")
       .option("-O, --output-format <fmt>", "output format (raw, qcow2, qed)", "raw")
       .option("-o, --options <opts>", "target creation options ('-o help' lists them)", collect)
       .option("-c, --compress", "write compressed clusters (qcow2)")
-      .option("-p, --progress", "show a progress bar on stderr (when it is a terminal)")
+      .option("-p, --progress", "show progress on stdout, as qemu-img (a bar on a terminal)")
+      .option("-q, --quiet", "quiet: no progress, even with -p")
       .option(
         "-W, --out-of-order",
         "allow out-of-order writes (qimg always keeps several in flight)",
@@ -532,6 +535,12 @@ export const convertCommand: CommandDef = {
       );
   },
   run(ctx, args, opts) {
+    if (
+      (args[0] === undefined || args[1] === undefined) &&
+      !isHelpRequest(joinedOptions(opts) ?? "")
+    ) {
+      throw new CliError("Must specify image file name");
+    }
     return runConvert(ctx, {
       cache: stringOpt(opts, "cache"),
       source: args[0] ?? "",
@@ -540,7 +549,7 @@ export const convertCommand: CommandDef = {
       outputFormat: stringOpt(opts, "outputFormat"),
       options: joinedOptions(opts),
       compress: opts.compress === true,
-      progress: opts.progress === true,
+      progress: opts.progress === true && opts.quiet !== true,
       forceShare: opts.forceShare === true,
     });
   },

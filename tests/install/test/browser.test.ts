@@ -167,6 +167,7 @@ function checkWithQemu(name: string, result: WriteResult, seed: number): void {
 
 describe.skipIf(!hasChromium)("in headless Chromium, from the tarballs", () => {
   const seed = Number(process.env.QIMG_SEED ?? Math.floor(Math.random() * 2 ** 31));
+  console.log(`browser write runs: seed ${seed} (QIMG_SEED=${seed} replays them)`);
 
   it("reads fixture images from bytes: every guest byte matches the manifest's sha256", async () => {
     const { page, errors } = await openPage();

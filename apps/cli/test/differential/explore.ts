@@ -57,6 +57,8 @@ for (const [k, t] of [...timings].sort((a, b) => b[1].ms - a[1].ms)) {
     `  time ${k}: ${(t.ms / 1000).toFixed(1)} s in ${t.n} (${(t.ms / t.n).toFixed(0)} ms each)`,
   );
 }
+const noted = results.filter((r) => r.notes.length > 0);
+for (const r of noted) console.log(`  QEMU-side note, seed ${r.spec.seed}: ${r.notes.join("; ")}`);
 for (const [why, n] of reasons) console.log(`  skipped ${n}: ${why}`);
 for (const [cat, rs] of [...byCat].sort()) {
   console.log(

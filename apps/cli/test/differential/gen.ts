@@ -16,7 +16,17 @@ export type Op =
   | { readonly k: "discard"; readonly off: number; readonly len: number }
   | { readonly k: "wc"; readonly off: number; readonly len: number; readonly pat: number }
   | { readonly k: "flush" }
+  /** Concurrent requests (aio_write, aio_write -z) on disjoint ranges, then aio_flush. */
+  | { readonly k: "aio"; readonly parts: readonly AioPart[] }
   | { readonly k: "resize"; readonly delta: number };
+
+export interface AioPart {
+  readonly off: number;
+  readonly len: number;
+  /** Fill byte; 0 with `zero` means aio_write -z. */
+  readonly pat: number;
+  readonly zero: boolean;
+}
 
 export interface Backing {
   readonly format: AnyFormat;
@@ -289,6 +299,29 @@ export function generateCase(seed: number, limits: GenLimits = CI_LIMITS): CaseS
   };
   const nops = d.int(limits.minOps, limits.maxOps);
   for (let i = 0; i < nops; i++) {
+    if (d.chance(0.12)) {
+      // Disjoint requests in flight together, packed in a window of a few clusters so that they
+      // share clusters (concurrent allocation and copy-on-write of one cluster).
+      const window = Math.min(cur, d.int(1, 3) * cluster + d.int(0, 4096));
+      const start = Math.max(0, Math.min(cur - window, Math.floor(d.int(0, cur) / 512) * 512));
+      const cuts = new Set<number>();
+      const n = d.int(2, 5);
+      while (cuts.size < n * 2) cuts.add(start + d.int(0, window));
+      const pts = [...cuts].sort((a, b) => a - b);
+      const parts: AioPart[] = [];
+      for (let j = 0; j + 1 < pts.length; j += 2) {
+        const off = pts[j] as number;
+        const len = (pts[j + 1] as number) - off;
+        if (len <= 0) continue;
+        const zero = d.chance(0.25);
+        parts.push({ off, len, pat: zero ? 0 : d.int(1, 255), zero });
+        touch(off, len);
+      }
+      if (parts.length > 0) {
+        ops.push({ k: "aio", parts: d.chance(0.5) ? parts.reverse() : parts });
+        continue;
+      }
+    }
     const r = d.rnd();
     if (r < 0.36) {
       const len = drawLength(d, cur, cluster);
@@ -368,9 +401,22 @@ export function generateCase(seed: number, limits: GenLimits = CI_LIMITS): CaseS
   return { seed, format, options, dataFile, backing, size, ops, converts, bitmaps };
 }
 
-/** The qemu-io command line of an operation (resize is not one: the runner runs qemu-img). */
+/** The qemu-io command lines of an operation (resize is not one: the runner runs qemu-img). */
+export function ioLines(op: Op): string[] {
+  if (op.k !== "aio") return [ioCommand(op)];
+  return [
+    ...op.parts.map((p) =>
+      p.zero ? `aio_write -z ${p.off} ${p.len}` : `aio_write -P ${p.pat} ${p.off} ${p.len}`,
+    ),
+    "aio_flush",
+  ];
+}
+
+/** An operation as text (one line; an aio group joined with " + "). */
 export function ioCommand(op: Op): string {
   switch (op.k) {
+    case "aio":
+      return ioLines(op).join(" + ");
     case "write":
       return `write -P ${op.pat} ${op.off} ${op.len}`;
     case "zero":

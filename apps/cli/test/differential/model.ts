@@ -56,6 +56,9 @@ export class GuestModel {
         this.known = known;
         break;
       }
+      case "aio":
+        for (const p of op.parts) this.fill(p.off, p.len, p.pat, 1);
+        break;
       case "flush":
         break;
     }

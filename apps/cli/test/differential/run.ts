@@ -29,6 +29,7 @@ import {
   type Convert,
   type Op,
   ioCommand,
+  ioLines,
   roundSector,
 } from "./gen.js";
 import { GuestModel, backingBytes } from "./model.js";
@@ -186,7 +187,7 @@ async function makeBacking(
  * operation can be told apart, even when two operations print the same line.
  */
 export function ioCommands(ops: readonly Op[]): string[] {
-  return ops.flatMap((op, i) => ["-c", ioCommand(op), "-c", `read ${i} 1`]);
+  return ops.flatMap((op, i) => [...ioLines(op).flatMap((l) => ["-c", l]), "-c", `read ${i} 1`]);
 }
 
 /**
@@ -215,7 +216,12 @@ export function opOutputs(ops: readonly Op[], stdout: string): { ok: boolean; te
       continue;
     }
     at = end + 1;
-    if (op.k === "flush" || op.k === "resize") {
+    if (op.k === "aio") {
+      out.push({
+        ok: op.parts.every((p) => own.includes(`wrote ${p.len}/${p.len} bytes at offset ${p.off}`)),
+        text,
+      });
+    } else if (op.k === "flush" || op.k === "resize") {
       out.push({ ok: !own.some((l) => /failed/.test(l)), text });
     } else {
       const word = op.k === "discard" ? "discard" : "wrote";

@@ -10,6 +10,8 @@ export class RawImage implements DiskImage {
   readonly format = "raw";
   readonly backing = undefined;
   private scratch: Uint8Array | undefined;
+  /** True while a blockStatus call scans through `scratch` (calls may overlap). */
+  private scratchBusy = false;
 
   private constructor(
     readonly backend: BlockBackend,
@@ -53,7 +55,19 @@ export class RawImage implements DiskImage {
    */
   async blockStatus(offset: number, length: number): Promise<BlockStatus> {
     checkRange(offset, length, this.virtualSize);
-    const buf = this.scratch ?? (this.scratch = new Uint8Array(SCAN_CHUNK));
+    // One scan buffer, reused; a call that overlaps another in flight gets its own (sharing it
+    // let one call classify the bytes another had read into it).
+    const own = !this.scratchBusy;
+    const buf = own ? (this.scratch ??= new Uint8Array(SCAN_CHUNK)) : new Uint8Array(SCAN_CHUNK);
+    if (own) this.scratchBusy = true;
+    try {
+      return await this.scan(offset, length, buf);
+    } finally {
+      if (own) this.scratchBusy = false;
+    }
+  }
+
+  private async scan(offset: number, length: number, buf: Uint8Array): Promise<BlockStatus> {
     let pos = offset;
     const end = offset + length;
     let zero: boolean | undefined;

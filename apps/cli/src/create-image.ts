@@ -201,7 +201,8 @@ export async function createImage(req: CreateRequest): Promise<void> {
         }
         let backing;
         try {
-          backing = await openImage(path, { format: backingFmt, ctx });
+          // Only its size is needed: as qemu-img, share every lock (it may be in use).
+          backing = await openImage(path, { format: backingFmt, ctx, forceShare: true });
         } catch (e) {
           const reason = e instanceof Error ? e.message.replace(`${path}: `, "") : String(e);
           throw new CliError(`Could not open '${path}': ${shortReason(reason)}`, { cause: e });

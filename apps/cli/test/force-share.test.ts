@@ -109,6 +109,22 @@ describe.skipIf(!hasQemu || !haveProcLocks)("-U while qemu-io writes the image",
         }
       }
     }
+    // create -b only reads the backing file's size: both share every lock for it.
+    for (const who of ["q", "o"]) {
+      const args = [
+        "create",
+        "-q",
+        "-f",
+        "qcow2",
+        "-b",
+        "held.qcow2",
+        "-F",
+        "qcow2",
+        `new-${who}.qcow2`,
+      ];
+      const r = who === "q" ? qemuImg(args, tmp) : await qimg(args, tmp);
+      expect(r.code, `${who}: ${r.stderr}`).toBe(0);
+    }
     // -U with a read-write open: both refuse (and change nothing).
     for (const args of [
       ["check", "-U", "-r", "all", "held.qcow2"],

@@ -4,7 +4,7 @@ import { encodeQedHeader } from "./spec/header.js";
 import { QedTable } from "./spec/table.js";
 import { QedImage, readQedMetadata } from "./image.js";
 import type { QedCheckOptions, QedCheckResult } from "./types.js";
-import { referencesTornCluster, tornClusterGrown, walkQed } from "./walk.js";
+import { tornClusterGrown, tornClusterReferences, walkQed } from "./walk.js";
 
 /**
  * Check a QED image's tables the way `qemu-img check` does: invalid L1/L2 entries (outside the
@@ -39,7 +39,7 @@ export async function checkQed(
     fileSize,
   };
   let grown = false;
-  if (repair && (await referencesTornCluster(geometry, meta.size, table, readL2))) {
+  if (repair && (await tornClusterReferences(geometry, meta.size, table, readL2)) === 1) {
     // The file ends inside a cluster that a table points into: keep the bytes still there
     // (QEMU drops the entries) by growing the file to the cluster's end.
     fileSize = Math.ceil(meta.size / header.clusterSize) * header.clusterSize;

@@ -48,7 +48,7 @@ import {
   qedFileSize,
 } from "./spec/table.js";
 import type { QedGeometry } from "./spec/table.js";
-import { referencesTornCluster, tornClusterGrown, walkQed } from "./walk.js";
+import { referencesTornCluster, tornClusterGrown, tornClusterReferences, walkQed } from "./walk.js";
 import type {
   QedCheckOptions,
   QedCheckResult,
@@ -734,9 +734,19 @@ export class QedImage implements WritableDiskImage {
     if (repair && this.#tornSize !== undefined) {
       const size = this.#tornSize;
       const offset = this.#fileSize;
-      await this.#resolveTorn();
-      if (this.#fileSize > size) {
+      const g = this.#geometry();
+      const refs = await tornClusterReferences(
+        g,
+        size,
+        this.#l1,
+        async (o) => (await this.#l2(o)).bytes,
+      );
+      // One entry points into the torn cluster: grow it (keeping its bytes). Several: leave
+      // the file as QEMU would (they stay invalid); allocations still start past the cluster.
+      if (refs === 1) {
+        this.#fileSize = Math.ceil(size / this.#cs) * this.#cs;
         await this.backend.truncate(this.#fileSize);
+        this.#tornSize = undefined;
         grown = { offset, size };
       }
     }

@@ -52,20 +52,40 @@ export async function referencesTornCluster(
   l1: QedTable,
   readL2: (offset: number) => Promise<Uint8Array>,
 ): Promise<boolean> {
+  return (await tornClusterReferences(g, bytes, l1, readL2)) > 0;
+}
+
+/**
+ * How many table entries point into the torn last cluster (see
+ * {@link referencesTornCluster}), counting up to 2. A repair grows the cluster only for
+ * exactly one: growing the file makes every entry pointing there valid, and several of them
+ * are garbage (or a cluster referenced twice), which a grown file would turn into more
+ * corruption.
+ */
+export async function tornClusterReferences(
+  g: QedGeometry,
+  bytes: number,
+  l1: QedTable,
+  readL2: (offset: number) => Promise<Uint8Array>,
+): Promise<number> {
   const cs = g.clusterSize;
   const torn = g.fileSize;
   const end = Math.ceil(bytes / cs) * cs;
-  if (end <= torn) return false;
+  if (end <= torn) return 0;
   const grown: QedGeometry = { ...g, fileSize: end };
   const span = g.tableSize * cs;
-  for (let i = 0; i < l1.length; i++) {
+  let n = 0;
+  for (let i = 0; i < l1.length && n < 2; i++) {
     const v = l1.get(i);
     if (classifyL1Entry(v, grown) !== "offset") continue;
-    if (v <= torn && torn < v + span) return true;
+    if (v <= torn && torn < v + span) {
+      n++;
+      continue;
+    }
     const l2 = new QedTable(await readL2(v));
-    for (let j = 0; j < l2.length; j++) if (l2.get(j) === torn) return true;
+    for (let j = 0; j < l2.length && n < 2; j++) if (l2.get(j) === torn) n++;
   }
-  return false;
+  return n;
 }
 
 /**

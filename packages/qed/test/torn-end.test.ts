@@ -11,7 +11,15 @@
  *   the entry (QEMU drops it).
  */
 import { spawnSync } from "node:child_process";
-import { copyFileSync, mkdtempSync, rmSync, statSync, truncateSync } from "node:fs";
+import {
+  copyFileSync,
+  mkdtempSync,
+  readFileSync,
+  rmSync,
+  statSync,
+  truncateSync,
+  writeFileSync,
+} from "node:fs";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { afterAll, describe, expect, it } from "vitest";
@@ -143,6 +151,39 @@ describe.skipIf(!haveQemu)(`QED file with a torn last cluster (seed ${SEED})`, (
       expect(qemuCounts(ours), where).toEqual({ corruptions: 0, leaks: 0, errors: 0 });
       expect(qemuReads(ours, 1024 * 1024, dataLen, 0x22), where).toBe(true);
       expect(qemuReads(ours, 0, 100 * 1024, 0x11), where).toBe(true);
+    }
+  });
+
+  it("repair leaves a torn cluster alone when several entries point into it (growing would make them all valid)", async () => {
+    const rnd = prng(SEED + 3);
+    for (const cs of [4096, 65536]) {
+      const dataLen = 512 * (1 + Math.floor(rnd() * 7));
+      const cut = 512 + Math.floor(rnd() * (cs - dataLen - 512));
+      const ours = tornImage(`twice-${cs}.qed`, cs, dataLen, cut);
+      // A second L2 entry (guest offset 1 MiB + one cluster) names the same torn cluster.
+      const f = new Uint8Array(readFileSync(ours));
+      const dv = new DataView(f.buffer);
+      const l1 = Number(dv.getBigUint64(40, true));
+      const entries = (dv.getUint32(8, true) * cs) / 8;
+      const g = 1024 * 1024;
+      const l2 = Number(dv.getBigUint64(l1 + Math.floor(g / cs / entries) * 8, true));
+      const at = l2 + ((g / cs) % entries) * 8;
+      dv.setBigUint64(at + 8, dv.getBigUint64(at, true), true);
+      writeFileSync(ours, f);
+      const where = `seed ${SEED} cs ${cs} cut ${cut}`;
+      const before = qemuCounts(ours);
+      const size = statSync(ours).size;
+      const backend = await FileBackend.open(ours);
+      try {
+        await checkQed(backend, { repair: true });
+      } finally {
+        await backend.close();
+      }
+      expect(statSync(ours).size, where).toBe(size);
+      const after = qemuCounts(ours);
+      expect(after.corruptions + after.leaks + after.errors, where).toBeLessThanOrEqual(
+        before.corruptions + before.leaks + before.errors,
+      );
     }
   });
 

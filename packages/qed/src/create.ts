@@ -89,8 +89,16 @@ export async function createQed(backend: BlockBackend, options: QedCreateOptions
   await backend.truncate(0);
   await backend.write(0, header);
   if (name.length > 0) await backend.write(QED_HEADER_SIZE, name);
-  // The L1 table is all zeros: growing the (just emptied) file makes it so without a buffer of
-  // up to 1 GiB (64 MiB clusters, 16-cluster tables).
-  await backend.truncate(clusterSize + tableSize * clusterSize);
+  // The all-zero L1 table is written out (allocated on disk, as QEMU does, so a full disk fails
+  // the create rather than a later write), through one buffer of at most 1 MiB: the table
+  // itself can be 1 GiB (64 MiB clusters, 16-cluster tables).
+  const l1Size = tableSize * clusterSize;
+  const zeros = new Uint8Array(Math.min(l1Size, 1024 * 1024));
+  for (let done = 0; done < l1Size; done += zeros.length) {
+    await backend.write(
+      clusterSize + done,
+      zeros.subarray(0, Math.min(zeros.length, l1Size - done)),
+    );
+  }
   await backend.flush();
 }

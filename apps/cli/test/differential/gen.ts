@@ -59,6 +59,8 @@ export interface CaseSpec {
   readonly converts: readonly Convert[];
   /** Persistent dirty bitmaps added with `qemu-img bitmap --add` to both twins (qcow2 v3). */
   readonly bitmaps: readonly { readonly name: string; readonly granularity: number }[];
+  /** The last run of operations ends with qemu-io's `abort` (a crash: no flush, no close). */
+  readonly crash?: boolean;
 }
 
 export interface GenLimits {
@@ -398,7 +400,8 @@ export function generateCase(seed: number, limits: GenLimits = CI_LIMITS): CaseS
     const n = d.int(1, 2);
     for (let i = 0; i < n; i++) bitmaps.push({ name: `b${i}`, granularity: d.pow2(9, 21) });
   }
-  return { seed, format, options, dataFile, backing, size, ops, converts, bitmaps };
+  const crash = d.chance(0.1);
+  return { seed, format, options, dataFile, backing, size, ops, converts, bitmaps, crash };
 }
 
 /** The qemu-io command lines of an operation (resize is not one: the runner runs qemu-img). */

@@ -20,9 +20,11 @@ import {
   truncateSync,
   writeSync,
 } from "node:fs";
+import { createRequire } from "node:module";
 import { join } from "node:path";
+import { pathToFileURL } from "node:url";
 import { seededRandom } from "@qimg/io";
-import { qimg } from "../helpers.js";
+import { CLI_DIR, qimg } from "../helpers.js";
 import {
   type AnyFormat,
   type CaseSpec,
@@ -64,6 +66,9 @@ export interface CaseResult {
   /** Commands that rebuild the twins, with the case directory as ".". */
   readonly repro: string;
 }
+
+const MAIN = join(CLI_DIR, "src", "main.ts");
+const TSX = pathToFileURL(createRequire(join(CLI_DIR, "package.json")).resolve("tsx")).href;
 
 /** Milliseconds spent per tool and command, for tuning the slice. */
 export const timings = new Map<string, { ms: number; n: number }>();
@@ -111,7 +116,12 @@ class Session {
     return timed(`qemu-img ${args[0] ?? ""}`, spawnTool("qemu-img", args));
   }
 
-  async qemuIo(args: readonly string[]): Promise<Outcome> {
+  /** qemu-io; `lineBuffered` keeps its output when the run ends in abort (stdio to a pipe). */
+  async qemuIo(args: readonly string[], lineBuffered = false): Promise<Outcome> {
+    if (lineBuffered) {
+      this.steps.push({ tool: "#", args: [`stdbuf -oL qemu-io ${args.map(quote).join(" ")}`] });
+      return timed("qemu-io", spawnTool("stdbuf", ["-oL", "qemu-io", ...args]));
+    }
     this.steps.push({ tool: "qemu-io", args });
     return timed("qemu-io", spawnTool("qemu-io", args));
   }
@@ -138,6 +148,19 @@ class Session {
     this.steps.push({ tool: "#", args: [text] });
   }
 
+  /** qimg as a separate process (node + tsx from source), for runs that end in a crash. */
+  async qimgProcess(args: readonly string[]): Promise<Outcome> {
+    this.steps.push({ tool: "qimg", args });
+    const r = await timed(
+      "qimg (process)",
+      spawnTool(process.execPath, ["--conditions=@qimg/source", "--import", TSX, MAIN, ...args]),
+    );
+    if (/internal error/.test(r.stderr)) {
+      this.fail("internal-error:io", `qimg ${args.join(" ")}: ${r.stderr.trim()}`);
+    }
+    return r;
+  }
+
   fail(category: string, detail: string): void {
     this.failures.push({ category, detail });
   }
@@ -145,7 +168,11 @@ class Session {
   repro(): string {
     const rel = (a: string): string => quote(a.split(`${this.dir}/`).join(""));
     return this.steps
-      .map((s) => (s.tool === "#" ? (s.args[0] ?? "") : `${s.tool} ${s.args.map(rel).join(" ")}`))
+      .map((s) =>
+        s.tool === "#"
+          ? (s.args[0] ?? "").split(`${this.dir}/`).join("")
+          : `${s.tool} ${s.args.map(rel).join(" ")}`,
+      )
       .join("\n");
   }
 }
@@ -393,11 +420,16 @@ async function runIn(s: Session, spec: CaseSpec): Promise<string | false> {
   // Operations: runs of qemu-io commands between resizes.
   let segment: Op[] = [];
   let index = 0;
-  const flushSegment = async (): Promise<void> => {
-    if (segment.length === 0) return;
-    const cmds = ioCommands(segment);
-    const qr = await s.qemuIo(["-f", fmt, ...cmds, q]);
-    const or = await s.qimg(["io", "-f", fmt, ...cmds, o], "io");
+  const flushSegment = async (last = false): Promise<void> => {
+    const crash = last && spec.crash === true;
+    if (segment.length === 0 && !crash) return;
+    const cmds = [...ioCommands(segment), ...(crash ? ["-c", "abort"] : [])];
+    const qr = await s.qemuIo(["-f", fmt, ...cmds, q], crash);
+    // A crash leaves the image open: run qimg as its own process then, so that nothing of the
+    // crashed run stays behind in this one.
+    const or = crash
+      ? await s.qimgProcess(["io", "-f", fmt, ...cmds, o])
+      : await s.qimg(["io", "-f", fmt, ...cmds, o], "io");
     const qo = opOutputs(segment, qr.stdout);
     const oo = opOutputs(segment, or.stdout);
     const qs = qo.map((x) => x.ok);
@@ -441,7 +473,21 @@ async function runIn(s: Session, spec: CaseSpec): Promise<string | false> {
       );
     }
   }
-  await flushSegment();
+  await flushSegment(true);
+  if (spec.crash === true && !diverged()) {
+    // After the crash both images hold every write (writethrough, qemu-io's default); the
+    // checkers' verdicts agree (e.g. lazy refcounts: stale refcounts, dirty bit); QEMU's repair
+    // makes both clean, and the comparisons below run on the repaired twins.
+    const cq = await s.qemuImg(["check", "-f", fmt, q]);
+    const co = await s.qemuImg(["check", "-f", fmt, o]);
+    if (cq.code !== co.code) {
+      s.fail(
+        "crash:check-verdict",
+        `after abort qemu-img check exits ${cq.code} on QEMU's twin, ${co.code} on qimg's: ${firstLines(co.stdout + co.stderr, 4)}`,
+      );
+    }
+    for (const f of [q, o]) await s.qemuImg(["check", "-r", "all", "-f", fmt, f]);
+  }
 
   // After an operation that only one side ran, the twins differ by design: compare no further.
   const twinCheck = await checkBoth(s, "twins", o, q, fmt);
@@ -673,7 +719,7 @@ export function formatFailure(r: CaseResult, category: string): string {
     `  ${f?.detail ?? ""}`,
     `  format=${spec.format} options=${spec.options.join(",") || "-"}${spec.dataFile ? " +data_file" : ""} size=${spec.size ?? "(backing's)"}${b ? ` backing=${b.format}:${b.size}` : ""}`,
     `  ops: ${spec.ops.map(ioCommand).join(" ; ") || "(none)"}`,
-    `  converts: ${spec.converts.map(convertLabel).join(" ") || "(none)"}`,
+    `  converts: ${spec.converts.map(convertLabel).join(" ") || "(none)"}${spec.crash === true ? "; the last io run ends with abort" : ""}`,
     ...(spec.bitmaps.length > 0
       ? [`  bitmaps: ${spec.bitmaps.map((b) => `${b.name} -g ${b.granularity}`).join(", ")}`]
       : []),

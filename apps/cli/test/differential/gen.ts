@@ -18,7 +18,9 @@ export type Op =
   | { readonly k: "flush" }
   /** Concurrent requests (aio_write, aio_write -z) on disjoint ranges, then aio_flush. */
   | { readonly k: "aio"; readonly parts: readonly AioPart[] }
-  | { readonly k: "resize"; readonly delta: number };
+  | { readonly k: "resize"; readonly delta: number }
+  /** `qemu-img snapshot -c NAME` on both twins (qcow2): later writes must copy shared clusters. */
+  | { readonly k: "snapshot"; readonly name: string };
 
 export interface AioPart {
   readonly off: number;
@@ -375,6 +377,9 @@ export function generateCase(seed: number, limits: GenLimits = CI_LIMITS): CaseS
     } else if (r < 0.88) {
       ops.push({ k: "flush" });
       continue;
+    } else if (format === "qcow2" && !dataFile && r < 0.92) {
+      ops.push({ k: "snapshot", name: `s${ops.length}` });
+      continue;
     } else {
       const delta = d.chance(0.75) ? d.int(1, 2048) * 512 : d.int(1, 600_000);
       ops.push({ k: "resize", delta });
@@ -432,6 +437,8 @@ export function ioCommand(op: Op): string {
       return "flush";
     case "resize":
       return `(resize +${op.delta})`;
+    case "snapshot":
+      return `(snapshot -c ${op.name})`;
   }
 }
 

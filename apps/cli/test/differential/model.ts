@@ -60,6 +60,7 @@ export class GuestModel {
         for (const p of op.parts) this.fill(p.off, p.len, p.pat, 1);
         break;
       case "flush":
+      case "snapshot":
         break;
     }
   }

@@ -468,12 +468,18 @@ async function runIn(s: Session, spec: CaseSpec): Promise<string | false> {
     index++;
     if (op.k === "snapshot") {
       await flushSegment();
+      // (QEMU itself fails some, e.g. with refcount_bits=1, and leaks a cluster doing so: then
+      // the snapshot is not taken on qimg's twin either.)
       const qr = await s.qemuImg(["snapshot", "-c", op.name, q]);
+      if (qr.code !== 0) {
+        s.notes.push(`qemu-img snapshot -c failed on QEMU's twin: ${firstLines(qr.stderr, 1)}`);
+        continue;
+      }
       const or = await s.qemuImg(["snapshot", "-c", op.name, o]);
-      if (qr.code === 0 && or.code !== 0 && !diverged()) {
+      if (or.code !== 0 && !diverged()) {
         s.fail("snapshot:qemu-cannot-snapshot-qimg-image", firstLines(or.stderr));
       }
-      if (qr.code === 0 && or.code === 0) snapshots.push(op.name);
+      if (or.code === 0) snapshots.push(op.name);
       continue;
     }
     if (op.k !== "resize") {
@@ -551,7 +557,10 @@ async function runIn(s: Session, spec: CaseSpec): Promise<string | false> {
         );
     }
   }
-  const qemuBroken = s.notes.some((n) => n.startsWith("qemu-img check also fails"));
+  // (leaks on QEMU's side do not stop the comparison; corruption does)
+  const qemuBroken = s.notes.some(
+    (n) => n.startsWith("qemu-img check also fails") && n.includes("(exit 2)"),
+  );
   if (!diverged() && !qemuBroken) {
     const before = s.failures.length;
     await compareImages(s, "twins", qImg, oImg);

@@ -432,6 +432,12 @@ async function runIn(s: Session, spec: CaseSpec): Promise<string | false> {
     const or = crash
       ? await s.qimgProcess(["io", "-f", fmt, ...cmds, o])
       : await s.qimg(["io", "-f", fmt, ...cmds, o], "io");
+    if (!crash && (qr.code >= 128 || /Assertion .* failed/.test(qr.stderr))) {
+      // qemu-io itself crashed (e.g. 7.2's QED assertion `s->allocating_acb == NULL' with
+      // concurrent allocating writes): no oracle for the rest of the case.
+      s.notes.push(`qemu-io crashed (exit ${qr.code}): ${firstLines(qr.stderr, 1)}`);
+      oracleLost = true;
+    }
     if (/Marking image as corrupt/.test(qr.stderr)) {
       // QEMU found its own image corrupt mid-run (its compressed-write packing bug): no oracle.
       s.notes.push(`qemu-io marked QEMU's own image corrupt: ${firstLines(qr.stderr, 1)}`);
@@ -503,27 +509,23 @@ async function runIn(s: Session, spec: CaseSpec): Promise<string | false> {
     // checkers' verdicts agree (e.g. lazy refcounts: stale refcounts, dirty bit); QEMU's repair
     // makes both clean, and the comparisons below run on the repaired twins.
     // qimg's crash image may be cleaner than QEMU's (QEMU leaks clusters a crash interrupts),
-    // never worse; with lazy refcounts both must be left dirty (or both clean).
+    // never worse — except that with lazy refcounts stale refcounts are expected when the dirty
+    // flag says so (QEMU itself keeps compressed writes' refcounts exact, and 7.2 even loses
+    // such writes at abort: the model notes that).
     const cq = await s.qemuImg(["check", "-f", fmt, q]);
     const co = await s.qemuImg(["check", "-f", fmt, o]);
     const severity = (code: number): number => (code === 0 ? 0 : code === 3 ? 1 : 2);
-    if (severity(co.code) > severity(cq.code)) {
+    const dirtyFlag = async (f: string): Promise<unknown> => {
+      const r = await s.qemuImg(["info", "-f", fmt, "--output=json", f]);
+      return (JSON.parse(r.stdout || "{}") as Record<string, unknown>)["dirty-flag"];
+    };
+    const lazy = spec.options.includes("lazy_refcounts=on");
+    const explained = lazy && (await dirtyFlag(o)) === true;
+    if (severity(co.code) > severity(cq.code) && !explained) {
       s.fail(
         "crash:check-verdict",
         `after abort qemu-img check exits ${cq.code} on QEMU's twin, ${co.code} on qimg's: ${firstLines(co.stdout + co.stderr, 4)}`,
       );
-    }
-    if (spec.options.includes("lazy_refcounts=on")) {
-      const dirty = async (f: string): Promise<unknown> => {
-        const r = await s.qemuImg(["info", "-f", fmt, "--output=json", f]);
-        return (JSON.parse(r.stdout || "{}") as Record<string, unknown>)["dirty-flag"];
-      };
-      const [dq, dd] = [await dirty(q), await dirty(o)];
-      if (dq !== dd)
-        s.fail(
-          "crash:dirty-flag",
-          `after abort: QEMU's twin dirty=${String(dq)}, qimg's dirty=${String(dd)}`,
-        );
     }
     for (const f of [q, o]) await s.qemuImg(["check", "-r", "all", "-f", fmt, f]);
   }

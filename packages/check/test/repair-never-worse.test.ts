@@ -31,7 +31,7 @@ import type { Format } from "./image-model.js";
 const run = promisify(execFile);
 const LONG = process.env.QIMG_LONG === "1";
 const SEED = Number(process.env.QIMG_SEED ?? Date.now() % 1_000_000_000);
-const CASES = Number(process.env.QIMG_REPAIR_CASES ?? (LONG ? 10_000 : 80));
+const CASES = Number(process.env.QIMG_REPAIR_CASES ?? (LONG ? 10_000 : 200));
 const PER_BASE = LONG ? 100 : 20;
 /**
  * Read the repaired image with qemu-img (`convert --salvage -O raw`) every this many cases;

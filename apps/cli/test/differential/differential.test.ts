@@ -7,7 +7,9 @@
  * the minimal operation sequence (after shrinking) and the commands that rebuild it.
  *
  * Env: QIMG_DIFF_CASES (default 300; QIMG_LONG=1: 5000), QIMG_SEED (first seed; with
- * QIMG_DIFF_CASES=1 it replays one case), QIMG_DIFF_KEEP=1 keeps the case directories.
+ * QIMG_DIFF_CASES=1 it replays one case), QIMG_DIFF_JOBS (cases in flight, default 2),
+ * QIMG_DIFF_KEEP=1 keeps the case directories. Outside vitest, explore.ts runs cases and prints
+ * every failure category with shrunk examples.
  * Temporarily gated behind QIMG_DIFF=1 while the bugs it finds are being fixed (the gate is to
  * be removed once they are).
  */
@@ -33,6 +35,7 @@ const gated = process.env.QIMG_DIFF !== "1";
 const cases = Number(process.env.QIMG_DIFF_CASES ?? (long ? 5000 : 300));
 const firstSeed = Number(process.env.QIMG_SEED ?? 20261202);
 const keep = process.env.QIMG_DIFF_KEEP === "1";
+const jobs = Number(process.env.QIMG_DIFF_JOBS ?? 2);
 
 if (!hasQemu) console.log("skipping the differential suite: qemu-img is not on PATH");
 else if (gated) console.log("skipping the differential suite: set QIMG_DIFF=1 to run it");
@@ -136,7 +139,7 @@ describe.skipIf(!hasQemu || gated)("differential: qimg vs qemu-img/qemu-io on tw
       const t0 = Date.now();
       const seeds = Array.from({ length: cases }, (_, i) => firstSeed + i);
       const limits = long ? LONG_LIMITS : CI_LIMITS;
-      const results = await runPool(seeds, 2, (seed) =>
+      const results = await runPool(seeds, jobs, (seed) =>
         runCase(generateCase(seed, limits), root, keep),
       );
       const byCategory = new Map<string, CaseResult[]>();

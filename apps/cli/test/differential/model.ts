@@ -21,7 +21,10 @@ export function backingBytes(b: Backing): Uint8Array {
 
 export class GuestModel {
   bytes: Uint8Array;
-  /** 1 where the byte is exactly `bytes[i]`; 2 where it is `bytes[i]` or 0 (discarded). */
+  /**
+   * 1 where the byte is exactly `bytes[i]`; 2 where it is `bytes[i]` or 0 (discarded); 0 where
+   * anything goes (a write that failed part-way may have written some of its range).
+   */
   known: Uint8Array;
 
   constructor(size: number, backing: Uint8Array | undefined) {
@@ -32,6 +35,15 @@ export class GuestModel {
 
   get size(): number {
     return this.bytes.length;
+  }
+
+  /** A write QEMU reported as failed: its range (inside the disk) is open. */
+  failed(op: Op): void {
+    const ranges =
+      op.k === "aio" ? op.parts : op.k === "write" || op.k === "wc" || op.k === "zero" ? [op] : [];
+    for (const r of ranges) {
+      if (r.off + r.len <= this.size) this.known.fill(0, r.off, r.off + r.len);
+    }
   }
 
   /** Apply an operation QEMU reported as done. */
@@ -77,7 +89,8 @@ export class GuestModel {
     for (let i = 0; i < n; i++) {
       const want = i < this.size ? this.bytes[i] : 0;
       const got = image[i] ?? 0;
-      if (got !== want && !(got === 0 && i < this.size && this.known[i] === 2)) return i;
+      const k = i < this.size ? this.known[i] : 1;
+      if (got !== want && k !== 0 && !(got === 0 && k === 2)) return i;
     }
     return -1;
   }

@@ -157,6 +157,8 @@ class Mutex {
 
 const TWO_32 = 0x1_0000_0000;
 const MAX_SNAPSHOT_TABLE_BYTES = 64 * 1024 * 1024;
+/** QEMU writes at most this much zero bytes per try when a zero write falls back. */
+const ZERO_FALLBACK_MAX = 16 * 1024 * 1024;
 
 /**
  * A qcow2 image opened for reading. Implements {@link DiskImage}: reads return exactly the
@@ -1640,23 +1642,33 @@ export class Qcow2Image implements DiskImage {
       Math.floor(offset / cs),
       Math.floor((offset + length - 1) / cs),
       async () => {
+        // QEMU's request loop: a piece up to the first granule boundary, then the aligned
+        // middle, then the tail. Each piece is zeroed through the metadata when the format
+        // can express it; otherwise (a compressed cluster partly covered, a version 2 image
+        // over a backing file, a partial granule holding data) the whole piece is written
+        // as zero bytes, at most 16 MiB at a time before the metadata is tried again.
         const gran = this.hdr.version === 2 ? cs : this.subclusterSize;
-        const end = offset + length;
         const unmap = options.mayUnmap ?? false;
-        const alignedStart = Math.ceil(offset / gran) * gran;
-        const alignedEnd = end === this.virtualSize ? end : Math.floor(end / gran) * gran;
-        if (alignedStart >= alignedEnd) {
-          // No whole granule: one partial piece, or two when a granule boundary lies inside.
-          if (alignedStart > offset && alignedStart < end) {
-            await this.zeroPartial(offset, alignedStart, gran, unmap);
-            await this.zeroPartial(alignedStart, end, gran, unmap);
-          } else {
-            await this.zeroPartial(offset, end, gran, unmap);
+        let head = offset % gran;
+        const tail = (offset + length) % gran;
+        let pos = offset;
+        let bytes = length;
+        let zeros: Uint8Array | undefined;
+        while (bytes > 0) {
+          let num = bytes;
+          if (head) {
+            num = Math.min(bytes, gran - head);
+            head = (head + num) % gran;
+          } else if (tail && num > gran) {
+            num -= tail;
           }
-        } else {
-          if (alignedStart > offset) await this.zeroPartial(offset, alignedStart, gran, unmap);
-          await this.zeroAligned(alignedStart, alignedEnd, "zero", unmap);
-          if (alignedEnd < end) await this.zeroPartial(alignedEnd, end, gran, unmap);
+          if (!(await this.zeroPiece(pos, num, gran, unmap))) {
+            num = Math.min(num, ZERO_FALLBACK_MAX);
+            if (!zeros || zeros.length < num) zeros = new Uint8Array(num);
+            await this.writeLocked(pos, zeros.subarray(0, num));
+          }
+          pos += num;
+          bytes -= num;
         }
       },
     );
@@ -1664,26 +1676,32 @@ export class Qcow2Image implements DiskImage {
   }
 
   /**
-   * Zero [start, end), which lies inside one granule (a subcluster; a cluster on version 2).
-   * When the rest of the granule already reads as zeros with nothing stored (zero or
-   * unallocated over nothing), the whole granule gets the zero flag instead, as QEMU does:
-   * no cluster is allocated just to hold zeros. Otherwise zero bytes are written.
+   * Zero [start, start + n) through the metadata, as QEMU's driver does; false when the
+   * format cannot (the caller writes zero bytes). A piece that is not granule aligned is
+   * widened to its granule when the rest of the granule reads as zeros and the granule
+   * holds no data. Version 2 has no zero flag: without a backing file the clusters are
+   * released (they read as zeros); over a backing file nothing can be done.
    */
-  private async zeroPartial(
+  private async zeroPiece(
     start: number,
-    end: number,
+    n: number,
     gran: number,
     unmap: boolean,
-  ): Promise<void> {
-    if (this.hdr.version === 3) {
-      const g0 = Math.floor(start / gran) * gran;
-      const g1 = Math.min(g0 + gran, this.virtualSize);
-      if (await this.readsAsZeros(g0, g1)) {
-        await this.zeroAligned(g0, g1, "zero", unmap);
-        return;
-      }
+  ): Promise<boolean> {
+    let end = start + n;
+    const h = start % gran;
+    let t = end === this.virtualSize ? 0 : (gran - (end % gran)) % gran;
+    if (h || t) {
+      t = Math.min(t, this.virtualSize - end);
+      if (!(await this.readsAsZeros(start - h, start)) || !(await this.readsAsZeros(end, end + t)))
+        return false;
+      start -= h;
+      const e = await this.resolve(start, gran);
+      if (e.kind !== Kind.Unallocated && e.kind !== Kind.Zero) return false;
+      end = Math.min(start + gran, this.virtualSize);
     }
-    await this.writeLocked(start, new Uint8Array(end - start));
+    if (this.hdr.version === 2 && this.hasBackingFile()) return false;
+    return this.zeroAligned(start, end, "zero", unmap);
   }
 
   /**
@@ -1739,12 +1757,17 @@ export class Qcow2Image implements DiskImage {
     if (this.w?.writethrough) await this.flush();
   }
 
+  /**
+   * Zero or discard [start, end) in the L2 entries (granule aligned, or ending at the end of
+   * the disk). False when a zero write reaches part of a compressed cluster, which has no
+   * subcluster bits: the entries before it are done, the rest is left (as QEMU's driver).
+   */
   private async zeroAligned(
     start: number,
     end: number,
     mode: "zero" | "discard",
     mayUnmap: boolean,
-  ): Promise<void> {
+  ): Promise<boolean> {
     const w = this.w!;
     const cs = this.clusterSize;
     {
@@ -1767,7 +1790,10 @@ export class Qcow2Image implements DiskImage {
           pos = chunkEnd;
           continue;
         }
-        const v2Writes: [number, number][] = [];
+        // Guest ranges the L2 entries cannot express as zeros: zero bytes are written there
+        // (QEMU's fallback when its zeroing reports "not supported").
+        const fallback: [number, number][] = [];
+        let supported = true;
         await w.meta.run(async () => {
           const table = await this.l2ForWrite(l1Index);
           try {
@@ -1777,9 +1803,12 @@ export class Qcow2Image implements DiskImage {
               const i = g - base;
               const cEnd = Math.min(chunkEnd, (g + 1) * cs);
               if (this.extendedL2) {
-                this.zeroExtended(l2, i, p - g * cs, cEnd - g * cs, mode, mayUnmap);
+                if (!this.zeroExtended(l2, i, g, p - g * cs, cEnd - g * cs, mode, mayUnmap)) {
+                  supported = false;
+                  break;
+                }
               } else {
-                this.zeroStandard(l2, i, g, mode, mayUnmap, v2Writes);
+                this.zeroStandard(l2, i, g, mode, mayUnmap, fallback);
               }
               p = cEnd;
             }
@@ -1788,12 +1817,18 @@ export class Qcow2Image implements DiskImage {
             this.l2Cache.release(table);
           }
         });
-        for (const [o, n] of v2Writes) {
+        for (const [o, n] of fallback) {
           await this.writeChunk(o, new Uint8Array(n));
         }
+        if (!supported) return false;
         pos = chunkEnd;
       }
     }
+    return true;
+  }
+
+  private hasBackingFile(): boolean {
+    return this.backing !== undefined || this.backingFilename !== undefined;
   }
 
   /** Write zeros into the external data file over guest bytes [start, end). */
@@ -1812,7 +1847,7 @@ export class Qcow2Image implements DiskImage {
     g: number,
     mode: "zero" | "discard",
     mayUnmap: boolean,
-    v2Writes: [number, number][],
+    fallback: [number, number][],
   ): void {
     const cs = this.clusterSize;
     const hi = l2.hi(i);
@@ -1829,9 +1864,15 @@ export class Qcow2Image implements DiskImage {
       return;
     }
     if (!v3) {
-      // No zero flag: unallocated clusters without a backing file already read as zeros.
-      if (!allocated && !this.backing) return;
-      v2Writes.push([g * cs, Math.min(cs, this.virtualSize - g * cs)]);
+      // No zero flag. Without a backing file a released cluster reads as zeros, so QEMU
+      // zeroes by discarding (the cluster is freed, with or without unmap); over a backing
+      // file only zero bytes can hide its data.
+      if (!this.hasBackingFile()) {
+        if (allocated) this.queueFree(l2, i);
+        l2.setWords(i, 0, 0);
+        return;
+      }
+      fallback.push([g * cs, Math.min(cs, this.virtualSize - g * cs)]);
       return;
     }
     const copied = (hi & OFLAG_COPIED.hi) !== 0;
@@ -1847,15 +1888,20 @@ export class Qcow2Image implements DiskImage {
   private zeroExtended(
     l2: U64TableView,
     index: number,
+    g: number,
     from: number,
     to: number,
     mode: "zero" | "discard",
     mayUnmap: boolean,
-  ): void {
+  ): boolean {
     const scs = this.subclusterSize;
+    const cs = this.clusterSize;
     const i = index * 2;
+    // The last cluster of the disk may be shorter than a cluster: covering it from its start
+    // to the end of the disk counts as covering the whole cluster (as QEMU takes it).
+    const toEnd = from === 0 && g * cs + to >= this.virtualSize;
     const sc0 = Math.floor(from / scs);
-    const sc1 = Math.ceil(to / scs) - 1;
+    const sc1 = toEnd ? 31 : Math.ceil(to / scs) - 1;
     const mask =
       (sc1 === 31 ? 0xffff_ffff : ((1 << (sc1 + 1)) >>> 0) - 1) & ~(((1 << sc0) >>> 0) - 1);
     const whole = mask >>> 0 === 0xffff_ffff;
@@ -1866,14 +1912,13 @@ export class Qcow2Image implements DiskImage {
       if (compressed || host !== 0) this.queueFree(l2, i);
       l2.setWords(i, 0, 0);
       l2.setWords(i + 1, 0xffff_ffff, 0);
-      return;
+      return true;
     }
-    if (compressed) {
-      // A partial zero of a compressed cluster would need copy on write; QEMU does the same
-      // by decompressing, which our write path does for us.
-      return;
-    }
+    // A compressed cluster has no subcluster bits: QEMU's zeroing reports "not supported"
+    // and zero bytes are written instead (copy on write of the decompressed cluster).
+    if (compressed) return mode !== "zero";
     l2.setWords(i + 1, (l2.hi(i + 1) | mask) >>> 0, (l2.lo(i + 1) & ~mask) >>> 0);
+    return true;
   }
 
   /**

@@ -2050,9 +2050,11 @@ export class Qcow2Image implements DiskImage {
       );
     }
     this.pbm?.checkResize();
-    // A backing file that reaches past the old end would show through the new area: that
-    // area must read as zeros, so it is zeroed (as QEMU does). Version 2 has no zero flag;
-    // QEMU refuses the resize there, and so do we (before changing anything).
+    // A backing file that reaches past the old end would show through the new area: QEMU
+    // then zeroes the whole new area, with zero flags from the first granule boundary at or
+    // after the old end (a subcluster; a cluster on version 2) and zero bytes before it.
+    // Version 2 has no zero flag: QEMU refuses when the new end passes that boundary (before
+    // changing anything, here); a grow inside the old last cluster only writes zero bytes.
     const oldSize = this.size;
     const backingEnd =
       this.backing !== undefined
@@ -2060,10 +2062,12 @@ export class Qcow2Image implements DiskImage {
         : this.backingFilename !== undefined
           ? newSize
           : 0;
-    const zeroEnd = Math.min(newSize, backingEnd);
-    if (zeroEnd > oldSize && this.hdr.version === 2) {
+    const zeroNew = newSize > oldSize && backingEnd > oldSize;
+    const zeroGran = this.hdr.version === 2 ? this.clusterSize : this.subclusterSize;
+    const zeroStart = Math.ceil(oldSize / zeroGran) * zeroGran;
+    if (zeroNew && this.hdr.version === 2 && newSize > zeroStart) {
       throw new UnsupportedFeatureError(
-        `Failed to zero out new clusters: a version 2 image (compat=0.10) cannot hide its backing file's data past the old end (${oldSize} bytes)`,
+        `Failed to zero out new clusters: a version 2 image (compat=0.10) cannot hide its backing file's data past its last cluster (${zeroStart} bytes) without zero clusters`,
         ["zero clusters"],
       );
     }
@@ -2103,20 +2107,15 @@ export class Qcow2Image implements DiskImage {
       this.size = newSize;
       this.pbm?.resize(newSize);
     });
-    if (zeroEnd > oldSize) {
-      const scs = this.subclusterSize;
+    if (zeroNew) {
       const cs = this.clusterSize;
-      const alignedStart = Math.min(zeroEnd, Math.ceil(oldSize / scs) * scs);
-      const alignedEnd = zeroEnd === newSize ? zeroEnd : Math.ceil(zeroEnd / scs) * scs;
       await this.withClusters(
         Math.floor(oldSize / cs),
-        Math.floor((alignedEnd - 1) / cs),
+        Math.floor((newSize - 1) / cs),
         async () => {
-          // The old last subcluster's tail gets zero bytes; whole subclusters the zero flag.
-          if (alignedStart > oldSize)
-            await this.writeLocked(oldSize, new Uint8Array(alignedStart - oldSize));
-          if (alignedEnd > alignedStart)
-            await this.zeroAligned(alignedStart, Math.min(alignedEnd, newSize), "zero", false);
+          if (newSize > zeroStart) await this.zeroAligned(zeroStart, newSize, "zero", false);
+          if (zeroStart > oldSize)
+            await this.writeLocked(oldSize, new Uint8Array(Math.min(zeroStart, newSize) - oldSize));
         },
       );
       await this.flush();

@@ -15,6 +15,7 @@ import {
   compareImages,
   describeOps,
   driverOps,
+  openRw,
   qemuCheck,
   qemuImg,
   qemuIoOps,
@@ -284,3 +285,74 @@ describe.skipIf(!haveQemu)(
     }, 120_000);
   },
 );
+
+describe.skipIf(!haveQemu)("growing over a longer backing file (F3b)", () => {
+  // A grid of old sizes, new sizes and backing sizes (none multiples of the cluster size):
+  // qemu-img resize decides whether the grow is refused (version 2 can only write zero bytes
+  // inside the old last cluster) and what the grown twin reads and stores.
+  const grid: { opts: string; base: number; old: number; grow: number }[] = [];
+  const r = prng(3303);
+  for (const opts of [
+    "compat=0.10,cluster_size=1048576",
+    "compat=0.10,cluster_size=65536",
+    "compat=0.10,cluster_size=4096",
+    "compat=1.1,cluster_size=65536",
+    "extended_l2=on,cluster_size=65536",
+  ]) {
+    const cs = Number(/cluster_size=(\d+)/.exec(opts)![1]);
+    for (let k = 0; k < (LONG ? 12 : 4); k++) {
+      const old = 512 * (1 + Math.floor(r() * ((3 * cs) / 512)));
+      const base = [old - 512 * Math.floor(r() * 4), old + 1 + Math.floor(r() * 3 * cs)][k % 2]!;
+      const grow = 512 * (1 + Math.floor(r() * ((k % 3 === 0 ? cs / 2 : 3 * cs) / 512)));
+      grid.push({ opts, base: Math.max(1, base), old, grow });
+    }
+  }
+  grid.push({ opts: "compat=0.10,cluster_size=1048576", base: 3073536, old: 346942, grow: 117248 });
+  grid.push({ opts: "compat=0.10,cluster_size=65536", base: 3073536, old: 346942, grow: 10240 });
+  grid.push({ opts: "compat=0.10,cluster_size=65536", base: 3073536, old: 327680, grow: 512 });
+
+  for (const t of grid) {
+    it(`${t.opts}: ${t.old} + ${t.grow} over a ${t.base}-byte backing file`, async () => {
+      const dir = freshDir();
+      const base = path.join(dir, "base.raw");
+      const bytes = new Uint8Array(t.base);
+      const rr = prng(t.base);
+      for (let i = 0; i < bytes.length; i++) bytes[i] = 1 + Math.floor(rr() * 255);
+      fs.writeFileSync(base, bytes);
+      createTwins(dir, t.opts, t.old, "base.raw");
+      // Some data in the old last cluster, so copy-on-write of it is exercised.
+      const wOff = Math.max(0, t.old - 1000);
+      const ops: Op[] = [{ k: "write", off: wOff, len: Math.min(777, t.old - wOff), seed: 1 }];
+      const a = path.join(dir, "a.qcow2");
+      const b = path.join(dir, "b.qcow2");
+      expect(qemuIoOps(a, ops, dir).code).toBe(0);
+      expect(await driverOps(b, ops)).toBeUndefined();
+      const oldSize = Number(
+        (
+          JSON.parse(qemuImg(["info", "--output=json", a], dir).stdout) as {
+            "virtual-size": number;
+          }
+        )["virtual-size"],
+      );
+      const newSize = oldSize + t.grow;
+      const q = qemuImg(["resize", "-q", a, String(newSize)], dir);
+      let failure: unknown;
+      const image = await openRw(b);
+      try {
+        await image.resize(newSize);
+      } catch (e) {
+        failure = e;
+      } finally {
+        await image.close();
+      }
+      const what = `${t.opts} base ${t.base} old ${oldSize} new ${newSize}`;
+      expect(failure === undefined ? 0 : 1, `${what}: qemu-img resize said ${q.stderr}`).toBe(
+        q.code,
+      );
+      expect(compareImages(a, b), what).toBe("");
+      for (const f of [a, b]) expect(qemuCheck(f).code, `${what}: check ${f}`).toBe(0);
+      const cs = clusterSizeOf(a);
+      expect(shape(b, cs), what).toBe(shape(a, cs));
+    });
+  }
+});

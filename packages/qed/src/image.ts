@@ -20,6 +20,7 @@ import {
   FormatError,
   InvalidArgumentError,
   IoError,
+  UnsupportedFeatureError,
   hex,
 } from "@qimg/structs";
 import {
@@ -711,6 +712,21 @@ export class QedImage implements WritableDiskImage {
       );
     }
     const old = this.#h.imageSize;
+    // Growing over a backing file that reaches past the old end would show its data in the new
+    // area; QED has no way to zero that area in the truncate, so QEMU refuses such a resize
+    // (its block layer asks for zeroed growth, which the QED driver does not support).
+    const backingEnd =
+      this.backing !== undefined
+        ? this.backing.virtualSize
+        : this.#backingFilename !== undefined
+          ? newSize
+          : 0;
+    if (newSize > old && backingEnd > old) {
+      throw new UnsupportedFeatureError(
+        `Block driver does not support requested flags: growing from ${old} bytes would show the backing file's data past the old end, and QED cannot zero it`,
+        ["zeroed growth"],
+      );
+    }
     this.#h.imageSize = newSize;
     try {
       await this.#writeHeader();

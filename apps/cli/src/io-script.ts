@@ -3,7 +3,8 @@
  * aio_read, aio_write, aio_flush, abort, sigraise — with qemu-io's option letters, messages and
  * report lines. Failures print qemu-io's message on stdout ("read failed: ...", "Pattern
  * verification failed at offset N, M bytes") and make the run exit 1, but later commands still
- * run, as in qemu-io.
+ * run, as in qemu-io. A failed aio request is reported when it completes and, as in qemu-io,
+ * leaves the exit status alone.
  */
 import type { CliContext } from "./context.js";
 import type { DiskImage } from "./drivers.js";
@@ -408,15 +409,16 @@ export class IoScript {
     }
   }
 
+  /**
+   * An aio request's failure (or pattern mismatch) is reported when it completes but, as in
+   * qemu-io, does not change the exit status: only synchronous commands' failures count.
+   */
   private track(op: Promise<void>, cmd: string): void {
     const p: Promise<void> = op
       .catch((e: unknown) => {
-        if (e instanceof CommandFailed) {
-          this.failed = true;
-          return;
-        }
-        this.failed = true;
-        this.out(`${cmd} failed: ${this.errorText(e)}\n`);
+        if (e instanceof CommandFailed) return;
+        // qemu-io's words: "readv failed" for aio_read, "aio_write failed" for aio_write.
+        this.out(`${cmd === "aio_read" ? "readv" : cmd} failed: ${this.errorText(e)}\n`);
       })
       .finally(() => this.pending.delete(p));
     this.pending.add(p);

@@ -57,10 +57,10 @@ export async function referencesTornCluster(
 
 /**
  * How many table entries point into the torn last cluster (see
- * {@link referencesTornCluster}), counting up to 2. A repair grows the cluster only for
- * exactly one: growing the file makes every entry pointing there valid, and several of them
- * are garbage (or a cluster referenced twice), which a grown file would turn into more
- * corruption.
+ * {@link referencesTornCluster}), counting up to 2 (an L2 table reaching into it counts 2).
+ * A repair grows the cluster only for exactly one data cluster: growing the file makes every
+ * entry pointing there valid, and several of them are garbage (or a cluster referenced
+ * twice), which a grown file would turn into more corruption.
  */
 export async function tornClusterReferences(
   g: QedGeometry,
@@ -79,7 +79,9 @@ export async function tornClusterReferences(
     const v = l1.get(i);
     if (classifyL1Entry(v, grown) !== "offset") continue;
     if (v <= torn && torn < v + span) {
-      n++;
+      // A table in the torn cluster counts double: growing would make its other clusters,
+      // which other entries may claim, part of a valid table (a repair keeps it invalid).
+      n += 2;
       continue;
     }
     const l2 = new QedTable(await readL2(v));

@@ -187,6 +187,45 @@ describe.skipIf(!haveQemu)(`QED file with a torn last cluster (seed ${SEED})`, (
     }
   });
 
+  it("repair leaves a torn cluster alone when an L2 table reaches into it", async () => {
+    for (const cs of [4096, 65536]) {
+      const ours = join(work, `table-${cs}.qed`);
+      expect(
+        run("qemu-img", [
+          "create",
+          "-f",
+          "qed",
+          "-o",
+          `cluster_size=${cs},table_size=4`,
+          ours,
+          "64M",
+        ]).status,
+      ).toBe(0);
+      expect(run("qemu-io", ["-f", "qed", "-c", "write -P 0x11 0 100k", ours]).status).toBe(0);
+      const end = statSync(ours).size;
+      // L1 entry 2 names a "table" of 4 clusters whose last one is the torn cluster at `end`.
+      const f = new Uint8Array(readFileSync(ours));
+      const dv = new DataView(f.buffer);
+      const l1 = Number(dv.getBigUint64(40, true));
+      dv.setBigUint64(l1 + 16, BigInt(end - 3 * cs), true);
+      writeFileSync(ours, f);
+      truncateSync(ours, end + 1000);
+      const before = qemuCounts(ours);
+      const backend = await FileBackend.open(ours);
+      try {
+        await checkQed(backend, { repair: true });
+      } finally {
+        await backend.close();
+      }
+      expect(statSync(ours).size, `cs ${cs}`).toBe(end + 1000);
+      const after = qemuCounts(ours);
+      expect(after.corruptions + after.leaks + after.errors, `cs ${cs}`).toBeLessThanOrEqual(
+        before.corruptions + before.leaks + before.errors,
+      );
+      expect(qemuReads(ours, 0, 100 * 1024, 0x11)).toBe(true);
+    }
+  });
+
   it("a torn cluster that nothing points into is reused by the next allocation, as qemu-io does", async () => {
     for (const cs of [4096, 65536]) {
       const ours = join(work, `junk-${cs}.qed`);

@@ -1875,9 +1875,9 @@ export class Qcow2Image implements DiskImage {
       fallback.push([g * cs, Math.min(cs, this.virtualSize - g * cs)]);
       return;
     }
-    const copied = (hi & OFLAG_COPIED.hi) !== 0;
-    if (allocated && !mayUnmap && !compressed && copied && !this.hasDataFile) {
-      // Keep the cluster allocated (zero-alloc), as QEMU does without unmap.
+    if (allocated && !mayUnmap && !compressed && !this.hasDataFile) {
+      // Keep the cluster allocated (zero-alloc), as QEMU does without unmap, also when it is
+      // shared with a snapshot (not COPIED: a later write allocates a new cluster).
       l2.setWords(i, hi, (lo | OFLAG_ZERO.lo) >>> 0);
       return;
     }

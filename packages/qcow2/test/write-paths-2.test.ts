@@ -356,3 +356,34 @@ describe.skipIf(!haveQemu)("growing over a longer backing file (F3b)", () => {
     });
   }
 });
+
+describe.skipIf(!haveQemu)("zero writes over clusters shared with a snapshot", () => {
+  for (const opts of ["compat=1.1", "extended_l2=on", "compat=1.1,lazy_refcounts=on"]) {
+    it(`${opts}: zero-alloc keeps the shared cluster as QEMU does`, async () => {
+      const dir = freshDir();
+      createTwins(dir, opts, 1_000_000);
+      const setup: Op[] = [{ k: "write", off: 0, len: 300_001, seed: 5 }];
+      for (const f of ["a.qcow2", "b.qcow2"]) {
+        expect(qemuIoOps(path.join(dir, f), setup, dir).code).toBe(0);
+        expect(qemuImg(["snapshot", "-c", "snap", f], dir).code).toBe(0);
+      }
+      const ops: Op[] = [
+        { k: "zero", off: 0, len: 65536, unmap: false },
+        { k: "zero", off: 70_000, len: 10_000, unmap: false },
+        { k: "zero", off: 131072, len: 65536, unmap: true },
+        { k: "zero", off: 196608, len: 70_000, unmap: false },
+        { k: "zero", off: 262144, len: 65536, unmap: false },
+        { k: "write", off: 263144, len: 1000, seed: 7 },
+        { k: "write", off: 200_000, len: 3000, seed: 8 },
+      ];
+      expect(await twinProblems(dir, ops)).toEqual([]);
+      // The snapshot still reads its old data, and deleting it leaves both images clean.
+      for (const f of ["a.qcow2", "b.qcow2"]) {
+        expect(qemuImg(["snapshot", "-d", "snap", f], dir).code).toBe(0);
+        expect(qemuCheck(path.join(dir, f)).code, f).toBe(0);
+      }
+      const cs = clusterSizeOf(path.join(dir, "a.qcow2"));
+      expect(shape(path.join(dir, "b.qcow2"), cs)).toBe(shape(path.join(dir, "a.qcow2"), cs));
+    });
+  }
+});

@@ -10,8 +10,6 @@
  * QIMG_DIFF_CASES=1 it replays one case), QIMG_DIFF_JOBS (cases in flight, default 2),
  * QIMG_DIFF_KEEP=1 keeps the case directories. Outside vitest, explore.ts runs cases and prints
  * every failure category with shrunk examples.
- * Temporarily gated behind QIMG_DIFF=1 while the bugs it finds are being fixed (the gate is to
- * be removed once they are).
  */
 import { mkdtempSync, rmSync } from "node:fs";
 import { tmpdir } from "node:os";
@@ -31,14 +29,12 @@ import {
 } from "./run.js";
 
 const long = process.env.QIMG_LONG === "1";
-const gated = process.env.QIMG_DIFF !== "1";
 const cases = Number(process.env.QIMG_DIFF_CASES ?? (long ? 5000 : 300));
 const firstSeed = Number(process.env.QIMG_SEED ?? 20261202);
 const keep = process.env.QIMG_DIFF_KEEP === "1";
 const jobs = Number(process.env.QIMG_DIFF_JOBS ?? 2);
 
 if (!hasQemu) console.log("skipping the differential suite: qemu-img is not on PATH");
-else if (gated) console.log("skipping the differential suite: set QIMG_DIFF=1 to run it");
 
 const root = mkdtempSync(join(tmpdir(), "qimg-diff-"));
 afterAll(() => {
@@ -132,7 +128,7 @@ describe("differential harness", () => {
   });
 });
 
-describe.skipIf(!hasQemu || gated)("differential: qimg vs qemu-img/qemu-io on twin images", () => {
+describe.skipIf(!hasQemu)("differential: qimg vs qemu-img/qemu-io on twin images", () => {
   it(
     `${cases} seeded cases from seed ${firstSeed} give the same bytes, statuses and clean checks`,
     async () => {

@@ -4,16 +4,14 @@
  * symbolic link loop) or that a QEMU process has open. qemu-img's line, with its
  * "Could not create 'X': " detail removed and its second line joined, is qimg's line.
  */
-import { spawn, spawnSync } from "node:child_process";
-import type { ChildProcess } from "node:child_process";
-import { existsSync, mkdtempSync, readFileSync, rmSync, symlinkSync, writeFileSync } from "node:fs";
+import { existsSync, mkdtempSync, rmSync, symlinkSync, writeFileSync } from "node:fs";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { IoError } from "@qimg/structs";
 import { afterAll, afterEach, describe, expect, it } from "vitest";
 import { describeError } from "../src/errors.js";
 import { qimg } from "./helpers.js";
-import { hasQemu, qemuImg } from "./qemu.js";
+import { hasQemu, qemuImg, holdWithQemuIo, releaseQemuIo } from "./qemu.js";
 
 const haveProcLocks = existsSync("/proc/locks");
 if (!hasQemu) console.log("skipping error-line tests against qemu-img: qemu-img is not on PATH");
@@ -21,23 +19,7 @@ if (!hasQemu) console.log("skipping error-line tests against qemu-img: qemu-img 
 const tmp = mkdtempSync(join(tmpdir(), "qimg-error-lines-"));
 afterAll(() => rmSync(tmp, { recursive: true, force: true }));
 
-let child: ChildProcess | undefined;
-afterEach(() => {
-  if (child?.exitCode === null) child.kill("SIGKILL");
-  child = undefined;
-});
-
-async function holdWithQemuIo(file: string): Promise<void> {
-  const c = spawn("qemu-io", ["-f", "qcow2", "-c", "sleep 120000", file], { stdio: "ignore" });
-  child = c;
-  const ino = spawnSync("stat", ["-c", "%i", file], { encoding: "utf8" }).stdout.trim();
-  for (let i = 0; i < 200; i++) {
-    if (readFileSync("/proc/locks", "latin1").includes(`:${ino} 100 `)) return;
-    if (c.exitCode !== null) throw new Error(`qemu-io exited with ${c.exitCode}`);
-    await new Promise((r) => setTimeout(r, 25));
-  }
-  throw new Error("qemu-io took no lock within 5 s");
-}
+afterEach(releaseQemuIo);
 
 /** qemu-img's stderr as qimg words it: one line, without "Could not create 'X': ". */
 function asQimg(stderr: string): string {

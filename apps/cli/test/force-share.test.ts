@@ -5,14 +5,12 @@
  * codes; -U with a read-write open is refused by both. Nothing is created or changed by a
  * refused command.
  */
-import { spawn, spawnSync } from "node:child_process";
-import type { ChildProcess } from "node:child_process";
 import { existsSync, mkdtempSync, readFileSync, rmSync } from "node:fs";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { afterAll, afterEach, describe, expect, it } from "vitest";
 import { qimg } from "./helpers.js";
-import { hasQemu, qemuImg, qemuIo } from "./qemu.js";
+import { hasQemu, qemuImg, qemuIo, holdWithQemuIo, releaseQemuIo } from "./qemu.js";
 
 const haveProcLocks = existsSync("/proc/locks");
 if (!hasQemu) console.log("skipping -U tests: qemu-img is not on PATH");
@@ -21,24 +19,7 @@ if (!haveProcLocks) console.log("skipping -U tests: no /proc/locks (not Linux)")
 const tmp = mkdtempSync(join(tmpdir(), "qimg-force-share-"));
 afterAll(() => rmSync(tmp, { recursive: true, force: true }));
 
-let child: ChildProcess | undefined;
-afterEach(() => {
-  if (child?.exitCode === null) child.kill("SIGKILL");
-  child = undefined;
-});
-
-/** qemu-io holding `file` open read-write until killed; resolves once its locks show. */
-async function holdWithQemuIo(file: string): Promise<ChildProcess> {
-  const c = spawn("qemu-io", ["-f", "qcow2", "-c", "sleep 120000", file], { stdio: "ignore" });
-  child = c;
-  const ino = spawnSync("stat", ["-c", "%i", file], { encoding: "utf8" }).stdout.trim();
-  for (let i = 0; i < 200; i++) {
-    if (readFileSync("/proc/locks", "latin1").includes(`:${ino} 100 `)) return c;
-    if (c.exitCode !== null) throw new Error(`qemu-io exited with ${c.exitCode}`);
-    await new Promise((r) => setTimeout(r, 25));
-  }
-  throw new Error("qemu-io took no lock within 5 s");
-}
+afterEach(releaseQemuIo);
 
 const SHARED_WRITE = /Failed to get shared "write" lock/;
 const RO_ONLY = /force-share=on can only be used with read-only images/;

@@ -3,7 +3,6 @@
  * command that would write it is refused with qemu-img's words and leaves the file as it was;
  * once QEMU is gone the same commands work. Inside one process, a second writer is refused.
  */
-import { spawn, spawnSync } from "node:child_process";
 import type { ChildProcess } from "node:child_process";
 import { existsSync, mkdtempSync, readFileSync, rmSync } from "node:fs";
 import { tmpdir } from "node:os";
@@ -11,7 +10,7 @@ import { join } from "node:path";
 import { afterAll, afterEach, describe, expect, it } from "vitest";
 import { FileBackend } from "@qimg/io/node";
 import { qimg } from "./helpers.js";
-import { hasQemu, qemuImg } from "./qemu.js";
+import { hasQemu, qemuImg, holdWithQemuIo, releaseQemuIo } from "./qemu.js";
 
 const haveProcLocks = existsSync("/proc/locks");
 if (!hasQemu) console.log("skipping qimg lock tests: qemu-img is not on PATH");
@@ -20,25 +19,7 @@ if (!haveProcLocks) console.log("skipping qimg lock tests: no /proc/locks (not L
 const tmp = mkdtempSync(join(tmpdir(), "qimg-lock-cli-"));
 afterAll(() => rmSync(tmp, { recursive: true, force: true }));
 
-let child: ChildProcess | undefined;
-afterEach(() => {
-  if (child?.exitCode === null) child.kill("SIGKILL");
-  child = undefined;
-});
-
-/** qemu-io holding `file` open (read-write unless `readOnly`), its locks visible. */
-async function holdWithQemuIo(file: string, readOnly = false): Promise<ChildProcess> {
-  const args = ["-f", "qcow2", ...(readOnly ? ["-r"] : []), "-c", "sleep 60000", file];
-  const c = spawn("qemu-io", args, { stdio: "ignore" });
-  child = c;
-  const ino = spawnSync("stat", ["-c", "%i", file], { encoding: "utf8" }).stdout.trim();
-  for (let i = 0; i < 200; i++) {
-    if (readFileSync("/proc/locks", "latin1").includes(`:${ino} 100 `)) return c;
-    if (c.exitCode !== null) throw new Error(`qemu-io exited with ${c.exitCode}`);
-    await new Promise((r) => setTimeout(r, 25));
-  }
-  throw new Error("qemu-io took no lock within 5 s");
-}
+afterEach(releaseQemuIo);
 
 async function stop(c: ChildProcess): Promise<void> {
   const exited = new Promise((r) => c.once("exit", r));

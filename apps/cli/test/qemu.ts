@@ -2,7 +2,9 @@
  * Running the real qemu-img / qemu-io in interop tests, and whether they are installed.
  * Tests skip with a printed reason when qemu-img is missing, unless QIMG_REQUIRE_QEMU=1.
  */
-import { spawnSync } from "node:child_process";
+import { spawn, spawnSync } from "node:child_process";
+import type { ChildProcess } from "node:child_process";
+import { readFileSync } from "node:fs";
 import { requireQemu } from "@qimg/fixtures";
 import { seededRandom } from "@qimg/io";
 
@@ -30,3 +32,29 @@ export function qemuInfo(file: string, format?: string, cwd?: string): Record<st
 }
 
 export const prng = seededRandom;
+
+let holder: ChildProcess | undefined;
+
+/**
+ * Start qemu-io holding `file` open (read-write unless `readOnly`) until {@link releaseQemuIo};
+ * resolves once its byte-range locks show in /proc/locks (Linux only).
+ */
+export async function holdWithQemuIo(file: string, readOnly = false): Promise<ChildProcess> {
+  releaseQemuIo();
+  const args = ["-f", "qcow2", ...(readOnly ? ["-r"] : []), "-c", "sleep 120000", file];
+  const c = spawn("qemu-io", args, { stdio: "ignore" });
+  holder = c;
+  const ino = spawnSync("stat", ["-c", "%i", file], { encoding: "utf8" }).stdout.trim();
+  for (let i = 0; i < 200; i++) {
+    if (readFileSync("/proc/locks", "latin1").includes(`:${ino} 100 `)) return c;
+    if (c.exitCode !== null) throw new Error(`qemu-io exited with ${c.exitCode}`);
+    await new Promise((r) => setTimeout(r, 25));
+  }
+  throw new Error("qemu-io took no lock within 5 s");
+}
+
+/** Kill the qemu-io that {@link holdWithQemuIo} started, if it still runs (for afterEach). */
+export function releaseQemuIo(): void {
+  if (holder?.exitCode === null) holder.kill("SIGKILL");
+  holder = undefined;
+}

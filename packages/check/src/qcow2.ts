@@ -26,6 +26,7 @@ import { StoredRefcounts } from "./stored.js";
 /** How much a check may repair, as `qemu-img check -r`. */
 export type RepairMode = "leaks" | "all";
 
+/** Options of a check: whether to repair, and the file name to report. */
 export interface CheckOptions {
   /** Repair leaks only, or everything that can be repaired. Default: check only. */
   readonly repair?: RepairMode | undefined;

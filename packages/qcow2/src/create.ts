@@ -16,6 +16,7 @@ import { encodeHeaderArea, headerAreaLength } from "./spec/header-area.js";
 import { U64TableView } from "@qimg/structs";
 import { L2_OFFSET_MASK, OFLAG_COPIED } from "./spec/l2.js";
 
+/** qemu-img's `preallocation` option: none, metadata only, fallocate'd data, or written zeros. */
 export type Preallocation = "off" | "metadata" | "falloc" | "full";
 
 /** qemu-img's qcow2 creation options. */
@@ -28,14 +29,21 @@ export interface Qcow2CreateOptions {
   readonly clusterSize?: number;
   /** Power of two, 1..64; default 16 (version 2 only supports 16). */
   readonly refcountBits?: number;
+  /** Set the lazy-refcounts compatible bit (version 3 only); default off. */
   readonly lazyRefcounts?: boolean;
+  /** Extended L2 entries with 32 subclusters per cluster (version 3 only); default off. */
   readonly extendedL2?: boolean;
+  /** Compression type for compressed clusters; zstd needs version 3. Default zlib. */
   readonly compressionType?: "zlib" | "zstd";
+  /** Backing file name written into the header, as given (not resolved). */
   readonly backingFile?: string;
+  /** Backing file format, written as the backing-format extension. */
   readonly backingFormat?: string;
   /** Name of the external data file (which the caller creates and passes separately). */
   readonly dataFile?: string;
+  /** The data file is a raw image of the guest disk (the `data_file_raw` autoclear bit). */
   readonly dataFileRaw?: boolean;
+  /** What to allocate up front; default off. */
   readonly preallocation?: Preallocation;
 }
 

@@ -56,6 +56,7 @@ import { PersistentBitmaps } from "./bitmap.js";
 import { encodeCompressed } from "./spec/l2.js";
 import type { BackingOpener, Qcow2Info } from "./types.js";
 
+/** How {@link openQcow2} opens an image: read-only or read-write, backing files, caching. */
 export interface Qcow2OpenOptions {
   /** Open read-only (the default, and the only mode of this read driver). */
   readonly readOnly?: boolean;
@@ -171,14 +172,23 @@ export class Qcow2Image implements DiskImage {
   private hdr: Qcow2Header;
   /** Location of the bitmap directory, when the bitmaps extension is valid. */
   readonly bitmapDirectory: { readonly offset: number; readonly length: number } | undefined;
+  /** Cluster size in bytes (2^clusterBits). */
   readonly clusterSize: number;
+  /** log2 of the cluster size, from the header. */
   readonly clusterBits: number;
+  /** Header extensions as found at open, unknown ones included (kept on header rewrites). */
   readonly extensions: readonly HeaderExtension[];
+  /** The feature-name table extension's entries (empty when the image has none). */
   readonly featureNames: readonly FeatureName[];
+  /** Internal snapshots as found at open, in table order. */
   readonly snapshots: readonly SnapshotEntry[];
+  /** Persistent dirty bitmaps' directory entries as found at open (empty when not valid). */
   readonly bitmaps: readonly BitmapEntry[];
+  /** The backing file name stored in the header, if any. */
   readonly backingFilename: string | undefined;
+  /** The backing format from the backing-format extension, if any. */
   readonly backingFormat: string | undefined;
+  /** The external data file's name from its extension, if the image has one. */
   readonly dataFileName: string | undefined;
   backing: DiskImage | undefined;
 
@@ -203,6 +213,7 @@ export class Qcow2Image implements DiskImage {
   private pbm: PersistentBitmaps | undefined;
 
   private constructor(
+    /** The file the image lives in. */
     readonly backend: BlockBackend,
     init: {
       header: Qcow2Header;

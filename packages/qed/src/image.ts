@@ -189,6 +189,7 @@ export class QedImage implements WritableDiskImage {
     return this.#h.imageSize;
   }
 
+  /** Cluster size in bytes, from the header. */
   get clusterSize(): number {
     return this.#cs;
   }
@@ -212,6 +213,7 @@ export class QedImage implements WritableDiskImage {
     return this.#fileSize;
   }
 
+  /** What `qemu-img info` shows of this image (sizes, backing file, need-check bit). */
   info(): QedInfo {
     return {
       virtualSize: this.#h.imageSize,

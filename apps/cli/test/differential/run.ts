@@ -605,9 +605,11 @@ async function runIn(s: Session, spec: CaseSpec): Promise<string | false> {
     }
   }
   if (spec.dataFile && spec.options.includes("data_file_raw=on")) {
-    // The raw data file must equal the guest disk: compare QEMU's guest view with ours' raw file.
+    // The raw data file must equal the guest disk: compare qimg's image, as qemu-img reads it,
+    // with its raw data file (the twins' guest bytes are compared above; comparing QEMU's image
+    // here failed where QEMU's own image was the wrong one, seed 20262772).
     // (The data file may be shorter than the disk: the size is not compared.)
-    const r = await s.qemuImg(["compare", "-f", fmt, "-F", "raw", q, s.path("o.data")]);
+    const r = await s.qemuImg(["compare", "-f", fmt, "-F", "raw", o, s.path("o.data")]);
     if (r.code !== 0 && !diverged())
       s.fail("data-file-raw:content", firstLines(r.stdout + r.stderr));
   }

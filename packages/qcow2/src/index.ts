@@ -64,8 +64,33 @@ export {
   compressedLayout,
   decodeCompressed,
   encodeCompressed,
+  ClusterType,
+  SubclusterType,
+  EntryProblem,
+  l2Format,
+  entryOffset,
+  entryCopied,
+  entryCompressed,
+  entryZeroFlag,
+  withoutCopied,
+  withCopied,
+  clusterType,
+  bitmapInvalid,
+  subclusterType,
+  l2EntryProblem,
+  l2ReservedBits,
+  compressedOffset,
+  compressedLength,
+  l2Word,
+  l2TypeAt,
+  subclusterTypeAt,
+  l2OffsetAt,
+  l1ReservedBits,
+  l1Offset,
+  reftableOffset,
+  reftableReservedBits,
 } from "./spec/l2.js";
-export type { CompressedLayout } from "./spec/l2.js";
+export type { CompressedLayout, L2Format } from "./spec/l2.js";
 export { inflateRaw, zstd as zstdDecompress, decompressorFor } from "./compress.js";
 export type { Decompressor } from "./compress.js";
 

@@ -1,4 +1,5 @@
 import { mask64 } from "@qimg/structs";
+import type { U64TableView } from "@qimg/structs";
 
 /**
  * L1 and L2 entry layouts (big-endian u64).
@@ -88,4 +89,290 @@ export function encodeCompressed(
   const x = layout.offsetBits;
   const hi = (0x4000_0000 | (sectors << (x - 32)) | Math.floor(hostOffset / 0x1_0000_0000)) >>> 0;
   return { hi, lo: hostOffset >>> 0 };
+}
+
+// ---------------------------------------------------------------------------------------------
+// Entry classification. Every function below works on an entry's two 32-bit words (`hi`, `lo`,
+// as `U64TableView.hi/lo` return them) and returns small integers, so a walk over millions of
+// entries allocates nothing per entry. The per-image facts the decoding depends on are gathered
+// once in an {@link L2Format}.
+
+const TWO_32 = 0x1_0000_0000;
+/** Bits 9..55 of an L1/L2 entry, high word (bits 32..55). */
+const OFFSET_HI = 0x00ff_ffff;
+/** Bits 9..55 of an L1/L2 entry, low word (bits 9..31). */
+const OFFSET_LO = 0xffff_fe00;
+const COPIED_HI = 0x8000_0000;
+const COMPRESSED_HI = 0x4000_0000;
+
+/**
+ * What a (standard) L2 entry says about its whole cluster, as QEMU's `QCow2ClusterType`.
+ * With extended L2 entries the zero flag is not used, so only `Unallocated`, `Normal` and
+ * `Compressed` occur; the subcluster bitmap says the rest ({@link subclusterType}).
+ */
+export const ClusterType = {
+  /** No host cluster: reads from the backing file (or zeros). */
+  Unallocated: 0,
+  /** Zero flag, no host cluster. */
+  ZeroPlain: 1,
+  /** Zero flag with a host cluster kept allocated (preallocated zeros). */
+  ZeroAlloc: 2,
+  /** A host data cluster. */
+  Normal: 3,
+  /** A compressed cluster descriptor. */
+  Compressed: 4,
+} as const;
+/** One of the {@link ClusterType} values. */
+export type ClusterType = (typeof ClusterType)[keyof typeof ClusterType];
+
+/** What one subcluster reads as, as QEMU's `QCow2SubclusterType` (standard entries: the cluster). */
+export const SubclusterType = {
+  /** The bitmap contradicts the entry (both allocated and zero, or allocated without a host). */
+  Invalid: 0,
+  /** No host cluster, not zero: reads from the backing file. */
+  UnallocatedPlain: 1,
+  /** The cluster has a host cluster but this subcluster is not allocated in it. */
+  UnallocatedAlloc: 2,
+  /** Reads as zeros, no host cluster. */
+  ZeroPlain: 3,
+  /** Reads as zeros, the host cluster stays allocated. */
+  ZeroAlloc: 4,
+  /** Data in the host cluster. */
+  Normal: 5,
+  /** Part of a compressed cluster. */
+  Compressed: 6,
+} as const;
+/** One of the {@link SubclusterType} values. */
+export type SubclusterType = (typeof SubclusterType)[keyof typeof SubclusterType];
+
+/** What is wrong with an entry's bits, independent of the rest of the image. */
+export const EntryProblem = {
+  /** Nothing. */
+  None: 0,
+  /** Bits the format reserves are set. */
+  ReservedBits: 1,
+  /** The host offset is not a multiple of the cluster size. */
+  Unaligned: 2,
+} as const;
+/** One of the {@link EntryProblem} values. */
+export type EntryProblem = (typeof EntryProblem)[keyof typeof EntryProblem];
+
+/** The per-image facts entry decoding depends on; build once with {@link l2Format}. */
+export interface L2Format {
+  /** log2 of the cluster size. */
+  readonly clusterBits: number;
+  /** The cluster size in bytes. */
+  readonly clusterSize: number;
+  /** Entries are 16 bytes (standard word + subcluster bitmap). */
+  readonly extendedL2: boolean;
+  /** u64 words per entry: 2 with extended L2 entries, else 1. */
+  readonly stride: 1 | 2;
+  /** Entries in one L2 table. */
+  readonly entriesPerTable: number;
+  /** Subclusters per cluster (32 with extended L2 entries, else 1). */
+  readonly subclusters: number;
+  /** Data clusters live in an external data file (offset 0 with COPIED is a real cluster). */
+  readonly hasDataFile: boolean;
+  /** Where compressed descriptors keep offset and length. */
+  readonly compressed: CompressedLayout;
+}
+
+/** Gather the per-image facts for entry decoding (once per image, not per entry). */
+export function l2Format(options: {
+  readonly clusterBits: number;
+  readonly extendedL2: boolean;
+  readonly hasDataFile: boolean;
+}): L2Format {
+  const clusterSize = 2 ** options.clusterBits;
+  const stride = options.extendedL2 ? 2 : 1;
+  return {
+    clusterBits: options.clusterBits,
+    clusterSize,
+    extendedL2: options.extendedL2,
+    stride,
+    entriesPerTable: clusterSize / (8 * stride),
+    subclusters: options.extendedL2 ? SUBCLUSTERS : 1,
+    hasDataFile: options.hasDataFile,
+    compressed: compressedLayout(options.clusterBits),
+  };
+}
+
+/** Bits 9..55 of an L1 or standard L2 entry: the table's or data cluster's host offset. */
+export function entryOffset(hi: number, lo: number): number {
+  return (hi & OFFSET_HI) * TWO_32 + ((lo & OFFSET_LO) >>> 0);
+}
+
+/** Bit 63 of an L1 or L2 entry: the referenced cluster's refcount is exactly 1. */
+export function entryCopied(hi: number): boolean {
+  return (hi & COPIED_HI) !== 0;
+}
+
+/** Bit 62 of an L2 entry: a compressed cluster descriptor. */
+export function entryCompressed(hi: number): boolean {
+  return (hi & COMPRESSED_HI) !== 0;
+}
+
+/** Bit 0 of a standard L2 entry: the zero flag (not used with extended L2 entries). */
+export function entryZeroFlag(lo: number): boolean {
+  return (lo & 1) !== 0;
+}
+
+/** The entry's words with COPIED cleared (the high word; the low word is unchanged). */
+export function withoutCopied(hi: number): number {
+  return (hi & ~COPIED_HI) >>> 0;
+}
+
+/** The entry's high word with COPIED set or cleared. */
+export function withCopied(hi: number, on: boolean): number {
+  return (on ? hi | COPIED_HI : hi & ~COPIED_HI) >>> 0;
+}
+
+/**
+ * Classify an L2 entry's cluster (QEMU's `qcow2_get_cluster_type`). Offset 0 is unallocated,
+ * except with an external data file, where every cluster has refcount 1 and COPIED marks an
+ * allocated cluster at data-file offset 0. A version 2 image has no zero flag: the caller
+ * decides what a `Zero*` result means there (the driver refuses it, the checker counts it).
+ */
+export function clusterType(fmt: L2Format, hi: number, lo: number): ClusterType {
+  if ((hi & COMPRESSED_HI) !== 0) return ClusterType.Compressed;
+  const hasOffset = (hi & OFFSET_HI) !== 0 || (lo & OFFSET_LO) !== 0;
+  if ((lo & 1) !== 0 && !fmt.extendedL2) {
+    return hasOffset ? ClusterType.ZeroAlloc : ClusterType.ZeroPlain;
+  }
+  if (!hasOffset) {
+    return fmt.hasDataFile && (hi & COPIED_HI) !== 0 ? ClusterType.Normal : ClusterType.Unallocated;
+  }
+  return ClusterType.Normal;
+}
+
+/**
+ * Whether an extended entry's bitmap contradicts its cluster type: a subcluster both
+ * allocated and zero in a normal cluster, or any subcluster allocated in an unallocated one.
+ * (Compressed clusters' bitmaps are the checker's business: QEMU reports them separately.)
+ */
+export function bitmapInvalid(type: ClusterType, bitmapHi: number, bitmapLo: number): boolean {
+  if (type === ClusterType.Normal) return (bitmapHi & bitmapLo) !== 0;
+  if (type === ClusterType.Unallocated) return bitmapLo !== 0;
+  return false;
+}
+
+/**
+ * Classify subcluster `sc` of an entry (QEMU's `qcow2_get_subcluster_type`). For standard
+ * entries `sc` must be 0 and the bitmap words are ignored; with extended L2 entries the
+ * bitmap's low word says which subclusters are allocated and its high word which read as zeros.
+ */
+export function subclusterType(
+  fmt: L2Format,
+  hi: number,
+  lo: number,
+  bitmapHi: number,
+  bitmapLo: number,
+  sc: number,
+): SubclusterType {
+  const type = clusterType(fmt, hi, lo);
+  if (!fmt.extendedL2) {
+    switch (type) {
+      case ClusterType.Compressed:
+        return SubclusterType.Compressed;
+      case ClusterType.ZeroPlain:
+        return SubclusterType.ZeroPlain;
+      case ClusterType.ZeroAlloc:
+        return SubclusterType.ZeroAlloc;
+      case ClusterType.Normal:
+        return SubclusterType.Normal;
+      default:
+        return SubclusterType.UnallocatedPlain;
+    }
+  }
+  if (type === ClusterType.Compressed) return SubclusterType.Compressed;
+  if (bitmapInvalid(type, bitmapHi, bitmapLo)) return SubclusterType.Invalid;
+  const zero = (bitmapHi >>> sc) & 1;
+  if (type === ClusterType.Normal) {
+    if (zero) return SubclusterType.ZeroAlloc;
+    return (bitmapLo >>> sc) & 1 ? SubclusterType.Normal : SubclusterType.UnallocatedAlloc;
+  }
+  return zero ? SubclusterType.ZeroPlain : SubclusterType.UnallocatedPlain;
+}
+
+/**
+ * What is wrong with a standard L2 entry's own bits: reserved bits (1..8 and 56..61; bit 0
+ * too with extended L2 entries, where the zero flag is not used) or a host offset that is not
+ * cluster aligned. Compressed descriptors have no reserved bits and byte offsets: `None`.
+ */
+export function l2EntryProblem(fmt: L2Format, hi: number, lo: number): EntryProblem {
+  if ((hi & COMPRESSED_HI) !== 0) return EntryProblem.None;
+  if ((hi & L2_RESERVED_MASK.hi) !== 0 || (lo & L2_RESERVED_MASK.lo) !== 0) {
+    return EntryProblem.ReservedBits;
+  }
+  if (fmt.extendedL2 && (lo & 1) !== 0) return EntryProblem.ReservedBits;
+  if (entryOffset(hi, lo) % fmt.clusterSize !== 0) return EntryProblem.Unaligned;
+  return EntryProblem.None;
+}
+
+/** Whether the L2 entry has reserved bits set (1..8 and 56..61), as QEMU's check tests it. */
+export function l2ReservedBits(hi: number, lo: number): boolean {
+  return (hi & L2_RESERVED_MASK.hi) !== 0 || (lo & L2_RESERVED_MASK.lo) !== 0;
+}
+
+/** The compressed descriptor's host byte offset (bits 0..x-1). */
+export function compressedOffset(fmt: L2Format, hi: number, lo: number): number {
+  return (hi & fmt.compressed.offsetMask.hi) * TWO_32 + (lo >>> 0);
+}
+
+/** The byte length a compressed descriptor names (to the end of its last sector). */
+export function compressedLength(fmt: L2Format, hi: number, lo: number): number {
+  const x = fmt.compressed.offsetBits;
+  const sectors = ((hi & 0x3fff_ffff) >>> (x - 32)) & fmt.compressed.sectorsMax;
+  return (sectors + 1) * 512 - (compressedOffset(fmt, hi, lo) % 512);
+}
+
+/** Word index of entry `j`'s standard u64 in an L2 table view (`j * stride`). */
+export function l2Word(fmt: L2Format, j: number): number {
+  return j * fmt.stride;
+}
+
+/** Classify entry `j` of an L2 table view (convenience over {@link clusterType}). */
+export function l2TypeAt(fmt: L2Format, table: U64TableView, j: number): ClusterType {
+  const k = j * fmt.stride;
+  return clusterType(fmt, table.hi(k), table.lo(k));
+}
+
+/** Classify subcluster `sc` of entry `j` of an L2 table view. */
+export function subclusterTypeAt(
+  fmt: L2Format,
+  table: U64TableView,
+  j: number,
+  sc: number,
+): SubclusterType {
+  const k = j * fmt.stride;
+  if (!fmt.extendedL2) return subclusterType(fmt, table.hi(k), table.lo(k), 0, 0, 0);
+  return subclusterType(fmt, table.hi(k), table.lo(k), table.hi(k + 1), table.lo(k + 1), sc);
+}
+
+/** The host offset (bits 9..55) of entry `j` of an L2 table view (0 for none). */
+export function l2OffsetAt(fmt: L2Format, table: U64TableView, j: number): number {
+  const k = j * fmt.stride;
+  return entryOffset(table.hi(k), table.lo(k));
+}
+
+// L1 entries -----------------------------------------------------------------------------------
+
+/** Whether an L1 entry has reserved bits set (1..8 and 56..62). */
+export function l1ReservedBits(hi: number, lo: number): boolean {
+  return (hi & L1_RESERVED_MASK.hi) !== 0 || (lo & L1_RESERVED_MASK.lo) !== 0;
+}
+
+/** The L2 table offset an L1 entry holds (bits 9..55; 0 for none). */
+export const l1Offset = entryOffset;
+
+// Refcount table entries ------------------------------------------------------------------------
+
+/** The refcount block offset a refcount table entry holds (bits 9..63; 0 for none). */
+export function reftableOffset(hi: number, lo: number): number {
+  return (hi >>> 0) * TWO_32 + ((lo & OFFSET_LO) >>> 0);
+}
+
+/** Whether a refcount table entry has any of its reserved bits 0..8 set. */
+export function reftableReservedBits(lo: number): boolean {
+  return (lo & 0x1ff) !== 0;
 }

@@ -4,7 +4,11 @@
  * other: data writes may touch no metadata at all, and a metadata write (an L2 table, a
  * refcount block, the L1 table, the header...) may touch only clusters of its own kind.
  */
+import { CorruptImageError, ErrorCode, IoError, hex } from "@qimg/structs";
 import type { BlockBackend, ReadOptions } from "@qimg/io";
+import { AutoclearFeatures, IncompatibleFeatures } from "./spec/header.js";
+import { L1_OFFSET_MASK } from "./spec/l2.js";
+import type { Qcow2State } from "./state.js";
 
 /** Kinds of metadata, as bits (a cluster may, in a corrupt image, belong to several). */
 export const Meta = {
@@ -134,4 +138,136 @@ export function guardedBackend(
     truncate: (size: number) => inner.truncate(size),
     close: () => inner.close(),
   };
+}
+
+// ------------------------------------------------------------ the checks of one open image
+
+/** Host clusters holding metadata, for the overlap checks before writes. */
+export function buildMetadataMap(s: Qcow2State): void {
+  const w = s.w;
+  if (!w) return;
+  const cs = s.clusterSize;
+  const m = w.metadata;
+  m.clear();
+  // Sizes come from the file: nothing past its end is recorded (a u32 entry count of a
+  // corrupt table must not make this loop over billions of clusters).
+  const limit = s.fileSize + cs;
+  const add = (offset: number, bytes: number, kind: number): void => {
+    if (offset < limit) m.add(offset, Math.min(bytes, limit - offset), kind);
+  };
+  add(0, cs, Meta.header);
+  if (s.hdr.l1Size > 0) add(s.hdr.l1TableOffset, s.hdr.l1Size * 8, Meta.activeL1);
+  add(s.hdr.refcountTableOffset, s.hdr.refcountTableClusters * cs, Meta.refcountTable);
+  for (let i = 0; i < w.refcounts.tableEntries; i++) {
+    const b = w.refcounts.blockOffset(i);
+    if (b !== 0) add(b, cs, Meta.refcountBlock);
+  }
+  if (s.hdr.nbSnapshots > 0) {
+    const last = s.snapshots[s.snapshots.length - 1];
+    if (last) {
+      const enc = new TextEncoder();
+      const lastBytes =
+        40 +
+        last.extraData.byteLength +
+        enc.encode(last.id).byteLength +
+        enc.encode(last.name).byteLength;
+      add(
+        s.hdr.snapshotsOffset,
+        last.offset + lastBytes - s.hdr.snapshotsOffset,
+        Meta.snapshotTable,
+      );
+    }
+    for (const snap of s.snapshots)
+      if (snap.l1Size > 0) add(snap.l1TableOffset, snap.l1Size * 8, Meta.inactiveL1);
+  }
+  for (const off of w.inactiveL2) add(off, cs, Meta.inactiveL2);
+  for (const off of w.retiredL2) add(off, cs, Meta.activeL2); // still active on disk
+  for (let i = 0; i < s.l1.length; i++) {
+    const off = s.l1.getMasked(i, L1_OFFSET_MASK);
+    if (off !== 0 && off % cs === 0) add(off, cs, Meta.activeL2);
+  }
+  const dir = s.bitmapDirectory;
+  if (dir && AutoclearFeatures.decode(s.hdr.autoclearFeatures).has("bitmaps")) {
+    if (dir.length > 0) add(dir.offset, dir.length, Meta.bitmapDirectory);
+    for (const b of s.bitmaps) {
+      if (b.bitmapTableSize > 0 && b.bitmapTableOffset !== 0)
+        add(b.bitmapTableOffset, b.bitmapTableSize * 8, Meta.bitmapTable);
+    }
+  }
+}
+
+/** Refresh the refcount blocks in the metadata map after allocations may have added some. */
+export function refreshRefcountBlocks(s: Qcow2State, upTo: number): void {
+  const w = s.w!;
+  const cs = s.clusterSize;
+  const last = Math.min(
+    w.refcounts.tableEntries,
+    Math.ceil((upTo / cs + 1) / w.refcounts.entriesPerBlock) + 1,
+  );
+  for (let i = 0; i < last; i++) {
+    const b = w.refcounts.blockOffset(i);
+    if (b !== 0 && (w.metadata.at(b / cs) & Meta.refcountBlock) === 0)
+      w.metadata.add(b, cs, Meta.refcountBlock);
+  }
+}
+
+/**
+ * Refuse (and mark the image corrupt) when [offset, +length) holds metadata other than the
+ * kinds in `ignore` (the structure being written may overwrite itself, nothing else).
+ */
+export async function checkOverlap(
+  s: Qcow2State,
+  offset: number,
+  length: number,
+  ignore = 0,
+): Promise<void> {
+  const hit = s.w!.metadata.find(offset, length, ignore);
+  if (hit) await markCorrupt(s, metaName(hit.kinds), hit.cluster * s.clusterSize);
+}
+
+/** Overlap check for guest data written at host `offset` (nothing to check in a data file). */
+export async function checkData(s: Qcow2State, offset: number, length: number): Promise<void> {
+  if (!s.hasDataFile) await checkOverlap(s, offset, length);
+}
+
+/** The check metadata caches run before writing a table of kind `own` (read-write only). */
+export async function checkMetaWrite(
+  s: Qcow2State,
+  offset: number,
+  length: number,
+  own: number,
+): Promise<void> {
+  const w = s.w;
+  if (!w) return;
+  if (w.corrupted) {
+    throw new IoError(`${s.backend.name}: the image was marked corrupt and is read-only`, {
+      code: ErrorCode.READ_ONLY,
+    });
+  }
+  await checkOverlap(s, offset, length, own);
+}
+
+export async function markCorrupt(s: Qcow2State, what: string, offset: number): Promise<never> {
+  const w = s.w!;
+  w.corrupted = true;
+  s.readOnly = true;
+  if (s.hdr.version === 3) {
+    // Only the incompatible-features field changes (no overlap check: the header is the
+    // header, and the corrupt bit must get out whatever else is wrong).
+    try {
+      const incompatibleFeatures =
+        s.hdr.incompatibleFeatures | IncompatibleFeatures.maskOf("corrupt");
+      const field = new Uint8Array(8);
+      new DataView(field.buffer).setBigUint64(0, incompatibleFeatures, false);
+      await s.backend.write(72, field);
+      await s.backend.flush();
+      s.hdr = { ...s.hdr, incompatibleFeatures };
+    } catch {
+      // The image is already refusing writes; the error below is what matters.
+    }
+  }
+  throw new CorruptImageError(
+    `Preventing invalid write on metadata (overlaps with ${what}) at ${hex(offset)}; image marked as corrupt`,
+    { offset },
+  );
 }

@@ -1,4 +1,40 @@
+import type { BackingOpener, BlockBackend } from "@qimg/io";
+
 export type { BackingOpener, BackingRequest } from "@qimg/io";
+
+/** How {@link openQcow2} opens an image: read-only or read-write, backing files, caching. */
+export interface Qcow2OpenOptions {
+  /** Open read-only (the default, and the only mode of this read driver). */
+  readonly readOnly?: boolean;
+  /** Opens the backing file; required when the image has one, unless `noBacking`. */
+  readonly openBacking?: BackingOpener;
+  /** Opens the external data file by name; required when the image has one, unless `noBacking`. */
+  readonly openDataFile?: (name: string, relativeTo: string) => Promise<BlockBackend>;
+  /** Override the recorded backing format. */
+  readonly backingFormat?: string;
+  /** Do not open the backing file or data file (enough for `info`). */
+  readonly noBacking?: boolean;
+  /** L2 table cache size in bytes. Default: enough for 32 MiB... 1 GiB of guest data, bounded to 32 MiB. */
+  readonly l2CacheBytes?: number;
+  /** Backing depth of this image (set by openers; 0 for the top image). */
+  readonly depth?: number;
+  /** Names of the images above this one (for cycle detection). */
+  readonly chain?: readonly string[];
+  /** Override the image's lazy-refcounts bit for this open (like `-drive lazy_refcounts=on`). */
+  readonly lazyRefcounts?: boolean;
+  /** Write metadata through at once instead of batching it until flush. Default false. */
+  readonly writethrough?: boolean;
+  /** Refcount block cache size in bytes. Default 4 clusters' worth of blocks, at least 256 KiB. */
+  readonly refcountCacheBytes?: number;
+  /** Compresses a cluster for `writeCompressed`; default deflate (zlib) via node:zlib. */
+  readonly compress?: Compressor;
+}
+
+/** Compresses one cluster; returns undefined when compression does not pay. */
+export type Compressor = (
+  data: Uint8Array,
+  compressionType: number,
+) => Promise<Uint8Array | undefined>;
 
 /** A snapshot as `qemu-img info` lists it. */
 export interface SnapshotInfo {

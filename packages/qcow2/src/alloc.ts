@@ -1,0 +1,109 @@
+/**
+ * Allocation of L2 tables and the bookkeeping of references (QEMU's qcow2-cluster.c
+ * l2_allocate / get_cluster_table, and the frees postponed until the new metadata is on disk).
+ */
+import { CorruptImageError, U64TableView, hex } from "@qimg/structs";
+import type { CachedTable } from "@qimg/cluster-cache";
+import {
+  L1_OFFSET_MASK,
+  L2_OFFSET_MASK,
+  OFLAG_COMPRESSED,
+  OFLAG_COPIED,
+  OFLAG_ZERO,
+  decodeCompressed,
+} from "./spec/l2.js";
+import { Meta, checkOverlap, refreshRefcountBlocks } from "./overlap.js";
+import type { Qcow2State } from "./state.js";
+
+const TWO_32 = 0x1_0000_0000;
+
+export function setL1(s: Qcow2State, index: number, l2Offset: number): void {
+  const w = s.w!;
+  s.l1.set(index, l2Offset);
+  s.l1.setFlag(index, OFLAG_COPIED, true);
+  w.l1DirtyLo = Math.min(w.l1DirtyLo, index);
+  w.l1DirtyHi = Math.max(w.l1DirtyHi, index + 1);
+}
+
+/** Under the metadata lock: the L2 table for `l1Index`, allocated or copied when needed; pinned. */
+export async function l2ForWrite(s: Qcow2State, l1Index: number): Promise<CachedTable> {
+  const w = s.w!;
+  const cs = s.clusterSize;
+  if (l1Index >= s.l1.length) {
+    throw new CorruptImageError(
+      `guest offset needs L1 entry ${l1Index}, but the L1 table has ${s.l1.length}`,
+    );
+  }
+  const off = s.l1.getMasked(l1Index, L1_OFFSET_MASK);
+  const copied = s.l1.test(l1Index, OFLAG_COPIED);
+  if (off !== 0 && copied) {
+    if (off % cs !== 0 || off + cs > s.fileSize) {
+      throw new CorruptImageError(
+        `L2 table offset ${hex(off)} in L1 entry ${l1Index} is not a cluster inside the file`,
+        { offset: s.hdr.l1TableOffset + l1Index * 8 },
+      );
+    }
+    await checkOverlap(s, off, cs, Meta.activeL2);
+    return s.l2Cache.get(off);
+  }
+  if (off !== 0 && (off % cs !== 0 || off + cs > s.fileSize)) {
+    throw new CorruptImageError(
+      `L2 table offset ${hex(off)} in L1 entry ${l1Index} is not a cluster inside the file`,
+      { offset: s.hdr.l1TableOffset + l1Index * 8 },
+    );
+  }
+  // New table, or a copy of a table shared with a snapshot.
+  const newOff = await w.refcounts.allocate(1);
+  refreshRefcountBlocks(s, newOff);
+  await checkOverlap(s, newOff, cs);
+  // A new L2 table's refcount is on disk before the table is used, lazy refcounts or not
+  // (QEMU's l2_allocate flushes the refcount cache here too); without lazy refcounts the
+  // cache dependency already orders it.
+  if (w.lazy) await w.refcountCache.flush();
+  const table = await s.l2Cache.getEmpty(newOff);
+  if (off !== 0) {
+    const old = await s.l2Cache.get(off);
+    table.bytes.set(old.bytes);
+    s.l2Cache.release(old);
+    w.pendingFrees.push([off, 1]);
+  }
+  s.fileSize = Math.max(s.fileSize, newOff + cs);
+  await s.l2Cache.markDirty(table);
+  w.metadata.add(newOff, cs, Meta.activeL2);
+  // The old table stays protected as an active one until the L1 table on disk no longer
+  // points at it (then a snapshot may still use it: an inactive L2 table).
+  if (off !== 0) w.retiredL2.push(off);
+  setL1(s, l1Index, newOff);
+  return table;
+}
+
+/** Queue the reference held by L2 entry word `i` for freeing once the change is durable. */
+export function queueFree(s: Qcow2State, l2: U64TableView, i: number): void {
+  const w = s.w!;
+  const hi = l2.hi(i);
+  const lo = l2.lo(i);
+  if ((hi & OFLAG_COMPRESSED.hi) !== 0) {
+    const d = decodeCompressed(hi, lo, s.layout);
+    const cs = s.clusterSize;
+    const first = Math.floor(d.hostOffset / cs);
+    const last = Math.floor((d.hostOffset + d.length - 1) / cs);
+    w.pendingFrees.push([first * cs, last - first + 1]);
+    return;
+  }
+  if (s.hasDataFile) return; // data clusters are not refcounted
+  const off = ((hi & L2_OFFSET_MASK.hi) >>> 0) * TWO_32 + ((lo & L2_OFFSET_MASK.lo) >>> 0);
+  if (off !== 0) w.pendingFrees.push([off, 1]);
+}
+
+/** True when standard L2 entry word `i` can take a write in place. */
+export function inPlace(s: Qcow2State, l2: U64TableView, i: number): boolean {
+  const hi = l2.hi(i);
+  const lo = l2.lo(i);
+  if ((hi & OFLAG_COMPRESSED.hi) !== 0 || (lo & OFLAG_ZERO.lo) !== 0) return false;
+  if ((hi & OFLAG_COPIED.hi) === 0) return false;
+  return s.hasDataFile || ((hi & L2_OFFSET_MASK.hi) | (lo & L2_OFFSET_MASK.lo)) !== 0;
+}
+
+export function hostOf(s: Qcow2State, l2: U64TableView, i: number): number {
+  return l2.getMasked(i, L2_OFFSET_MASK);
+}

@@ -1,0 +1,156 @@
+/**
+ * The write side of a read-write open: refcounts and their cache, the repair of a dirty image,
+ * autoclear bits, persistent bitmaps, and the metadata map the overlap checks use.
+ */
+import { InvalidArgumentError, U64TableView } from "@qimg/structs";
+import { ClusterCache } from "@qimg/cluster-cache";
+import { Refcounts } from "@qimg/refcount";
+import { AutoclearFeatures, CompatibleFeatures, IncompatibleFeatures } from "./spec/header.js";
+import { L1_OFFSET_MASK } from "./spec/l2.js";
+import { defaultCompress } from "./compress.js";
+import {
+  Meta,
+  MetadataMap,
+  buildMetadataMap,
+  checkOverlap,
+  refreshRefcountBlocks,
+} from "./overlap.js";
+import { PersistentBitmaps } from "./bitmap.js";
+import { guarded, newWriteState } from "./state.js";
+import type { Qcow2State } from "./state.js";
+import { rewriteHeader } from "./header-write.js";
+import { rebuildRefcountStructures } from "./dirty.js";
+import type { Qcow2OpenOptions } from "./types.js";
+
+/** Set up the write side: refcounts, caches, repair of a dirty image, autoclear bits. */
+export async function initWrite(s: Qcow2State, options: Qcow2OpenOptions): Promise<void> {
+  const cs = s.clusterSize;
+  const compat = CompatibleFeatures.decode(s.hdr.compatibleFeatures);
+  const lazy = options.lazyRefcounts ?? compat.has("lazyRefcounts");
+  if (lazy && s.hdr.version === 2) {
+    throw new InvalidArgumentError(
+      "Lazy refcounts require a qcow2 image with at least qemu 1.1 compatibility level",
+    );
+  }
+  // Persistent bitmaps are checked before anything is written: a refused open changes nothing.
+  await loadBitmaps(s);
+  s.readOnly = false;
+  // Autoclear features we do not maintain (unknown ones) are cleared before anything is
+  // written; persistent bitmaps are maintained (bitmap.ts), so their bit stays.
+  const keep = AutoclearFeatures.maskOf("rawExternalData") | AutoclearFeatures.maskOf("bitmaps");
+  if ((s.hdr.autoclearFeatures & ~keep) !== 0n) {
+    await rewriteHeader(s, { autoclearFeatures: s.hdr.autoclearFeatures & keep });
+  }
+  // A dirty image (lazy refcounts, not closed cleanly) has stale refcounts: rebuild them
+  // from the references, as QEMU does when it opens such an image read-write.
+  if (IncompatibleFeatures.decode(s.hdr.incompatibleFeatures).has("dirty")) {
+    await rebuildRefcountStructures(s);
+    await rewriteHeader(s, {
+      incompatibleFeatures: s.hdr.incompatibleFeatures & ~IncompatibleFeatures.maskOf("dirty"),
+    });
+  }
+  const refcountCache = new ClusterCache({
+    backend: guarded(s, Meta.refcountBlock),
+    tableSize: cs,
+    capacity: Math.max(
+      4,
+      Math.floor((options.refcountCacheBytes ?? Math.max(256 * 1024, 4 * cs)) / cs),
+    ),
+    name: "refcount",
+    // Lazy refcounts stay cached even under writethrough (see flushLocked).
+    writethrough: (options.writethrough ?? false) && !lazy,
+  });
+  const refcounts = await Refcounts.open({
+    // Table entries are written in place; a grown table and its blocks go to free clusters.
+    backend: guarded(s, Meta.refcountTable),
+    cache: refcountCache,
+    clusterBits: s.clusterBits,
+    refcountOrder: s.hdr.refcountOrder,
+    tableOffset: s.hdr.refcountTableOffset,
+    tableClusters: s.hdr.refcountTableClusters,
+    onTableMoved: async (tableOffset, tableClusters) => {
+      await rewriteHeader(s, {
+        refcountTableOffset: tableOffset,
+        refcountTableClusters: tableClusters,
+      });
+      if (s.w) buildMetadataMap(s);
+    },
+  });
+  // Refcount blocks reach the disk before the L2 entries that use them (unless lazy).
+  if (!lazy) s.l2Cache.dependOn(refcountCache);
+  s.l2Cache.writethrough = options.writethrough ?? false;
+  s.w = newWriteState({
+    refcounts,
+    refcountCache,
+    lazy,
+    compress: options.compress ?? defaultCompress,
+    metadata: new MetadataMap(cs),
+    inactiveL2: await snapshotL2Tables(s),
+    writethrough: options.writethrough ?? false,
+  });
+  buildMetadataMap(s);
+  // Bitmaps are marked in use on disk before any guest write.
+  await s.pbm?.markInUse();
+}
+
+/** Load and check the persistent bitmaps (nothing is written yet). */
+export async function loadBitmaps(s: Qcow2State): Promise<void> {
+  const cs = s.clusterSize;
+  const bit = AutoclearFeatures.maskOf("bitmaps");
+  if (!s.bitmapDirectory || s.bitmaps.length === 0) return;
+  if ((s.hdr.autoclearFeatures & bit) === 0n) return;
+  s.pbm = await PersistentBitmaps.load(
+    {
+      backend: s.backend,
+      clusterSize: cs,
+      allocate: async (n) => {
+        const h = await s.w!.refcounts.allocate(n);
+        refreshRefcountBlocks(s, h + n * cs);
+        s.fileSize = Math.max(s.fileSize, h + n * cs);
+        return h;
+      },
+      free: (offset, n) => s.w!.refcounts.free(offset, n),
+      sync: async () => {
+        await s.w!.refcountCache.flush();
+        await s.backend.flush();
+      },
+      setAutoclear: (on) =>
+        rewriteHeader(s, {
+          autoclearFeatures: on ? s.hdr.autoclearFeatures | bit : s.hdr.autoclearFeatures & ~bit,
+        }),
+      checkDirectoryWrite: (offset, length) =>
+        checkOverlap(s, offset, length, Meta.bitmapDirectory),
+    },
+    s.bitmapDirectory,
+    s.bitmaps,
+    s.size,
+  );
+}
+
+/**
+ * Offsets of the L2 tables the snapshots' L1 tables point at, each once. Each distinct L1
+ * table is read once, and at most 256 MiB of them in all (a hostile snapshot table could name
+ * the same large table a million times); past that budget snapshots' L2 tables go unchecked,
+ * as QEMU never checks them by default.
+ */
+export async function snapshotL2Tables(s: Qcow2State): Promise<number[]> {
+  const cs = s.clusterSize;
+  const out = new Set<number>();
+  const seen = new Set<string>();
+  let budget = 256 * 1024 * 1024;
+  for (const snap of s.snapshots) {
+    const bytes = snap.l1Size * 8;
+    const key = `${snap.l1TableOffset}:${bytes}`;
+    if (bytes === 0 || seen.has(key) || bytes > budget) continue;
+    if (snap.l1TableOffset % cs !== 0 || snap.l1TableOffset + bytes > s.fileSize) continue;
+    seen.add(key);
+    budget -= bytes;
+    const l1 = new U64TableView(new Uint8Array(bytes), "big");
+    await s.backend.read(snap.l1TableOffset, l1.bytes);
+    for (let i = 0; i < l1.length; i++) {
+      const off = l1.getMasked(i, L1_OFFSET_MASK);
+      if (off !== 0 && off % cs === 0 && off < s.fileSize) out.add(off);
+    }
+  }
+  return [...out];
+}

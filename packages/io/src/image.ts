@@ -51,19 +51,46 @@ export interface DiskImage {
   close(): Promise<void>;
 }
 
-/** Write side of a disk image (not every image is writable). */
+/** Options of {@link WritableDiskImage.writeZeroes}. */
+export interface WriteZeroesOptions {
+  /**
+   * Let the format release the clusters instead of writing zeros (qemu-io's `write -z -u`,
+   * qemu-img's `BDRV_REQ_MAY_UNMAP`). Default false: the range stays allocated where it was.
+   */
+  readonly mayUnmap?: boolean | undefined;
+}
+
+/**
+ * The one contract every format driver implements (raw, qcow2, QED), whether it was opened
+ * read-write or not: an image opened read-only refuses every write with an `IoError` of code
+ * `READ_ONLY`; any call after `close()` fails with an `IoError` of code `CLOSED`; a request
+ * outside `[0, virtualSize]` fails with an `InvalidArgumentError` (see {@link checkRequest}).
+ *
+ * Every driver opens read-only unless asked for `readOnly: false`.
+ */
 export interface WritableDiskImage extends DiskImage {
+  /**
+   * Allocation unit in bytes: the cluster size (qcow2, QED), 512 for raw. Writes aligned to
+   * it never need copy-on-write.
+   */
+  readonly clusterSize: number;
   /** Write `data` at guest offset `offset` (inside `virtualSize`). */
   write(offset: number, data: Uint8Array): Promise<void>;
   /**
    * Make `length` guest bytes at `offset` read as zeros; `mayUnmap` lets the format release
    * the clusters instead of writing zeros.
    */
-  writeZeroes(offset: number, length: number, options?: { mayUnmap?: boolean }): Promise<void>;
+  writeZeroes(offset: number, length: number, options?: WriteZeroesOptions): Promise<void>;
   /** Tell the format the range's contents are no longer needed (they may read as zeros or old data). */
   discard(offset: number, length: number): Promise<void>;
   /** Make every completed write durable (metadata in the format's safe order, then a sync). */
   flush(): Promise<void>;
+  /**
+   * Write one whole cluster compressed (the last cluster of the disk may be shorter). Only
+   * formats that store compressed clusters have it (qcow2); a request that is not exactly one
+   * cluster fails with an `InvalidArgumentError`.
+   */
+  writeCompressed?(offset: number, data: Uint8Array): Promise<void>;
 }
 
 /**

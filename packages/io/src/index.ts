@@ -20,9 +20,20 @@ export type {
   BlockStatus,
   DiskImage,
   WritableDiskImage,
+  WriteZeroesOptions,
 } from "./image.js";
+export {
+  checkRequest,
+  imageClosedError,
+  imageReadOnlyError,
+  backingNotOpenedError,
+  noBackingOpenerError,
+} from "./request.js";
 export { RawImage } from "./raw.js";
 export { seededRandom } from "./random.js";
 export { alignedBuffer, alignedBuffers, MAX_ALIGNED_BUFFER, WASM_PAGE } from "./aligned.js";
 export { RangeClaims } from "./claims.js";
 export type { RangeClaim } from "./claims.js";
+export { Mutex } from "./mutex.js";
+export { ExtentIterator, MAX_STATUS_PROBE, StatusCursor } from "./extents.js";
+export type { ExtentIteratorOptions, StatusSource } from "./extents.js";

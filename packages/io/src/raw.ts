@@ -1,14 +1,19 @@
-import { InvalidArgumentError } from "@qimg/structs";
 import type { BlockBackend } from "./backend.js";
-import type { BlockStatus, DiskImage } from "./image.js";
+import type { BlockStatus, WritableDiskImage, WriteZeroesOptions } from "./image.js";
+import { checkRequest, imageClosedError, imageReadOnlyError } from "./request.js";
 
 /**
  * A raw image: guest bytes are file bytes. Reading past the end of the file (a raw backing
- * file shorter than its overlay's view of it) reads zeros.
+ * file shorter than its overlay's view of it) reads zeros. Zero writes and discards write
+ * zero bytes (a raw file has no metadata to record them in).
  */
-export class RawImage implements DiskImage {
+export class RawImage implements WritableDiskImage {
   readonly format = "raw";
   readonly backing = undefined;
+  /** Raw files have no clusters: the allocation unit is a 512-byte sector. */
+  readonly clusterSize = SECTOR;
+  readonly readOnly: boolean;
+  #closed = false;
   private scratch: Uint8Array | undefined;
   /** True while a blockStatus call scans through `scratch` (calls may overlap). */
   private scratchBusy = false;
@@ -16,36 +21,64 @@ export class RawImage implements DiskImage {
   private constructor(
     readonly backend: BlockBackend,
     readonly virtualSize: number,
-  ) {}
-
-  /** True when the backend is read-only. */
-  get readOnly(): boolean {
-    return this.backend.readOnly;
+    readOnly: boolean,
+  ) {
+    this.readOnly = readOnly;
   }
 
   /**
+   * Open `backend` as a raw image, read-only unless `options.readOnly` is false (as every
+   * driver). A read-write open of a read-only backend is refused.
+   *
    * The virtual size is the file size rounded up to a whole 512-byte sector, as QEMU's block
    * layer sees a raw file (`qemu-img info` of a 1000-byte file says 1024 bytes); the partial
    * sector's missing tail reads as zeros.
    */
-  static async open(backend: BlockBackend): Promise<RawImage> {
+  static async open(
+    backend: BlockBackend,
+    options: { readonly readOnly?: boolean | undefined } = {},
+  ): Promise<RawImage> {
+    const readOnly = options.readOnly !== false;
+    if (!readOnly && backend.readOnly) {
+      throw imageReadOnlyError(backend.name, "cannot open read/write: the file is read-only");
+    }
     const size = await backend.size();
-    return new RawImage(backend, Math.ceil(size / SECTOR) * SECTOR);
+    return new RawImage(backend, Math.ceil(size / SECTOR) * SECTOR, readOnly);
   }
 
   async read(offset: number, buf: Uint8Array): Promise<void> {
-    checkRange(offset, buf.length, this.virtualSize);
+    this.#checkOpen();
+    checkRequest(offset, buf.length, this.virtualSize, "image");
     await this.backend.read(offset, buf, { zeroPastEof: true });
   }
 
   /** Write guest bytes: a raw image's guest bytes are the file's bytes. */
   async write(offset: number, data: Uint8Array): Promise<void> {
-    checkRange(offset, data.length, this.virtualSize);
+    this.#checkWritable();
+    checkRequest(offset, data.length, this.virtualSize, "image");
     await this.backend.write(offset, data);
+  }
+
+  /** Write zero bytes (`mayUnmap` changes nothing: the file keeps its blocks). */
+  async writeZeroes(offset: number, length: number, _options?: WriteZeroesOptions): Promise<void> {
+    this.#checkWritable();
+    checkRequest(offset, length, this.virtualSize, "image");
+    if (length === 0) return;
+    const zero = new Uint8Array(Math.min(ZERO_CHUNK, length));
+    for (let pos = offset; pos < offset + length; pos += zero.length) {
+      const n = Math.min(zero.length, offset + length - pos);
+      await this.backend.write(pos, n === zero.length ? zero : zero.subarray(0, n));
+    }
+  }
+
+  /** Discarded bytes of a raw image read as zeros: they are written as zeros. */
+  async discard(offset: number, length: number): Promise<void> {
+    await this.writeZeroes(offset, length);
   }
 
   /** Sync the backend. */
   async flush(): Promise<void> {
+    this.#checkOpen();
     await this.backend.flush();
   }
 
@@ -54,7 +87,8 @@ export class RawImage implements DiskImage {
    * that read as zeros are reported as zero (and not data), the rest as data.
    */
   async blockStatus(offset: number, length: number): Promise<BlockStatus> {
-    checkRange(offset, length, this.virtualSize);
+    this.#checkOpen();
+    checkRequest(offset, length, this.virtualSize, "image");
     // One scan buffer, reused; a call that overlaps another in flight gets its own (sharing it
     // let one call classify the bytes another had read into it).
     const own = !this.scratchBusy;
@@ -98,26 +132,28 @@ export class RawImage implements DiskImage {
   }
 
   async close(): Promise<void> {
+    if (this.#closed) return;
+    this.#closed = true;
     await this.backend.close();
+  }
+
+  #checkOpen(): void {
+    if (this.#closed) throw imageClosedError(this.backend.name);
+  }
+
+  #checkWritable(): void {
+    this.#checkOpen();
+    if (this.readOnly) throw imageReadOnlyError(this.backend.name);
   }
 }
 
 const SECTOR = 512;
 const SCAN_BLOCK = 4096;
 const SCAN_CHUNK = 1024 * 1024;
+/** Zero writes go out in chunks of at most this many bytes. */
+const ZERO_CHUNK = 1024 * 1024;
 
 function isZero(b: Uint8Array, from: number, to: number): boolean {
   for (let i = from; i < to; i++) if (b[i] !== 0) return false;
   return true;
-}
-
-function checkRange(offset: number, length: number, size: number): void {
-  if (!Number.isSafeInteger(offset) || !Number.isSafeInteger(length) || offset < 0 || length < 0) {
-    throw new InvalidArgumentError(`invalid request: offset ${offset}, length ${length}`);
-  }
-  if (offset + length > size) {
-    throw new InvalidArgumentError(
-      `request [${offset}, +${length}) is past the end of the ${size}-byte image`,
-    );
-  }
 }

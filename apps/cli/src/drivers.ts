@@ -46,8 +46,8 @@ export interface Qcow2WriteOptions {
   readonly compress?: Compressor | undefined;
 }
 
-export function openRaw(backend: BlockBackend): Promise<DiskImage> {
-  return RawImage.open(backend);
+export function openRaw(backend: BlockBackend, readOnly: boolean): Promise<DiskImage> {
+  return RawImage.open(backend, { readOnly });
 }
 
 export function openQcow2Image(

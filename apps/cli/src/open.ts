@@ -137,7 +137,7 @@ async function openOnBackend(
       case "qed":
         return await openQedImage(backend, driverOptions);
       default:
-        return await openRaw(backend);
+        return await openRaw(backend, readOnly);
     }
   } catch (e) {
     await backend.close().catch(() => undefined);

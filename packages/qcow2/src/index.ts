@@ -98,6 +98,20 @@ export { probeQcow2 } from "./probe.js";
 export { createQcow2, normalizeCreateOptions } from "./create.js";
 export type { Qcow2CreateOptions, Preallocation } from "./create.js";
 export { encodeHeaderArea } from "./spec/header-area.js";
+export {
+  HEADER_FILLER_EXTENSION,
+  planHeaderFieldWrite,
+  rewriteHeaderArea,
+  writeHeaderFields,
+} from "./header-update.js";
+export type {
+  HeaderArea,
+  HeaderFieldChanges,
+  HeaderFieldWrite,
+  HeaderWriteOptions,
+} from "./header-update.js";
+export { UPDATABLE_HEADER_FIELDS, headerFieldSpan } from "./spec/header.js";
+export type { UpdatableHeaderField } from "./spec/header.js";
 export { walkReferences } from "./walk.js";
 export type { Reference, ReferenceKind, WalkProblem, WalkInput, WalkVisitor } from "./walk.js";
 export type { Compressor } from "./image.js";

@@ -1,8 +1,17 @@
 import fs from "node:fs";
 import { describe, expect, it } from "vitest";
-import { tilingProblems, UnsupportedFeatureError } from "@qimg/structs";
+import { fieldWidth, tilingProblems, UnsupportedFeatureError } from "@qimg/structs";
 import { fixturePath, getFixture, listFixtures } from "@qimg/fixtures";
-import { HeaderV2, HeaderV3, decodeHeader, encodeHeader, validateHeader } from "./header.js";
+import {
+  HEADER_V3_FIELDS,
+  HeaderV2,
+  HeaderV3,
+  UPDATABLE_HEADER_FIELDS,
+  decodeHeader,
+  encodeHeader,
+  headerFieldSpan,
+  validateHeader,
+} from "./header.js";
 import {
   decodeExtensions,
   encodeExtensions,
@@ -82,5 +91,20 @@ describe("qcow2 header structures", () => {
     const h = { ...decodeHeader(bytes), incompatibleFeatures: 0xe000_0000_0000_0000n };
     expect(() => validateHeader(h)).toThrow(UnsupportedFeatureError);
     expect(() => validateHeader(h)).toThrow("Unknown incompatible feature: e000000000000000");
+  });
+});
+
+describe("UPDATABLE_HEADER_FIELDS", () => {
+  it("names each field's offset and width as the v3 field table does", () => {
+    for (const [name, f] of Object.entries(UPDATABLE_HEADER_FIELDS)) {
+      const spec = HEADER_V3_FIELDS[name as keyof typeof HEADER_V3_FIELDS];
+      expect(f.offset, name).toBe(spec.offset);
+      expect(f.width, name).toBe(fieldWidth(spec));
+    }
+    expect(headerFieldSpan(["incompatibleFeatures"])).toEqual({ offset: 72, length: 8 });
+    expect(headerFieldSpan(["refcountTableOffset", "refcountTableClusters"])).toEqual({
+      offset: 48,
+      length: 12,
+    });
   });
 });

@@ -422,3 +422,54 @@ export function validateHeader(
     );
   }
 }
+
+/**
+ * Header fields that change on their own after creation. Each is written alone, as QEMU does:
+ * only the bytes of the fields that change, never the rest of the header area.
+ */
+export type UpdatableHeaderField =
+  | "size"
+  | "l1Size"
+  | "l1TableOffset"
+  | "refcountTableOffset"
+  | "refcountTableClusters"
+  | "nbSnapshots"
+  | "snapshotsOffset"
+  | "incompatibleFeatures"
+  | "compatibleFeatures"
+  | "autoclearFeatures";
+
+/** Byte offset and width of each {@link UpdatableHeaderField} (all inside the first 96 bytes). */
+export const UPDATABLE_HEADER_FIELDS: Readonly<
+  Record<UpdatableHeaderField, { readonly offset: number; readonly width: number }>
+> = {
+  size: { offset: HEADER_V3_FIELDS.size.offset, width: 8 },
+  l1Size: { offset: HEADER_V3_FIELDS.l1Size.offset, width: 4 },
+  l1TableOffset: { offset: HEADER_V3_FIELDS.l1TableOffset.offset, width: 8 },
+  refcountTableOffset: { offset: HEADER_V3_FIELDS.refcountTableOffset.offset, width: 8 },
+  refcountTableClusters: { offset: HEADER_V3_FIELDS.refcountTableClusters.offset, width: 4 },
+  nbSnapshots: { offset: HEADER_V3_FIELDS.nbSnapshots.offset, width: 4 },
+  snapshotsOffset: { offset: HEADER_V3_FIELDS.snapshotsOffset.offset, width: 8 },
+  incompatibleFeatures: { offset: HEADER_V3_FIELDS.incompatibleFeatures.offset, width: 8 },
+  compatibleFeatures: { offset: HEADER_V3_FIELDS.compatibleFeatures.offset, width: 8 },
+  autoclearFeatures: { offset: HEADER_V3_FIELDS.autoclearFeatures.offset, width: 8 },
+};
+
+/**
+ * The one contiguous byte run that holds `fields`: from the first field's start to the last
+ * field's end (fields in between are rewritten with their current value). The dirty bit alone
+ * is 8 bytes at 72; a refcount table switch (offset and clusters) is 12 bytes at 48.
+ */
+export function headerFieldSpan(fields: Iterable<UpdatableHeaderField>): {
+  readonly offset: number;
+  readonly length: number;
+} {
+  let lo = Number.MAX_SAFE_INTEGER;
+  let hi = 0;
+  for (const f of fields) {
+    const spec = UPDATABLE_HEADER_FIELDS[f];
+    lo = Math.min(lo, spec.offset);
+    hi = Math.max(hi, spec.offset + spec.width);
+  }
+  return hi === 0 ? { offset: 0, length: 0 } : { offset: lo, length: hi - lo };
+}

@@ -30,7 +30,11 @@ async function crashRun(seed: number, withBacking: boolean): Promise<void> {
     : undefined;
   const fault = await FaultBackend.wrap(m);
   const timer = new FakeTimer();
-  const img: QedImage = await openQed(fault, { timer, ...(openBacking ? { openBacking } : {}) });
+  const img: QedImage = await openQed(fault, {
+    readOnly: false,
+    timer,
+    ...(openBacking ? { openBacking } : {}),
+  });
   const model = withBacking ? base.slice() : new Uint8Array(SIZE);
   let durable = model.slice();
   const dirty = new Uint8Array(SIZE);
@@ -72,7 +76,10 @@ async function crashRun(seed: number, withBacking: boolean): Promise<void> {
   }
   if (survivor === undefined) survivor = fault.powerLoss({ tearLastWrite: true, seed });
 
-  const reopened = await openQed(survivor, openBacking ? { openBacking } : {});
+  const reopened = await openQed(survivor, {
+    readOnly: false,
+    ...(openBacking ? { openBacking } : {}),
+  });
   expect(reopened.needCheck, `seed ${seed}`).toBe(false);
   const got = new Uint8Array(SIZE);
   await reopened.read(0, got);

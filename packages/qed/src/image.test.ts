@@ -15,7 +15,7 @@ const M = 1024 * 1024;
 async function fresh(size = 4 * M, opts: { clusterSize?: number; tableSize?: number } = {}) {
   const m = new MemoryBackend();
   await createQed(m, { size, ...opts });
-  return { m, img: await openQed(m) };
+  return { m, img: await openQed(m, { readOnly: false }) };
 }
 
 async function readAll(
@@ -133,7 +133,7 @@ describe("openQed", () => {
     const ro = await openQed(m, { readOnly: true });
     expect(ro.info().autoclearFeatures).toBe(3n);
     expect(decodeQedHeader(m.snapshot()).autoclearFeatures).toBe(3n);
-    const rw = await openQed(m);
+    const rw = await openQed(m, { readOnly: false });
     expect(rw.info().autoclearFeatures).toBe(0n);
     const after = decodeQedHeader(m.snapshot());
     expect(after.autoclearFeatures).toBe(0n);
@@ -147,7 +147,7 @@ describe("openQed", () => {
     await expect(ro.write(0, new Uint8Array(512))).rejects.toMatchObject({
       code: ErrorCode.READ_ONLY,
     });
-    const rw = await openQed(MemoryBackend.from(m.snapshot()));
+    const rw = await openQed(MemoryBackend.from(m.snapshot()), { readOnly: false });
     await rw.close();
     await expect(rw.read(0, new Uint8Array(1))).rejects.toMatchObject({ code: ErrorCode.CLOSED });
   });
@@ -304,7 +304,7 @@ describe("QedImage read/write", () => {
         tableSize: rand() < 0.5 ? 1 : 4,
       });
       let backend = m;
-      let img = await openQed(backend);
+      let img = await openQed(backend, { readOnly: false });
       const model = new Uint8Array(size);
       const steps = LONG ? 400 : 60;
       for (let i = 0; i < steps; i++) {
@@ -326,7 +326,7 @@ describe("QedImage read/write", () => {
           } else {
             await img.close();
             backend = MemoryBackend.from(backend.snapshot());
-            img = await openQed(backend);
+            img = await openQed(backend, { readOnly: false });
           }
         } catch (e) {
           throw new Error(`seed ${s} step ${i}: ${(e as Error).message}`, { cause: e });
@@ -343,7 +343,7 @@ describe("QedImage over a backing file", () => {
     const base = new Uint8Array(baseSize).map((_, i) => (i >> 9) & 0xff);
     const m = new MemoryBackend({ name: "top.qed" });
     await createQed(m, { size: topSize, backingFile: "base.raw", backingFormat: "raw" });
-    const img = await openQed(m, { openBacking: rawBacking(base).opener });
+    const img = await openQed(m, { readOnly: false, openBacking: rawBacking(base).opener });
     return { m, img, base };
   }
 
@@ -436,7 +436,7 @@ describe("corruption handling", () => {
     expect(r.problems[0]?.message).toMatch(/entry 1 points to a data cluster at 0x6400000/);
     // Mark need-check: a read-write open repairs.
     await m.write(0, encodeQedHeader({ ...h, features: 2n }));
-    const rw = await openQed(m);
+    const rw = await openQed(m, { readOnly: false });
     expect(rw.needCheck).toBe(false);
     expect(await readAll(rw, 64 * K, 10)).toEqual(new Uint8Array(10));
     expect(await readAll(rw, 0, 10)).toEqual(pattern(10, 1));

@@ -12,14 +12,26 @@
  * to allocated clusters go straight to the file and never wait.
  */
 import { ClusterCache } from "@qimg/cluster-cache";
-import { RangeClaims } from "@qimg/io";
-import type { BlockBackend, BlockStatus, DiskImage, WritableDiskImage } from "@qimg/io";
+import {
+  Mutex,
+  RangeClaims,
+  backingNotOpenedError,
+  checkRequest,
+  imageClosedError,
+  imageReadOnlyError,
+  noBackingOpenerError,
+} from "@qimg/io";
+import type {
+  BlockBackend,
+  BlockStatus,
+  DiskImage,
+  WritableDiskImage,
+  WriteZeroesOptions,
+} from "@qimg/io";
 import {
   CorruptImageError,
-  ErrorCode,
   FormatError,
   InvalidArgumentError,
-  IoError,
   UnsupportedFeatureError,
   hex,
 } from "@qimg/structs";
@@ -121,6 +133,8 @@ export class QedImage implements WritableDiskImage {
   readonly #views = new WeakMap<Uint8Array, QedTable>();
   readonly #backingFilename: string | undefined;
   readonly #backingFormat: string | undefined;
+  /** Opened with `noBacking`: the image reads as if it had no backing file (QEMU's BDRV_O_NO_BACKING). */
+  readonly #noBacking: boolean;
   readonly #delay: number;
   readonly #timer: QedTimer;
   #fileSize: number;
@@ -133,10 +147,12 @@ export class QedImage implements WritableDiskImage {
   #resolvingTorn: Promise<void> | undefined;
   #closed = false;
 
-  readonly #locks = new Map<number, Promise<void>>();
+  /** L2 tables (by L1 index) with an allocation in flight: allocations in one table take turns. */
+  readonly #tableLocks = new RangeClaims();
   /** Guest clusters with a write in flight (FIFO: overlapping writes wait for earlier ones). */
   readonly #claims = new RangeClaims();
-  #metaChain: Promise<void> = Promise.resolve();
+  /** Metadata writes (header, table sectors) one at a time. */
+  readonly #meta = new Mutex();
   #allocInFlight = 0;
   #needCheckDurable: boolean;
   #settingNeedCheck: Promise<void> | undefined;
@@ -168,6 +184,7 @@ export class QedImage implements WritableDiskImage {
       backingFilename !== undefined && (header.features & QED_F_BACKING_FORMAT_NO_PROBE) !== 0n
         ? "raw"
         : undefined;
+    this.#noBacking = options.noBacking === true;
     this.#needCheckDurable = (header.features & QED_F_NEED_CHECK) !== 0n;
     this.#delay = options.needCheckClearDelayMs ?? QED_NEED_CHECK_TIMEOUT_MS;
     this.#timer = options.timer ?? defaultTimer;
@@ -308,7 +325,7 @@ export class QedImage implements WritableDiskImage {
 
   async read(offset: number, buf: Uint8Array): Promise<void> {
     this.#checkOpen();
-    this.#checkRange(offset, buf.length);
+    checkRequest(offset, buf.length, this.#h.imageSize, "QED image");
     let done = 0;
     while (done < buf.length) {
       const pos = offset + done;
@@ -325,10 +342,8 @@ export class QedImage implements WritableDiskImage {
   async #readBacking(pos: number, buf: Uint8Array): Promise<void> {
     const backing = this.backing;
     if (backing === undefined) {
-      if (this.#backingFilename !== undefined) {
-        throw new InvalidArgumentError(
-          `${this.backend.name}: QED image has backing file "${this.#backingFilename}" but it was not opened (pass openBacking)`,
-        );
+      if (this.#backingFilename !== undefined && !this.#noBacking) {
+        throw backingNotOpenedError(this.backend.name, this.#backingFilename);
       }
       buf.fill(0);
       return;
@@ -340,7 +355,7 @@ export class QedImage implements WritableDiskImage {
 
   async blockStatus(offset: number, length: number): Promise<BlockStatus> {
     this.#checkOpen();
-    this.#checkRange(offset, length);
+    checkRequest(offset, length, this.#h.imageSize, "QED image");
     if (length === 0) throw new InvalidArgumentError(`block status of an empty range at ${offset}`);
     const run = await this.#findRun(offset, length);
     if (run.kind === "data") {
@@ -378,7 +393,7 @@ export class QedImage implements WritableDiskImage {
 
   async write(offset: number, data: Uint8Array): Promise<void> {
     this.#checkWritable();
-    this.#checkRange(offset, data.length);
+    checkRequest(offset, data.length, this.#h.imageSize, "QED image");
     if (data.length === 0) return;
     await this.#withClusters(offset, data.length, () => this.#writeClaimed(offset, data));
   }
@@ -409,13 +424,14 @@ export class QedImage implements WritableDiskImage {
     }
   }
 
-  async writeZeroes(
-    offset: number,
-    length: number,
-    _options?: { mayUnmap?: boolean },
-  ): Promise<void> {
+  /**
+   * Make the range read as zeros: whole clusters become zero clusters (allocated ones are
+   * zeroed in place, as QEMU's QED does); `mayUnmap` changes nothing (QED cannot release
+   * clusters).
+   */
+  async writeZeroes(offset: number, length: number, _options?: WriteZeroesOptions): Promise<void> {
     this.#checkWritable();
-    this.#checkRange(offset, length);
+    checkRequest(offset, length, this.#h.imageSize, "QED image");
     if (length === 0) return;
     await this.#withClusters(offset, length, () => this.#writeZeroesClaimed(offset, length));
   }
@@ -469,7 +485,7 @@ export class QedImage implements WritableDiskImage {
   ): Promise<number> {
     const cs = this.#cs;
     const l1i = Math.floor(pos / (cs * this.#entries));
-    return await this.#withTableLock(l1i, async () => {
+    return await this.#tableLocks.run(l1i, l1i, async () => {
       // Look again: another allocation may have filled this range while we waited.
       const run = await this.#findRun(pos, maxLen);
       if (run.kind === "data") {
@@ -561,29 +577,12 @@ export class QedImage implements WritableDiskImage {
   }
 
   /** Run metadata writes one at a time so sectors shared by concurrent updates land in order. */
-  async #serialMeta(fn: () => Promise<void>): Promise<void> {
-    const run = this.#metaChain.then(fn, fn);
-    this.#metaChain = run.catch(() => undefined);
-    await run;
+  #serialMeta(fn: () => Promise<void>): Promise<void> {
+    return this.#meta.run(fn);
   }
 
   async #writeHeader(): Promise<void> {
     await this.#serialMeta(() => this.backend.write(0, encodeQedHeader(this.#h)));
-  }
-
-  async #withTableLock<T>(key: number, fn: () => Promise<T>): Promise<T> {
-    const prev = this.#locks.get(key);
-    let release!: () => void;
-    const mine = new Promise<void>((r) => (release = r));
-    const tail = prev === undefined ? mine : prev.then(() => mine);
-    this.#locks.set(key, tail);
-    if (prev !== undefined) await prev;
-    try {
-      return await fn();
-    } finally {
-      release();
-      if (this.#locks.get(key) === tail) this.#locks.delete(key);
-    }
   }
 
   // ---------------------------------------------------------------- need-check
@@ -690,7 +689,7 @@ export class QedImage implements WritableDiskImage {
   /** QEMU's QED driver has no discard: the request is accepted and does nothing. */
   async discard(offset: number, length: number): Promise<void> {
     this.#checkWritable();
-    this.#checkRange(offset, length);
+    checkRequest(offset, length, this.#h.imageSize, "QED image");
     await Promise.resolve();
   }
 
@@ -831,33 +830,12 @@ export class QedImage implements WritableDiskImage {
   // ---------------------------------------------------------------- guards
 
   #checkOpen(): void {
-    if (this.#closed)
-      throw new IoError(`${this.backend.name}: QED image is closed`, { code: ErrorCode.CLOSED });
+    if (this.#closed) throw imageClosedError(this.backend.name);
   }
 
   #checkWritable(): void {
     this.#checkOpen();
-    if (this.readOnly) {
-      throw new IoError(`${this.backend.name}: QED image is open read-only`, {
-        code: ErrorCode.READ_ONLY,
-      });
-    }
-  }
-
-  #checkRange(offset: number, length: number): void {
-    if (
-      !Number.isSafeInteger(offset) ||
-      !Number.isSafeInteger(length) ||
-      offset < 0 ||
-      length < 0
-    ) {
-      throw new InvalidArgumentError(`invalid request: offset ${offset}, length ${length}`);
-    }
-    if (offset + length > this.#h.imageSize) {
-      throw new InvalidArgumentError(
-        `request [${offset}, +${length}) is past the end of the ${this.#h.imageSize}-byte QED image`,
-      );
-    }
+    if (this.readOnly) throw imageReadOnlyError(this.backend.name);
   }
 }
 
@@ -899,16 +877,32 @@ export async function readQedMetadata(backend: BlockBackend): Promise<{
 }
 
 /**
- * Open a QED image. Read-write opens clear unknown autoclear bits and, when the need-check
- * bit is set, check and repair the image first (as QEMU does). The backing file, if any, is
- * opened through `options.openBacking`.
+ * Open a QED image, read-only unless `options.readOnly` is false (as every format driver).
+ * Read-write opens clear unknown autoclear bits and, when the need-check bit is set, check and
+ * repair the image first (as QEMU does); a read-write open of a read-only backend is refused.
+ *
+ * The backing file, if any, is opened through `options.openBacking`. Without it, `noBacking`
+ * opens the image as if it had no backing file; with neither, a read-only open goes on without
+ * it (reads that reach it fail) and a read-write open is refused.
  */
 export async function openQed(
   backend: BlockBackend,
   options: QedOpenOptions = {},
 ): Promise<QedImage> {
-  const readOnly = options.readOnly === true || backend.readOnly;
+  const readOnly = options.readOnly !== false;
+  if (!readOnly && backend.readOnly) {
+    throw imageReadOnlyError(backend.name, "cannot open read/write: the file is read-only");
+  }
   const { header, fileSize, size, backingFilename, l1 } = await readQedMetadata(backend);
+  const noBacking = options.noBacking === true;
+  if (
+    !readOnly &&
+    backingFilename !== undefined &&
+    !noBacking &&
+    options.openBacking === undefined
+  ) {
+    throw noBackingOpenerError(backingFilename);
+  }
   const image = new QedImage(
     backend,
     header,
@@ -927,7 +921,7 @@ export async function openQed(
       await image.check({ repair: true });
     }
   }
-  if (backingFilename !== undefined && options.openBacking !== undefined) {
+  if (backingFilename !== undefined && options.openBacking !== undefined && !noBacking) {
     const depth = (options.depth ?? 0) + 1;
     image.backing = await options.openBacking({
       filename: backingFilename,

@@ -19,7 +19,7 @@ async function setup() {
     if (op === "flush") log.push("flush");
     return false;
   });
-  const img = await openQed(fault, { timer, needCheckClearDelayMs: 5000 });
+  const img = await openQed(fault, { readOnly: false, timer, needCheckClearDelayMs: 5000 });
   const onDisk = () => (decodeQedHeader(m.snapshot()).features & 2n) !== 0n;
   return { m, fault, timer, img, log, onDisk };
 }
@@ -97,6 +97,7 @@ describe("need-check bit", () => {
     });
     const timer = new FakeTimer();
     const img = await openQed(fault, {
+      readOnly: false,
       timer,
       openBacking: async () => await RawImage.open(MemoryBackend.from(new Uint8Array(2 * M))),
     });

@@ -12,10 +12,22 @@ export interface QedTimer {
 
 /** Options of {@link openQed}. */
 export interface QedOpenOptions {
-  /** Open read-only even when the backend is writable. Default: the backend's `readOnly`. */
+  /**
+   * Open read-only (the default, as for every format driver); `false` opens read-write, which
+   * a read-only backend refuses.
+   */
   readonly readOnly?: boolean;
-  /** Opens the backing file when the image has one. Without it, reads of unallocated ranges of such an image fail. */
+  /**
+   * Opens the backing file when the image has one. Without it (and without `noBacking`), a
+   * read-only open goes on without the backing file and reads of ranges it would answer fail;
+   * a read-write open is refused.
+   */
   readonly openBacking?: BackingOpener;
+  /**
+   * Open the image as if it had no backing file (QEMU's BDRV_O_NO_BACKING): ranges the
+   * backing file would answer read as zeros. For tools that only look at metadata.
+   */
+  readonly noBacking?: boolean;
   /** Quiet period after the last allocating write before the need-check bit is cleared. Default 5000 (QEMU's 5 s). */
   readonly needCheckClearDelayMs?: number;
   /** Timer for the need-check quiet period. Default: the global setTimeout (unref'd where possible). */

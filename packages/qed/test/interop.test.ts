@@ -120,7 +120,7 @@ describe.skipIf(!haveQemu)("QED fixtures made by qemu", () => {
     const path = copyFixture("qed-dirty", join(work, "dirty"));
     const before = readFileSync(path);
     expect(before.readUInt32LE(16) & 2).toBe(2);
-    const img = await openQed(await FileBackend.open(path));
+    const img = await openQed(await FileBackend.open(path), { readOnly: false });
     expect(img.needCheck).toBe(false);
     const r = await checkQed(img);
     expect(r).toMatchObject({
@@ -193,7 +193,7 @@ describe.skipIf(!haveQemu)("images made by qimg, read by qemu", () => {
         "virtual-size": size,
         "cluster-size": clusterSize,
       });
-      const img = await openQed(await FileBackend.open(path));
+      const img = await openQed(await FileBackend.open(path), { readOnly: false });
       const model = new Uint8Array(size);
       await randomWrites(img, model, clusterSize + tableSize, 40);
       await img.close();
@@ -203,7 +203,7 @@ describe.skipIf(!haveQemu)("images made by qimg, read by qemu", () => {
       expect(got.length).toBe(size);
       expect(sha256(got)).toBe(sha256(model));
       // Spot-check with qemu-io's pattern verification.
-      const img2 = await openQed(await FileBackend.open(path));
+      const img2 = await openQed(await FileBackend.open(path), { readOnly: false });
       await img2.write(M, new Uint8Array(3000).fill(0x5a));
       await img2.close();
       const q = run("qemu-io", ["-f", "qed", "-c", `read -P 0x5a ${M} 3000`, path]);
@@ -220,7 +220,10 @@ describe.skipIf(!haveQemu)("images made by qimg, read by qemu", () => {
     const made = await FileBackend.open(path, { create: true });
     await createQed(made, { size: 4 * M, backingFile: "base.raw", backingFormat: "raw" });
     await made.close(); // an image open for writing cannot be opened again
-    const img = await openQed(await FileBackend.open(path), { openBacking: openRaw });
+    const img = await openQed(await FileBackend.open(path), {
+      readOnly: false,
+      openBacking: openRaw,
+    });
     const model = new Uint8Array(4 * M);
     model.set(base);
     await randomWrites(img, model, 7, 30);

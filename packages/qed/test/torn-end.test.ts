@@ -81,7 +81,7 @@ function tornImage(name: string, clusterSize: number, dataLen: number, cut: numb
 }
 
 async function qimgWrite(file: string, offset: number, data: Uint8Array): Promise<void> {
-  const img = await openQed(await FileBackend.open(file));
+  const img = await openQed(await FileBackend.open(file), { readOnly: false });
   try {
     await img.write(offset, data);
   } finally {

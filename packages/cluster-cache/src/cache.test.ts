@@ -169,4 +169,123 @@ describe("ClusterCache", () => {
       }
     }
   });
+  describe("dependOnFlush (QEMU's qcow2_cache_depends_on_flush)", () => {
+    it("syncs the file before the next table write at flush, once, and only when asked", async () => {
+      const { backend, log } = traced(MemoryBackend.from(new Uint8Array(8192)));
+      const l2 = new ClusterCache({ backend, tableSize: 512, capacity: 4, name: "L2" });
+      // Copy-on-write data went to 4096 without a sync; the L2 entry pointing at it follows.
+      await backend.write(4096, new Uint8Array(512).fill(3));
+      l2.dependOnFlush();
+      l2.dependOnFlush(); // one sync however often it is asked for
+      expect(l2.dependsOnFlush).toBe(true);
+      const t = await l2.get(1024);
+      t.bytes[0] = 1;
+      await l2.markDirty(t);
+      l2.release(t);
+      await l2.flush();
+      expect(log).toEqual(["write 4096", "flush", "write 1024", "flush"]);
+      expect(l2.dependsOnFlush).toBe(false);
+      // One-shot: the next flush does not sync first again.
+      log.length = 0;
+      t.bytes[0] = 2;
+      await l2.markDirty(t);
+      await l2.flush();
+      expect(log).toEqual(["write 1024", "flush"]);
+    });
+
+    it("syncs before an evicted dirty table is written", async () => {
+      const { backend, log } = traced(MemoryBackend.from(new Uint8Array(8192)));
+      const l2 = new ClusterCache({ backend, tableSize: 512, capacity: 1, name: "L2" });
+      const t = await l2.get(1024);
+      t.bytes[0] = 1;
+      await backend.write(4096, new Uint8Array(512).fill(3));
+      l2.dependOnFlush();
+      await l2.markDirty(t);
+      l2.release(t);
+      const u = await l2.get(2048); // evicts the dirty table at 1024
+      l2.release(u);
+      expect(log).toEqual(["write 4096", "flush", "write 1024"]);
+    });
+
+    it("also holds with a cache dependency (the dependency flushed first), and in writethrough", async () => {
+      const { backend, log } = traced(MemoryBackend.from(new Uint8Array(8192)));
+      const refcounts = new ClusterCache({ backend, tableSize: 512, capacity: 4, name: "rc" });
+      const l2 = new ClusterCache({ backend, tableSize: 512, capacity: 4, name: "L2" });
+      l2.dependOn(refcounts);
+      l2.writethrough = true;
+      const t = await l2.get(1024);
+      await backend.write(4096, new Uint8Array(512).fill(3));
+      l2.dependOnFlush();
+      t.bytes[0] = 1;
+      await l2.markDirty(t); // writethrough: written at once, after a sync
+      expect(log).toEqual(["write 4096", "flush", "write 1024", "flush"]);
+    });
+
+    it("syncs a different file when told (an external data file)", async () => {
+      const data = traced(MemoryBackend.from(new Uint8Array(8192)));
+      const meta = traced(MemoryBackend.from(new Uint8Array(8192)));
+      const l2 = new ClusterCache({ backend: meta.backend, tableSize: 512, capacity: 4 });
+      await data.backend.write(0, new Uint8Array(512).fill(3));
+      l2.dependOnFlush(data.backend);
+      const t = await l2.get(1024);
+      t.bytes[0] = 1;
+      await l2.markDirty(t);
+      await l2.flush();
+      expect(data.log).toEqual(["write 0", "flush"]);
+      expect(meta.log).toEqual(["write 1024", "flush"]);
+    });
+
+    it("keeps the sync owed when it fails, and never writes the table before it", async () => {
+      const mem = MemoryBackend.from(new Uint8Array(8192));
+      const fault = await FaultBackend.wrap(mem, { failOn: { flush: 1 } });
+      const l2 = new ClusterCache({ backend: fault, tableSize: 512, capacity: 4, name: "L2" });
+      await fault.write(4096, new Uint8Array(512).fill(3));
+      l2.dependOnFlush();
+      const t = await l2.get(1024);
+      t.bytes[0] = 1;
+      await l2.markDirty(t);
+      await expect(l2.flush()).rejects.toThrow(/injected flush/);
+      expect(fault.writes).toBe(1); // the table was not written
+      expect(l2.dependsOnFlush).toBe(true);
+      await l2.flush();
+      expect(fault.flushes).toBe(3); // the owed sync, then the flush's own
+      const survivor = fault.powerLoss();
+      const b = new Uint8Array(1);
+      await survivor.read(1024, b);
+      expect(b[0]).toBe(1);
+    });
+
+    it("after a power loss at any point, an L2 entry on disk implies its data is on disk", async () => {
+      for (let failAfter = 0; failAfter <= 4; failAfter++) {
+        for (const tear of [false, true]) {
+          let ops = 0;
+          const fault = await FaultBackend.wrap(MemoryBackend.from(new Uint8Array(8192)), {
+            failWhen: (op) => (op === "write" || op === "flush") && ++ops > failAfter,
+          });
+          const l2 = new ClusterCache({ backend: fault, tableSize: 512, capacity: 1, name: "L2" });
+          const written = await (async () => {
+            await fault.write(4096, new Uint8Array(512).fill(3)); // the data
+            l2.dependOnFlush();
+            const t = await l2.get(1024);
+            t.bytes[0] = 1; // the entry that points at it
+            await l2.markDirty(t);
+            l2.release(t);
+            l2.release(await l2.get(2048)); // eviction writes the entry
+            await l2.flush();
+          })().then(
+            () => true,
+            () => false,
+          );
+          const survivor = fault.powerLoss({ tearLastWrite: tear, seed: failAfter });
+          const b = new Uint8Array(1);
+          await survivor.read(1024, b);
+          const entry = b[0];
+          await survivor.read(4096, b);
+          const label = `crash after ${failAfter} ops (tear ${tear})`;
+          if (entry === 1) expect(b[0], label).toBe(3);
+          if (written) expect(entry, label).toBe(1);
+        }
+      }
+    });
+  });
 });

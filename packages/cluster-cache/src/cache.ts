@@ -50,6 +50,11 @@ export interface ClusterCacheStats {
  * cache) never writes a dirty table to the file before the other cache has been flushed and
  * the file synced. So a refcount increase always reaches the disk before any L2 entry that
  * uses the cluster, and a crash can leave leaks but never a reference without a refcount.
+ *
+ * A cache can also depend on a sync of the file ({@link ClusterCache.dependOnFlush}, QEMU's
+ * `qcow2_cache_depends_on_flush`): after copy-on-write data was written, the next dirty table
+ * this cache writes is preceded by a sync, so an L2 entry never reaches the disk before the
+ * data it points to — whether or not the cache also depends on another cache.
  */
 export class ClusterCache {
   /** Size of every table in bytes. */
@@ -67,6 +72,8 @@ export class ClusterCache {
   private readonly entries = new Map<number, Entry>();
   private readonly loading = new Map<number, Promise<Entry>>();
   private dependency: ClusterCache | undefined;
+  /** Files to sync before the next dirty table is written (see dependOnFlush). */
+  private readonly flushTargets: BlockBackend[] = [];
   /** True when tables were written since the file was last synced by this cache. */
   private unsynced = false;
   /** Serialises flushes so two callers never write the same table concurrently. */
@@ -107,6 +114,22 @@ export class ClusterCache {
       if (c === this) throw new InvalidArgumentError(`cache dependency cycle through ${this.name}`);
     }
     this.dependency = other;
+  }
+
+  /**
+   * Before this cache next writes a dirty table (at flush, writethrough or eviction), sync
+   * `backend` (default: the file this cache writes to). One-shot, as QEMU's
+   * `qcow2_cache_depends_on_flush`: call it each time data that a table will point to was
+   * written without a sync (copy-on-write), before the table is marked dirty. The sync
+   * happens once however often this is called in between.
+   */
+  dependOnFlush(backend: BlockBackend = this.backend): void {
+    if (!this.flushTargets.includes(backend)) this.flushTargets.push(backend);
+  }
+
+  /** True while a {@link dependOnFlush} sync is still owed before the next table write. */
+  get dependsOnFlush(): boolean {
+    return this.flushTargets.length > 0;
   }
 
   /**
@@ -207,7 +230,11 @@ export class ClusterCache {
     if (dirty.length === 0) return;
     const run = (async () => {
       await this.flushDependency();
-      for (const e of dirty) await this.writeBack(e);
+      for (const e of dirty) {
+        // A dependOnFlush made while earlier tables were being written still comes first.
+        if (this.flushTargets.length > 0) await this.syncTargets();
+        await this.writeBack(e);
+      }
     })();
     this.flushing = run;
     try {
@@ -279,6 +306,18 @@ export class ClusterCache {
     // Dirty dependency tables are written and synced; tables it wrote earlier (evictions)
     // may still sit in the file's volatile cache, so those are synced too.
     if (dep && (dep.dirtyCount > 0 || dep.unsynced)) await dep.flush();
+    if (this.flushTargets.length > 0) await this.syncTargets();
+  }
+
+  /** Sync every file a dependOnFlush asked for; a target stays owed if its sync fails. */
+  private async syncTargets(): Promise<void> {
+    while (this.flushTargets.length > 0) {
+      const target = this.flushTargets[0]!;
+      await target.flush();
+      // Only drop it once synced (a concurrent caller may have done it already).
+      const i = this.flushTargets.indexOf(target);
+      if (i >= 0) this.flushTargets.splice(i, 1);
+    }
   }
 
   private async writeBack(e: Entry): Promise<void> {

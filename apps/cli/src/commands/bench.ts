@@ -13,7 +13,7 @@ import { CliError } from "../errors.js";
 import { openImage } from "../open.js";
 import { parseSize } from "../util/size.js";
 import { writableOf } from "../writable.js";
-import { cacheWritethrough } from "./io.js";
+import { cacheWritethrough } from "../util/cache-mode.js";
 
 /** `e` as an Error (rejections are errors here; anything else is wrapped). */
 function asError(e: unknown): Error {

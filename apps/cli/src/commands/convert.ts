@@ -20,7 +20,7 @@ import {
   type BigIntStats,
 } from "node:fs";
 import type { Command } from "commander";
-import { alignedBuffers } from "@qimg/io";
+import { ExtentIterator } from "@qimg/io";
 import { FileBackend } from "@qimg/io/node";
 import { stringOpt, type CommandDef } from "../command.js";
 import type { CliContext } from "../context.js";
@@ -34,20 +34,15 @@ import {
 import type { DiskImage } from "../drivers.js";
 import { CliError, inFile, messageOf } from "../errors.js";
 import { openImage, sameFile } from "../open.js";
+import { cacheMode } from "../util/cache-mode.js";
+import { collect, joinedOptions } from "../util/cli-options.js";
 import { CompressPool } from "../util/compress-pool.js";
-import { blockStatusPays, copySparse } from "../util/copy.js";
+import { blockStatusPays, copy, imageSink, rawSink } from "../util/copy.js";
 import { preallocate, PREALLOCATE_MIN, type FileRange } from "../util/preallocate.js";
 import { startProgress } from "../util/progress.js";
 import { isHelpRequest, optionsHelp, parseOptions } from "../util/qemu-opts.js";
 import { roundUp } from "../util/size.js";
-import { isZero } from "../util/zero.js";
-import { writableOf, type WritableImage } from "../writable.js";
-import { collect, joinedOptions } from "./create.js";
-
-/** `e` as an Error (rejections are errors here; anything else is wrapped). */
-function asError(e: unknown): Error {
-  return e instanceof Error ? e : new Error("request failed", { cause: e });
-}
+import { writableOf } from "../writable.js";
 
 export interface ConvertOptions {
   readonly source: string;
@@ -68,26 +63,11 @@ export interface ConvertOptions {
   readonly forceShare?: boolean;
 }
 
-const CACHE_MODES = ["none", "writeback", "writethrough", "directsync", "unsafe"];
-
 /** True when the target's flushes are skipped (cache=unsafe, the default). */
 function targetNoFlush(cache: string | undefined): boolean {
-  const mode = cache ?? "unsafe";
-  if (!CACHE_MODES.includes(mode)) throw new CliError(`Invalid cache option: ${mode}`);
-  return mode === "unsafe";
+  return cacheMode(cache ?? "unsafe").noFlush;
 }
 
-/** Output formats `dd` can write. */
-export function checkOutputFormat(format: string, file: string): void {
-  if (format === "raw") return;
-  if (format === "qcow2" || format === "qed") {
-    throw new CliError(`writing ${format} images with dd is not supported (use convert)`, { file });
-  }
-  throw new CliError(`Unknown file format '${format}'`, { file });
-}
-
-/** Bytes read per step; qemu-img uses 2 MiB buffers too. */
-export const CONVERT_CHUNK = 2 * 1024 * 1024;
 /** Uncompressed writes in flight. */
 const WRITES_IN_FLIGHT = 8;
 
@@ -238,7 +218,7 @@ async function convertToRaw(
     const progress = startProgress(ctx, options.progress === true, size);
     try {
       await inFile(options.source, () =>
-        copySparse(image, 0, size, target, 0, (done) => progress.update(done)),
+        copy(image, rawSink(target), { onProgress: (done) => progress.update(done) }),
       );
     } finally {
       progress.stop();
@@ -257,23 +237,12 @@ async function convertToRaw(
 async function dataExtents(image: DiskImage): Promise<{ bytes: number; large: FileRange[] }> {
   const large: FileRange[] = [];
   let bytes = 0;
-  let start = -1;
-  let pos = 0;
-  const size = image.virtualSize;
-  const close = (end: number): void => {
-    if (start >= 0) {
-      bytes += end - start;
-      if (end - start >= PREALLOCATE_MIN) large.push({ offset: start, length: end - start });
-    }
-    start = -1;
-  };
-  while (pos < size) {
-    const s = await image.blockStatus(pos, size - pos);
-    if (s.zero) close(s.offset);
-    else if (start < 0) start = s.offset;
-    pos = s.offset + s.length;
+  const runs = new ExtentIterator(image);
+  while (await runs.next()) {
+    if (runs.zero) continue;
+    bytes += runs.length;
+    if (runs.length >= PREALLOCATE_MIN) large.push({ offset: runs.offset, length: runs.length });
   }
-  close(size);
   return { bytes, large };
 }
 
@@ -298,17 +267,6 @@ function trimPastEnd(path: string): void {
   }
 }
 
-/** Whether the source reads as zeros over [offset, end) (without reading data). */
-async function allZero(image: DiskImage, offset: number, end: number): Promise<boolean> {
-  let pos = offset;
-  while (pos < end) {
-    const s = await image.blockStatus(pos, end - pos);
-    if (!s.zero) return false;
-    pos = s.offset + s.length;
-  }
-  return true;
-}
-
 async function convertToImage(
   ctx: CliContext,
   source: DiskImage,
@@ -330,174 +288,30 @@ async function convertToImage(
       if (compress && w.writeCompressed === undefined) {
         throw new CliError("Compression not supported for this file format");
       }
-      await inFile(options.target, () =>
-        copyInto(ctx, source, w, options, compress ? 4 * (pool?.size ?? 1) + 8 : WRITES_IN_FLIGHT),
-      );
+      // The copy covers the target's whole virtual size (the source's rounded up to 512):
+      // what lies past the source's end reads as zeros, so a last partial cluster is written
+      // (or compressed) padded with zeros.
+      const length = Math.max(target.virtualSize, source.virtualSize);
+      const progress = startProgress(ctx, options.progress === true, length);
+      try {
+        await inFile(options.target, () =>
+          copy(source, imageSink(w), {
+            length,
+            compress,
+            inFlight: compress ? 4 * (pool?.size ?? 1) + 8 : WRITES_IN_FLIGHT,
+            sourceName: options.source,
+            onProgress: (done) => progress.update(done),
+          }),
+        );
+        await inFile(options.target, () => w.flush());
+      } finally {
+        progress.stop();
+      }
     } finally {
       await inFile(options.target, () => target.close());
     }
   } finally {
     await pool?.close();
-  }
-}
-
-/**
- * Write explicit zeros over the parts of `[offset, offset + length)` where the new target does
- * not read as zeros yet (its backing file has data there), so the target reads as the source.
- */
-async function zeroOverBacking(w: WritableImage, offset: number, length: number): Promise<void> {
-  const end = offset + length;
-  let pos = offset;
-  while (pos < end) {
-    const s = await w.image.blockStatus(pos, end - pos);
-    const next = Math.min(end, s.offset + s.length);
-    if (!s.zero) await w.writeZeroes(pos, next - pos, false);
-    pos = next;
-  }
-}
-
-/**
- * Copy `source` into `w` (a new image of at least the source's size, its virtual size rounded
- * up to 512): every cluster that is not all zeros is written, several writes in flight. The
- * copy covers the target's whole virtual size; what lies past the source's end reads as zeros,
- * so a last partial cluster is written (or compressed) padded with zeros. When the target has
- * a backing file, ranges where the source reads zeros but the target would show backing data
- * are zeroed explicitly.
- */
-async function copyInto(
-  ctx: CliContext,
-  source: DiskImage,
-  w: WritableImage,
-  options: ConvertOptions,
-  maxInFlight: number,
-): Promise<void> {
-  const srcSize = source.virtualSize;
-  const size = Math.max(w.image.virtualSize, srcSize);
-  const cs = w.clusterSize;
-  const chunk = Math.max(CONVERT_CHUNK, cs);
-  const compressed = options.compress === true;
-  const backed = w.image.backing !== undefined;
-  const inflight = new Set<Promise<void>>();
-  let failure: unknown;
-  const issue = async (p: Promise<void>): Promise<void> => {
-    const tracked: Promise<void> = p
-      .catch((e: unknown) => {
-        failure ??= e;
-      })
-      .finally(() => inflight.delete(tracked));
-    inflight.add(tracked);
-    while (inflight.size >= maxInFlight) await Promise.race(inflight);
-    if (failure !== undefined) throw asError(failure);
-  };
-  const progress = startProgress(ctx, options.progress === true, size);
-  // A small pool of chunk buffers, reused once every write issued from one has finished
-  // (fresh 2 MiB buffers per chunk cost page faults and zeroing on every chunk). They are
-  // page-aligned, which makes the kernel's copies faster, and mapped once, on first use.
-  const pool: { buf: Uint8Array; pending: Promise<void>[] }[] = [];
-  let poolBuffers: Uint8Array[] | undefined;
-  // Reads run ahead of the writes (on the thread pool, in parallel), while the writes are
-  // issued strictly in guest order so the target allocates its clusters sequentially.
-  const READ_AHEAD = 4;
-  const poolSize = maxInFlight + READ_AHEAD + 2;
-  let next = 0;
-  const rawSource = !blockStatusPays(source);
-  interface Ahead {
-    readonly offset: number;
-    readonly end: number;
-    /** Undefined for a chunk the source reports as all zeros (nothing read). */
-    readonly data?: {
-      readonly buf: Uint8Array;
-      readonly slot: { buf: Uint8Array; pending: Promise<void>[] };
-      readonly read: Promise<void>;
-    };
-  }
-  const ahead: Ahead[] = [];
-  let nextOffset = 0;
-  /** Start reading the next chunk (or note an all-zero one); false at the end. */
-  const startRead = async (): Promise<boolean> => {
-    while (nextOffset < size) {
-      const offset = nextOffset;
-      const end = Math.min(size, offset + chunk);
-      nextOffset = end;
-      const srcEnd = Math.min(end, srcSize);
-      if (
-        offset >= srcSize ||
-        (!rawSource && (await inFile(options.source, () => allZero(source, offset, srcEnd))))
-      ) {
-        if (!backed) continue;
-        ahead.push({ offset, end });
-        return true;
-      }
-      let slot = pool[next % poolSize];
-      if (slot === undefined) {
-        poolBuffers ??= alignedBuffers(poolSize, chunk);
-        slot = { buf: poolBuffers[pool.length]!, pending: [] };
-        pool.push(slot);
-      } else {
-        await Promise.all(slot.pending);
-        slot.pending = [];
-      }
-      next++;
-      const buf = slot.buf.subarray(0, end - offset);
-      // Past the source's end the target reads zeros (the buffer is reused: clear it).
-      buf.fill(0, srcEnd - offset);
-      const read = inFile(options.source, () =>
-        source.read(offset, buf.subarray(0, srcEnd - offset)),
-      );
-      read.catch(() => undefined); // awaited in order below
-      ahead.push({ offset, end, data: { buf, slot, read } });
-      return true;
-    }
-    return false;
-  };
-  try {
-    while (ahead.length < READ_AHEAD && (await startRead()));
-    while (ahead.length > 0) {
-      const { offset, end, data } = ahead.shift()!;
-      progress.update(offset);
-      if (data === undefined) {
-        await issue(zeroOverBacking(w, offset, end - offset));
-      } else {
-        const { buf, slot, read } = data;
-        await read;
-        const track = (p: Promise<void>): Promise<void> => {
-          slot.pending.push(p.catch(() => undefined));
-          return issue(p);
-        };
-        const n = buf.length;
-        // Runs of data clusters are written together; runs of zero clusters only need work
-        // when the target has a backing file.
-        let dataStart = -1;
-        let zeroStart = -1;
-        for (let b = 0; b < n; b += cs) {
-          const e = Math.min(b + cs, n);
-          if (isZero(buf, b, e)) {
-            if (dataStart >= 0) {
-              await track(w.write(offset + dataStart, buf.subarray(dataStart, b)));
-              dataStart = -1;
-            }
-            if (zeroStart < 0) zeroStart = b;
-          } else {
-            if (zeroStart >= 0) {
-              if (backed) await track(zeroOverBacking(w, offset + zeroStart, b - zeroStart));
-              zeroStart = -1;
-            }
-            if (compressed) await track(w.writeCompressed!(offset + b, buf.subarray(b, e)));
-            else if (dataStart < 0) dataStart = b;
-          }
-        }
-        if (dataStart >= 0) await track(w.write(offset + dataStart, buf.subarray(dataStart, n)));
-        if (zeroStart >= 0 && backed) {
-          await track(zeroOverBacking(w, offset + zeroStart, n - zeroStart));
-        }
-      }
-      while (ahead.length < READ_AHEAD && (await startRead()));
-    }
-    await Promise.all(inflight);
-    if (failure !== undefined) throw asError(failure);
-    await w.flush();
-  } finally {
-    progress.stop();
   }
 }
 

@@ -8,6 +8,7 @@ import { stringOpt, type CommandDef } from "../command.js";
 import type { CliContext } from "../context.js";
 import { acceptedOptionsOf, checkCreateFormat, createImage, optionsOf } from "../create-image.js";
 import { CliError } from "../errors.js";
+import { collect, joinedOptions } from "../util/cli-options.js";
 import { isHelpRequest, optionsHelp, parseOptions } from "../util/qemu-opts.js";
 import { parseSize } from "../util/size.js";
 
@@ -58,17 +59,6 @@ export async function runCreate(ctx: CliContext, o: CreateOptions): Promise<numb
     ctx,
   });
   return 0;
-}
-
-/** commander collector for repeatable options. */
-export function collect(value: string, previous: string[] | undefined): string[] {
-  return [...(previous ?? []), value];
-}
-
-/** The joined text of repeated `-o` options (qemu-img joins them with commas). */
-export function joinedOptions(opts: Readonly<Record<string, unknown>>): string | undefined {
-  const v = opts.options;
-  return Array.isArray(v) && v.length > 0 ? v.map(String).join(",") : undefined;
 }
 
 export const createCommand: CommandDef = {

@@ -14,9 +14,8 @@ import { stringOpt, type CommandDef } from "../command.js";
 import type { CliContext } from "../context.js";
 import { CliError, inFile, messageOf } from "../errors.js";
 import { openImage, sameFile } from "../open.js";
-import { copySparse } from "../util/copy.js";
+import { copy, rawSink } from "../util/copy.js";
 import { parseSize, roundUp, SizeParseError } from "../util/size.js";
-import { checkOutputFormat } from "./convert.js";
 
 export interface DdOperands {
   readonly input: string;
@@ -86,6 +85,15 @@ export function parseDdOperands(operands: readonly string[]): DdOperands {
   return { input, output, bs, count, skip };
 }
 
+/** Output formats `dd` can write. */
+export function checkOutputFormat(format: string, file: string): void {
+  if (format === "raw") return;
+  if (format === "qcow2" || format === "qed") {
+    throw new CliError(`writing ${format} images with dd is not supported (use convert)`, { file });
+  }
+  throw new CliError(`Unknown file format '${format}'`, { file });
+}
+
 export interface DdOptions {
   readonly operands: readonly string[];
   readonly format?: string | undefined;
@@ -125,7 +133,7 @@ export async function runDd(ctx: CliContext, options: DdOptions): Promise<number
       if (skipTooFar) {
         ctx.stderr(`qimg: ${op.input}: cannot skip to specified offset\n`);
       } else {
-        await inFile(op.input, () => copySparse(image, skipBytes, size, target, 0));
+        await inFile(op.input, () => copy(image, rawSink(target), { from: skipBytes, to: size }));
       }
       await inFile(op.output, () => target.flush());
     } finally {

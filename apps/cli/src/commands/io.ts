@@ -17,7 +17,7 @@ import { IoScript, ScriptCrash } from "../io-script.js";
 import { openImage } from "../open.js";
 import { parseBool, splitOptions } from "../util/qemu-opts.js";
 import { writableOf, type WritableImage } from "../writable.js";
-import { collect } from "./create.js";
+import { collect } from "../util/cli-options.js";
 
 export interface IoOptions {
   readonly file: string;

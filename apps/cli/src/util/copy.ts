@@ -1,21 +1,68 @@
 /**
- * Copy a guest range of an image into a raw file, sparsely: ranges the image reports as zero
- * are not read, and blocks of zeros are not written (the target is freshly truncated, so they
- * read back as zeros).
+ * The one copy engine of the CLI: `convert` (to raw, qcow2 and QED) and `dd` copy a guest
+ * range of a source image into a sink through {@link copy}.
+ *
+ * The range is cut into chunks on a fixed grid (2 MiB, or the sink's block size when larger).
+ * A chunk the source reports as zeros (its block status, walked once per extent) is not read;
+ * the others are read ahead, several at once on the thread pool, and scanned in blocks of the
+ * sink's size: runs of data blocks are written together, runs of zero blocks are skipped (or
+ * handed to the sink's `zero` when the sink would not read zeros there, e.g. over a backing
+ * file). Writes are issued in guest order (an image sink allocates its clusters
+ * sequentially), several in flight.
  */
-import { alignedBuffers } from "@qimg/io";
+import { alignedBuffers, ExtentIterator, type BlockStatus } from "@qimg/io";
 import type { BlockBackend, DiskImage } from "../drivers.js";
+import { inFile } from "../errors.js";
 import { isZero } from "./zero.js";
 
 /** Read size: qemu-img uses 2 MiB buffers too. */
 export const COPY_CHUNK = 2 * 1024 * 1024;
-/** Granularity of the all-zero check on data that was read. */
-const ZERO_BLOCK = 4096;
+/** Zero-detection granularity of a raw sink (a file system block). */
+export const RAW_ZERO_BLOCK = 4096;
+/** Writes in flight (qemu-img convert's default is 8 parallel requests). */
+const WRITES_IN_FLIGHT = 8;
+/** Chunks read ahead of the one being written. */
+const READ_AHEAD = 4;
 
-/**
- * Copy guest bytes `[from, to)` of `image` to `target` at `targetOffset + (x - from)`.
- * `onProgress` is called with the number of bytes handled so far.
- */
+/** Where a copy writes. */
+export interface CopySink {
+  /**
+   * Zero-detection granularity and alignment (relative to the start of the copy): blocks of
+   * this size that read as zeros are not written. An image's cluster size; 4 KiB for a file.
+   */
+  readonly blockSize: number;
+  /** Write `data` at `offset` (relative to the sink). */
+  write(offset: number, data: Uint8Array): Promise<void>;
+  /** Write one block compressed (only asked for when the copy compresses). */
+  readonly writeCompressed?: ((offset: number, data: Uint8Array) => Promise<void>) | undefined;
+  /**
+   * Make `[offset, +length)` read as zeros. Undefined when the sink reads zeros wherever
+   * nothing is written (a new file, an image without a backing file): zeros are then skipped.
+   */
+  readonly zero?: ((offset: number, length: number) => Promise<void>) | undefined;
+}
+
+/** Options of {@link copy}. */
+export interface CopyOptions {
+  /** First source byte to copy (default 0). */
+  readonly from?: number;
+  /** End of the source range (default: the source's virtual size). */
+  readonly to?: number;
+  /**
+   * Bytes of the sink the copy covers, from its offset 0 (default `to - from`). Past the
+   * source range the sink is given zeros: a last partial block is written padded with them.
+   */
+  readonly length?: number;
+  /** Write data blocks compressed (the sink must have `writeCompressed`). */
+  readonly compress?: boolean;
+  /** Requests in flight at most (default 8). */
+  readonly inFlight?: number;
+  /** Wrap the source's read and block-status errors with this file name (CLI messages). */
+  readonly sourceName?: string;
+  /** Called with the number of sink bytes handled so far, in order. */
+  readonly onProgress?: (done: number) => void;
+}
+
 /**
  * Whether asking `image` for block status saves work. A raw image has no allocation metadata:
  * its block status reads the data to find zeros, so a copy that reads the data anyway would
@@ -25,80 +72,212 @@ export function blockStatusPays(image: DiskImage): boolean {
   return !(image.format === "raw" && image.backing === undefined);
 }
 
-export async function copySparse(
-  image: DiskImage,
-  from: number,
-  to: number,
-  target: BlockBackend,
-  targetOffset: number,
-  onProgress?: (done: number) => void,
-): Promise<void> {
-  const raw = !blockStatusPays(image);
-  let offset = from;
-  let extentEnd = from;
-  let done = 0;
-  /** The next data chunk to copy, skipping extents that read as zeros; undefined at the end. */
-  const nextChunk = async (): Promise<[number, number] | undefined> => {
-    while (offset >= extentEnd) {
-      if (offset >= to) return undefined;
-      const status = raw
-        ? { offset, length: to - offset, zero: false }
-        : await image.blockStatus(offset, Math.min(to - offset, 1024 ** 3));
-      const end = Math.min(to, status.offset + status.length);
-      if (status.zero) {
-        done += end - offset;
-        onProgress?.(done);
-        offset = end;
-        continue;
-      }
-      extentEnd = end;
-      // Adjacent data extents (compressed clusters are one extent each) join into one chunk.
-      while (!raw && extentEnd < to && extentEnd - offset < COPY_CHUNK) {
-        const next = await image.blockStatus(extentEnd, Math.min(to - extentEnd, COPY_CHUNK));
-        if (next.zero) break;
-        extentEnd = Math.min(to, next.offset + next.length);
-      }
-    }
-    const n = Math.min(COPY_CHUNK, extentEnd - offset);
-    const chunk: [number, number] = [offset, n];
-    offset += n;
-    return chunk;
-  };
-  // Chunks are handed out in order (the block-status walk is serialised through a promise
-  // chain); several workers read, scan and write at once, like qemu-img's parallel requests.
-  let queue: Promise<unknown> = Promise.resolve();
-  const take = (): Promise<[number, number] | undefined> => {
-    const p = queue.then(nextChunk);
-    queue = p.catch(() => undefined);
-    return p;
-  };
-  // Page-aligned buffers (the kernel copies to and from them faster), one mapping for all.
-  const buffers = alignedBuffers(WORKERS, COPY_CHUNK);
-  const worker = async (buf: Uint8Array): Promise<void> => {
-    for (;;) {
-      const c = await take();
-      if (c === undefined) return;
-      const [at, n] = c;
-      const chunk = buf.subarray(0, n);
-      await image.read(at, chunk);
-      const base = targetOffset + (at - from);
-      // Write the non-zero runs of ZERO_BLOCK-sized blocks, coalesced.
-      let runStart = -1;
-      for (let b = 0; b < n; b += ZERO_BLOCK) {
-        const zero = isZero(chunk, b, Math.min(b + ZERO_BLOCK, n));
-        if (!zero && runStart < 0) runStart = b;
-        if (zero && runStart >= 0) {
-          await target.write(base + runStart, chunk.subarray(runStart, b));
-          runStart = -1;
-        }
-      }
-      if (runStart >= 0) await target.write(base + runStart, chunk.subarray(runStart, n));
-      done += n;
-      onProgress?.(done);
-    }
-  };
-  await Promise.all(buffers.map(worker));
+/** A raw file as a sink: holes read as zeros (the file was freshly truncated). */
+export function rawSink(target: BlockBackend): CopySink {
+  return { blockSize: RAW_ZERO_BLOCK, write: (offset, data) => target.write(offset, data) };
 }
 
-/** Chunks copied at once (qemu-img convert's default is 8 parallel requests). */
-const WORKERS = 8;
+/** `e` as an Error (rejections are errors here; anything else is wrapped). */
+function asError(e: unknown): Error {
+  return e instanceof Error ? e : new Error("request failed", { cause: e });
+}
+
+/** One chunk on its way: read (or known zero), then written. */
+interface Chunk {
+  readonly offset: number;
+  readonly end: number;
+  /** The chunk's buffer (undefined for a chunk the source reports as zeros). */
+  readonly buf: Uint8Array | undefined;
+  readonly slot: number;
+  readonly read: Promise<void> | undefined;
+}
+
+/** Copy guest bytes `[from, to)` of `source` to `sink` at offset 0 (see the module comment). */
+export async function copy(
+  source: DiskImage,
+  sink: CopySink,
+  options: CopyOptions = {},
+): Promise<void> {
+  const from = options.from ?? 0;
+  const to = options.to ?? source.virtualSize;
+  const length = options.length ?? to - from;
+  const bs = sink.blockSize;
+  const chunkSize = Math.max(COPY_CHUNK, bs) - (Math.max(COPY_CHUNK, bs) % bs);
+  const compress = options.compress === true;
+  const writeCompressed = sink.writeCompressed;
+  if (compress && writeCompressed === undefined) throw new Error("sink cannot compress");
+  const maxInFlight = options.inFlight ?? WRITES_IN_FLIGHT;
+  const onSource = <T>(fn: () => Promise<T>): Promise<T> =>
+    options.sourceName === undefined ? fn() : inFile(options.sourceName, fn);
+  const extents = new ExtentIterator(source, {
+    from,
+    to,
+    assumeData: !blockStatusPays(source),
+  });
+
+  // Requests in flight, and the first failure among them.
+  const inflight = new Set<Promise<void>>();
+  let failure: unknown;
+  const settle = (): void => {
+    if (failure !== undefined) throw asError(failure);
+  };
+  const issue = async (p: Promise<void>, slot: number): Promise<void> => {
+    if (slot >= 0) slotUsers[slot]!++;
+    const tracked: Promise<void> = p.then(
+      () => done(tracked, slot),
+      (e: unknown) => {
+        failure ??= e;
+        done(tracked, slot);
+      },
+    );
+    inflight.add(tracked);
+    while (inflight.size >= maxInFlight) await Promise.race(inflight);
+    settle();
+  };
+  // Page-aligned chunk buffers, mapped once on first use; a slot is free again when every
+  // write issued from it has finished.
+  const slots = maxInFlight + READ_AHEAD + 2;
+  let buffers: Uint8Array[] | undefined;
+  const slotUsers = new Array<number>(slots).fill(0);
+  const freeSlots: number[] = [];
+  let slotWaiter: (() => void) | undefined;
+  let nextFresh = 0;
+  /** Drop one user of `slot` (a write from it, or the chunk's own hold while it is issued). */
+  const release = (slot: number): void => {
+    if (slot >= 0 && --slotUsers[slot]! === 0) {
+      freeSlots.push(slot);
+      slotWaiter?.();
+    }
+  };
+  const done = (p: Promise<void>, slot: number): void => {
+    inflight.delete(p);
+    release(slot);
+  };
+  const takeSlot = async (): Promise<number> => {
+    if (nextFresh < slots) return nextFresh++;
+    while (freeSlots.length === 0) {
+      await new Promise<void>((resolve) => (slotWaiter = resolve));
+      slotWaiter = undefined;
+    }
+    return freeSlots.pop()!;
+  };
+
+  const ahead: Chunk[] = [];
+  let planned = from;
+  const end = from + length;
+  const srcStop = Math.min(to, end);
+  /** Plan the next chunk: note it as zero, or start reading it. False at the end. */
+  const startNext = async (): Promise<boolean> => {
+    if (planned >= end) return false;
+    const offset = planned;
+    const chunkEnd = Math.min(end, offset + chunkSize);
+    planned = chunkEnd;
+    const dataEnd = Math.min(chunkEnd, srcStop);
+    if (offset >= dataEnd || (await onSource(() => extents.allZero(offset, dataEnd)))) {
+      ahead.push({ offset, end: chunkEnd, buf: undefined, slot: -1, read: undefined });
+      return true;
+    }
+    const slot = await takeSlot();
+    slotUsers[slot] = 1; // held until every write from it has been issued
+    buffers ??= alignedBuffers(slots, chunkSize);
+    const buf = buffers[slot]!.subarray(0, chunkEnd - offset);
+    // Past the source's range the sink gets zeros (the buffer is reused: clear it).
+    buf.fill(0, dataEnd - offset);
+    const read = onSource(() => source.read(offset, buf.subarray(0, dataEnd - offset)));
+    read.catch(() => undefined); // awaited in order below
+    ahead.push({ offset, end: chunkEnd, buf, slot, read });
+    return true;
+  };
+
+  const zero = sink.zero;
+  try {
+    while (ahead.length < READ_AHEAD && (await startNext()));
+    while (ahead.length > 0) {
+      const chunk = ahead.shift()!;
+      const base = chunk.offset - from;
+      const buf = chunk.buf;
+      if (buf === undefined) {
+        if (zero !== undefined) await issue(zero(base, chunk.end - chunk.offset), -1);
+      } else {
+        await chunk.read;
+        const slot = chunk.slot;
+        const n = buf.length;
+        // Runs of data blocks are written together; runs of zero blocks only need work when
+        // the sink would not read zeros there.
+        let dataStart = -1;
+        let zeroStart = -1;
+        for (let b = 0; b < n; b += bs) {
+          const e = Math.min(b + bs, n);
+          if (isZero(buf, b, e)) {
+            if (dataStart >= 0) {
+              await issue(sink.write(base + dataStart, buf.subarray(dataStart, b)), slot);
+              dataStart = -1;
+            }
+            if (zeroStart < 0) zeroStart = b;
+          } else {
+            if (zeroStart >= 0) {
+              if (zero !== undefined) await issue(zero(base + zeroStart, b - zeroStart), -1);
+              zeroStart = -1;
+            }
+            if (compress) await issue(writeCompressed!(base + b, buf.subarray(b, e)), slot);
+            else if (dataStart < 0) dataStart = b;
+          }
+        }
+        if (dataStart >= 0) {
+          await issue(sink.write(base + dataStart, buf.subarray(dataStart, n)), slot);
+        }
+        if (zeroStart >= 0 && zero !== undefined) {
+          await issue(zero(base + zeroStart, n - zeroStart), -1);
+        }
+        release(slot);
+      }
+      options.onProgress?.(chunk.end - from);
+      while (ahead.length < READ_AHEAD && (await startNext()));
+    }
+  } finally {
+    // Nothing may still write from the buffers (or into the sink) once the copy returns.
+    await Promise.all(inflight);
+  }
+  settle();
+}
+
+/**
+ * What an image sink needs of the target image: its writes, zero writes and block status
+ * (to find where a backing file shows through).
+ */
+export interface ImageTarget {
+  readonly image: DiskImage;
+  /** Allocation unit (qcow2/QED cluster size). */
+  readonly clusterSize: number;
+  write(offset: number, data: Uint8Array): Promise<void>;
+  writeZeroes(offset: number, length: number, mayUnmap: boolean): Promise<void>;
+  readonly writeCompressed: ((offset: number, data: Uint8Array) => Promise<void>) | undefined;
+}
+
+/**
+ * A new image as a sink: blocks are its clusters. When it has a backing file, ranges the copy
+ * finds zero are zeroed explicitly where the backing file would show through (so the target
+ * reads as the source).
+ */
+export function imageSink(target: ImageTarget): CopySink {
+  const image = target.image;
+  const zero =
+    image.backing === undefined
+      ? undefined
+      : async (offset: number, length: number): Promise<void> => {
+          const end = offset + length;
+          let pos = offset;
+          while (pos < end) {
+            const s: BlockStatus = await image.blockStatus(pos, end - pos);
+            const next = Math.min(end, s.offset + s.length);
+            if (!s.zero) await target.writeZeroes(pos, next - pos, false);
+            pos = next;
+          }
+        };
+  return {
+    blockSize: target.clusterSize,
+    write: (offset, data) => target.write(offset, data),
+    writeCompressed: target.writeCompressed,
+    zero,
+  };
+}

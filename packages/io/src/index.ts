@@ -37,5 +37,3 @@ export type { RangeClaim } from "./claims.js";
 export { Mutex } from "./mutex.js";
 export { ExtentIterator, MAX_STATUS_PROBE, StatusCursor } from "./extents.js";
 export type { ExtentIteratorOptions, StatusSource } from "./extents.js";
-export { ExtentIterator, MAX_STATUS_PROBE, StatusCursor } from "./extents.js";
-export type { ExtentIteratorOptions, StatusSource } from "./extents.js";

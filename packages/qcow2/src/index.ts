@@ -112,7 +112,19 @@ export type {
 } from "./header-update.js";
 export { UPDATABLE_HEADER_FIELDS, headerFieldSpan } from "./spec/header.js";
 export type { UpdatableHeaderField } from "./spec/header.js";
-export { walkReferences } from "./walk.js";
-export type { Reference, ReferenceKind, WalkProblem, WalkInput, WalkVisitor } from "./walk.js";
+export { walkReferences, walkL1Table, walkTables } from "./walk.js";
+export type {
+  Reference,
+  ReferenceKind,
+  WalkProblem,
+  WalkInput,
+  WalkVisitor,
+  L1Cursor,
+  L2Cursor,
+  TableVisitor,
+  TableSource,
+} from "./walk.js";
+export { readQcow2Metadata } from "./layout.js";
+export type { Qcow2Metadata, ReadMetadataOptions, FileRange } from "./layout.js";
 export type { Compressor } from "./image.js";
 export { defaultCompress } from "./compress.js";

@@ -5,17 +5,19 @@ import type { Qcow2Header } from "./spec/header.js";
 import type { SnapshotEntry } from "./spec/snapshot.js";
 import type { BitmapEntry } from "./spec/bitmap-directory.js";
 import {
-  L1_OFFSET_MASK,
-  L1_RESERVED_MASK,
-  L2_OFFSET_MASK,
-  L2_RESERVED_MASK,
-  OFLAG_COMPRESSED,
-  OFLAG_COPIED,
-  OFLAG_ZERO,
-  REFTABLE_OFFSET_MASK,
-  compressedLayout,
-  decodeCompressed,
+  ClusterType,
+  EntryProblem,
+  compressedLength,
+  compressedOffset,
+  entryCopied,
+  entryOffset,
+  l1ReservedBits,
+  l2EntryProblem,
+  l2Format,
+  reftableOffset,
+  reftableReservedBits,
 } from "./spec/l2.js";
+import type { L2Format } from "./spec/l2.js";
 
 /** What a host cluster is used for. */
 export type ReferenceKind =
@@ -86,25 +88,328 @@ export interface WalkVisitor {
   problem?(p: WalkProblem): void | Promise<void>;
 }
 
-const TWO_32 = 0x1_0000_0000;
+// ---------------------------------------------------------------------------------------------
+// The table walk: L1 tables, their L2 tables and every entry, as raw words with where they
+// are. Visitors decide what the entries mean (references for the refcount rebuild, QEMU's
+// verdicts and repairs for the checker, claims for the overlap map); the walk only reads.
+
+/**
+ * Where the walk is in an L1 table. One object per walk, updated in place for every entry:
+ * read its fields inside the callback, never keep it.
+ */
+export interface L1Cursor {
+  /** Which L1 table: undefined for the active one, else the snapshot's index. */
+  snapshot: number | undefined;
+  /** Host offset of the L1 table. */
+  tableOffset: number;
+  /** Entries in the L1 table. */
+  tableSize: number;
+  /** The L1 table as read (entries past the end of the file read as zero). */
+  table: U64TableView;
+  /** Index of the current entry. */
+  index: number;
+  /** Host offset of the current entry. */
+  entryOffset: number;
+  /** The current entry's high word. */
+  hi: number;
+  /** The current entry's low word. */
+  lo: number;
+  /** The L2 table offset the entry holds (bits 9..55). */
+  l2Offset: number;
+}
+
+/**
+ * Where the walk is in an L2 table (one object per walk, updated in place for every entry).
+ */
+export interface L2Cursor {
+  /** The L1 entry that names this table. */
+  readonly l1: L1Cursor;
+  /** Host offset of the L2 table. */
+  tableOffset: number;
+  /** The L2 table as read (bytes past the end of the file read as zero). A visitor may change it. */
+  table: U64TableView;
+  /** Entry index inside the table. */
+  index: number;
+  /** Word index of the entry's standard u64 in `table` (`index * stride`). */
+  word: number;
+  /** Host offset of the entry. */
+  entryOffset: number;
+  /** Guest cluster index the entry maps. */
+  guestCluster: number;
+  /** The entry's high word. */
+  hi: number;
+  /** The entry's low word. */
+  lo: number;
+  /** The subcluster bitmap's high word (zero flags); 0 for standard entries. */
+  bitmapHi: number;
+  /** The subcluster bitmap's low word (allocation flags); 0 for standard entries. */
+  bitmapLo: number;
+  /** The entry's {@link ClusterType}. */
+  type: ClusterType;
+}
+
+/** Callbacks of {@link walkL1Table}; each may return a promise (awaited only when it does). */
+export interface TableVisitor {
+  /** Before an L1 table's entries are read; return false to skip the table. */
+  l1Table?: (c: L1Cursor) => boolean | void | Promise<boolean | void>;
+  /** For every non-zero L1 entry; return false not to walk the L2 table it names. */
+  l1Entry?: (c: L1Cursor) => boolean | void | Promise<boolean | void>;
+  /** For every L2 entry with any bit set (either word, with extended L2 entries). */
+  l2Entry?: (c: L2Cursor) => void | Promise<void>;
+  /** After the entries of an L2 table (a visitor that changed `c.table` may write it back). */
+  l2TableDone?: (c: L2Cursor) => void | Promise<void>;
+}
+
+/** The image a table walk reads. */
+export interface TableSource {
+  /** The image file. */
+  readonly backend: BlockBackend;
+  /** Entry decoding facts ({@link l2Format}). */
+  readonly format: L2Format;
+  /** The file size (tables past it are not read: they read as zeros). */
+  readonly fileSize: number;
+}
+
+const TRUE = (): boolean => true;
+
+/** Create the reused cursors of one walk. */
+function cursors(): { l1: L1Cursor; l2: L2Cursor } {
+  const empty = new U64TableView(new Uint8Array(0), "big");
+  const l1: L1Cursor = {
+    snapshot: undefined,
+    tableOffset: 0,
+    tableSize: 0,
+    table: empty,
+    index: 0,
+    entryOffset: 0,
+    hi: 0,
+    lo: 0,
+    l2Offset: 0,
+  };
+  const l2: L2Cursor = {
+    l1,
+    tableOffset: 0,
+    table: empty,
+    index: 0,
+    word: 0,
+    entryOffset: 0,
+    guestCluster: 0,
+    hi: 0,
+    lo: 0,
+    bitmapHi: 0,
+    bitmapLo: 0,
+    type: ClusterType.Unallocated,
+  };
+  return { l1, l2 };
+}
+
+/**
+ * Reads L2 tables for a walk with read-ahead: when tables follow each other on the host (as
+ * they do in images written sequentially or preallocated), one read fetches the next several,
+ * so a walk over millions of entries makes a few hundred reads, not one per table.
+ */
+class TableReader {
+  readonly #backend: BlockBackend;
+  readonly #cs: number;
+  readonly #fileSize: number;
+  #buf: Uint8Array;
+  #start = -1;
+  #end = -1;
+  #nextExpected = -1;
+  #run = 0;
+  static readonly MAX_AHEAD = 1 << 20;
+
+  constructor(backend: BlockBackend, cs: number, fileSize: number) {
+    this.#backend = backend;
+    this.#cs = cs;
+    this.#fileSize = fileSize;
+    this.#buf = new Uint8Array(Math.max(cs, Math.min(TableReader.MAX_AHEAD, 16 * cs)));
+  }
+
+  /** The table at `offset` (cluster aligned, inside the file); valid until the next call. */
+  async read(offset: number): Promise<Uint8Array> {
+    const cs = this.#cs;
+    if (offset >= this.#start && offset + cs <= this.#end) {
+      this.#nextExpected = offset + cs;
+      return this.#buf.subarray(offset - this.#start, offset - this.#start + cs);
+    }
+    // Sequential tables grow the read-ahead; anything else reads one table.
+    this.#run = offset === this.#nextExpected ? Math.min(this.#run * 2 || 2, 16) : 1;
+    const want = Math.min(this.#run * cs, this.#buf.byteLength);
+    const len = Math.max(cs, Math.min(want, Math.ceil((this.#fileSize - offset) / cs) * cs));
+    const buf = this.#buf.subarray(0, Math.min(len, this.#buf.byteLength));
+    this.#start = -1;
+    this.#end = -1;
+    await this.#backend.read(offset, buf, { zeroPastEof: true });
+    this.#start = offset;
+    this.#end = offset + buf.byteLength;
+    this.#nextExpected = offset + cs;
+    return buf.subarray(0, cs);
+  }
+
+  /** Forget what was read ahead (after the visitor wrote into the file). */
+  invalidate(): void {
+    this.#start = -1;
+    this.#end = -1;
+  }
+}
+
+/**
+ * Walk one L1 table and the L2 tables it names, calling the visitor with raw entries and
+ * their positions. Tables (or their parts) past the end of the file read as zeros, as QEMU
+ * reads them. Memory stays bounded: the L1 table and one read-ahead window of L2 tables.
+ */
+export async function walkL1Table(
+  src: TableSource,
+  l1Offset: number,
+  l1Size: number,
+  snapshot: number | undefined,
+  visitor: TableVisitor,
+): Promise<void> {
+  const { l1, l2 } = cursors();
+  const reader = new TableReader(src.backend, src.format.clusterSize, src.fileSize);
+  await walkOne(src, reader, l1, l2, l1Offset, l1Size, snapshot, visitor);
+}
+
+/** Walk the active L1 table, then every snapshot's (in table order), as {@link walkL1Table}. */
+export async function walkTables(
+  src: TableSource,
+  l1: { readonly offset: number; readonly size: number },
+  snapshots: readonly SnapshotEntry[],
+  visitor: TableVisitor,
+): Promise<void> {
+  const c = cursors();
+  const reader = new TableReader(src.backend, src.format.clusterSize, src.fileSize);
+  await walkOne(src, reader, c.l1, c.l2, l1.offset, l1.size, undefined, visitor);
+  for (let s = 0; s < snapshots.length; s++) {
+    const snap = snapshots[s]!;
+    await walkOne(src, reader, c.l1, c.l2, snap.l1TableOffset, snap.l1Size, s, visitor);
+  }
+}
+
+async function walkOne(
+  src: TableSource,
+  reader: TableReader,
+  c1: L1Cursor,
+  c2: L2Cursor,
+  l1Offset: number,
+  l1Size: number,
+  snapshot: number | undefined,
+  visitor: TableVisitor,
+): Promise<void> {
+  const fmt = src.format;
+  const stride = fmt.stride;
+  const per = fmt.entriesPerTable;
+  const extended = fmt.extendedL2;
+  const onL1Entry = visitor.l1Entry ?? TRUE;
+  const onL2Entry = visitor.l2Entry;
+  c1.snapshot = snapshot;
+  c1.tableOffset = l1Offset;
+  c1.tableSize = l1Size;
+  c1.index = 0;
+  c1.entryOffset = l1Offset;
+  if (visitor.l1Table) {
+    let r = visitor.l1Table(c1);
+    if (r instanceof Promise) r = await r;
+    if (r === false) return;
+  }
+  if (l1Size === 0 || l1Offset >= src.fileSize) return;
+  const l1 = new U64TableView(new Uint8Array(l1Size * 8), "big");
+  await src.backend.read(l1Offset, l1.bytes, { zeroPastEof: true });
+  c1.table = l1;
+  for (let i = 0; i < l1Size; i++) {
+    const hi = l1.hi(i);
+    const lo = l1.lo(i);
+    if ((hi | lo) === 0) continue;
+    c1.index = i;
+    c1.entryOffset = l1Offset + i * 8;
+    c1.hi = hi;
+    c1.lo = lo;
+    const l2Offset = entryOffset(hi, lo);
+    c1.l2Offset = l2Offset;
+    let go = onL1Entry(c1);
+    if (go instanceof Promise) {
+      go = await go;
+      reader.invalidate();
+    }
+    if (go === false || l2Offset >= src.fileSize) continue;
+    if (onL2Entry === undefined && visitor.l2TableDone === undefined) continue;
+    const table = new U64TableView(await reader.read(l2Offset), "big");
+    c2.tableOffset = l2Offset;
+    c2.table = table;
+    const guestBase = i * per;
+    if (onL2Entry !== undefined) {
+      for (let j = 0; j < per; j++) {
+        const k = j * stride;
+        const ehi = table.hi(k);
+        const elo = table.lo(k);
+        const bhi = extended ? table.hi(k + 1) : 0;
+        const blo = extended ? table.lo(k + 1) : 0;
+        if ((ehi | elo | bhi | blo) === 0) continue;
+        c2.index = j;
+        c2.word = k;
+        c2.entryOffset = l2Offset + k * 8;
+        c2.guestCluster = guestBase + j;
+        c2.hi = ehi;
+        c2.lo = elo;
+        c2.bitmapHi = bhi;
+        c2.bitmapLo = blo;
+        c2.type = clusterTypeOf(fmt, ehi, elo);
+        const r = onL2Entry(c2);
+        if (r instanceof Promise) {
+          await r;
+          reader.invalidate();
+        }
+      }
+    }
+    if (visitor.l2TableDone) {
+      const r = visitor.l2TableDone(c2);
+      if (r instanceof Promise) {
+        await r;
+        reader.invalidate();
+      }
+    }
+  }
+}
+
+/** {@link clusterType}, inlined here for the walk's inner loop. */
+function clusterTypeOf(fmt: L2Format, hi: number, lo: number): ClusterType {
+  if ((hi & 0x4000_0000) !== 0) return ClusterType.Compressed;
+  const hasOffset = (hi & 0x00ff_ffff) !== 0 || (lo & 0xffff_fe00) !== 0;
+  if ((lo & 1) !== 0 && !fmt.extendedL2) {
+    return hasOffset ? ClusterType.ZeroAlloc : ClusterType.ZeroPlain;
+  }
+  if (!hasOffset) {
+    return fmt.hasDataFile && (hi & 0x8000_0000) !== 0
+      ? ClusterType.Normal
+      : ClusterType.Unallocated;
+  }
+  return ClusterType.Normal;
+}
+
+// ---------------------------------------------------------------------------------------------
+// References: the walk above as a list of host cluster references (the refcount rebuild of a
+// dirty image and the tests' consistency checker count them).
 
 /**
  * Enumerate every reference to a host cluster in a qcow2 image: the header, the active and
  * every snapshot's L1 and L2 tables and data clusters (compressed clusters as byte ranges),
  * the refcount table and blocks, the snapshot table, bitmap directory and tables. Bad entries
  * (misaligned, past the end of the file, reserved bits) are reported as problems and not
- * followed. Memory stays bounded: one L2 table is held at a time.
+ * followed. Memory stays bounded: one L2 table (and its read-ahead) is held at a time.
  */
 export async function walkReferences(input: WalkInput, visit: WalkVisitor): Promise<void> {
   const { backend, header: h } = input;
   const cs = 2 ** h.clusterBits;
   const fileSize = await backend.size();
   const incompat = IncompatibleFeatures.decode(h.incompatibleFeatures);
-  const extendedL2 = incompat.has("extendedL2");
-  const hasDataFile = incompat.has("externalDataFile");
-  const l2Entries = cs / (extendedL2 ? 16 : 8);
-  const stride = extendedL2 ? 2 : 1;
-  const layout = compressedLayout(h.clusterBits);
+  const fmt = l2Format({
+    clusterBits: h.clusterBits,
+    extendedL2: incompat.has("extendedL2"),
+    hasDataFile: incompat.has("externalDataFile"),
+  });
+  const hasDataFile = fmt.hasDataFile;
+  const l2Entries = fmt.entriesPerTable;
   const problem = async (p: WalkProblem): Promise<void> => {
     if (visit.problem) await visit.problem(p);
   };
@@ -122,13 +427,15 @@ export async function walkReferences(input: WalkInput, visit: WalkVisitor): Prom
   const rtView = new U64TableView(rt.bytes.subarray(0, rtLen), "big");
   if (rtLen > 0) await backend.read(h.refcountTableOffset, rtView.bytes);
   for (let i = 0; i < rtView.length; i++) {
-    if (rtView.isZero(i)) continue;
-    const off = rtView.getMasked(i, REFTABLE_OFFSET_MASK);
-    const entryOffset = h.refcountTableOffset + i * 8;
-    if ((rtView.lo(i) & 0x1ff) !== 0 || off % cs !== 0) {
+    const hi = rtView.hi(i);
+    const lo = rtView.lo(i);
+    if ((hi | lo) === 0) continue;
+    const off = reftableOffset(hi, lo);
+    const entryOff = h.refcountTableOffset + i * 8;
+    if (reftableReservedBits(lo) || off % cs !== 0) {
       await problem({
         message: `refcount block ${i} offset ${hex(off)} is not aligned to the cluster size`,
-        offset: entryOffset,
+        offset: entryOff,
         where: "refcount-table",
       });
       continue;
@@ -136,7 +443,7 @@ export async function walkReferences(input: WalkInput, visit: WalkVisitor): Prom
     if (off + cs > fileSize) {
       await problem({
         message: `refcount block ${i} at ${hex(off)} is past the end of the file`,
-        offset: entryOffset,
+        offset: entryOff,
         where: "refcount-table",
       });
       continue;
@@ -146,7 +453,7 @@ export async function walkReferences(input: WalkInput, visit: WalkVisitor): Prom
       offset: off,
       length: cs,
       index: i,
-      entryOffset,
+      entryOffset: entryOff,
     });
   }
 
@@ -172,137 +479,126 @@ export async function walkReferences(input: WalkInput, visit: WalkVisitor): Prom
     await visit.reference({ kind: "encryption-header", ...input.encryptionHeader });
   }
 
-  const l2 = new U64TableView(new Uint8Array(cs), "big");
-  const walkL1 = async (
-    l1Offset: number,
-    l1Size: number,
-    snapshot: number | undefined,
-  ): Promise<void> => {
-    const bytes = l1Size * 8;
-    await visit.reference({ kind: "l1", offset: l1Offset, length: bytes, snapshot });
-    if (l1Offset + bytes > fileSize || l1Offset % cs !== 0) {
-      await problem({
-        message: `${snapshot === undefined ? "active" : `snapshot ${snapshot}`} L1 table at ${hex(l1Offset)} is ${l1Offset % cs !== 0 ? "not aligned to the cluster size" : "past the end of the file"}`,
-        offset: l1Offset,
-        where: snapshot === undefined ? "l1" : "snapshot",
-      });
-      return;
-    }
-    const l1 = new U64TableView(new Uint8Array(bytes), "big");
-    await backend.read(l1Offset, l1.bytes);
-    for (let i = 0; i < l1.length; i++) {
-      if (l1.isZero(i)) continue;
-      const entryOffset = l1Offset + i * 8;
-      const off = l1.getMasked(i, L1_OFFSET_MASK);
-      const guest = { offset: i * l2Entries * cs, length: l2Entries * cs };
-      if (l1.test(i, L1_RESERVED_MASK)) {
+  const src: TableSource = { backend, format: fmt, fileSize };
+  const visitor: TableVisitor = {
+    async l1Table(c) {
+      const { tableOffset: l1Offset, snapshot } = c;
+      const bytes = c.tableSize * 8;
+      await visit.reference({ kind: "l1", offset: l1Offset, length: bytes, snapshot });
+      if (l1Offset + bytes > fileSize || l1Offset % cs !== 0) {
         await problem({
-          message: `L1 entry ${i} ${hex(l1.getBigInt(i))} has reserved bits set`,
-          offset: entryOffset,
+          message: `${snapshot === undefined ? "active" : `snapshot ${snapshot}`} L1 table at ${hex(l1Offset)} is ${l1Offset % cs !== 0 ? "not aligned to the cluster size" : "past the end of the file"}`,
+          offset: l1Offset,
+          where: snapshot === undefined ? "l1" : "snapshot",
+        });
+        return false;
+      }
+      return true;
+    },
+    async l1Entry(c) {
+      const i = c.index;
+      const off = c.l2Offset;
+      const guest = { offset: i * l2Entries * cs, length: l2Entries * cs };
+      if (l1ReservedBits(c.hi, c.lo)) {
+        await problem({
+          message: `L1 entry ${i} ${hex((BigInt(c.hi) << 32n) | BigInt(c.lo))} has reserved bits set`,
+          offset: c.entryOffset,
           where: "l1",
           guest,
         });
       }
-      if (off === 0) continue;
+      if (off === 0) return false;
       if (off % cs !== 0) {
         await problem({
           message: `L2 table offset ${hex(off)} in L1 entry ${i} is not aligned to the cluster size ${cs}`,
-          offset: entryOffset,
+          offset: c.entryOffset,
           where: "l1",
           guest,
         });
-        continue;
+        return false;
       }
       if (off + cs > fileSize) {
         await problem({
           message: `L2 table at ${hex(off)} (L1 entry ${i}) is past the end of the file`,
-          offset: entryOffset,
+          offset: c.entryOffset,
           where: "l1",
           guest,
         });
-        continue;
+        return false;
       }
       await visit.reference({
         kind: "l2",
         offset: off,
         length: cs,
-        snapshot,
+        snapshot: c.snapshot,
         index: i,
-        copied: l1.test(i, OFLAG_COPIED),
-        entryOffset,
+        copied: entryCopied(c.hi),
+        entryOffset: c.entryOffset,
       });
-      await backend.read(off, l2.bytes);
-      for (let j = 0; j < l2Entries; j++) {
-        const k = j * stride;
-        const hi = l2.hi(k);
-        const lo = l2.lo(k);
-        if ((hi | lo) === 0) continue;
-        const gIndex = i * l2Entries + j;
-        const eOff = off + k * 8;
-        const g = { offset: gIndex * cs, length: cs };
-        if ((hi & OFLAG_COMPRESSED.hi) !== 0) {
-          const d = decodeCompressed(hi, lo, layout);
-          if (d.hostOffset === 0 || d.hostOffset + d.length > fileSize + 512) {
-            await problem({
-              message: `compressed cluster descriptor in L2 entry ${j} of table ${hex(off)} points to ${hex(d.hostOffset)}, outside the file`,
-              offset: eOff,
-              where: "l2",
-              guest: g,
-            });
-            continue;
-          }
-          await visit.reference({
-            kind: "compressed",
-            offset: d.hostOffset,
-            length: d.length,
-            snapshot,
-            index: gIndex,
-            copied: (hi & OFLAG_COPIED.hi) !== 0,
-            entryOffset: eOff,
-          });
-          continue;
-        }
-        const host = ((hi & L2_OFFSET_MASK.hi) >>> 0) * TWO_32 + ((lo & L2_OFFSET_MASK.lo) >>> 0);
-        if (
-          ((hi & L2_RESERVED_MASK.hi) |
-            (lo & L2_RESERVED_MASK.lo & ~(extendedL2 ? 0 : OFLAG_ZERO.lo))) !==
-          0
-        ) {
+      return true;
+    },
+    async l2Entry(c) {
+      const { hi, lo } = c;
+      if ((hi | lo) === 0) return;
+      const off = c.tableOffset;
+      const j = c.index;
+      const g = { offset: c.guestCluster * cs, length: cs };
+      if (c.type === ClusterType.Compressed) {
+        const host = compressedOffset(fmt, hi, lo);
+        const length = compressedLength(fmt, hi, lo);
+        if (host === 0 || host + length > fileSize + 512) {
           await problem({
-            message: `L2 entry ${j} of table ${hex(off)} (${hex(l2.getBigInt(k))}) has reserved bits set`,
-            offset: eOff,
+            message: `compressed cluster descriptor in L2 entry ${j} of table ${hex(off)} points to ${hex(host)}, outside the file`,
+            offset: c.entryOffset,
             where: "l2",
             guest: g,
           });
+          return;
         }
-        if (host === 0) continue;
-        if (host % cs !== 0) {
-          await problem({
-            message: `cluster offset ${hex(host)} in L2 entry ${j} of table ${hex(off)} is not aligned to the cluster size ${cs}`,
-            offset: eOff,
-            where: "l2",
-            guest: g,
-          });
-          continue;
-        }
-        if (hasDataFile) continue; // data clusters live in the data file, not counted here
         await visit.reference({
-          kind: "data",
+          kind: "compressed",
           offset: host,
-          length: cs,
-          snapshot,
-          index: gIndex,
-          copied: (hi & OFLAG_COPIED.hi) !== 0,
-          entryOffset: eOff,
+          length,
+          snapshot: c.l1.snapshot,
+          index: c.guestCluster,
+          copied: entryCopied(hi),
+          entryOffset: c.entryOffset,
+        });
+        return;
+      }
+      const host = entryOffset(hi, lo);
+      const bad = l2EntryProblem(fmt, hi, lo);
+      if (bad === EntryProblem.ReservedBits) {
+        await problem({
+          message: `L2 entry ${j} of table ${hex(off)} (${hex((BigInt(hi) << 32n) | BigInt(lo))}) has reserved bits set`,
+          offset: c.entryOffset,
+          where: "l2",
+          guest: g,
         });
       }
-    }
+      if (host === 0) return;
+      if (host % cs !== 0) {
+        await problem({
+          message: `cluster offset ${hex(host)} in L2 entry ${j} of table ${hex(off)} is not aligned to the cluster size ${cs}`,
+          offset: c.entryOffset,
+          where: "l2",
+          guest: g,
+        });
+        return;
+      }
+      if (hasDataFile) return; // data clusters live in the data file, not counted here
+      await visit.reference({
+        kind: "data",
+        offset: host,
+        length: cs,
+        snapshot: c.l1.snapshot,
+        index: c.guestCluster,
+        copied: entryCopied(hi),
+        entryOffset: c.entryOffset,
+      });
+    },
   };
-  await walkL1(h.l1TableOffset, h.l1Size, undefined);
-  for (let s = 0; s < input.snapshots.length; s++) {
-    const snap = input.snapshots[s]!;
-    await walkL1(snap.l1TableOffset, snap.l1Size, s);
-  }
+  await walkTables(src, { offset: h.l1TableOffset, size: h.l1Size }, input.snapshots, visitor);
 
   // Persistent bitmaps.
   const autoclear = AutoclearFeatures.decode(h.autoclearFeatures);
@@ -322,7 +618,7 @@ export async function walkReferences(input: WalkInput, visit: WalkVisitor): Prom
       const t = new U64TableView(new Uint8Array(bytes), "big");
       await backend.read(b.bitmapTableOffset, t.bytes);
       for (let i = 0; i < t.length; i++) {
-        const off = t.getMasked(i, L2_OFFSET_MASK);
+        const off = entryOffset(t.hi(i), t.lo(i));
         if (off > 1 && off % cs === 0 && off + cs <= fileSize) {
           await visit.reference({ kind: "bitmap-data", offset: off, length: cs });
         }

@@ -295,16 +295,16 @@ export function subclusterType(
 }
 
 /**
- * What is wrong with a standard L2 entry's own bits: reserved bits (1..8 and 56..61; bit 0
- * too with extended L2 entries, where the zero flag is not used) or a host offset that is not
- * cluster aligned. Compressed descriptors have no reserved bits and byte offsets: `None`.
+ * What is wrong with a standard L2 entry's own bits: reserved bits (1..8 and 56..61, the
+ * bits QEMU's check tests; bit 0 is the zero flag, and with extended L2 entries QEMU ignores
+ * it) or a host offset that is not cluster aligned. Compressed descriptors have no reserved
+ * bits and byte offsets: `None`.
  */
 export function l2EntryProblem(fmt: L2Format, hi: number, lo: number): EntryProblem {
   if ((hi & COMPRESSED_HI) !== 0) return EntryProblem.None;
   if ((hi & L2_RESERVED_MASK.hi) !== 0 || (lo & L2_RESERVED_MASK.lo) !== 0) {
     return EntryProblem.ReservedBits;
   }
-  if (fmt.extendedL2 && (lo & 1) !== 0) return EntryProblem.ReservedBits;
   if (entryOffset(hi, lo) % fmt.clusterSize !== 0) return EntryProblem.Unaligned;
   return EntryProblem.None;
 }

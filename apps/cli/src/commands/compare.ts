@@ -4,7 +4,7 @@
  *   0 identical, 1 different, 2 error opening an image (or any other error), 3 block status
  *   error, 4 read error.
  */
-import { alignedBuffers } from "@qimg/io";
+import { alignedBuffers, StatusCursor } from "@qimg/io";
 import type { Command } from "commander";
 import { stringOpt, type CommandDef } from "../command.js";
 import type { CliContext } from "../context.js";
@@ -55,14 +55,13 @@ export function firstNonZeroSector(buf: Uint8Array, length: number): number {
   return -1;
 }
 
-async function status(
-  image: DiskImage,
-  name: string,
-  offset: number,
-  length: number,
-): Promise<BlockStatus> {
+/**
+ * The block status covering `offset` (one driver call per extent: the cursor keeps the last
+ * one), with qemu-img's message and exit code on failure.
+ */
+async function status(cursor: StatusCursor, name: string, offset: number): Promise<BlockStatus> {
   try {
-    return await image.blockStatus(offset, length);
+    return await cursor.at(offset);
   } catch (e) {
     throw new CliError(
       `Sector allocation test failed for ${name}: ${e instanceof Error ? e.message : String(e)}`,
@@ -152,15 +151,14 @@ async function compareImages(
       return 0;
     };
 
+    // Block status as qemu-img asks for it: from the offset to the image's end.
+    const cursorA = new StatusCursor(imageA, sizeA, Number.MAX_SAFE_INTEGER);
+    const cursorB = new StatusCursor(imageB, sizeB, Number.MAX_SAFE_INTEGER);
     let offset = 0;
     while (offset < total) {
-      const s1 = await status(imageA, options.a, offset, sizeA - offset);
-      const s2 = await status(imageB, options.b, offset, sizeB - offset);
-      let chunk = Math.min(
-        s1.offset + s1.length - offset,
-        s2.offset + s2.length - offset,
-        total - offset,
-      );
+      const s1 = await status(cursorA, options.a, offset);
+      const s2 = await status(cursorB, options.b, offset);
+      let chunk = Math.min(cursorA.end - offset, cursorB.end - offset, total - offset);
       if (
         options.strict === true &&
         (s1.present !== s2.present || s1.zero !== s2.zero || s1.data !== s2.data)
@@ -194,11 +192,11 @@ async function compareImages(
 
     if (sizeA !== sizeB) {
       say("Warning: Image size mismatch!\n");
-      const [over, name, end] =
-        sizeA > sizeB ? [imageA, options.a, sizeA] : [imageB, options.b, sizeB];
+      const [over, cursor, name, end] =
+        sizeA > sizeB ? [imageA, cursorA, options.a, sizeA] : [imageB, cursorB, options.b, sizeB];
       while (offset < end) {
-        const s = await status(over, name, offset, end - offset);
-        let chunk = s.offset + s.length - offset;
+        const s = await status(cursor, name, offset);
+        let chunk = cursor.end - offset;
         if (s.present && !s.zero) {
           chunk = Math.min(chunk, IO_BUF_SIZE);
           const r = await checkEmpty(over, name, offset, chunk);

@@ -4,6 +4,7 @@
  */
 import type { Command } from "commander";
 import { Option } from "commander";
+import { MAX_STATUS_PROBE, StatusCursor } from "@qimg/io";
 import { parseOutputFormat, stringOpt, type CommandDef, type OutputFormat } from "../command.js";
 import type { CliContext } from "../context.js";
 import type { BlockStatus, DiskImage } from "../drivers.js";
@@ -33,7 +34,7 @@ export interface MapEntry {
 }
 
 /** qemu-img probes at most 1 GiB per block-status call. */
-const MAX_PROBE = 1024 ** 3;
+const MAX_PROBE = MAX_STATUS_PROBE;
 
 function entryOf(s: BlockStatus): MapEntry {
   const hasOffset = s.hostOffset !== undefined;
@@ -114,13 +115,9 @@ function dumpMapEntry(
 
 /** Yield the raw (unmerged) extents of the whole image, as qemu-img's loop asks for them. */
 export async function* blockStatusExtents(image: DiskImage, from = 0): AsyncGenerator<BlockStatus> {
-  let offset = from;
-  const length = image.virtualSize;
-  while (offset < length) {
-    const s = await image.blockStatus(offset, Math.min(MAX_PROBE, length - offset));
-    if (s.length <= 0) throw new Error(`blockStatus at ${offset} returned an empty extent`);
-    yield s;
-    offset = s.offset + s.length;
+  const cursor = new StatusCursor(image, image.virtualSize, MAX_PROBE);
+  for (let offset = from; offset < image.virtualSize; offset = cursor.end) {
+    yield await cursor.at(offset);
   }
 }
 

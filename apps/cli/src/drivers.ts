@@ -1,11 +1,11 @@
 /**
  * The format drivers the CLI dispatches to, in one file: the one place that maps the CLI's
- * open options onto each library's.
+ * open options onto each library's. Every driver returns the same contract,
+ * `WritableDiskImage` from `@qimg/io` (read-only opens refuse writes with a READ_ONLY error).
  */
 import { RawImage } from "@qimg/io";
-import type { BlockBackend, BlockStatus, DiskImage } from "@qimg/io";
-import { openQcow2 } from "@qimg/qcow2";
-import type { Qcow2Image } from "@qimg/qcow2";
+import type { BlockBackend, BlockStatus, DiskImage, WritableDiskImage } from "@qimg/io";
+import { Qcow2Image, openQcow2 } from "@qimg/qcow2";
 import type {
   BackingOpener,
   BackingRequest,
@@ -14,8 +14,8 @@ import type {
   Qcow2Info,
   SnapshotInfo,
 } from "@qimg/qcow2";
-import { openQed } from "@qimg/qed";
-import type { QedImage, QedInfo } from "@qimg/qed";
+import { QedImage, openQed } from "@qimg/qed";
+import type { QedInfo } from "@qimg/qed";
 
 export type {
   BackingOpener,
@@ -27,6 +27,7 @@ export type {
   Qcow2Info,
   QedInfo,
   SnapshotInfo,
+  WritableDiskImage,
 };
 
 export interface DriverOpenOptions {
@@ -46,14 +47,14 @@ export interface Qcow2WriteOptions {
   readonly compress?: Compressor | undefined;
 }
 
-export function openRaw(backend: BlockBackend, readOnly: boolean): Promise<DiskImage> {
+export function openRaw(backend: BlockBackend, readOnly: boolean): Promise<WritableDiskImage> {
   return RawImage.open(backend, { readOnly });
 }
 
-export function openQcow2Image(
+export async function openQcow2Image(
   backend: BlockBackend,
   options: DriverOpenOptions,
-): Promise<DiskImage> {
+): Promise<WritableDiskImage> {
   const extra = options.qcow2;
   const write = {
     ...(extra?.lazyRefcounts !== undefined ? { lazyRefcounts: extra.lazyRefcounts } : {}),
@@ -61,8 +62,8 @@ export function openQcow2Image(
     ...(extra?.compress !== undefined ? { compress: extra.compress } : {}),
   };
   return options.openBacking === undefined
-    ? openQcow2(backend, { readOnly: options.readOnly, noBacking: true, ...write })
-    : openQcow2(backend, {
+    ? await openQcow2(backend, { readOnly: options.readOnly, noBacking: true, ...write })
+    : await openQcow2(backend, {
         readOnly: options.readOnly,
         openBacking: options.openBacking,
         openDataFile: options.openDataFile,
@@ -70,19 +71,21 @@ export function openQcow2Image(
       });
 }
 
-export function openQedImage(
+export async function openQedImage(
   backend: BlockBackend,
   options: DriverOpenOptions,
-): Promise<DiskImage> {
-  return openQed(backend, { readOnly: options.readOnly, openBacking: options.openBacking });
+): Promise<WritableDiskImage> {
+  return options.openBacking === undefined
+    ? await openQed(backend, { readOnly: options.readOnly, noBacking: true })
+    : await openQed(backend, { readOnly: options.readOnly, openBacking: options.openBacking });
 }
 
-/** The qcow2 facts of an image opened by {@link openQcow2Image}. */
-export function qcow2InfoOf(image: DiskImage): Qcow2Info {
-  return (image as Qcow2Image).info();
+/** The qcow2 facts of an image, or undefined when it is not a qcow2 image. */
+export function qcow2InfoOf(image: DiskImage): Qcow2Info | undefined {
+  return image instanceof Qcow2Image ? image.info() : undefined;
 }
 
-/** The QED facts of an image opened by {@link openQedImage}. */
-export function qedInfoOf(image: DiskImage): QedInfo {
-  return (image as QedImage).info();
+/** The QED facts of an image, or undefined when it is not a QED image. */
+export function qedInfoOf(image: DiskImage): QedInfo | undefined {
+  return image instanceof QedImage ? image.info() : undefined;
 }

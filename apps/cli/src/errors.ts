@@ -101,14 +101,19 @@ function errnoOf(e: unknown): string | undefined {
     : undefined;
 }
 
-/** The message of `e`, with a leading `<file>: ` removed and system errors in strerror words. */
+/**
+ * The message of `e`, with a leading `<file>: ` removed and system errors in strerror words:
+ * the words are chosen by the errno code of the error's cause (never by the message); the
+ * message only says where they go (after "<what> failed: ", or alone for a failed open).
+ */
 export function messageOf(e: unknown, file: string | undefined): string {
   if (e instanceof FileContextError) e = e.error;
   let message = e instanceof Error ? e.message : String(e);
   if (isQimgError(e)) {
     const errno = errnoOf(e.cause);
     const text = errno === undefined ? undefined : ERRNO_TEXT[errno];
-    if (text !== undefined && /: open failed: /.test(message)) {
+    if (text !== undefined && message.includes(": open failed: ")) {
+      // qemu-img says only the strerror() words of a failed open ("Could not open 'x': ...").
       message = text;
     } else if (text !== undefined) {
       // "<what> failed: ENOSPC: no space left on device, write" -> "<what> failed: No space..."

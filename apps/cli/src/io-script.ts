@@ -6,11 +6,11 @@
  * run, as in qemu-io. A failed aio request is reported when it completes and, as in qemu-io,
  * leaves the exit status alone.
  */
+import { ErrorCode, isQimgError } from "@qimg/structs";
 import type { CliContext } from "./context.js";
-import type { DiskImage } from "./drivers.js";
+import type { DiskImage, WritableDiskImage } from "./drivers.js";
 import { cvtstr, dumpBuffer, report } from "./util/qemu-io-format.js";
 import { parseSize, SizeParseError } from "./util/size.js";
-import type { WritableImage } from "./writable.js";
 
 /** qemu's BDRV_REQUEST_MAX_BYTES: the longest single request. */
 export const MAX_REQUEST = 2147483136;
@@ -27,11 +27,29 @@ export class ScriptCrash extends Error {
 /** A command line failed: its message was already printed. */
 class CommandFailed extends Error {}
 
+/**
+ * A request refused before it reached the image, as QEMU's block layer and qemu-io refuse it;
+ * the message is the strerror() text qemu-io prints.
+ */
+class RequestRefused extends Error {}
+
+/** qemu-io's strerror() words for the typed errors of the drivers, by error code. */
+const ERROR_TEXT: Partial<Record<ErrorCode, string>> = {
+  // EPERM: a write to an image (or file) opened read-only, or marked corrupt.
+  [ErrorCode.READ_ONLY]: "Operation not permitted",
+  // EINVAL: a request the driver cannot take (a compressed write that is not one cluster).
+  [ErrorCode.INVALID_ARGUMENT]: "Invalid argument",
+  // EIO: the image's metadata is corrupt where the request went.
+  [ErrorCode.CORRUPT_IMAGE]: "Input/output error",
+};
+
 export interface ScriptTarget {
   readonly image: DiskImage;
-  /** The write side; undefined when opened read-only. */
-  readonly writable: WritableImage | undefined;
+  /** The write side (the image itself); undefined when opened read-only. */
+  readonly writable: WritableDiskImage | undefined;
   readonly file: string;
+  /** Flush after every write, zero write and discard (a write-through cache mode). */
+  readonly flushEachWrite?: boolean | undefined;
 }
 
 /** Split a command line at blanks, honouring double and single quotes. */
@@ -177,7 +195,7 @@ export class IoScript {
     return [offset, length];
   }
 
-  private writable(): WritableImage {
+  private writable(): WritableDiskImage {
     const w = this.target.writable;
     if (w === undefined) {
       this.ctx.stderr(`qimg: ${this.target.file}: Block node is read-only\n`);
@@ -186,13 +204,33 @@ export class IoScript {
     return w;
   }
 
-  /** qemu-io's words for a failed request. */
+  /** qemu-io's words for a failed request: by the error's code, else its message. */
   private errorText(e: unknown): string {
+    const text = isQimgError(e) ? ERROR_TEXT[e.code] : undefined;
+    if (text !== undefined) return text;
     const message = e instanceof Error ? e.message : String(e);
-    if (/past the end|invalid request/i.test(message)) return "Input/output error";
-    if (/whole cluster|must cover|not supported with/i.test(message)) return "Invalid argument";
-    if (/read-only/i.test(message)) return "Operation not permitted";
     return message.split("\n")[0] ?? message;
+  }
+
+  /**
+   * Run a request on [offset, offset + length) unless it passes the end of the image, which
+   * fails with qemu-io's EIO before anything reaches the image (QEMU's block layer checks it
+   * first); with a write-through cache mode a write is followed by a flush.
+   */
+  private request(
+    offset: number,
+    length: number,
+    fn: () => Promise<void>,
+    write = false,
+  ): Promise<void> {
+    if (offset + length > this.target.image.virtualSize) {
+      return Promise.reject(new RequestRefused("Input/output error"));
+    }
+    const w = this.target.writable;
+    if (write && w !== undefined && this.target.flushEachWrite === true) {
+      return fn().then(() => w.flush());
+    }
+    return fn();
   }
 
   private async dispatch(name: string, argv: readonly string[]): Promise<void> {
@@ -285,7 +323,8 @@ export class IoScript {
       if (!quiet) this.out(report("read", seconds, offset, length, length, 1));
       if (bad) throw new CommandFailed();
     };
-    await this.complete(this.target.image.read(offset, buf), finish, aio, cmd, "read");
+    const op = this.request(offset, length, () => this.target.image.read(offset, buf));
+    await this.complete(op, finish, aio, cmd, "read");
   }
 
   /** aio_* commands run in the background until aio_flush; the others complete here. */
@@ -329,10 +368,13 @@ export class IoScript {
     const t0 = performance.now();
     let op: Promise<void>;
     if (zero) {
-      op = w.writeZeroes(offset, length, flags.has("u"));
+      const mayUnmap = flags.has("u");
+      op = this.request(offset, length, () => w.writeZeroes(offset, length, { mayUnmap }), true);
     } else {
       const data = new Uint8Array(length).fill(pattern);
-      op = compressed ? this.writeCompressed(w, offset, data) : w.write(offset, data);
+      op = compressed
+        ? this.writeCompressed(w, offset, data)
+        : this.request(offset, length, () => w.write(offset, data), true);
     }
     const finish = (): void => {
       if (!quiet)
@@ -346,13 +388,20 @@ export class IoScript {
    * A request within the disk that does not cover whole clusters goes to the driver as it is:
    * as in QEMU, the driver marks it dirty in persistent bitmaps, then refuses it (EINVAL).
    */
-  private async writeCompressed(w: WritableImage, offset: number, data: Uint8Array): Promise<void> {
+  private async writeCompressed(
+    w: WritableDiskImage,
+    offset: number,
+    data: Uint8Array,
+  ): Promise<void> {
     const cs = w.clusterSize;
     const size = this.target.image.virtualSize;
     const end = offset + data.length;
-    if (w.writeCompressed === undefined) throw new Error("Operation not supported");
+    // Formats without compressed clusters (QED, raw): qemu-io's ENOTSUP.
+    if (!("writeCompressed" in w) || w.writeCompressed === undefined) {
+      throw new RequestRefused("Operation not supported");
+    }
     if (data.length === 0) return; // qemu-io: "wrote 0/0 bytes"
-    if (end > size) throw new Error("request is past the end of the disk");
+    if (end > size) throw new RequestRefused("Input/output error");
     if (offset % cs !== 0 || (end % cs !== 0 && end !== size)) {
       await w.writeCompressed(offset, data);
       // (A driver that took it anyway wrote it: nothing to refuse.)
@@ -374,7 +423,7 @@ export class IoScript {
     const w = this.writable();
     const t0 = performance.now();
     try {
-      await w.discard(offset, length);
+      await this.request(offset, length, () => w.discard(offset, length), true);
     } catch (e) {
       this.fail(`discard failed: ${this.errorText(e)}`);
     }

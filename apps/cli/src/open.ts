@@ -15,6 +15,7 @@ import {
   type BlockBackend,
   type DiskImage,
   type Qcow2WriteOptions,
+  type WritableDiskImage,
 } from "./drivers.js";
 import { CliError, inFile } from "./errors.js";
 import { PROBE_SIZE, probeFormat, probedRawWarning } from "./probe.js";
@@ -101,7 +102,7 @@ async function openOnBackend(
     onOpen?: ((path: string) => void) | undefined;
     forceShare?: boolean | undefined;
   },
-): Promise<DiskImage> {
+): Promise<WritableDiskImage> {
   try {
     let fmt = format;
     if (fmt === undefined) {
@@ -200,7 +201,10 @@ export function fileBackingOpener(
  * A probed raw image only draws qemu-img's "probing guessed raw" warning when it is opened
  * for writing, as qemu-img does; read-only commands stay quiet.
  */
-export async function openImage(path: string, options: OpenImageOptions): Promise<DiskImage> {
+export async function openImage(
+  path: string,
+  options: OpenImageOptions,
+): Promise<WritableDiskImage> {
   const readOnly = options.readOnly ?? true;
   return inFile(path, async () => {
     if (options.format !== undefined) checkFormat(options.format);
@@ -227,6 +231,15 @@ export async function openImage(path: string, options: OpenImageOptions): Promis
       forceShare,
     });
   });
+}
+
+/**
+ * The image as a write target: an image opened read-only (or turned read-only, as a qcow2
+ * image marked corrupt) is refused with qemu's "Block node is read-only", naming its file.
+ */
+export function writeTarget(image: WritableDiskImage): WritableDiskImage {
+  if (image.readOnly) throw new CliError("Block node is read-only", { file: image.backend.name });
+  return image;
 }
 
 /** Every image of the chain, top first. */

@@ -46,6 +46,7 @@ export {
 export type { QedGeometry, QedEntryKind } from "./spec/table.js";
 export { QedImage, openQed, readQedMetadata } from "./image.js";
 export { createQed } from "./create.js";
+export { probeQed } from "./probe.js";
 export { checkQed } from "./check.js";
 export type {
   BackingOpener,

@@ -10,9 +10,8 @@ import type { Command } from "commander";
 import { stringOpt, type CommandDef } from "../command.js";
 import type { CliContext } from "../context.js";
 import { CliError } from "../errors.js";
-import { openImage } from "../open.js";
+import { openImage, writeTarget } from "../open.js";
 import { parseSize } from "../util/size.js";
-import { writableOf } from "../writable.js";
 import { cacheWritethrough } from "../util/cache-mode.js";
 
 /** `e` as an Error (rejections are errors here; anything else is wrapped). */
@@ -88,7 +87,7 @@ export async function runBench(ctx: CliContext, o: BenchOptions): Promise<number
     forceShare: o.forceShare === true,
   });
   try {
-    const w = isWrite ? writableOf(image) : undefined;
+    const w = isWrite ? writeTarget(image) : undefined;
     const imageSize = image.virtualSize;
     if (!o.quiet) {
       ctx.stdout(

@@ -61,8 +61,10 @@ export function imageInfoJson(image: DiskImage, filename: string): JsonObject {
     dirty: boolean;
     encrypted?: boolean;
   } = { dirty: false };
-  if (image.format === "qcow2") {
-    const q = qcow2InfoOf(image);
+  const qcow2 = qcow2InfoOf(image);
+  const qed = qedInfoOf(image);
+  if (qcow2 !== undefined) {
+    const q = qcow2;
     if (q.snapshots.length > 0) info.snapshots = q.snapshots.map(snapshotJson);
     info.backingFilename = q.backingFilename;
     info.backingFormat = q.backingFormat;
@@ -95,8 +97,8 @@ export function imageInfoJson(image: DiskImage, filename: string): JsonObject {
             "extended-l2": q.extendedL2,
           };
     info.formatSpecific = { type: "qcow2", data };
-  } else if (image.format === "qed") {
-    const q = qedInfoOf(image);
+  } else if (qed !== undefined) {
+    const q = qed;
     info.backingFilename = q.backingFilename;
     info.backingFormat = q.backingFormat;
     info.clusterSize = q.clusterSize;

@@ -14,9 +14,8 @@ import { stringOpt, type CommandDef } from "../command.js";
 import type { CliContext } from "../context.js";
 import { CliError } from "../errors.js";
 import { IoScript, ScriptCrash } from "../io-script.js";
-import { openImage } from "../open.js";
+import { openImage, writeTarget } from "../open.js";
 import { parseBool, splitOptions } from "../util/qemu-opts.js";
-import { writableOf, type WritableImage } from "../writable.js";
 import { collect } from "../util/cli-options.js";
 
 export interface IoOptions {
@@ -59,26 +58,6 @@ export function cacheWritethrough(mode: string | undefined): boolean | undefined
   return mode === undefined ? undefined : cacheMode(mode).writethrough;
 }
 
-/**
- * The write side of a non-qcow2 image (QED, raw) under a write-through cache mode: every
- * write, zero write and discard is followed by a flush. (The qcow2 driver does this itself,
- * ordering its metadata as QEMU does.)
- */
-function writethroughOf(w: WritableImage): WritableImage {
-  const then = async (p: Promise<void>): Promise<void> => {
-    await p;
-    await w.flush();
-  };
-  const compressed = w.writeCompressed;
-  return {
-    ...w,
-    write: (o, d) => then(w.write(o, d)),
-    writeZeroes: (o, l, u) => then(w.writeZeroes(o, l, u)),
-    discard: (o, l) => then(w.discard(o, l)),
-    writeCompressed: compressed === undefined ? undefined : (o, d) => then(compressed(o, d)),
-  };
-}
-
 export async function runIo(ctx: CliContext, o: IoOptions): Promise<number> {
   let lazyRefcounts: boolean | undefined;
   let mode = cacheMode(o.cache ?? DEFAULT_IO_CACHE);
@@ -107,12 +86,12 @@ export async function runIo(ctx: CliContext, o: IoOptions): Promise<number> {
   });
   let crashed = false;
   try {
-    let writable: WritableImage | undefined;
-    if (!readOnly) {
-      writable = writableOf(image);
-      if (mode.writethrough && image.format !== "qcow2") writable = writethroughOf(writable);
-    }
-    const script = new IoScript({ image, writable, file: o.file }, ctx);
+    const writable = readOnly ? undefined : writeTarget(image);
+    // Under a write-through cache mode every write, zero write and discard of a QED or raw
+    // image is followed by a flush. (The qcow2 driver does this itself, ordering its metadata
+    // as QEMU does.)
+    const flushEachWrite = mode.writethrough && image.format !== "qcow2";
+    const script = new IoScript({ image, writable, file: o.file, flushEachWrite }, ctx);
     try {
       for (const line of o.commands) await script.run(line);
       await script.drain();

@@ -86,6 +86,11 @@ export interface WritableDiskImage extends DiskImage {
   /** Make every completed write durable (metadata in the format's safe order, then a sync). */
   flush(): Promise<void>;
   /**
+   * Change the virtual size to `newSize` bytes. Formats refuse what they cannot do (qcow2 and
+   * QED do not shrink) with a typed error, before anything changes.
+   */
+  resize(newSize: number): Promise<void>;
+  /**
    * Write one whole cluster compressed (the last cluster of the disk may be shorter). Only
    * formats that store compressed clusters have it (qcow2); a request that is not exactly one
    * cluster fails with an `InvalidArgumentError`.

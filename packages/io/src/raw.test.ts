@@ -61,6 +61,26 @@ describe("RawImage: the writable image contract", () => {
     await img.close();
   });
 
+  it("resizes by truncating the file: grows with zeros, shrinks, virtual size rounded to a sector", async () => {
+    const m = MemoryBackend.from(new Uint8Array(3000).fill(5));
+    const ro = await RawImage.open(MemoryBackend.from(new Uint8Array(10)));
+    await expect(ro.resize(4096)).rejects.toMatchObject({ code: ErrorCode.READ_ONLY });
+    const img = await RawImage.open(m, { readOnly: false });
+    await img.resize(5001);
+    expect(m.length).toBe(5001);
+    expect(img.virtualSize).toBe(5120);
+    const got = new Uint8Array(img.virtualSize);
+    await img.read(0, got);
+    expect(firstDifference(got.subarray(0, 3000), new Uint8Array(3000).fill(5))).toBe(-1);
+    expect(firstDifference(got.subarray(3000), new Uint8Array(5120 - 3000))).toBe(-1);
+    await img.resize(700);
+    expect(m.length).toBe(700);
+    expect(img.virtualSize).toBe(1024);
+    await expect(img.read(1000, new Uint8Array(25))).rejects.toBeInstanceOf(InvalidArgumentError);
+    await expect(img.resize(-1)).rejects.toBeInstanceOf(InvalidArgumentError);
+    await img.close();
+  });
+
   it("fails every call after close with CLOSED; close twice is fine", async () => {
     const img = await RawImage.open(MemoryBackend.from(new Uint8Array(4096)), { readOnly: false });
     await img.close();
@@ -72,6 +92,7 @@ describe("RawImage: the writable image contract", () => {
       img.discard(0, 1),
       img.flush(),
       img.blockStatus(0, 1),
+      img.resize(0),
     ]) {
       await expect(p).rejects.toMatchObject({ code: ErrorCode.CLOSED });
     }

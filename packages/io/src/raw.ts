@@ -18,12 +18,20 @@ export class RawImage implements WritableDiskImage {
   /** True while a blockStatus call scans through `scratch` (calls may overlap). */
   private scratchBusy = false;
 
+  #virtualSize: number;
+
   private constructor(
     readonly backend: BlockBackend,
-    readonly virtualSize: number,
+    virtualSize: number,
     readOnly: boolean,
   ) {
+    this.#virtualSize = virtualSize;
     this.readOnly = readOnly;
+  }
+
+  /** The file size rounded up to a whole 512-byte sector (see {@link RawImage.open}). */
+  get virtualSize(): number {
+    return this.#virtualSize;
   }
 
   /**
@@ -74,6 +82,17 @@ export class RawImage implements WritableDiskImage {
   /** Discarded bytes of a raw image read as zeros: they are written as zeros. */
   async discard(offset: number, length: number): Promise<void> {
     await this.writeZeroes(offset, length);
+  }
+
+  /**
+   * Truncate (or extend) the file to `newSize` bytes: growing adds zeros, shrinking drops the
+   * tail. The virtual size is the new size rounded up to a sector.
+   */
+  async resize(newSize: number): Promise<void> {
+    this.#checkWritable();
+    checkRequest(0, newSize, Number.MAX_SAFE_INTEGER, "image");
+    await this.backend.truncate(newSize);
+    this.#virtualSize = Math.ceil(newSize / SECTOR) * SECTOR;
   }
 
   /** Sync the backend. */

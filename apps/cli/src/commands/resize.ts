@@ -6,31 +6,19 @@
 import type { Command } from "commander";
 import type { CommandDef } from "../command.js";
 import { stringOpt } from "../command.js";
+import { qcow2InfoOf, type DiskImage } from "../drivers.js";
 import { CliError, inFile } from "../errors.js";
 import { openImage } from "../open.js";
 import { parseSize } from "../util/size.js";
-
-interface Resizable {
-  resize(size: number): Promise<void>;
-}
-
-function hasResize(x: unknown): x is Resizable {
-  return typeof (x as Partial<Resizable>).resize === "function";
-}
-
-interface Qcow2Facts {
-  info(): { readonly compat?: string; readonly snapshots?: readonly unknown[] };
-}
 
 /**
  * qemu-img's refusals that depend on the image, checked before anything changes: a version 2
  * qcow2 image does not record each snapshot's disk size, so QEMU will not resize one that has
  * snapshots (they would read past their L1 tables).
  */
-function checkResizable(image: { readonly format: string }): void {
-  if (image.format !== "qcow2") return;
-  const info = (image as Partial<Qcow2Facts>).info?.();
-  if (info?.compat === "0.10" && (info.snapshots?.length ?? 0) > 0) {
+function checkResizable(image: DiskImage): void {
+  const info = qcow2InfoOf(image);
+  if (info?.compat === "0.10" && info.snapshots.length > 0) {
     throw new CliError("Can't resize a v2 image which has snapshots");
   }
 }
@@ -89,21 +77,13 @@ export const resizeCommand: CommandDef = {
           throw new CliError("Shrinking images is currently not supported", { file });
       }
       checkResizable(probe);
-      if (probe.format !== "raw" && !hasResize(probe)) {
-        throw new CliError(`resizing ${probe.format} images is not supported`, { file });
-      }
     } finally {
       await inFile(file, () => probe.close());
     }
     const image = await openImage(file, { format, readOnly: false, ctx });
     try {
-      if (image.format === "raw") {
-        await inFile(file, () => image.backend.truncate(size));
-      } else if (hasResize(image)) {
-        await inFile(file, () => image.resize(size));
-      } else {
-        throw new CliError(`resizing ${image.format} images is not supported`, { file });
-      }
+      // Raw: the file is truncated to the new size; qcow2 and QED grow their tables.
+      await inFile(file, () => image.resize(size));
     } finally {
       await inFile(file, () => image.close());
     }

@@ -5,22 +5,24 @@
 import { CorruptImageError, U64TableView, hex } from "@qimg/structs";
 import type { CachedTable } from "@qimg/cluster-cache";
 import {
-  L1_OFFSET_MASK,
-  L2_OFFSET_MASK,
-  OFLAG_COMPRESSED,
-  OFLAG_COPIED,
-  OFLAG_ZERO,
-  decodeCompressed,
+  ClusterType,
+  clusterType,
+  compressedLength,
+  compressedOffset,
+  entryCopied,
+  entryOffset,
+  withCopied,
 } from "./spec/l2.js";
 import { Meta, checkOverlap, refreshRefcountBlocks } from "./overlap.js";
+import { l1Copied, l1Entry } from "./state.js";
 import type { Qcow2State } from "./state.js";
 
 const TWO_32 = 0x1_0000_0000;
 
+/** Point active L1 entry `index` at the L2 table at `l2Offset` (COPIED), to be written at flush. */
 export function setL1(s: Qcow2State, index: number, l2Offset: number): void {
   const w = s.w!;
-  s.l1.set(index, l2Offset);
-  s.l1.setFlag(index, OFLAG_COPIED, true);
+  s.l1.setWords(index, withCopied(Math.floor(l2Offset / TWO_32), true), l2Offset >>> 0);
   w.l1DirtyLo = Math.min(w.l1DirtyLo, index);
   w.l1DirtyHi = Math.max(w.l1DirtyHi, index + 1);
 }
@@ -34,8 +36,8 @@ export async function l2ForWrite(s: Qcow2State, l1Index: number): Promise<Cached
       `guest offset needs L1 entry ${l1Index}, but the L1 table has ${s.l1.length}`,
     );
   }
-  const off = s.l1.getMasked(l1Index, L1_OFFSET_MASK);
-  const copied = s.l1.test(l1Index, OFLAG_COPIED);
+  const off = l1Entry(s, l1Index);
+  const copied = l1Copied(s, l1Index);
   if (off !== 0 && copied) {
     if (off % cs !== 0 || off + cs > s.fileSize) {
       throw new CorruptImageError(
@@ -82,28 +84,33 @@ export function queueFree(s: Qcow2State, l2: U64TableView, i: number): void {
   const w = s.w!;
   const hi = l2.hi(i);
   const lo = l2.lo(i);
-  if ((hi & OFLAG_COMPRESSED.hi) !== 0) {
-    const d = decodeCompressed(hi, lo, s.layout);
+  const type = clusterType(s.fmt, hi, lo);
+  if (type === ClusterType.Compressed) {
+    const at = compressedOffset(s.fmt, hi, lo);
     const cs = s.clusterSize;
-    const first = Math.floor(d.hostOffset / cs);
-    const last = Math.floor((d.hostOffset + d.length - 1) / cs);
+    const first = Math.floor(at / cs);
+    const last = Math.floor((at + compressedLength(s.fmt, hi, lo) - 1) / cs);
     w.pendingFrees.push([first * cs, last - first + 1]);
     return;
   }
   if (s.hasDataFile) return; // data clusters are not refcounted
-  const off = ((hi & L2_OFFSET_MASK.hi) >>> 0) * TWO_32 + ((lo & L2_OFFSET_MASK.lo) >>> 0);
+  const off = entryOffset(hi, lo);
   if (off !== 0) w.pendingFrees.push([off, 1]);
 }
 
 /** True when standard L2 entry word `i` can take a write in place. */
 export function inPlace(s: Qcow2State, l2: U64TableView, i: number): boolean {
   const hi = l2.hi(i);
-  const lo = l2.lo(i);
-  if ((hi & OFLAG_COMPRESSED.hi) !== 0 || (lo & OFLAG_ZERO.lo) !== 0) return false;
-  if ((hi & OFLAG_COPIED.hi) === 0) return false;
-  return s.hasDataFile || ((hi & L2_OFFSET_MASK.hi) | (lo & L2_OFFSET_MASK.lo)) !== 0;
+  // A data cluster (not compressed, no zero flag) whose refcount is exactly 1.
+  return entryCopied(hi) && clusterType(s.fmt, hi, l2.lo(i)) === ClusterType.Normal;
 }
 
-export function hostOf(s: Qcow2State, l2: U64TableView, i: number): number {
-  return l2.getMasked(i, L2_OFFSET_MASK);
+/** The host offset in L2 entry word `i` (0 for none; not meaningful for compressed entries). */
+export function hostOf(l2: U64TableView, i: number): number {
+  return entryOffset(l2.hi(i), l2.lo(i));
+}
+
+/** Point L2 entry word `i` at data cluster `host`, COPIED (the subcluster bitmap is not touched). */
+export function setDataEntry(l2: U64TableView, i: number, host: number): void {
+  l2.setWords(i, withCopied(Math.floor(host / TWO_32), true), host >>> 0);
 }

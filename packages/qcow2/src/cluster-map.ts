@@ -5,15 +5,19 @@
 import { CorruptImageError, InvalidArgumentError, U64TableView, hex } from "@qimg/structs";
 import type { BlockStatus } from "@qimg/io";
 import {
-  L1_OFFSET_MASK,
-  L2_OFFSET_MASK,
-  OFLAG_COMPRESSED,
-  OFLAG_COPIED,
-  OFLAG_ZERO,
+  ClusterType,
   SUBCLUSTERS,
-  decodeCompressed,
+  SubclusterType,
+  clusterType,
+  compressedLength as compressedLengthOf,
+  compressedOffset,
+  entryCopied,
+  entryOffset,
+  l2Word,
+  subclusterType,
 } from "./spec/l2.js";
-import { checkOpen, checkRequest } from "./state.js";
+import type { L2Format } from "./spec/l2.js";
+import { checkOpen, checkRequest, l1Entry } from "./state.js";
 import type { Qcow2State } from "./state.js";
 
 /** Kinds of guest ranges, as the qcow2 spec classifies (sub)clusters. */
@@ -39,7 +43,18 @@ export interface Extent {
   compressedLength: number;
 }
 
-const TWO_32 = 0x1_0000_0000;
+/** Subcluster `sc`'s type, judged on its own bitmap bits only. */
+function subclusterAt(
+  fmt: L2Format,
+  hi: number,
+  lo: number,
+  bitmapHi: number,
+  bitmapLo: number,
+  sc: number,
+): SubclusterType {
+  const bit = (1 << sc) >>> 0;
+  return subclusterType(fmt, hi, lo, bitmapHi & bit, bitmapLo & bit, sc);
+}
 
 /** Read guest bytes. Ranges past `virtualSize` are refused. */
 export async function guestRead(s: Qcow2State, offset: number, buf: Uint8Array): Promise<void> {
@@ -203,7 +218,7 @@ export async function resolve(s: Qcow2State, pos: number, max: number): Promise<
   if (l1Index >= s.l1.length) {
     return { kind: Kind.Unallocated, length: limit, host: -1, compressedLength: 0 };
   }
-  const l2Offset = s.l1.getMasked(l1Index, L1_OFFSET_MASK);
+  const l2Offset = l1Entry(s, l1Index);
   if (l2Offset === 0)
     return { kind: Kind.Unallocated, length: limit, host: -1, compressedLength: 0 };
   if (l2Offset % cs !== 0) {
@@ -225,7 +240,7 @@ export async function resolve(s: Qcow2State, pos: number, max: number): Promise<
     table = pinned;
   }
   const l2 = new U64TableView(table.bytes, "big");
-  const stride = s.extendedL2 ? 2 : 1;
+  const fmt = s.fmt;
   let inCluster = pos % cs;
   let kind = -1 as Kind | -1;
   let host = -1;
@@ -233,89 +248,82 @@ export async function resolve(s: Qcow2State, pos: number, max: number): Promise<
   let compressedLength = 0;
   // Walk (sub)clusters while the kind stays the same and host offsets stay contiguous.
   while (length < limit && l2Index < s.l2Entries) {
-    const i = l2Index * stride;
+    const i = l2Word(fmt, l2Index);
     const hi = l2.hi(i);
     const lo = l2.lo(i);
+    const type = clusterType(fmt, hi, lo);
     let k: Kind;
     let h = -1;
     let runBytes: number;
-    if ((hi & OFLAG_COMPRESSED.hi) !== 0) {
+    if (type === ClusterType.Compressed) {
       if (s.hasDataFile) {
         throw new CorruptImageError(
           `compressed cluster in L2 entry ${l2Index} of an image with an external data file`,
-          {
-            offset: l2Offset + i * 8,
-          },
+          { offset: l2Offset + i * 8 },
         );
       }
-      const d = decodeCompressed(hi, lo, s.layout);
-      if (d.hostOffset === 0) {
+      const at = compressedOffset(fmt, hi, lo);
+      if (at === 0) {
         throw new CorruptImageError(
           `compressed cluster descriptor in L2 entry ${l2Index} of table ${hex(l2Offset)} has offset 0`,
-          {
-            offset: l2Offset + i * 8,
-          },
+          { offset: l2Offset + i * 8 },
         );
       }
       k = Kind.Compressed;
-      h = d.hostOffset;
+      h = at;
       // Compressed clusters never merge: each decompresses on its own.
       if (length > 0) break;
-      compressedLength = d.length;
+      compressedLength = compressedLengthOf(fmt, hi, lo);
       runBytes = cs - inCluster;
     } else {
-      const off = ((hi & L2_OFFSET_MASK.hi) >>> 0) * TWO_32 + ((lo & L2_OFFSET_MASK.lo) >>> 0);
-      const copied = (hi & OFLAG_COPIED.hi) !== 0;
+      const off = entryOffset(hi, lo);
       if (off !== 0 && off % cs !== 0) {
         throw new CorruptImageError(
           `cluster offset ${hex(off)} in L2 entry ${l2Index} of table ${hex(l2Offset)} is not aligned to the cluster size ${cs}`,
           { offset: l2Offset + i * 8 },
         );
       }
-      if (s.extendedL2) {
+      // A host cluster: an offset, or (external data file) COPIED at offset 0.
+      const hasHost = off !== 0 || (s.hasDataFile && entryCopied(hi));
+      h = hasHost ? off + inCluster : -1;
+      if (fmt.extendedL2) {
         const bitmapHi = l2.hi(i + 1);
         const bitmapLo = l2.lo(i + 1);
         const sc = Math.floor(inCluster / s.subclusterSize);
-        const alloc = (bitmapLo >>> sc) & 1;
-        const zero = (bitmapHi >>> sc) & 1;
-        if (alloc && zero) {
+        // Each subcluster is judged on its own bits (a bad neighbour does not fail this one).
+        const st = subclusterAt(fmt, hi, lo, bitmapHi, bitmapLo, sc);
+        if (st === SubclusterType.Invalid) {
+          const both = type === ClusterType.Normal || ((bitmapHi >>> sc) & 1) !== 0;
           throw new CorruptImageError(
-            `subcluster ${sc} of L2 entry ${l2Index} in table ${hex(l2Offset)} is marked both allocated and zero`,
+            both
+              ? `subcluster ${sc} of L2 entry ${l2Index} in table ${hex(l2Offset)} is marked both allocated and zero`
+              : `subcluster ${sc} of L2 entry ${l2Index} in table ${hex(l2Offset)} is allocated but the cluster has no host offset`,
             { offset: l2Offset + i * 8 },
           );
         }
-        const hasHost = off !== 0 || (s.hasDataFile && copied);
-        if (alloc && !hasHost) {
-          throw new CorruptImageError(
-            `subcluster ${sc} of L2 entry ${l2Index} in table ${hex(l2Offset)} is allocated but the cluster has no host offset`,
-            { offset: l2Offset + i * 8 },
-          );
-        }
-        k = alloc ? Kind.Normal : zero ? Kind.Zero : Kind.Unallocated;
-        h = hasHost ? off + inCluster : -1;
-        // Extend across following subclusters with the same bits.
+        k =
+          st === SubclusterType.Normal
+            ? Kind.Normal
+            : st === SubclusterType.ZeroPlain || st === SubclusterType.ZeroAlloc
+              ? Kind.Zero
+              : Kind.Unallocated;
+        // Extend across following subclusters of the same type.
         let end = sc + 1;
-        while (
-          end < SUBCLUSTERS &&
-          ((bitmapLo >>> end) & 1) === alloc &&
-          ((bitmapHi >>> end) & 1) === zero
-        ) {
+        while (end < SUBCLUSTERS && subclusterAt(fmt, hi, lo, bitmapHi, bitmapLo, end) === st)
           end++;
-        }
         runBytes = end * s.subclusterSize - inCluster;
       } else {
-        const zeroFlag = (lo & OFLAG_ZERO.lo) !== 0;
-        if (zeroFlag && s.hdr.version === 2) {
-          throw new CorruptImageError(
-            `zero cluster entry in L2 entry ${l2Index} of table ${hex(l2Offset)} in a version 2 image`,
-            { offset: l2Offset + i * 8 },
-          );
+        if (type === ClusterType.ZeroPlain || type === ClusterType.ZeroAlloc) {
+          if (s.hdr.version === 2) {
+            throw new CorruptImageError(
+              `zero cluster entry in L2 entry ${l2Index} of table ${hex(l2Offset)} in a version 2 image`,
+              { offset: l2Offset + i * 8 },
+            );
+          }
+          k = Kind.Zero;
+        } else {
+          k = type === ClusterType.Normal ? Kind.Normal : Kind.Unallocated;
         }
-        const hasHost = off !== 0 || (s.hasDataFile && copied);
-        if (zeroFlag) k = Kind.Zero;
-        else if (hasHost) k = Kind.Normal;
-        else k = Kind.Unallocated;
-        h = hasHost ? off + inCluster : -1;
         runBytes = cs - inCluster;
       }
     }

@@ -3,7 +3,7 @@
  * qcow2_alloc_bytes that packs compressed clusters into shared host clusters).
  */
 import { InvalidArgumentError, IoError, U64TableView, hex } from "@qimg/structs";
-import { encodeCompressed } from "./spec/l2.js";
+import { encodeCompressed, l2Word } from "./spec/l2.js";
 import { checkOverlap, refreshRefcountBlocks } from "./overlap.js";
 import { checkRequest, checkWritable, withClusters } from "./state.js";
 import type { Qcow2State } from "./state.js";
@@ -83,12 +83,12 @@ export async function storeCompressed(s: Qcow2State, g: number, packed: Uint8Arr
     s.fileSize = Math.max(s.fileSize, host + packed.length);
     await w.meta.run(async () => {
       const l2 = new U64TableView(table.bytes, "big");
-      const i = (g - l1Index * s.l2Entries) * (s.extendedL2 ? 2 : 1);
+      const i = l2Word(s.fmt, g - l1Index * s.l2Entries);
       queueFree(s, l2, i);
       const sectors = Math.floor((host + packed.length - 1) / 512) - Math.floor(host / 512);
       const d = encodeCompressed(host, sectors, s.layout);
       l2.setWords(i, d.hi, d.lo);
-      if (s.extendedL2) l2.setWords(i + 1, 0, 0);
+      if (s.extendedL2) l2.setWords(i + 1, 0, 0); // no subcluster bits
       await s.l2Cache.markDirty(table);
     });
   } finally {

@@ -4,13 +4,11 @@
  */
 import type { U64TableView } from "@qimg/structs";
 import type { CachedTable } from "@qimg/cluster-cache";
-import { OFLAG_COMPRESSED, OFLAG_COPIED } from "./spec/l2.js";
+import { l2Word } from "./spec/l2.js";
 import { checkData, checkOverlap, refreshRefcountBlocks } from "./overlap.js";
 import type { Qcow2State } from "./state.js";
-import { hostOf, queueFree } from "./alloc.js";
+import { hostOf, inPlace, queueFree, setDataEntry } from "./alloc.js";
 import { readGuest } from "./cluster-map.js";
-
-const TWO_32 = 0x1_0000_0000;
 
 /**
  * Allocate fresh clusters for guest clusters [g0, g1), fill them with the new data plus the
@@ -74,8 +72,7 @@ export async function allocatingWrite(
     for (let k = 0; k < n; k++) {
       const i = g0 + k - base;
       queueFree(s, l2, i);
-      const h = host + k * cs;
-      l2.setWords(i, (Math.floor(h / TWO_32) | OFLAG_COPIED.hi) >>> 0, h >>> 0);
+      setDataEntry(l2, i, host + k * cs);
     }
     await s.l2Cache.markDirty(table);
   });
@@ -94,19 +91,15 @@ export async function writeClusterExtended(
   const w = s.w!;
   const cs = s.clusterSize;
   const scs = s.subclusterSize;
-  const i = index * 2;
-  const hi = l2.hi(i);
+  const i = l2Word(s.fmt, index);
   const within = start - g * cs;
   const sc0 = Math.floor(within / scs);
   const sc1 = Math.floor((within + src.length - 1) / scs);
   const touched =
     (sc1 === 31 ? 0xffff_ffff : ((1 << (sc1 + 1)) >>> 0) - 1) & ~(((1 << sc0) >>> 0) - 1);
-  const off = hostOf(s, l2, i);
-  const reusable =
-    (hi & OFLAG_COMPRESSED.hi) === 0 &&
-    (hi & OFLAG_COPIED.hi) !== 0 &&
-    (off !== 0 || s.hasDataFile);
-  if (reusable) {
+  const off = hostOf(l2, i);
+  // A data cluster of refcount 1: its subclusters are filled in place.
+  if (inPlace(s, l2, i)) {
     const alloc = l2.lo(i + 1);
     if ((alloc & touched) >>> 0 === touched >>> 0) {
       await checkData(s, off + within, src.length);
@@ -145,8 +138,8 @@ export async function writeClusterExtended(
   if (!s.hasDataFile) s.fileSize = Math.max(s.fileSize, host + cs);
   await w.meta.run(async () => {
     queueFree(s, l2, i);
-    l2.setWords(i, (Math.floor(host / TWO_32) | OFLAG_COPIED.hi) >>> 0, host >>> 0);
-    l2.setWords(i + 1, 0, 0xffff_ffff);
+    setDataEntry(l2, i, host);
+    l2.setWords(i + 1, 0, 0xffff_ffff); // every subcluster allocated
     await s.l2Cache.markDirty(table);
   });
 }

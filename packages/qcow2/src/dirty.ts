@@ -4,7 +4,8 @@
  */
 import { rebuildRefcounts } from "@qimg/refcount";
 import { IncompatibleFeatures } from "./spec/header.js";
-import { OFLAG_COPIED, OFLAG_ZERO } from "./spec/l2.js";
+import { U64TableView } from "@qimg/structs";
+import { OFLAG_ZERO, withoutCopied } from "./spec/l2.js";
 import { walkReferences } from "./walk.js";
 import { rewriteHeader } from "./header-write.js";
 import type { Qcow2State } from "./state.js";
@@ -75,23 +76,22 @@ export async function rebuildRefcountStructures(s: Qcow2State): Promise<void> {
   });
   if (pastEnd.length > 0) {
     const hasBacking = s.backingFilename !== undefined;
-    const entry = new Uint8Array(s.extendedL2 ? 16 : 8);
-    const view = new DataView(entry.buffer);
+    const entry = new U64TableView(new Uint8Array(8 * s.fmt.stride), "big");
     for (const at of pastEnd) {
-      await s.backend.read(at, entry);
+      await s.backend.read(at, entry.bytes);
       if (s.extendedL2) {
         // No host cluster, every subcluster reads as zeros.
-        view.setBigUint64(0, 0n, false);
-        view.setBigUint64(8, 0xffff_ffff_0000_0000n, false);
+        entry.setWords(0, 0, 0);
+        entry.setWords(1, 0xffff_ffff, 0);
       } else if (s.hdr.version === 3) {
-        view.setBigUint64(0, BigInt(OFLAG_ZERO.lo), false);
+        entry.setWords(0, 0, OFLAG_ZERO.lo);
       } else if (!hasBacking) {
-        view.setBigUint64(0, 0n, false);
+        entry.setWords(0, 0, 0);
       } else {
         // Version 2 over a backing file has no way to say "zeros": keep the entry, not COPIED.
-        view.setUint32(0, view.getUint32(0, false) & ~OFLAG_COPIED.hi, false);
+        entry.setWords(0, withoutCopied(entry.hi(0)), entry.lo(0));
       }
-      await s.backend.write(at, entry);
+      await s.backend.write(at, entry.bytes);
     }
     await s.backend.flush();
   }

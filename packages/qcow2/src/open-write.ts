@@ -6,7 +6,7 @@ import { InvalidArgumentError, U64TableView } from "@qimg/structs";
 import { ClusterCache } from "@qimg/cluster-cache";
 import { Refcounts } from "@qimg/refcount";
 import { AutoclearFeatures, CompatibleFeatures, IncompatibleFeatures } from "./spec/header.js";
-import { L1_OFFSET_MASK } from "./spec/l2.js";
+import { l1Offset } from "./spec/l2.js";
 import { defaultCompress } from "./compress.js";
 import {
   Meta,
@@ -148,7 +148,7 @@ export async function snapshotL2Tables(s: Qcow2State): Promise<number[]> {
     const l1 = new U64TableView(new Uint8Array(bytes), "big");
     await s.backend.read(snap.l1TableOffset, l1.bytes);
     for (let i = 0; i < l1.length; i++) {
-      const off = l1.getMasked(i, L1_OFFSET_MASK);
+      const off = l1Offset(l1.hi(i), l1.lo(i));
       if (off !== 0 && off % cs === 0 && off < s.fileSize) out.add(off);
     }
   }

@@ -7,7 +7,7 @@
 import { CorruptImageError, ErrorCode, IoError, hex } from "@qimg/structs";
 import type { BlockBackend, ReadOptions } from "@qimg/io";
 import { AutoclearFeatures, IncompatibleFeatures } from "./spec/header.js";
-import { L1_OFFSET_MASK } from "./spec/l2.js";
+import { l1Offset } from "./spec/l2.js";
 import type { Qcow2State } from "./state.js";
 
 /** Kinds of metadata, as bits (a cluster may, in a corrupt image, belong to several). */
@@ -183,7 +183,7 @@ export function buildMetadataMap(s: Qcow2State): void {
   for (const off of w.inactiveL2) add(off, cs, Meta.inactiveL2);
   for (const off of w.retiredL2) add(off, cs, Meta.activeL2); // still active on disk
   for (let i = 0; i < s.l1.length; i++) {
-    const off = s.l1.getMasked(i, L1_OFFSET_MASK);
+    const off = l1Offset(s.l1.hi(i), s.l1.lo(i));
     if (off !== 0 && off % cs === 0) add(off, cs, Meta.activeL2);
   }
   const dir = s.bitmapDirectory;

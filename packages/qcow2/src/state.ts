@@ -21,8 +21,8 @@ import type { Qcow2Header } from "./spec/header.js";
 import type { FeatureName, HeaderExtension } from "./spec/extensions.js";
 import type { SnapshotEntry } from "./spec/snapshot.js";
 import type { BitmapEntry } from "./spec/bitmap-directory.js";
-import { SUBCLUSTERS, compressedLayout } from "./spec/l2.js";
-import type { CompressedLayout } from "./spec/l2.js";
+import { SUBCLUSTERS, compressedLayout, entryCopied, l1Offset, l2Format } from "./spec/l2.js";
+import type { CompressedLayout, L2Format } from "./spec/l2.js";
 import { decompressorFor } from "./compress.js";
 import type { Decompressor } from "./compress.js";
 import { Meta, checkMetaWrite, guardedBackend } from "./overlap.js";
@@ -119,6 +119,8 @@ export class Qcow2State {
   /** Subcluster size (the cluster size without extended L2). */
   readonly subclusterSize: number;
   readonly layout: CompressedLayout;
+  /** How this image's L2 entries decode (stride, entries per table, compressed layout). */
+  readonly fmt: L2Format;
   readonly decompress: Decompressor;
   readonly hasDataFile: boolean;
   /** data_file_raw: the external data file always equals the guest disk. */
@@ -163,6 +165,11 @@ export class Qcow2State {
     this.l2Entries = this.clusterSize / (this.extendedL2 ? 16 : 8);
     this.subclusterSize = this.extendedL2 ? this.clusterSize / SUBCLUSTERS : this.clusterSize;
     this.layout = compressedLayout(h.clusterBits);
+    this.fmt = l2Format({
+      clusterBits: h.clusterBits,
+      extendedL2: this.extendedL2,
+      hasDataFile: this.hasDataFile,
+    });
     this.decompress = decompressorFor(h.compressionType);
     this.dataBackend = backend;
     const tables = Math.max(
@@ -189,6 +196,16 @@ export class Qcow2State {
  */
 export function guarded(s: Qcow2State, own: number): BlockBackend {
   return guardedBackend(s.backend, (o, n) => checkMetaWrite(s, o, n, own));
+}
+
+/** The L2 table offset in active L1 entry `i` (0 for none). */
+export function l1Entry(s: Qcow2State, i: number): number {
+  return l1Offset(s.l1.hi(i), s.l1.lo(i));
+}
+
+/** Whether active L1 entry `i` has COPIED set (its L2 table is writable in place). */
+export function l1Copied(s: Qcow2State, i: number): boolean {
+  return entryCopied(s.l1.hi(i));
 }
 
 /** Throws once the image is closed. */

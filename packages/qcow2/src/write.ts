@@ -3,9 +3,8 @@
  * table is cached), otherwise through the allocating copy-on-write path (cow.ts).
  */
 import { U64TableView } from "@qimg/structs";
-import { L1_OFFSET_MASK, OFLAG_COPIED } from "./spec/l2.js";
 import { checkData, checkOverlap } from "./overlap.js";
-import { checkRequest, checkWritable, withClusters } from "./state.js";
+import { checkRequest, checkWritable, l1Copied, l1Entry, withClusters } from "./state.js";
 import type { Qcow2State } from "./state.js";
 import { hostOf, inPlace, l2ForWrite } from "./alloc.js";
 import { allocatingWrite, writeClusterExtended } from "./cow.js";
@@ -54,14 +53,14 @@ export async function writeChunk(s: Qcow2State, pos: number, src: Uint8Array): P
   const base = l1Index * s.l2Entries;
   // Fast path: the L2 table is cached and every cluster is writable in place, so no metadata
   // changes and no lock are needed (the host offsets are taken before the first await).
-  if (!s.extendedL2 && s.l1.test(l1Index, OFLAG_COPIED)) {
-    const cached = s.l2Cache.peek(s.l1.getMasked(l1Index, L1_OFFSET_MASK));
+  if (!s.extendedL2 && l1Copied(s, l1Index)) {
+    const cached = s.l2Cache.peek(l1Entry(s, l1Index));
     if (cached) {
       const l2 = new U64TableView(cached.bytes, "big");
-      const h = hostOf(s, l2, g0 - base);
+      const h = hostOf(l2, g0 - base);
       let ok = inPlace(s, l2, g0 - base);
       for (let g = g0 + 1; ok && g <= g1; g++) {
-        ok = inPlace(s, l2, g - base) && hostOf(s, l2, g - base) === h + (g - g0) * cs;
+        ok = inPlace(s, l2, g - base) && hostOf(l2, g - base) === h + (g - g0) * cs;
       }
       if (ok) {
         const hostStart = h + (pos - g0 * cs);
@@ -103,12 +102,12 @@ export async function writeChunk(s: Qcow2State, pos: number, src: Uint8Array): P
     while (g <= g1) {
       const i = g - base;
       if (inPlace(s, l2, i)) {
-        const h = hostOf(s, l2, i);
+        const h = hostOf(l2, i);
         let gEnd = g + 1;
         while (
           gEnd <= g1 &&
           inPlace(s, l2, gEnd - base) &&
-          hostOf(s, l2, gEnd - base) === h + (gEnd - g) * cs
+          hostOf(l2, gEnd - base) === h + (gEnd - g) * cs
         ) {
           gEnd++;
         }

@@ -4,8 +4,8 @@
  * where it cannot.
  */
 import { U64TableView } from "@qimg/structs";
-import { L1_OFFSET_MASK, OFLAG_COMPRESSED, OFLAG_COPIED, OFLAG_ZERO } from "./spec/l2.js";
-import { checkRequest, checkWritable, hasBackingFile, withClusters } from "./state.js";
+import { OFLAG_ZERO, entryCompressed, entryCopied, l2Word } from "./spec/l2.js";
+import { checkRequest, checkWritable, hasBackingFile, l1Entry, withClusters } from "./state.js";
 import type { Qcow2State } from "./state.js";
 import { Kind, readsAsZeros, resolve } from "./cluster-map.js";
 import { hostOf, l2ForWrite, queueFree } from "./alloc.js";
@@ -149,11 +149,7 @@ export async function zeroAligned(
       const l1Index = Math.floor(pos / span);
       const base = l1Index * s.l2Entries;
       // Nothing to do for a discard where no L2 table exists and nothing shows through.
-      if (
-        s.l1.getMasked(l1Index, L1_OFFSET_MASK) === 0 &&
-        (mode === "discard" || s.hdr.version === 2) &&
-        !s.backing
-      ) {
+      if (l1Entry(s, l1Index) === 0 && (mode === "discard" || s.hdr.version === 2) && !s.backing) {
         pos = chunkEnd;
         continue;
       }
@@ -216,9 +212,9 @@ export function zeroStandard(
   const cs = s.clusterSize;
   const hi = l2.hi(i);
   const lo = l2.lo(i);
-  const compressed = (hi & OFLAG_COMPRESSED.hi) !== 0;
-  const host = compressed ? 0 : hostOf(s, l2, i);
-  const allocated = compressed || host !== 0 || (s.hasDataFile && (hi & OFLAG_COPIED.hi) !== 0);
+  const compressed = entryCompressed(hi);
+  const host = compressed ? 0 : hostOf(l2, i);
+  const allocated = compressed || host !== 0 || (s.hasDataFile && entryCopied(hi));
   const v3 = s.hdr.version === 3;
   if (mode === "discard") {
     if (!s.backing && !allocated) return;
@@ -260,7 +256,7 @@ export function zeroExtended(
 ): boolean {
   const scs = s.subclusterSize;
   const cs = s.clusterSize;
-  const i = index * 2;
+  const i = l2Word(s.fmt, index);
   // The last cluster of the disk may be shorter than a cluster: covering it from its start
   // to the end of the disk counts as covering the whole cluster (as QEMU takes it).
   const toEnd = from === 0 && g * cs + to >= s.size;
@@ -270,8 +266,8 @@ export function zeroExtended(
     (sc1 === 31 ? 0xffff_ffff : ((1 << (sc1 + 1)) >>> 0) - 1) & ~(((1 << sc0) >>> 0) - 1);
   const whole = mask >>> 0 === 0xffff_ffff;
   const hi = l2.hi(i);
-  const compressed = (hi & OFLAG_COMPRESSED.hi) !== 0;
-  const host = compressed ? 0 : hostOf(s, l2, i);
+  const compressed = entryCompressed(hi);
+  const host = compressed ? 0 : hostOf(l2, i);
   if (whole && (mayUnmap || mode === "discard" || compressed)) {
     if (compressed || host !== 0) queueFree(s, l2, i);
     l2.setWords(i, 0, 0);

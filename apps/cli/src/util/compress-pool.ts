@@ -1,8 +1,9 @@
 /**
  * A pool of worker threads that compress qcow2 clusters in parallel (one worker per core).
  * `compress` has the shape of the qcow2 driver's `Compressor` open option, so the driver's
- * `writeCompressed` hands the deflate work to the pool while the main thread keeps reading
- * and writing.
+ * `writeCompressed` hands the compression work to the pool while the main thread keeps
+ * reading and writing. How a cluster is compressed is @qimg/qcow2's `defaultCompress`, which
+ * each worker calls: the policy (QEMU's deflate window, zstd level) lives there only.
  *
  * The worker is ./compress-worker.ts: from source (tsx) the .ts file is started with tsx's
  * loader; from the bundle, dist/compress-worker.cjs next to dist/cli.cjs.
@@ -13,13 +14,16 @@ import { pathToFileURL } from "node:url";
 import type { Worker } from "node:worker_threads";
 
 interface Pending {
-  readonly resolve: (data: Uint8Array) => void;
+  readonly resolve: (data: Uint8Array | undefined) => void;
   readonly reject: (e: Error) => void;
 }
 
 interface Reply {
   readonly id: number;
+  /** The compressed cluster. */
   readonly data?: Uint8Array;
+  /** Compression did not make the cluster smaller. */
+  readonly none?: true;
   readonly error?: string;
 }
 
@@ -65,6 +69,7 @@ export class CompressPool {
         if (p === undefined) return;
         this.pending.delete(reply.id);
         if (reply.data !== undefined) p.resolve(reply.data);
+        else if (reply.none === true) p.resolve(undefined);
         else p.reject(new Error(`compression failed: ${reply.error ?? "unknown error"}`));
       });
       w.on("error", (e) => this.failAll(e));
@@ -82,9 +87,18 @@ export class CompressPool {
     this.pending.clear();
   }
 
-  /** Deflate `data` (raw, 4 KiB window) on the least busy worker. */
-  deflate(data: Uint8Array, type = 0): Promise<Uint8Array> {
+  /**
+   * A qcow2 `Compressor`: compress one cluster (compression type 0 zlib, 1 zstd) on the least
+   * busy worker; resolves to undefined when compression does not make it smaller.
+   */
+  readonly compress = (
+    data: Uint8Array,
+    compressionType: number,
+  ): Promise<Uint8Array | undefined> => {
     if (this.closed) return Promise.reject(new Error("compression pool is closed"));
+    if (compressionType !== 0 && compressionType !== 1) {
+      return Promise.reject(new Error(`unknown qcow2 compression type ${compressionType}`));
+    }
     let best = 0;
     for (let i = 1; i < this.workers.length; i++) {
       if ((this.load[i] ?? 0) < (this.load[best] ?? 0)) best = i;
@@ -92,25 +106,11 @@ export class CompressPool {
     const id = this.nextId++;
     // A copy of our own to transfer (Buffer#slice would share it, and transferring detaches).
     const copy = new Uint8Array(data);
-    return new Promise<Uint8Array>((resolve, reject) => {
+    return new Promise<Uint8Array | undefined>((resolve, reject) => {
       this.pending.set(id, { resolve, reject });
       this.load[best] = (this.load[best] ?? 0) + 1;
-      this.workers[best]?.postMessage({ id, data: copy, type }, [copy.buffer]);
+      this.workers[best]?.postMessage({ id, data: copy, type: compressionType }, [copy.buffer]);
     });
-  }
-
-  /**
-   * A qcow2 `Compressor` (zlib or zstd); returns undefined when compression does not pay.
-   */
-  readonly compress = async (
-    data: Uint8Array,
-    compressionType: number,
-  ): Promise<Uint8Array | undefined> => {
-    if (compressionType !== 0 && compressionType !== 1) {
-      throw new Error(`unknown qcow2 compression type ${compressionType}`);
-    }
-    const out = await this.deflate(data, compressionType);
-    return out.byteLength < data.byteLength ? out : undefined;
   };
 
   async close(): Promise<void> {

@@ -59,46 +59,6 @@ export interface BitmapEntry {
 
 const dec = new TextDecoder();
 
-/** Decode `count` bitmap directory entries from the directory bytes. */
-export function decodeBitmapDirectory(
-  bytes: Uint8Array,
-  count: number,
-  dirOffset: number,
-): BitmapEntry[] {
-  const out: BitmapEntry[] = [];
-  let pos = 0;
-  for (let i = 0; i < count; i++) {
-    const at = dirOffset + pos;
-    if (pos + BITMAP_DIR_FIXED_SIZE > bytes.byteLength) {
-      throw new FormatError(
-        `qcow2 bitmap directory entry ${i} at ${hex(at)} runs past the directory`,
-        { offset: at },
-      );
-    }
-    const e = BitmapDirEntry.decode(bytes, pos, at);
-    const nameStart = pos + BITMAP_DIR_FIXED_SIZE + e.extraDataSize;
-    const end = nameStart + e.nameSize;
-    if (e.nameSize === 0 || e.nameSize > 1023 || end > bytes.byteLength) {
-      throw new FormatError(
-        `qcow2 bitmap directory entry ${i} at ${hex(at)}: name of ${e.nameSize} bytes is invalid`,
-        {
-          offset: at + 18,
-        },
-      );
-    }
-    out.push({
-      name: dec.decode(bytes.subarray(nameStart, end)),
-      granularityBits: e.granularityBits,
-      flags: Number(e.flags),
-      type: e.type,
-      bitmapTableOffset: e.bitmapTableOffset,
-      bitmapTableSize: e.bitmapTableSize,
-    });
-    pos = Math.ceil(end / 8) * 8;
-  }
-  return out;
-}
-
 /** Where one directory entry sits inside the directory bytes, and its size (padded to 8). */
 export interface BitmapDirSlot {
   readonly position: number;
@@ -106,16 +66,22 @@ export interface BitmapDirSlot {
   readonly extraDataSize: number;
 }
 
+interface Slot extends BitmapDirSlot {
+  readonly entry: ReturnType<typeof BitmapDirEntry.decode>;
+  readonly nameStart: number;
+}
+
 /**
- * The slots of `count` entries in the directory bytes, in order. Throws a FormatError like
- * {@link decodeBitmapDirectory} when an entry runs past the directory.
+ * The one walk over the directory: each entry's fixed part must fit, its name must be 1..1023
+ * bytes and end inside the directory, and with `padded` its padding must fit too.
  */
-export function bitmapDirectorySlots(
+function walkDirectory(
   bytes: Uint8Array,
   count: number,
   dirOffset: number,
-): BitmapDirSlot[] {
-  const out: BitmapDirSlot[] = [];
+  padded: boolean,
+): Slot[] {
+  const out: Slot[] = [];
   let pos = 0;
   for (let i = 0; i < count; i++) {
     const at = dirOffset + pos;
@@ -125,18 +91,59 @@ export function bitmapDirectorySlots(
         { offset: at },
       );
     }
-    const e = BitmapDirEntry.decode(bytes, pos, at);
-    const size = Math.ceil((BITMAP_DIR_FIXED_SIZE + e.extraDataSize + e.nameSize) / 8) * 8;
-    if (pos + size > bytes.byteLength) {
+    const entry = BitmapDirEntry.decode(bytes, pos, at);
+    const nameStart = pos + BITMAP_DIR_FIXED_SIZE + entry.extraDataSize;
+    const end = nameStart + entry.nameSize;
+    if (entry.nameSize === 0 || entry.nameSize > 1023 || end > bytes.byteLength) {
+      throw new FormatError(
+        `qcow2 bitmap directory entry ${i} at ${hex(at)}: name of ${entry.nameSize} bytes is invalid`,
+        { offset: at + 18 },
+      );
+    }
+    const size = Math.ceil(end / 8) * 8 - pos;
+    if (padded && pos + size > bytes.byteLength) {
       throw new FormatError(
         `qcow2 bitmap directory entry ${i} at ${hex(at)} runs past the directory`,
         { offset: at },
       );
     }
-    out.push({ position: pos, size, extraDataSize: e.extraDataSize });
+    out.push({ position: pos, size, extraDataSize: entry.extraDataSize, entry, nameStart });
     pos += size;
   }
   return out;
+}
+
+/**
+ * The slots of `count` entries in the directory bytes, in order. Throws a FormatError like
+ * {@link decodeBitmapDirectory}, and also when an entry's padding runs past the directory.
+ */
+export function bitmapDirectorySlots(
+  bytes: Uint8Array,
+  count: number,
+  dirOffset: number,
+): BitmapDirSlot[] {
+  return walkDirectory(bytes, count, dirOffset, true).map(({ position, size, extraDataSize }) => ({
+    position,
+    size,
+    extraDataSize,
+  }));
+}
+
+/** Decode `count` bitmap directory entries from the directory bytes. */
+export function decodeBitmapDirectory(
+  bytes: Uint8Array,
+  count: number,
+  dirOffset: number,
+): BitmapEntry[] {
+  // The last entry's padding may run past the directory bytes (decoding never needed it).
+  return walkDirectory(bytes, count, dirOffset, false).map(({ entry: e, nameStart }) => ({
+    name: dec.decode(bytes.subarray(nameStart, nameStart + e.nameSize)),
+    granularityBits: e.granularityBits,
+    flags: Number(e.flags),
+    type: e.type,
+    bitmapTableOffset: e.bitmapTableOffset,
+    bitmapTableSize: e.bitmapTableSize,
+  }));
 }
 
 /**

@@ -3,6 +3,7 @@
  * qcow2_get_host_offset), and the read path and block status built on it.
  */
 import { CorruptImageError, InvalidArgumentError, U64TableView, hex } from "@qimg/structs";
+import { backingNotOpenedError, checkRequest } from "@qimg/io";
 import type { BlockStatus } from "@qimg/io";
 import {
   ClusterType,
@@ -17,7 +18,7 @@ import {
   subclusterType,
 } from "./spec/l2.js";
 import type { L2Format } from "./spec/l2.js";
-import { checkOpen, checkRequest, l1Entry } from "./state.js";
+import { checkOpen, l1Entry } from "./state.js";
 import type { Qcow2State } from "./state.js";
 
 /** Kinds of guest ranges, as the qcow2 spec classifies (sub)clusters. */
@@ -161,6 +162,9 @@ export async function guestBlockStatus(
 
 export async function readBacking(s: Qcow2State, pos: number, dst: Uint8Array): Promise<void> {
   const b = s.backing;
+  if (!b && s.backingFilename !== undefined && !s.noBacking) {
+    throw backingNotOpenedError(s.backend.name, s.backingFilename);
+  }
   if (!b || pos >= b.virtualSize) {
     dst.fill(0);
     return;

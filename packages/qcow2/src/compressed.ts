@@ -5,8 +5,9 @@
 import { InvalidArgumentError, IoError, U64TableView, hex } from "@qimg/structs";
 import { encodeCompressed, l2Word } from "./spec/l2.js";
 import { checkOverlap, refreshRefcountBlocks } from "./overlap.js";
-import { checkRequest, checkWritable, withClusters } from "./state.js";
+import { checkWritable, withClusters } from "./state.js";
 import type { Qcow2State } from "./state.js";
+import { checkRequest } from "@qimg/io";
 import { Kind, resolve } from "./cluster-map.js";
 import { l2ForWrite, queueFree } from "./alloc.js";
 import { writeLocked } from "./write.js";

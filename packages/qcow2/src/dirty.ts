@@ -7,7 +7,7 @@ import { IncompatibleFeatures } from "./spec/header.js";
 import { U64TableView } from "@qimg/structs";
 import { OFLAG_ZERO, withoutCopied } from "./spec/l2.js";
 import { walkReferences } from "./walk.js";
-import { rewriteHeader } from "./header-write.js";
+import { updateHeader } from "./overlap.js";
 import type { Qcow2State } from "./state.js";
 
 /** With lazy refcounts the dirty bit must be on disk before any allocating write. */
@@ -16,7 +16,7 @@ export async function markDirtyOnDisk(s: Qcow2State): Promise<void> {
   if (!w.lazy || w.dirtyOnDisk || s.hdr.version === 2) return;
   await w.meta.run(async () => {
     if (w.dirtyOnDisk) return;
-    await rewriteHeader(s, {
+    await updateHeader(s, {
       incompatibleFeatures: s.hdr.incompatibleFeatures | IncompatibleFeatures.maskOf("dirty"),
     });
     w.dirtyOnDisk = true;
@@ -68,7 +68,7 @@ export async function rebuildRefcountStructures(s: Qcow2State): Promise<void> {
     refcountOrder: s.hdr.refcountOrder,
     references: runs,
     onTableMoved: async (tableOffset, tableClusters) => {
-      await rewriteHeader(s, {
+      await updateHeader(s, {
         refcountTableOffset: tableOffset,
         refcountTableClusters: tableClusters,
       });

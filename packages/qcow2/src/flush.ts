@@ -1,9 +1,8 @@
 /** Flush and close: metadata reaches the disk in the order that keeps the image consistent. */
 import { IncompatibleFeatures } from "./spec/header.js";
-import { Meta, checkOverlap } from "./overlap.js";
+import { Meta, checkOverlap, updateHeader } from "./overlap.js";
 import { checkOpen, corruptCause } from "./state.js";
 import type { Qcow2State } from "./state.js";
-import { rewriteHeader } from "./header-write.js";
 
 /**
  * Make every completed write durable, in the order that keeps the image consistent: refcount
@@ -88,7 +87,7 @@ export async function closeClean(s: Qcow2State): Promise<void> {
     if (s.pbm) await s.pbm.store();
     await w.refcountCache.flush();
     if (IncompatibleFeatures.decode(s.hdr.incompatibleFeatures).has("dirty")) {
-      await rewriteHeader(s, {
+      await updateHeader(s, {
         incompatibleFeatures: s.hdr.incompatibleFeatures & ~IncompatibleFeatures.maskOf("dirty"),
       });
     }

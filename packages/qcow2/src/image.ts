@@ -7,10 +7,16 @@
  * - cluster-map.ts: guest offset -> extent, the read path, block status
  * - write.ts, alloc.ts, cow.ts: guest writes, L2 allocation, copy on write
  * - zero.ts, compressed.ts, resize.ts: zero writes and discards, compressed writes, growing
- * - flush.ts, dirty.ts, header-write.ts: flush and close, lazy refcounts, header updates
+ * - flush.ts, dirty.ts: flush and close, lazy refcounts (header fields via header-update.ts)
  * - overlap.ts, bitmap.ts: metadata overlap checks, persistent dirty bitmaps
  */
-import type { BlockBackend, BlockStatus, DiskImage } from "@qimg/io";
+import type {
+  BlockBackend,
+  BlockStatus,
+  DiskImage,
+  WritableDiskImage,
+  WriteZeroesOptions,
+} from "@qimg/io";
 import type { Qcow2Header } from "./spec/header.js";
 import type { FeatureName, HeaderExtension } from "./spec/extensions.js";
 import type { SnapshotEntry } from "./spec/snapshot.js";
@@ -29,11 +35,13 @@ import type { Qcow2Info, Qcow2OpenOptions } from "./types.js";
 export type { Compressor, Qcow2OpenOptions } from "./types.js";
 
 /**
- * A qcow2 image. Implements {@link DiskImage}: reads return exactly the bytes QEMU returns,
- * `blockStatus` gives the facts `qemu-img map` prints; read-write opens also write, zero,
- * discard, write compressed clusters, resize and flush as QEMU's driver does.
+ * A qcow2 image. Implements {@link WritableDiskImage}: reads return exactly the bytes QEMU
+ * returns, `blockStatus` gives the facts `qemu-img map` prints; read-write opens also write,
+ * zero, discard, write compressed clusters, resize and flush as QEMU's driver does. Opens are
+ * read-only unless `readOnly: false`; read-only opens refuse writes (`READ_ONLY`), and every
+ * call after `close()` fails with `CLOSED`.
  */
-export class Qcow2Image implements DiskImage {
+export class Qcow2Image implements WritableDiskImage {
   readonly format = "qcow2";
   readonly #s: Qcow2State;
 
@@ -150,7 +158,7 @@ export class Qcow2Image implements DiskImage {
    * the zero flag on version 3 images (released when `mayUnmap`); partial ones are written
    * with zero bytes.
    */
-  writeZeroes(offset: number, length: number, options: { mayUnmap?: boolean } = {}): Promise<void> {
+  writeZeroes(offset: number, length: number, options: WriteZeroesOptions = {}): Promise<void> {
     return guestWriteZeroes(this.#s, offset, length, options);
   }
 

@@ -14,11 +14,11 @@ import {
   buildMetadataMap,
   checkOverlap,
   refreshRefcountBlocks,
+  updateHeader,
 } from "./overlap.js";
 import { PersistentBitmaps } from "./bitmap.js";
 import { guarded, newWriteState } from "./state.js";
 import type { Qcow2State } from "./state.js";
-import { rewriteHeader } from "./header-write.js";
 import { rebuildRefcountStructures } from "./dirty.js";
 import type { Qcow2OpenOptions } from "./types.js";
 
@@ -39,13 +39,13 @@ export async function initWrite(s: Qcow2State, options: Qcow2OpenOptions): Promi
   // written; persistent bitmaps are maintained (bitmap.ts), so their bit stays.
   const keep = AutoclearFeatures.maskOf("rawExternalData") | AutoclearFeatures.maskOf("bitmaps");
   if ((s.hdr.autoclearFeatures & ~keep) !== 0n) {
-    await rewriteHeader(s, { autoclearFeatures: s.hdr.autoclearFeatures & keep });
+    await updateHeader(s, { autoclearFeatures: s.hdr.autoclearFeatures & keep });
   }
   // A dirty image (lazy refcounts, not closed cleanly) has stale refcounts: rebuild them
   // from the references, as QEMU does when it opens such an image read-write.
   if (IncompatibleFeatures.decode(s.hdr.incompatibleFeatures).has("dirty")) {
     await rebuildRefcountStructures(s);
-    await rewriteHeader(s, {
+    await updateHeader(s, {
       incompatibleFeatures: s.hdr.incompatibleFeatures & ~IncompatibleFeatures.maskOf("dirty"),
     });
   }
@@ -69,7 +69,7 @@ export async function initWrite(s: Qcow2State, options: Qcow2OpenOptions): Promi
     tableOffset: s.hdr.refcountTableOffset,
     tableClusters: s.hdr.refcountTableClusters,
     onTableMoved: async (tableOffset, tableClusters) => {
-      await rewriteHeader(s, {
+      await updateHeader(s, {
         refcountTableOffset: tableOffset,
         refcountTableClusters: tableClusters,
       });
@@ -115,7 +115,7 @@ export async function loadBitmaps(s: Qcow2State): Promise<void> {
         await s.backend.flush();
       },
       setAutoclear: (on) =>
-        rewriteHeader(s, {
+        updateHeader(s, {
           autoclearFeatures: on ? s.hdr.autoclearFeatures | bit : s.hdr.autoclearFeatures & ~bit,
         }),
       checkDirectoryWrite: (offset, length) =>

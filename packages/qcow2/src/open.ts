@@ -11,6 +11,7 @@ import {
   U64TableView,
   hex,
 } from "@qimg/structs";
+import { noBackingOpenerError } from "@qimg/io";
 import type { BlockBackend } from "@qimg/io";
 import {
   AutoclearFeatures,
@@ -193,6 +194,7 @@ export async function openState(
     dataFileName,
     l2CacheBytes: options.l2CacheBytes,
     bitmapDirectory,
+    noBacking: options.noBacking ?? false,
   });
   if (!options.noBacking) {
     try {
@@ -204,12 +206,11 @@ export async function openState(
         }
         image.dataBackend = await options.openDataFile(dataFileName, backend.name);
       }
-      if (backingFilename !== undefined) {
-        if (!options.openBacking) {
-          throw new InvalidArgumentError(
-            `image has the backing file '${backingFilename}' but no backing opener was given`,
-          );
-        }
+      if (backingFilename !== undefined && !options.openBacking) {
+        // Read-only: opened without it; a read that reaches it fails (readBacking). A
+        // read-write open would copy on write from it: refused.
+        if (writable) throw noBackingOpenerError(backingFilename);
+      } else if (backingFilename !== undefined && options.openBacking) {
         const depth = (options.depth ?? 0) + 1;
         image.backing = await options.openBacking({
           filename: backingFilename,

@@ -8,6 +8,8 @@ import { CorruptImageError, ErrorCode, IoError, hex } from "@qimg/structs";
 import type { BlockBackend, ReadOptions } from "@qimg/io";
 import { AutoclearFeatures, IncompatibleFeatures } from "./spec/header.js";
 import { l1Offset } from "./spec/l2.js";
+import { planHeaderFieldWrite, writeHeaderFields } from "./header-update.js";
+import type { HeaderFieldChanges } from "./header-update.js";
 import type { Qcow2State } from "./state.js";
 
 /** Kinds of metadata, as bits (a cluster may, in a corrupt image, belong to several). */
@@ -225,6 +227,18 @@ export async function checkOverlap(
   if (hit) await markCorrupt(s, metaName(hit.kinds), hit.cluster * s.clusterSize);
 }
 
+/**
+ * Write header fields alone (the dirty bit is 8 bytes, a refcount table switch 12), then sync.
+ * On read-write opens the bytes are checked like any metadata write first.
+ */
+export async function updateHeader(s: Qcow2State, changes: HeaderFieldChanges): Promise<void> {
+  if (s.w) {
+    const plan = planHeaderFieldWrite(s.hdr, changes);
+    await checkOverlap(s, plan.offset, plan.bytes.byteLength, Meta.header);
+  }
+  s.hdr = await writeHeaderFields(s.backend, s.hdr, changes);
+}
+
 /** Overlap check for guest data written at host `offset` (nothing to check in a data file). */
 export async function checkData(s: Qcow2State, offset: number, length: number): Promise<void> {
   if (!s.hasDataFile) await checkOverlap(s, offset, length);
@@ -255,13 +269,9 @@ export async function markCorrupt(s: Qcow2State, what: string, offset: number): 
     // Only the incompatible-features field changes (no overlap check: the header is the
     // header, and the corrupt bit must get out whatever else is wrong).
     try {
-      const incompatibleFeatures =
-        s.hdr.incompatibleFeatures | IncompatibleFeatures.maskOf("corrupt");
-      const field = new Uint8Array(8);
-      new DataView(field.buffer).setBigUint64(0, incompatibleFeatures, false);
-      await s.backend.write(72, field);
-      await s.backend.flush();
-      s.hdr = { ...s.hdr, incompatibleFeatures };
+      s.hdr = await writeHeaderFields(s.backend, s.hdr, {
+        incompatibleFeatures: s.hdr.incompatibleFeatures | IncompatibleFeatures.maskOf("corrupt"),
+      });
     } catch {
       // The image is already refusing writes; the error below is what matters.
     }

@@ -1,9 +1,8 @@
 /** Growing the disk (QEMU's qcow2_co_truncate for a larger size, preallocation off). */
 import { InvalidArgumentError, UnsupportedFeatureError, U64TableView } from "@qimg/structs";
-import { buildMetadataMap, checkOverlap, refreshRefcountBlocks } from "./overlap.js";
+import { buildMetadataMap, checkOverlap, refreshRefcountBlocks, updateHeader } from "./overlap.js";
 import { checkWritable, withClusters } from "./state.js";
 import type { Qcow2State } from "./state.js";
-import { rewriteHeader } from "./header-write.js";
 import { zeroAligned } from "./zero.js";
 import { writeLocked } from "./write.js";
 import { flushImage, flushLocked } from "./flush.js";
@@ -65,14 +64,14 @@ export async function resizeImage(s: Qcow2State, newSize: number): Promise<void>
       await s.backend.flush();
       const oldOffset = s.hdr.l1TableOffset;
       const oldClusters = Math.ceil((s.hdr.l1Size * 8) / cs);
-      await rewriteHeader(s, { l1TableOffset: offset, l1Size: needed, size: newSize });
+      await updateHeader(s, { l1TableOffset: offset, l1Size: needed, size: newSize });
       s.l1 = grown;
       s.fileSize = Math.max(s.fileSize, offset + clusters * cs);
       if (oldClusters > 0) await w.refcounts.free(oldOffset, oldClusters);
       await w.refcountCache.flush();
       buildMetadataMap(s);
     } else {
-      await rewriteHeader(s, { size: newSize });
+      await updateHeader(s, { size: newSize });
     }
     s.size = newSize;
     s.pbm?.resize(newSize);

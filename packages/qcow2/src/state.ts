@@ -5,14 +5,9 @@
  * postponed frees). The modules are free functions over one {@link Qcow2State}; `image.ts` is
  * the public facade over them.
  */
-import {
-  CorruptImageError,
-  ErrorCode,
-  InvalidArgumentError,
-  IoError,
-  U64TableView,
-} from "@qimg/structs";
-import { RangeClaims } from "@qimg/io";
+import { CorruptImageError } from "@qimg/structs";
+import type { U64TableView } from "@qimg/structs";
+import { Mutex, RangeClaims, imageClosedError, imageReadOnlyError } from "@qimg/io";
 import type { BlockBackend, DiskImage } from "@qimg/io";
 import { ClusterCache } from "@qimg/cluster-cache";
 import type { Refcounts } from "@qimg/refcount";
@@ -29,16 +24,6 @@ import { Meta, checkMetaWrite, guardedBackend } from "./overlap.js";
 import type { MetadataMap } from "./overlap.js";
 import type { PersistentBitmaps } from "./bitmap.js";
 import type { Compressor } from "./types.js";
-
-/** Serialises async sections: each runs after the previous one settled. */
-export class Mutex {
-  private tail: Promise<unknown> = Promise.resolve();
-  run<T>(fn: () => Promise<T>): Promise<T> {
-    const r = this.tail.then(fn, fn);
-    this.tail = r.catch(() => undefined);
-    return r;
-  }
-}
 
 /** Everything a read-write open needs on top of the read path. */
 export interface WriteState {
@@ -89,6 +74,8 @@ export interface StateInit {
   dataFileName: string | undefined;
   l2CacheBytes: number | undefined;
   bitmapDirectory: { offset: number; length: number } | undefined;
+  /** Opened with `noBacking`: unallocated ranges read as zeros, not from the backing file. */
+  noBacking: boolean;
 }
 
 /** The shared state of one open qcow2 image. */
@@ -109,6 +96,8 @@ export class Qcow2State {
   readonly backingFormat: string | undefined;
   readonly dataFileName: string | undefined;
   backing: DiskImage | undefined;
+  /** Opened with `noBacking` (QEMU's BDRV_O_NO_BACKING): no backing file is read. */
+  readonly noBacking: boolean;
 
   /** The active L1 table (replaced by a larger one on resize). */
   l1: U64TableView;
@@ -157,6 +146,7 @@ export class Qcow2State {
     this.backingFilename = init.backingFilename;
     this.backingFormat = init.backingFormat;
     this.dataFileName = init.dataFileName;
+    this.noBacking = init.noBacking;
     const incompat = IncompatibleFeatures.decode(h.incompatibleFeatures);
     this.extendedL2 = incompat.has("extendedL2");
     this.hasDataFile = incompat.has("externalDataFile");
@@ -210,7 +200,7 @@ export function l1Copied(s: Qcow2State, i: number): boolean {
 
 /** Throws once the image is closed. */
 export function checkOpen(s: Qcow2State): void {
-  if (s.closed) throw new InvalidArgumentError(`qcow2 image ${s.backend.name} is closed`);
+  if (s.closed) throw imageClosedError(s.backend.name);
 }
 
 /** The write state, or the error for a read-only (or corrupted) image. */
@@ -218,26 +208,12 @@ export function checkWritable(s: Qcow2State): WriteState {
   checkOpen(s);
   const w = s.w;
   if (!w || s.readOnly) {
-    throw new IoError(
-      w?.corrupted
-        ? `${s.backend.name}: the image was marked corrupt and is read-only`
-        : `${s.backend.name} is opened read-only`,
-      { code: ErrorCode.READ_ONLY },
+    throw imageReadOnlyError(
+      s.backend.name,
+      w?.corrupted ? "the image was marked corrupt and is read-only" : "image is opened read-only",
     );
   }
   return w;
-}
-
-/** The refusal a request gets when it is not inside the disk. */
-export function checkRequest(offset: number, length: number, size: number): void {
-  if (!Number.isSafeInteger(offset) || !Number.isSafeInteger(length) || offset < 0 || length < 0) {
-    throw new InvalidArgumentError(`invalid request: offset ${offset}, length ${length}`);
-  }
-  if (offset + length > size) {
-    throw new InvalidArgumentError(
-      `request [${offset}, +${length}) is past the end of the ${size}-byte disk`,
-    );
-  }
 }
 
 /**

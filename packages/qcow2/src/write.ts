@@ -4,8 +4,9 @@
  */
 import { U64TableView } from "@qimg/structs";
 import { checkData, checkOverlap } from "./overlap.js";
-import { checkRequest, checkWritable, l1Copied, l1Entry, withClusters } from "./state.js";
+import { checkWritable, l1Copied, l1Entry, withClusters } from "./state.js";
 import type { Qcow2State } from "./state.js";
+import { checkRequest } from "@qimg/io";
 import { hostOf, inPlace, l2ForWrite } from "./alloc.js";
 import { allocatingWrite, writeClusterExtended } from "./cow.js";
 import { markDirtyOnDisk } from "./dirty.js";

@@ -5,8 +5,10 @@
  */
 import { U64TableView } from "@qimg/structs";
 import { OFLAG_ZERO, entryCompressed, entryCopied, l2Word } from "./spec/l2.js";
-import { checkRequest, checkWritable, hasBackingFile, l1Entry, withClusters } from "./state.js";
+import { checkWritable, hasBackingFile, l1Entry, withClusters } from "./state.js";
 import type { Qcow2State } from "./state.js";
+import { checkRequest } from "@qimg/io";
+import type { WriteZeroesOptions } from "@qimg/io";
 import { Kind, readsAsZeros, resolve } from "./cluster-map.js";
 import { hostOf, l2ForWrite, queueFree } from "./alloc.js";
 import { writeChunk, writeLocked } from "./write.js";
@@ -25,7 +27,7 @@ export async function guestWriteZeroes(
   s: Qcow2State,
   offset: number,
   length: number,
-  options: { mayUnmap?: boolean } = {},
+  options: WriteZeroesOptions = {},
 ): Promise<void> {
   checkWritable(s);
   checkRequest(offset, length, s.size);

@@ -4,36 +4,20 @@
  * clearing them would overwrite the guest data (qemu-img check -r all does exactly that).
  * Against the real qemu-img / qemu-io; skips with a printed reason without them.
  */
-import { spawnSync } from "node:child_process";
-import { copyFileSync, mkdtempSync, readFileSync, rmSync, writeFileSync } from "node:fs";
-import { tmpdir } from "node:os";
+import { copyFileSync, readFileSync, writeFileSync } from "node:fs";
 import { join } from "node:path";
-import { afterAll, describe, expect, it } from "vitest";
+import { describe, expect, it } from "vitest";
 import { FileBackend } from "@qimg/io/node";
 import { checkQed } from "@qimg/qed";
-import { requireQemu } from "@qimg/fixtures";
 import { prng } from "../src/testing/util.js";
+import { SEED, haveQemu, noteSkipWithoutQemu, qemuCounts, run, workDir } from "./helpers.js";
 
-const haveQemu = requireQemu();
-if (!haveQemu)
-  console.log(
-    "skipping QED repair-overlap tests: qemu-img is not on PATH (set QIMG_REQUIRE_QEMU=1 to fail instead)",
-  );
-const work = mkdtempSync(join(tmpdir(), "qimg-qed-overlap-"));
-afterAll(() => rmSync(work, { recursive: true, force: true }));
-const SEED = Number(process.env.QIMG_SEED ?? Date.now() % 1_000_000);
-
-function run(cmd: string, args: string[]): { status: number; stdout: string; stderr: string } {
-  const r = spawnSync(cmd, args, { encoding: "utf8", env: { ...process.env, LC_ALL: "C" } });
-  return { status: r.status ?? -1, stdout: r.stdout, stderr: r.stderr };
-}
+noteSkipWithoutQemu("QED repair-overlap tests");
+const work = workDir("qimg-qed-overlap-");
 
 function problems(file: string): number {
-  const j = JSON.parse(run("qemu-img", ["check", "--output=json", file]).stdout) as Record<
-    string,
-    number | undefined
-  >;
-  return (j.corruptions ?? 0) + (j.leaks ?? 0) + (j["check-errors"] ?? 0);
+  const c = qemuCounts(file);
+  return c.corruptions + c.leaks + c.errors;
 }
 
 describe.skipIf(!haveQemu)(`QED repair and overlapping tables (seed ${SEED})`, () => {

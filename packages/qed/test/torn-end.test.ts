@@ -10,45 +10,16 @@
  *   corrupts the image), and `repair` grows the file to the cluster's end instead of dropping
  *   the entry (QEMU drops it).
  */
-import { spawnSync } from "node:child_process";
-import {
-  copyFileSync,
-  mkdtempSync,
-  readFileSync,
-  rmSync,
-  statSync,
-  truncateSync,
-  writeFileSync,
-} from "node:fs";
-import { tmpdir } from "node:os";
+import { copyFileSync, readFileSync, statSync, truncateSync, writeFileSync } from "node:fs";
 import { join } from "node:path";
-import { afterAll, describe, expect, it } from "vitest";
+import { describe, expect, it } from "vitest";
 import { FileBackend } from "@qimg/io/node";
 import { checkQed, openQed } from "@qimg/qed";
-import { requireQemu } from "@qimg/fixtures";
 import { prng } from "../src/testing/util.js";
+import { SEED, haveQemu, noteSkipWithoutQemu, qemuCounts, run, workDir } from "./helpers.js";
 
-const haveQemu = requireQemu();
-if (!haveQemu)
-  console.log(
-    "skipping QED torn-end tests: qemu-img is not on PATH (set QIMG_REQUIRE_QEMU=1 to fail instead)",
-  );
-
-const work = mkdtempSync(join(tmpdir(), "qimg-qed-torn-"));
-afterAll(() => rmSync(work, { recursive: true, force: true }));
-const SEED = Number(process.env.QIMG_SEED ?? Date.now() % 1_000_000);
-
-function run(cmd: string, args: string[]): { status: number; stdout: string; stderr: string } {
-  const r = spawnSync(cmd, args, { encoding: "utf8", env: { ...process.env, LC_ALL: "C" } });
-  return { status: r.status ?? -1, stdout: r.stdout, stderr: r.stderr };
-}
-
-/** `qemu-img check --output=json` counters. */
-function qemuCounts(file: string): { corruptions: number; leaks: number; errors: number } {
-  const r = run("qemu-img", ["check", "--output=json", file]);
-  const j = JSON.parse(r.stdout) as Record<string, number | undefined>;
-  return { corruptions: j.corruptions ?? 0, leaks: j.leaks ?? 0, errors: j["check-errors"] ?? 0 };
-}
+noteSkipWithoutQemu("QED torn-end tests");
+const work = workDir("qimg-qed-torn-");
 
 /** qemu-io `read -P` of a range: true when every byte is `byte`. */
 function qemuReads(file: string, offset: number, length: number, byte: number): boolean {

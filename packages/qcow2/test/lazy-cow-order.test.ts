@@ -206,7 +206,7 @@ async function verify(bytes: Uint8Array, run: Run, label: string): Promise<void>
 
 describe("lazy refcounts: copy-on-write data before the L2 entries that point to it", () => {
   it(`a crash losing any unsynced writes leaves every L2 entry pointing at written data`, async () => {
-    const seeds = LONG ? 200 : 6;
+    const seeds = LONG ? 60 : 6;
     const first = Number(process.env.QIMG_SEED ?? 1);
     let checked = 0;
     for (let seed = first; seed < first + seeds; seed++) {
@@ -214,7 +214,7 @@ describe("lazy refcounts: copy-on-write data before the L2 entries that point to
       const whole = await run(seed, Number.MAX_SAFE_INTEGER);
       const total = whole.fault.writes + whole.fault.flushes;
       const r = prng(seed ^ 0x5eed);
-      const points = LONG ? 40 : 6;
+      const points = LONG ? 20 : 6;
       for (let p = 0; p < points; p++) {
         const lossAt = 1 + Math.floor(r() * total);
         const subsetSeed = (r() * 2 ** 32) >>> 0;

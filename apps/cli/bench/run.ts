@@ -1,17 +1,32 @@
 /**
- * qimg vs qemu-img, side by side in one run: prints seconds for each and the ratio
- * (qimg / qemu-img). Asserts nothing about time.
+ * qimg vs qemu-img, side by side in one run: prints seconds and peak RSS for each, and the
+ * ratio (qimg / qemu-img). Asserts nothing about time.
  *
- *   pnpm --filter qimg bench                 # 1 GiB images
- *   QIMG_BENCH_SIZE=256M pnpm --filter qimg bench
+ *   pnpm --filter qimg bench                                # default sizes
+ *   QIMG_BENCH_SIZE=256M pnpm --filter qimg bench           # size of the general rows
+ *   QIMG_BENCH_CONVERT_SIZES=1G,4G pnpm --filter qimg bench # sizes of the convert rows
+ *   QIMG_BENCH_ONLY='convert' pnpm --filter qimg bench      # only rows whose name matches
  *
  * Runs the built CLI (dist/qimg.cjs) when it exists, else the source through tsx. Each case
- * runs QIMG_BENCH_REPEAT times (default 3), alternating tools, after a sync; the best counts.
- * qimg's times include Node's start-up (the first row measures it), which matters at small sizes.
- * Temporary files live under os.tmpdir() and are deleted at the end.
+ * runs QIMG_BENCH_REPEAT times (default 3), alternating tools, each run after a sync; the
+ * table gives the median and the best run of each tool. qimg's times include Node's start-up
+ * (the first row measures it), which matters at small sizes. Peak RSS comes from GNU time
+ * (/usr/bin/time) when it is installed. Temporary files live under os.tmpdir() (or
+ * QIMG_BENCH_DIR) and are deleted at the end.
+ *
+ * Adding rows: append to `cases` inside your marked block below (see `Case`); images are
+ * made on first use by `rawImage(size)` / `qcow2Image(size, ...createArgs)` and shared.
  */
 import { spawnSync } from "node:child_process";
-import { existsSync, mkdtempSync, openSync, closeSync, rmSync, writeSync } from "node:fs";
+import {
+  closeSync,
+  existsSync,
+  mkdtempSync,
+  openSync,
+  readFileSync,
+  rmSync,
+  writeSync,
+} from "node:fs";
 import { createRequire } from "node:module";
 import { tmpdir } from "node:os";
 import { dirname, join } from "node:path";
@@ -22,15 +37,35 @@ const DIST = join(CLI_DIR, "dist", "qimg.cjs");
 
 function parseSize(text: string): number {
   const m = /^(\d+)([kmgt]?)$/i.exec(text.trim());
-  if (m === null) throw new Error(`QIMG_BENCH_SIZE: cannot parse '${text}'`);
+  if (m === null) throw new Error(`cannot parse the size '${text}'`);
   const unit = { "": 1, k: 1024, m: 1024 ** 2, g: 1024 ** 3, t: 1024 ** 4 }[
     (m[2] ?? "").toLowerCase() as "" | "k" | "m" | "g" | "t"
   ];
   return Number(m[1]) * unit;
 }
 
+/** "1G", "512M", "4K" for row names. */
+function sizeName(bytes: number): string {
+  for (const [unit, n] of [
+    ["T", 1024 ** 4],
+    ["G", 1024 ** 3],
+    ["M", 1024 ** 2],
+    ["K", 1024],
+  ] as const) {
+    if (bytes >= n && bytes % n === 0) return `${bytes / n}${unit}`;
+  }
+  return String(bytes);
+}
+
 const SIZE = parseSize(process.env.QIMG_BENCH_SIZE ?? "1G");
+const CONVERT_SIZES = (process.env.QIMG_BENCH_CONVERT_SIZES ?? "1G,4G")
+  .split(",")
+  .filter((s) => s.trim() !== "")
+  .map(parseSize);
 const BENCH_COUNT = Number(process.env.QIMG_BENCH_COUNT ?? 200000);
+const REPEAT = Number(process.env.QIMG_BENCH_REPEAT ?? 3);
+const ONLY =
+  process.env.QIMG_BENCH_ONLY === undefined ? undefined : new RegExp(process.env.QIMG_BENCH_ONLY);
 
 const qimgCmd: string[] = existsSync(DIST)
   ? [process.execPath, DIST]
@@ -49,9 +84,23 @@ const childEnv = { ...process.env };
 const droppedCaCerts = childEnv.NODE_EXTRA_CA_CERTS !== undefined;
 delete childEnv.NODE_EXTRA_CA_CERTS;
 
-function run(cmd: readonly string[]): number {
+/** GNU time, for the children's peak RSS (its -f %M), when installed. */
+const GNU_TIME = spawnSync("/usr/bin/time", ["-f", "%M", "true"]).status === 0;
+
+const dir = mkdtempSync(join(process.env.QIMG_BENCH_DIR ?? tmpdir(), "qimg-bench-"));
+const rusageFile = join(dir, "rusage.txt");
+
+/** One run of a tool. */
+interface Run {
+  readonly seconds: number;
+  /** Peak resident set size in bytes (undefined without GNU time). */
+  readonly rss: number | undefined;
+}
+
+function run(cmd: readonly string[]): Run {
+  const argv = GNU_TIME ? ["/usr/bin/time", "-o", rusageFile, "-f", "%M", ...cmd] : cmd;
   const t0 = performance.now();
-  const r = spawnSync(cmd[0]!, cmd.slice(1), {
+  const r = spawnSync(argv[0]!, argv.slice(1), {
     encoding: "utf8",
     maxBuffer: 1 << 26,
     env: childEnv,
@@ -60,122 +109,223 @@ function run(cmd: readonly string[]): number {
   if (r.status !== 0) {
     throw new Error(`${cmd.join(" ")} failed (${r.status ?? r.signal}): ${r.stderr}`);
   }
-  return seconds;
+  let rss: number | undefined;
+  if (GNU_TIME) {
+    const kib = Number(readFileSync(rusageFile, "utf8").trim().split("\n").pop());
+    if (Number.isFinite(kib)) rss = kib * 1024;
+  }
+  return { seconds, rss };
 }
 
-const qemuImg = (...args: string[]): number => run(["qemu-img", ...args]);
-const qimg = (...args: string[]): number => run([...qimgCmd, ...args]);
+const qemuImg = (...args: string[]): Run => run(["qemu-img", ...args]);
+const qimg = (...args: string[]): Run => run([...qimgCmd, ...args]);
 
-if (spawnSync("qemu-img", ["--version"]).status !== 0) {
-  console.log("qemu-img is not installed: nothing to compare against");
-  process.exit(0);
+/** A row: the same job for both tools (argument lists after the program name). */
+interface Case {
+  readonly name: string;
+  readonly qemu: () => readonly string[];
+  readonly qimg: () => readonly string[];
 }
 
-const dir = mkdtempSync(join(tmpdir(), "qimg-bench-"));
-try {
-  // A random-ish raw file: xorshift words, every 8th MiB half text (compressible).
-  const raw = join(dir, "src.raw");
-  const fd = openSync(raw, "w");
+/** Output files the cases write; removed before every run. */
+const out = (name: string): string => join(dir, name);
+const OUTPUTS = ["a.raw", "b.raw", "a.qcow2", "b.qcow2"];
+
+const made = new Map<string, string>();
+
+/**
+ * A raw file of `size` bytes, made once: xorshift words, every 8th MiB half text
+ * (compressible), so copies cannot skip anything and compression has something to do.
+ */
+function rawImage(size: number): string {
+  const key = `raw-${size}`;
+  const have = made.get(key);
+  if (have !== undefined) return have;
+  const path = join(dir, `src-${sizeName(size)}.raw`);
+  const fd = openSync(path, "w");
   const chunk = new Uint32Array(1 << 18); // 1 MiB
   let x = 0x9e3779b9;
-  for (let off = 0, mib = 0; off < SIZE; off += chunk.byteLength, mib++) {
+  for (let off = 0, mib = 0; off < size; off += chunk.byteLength, mib++) {
     for (let i = 0; i < chunk.length; i++) {
       x ^= x << 13;
       x ^= x >>> 17;
       x ^= x << 5;
       chunk[i] = mib % 8 === 0 && i < chunk.length / 2 ? 0x41424344 + (i & 0xff) : x >>> 0;
     }
-    writeSync(fd, new Uint8Array(chunk.buffer, 0, Math.min(chunk.byteLength, SIZE - off)));
+    writeSync(fd, new Uint8Array(chunk.buffer, 0, Math.min(chunk.byteLength, size - off)));
   }
   closeSync(fd);
-  const full = join(dir, "full.qcow2");
-  const comp = join(dir, "comp.qcow2");
-  qemuImg("convert", "-f", "raw", "-O", "qcow2", raw, full);
-  qemuImg("convert", "-c", "-f", "raw", "-O", "qcow2", raw, comp);
-  const out = (name: string): string => join(dir, name);
+  made.set(key, path);
+  return path;
+}
 
-  type Case = [name: string, qemu: () => number, ours: () => number];
-  const cases: Case[] = [
-    ["start-up (--version)", () => qemuImg("--version"), () => qimg("--version")],
-    [
-      "convert -O raw (qcow2, allocated)",
-      () => qemuImg("convert", "-f", "qcow2", "-O", "raw", full, out("a.raw")),
-      () => qimg("convert", "-f", "qcow2", "-O", "raw", full, out("b.raw")),
-    ],
-    [
-      "convert -O raw (compressed qcow2)",
-      () => qemuImg("convert", "-f", "qcow2", "-O", "raw", comp, out("a.raw")),
-      () => qimg("convert", "-f", "qcow2", "-O", "raw", comp, out("b.raw")),
-    ],
-    [
-      "convert -O qcow2 (raw)",
-      () => qemuImg("convert", "-f", "raw", "-O", "qcow2", raw, out("a.qcow2")),
-      () => qimg("convert", "-f", "raw", "-O", "qcow2", raw, out("b.qcow2")),
-    ],
-    [
-      "convert -c -O qcow2 (raw)",
-      () => qemuImg("convert", "-c", "-f", "raw", "-O", "qcow2", raw, out("a.qcow2")),
-      () => qimg("convert", "-c", "-f", "raw", "-O", "qcow2", raw, out("b.qcow2")),
-    ],
-    [
-      `bench 4k reads, depth 64 (${BENCH_COUNT})`,
-      () =>
-        qemuImg("bench", "-f", "qcow2", "-c", String(BENCH_COUNT), "-d", "64", "-S", "1M", full),
-      () => qimg("bench", "-f", "qcow2", "-c", String(BENCH_COUNT), "-d", "64", "-S", "1M", full),
-    ],
-    [
-      `bench 4k writes, depth 64 (${BENCH_COUNT})`,
-      () =>
-        qemuImg(
-          "bench",
-          "-w",
-          "-f",
-          "qcow2",
-          "-c",
-          String(BENCH_COUNT),
-          "-d",
-          "64",
-          "-S",
-          "1M",
-          full,
-        ),
-      () =>
-        qimg("bench", "-w", "-f", "qcow2", "-c", String(BENCH_COUNT), "-d", "64", "-S", "1M", full),
-    ],
+/** A qcow2 copy of {@link rawImage}(size), made once by qemu-img convert with `args`. */
+function qcow2Image(size: number, ...args: string[]): string {
+  const key = `qcow2-${size}-${args.join(" ")}`;
+  const have = made.get(key);
+  if (have !== undefined) return have;
+  const path = join(dir, `src-${sizeName(size)}-${made.size}.qcow2`);
+  qemuImg("convert", ...args, "-f", "raw", "-O", "qcow2", rawImage(size), path);
+  made.set(key, path);
+  return path;
+}
+
+const cases: Case[] = [
+  { name: "start-up (--version)", qemu: () => ["--version"], qimg: () => ["--version"] },
+];
+
+// --- convert at scale (helper E) ---
+for (const size of CONVERT_SIZES) {
+  const s = sizeName(size);
+  cases.push(
+    {
+      name: `convert qcow2 -> raw, ${s}`,
+      qemu: () => ["convert", "-f", "qcow2", "-O", "raw", qcow2Image(size), out("a.raw")],
+      qimg: () => ["convert", "-f", "qcow2", "-O", "raw", qcow2Image(size), out("b.raw")],
+    },
+    {
+      name: `convert raw -> qcow2, ${s}`,
+      qemu: () => ["convert", "-f", "raw", "-O", "qcow2", rawImage(size), out("a.qcow2")],
+      qimg: () => ["convert", "-f", "raw", "-O", "qcow2", rawImage(size), out("b.qcow2")],
+    },
+  );
+}
+// --- end convert at scale ---
+
+// --- compressed convert and request benchmarks ---
+const S = sizeName(SIZE);
+cases.push(
+  {
+    name: `convert -O raw (compressed qcow2), ${S}`,
+    qemu: () => ["convert", "-f", "qcow2", "-O", "raw", qcow2Image(SIZE, "-c"), out("a.raw")],
+    qimg: () => ["convert", "-f", "qcow2", "-O", "raw", qcow2Image(SIZE, "-c"), out("b.raw")],
+  },
+  {
+    name: `convert -c -O qcow2 (raw), ${S}`,
+    qemu: () => ["convert", "-c", "-f", "raw", "-O", "qcow2", rawImage(SIZE), out("a.qcow2")],
+    qimg: () => ["convert", "-c", "-f", "raw", "-O", "qcow2", rawImage(SIZE), out("b.qcow2")],
+  },
+);
+for (const write of [false, true]) {
+  const args = (): string[] => [
+    "bench",
+    ...(write ? ["-w"] : []),
+    "-f",
+    "qcow2",
+    "-c",
+    String(BENCH_COUNT),
+    "-d",
+    "64",
+    "-S",
+    "1M",
+    // Its own copy: the write benchmark changes the image.
+    qcow2Image(SIZE),
   ];
-  console.log(`qimg: ${qimgCmd.slice(1).join(" ")}; image size ${SIZE} bytes`);
-  if (droppedCaCerts) {
-    console.log("NODE_EXTRA_CA_CERTS is set here; both tools run without it (qimg uses no TLS)");
-  }
-  const rows: string[][] = [["case", "qemu-img s", "qimg s", "ratio"]];
-  // Page-cache writeback of one run slows the next, so every timing starts after a sync, the
-  // two tools alternate, and the best of REPEAT runs counts.
-  const REPEAT = Number(process.env.QIMG_BENCH_REPEAT ?? 3);
-  const settle = (): void => {
-    spawnSync("sync");
-    rmSync(out("a.raw"), { force: true });
-    rmSync(out("b.raw"), { force: true });
-    rmSync(out("a.qcow2"), { force: true });
-    rmSync(out("b.qcow2"), { force: true });
-    spawnSync("sync");
-  };
-  for (const [name, q, o] of cases) {
-    let tq = Infinity;
-    let to = Infinity;
-    for (let i = 0; i < REPEAT; i++) {
-      settle();
-      tq = Math.min(tq, q());
-      settle();
-      to = Math.min(to, o());
+  cases.push({
+    name: `bench 4k ${write ? "writes" : "reads"}, depth 64 (${BENCH_COUNT}), ${S}`,
+    qemu: args,
+    qimg: args,
+  });
+}
+// --- end compressed convert and request benchmarks ---
+
+// --- check at scale (helper W) ---
+// --- end check at scale ---
+
+// --- zstd (helper Z) ---
+// --- end zstd ---
+
+function median(xs: readonly number[]): number {
+  const s = [...xs].sort((a, b) => a - b);
+  const m = s.length >> 1;
+  return s.length % 2 === 1 ? s[m]! : (s[m - 1]! + s[m]!) / 2;
+}
+
+const mib = (bytes: number | undefined): string =>
+  bytes === undefined ? "-" : (bytes / 1024 ** 2).toFixed(0);
+
+try {
+  if (spawnSync("qemu-img", ["--version"]).status !== 0) {
+    console.log("qemu-img is not installed: nothing to compare against");
+  } else {
+    console.log(`qimg: ${qimgCmd.slice(1).join(" ")}; ${REPEAT} runs per tool and row`);
+    if (droppedCaCerts) {
+      console.log("NODE_EXTRA_CA_CERTS is set here; both tools run without it (qimg uses no TLS)");
     }
-    rows.push([name, tq.toFixed(3), to.toFixed(3), (to / tq).toFixed(2)]);
-  }
-  settle();
-  const widths = rows[0]!.map((_, i) => Math.max(...rows.map((r) => r[i]!.length)));
-  for (const r of rows) {
-    console.log(
-      r.map((c, i) => (i === 0 ? c.padEnd(widths[i]!) : c.padStart(widths[i]!))).join("  "),
-    );
+    const rows: string[][] = [
+      [
+        "case",
+        "qemu-img s",
+        "qimg s",
+        "ratio",
+        "best qemu-img s",
+        "best qimg s",
+        "best ratio",
+        "qemu-img MiB",
+        "qimg MiB",
+      ],
+    ];
+    // Page-cache writeback of one run slows the next, so every timing starts after a sync
+    // and the two tools alternate.
+    const settle = (): void => {
+      spawnSync("sync");
+      for (const f of OUTPUTS) rmSync(out(f), { force: true });
+      spawnSync("sync");
+    };
+    for (const c of cases) {
+      if (ONLY !== undefined && !ONLY.test(c.name)) continue;
+      // Make the inputs before timing anything.
+      c.qemu();
+      c.qimg();
+      const q: Run[] = [];
+      const o: Run[] = [];
+      for (let i = 0; i < REPEAT; i++) {
+        settle();
+        q.push(qemuImg(...c.qemu()));
+        settle();
+        o.push(qimg(...c.qimg()));
+      }
+      const tq = median(q.map((r) => r.seconds));
+      const to = median(o.map((r) => r.seconds));
+      const bq = Math.min(...q.map((r) => r.seconds));
+      const bo = Math.min(...o.map((r) => r.seconds));
+      const rq = q.every((r) => r.rss !== undefined)
+        ? Math.max(...q.map((r) => r.rss!))
+        : undefined;
+      const ro = o.every((r) => r.rss !== undefined)
+        ? Math.max(...o.map((r) => r.rss!))
+        : undefined;
+      rows.push([
+        c.name,
+        tq.toFixed(3),
+        to.toFixed(3),
+        (to / tq).toFixed(2),
+        bq.toFixed(3),
+        bo.toFixed(3),
+        (bo / bq).toFixed(2),
+        mib(rq),
+        mib(ro),
+      ]);
+      console.log(`  ${c.name}: ${(to / tq).toFixed(2)} (best ${(bo / bq).toFixed(2)})`);
+    }
+    settle();
+    const widths = rows[0]!.map((_, i) => Math.max(...rows.map((r) => r[i]!.length)));
+    console.log("");
+    for (const r of rows) {
+      console.log(
+        "| " +
+          r.map((c, i) => (i === 0 ? c.padEnd(widths[i]!) : c.padStart(widths[i]!))).join(" | ") +
+          " |",
+      );
+      if (r === rows[0])
+        console.log(
+          "|" +
+            widths
+              .map((w, i) => (i === 0 ? "-" : "") + "-".repeat(w + 1) + (i === 0 ? "" : ":"))
+              .join("|") +
+            "|",
+        );
+    }
   }
 } finally {
   rmSync(dir, { recursive: true, force: true });

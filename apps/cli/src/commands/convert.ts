@@ -33,7 +33,7 @@ import {
 } from "../create-image.js";
 import type { DiskImage } from "../drivers.js";
 import { CliError, inFile, messageOf } from "../errors.js";
-import { openImage, sameFile } from "../open.js";
+import { openImage, sameFile, writeTarget } from "../open.js";
 import { cacheMode } from "../util/cache-mode.js";
 import { collect, joinedOptions } from "../util/cli-options.js";
 import { CompressPool } from "../util/compress-pool.js";
@@ -42,7 +42,6 @@ import { preallocate, PREALLOCATE_MIN, type FileRange } from "../util/preallocat
 import { startProgress } from "../util/progress.js";
 import { isHelpRequest, optionsHelp, parseOptions } from "../util/qemu-opts.js";
 import { roundUp } from "../util/size.js";
-import { writableOf } from "../writable.js";
 
 export interface ConvertOptions {
   readonly source: string;
@@ -284,7 +283,7 @@ async function convertToImage(
       qcow2: pool === undefined ? undefined : { compress: pool.compress },
     });
     try {
-      const w = writableOf(target);
+      const w = writeTarget(target);
       if (compress && w.writeCompressed === undefined) {
         throw new CliError("Compression not supported for this file format");
       }

@@ -10,7 +10,7 @@
  * file). Writes are issued in guest order (an image sink allocates its clusters
  * sequentially), several in flight.
  */
-import { alignedBuffers, ExtentIterator, type BlockStatus } from "@qimg/io";
+import { alignedBuffers, ExtentIterator, type BlockStatus, type WritableDiskImage } from "@qimg/io";
 import type { BlockBackend, DiskImage } from "../drivers.js";
 import { inFile } from "../errors.js";
 import { isZero } from "./zero.js";
@@ -242,25 +242,11 @@ export async function copy(
 }
 
 /**
- * What an image sink needs of the target image: its writes, zero writes and block status
- * (to find where a backing file shows through).
- */
-export interface ImageTarget {
-  readonly image: DiskImage;
-  /** Allocation unit (qcow2/QED cluster size). */
-  readonly clusterSize: number;
-  write(offset: number, data: Uint8Array): Promise<void>;
-  writeZeroes(offset: number, length: number, mayUnmap: boolean): Promise<void>;
-  readonly writeCompressed: ((offset: number, data: Uint8Array) => Promise<void>) | undefined;
-}
-
-/**
  * A new image as a sink: blocks are its clusters. When it has a backing file, ranges the copy
  * finds zero are zeroed explicitly where the backing file would show through (so the target
  * reads as the source).
  */
-export function imageSink(target: ImageTarget): CopySink {
-  const image = target.image;
+export function imageSink(image: WritableDiskImage): CopySink {
   const zero =
     image.backing === undefined
       ? undefined
@@ -270,14 +256,17 @@ export function imageSink(target: ImageTarget): CopySink {
           while (pos < end) {
             const s: BlockStatus = await image.blockStatus(pos, end - pos);
             const next = Math.min(end, s.offset + s.length);
-            if (!s.zero) await target.writeZeroes(pos, next - pos, false);
+            if (!s.zero) await image.writeZeroes(pos, next - pos, { mayUnmap: false });
             pos = next;
           }
         };
   return {
-    blockSize: target.clusterSize,
-    write: (offset, data) => target.write(offset, data),
-    writeCompressed: target.writeCompressed,
+    blockSize: image.clusterSize,
+    write: (offset, data) => image.write(offset, data),
+    writeCompressed:
+      image.writeCompressed === undefined
+        ? undefined
+        : (offset, data) => image.writeCompressed!(offset, data),
     zero,
   };
 }

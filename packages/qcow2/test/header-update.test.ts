@@ -529,3 +529,66 @@ describe("whole header area rewrite", () => {
     expect(rec.ops.filter((o) => o.op === "write")).toEqual([]);
   });
 });
+
+describe("the driver's header writes go through header-update", () => {
+  /** Writes the driver makes into cluster 0 (the header area), as [offset, length]. */
+  function headerWrites(rec: Recorder, cs: number): [number, number][] {
+    return rec.ops.flatMap((o) =>
+      o.op === "write" && o.offset < cs ? [[o.offset, o.length]] : [],
+    );
+  }
+
+  it.skipIf(!haveQemu)(
+    "lazy refcounts: the dirty bit is set and cleared with 8-byte writes at 72, nothing else",
+    async () => {
+      const img = created("lazy_refcounts=on,cluster_size=4096", (5 << 20) + 3 * 512);
+      const mem = MemoryBackend.from(img.slice());
+      const rec = new Recorder(mem);
+      const image = await openQcow2(rec, { readOnly: false });
+      const r = prng(Number(process.env.QIMG_SEED ?? 7));
+      await image.write(12_345, fill(r, 70_001));
+      await image.flush();
+      expect(headerWrites(rec, 4096)).toEqual([[72, 8]]);
+      const mid = oracle(mem.bytes());
+      expect(mid.info["dirty-flag"]).toBe(true);
+      await image.close();
+      expect(headerWrites(rec, 4096)).toEqual([
+        [72, 8],
+        [72, 8],
+      ]);
+      const q = oracle(mem.bytes());
+      expect(q.info["dirty-flag"]).toBe(false);
+      expect(q.check.status, q.check.out).toBe(0);
+      // Only the dirty bit's byte differs from QEMU's header area.
+      expect(diffRange(img.subarray(0, 4096), mem.bytes().subarray(0, 4096))).toBeUndefined();
+    },
+  );
+
+  it.skipIf(!haveQemu)(
+    "an unknown autoclear bit is cleared with 8 bytes at 88; a resize writes 8 bytes at 24",
+    async () => {
+      const img = created("cluster_size=4096", 3 << 20);
+      img[95] = 0x80; // autoclear bit 7, unknown
+      const mem = MemoryBackend.from(img.slice());
+      const rec = new Recorder(mem);
+      const image = await openQcow2(rec, { readOnly: false });
+      expect(headerWrites(rec, 4096)).toEqual([[88, 8]]);
+      const grown = (3 << 20) + 5 * 512;
+      await image.resize(grown);
+      expect(headerWrites(rec, 4096)).toEqual([
+        [88, 8],
+        [24, 8],
+      ]);
+      await image.close();
+      const q = oracle(mem.bytes());
+      expect(q.info["virtual-size"]).toBe(grown);
+      expect(q.check.status, q.check.out).toBe(0);
+    },
+  );
+});
+
+function fill(r: () => number, len: number): Uint8Array {
+  const b = new Uint8Array(len);
+  for (let i = 0; i < len; i++) b[i] = (r() * 256) | 0;
+  return b;
+}

@@ -6,6 +6,7 @@
  * run, as in qemu-io. A failed aio request is reported when it completes and, as in qemu-io,
  * leaves the exit status alone.
  */
+import { StatusCursor } from "@qimg/io";
 import { ErrorCode, isQimgError } from "@qimg/structs";
 import type { CliContext } from "./context.js";
 import type { DiskImage, WritableDiskImage } from "./drivers.js";
@@ -436,16 +437,18 @@ export class IoScript {
     const image = this.target.image;
     const size = image.virtualSize;
     let offset = 0;
+    // One driver call per extent: the status that ends a run starts the next one.
+    const cursor = new StatusCursor(image);
     try {
       do {
         let allocated: boolean | undefined;
         let n = 0;
         while (offset + n < size) {
-          const s = await image.blockStatus(offset + n, size - offset - n);
+          const s = await cursor.at(offset + n);
           const a = s.present && s.depth === 0;
           if (allocated === undefined) allocated = a;
           else if (a !== allocated) break;
-          n += s.length;
+          n = cursor.end - offset;
         }
         const state = allocated === true ? "    allocated" : "not allocated";
         this.out(

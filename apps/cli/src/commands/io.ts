@@ -16,6 +16,7 @@ import { CliError } from "../errors.js";
 import { IoScript, ScriptCrash } from "../io-script.js";
 import { openImage, writeTarget } from "../open.js";
 import { parseBool, splitOptions } from "../util/qemu-opts.js";
+import { cacheMode, type CacheMode } from "../util/cache-mode.js";
 import { collect } from "../util/cli-options.js";
 
 export interface IoOptions {
@@ -31,32 +32,8 @@ export interface IoOptions {
   readonly forceShare?: boolean;
 }
 
-const CACHE_MODES = ["none", "writeback", "writethrough", "directsync", "unsafe"] as const;
-type CacheMode = (typeof CACHE_MODES)[number];
-
 /** qemu-io's default cache mode: every request is durable when it completes. */
 export const DEFAULT_IO_CACHE: CacheMode = "writethrough";
-
-/**
- * What a qemu cache mode means here. O_DIRECT (none, directsync) has no counterpart: what
- * is kept is each mode's durability: writethrough and directsync flush after every request
- * (data and metadata, as the guest sees a write-through disk), writeback and none flush when
- * asked, unsafe never.
- */
-export function cacheMode(mode: string): { writethrough: boolean; noFlush: boolean } {
-  if (!(CACHE_MODES as readonly string[]).includes(mode)) {
-    throw new CliError(`Invalid cache option: ${mode}`);
-  }
-  return {
-    writethrough: mode === "writethrough" || mode === "directsync",
-    noFlush: mode === "unsafe",
-  };
-}
-
-/** Whether a qemu cache mode writes metadata through (writethrough, directsync). */
-export function cacheWritethrough(mode: string | undefined): boolean | undefined {
-  return mode === undefined ? undefined : cacheMode(mode).writethrough;
-}
 
 export async function runIo(ctx: CliContext, o: IoOptions): Promise<number> {
   let lazyRefcounts: boolean | undefined;

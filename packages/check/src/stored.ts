@@ -1,21 +1,32 @@
 import type { BlockBackend } from "@qimg/io";
+import { reftableOffset } from "@qimg/qcow2";
 import { RefcountBlockView } from "@qimg/refcount";
 import { CorruptImageError, U64TableView, hex } from "@qimg/structs";
 
 /**
  * The refcounts stored in the image, read the way QEMU's qcow2_get_refcount does: clusters
  * past the refcount table or in a slot without a block have refcount 0; a misaligned block
- * offset is an error. One refcount block is held at a time (the checker reads in order).
+ * offset is an error. A few refcount blocks are held at a time (the checker reads in order),
+ * and {@link peek} answers without a promise while the current one is the right one, so a pass
+ * over millions of clusters awaits once per block, not once per cluster.
  */
 export class StoredRefcounts {
   readonly #backend: BlockBackend;
   readonly #cs: number;
   readonly #bits: number;
-  readonly #table: U64TableView;
+  /** The refcount table as read (bytes past the end of the file read as zeros). */
+  readonly table: U64TableView;
   readonly #entriesPerBlock: number;
-  readonly #block: Uint8Array;
-  readonly #view: RefcountBlockView;
+  /** A few blocks kept (round robin): the checker alternates between a table's and its data's. */
+  readonly #blocks: Uint8Array[] = [];
+  readonly #views: RefcountBlockView[] = [];
+  readonly #offsets: number[] = [];
+  #next = 0;
+  #block: Uint8Array;
+  #view: RefcountBlockView;
   #blockOffset = -1;
+  /** The table slot whose block is `#block` (-1: none). */
+  #slot = -1;
 
   private constructor(
     backend: BlockBackend,
@@ -26,11 +37,20 @@ export class StoredRefcounts {
     this.#backend = backend;
     this.#cs = 2 ** clusterBits;
     this.#bits = 2 ** refcountOrder;
-    this.#table = table;
+    this.table = table;
     this.#entriesPerBlock = (this.#cs * 8) / this.#bits;
-    this.#block = new Uint8Array(this.#cs);
-    this.#view = new RefcountBlockView(this.#block, this.#bits);
+    for (let i = 0; i < StoredRefcounts.CACHED; i++) {
+      const bytes = new Uint8Array(this.#cs);
+      this.#blocks.push(bytes);
+      this.#views.push(new RefcountBlockView(bytes, this.#bits));
+      this.#offsets.push(-1);
+    }
+    this.#block = this.#blocks[0]!;
+    this.#view = this.#views[0]!;
   }
+
+  /** Refcount blocks held at a time. */
+  static readonly CACHED = 4;
 
   /** Read the refcount table (bytes past the end of the file read as zeros). */
   static async open(
@@ -47,33 +67,71 @@ export class StoredRefcounts {
 
   /** Number of refcount table entries. */
   get tableEntries(): number {
-    return this.#table.length;
+    return this.table.length;
   }
 
-  /** Refcount table entry `i` as its two 32-bit words. */
-  entryWords(i: number): { hi: number; lo: number } {
-    return { hi: this.#table.hi(i), lo: this.#table.lo(i) };
+  /** Refcount entries per refcount block. */
+  get entriesPerBlock(): number {
+    return this.#entriesPerBlock;
   }
 
-  async #load(cluster: number): Promise<number | undefined> {
-    const slot = Math.floor(cluster / this.#entriesPerBlock);
-    if (slot >= this.#table.length) return undefined;
-    const hi = this.#table.hi(slot);
-    const lo = this.#table.lo(slot) & ~0x1ff;
-    const off = (hi >>> 0) * 0x1_0000_0000 + (lo >>> 0);
-    if (off === 0) return undefined;
-    if (off % this.#cs !== 0) {
+  /**
+   * The block offset of table slot `slot`: 0 for none (or past the table); throws when it is
+   * not cluster aligned.
+   */
+  #blockOf(slot: number): number {
+    if (slot >= this.table.length) return 0;
+    const off = reftableOffset(this.table.hi(slot), this.table.lo(slot));
+    if (off !== 0 && off % this.#cs !== 0) {
       throw new CorruptImageError(
         `refcount block ${slot} at ${hex(off)} is not aligned to the cluster size ${this.#cs}`,
         { offset: off },
       );
     }
+    return off;
+  }
+
+  async #load(cluster: number): Promise<number | undefined> {
+    const slot = Math.floor(cluster / this.#entriesPerBlock);
+    const off = this.#blockOf(slot);
+    if (off === 0) return undefined;
     if (off !== this.#blockOffset) {
-      this.#blockOffset = -1;
-      await this.#backend.read(off, this.#block, { zeroPastEof: true });
+      this.#slot = -1;
+      let k = this.#offsets.indexOf(off);
+      if (k < 0) {
+        k = this.#next;
+        this.#next = (this.#next + 1) % StoredRefcounts.CACHED;
+        this.#offsets[k] = -1;
+        this.#blockOffset = -1;
+        await this.#backend.read(off, this.#blocks[k]!, { zeroPastEof: true });
+        this.#offsets[k] = off;
+      }
+      this.#block = this.#blocks[k]!;
+      this.#view = this.#views[k]!;
       this.#blockOffset = off;
     }
+    this.#slot = slot;
     return cluster - slot * this.#entriesPerBlock;
+  }
+
+  /**
+   * Stored refcount of one host cluster without waiting, when that needs no read: the block
+   * holding it is the loaded one, or its slot has no block (0). Otherwise -1 (call
+   * {@link get}). Throws as {@link get} for a misaligned block offset.
+   */
+  peek(cluster: number): number {
+    const slot = Math.floor(cluster / this.#entriesPerBlock);
+    if (slot !== this.#slot) {
+      const off = this.#blockOf(slot);
+      if (off === 0) return 0;
+      const k = this.#offsets.indexOf(off);
+      if (k < 0) return -1;
+      this.#block = this.#blocks[k]!;
+      this.#view = this.#views[k]!;
+      this.#blockOffset = off;
+      this.#slot = slot;
+    }
+    return this.#view.get(cluster - slot * this.#entriesPerBlock);
   }
 
   /** Stored refcount of one host cluster. */

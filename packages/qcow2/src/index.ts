@@ -89,6 +89,8 @@ export {
   l1Offset,
   reftableOffset,
   reftableReservedBits,
+  bitmapEntryReservedBits,
+  bitmapEntryAllOnes,
 } from "./spec/l2.js";
 export type { CompressedLayout, L2Format } from "./spec/l2.js";
 export { inflateRaw, zstd as zstdDecompress, decompressorFor } from "./compress.js";

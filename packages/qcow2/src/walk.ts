@@ -116,6 +116,11 @@ export interface L1Cursor {
   lo: number;
   /** The L2 table offset the entry holds (bits 9..55). */
   l2Offset: number;
+  /**
+   * Call after writing into the image file from a callback: L2 tables the walk read ahead are
+   * read again (a table the visitor changed on disk is then seen as it is now).
+   */
+  readonly invalidate: () => void;
 }
 
 /**
@@ -146,6 +151,8 @@ export interface L2Cursor {
   bitmapLo: number;
   /** The entry's {@link ClusterType}. */
   type: ClusterType;
+  /** As {@link L1Cursor.invalidate}. */
+  readonly invalidate: () => void;
 }
 
 /** Callbacks of {@link walkL1Table}; each may return a promise (awaited only when it does). */
@@ -173,7 +180,8 @@ export interface TableSource {
 const TRUE = (): boolean => true;
 
 /** Create the reused cursors of one walk. */
-function cursors(): { l1: L1Cursor; l2: L2Cursor } {
+function cursors(reader: TableReader): { l1: L1Cursor; l2: L2Cursor } {
+  const invalidate = (): void => reader.invalidate();
   const empty = new U64TableView(new Uint8Array(0), "big");
   const l1: L1Cursor = {
     snapshot: undefined,
@@ -185,6 +193,7 @@ function cursors(): { l1: L1Cursor; l2: L2Cursor } {
     hi: 0,
     lo: 0,
     l2Offset: 0,
+    invalidate,
   };
   const l2: L2Cursor = {
     l1,
@@ -199,6 +208,7 @@ function cursors(): { l1: L1Cursor; l2: L2Cursor } {
     bitmapHi: 0,
     bitmapLo: 0,
     type: ClusterType.Unallocated,
+    invalidate,
   };
   return { l1, l2 };
 }
@@ -206,7 +216,8 @@ function cursors(): { l1: L1Cursor; l2: L2Cursor } {
 /**
  * Reads L2 tables for a walk with read-ahead: when tables follow each other on the host (as
  * they do in images written sequentially or preallocated), one read fetches the next several,
- * so a walk over millions of entries makes a few hundred reads, not one per table.
+ * so a walk over millions of entries makes a few hundred reads, not one per table. A visitor
+ * that writes into the file calls the cursor's `invalidate()`.
  */
 class TableReader {
   readonly #backend: BlockBackend;
@@ -266,8 +277,8 @@ export async function walkL1Table(
   snapshot: number | undefined,
   visitor: TableVisitor,
 ): Promise<void> {
-  const { l1, l2 } = cursors();
   const reader = new TableReader(src.backend, src.format.clusterSize, src.fileSize);
+  const { l1, l2 } = cursors(reader);
   await walkOne(src, reader, l1, l2, l1Offset, l1Size, snapshot, visitor);
 }
 
@@ -278,8 +289,8 @@ export async function walkTables(
   snapshots: readonly SnapshotEntry[],
   visitor: TableVisitor,
 ): Promise<void> {
-  const c = cursors();
   const reader = new TableReader(src.backend, src.format.clusterSize, src.fileSize);
+  const c = cursors(reader);
   await walkOne(src, reader, c.l1, c.l2, l1.offset, l1.size, undefined, visitor);
   for (let s = 0; s < snapshots.length; s++) {
     const snap = snapshots[s]!;
@@ -298,9 +309,7 @@ async function walkOne(
   visitor: TableVisitor,
 ): Promise<void> {
   const fmt = src.format;
-  const stride = fmt.stride;
   const per = fmt.entriesPerTable;
-  const extended = fmt.extendedL2;
   const onL1Entry = visitor.l1Entry ?? TRUE;
   const onL2Entry = visitor.l2Entry;
   c1.snapshot = snapshot;
@@ -328,10 +337,7 @@ async function walkOne(
     const l2Offset = entryOffset(hi, lo);
     c1.l2Offset = l2Offset;
     let go = onL1Entry(c1);
-    if (go instanceof Promise) {
-      go = await go;
-      reader.invalidate();
-    }
+    if (go instanceof Promise) go = await go;
     if (go === false || l2Offset >= src.fileSize) continue;
     if (onL2Entry === undefined && visitor.l2TableDone === undefined) continue;
     const table = new U64TableView(await reader.read(l2Offset), "big");
@@ -339,52 +345,71 @@ async function walkOne(
     c2.table = table;
     const guestBase = i * per;
     if (onL2Entry !== undefined) {
-      for (let j = 0; j < per; j++) {
-        const k = j * stride;
-        const ehi = table.hi(k);
-        const elo = table.lo(k);
-        const bhi = extended ? table.hi(k + 1) : 0;
-        const blo = extended ? table.lo(k + 1) : 0;
-        if ((ehi | elo | bhi | blo) === 0) continue;
-        c2.index = j;
-        c2.word = k;
-        c2.entryOffset = l2Offset + k * 8;
-        c2.guestCluster = guestBase + j;
-        c2.hi = ehi;
-        c2.lo = elo;
-        c2.bitmapHi = bhi;
-        c2.bitmapLo = blo;
-        c2.type = clusterTypeOf(fmt, ehi, elo);
-        const r = onL2Entry(c2);
-        if (r instanceof Promise) {
-          await r;
-          reader.invalidate();
-        }
+      const dv = new DataView(table.bytes.buffer, table.bytes.byteOffset, table.bytes.byteLength);
+      let j = 0;
+      while ((j = visitEntries(fmt, c2, onL2Entry, dv, l2Offset, guestBase, j)) < per) {
+        await pendingVisit;
       }
     }
     if (visitor.l2TableDone) {
       const r = visitor.l2TableDone(c2);
-      if (r instanceof Promise) {
-        await r;
-        reader.invalidate();
-      }
+      if (r instanceof Promise) await r;
     }
   }
 }
 
-/** {@link clusterType}, inlined here for the walk's inner loop. */
-function clusterTypeOf(fmt: L2Format, hi: number, lo: number): ClusterType {
-  if ((hi & 0x4000_0000) !== 0) return ClusterType.Compressed;
-  const hasOffset = (hi & 0x00ff_ffff) !== 0 || (lo & 0xffff_fe00) !== 0;
-  if ((lo & 1) !== 0 && !fmt.extendedL2) {
-    return hasOffset ? ClusterType.ZeroAlloc : ClusterType.ZeroPlain;
+/** The promise the last {@link visitEntries} stopped for. */
+let pendingVisit: void | Promise<void>;
+
+/**
+ * The inner loop of the walk, a plain function (an async function's loop runs far slower
+ * until optimized): visit entries `from`.. of one L2 table; stop after an entry whose
+ * callback returned a promise (left in `pendingVisit`) and return the next index, or the
+ * table's entry count when done. Big-endian words are read straight from the bytes.
+ */
+function visitEntries(
+  fmt: L2Format,
+  c2: L2Cursor,
+  onL2Entry: (c: L2Cursor) => void | Promise<void>,
+  dv: DataView,
+  l2Offset: number,
+  guestBase: number,
+  from: number,
+): number {
+  const per = fmt.entriesPerTable;
+  const stride = fmt.stride;
+  const extended = fmt.extendedL2;
+  const dataFile = fmt.hasDataFile;
+  for (let j = from; j < per; j++) {
+    const b = j * stride * 8;
+    const ehi = dv.getUint32(b, false);
+    const elo = dv.getUint32(b + 4, false);
+    const bhi = extended ? dv.getUint32(b + 8, false) : 0;
+    const blo = extended ? dv.getUint32(b + 12, false) : 0;
+    if ((ehi | elo | bhi | blo) === 0) continue;
+    c2.index = j;
+    c2.word = j * stride;
+    c2.entryOffset = l2Offset + b;
+    c2.guestCluster = guestBase + j;
+    c2.hi = ehi;
+    c2.lo = elo;
+    c2.bitmapHi = bhi;
+    c2.bitmapLo = blo;
+    // clusterType(), written out: a call would box the words (heap numbers past 2^30).
+    if ((ehi & 0x4000_0000) !== 0) c2.type = ClusterType.Compressed;
+    else if ((ehi & 0x00ff_ffff) !== 0 || (elo & 0xffff_fe00) !== 0) {
+      c2.type = (elo & 1) !== 0 && !extended ? ClusterType.ZeroAlloc : ClusterType.Normal;
+    } else if ((elo & 1) !== 0 && !extended) c2.type = ClusterType.ZeroPlain;
+    else
+      c2.type =
+        dataFile && (ehi & 0x8000_0000) !== 0 ? ClusterType.Normal : ClusterType.Unallocated;
+    const r = onL2Entry(c2);
+    if (r instanceof Promise) {
+      pendingVisit = r;
+      return j + 1;
+    }
   }
-  if (!hasOffset) {
-    return fmt.hasDataFile && (hi & 0x8000_0000) !== 0
-      ? ClusterType.Normal
-      : ClusterType.Unallocated;
-  }
-  return ClusterType.Normal;
+  return per;
 }
 
 // ---------------------------------------------------------------------------------------------

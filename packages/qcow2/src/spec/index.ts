@@ -85,6 +85,8 @@ export {
   l1Offset,
   reftableOffset,
   reftableReservedBits,
+  bitmapEntryReservedBits,
+  bitmapEntryAllOnes,
 } from "./l2.js";
 export type { CompressedLayout, L2Format } from "./l2.js";
 export { encodeHeaderArea } from "./header-area.js";

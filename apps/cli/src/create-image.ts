@@ -9,7 +9,7 @@ import * as qcow2 from "@qimg/qcow2";
 import * as qed from "@qimg/qed";
 import type { Qcow2CreateOptions } from "@qimg/qcow2";
 import type { CliContext } from "./context.js";
-import { CliError, FileContextError, describeError, inFile } from "./errors.js";
+import { CliError, FileContextError, describeError, inFile, messageOf } from "./errors.js";
 import { combinePath, openImage } from "./open.js";
 import { formattingLine, type OptDesc, type OptMap } from "./util/qemu-opts.js";
 import { preallocate } from "./util/preallocate.js";
@@ -204,8 +204,8 @@ export async function createImage(req: CreateRequest): Promise<void> {
           // Only its size is needed: as qemu-img, share every lock (it may be in use).
           backing = await openImage(path, { format: backingFmt, ctx, forceShare: true });
         } catch (e) {
-          const reason = e instanceof Error ? e.message.replace(`${path}: `, "") : String(e);
-          throw new CliError(`Could not open '${path}': ${shortReason(reason)}`, { cause: e });
+          // System errors in strerror() words, chosen by their errno code (see messageOf).
+          throw new CliError(`Could not open '${path}': ${messageOf(e, path)}`, { cause: e });
         }
         const backingSize = backing.virtualSize;
         await backing.close();
@@ -217,12 +217,6 @@ export async function createImage(req: CreateRequest): Promise<void> {
     if (!req.quiet) ctx.stdout(formattingLine(file, format, opts, acceptedOptionsOf(format)));
     await writeNewImage(file, format, opts, size);
   });
-}
-
-function shortReason(message: string): string {
-  if (/ENOENT|no such file/i.test(message)) return "No such file or directory";
-  if (/EACCES|permission denied/i.test(message)) return "Permission denied";
-  return message;
 }
 
 /**

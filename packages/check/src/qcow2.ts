@@ -6,8 +6,7 @@
  * walked with the driver's table walk.
  */
 import type { BlockBackend } from "@qimg/io";
-import { encodeHeaderArea, readQcow2Metadata } from "@qimg/qcow2";
-import type { Qcow2Header } from "@qimg/qcow2";
+import { readQcow2Metadata, writeHeaderFields } from "@qimg/qcow2";
 import { rebuildRefcounts } from "@qimg/refcount";
 import { checkExitCode } from "./result.js";
 import type { CheckMessage, CheckMessageKind, CheckResult, LostRange } from "./result.js";
@@ -36,21 +35,6 @@ export interface CheckOptions {
 /** The image's metadata, read as opening it would, without a driver (nothing to close). */
 function readLayout(backend: BlockBackend): Promise<Layout> {
   return readQcow2Metadata(backend, { noBacking: true });
-}
-
-/** Rewrite the header area (one write) and sync. */
-async function writeHeader(
-  backend: BlockBackend,
-  layout: Layout,
-  header: Qcow2Header,
-): Promise<void> {
-  const { bytes } = encodeHeaderArea(
-    header,
-    layout.extensions.map((e) => ({ type: e.type, data: e.data })),
-    layout.backingFilename,
-  );
-  await backend.write(0, bytes);
-  await backend.flush();
 }
 
 const DIRTY = 1n;
@@ -100,8 +84,10 @@ async function runCheck(
   const totalClusters = Math.ceil(h0.size / cs);
   if (fix !== 0 && (h0.autoclearFeatures & ~KNOWN_AUTOCLEAR) !== 0n) {
     // What QEMU does on every read-write open: drop autoclear bits it does not know.
-    const header = { ...h0, autoclearFeatures: h0.autoclearFeatures & KNOWN_AUTOCLEAR };
-    await writeHeader(backend, layout, header);
+    // Only the field changes on disk (8 bytes), then a sync, as QEMU writes it.
+    const header = await writeHeaderFields(backend, h0, {
+      autoclearFeatures: h0.autoclearFeatures & KNOWN_AUTOCLEAR,
+    });
     layout = { ...layout, header };
   }
   const fileSize = await backend.size();
@@ -137,12 +123,11 @@ async function runCheck(
         refcountOrder: header.refcountOrder,
         counts,
         onTableMoved: async (tableOffset, tableClusters) => {
-          header = {
-            ...header,
+          // The two refcount table fields only (12 bytes, one sector), then a sync.
+          header = await writeHeaderFields(backend, header, {
             refcountTableOffset: tableOffset,
             refcountTableClusters: tableClusters,
-          };
-          await writeHeader(backend, layout, header);
+          });
         },
       });
       rebuilt = true;
@@ -197,7 +182,7 @@ async function runCheck(
     const h = layout.header;
     const incompat = h.incompatibleFeatures & ~(DIRTY | CORRUPT);
     if (incompat !== h.incompatibleFeatures) {
-      await writeHeader(backend, layout, { ...h, incompatibleFeatures: incompat });
+      await writeHeaderFields(backend, h, { incompatibleFeatures: incompat });
     }
   }
   return { res, imageEndOffset: (p.highest + 1) * cs, totalClusters, failure: undefined, rebuilt };

@@ -193,6 +193,7 @@ export async function openState(
     backingFormat,
     dataFileName,
     l2CacheBytes: options.l2CacheBytes,
+    decompress: options.decompress,
     bitmapDirectory,
     noBacking: options.noBacking ?? false,
   });

@@ -23,7 +23,7 @@ import type { Decompressor } from "./compress.js";
 import { Meta, checkMetaWrite, guardedBackend } from "./overlap.js";
 import type { MetadataMap } from "./overlap.js";
 import type { PersistentBitmaps } from "./bitmap.js";
-import type { Compressor } from "./types.js";
+import type { ClusterDecompressor, Compressor } from "./types.js";
 
 /** Everything a read-write open needs on top of the read path. */
 export interface WriteState {
@@ -76,6 +76,8 @@ export interface StateInit {
   bitmapDirectory: { offset: number; length: number } | undefined;
   /** Opened with `noBacking`: unallocated ranges read as zeros, not from the backing file. */
   noBacking: boolean;
+  /** The `decompress` open option. */
+  decompress?: ClusterDecompressor | undefined;
 }
 
 /** The shared state of one open qcow2 image. */
@@ -160,7 +162,10 @@ export class Qcow2State {
       extendedL2: this.extendedL2,
       hasDataFile: this.hasDataFile,
     });
-    this.decompress = decompressorFor(h.compressionType);
+    const builtIn = decompressorFor(h.compressionType); // refuses an unknown type either way
+    const custom = init.decompress;
+    const type = h.compressionType;
+    this.decompress = custom === undefined ? builtIn : (src, out) => custom(src, out, type);
     this.dataBackend = backend;
     const tables = Math.max(
       4,

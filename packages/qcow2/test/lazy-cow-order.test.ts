@@ -44,6 +44,8 @@ class WriteLog implements BlockBackend {
   readonly writes: Logged[] = [];
   /** Writes [0, synced) were covered by a completed flush. */
   synced = 0;
+  /** Every write, flush and truncate attempted, in order (as FaultBackend counts them). */
+  readonly kinds: ("write" | "flush" | "truncate")[] = [];
   constructor(readonly inner: FaultBackend) {}
   get readOnly(): boolean {
     return this.inner.readOnly;
@@ -58,11 +60,13 @@ class WriteLog implements BlockBackend {
     return this.inner.read(offset, buf, options);
   }
   async write(offset: number, data: Uint8Array): Promise<void> {
+    this.kinds.push("write");
     await this.inner.write(offset, data);
     this.writes.push({ offset, data: data.slice() });
   }
   async flush(): Promise<void> {
     const covered = this.writes.length;
+    this.kinds.push("flush");
     await this.inner.flush();
     this.synced = covered;
   }
@@ -70,6 +74,7 @@ class WriteLog implements BlockBackend {
     return this.inner.size();
   }
   truncate(size: number): Promise<void> {
+    this.kinds.push("truncate");
     return this.inner.truncate(size);
   }
   close(): Promise<void> {
@@ -86,6 +91,7 @@ function fill(r: () => number, len: number): Uint8Array {
 interface Config {
   clusterSize: number;
   size: number;
+  extendedL2?: boolean;
 }
 
 // Small clusters make many L2 tables (an L2 table of 512-byte clusters maps 32 KiB), and the
@@ -93,6 +99,9 @@ interface Config {
 const CONFIGS: Config[] = [
   { clusterSize: 512, size: 600_000 },
   { clusterSize: 1024, size: 1_000_000 },
+  // Extended L2 (subclusters are filled in place, or a new cluster copies the old contents):
+  // few L2 tables, so the crashes that matter fall inside a flush (tables written, not synced).
+  { clusterSize: 16384, size: 700_000, extendedL2: true },
 ];
 
 interface Run {
@@ -120,6 +129,7 @@ async function run(seed: number, lossAt: number): Promise<Run> {
     size: cfg.size,
     clusterSize: cfg.clusterSize,
     lazyRefcounts: true,
+    extendedL2: cfg.extendedL2 ?? false,
     backingFile: "base.raw",
     backingFormat: "raw",
   });
@@ -212,11 +222,20 @@ describe("lazy refcounts: copy-on-write data before the L2 entries that point to
     for (let seed = first; seed < first + seeds; seed++) {
       // How many writes and flushes a whole run makes, then crash points across it.
       const whole = await run(seed, Number.MAX_SAFE_INTEGER);
-      const total = whole.fault.writes + whole.fault.flushes;
+      const total = whole.log.kinds.length;
+      // Half the crash points fall just before a sync (everything since the last one is then
+      // in doubt, which is where order matters most), the others anywhere.
+      const beforeSync = whole.log.kinds.flatMap((k, i) => (k === "flush" && i > 0 ? [i] : []));
       const r = prng(seed ^ 0x5eed);
-      const points = LONG ? 20 : 6;
+      // Extended L2 images have one or two L2 tables: the crashes that matter are the few
+      // inside a flush, so they get more crash points (they are also cheaper).
+      const extended = CONFIGS[seed % CONFIGS.length]!.extendedL2 === true;
+      const points = (LONG ? 20 : 6) * (extended ? 5 : 1);
       for (let p = 0; p < points; p++) {
-        const lossAt = 1 + Math.floor(r() * total);
+        const lossAt =
+          p % 2 === 0 && beforeSync.length > 0
+            ? beforeSync[Math.floor(r() * beforeSync.length)]!
+            : 1 + Math.floor(r() * total);
         const subsetSeed = (r() * 2 ** 32) >>> 0;
         const label = `seed ${seed} (QIMG_SEED=${seed}), power lost after ${lossAt} of ${total} operations, subset seed ${subsetSeed}`;
         const crashed = await run(seed, lossAt);

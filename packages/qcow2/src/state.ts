@@ -64,11 +64,11 @@ export interface WriteState {
 export interface StateInit {
   header: Qcow2Header;
   fileSize: number;
-  extensions: HeaderExtension[];
-  featureNames: FeatureName[];
+  extensions: readonly HeaderExtension[];
+  featureNames: readonly FeatureName[];
   l1: U64TableView;
-  snapshots: SnapshotEntry[];
-  bitmaps: BitmapEntry[];
+  snapshots: readonly SnapshotEntry[];
+  bitmaps: readonly BitmapEntry[];
   backingFilename: string | undefined;
   backingFormat: string | undefined;
   dataFileName: string | undefined;

@@ -28,7 +28,19 @@ export interface Qcow2OpenOptions {
   readonly refcountCacheBytes?: number;
   /** Compresses a cluster for `writeCompressed`; default deflate (zlib) via node:zlib. */
   readonly compress?: Compressor;
+  /**
+   * Decompresses compressed clusters instead of the built-in decoders (the CLI hands them to
+   * worker threads); it must behave as `decompressorFor(compressionType)` does.
+   */
+  readonly decompress?: ClusterDecompressor;
 }
+
+/** Decompresses one compressed cluster into exactly `out.length` bytes, or throws. */
+export type ClusterDecompressor = (
+  src: Uint8Array,
+  out: Uint8Array,
+  compressionType: number,
+) => Promise<void>;
 
 /** Compresses one cluster; returns undefined when compression does not pay. */
 export type Compressor = (

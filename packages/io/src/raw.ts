@@ -12,6 +12,7 @@ export class RawImage implements WritableDiskImage {
   readonly backing = undefined;
   /** Raw files have no clusters: the allocation unit is a 512-byte sector. */
   readonly clusterSize = SECTOR;
+  /** True when opened read-only (the default): writes, zero writes, discards and resizes are refused. */
   readonly readOnly: boolean;
   #closed = false;
   private scratch: Uint8Array | undefined;

@@ -16,6 +16,7 @@ import type {
 } from "@qimg/qcow2";
 import { QedImage, openQed } from "@qimg/qed";
 import type { QedInfo } from "@qimg/qed";
+import { offloadDecompress } from "./util/decompress-offload.js";
 
 export type {
   BackingOpener,
@@ -60,6 +61,8 @@ export async function openQcow2Image(
     ...(extra?.lazyRefcounts !== undefined ? { lazyRefcounts: extra.lazyRefcounts } : {}),
     ...(extra?.writethrough !== undefined ? { writethrough: extra.writethrough } : {}),
     ...(extra?.compress !== undefined ? { compress: extra.compress } : {}),
+    // Compressed clusters decode in worker threads once a command has many (see the module).
+    decompress: offloadDecompress,
   };
   return options.openBacking === undefined
     ? await openQcow2(backend, { readOnly: options.readOnly, noBacking: true, ...write })

@@ -129,4 +129,5 @@ export type {
 export { readQcow2Metadata } from "./layout.js";
 export type { Qcow2Metadata, ReadMetadataOptions, FileRange } from "./layout.js";
 export type { Compressor } from "./image.js";
+export type { ClusterDecompressor } from "./types.js";
 export { defaultCompress } from "./compress.js";

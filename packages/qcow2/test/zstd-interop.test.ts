@@ -79,7 +79,7 @@ function makeImage(
 ): {
   file: string;
   bytes: Uint8Array;
-  compressed: { guest: number; host: number; room: number }[];
+  compressed: { guest: number; host: number }[];
 } {
   const raw = join(tmp, `${name}.src`);
   const file = join(tmp, `${name}.qcow2`);

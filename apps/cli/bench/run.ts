@@ -233,6 +233,81 @@ for (const write of [false, true]) {
 // --- end check at scale ---
 
 // --- zstd (helper Z) ---
+const ZSTD = ["-o", "compression_type=zstd"];
+const ZS = sizeName(SIZE);
+
+/**
+ * A compressible raw file of `size` bytes, made once: per 16 KiB, 4 KiB random and 12 KiB
+ * text-like. rawImage is mostly random, so qemu-img stores most of its clusters uncompressed;
+ * nearly every cluster of a zstd image made from this one is a zstd frame, so reading it
+ * measures the zstd decoder.
+ */
+function textImage(size: number): string {
+  const key = `text-${size}`;
+  const have = made.get(key);
+  if (have !== undefined) return have;
+  const path = join(dir, `text-${sizeName(size)}.raw`);
+  const fd = openSync(path, "w");
+  const chunk = new Uint8Array(1 << 20);
+  let x = 0x2545f491;
+  for (let off = 0, mib = 0; off < size; off += chunk.byteLength, mib++) {
+    for (let i = 0; i < chunk.length; i++) {
+      x ^= x << 13;
+      x ^= x >>> 17;
+      x ^= x << 5;
+      const letter = (x >>> 8) % 5 === 0 ? (x >>> 12) % 26 : (i * 7 + mib) % 13;
+      chunk[i] = (i >> 12) % 4 === 0 ? x & 0xff : 97 + letter;
+    }
+    writeSync(fd, chunk.subarray(0, Math.min(chunk.byteLength, size - off)));
+  }
+  closeSync(fd);
+  made.set(key, path);
+  return path;
+}
+
+/** A zstd-compressed qcow2 copy of {@link textImage}(size), made once by qemu-img. */
+function zstdImage(size: number): string {
+  const key = `zstd-${size}`;
+  const have = made.get(key);
+  if (have !== undefined) return have;
+  const path = join(dir, `zstd-${sizeName(size)}.qcow2`);
+  qemuImg("convert", "-c", ...ZSTD, "-f", "raw", "-O", "qcow2", textImage(size), path);
+  made.set(key, path);
+  return path;
+}
+
+cases.push(
+  {
+    name: `convert -O raw (zstd qcow2), ${ZS}`,
+    qemu: () => ["convert", "-f", "qcow2", "-O", "raw", zstdImage(SIZE), out("a.raw")],
+    qimg: () => ["convert", "-f", "qcow2", "-O", "raw", zstdImage(SIZE), out("b.raw")],
+  },
+  {
+    name: `convert -c zstd -O qcow2 (raw), ${ZS}`,
+    qemu: () => [
+      "convert",
+      "-c",
+      ...ZSTD,
+      "-f",
+      "raw",
+      "-O",
+      "qcow2",
+      textImage(SIZE),
+      out("a.qcow2"),
+    ],
+    qimg: () => [
+      "convert",
+      "-c",
+      ...ZSTD,
+      "-f",
+      "raw",
+      "-O",
+      "qcow2",
+      textImage(SIZE),
+      out("b.qcow2"),
+    ],
+  },
+);
 // --- end zstd ---
 
 function median(xs: readonly number[]): number {

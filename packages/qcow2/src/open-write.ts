@@ -2,11 +2,10 @@
  * The write side of a read-write open: refcounts and their cache, the repair of a dirty image,
  * autoclear bits, persistent bitmaps, and the metadata map the overlap checks use.
  */
-import { InvalidArgumentError, U64TableView } from "@qimg/structs";
+import { InvalidArgumentError } from "@qimg/structs";
 import { ClusterCache } from "@qimg/cluster-cache";
 import { Refcounts } from "@qimg/refcount";
 import { AutoclearFeatures, CompatibleFeatures, IncompatibleFeatures } from "./spec/header.js";
-import { l1Offset } from "./spec/l2.js";
 import { defaultCompress } from "./compress.js";
 import {
   Meta,
@@ -17,6 +16,7 @@ import {
   updateHeader,
 } from "./overlap.js";
 import { PersistentBitmaps } from "./bitmap.js";
+import { walkTables } from "./walk.js";
 import { guarded, newWriteState } from "./state.js";
 import type { Qcow2State } from "./state.js";
 import { rebuildRefcountStructures } from "./dirty.js";
@@ -138,19 +138,24 @@ export async function snapshotL2Tables(s: Qcow2State): Promise<number[]> {
   const out = new Set<number>();
   const seen = new Set<string>();
   let budget = 256 * 1024 * 1024;
-  for (const snap of s.snapshots) {
-    const bytes = snap.l1Size * 8;
-    const key = `${snap.l1TableOffset}:${bytes}`;
-    if (bytes === 0 || seen.has(key) || bytes > budget) continue;
-    if (snap.l1TableOffset % cs !== 0 || snap.l1TableOffset + bytes > s.fileSize) continue;
-    seen.add(key);
-    budget -= bytes;
-    const l1 = new U64TableView(new Uint8Array(bytes), "big");
-    await s.backend.read(snap.l1TableOffset, l1.bytes);
-    for (let i = 0; i < l1.length; i++) {
-      const off = l1Offset(l1.hi(i), l1.lo(i));
+  const src = { backend: s.backend, format: s.fmt, fileSize: s.fileSize };
+  // Only the snapshots' L1 tables (the active one has size 0 here); no L2 table is read.
+  await walkTables(src, { offset: 0, size: 0 }, s.snapshots, {
+    l1Table: (c) => {
+      if (c.snapshot === undefined) return false;
+      const bytes = c.tableSize * 8;
+      const key = `${c.tableOffset}:${bytes}`;
+      if (bytes === 0 || seen.has(key) || bytes > budget) return false;
+      if (c.tableOffset % cs !== 0 || c.tableOffset + bytes > s.fileSize) return false;
+      seen.add(key);
+      budget -= bytes;
+      return true;
+    },
+    l1Entry: (c) => {
+      const off = c.l2Offset;
       if (off !== 0 && off % cs === 0 && off < s.fileSize) out.add(off);
-    }
-  }
+      return false;
+    },
+  });
   return [...out];
 }

@@ -14,7 +14,9 @@ import { ExtensionType, encodeFeatureNames, encodeStringExtension } from "./spec
 import type { FeatureName } from "./spec/extensions.js";
 import { encodeHeaderArea, headerAreaLength } from "./spec/header-area.js";
 import { U64TableView } from "@qimg/structs";
-import { L2_OFFSET_MASK, OFLAG_COPIED } from "./spec/l2.js";
+import { l2Format, l2Word, withCopied } from "./spec/l2.js";
+
+const TWO_32 = 0x1_0000_0000;
 
 /** qemu-img's `preallocation` option: none, metadata only, fallocate'd data, or written zeros. */
 export type Preallocation = "off" | "metadata" | "falloc" | "full";
@@ -166,7 +168,11 @@ export function normalizeCreateOptions(o: Qcow2CreateOptions) {
       String(o.compressionType),
     ]);
   }
-  const l2Entries = clusterSize / (o.extendedL2 ? 16 : 8);
+  const l2Entries = l2Format({
+    clusterBits,
+    extendedL2: !!o.extendedL2,
+    hasDataFile: o.dataFile !== undefined,
+  }).entriesPerTable;
   const l1Size = Math.ceil(size / (clusterSize * l2Entries));
   if (l1Size * 8 > MAX_L1_BYTES) {
     throw new InvalidArgumentError(
@@ -289,20 +295,23 @@ export async function createQcow2(
   counts.fill(1, 1 + refArea, totalClusters);
   // L1 (and L2) tables.
   const l1 = new U64TableView(new Uint8Array(l1Clusters * cs), "big");
+  const fmt = l2Format({
+    clusterBits: n.clusterBits,
+    extendedL2: n.extendedL2,
+    hasDataFile: options.dataFile !== undefined,
+  });
   for (let i = 0; i < l2Tables; i++) {
     const l2Off = l2Start + i * cs;
-    l1.set(i, l2Off);
-    l1.setFlag(i, OFLAG_COPIED, true);
+    // COPIED entries: every table and cluster has refcount 1.
+    l1.setWords(i, withCopied(Math.floor(l2Off / TWO_32), true), l2Off >>> 0);
     const l2 = new U64TableView(new Uint8Array(cs), "big");
-    const stride = n.extendedL2 ? 2 : 1;
     for (let j = 0; j < n.l2Entries; j++) {
       const guest = i * n.l2Entries + j;
       if (guest >= guestClusters) break;
       // In an external data file clusters map to the same offset (offset 0 is valid there:
       // the COPIED flag alone marks it allocated).
       const host = options.dataFile !== undefined ? guest * cs : dataStart + guest * cs;
-      l2.setMasked(j * stride, L2_OFFSET_MASK, host);
-      l2.setFlag(j * stride, OFLAG_COPIED, true);
+      l2.setWords(l2Word(fmt, j), withCopied(Math.floor(host / TWO_32), true), host >>> 0);
       // Extended L2: the subcluster bitmap stays 0 (every subcluster "unallocated" in an
       // allocated cluster), as QEMU preallocates: reads still come from the backing file (or
       // read zeros), and a write only sets the bits of the subclusters it covers.

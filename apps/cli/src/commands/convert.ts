@@ -67,9 +67,6 @@ function targetNoFlush(cache: string | undefined): boolean {
   return cacheMode(cache ?? "unsafe").noFlush;
 }
 
-/** Uncompressed writes in flight. */
-const WRITES_IN_FLIGHT = 8;
-
 export async function runConvert(ctx: CliContext, options: ConvertOptions): Promise<number> {
   const outFormat = checkCreateFormat(options.outputFormat ?? "raw");
   const optText = options.options ?? "";
@@ -109,6 +106,8 @@ export async function runConvert(ctx: CliContext, options: ConvertOptions): Prom
     }
     // From here on a failure removes what the convert created or truncated.
     const guard = new OutputGuard(written);
+    /** The preallocation of the target, running beside the copy (never rejects). */
+    let reserving: Promise<number> = Promise.resolve(0);
     try {
       if (outFormat === "raw") {
         await convertToRaw(ctx, image, options);
@@ -124,20 +123,21 @@ export async function runConvert(ctx: CliContext, options: ConvertOptions): Prom
           );
         }
       });
-      // Preallocate room for the data past the new image's end (the file keeps its size), and
-      // give back what the copy did not use at the end.
-      const reserved =
-        options.compress === true
-          ? 0
-          : await preallocate(
-              options.target,
-              [{ offset: statSync(options.target).size, length: await dataBytes(image, options) }],
-              { keepSize: true },
-            );
+      // Preallocate room for the data past the new image's end (the file keeps its size),
+      // while the copy starts, and give back what the copy did not use at the end.
+      if (options.compress !== true) {
+        const end = statSync(options.target).size;
+        reserving = dataBytes(image, options).then(
+          (length) => preallocate(options.target, [{ offset: end, length }], { keepSize: true }),
+          () => 0, // the copy reports the source's errors
+        );
+      }
       await convertToImage(ctx, image, outFormat, options);
-      if (reserved > 0) trimPastEnd(options.target);
+      if ((await reserving) > 0) trimPastEnd(options.target);
       return 0;
     } catch (e) {
+      // fallocate(1) creates the file it is given: let it finish before removing the target.
+      await reserving;
       guard.undo();
       throw e;
     }
@@ -211,16 +211,26 @@ async function convertToRaw(
   });
   try {
     await inFile(options.target, () => target.truncate(roundUp(size, 512)));
-    if (blockStatusPays(image)) {
-      await preallocate(options.target, (await dataExtents(image)).large);
-    }
-    const progress = startProgress(ctx, options.progress === true, size);
+    // The large data extents are preallocated while the copy starts (see preallocate.ts).
+    const reserving = blockStatusPays(image)
+      ? dataExtents(image).then(
+          (extents) => preallocate(options.target, extents.large),
+          () => 0, // the copy reports the source's errors
+        )
+      : Promise.resolve(0);
     try {
-      await inFile(options.source, () =>
-        copy(image, rawSink(target), { onProgress: (done) => progress.update(done) }),
-      );
+      const progress = startProgress(ctx, options.progress === true, size);
+      try {
+        await inFile(options.source, () =>
+          copy(image, rawSink(target), { onProgress: (done) => progress.update(done) }),
+        );
+      } finally {
+        progress.stop();
+      }
     } finally {
-      progress.stop();
+      // fallocate(1) creates the file it is given: it must be done before a failed convert
+      // removes the target.
+      await reserving;
     }
     await inFile(options.target, () => target.flush());
   } finally {
@@ -297,7 +307,8 @@ async function convertToImage(
           copy(source, imageSink(w), {
             length,
             compress,
-            inFlight: compress ? 4 * (pool?.size ?? 1) + 8 : WRITES_IN_FLIGHT,
+            // Compressed clusters are small requests: many in flight keep the pool's workers busy.
+            inFlight: compress ? 4 * (pool?.size ?? 1) + 8 : undefined,
             sourceName: options.source,
             onProgress: (done) => progress.update(done),
           }),

@@ -19,10 +19,13 @@ import { isZero } from "./zero.js";
 export const COPY_CHUNK = 2 * 1024 * 1024;
 /** Zero-detection granularity of a raw sink (a file system block). */
 export const RAW_ZERO_BLOCK = 4096;
-/** Writes in flight (qemu-img convert's default is 8 parallel requests). */
-const WRITES_IN_FLIGHT = 8;
+/**
+ * Writes in flight by default. With the reads ahead that keeps every thread of libuv's pool
+ * (4) busy, and the chunk buffers at 8 x 2 MiB (qemu-img convert's 8 requests of 2 MiB).
+ */
+const WRITES_IN_FLIGHT = 4;
 /** Chunks read ahead of the one being written. */
-const READ_AHEAD = 4;
+const READ_AHEAD = 3;
 
 /** Where a copy writes. */
 export interface CopySink {
@@ -55,7 +58,7 @@ export interface CopyOptions {
   readonly length?: number;
   /** Write data blocks compressed (the sink must have `writeCompressed`). */
   readonly compress?: boolean;
-  /** Requests in flight at most (default 8). */
+  /** Writes in flight at most (default 4). */
   readonly inFlight?: number;
   /** Wrap the source's read and block-status errors with this file name (CLI messages). */
   readonly sourceName?: string;
@@ -136,7 +139,7 @@ export async function copy(
   };
   // Page-aligned chunk buffers, mapped once on first use; a slot is free again when every
   // write issued from it has finished.
-  const slots = maxInFlight + READ_AHEAD + 2;
+  const slots = maxInFlight + READ_AHEAD + 1;
   let buffers: Uint8Array[] | undefined;
   const slotUsers = new Array<number>(slots).fill(0);
   const freeSlots: number[] = [];

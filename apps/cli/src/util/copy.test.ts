@@ -1,0 +1,205 @@
+import { describe, expect, it } from "vitest";
+import { MemoryBackend, RawImage, seededRandom, type BlockStatus, type DiskImage } from "@qimg/io";
+import { copy, type CopySink } from "./copy.js";
+
+/**
+ * A source whose block status comes from a map of zero runs (as a qcow2 image's metadata
+ * would say), over bytes in memory; a "raw" one reads only. Counts status calls.
+ */
+function source(bytes: Uint8Array, zeroRuns: readonly [number, number][], format = "qcow2") {
+  let statusCalls = 0;
+  const zeroAt = (pos: number): [number, number] | undefined =>
+    zeroRuns.find(([a, b]) => pos >= a && pos < b);
+  const image: DiskImage = {
+    format,
+    virtualSize: bytes.length,
+    readOnly: true,
+    backend: new MemoryBackend(),
+    backing: undefined,
+    read(offset, buf) {
+      if (offset + buf.length > bytes.length) return Promise.reject(new Error("past the end"));
+      buf.set(bytes.subarray(offset, offset + buf.length));
+      return Promise.resolve();
+    },
+    blockStatus(offset, length): Promise<BlockStatus> {
+      statusCalls++;
+      const end = offset + length;
+      const z = zeroAt(offset);
+      let stop = end;
+      if (z !== undefined) stop = Math.min(end, z[1]);
+      else for (const [a] of zeroRuns) if (a > offset && a < stop) stop = a;
+      const zero = z !== undefined;
+      return Promise.resolve({
+        offset,
+        length: stop - offset,
+        present: !zero,
+        zero,
+        data: !zero,
+        depth: 0,
+      });
+    },
+    close: () => Promise.resolve(),
+  };
+  return { image, calls: () => statusCalls };
+}
+
+interface Recorded {
+  readonly sink: CopySink;
+  readonly out: Uint8Array;
+  readonly writes: [number, number][];
+  readonly zeros: [number, number][];
+  readonly compressed: number[];
+}
+
+function recorder(size: number, blockSize: number, withZero: boolean): Recorded {
+  const out = new Uint8Array(size).fill(0xee); // what the sink "shows" where nothing is written
+  const writes: [number, number][] = [];
+  const zeros: [number, number][] = [];
+  const compressed: number[] = [];
+  const later = (): Promise<void> => new Promise((r) => setTimeout(r, Math.random() * 2));
+  const sink: CopySink = {
+    blockSize,
+    async write(offset, data) {
+      writes.push([offset, data.length]);
+      const copyOf = data.slice(); // the engine must not reuse the buffer before we finish
+      await later();
+      out.set(copyOf, offset);
+      if (!Buffer.from(data).equals(copyOf))
+        throw new Error(`buffer at ${offset} reused too early`);
+    },
+    async writeCompressed(offset, data) {
+      compressed.push(offset);
+      expect(data.length).toBeLessThanOrEqual(blockSize);
+      const copyOf = data.slice();
+      await later();
+      out.set(copyOf, offset);
+    },
+    zero: withZero
+      ? async (offset, length) => {
+          zeros.push([offset, length]);
+          await later();
+          out.fill(0, offset, offset + length);
+        }
+      : undefined,
+  };
+  return { sink, out, writes, zeros, compressed };
+}
+
+/** Random bytes with zero runs; returns the bytes and the runs the "metadata" reports. */
+function randomImage(rnd: () => number, size: number) {
+  const bytes = new Uint8Array(size);
+  const zeroRuns: [number, number][] = [];
+  for (let pos = 0; pos < size;) {
+    const n = 1 + Math.floor(rnd() * 3_000_000);
+    const end = Math.min(size, pos + n);
+    const kind = rnd();
+    if (kind < 0.3)
+      zeroRuns.push([pos, end]); // reported zero (metadata)
+    else if (kind < 0.5) {
+      // data that happens to be zeros (found by the scan), with a few non-zero bytes
+      for (let i = pos; i < end; i += 1 + Math.floor(rnd() * 200_000)) bytes[i] = 1;
+    } else for (let i = pos; i < end; i++) bytes[i] = (i * 31 + 7) & 0xff || 1;
+    pos = end;
+  }
+  return { bytes, zeroRuns };
+}
+
+describe("copy", () => {
+  it("copies every byte, skips zero blocks, writes in guest order (seeded, odd sizes)", async () => {
+    const seed = Number(process.env.QIMG_SEED ?? Date.now() % 1e9);
+    const rnd = seededRandom(seed);
+    for (let round = 0; round < 6; round++) {
+      const size = 1 + Math.floor(rnd() * 9_000_000);
+      const { bytes, zeroRuns } = randomImage(rnd, size);
+      const raw = rnd() < 0.3;
+      const src = source(bytes, zeroRuns, raw ? "raw" : "qcow2");
+      const bs = [512, 4096, 65536, 2 * 1024 * 1024 + 512][Math.floor(rnd() * 4)]!;
+      const withZero = rnd() < 0.5;
+      const from = rnd() < 0.5 ? 0 : Math.floor(rnd() * size);
+      const length = size - from + (withZero ? Math.floor(rnd() * 5000) : 0);
+      const r = recorder(length, bs, withZero);
+      await copy(src.image, r.sink, {
+        from,
+        to: size,
+        length,
+        inFlight: 1 + Math.floor(rnd() * 8),
+      });
+      const what = `seed ${seed} round ${round} size ${size} bs ${bs} from ${from} raw ${raw}`;
+      // The sink reads as the source (zeros past its end) wherever it had to; untouched
+      // blocks are zero blocks and only where the sink reads zeros anyway (no zero()).
+      const want = new Uint8Array(length);
+      want.set(bytes.subarray(from));
+      for (let b = 0; b < length; b += bs) {
+        const e = Math.min(length, b + bs);
+        const got = r.out.subarray(b, e);
+        const exp = want.subarray(b, e);
+        const blockZero = exp.every((x) => x === 0);
+        if (!blockZero || withZero)
+          expect(Buffer.from(got).equals(exp), `${what} block ${b}`).toBe(true);
+        else
+          expect(
+            got.every((x) => x === 0xee),
+            `${what}: zero block ${b} written`,
+          ).toBe(true);
+      }
+      // Writes (data) are issued in increasing offsets, block-aligned to the copy's start.
+      for (let i = 1; i < r.writes.length; i++) {
+        expect(r.writes[i]![0], what).toBeGreaterThan(r.writes[i - 1]![0]);
+      }
+      for (const [o] of r.writes) expect(o % bs, what).toBe(0);
+      if (raw) expect(src.calls(), `${what}: a raw source is not asked for status`).toBe(0);
+      else expect(src.calls(), what).toBeLessThanOrEqual(2 * zeroRuns.length + 2);
+    }
+  });
+
+  it("compresses each data block, zero blocks stay unwritten", async () => {
+    const bytes = new Uint8Array(300_000);
+    for (let i = 100_000; i < 170_000; i++) bytes[i] = i & 0xff || 3;
+    const r = recorder(bytes.length, 65536, false);
+    await copy(source(bytes, [[200_000, 300_000]]).image, r.sink, { compress: true });
+    expect(r.compressed).toEqual([65536, 131072]);
+    expect(r.writes).toEqual([]);
+    expect(Buffer.from(r.out.subarray(65536, 196608)).equals(bytes.subarray(65536, 196608))).toBe(
+      true,
+    );
+  });
+
+  it("fails with the source's read error, and nothing is still writing when it does", async () => {
+    const bytes = new Uint8Array(20 * 1024 * 1024).fill(1);
+    const src = source(bytes, []);
+    let reads = 0;
+    const read = src.image.read.bind(src.image);
+    const failing: DiskImage = {
+      ...src.image,
+      read: (o, b) => (++reads === 5 ? Promise.reject(new Error("EIO at chunk 5")) : read(o, b)),
+    };
+    let active = 0;
+    let settledAfter = false;
+    const sink: CopySink = {
+      blockSize: 4096,
+      async write() {
+        active++;
+        await new Promise((r) => setTimeout(r, 5));
+        active--;
+      },
+    };
+    await expect(
+      copy(failing, sink).finally(() => {
+        settledAfter = active === 0;
+      }),
+    ).rejects.toThrow("EIO at chunk 5");
+    expect(settledAfter).toBe(true);
+  });
+
+  it("copies a raw image exactly (the real driver)", async () => {
+    const backend = new MemoryBackend();
+    const data = new Uint8Array(3 * 1024 * 1024 + 1234);
+    for (let i = 0; i < data.length; i += 4096 * 3) data[i] = 7;
+    await backend.write(0, data);
+    const image = await RawImage.open(backend);
+    const r = recorder(image.virtualSize, 4096, false);
+    await copy(image, r.sink);
+    const got = r.out.map((x) => (x === 0xee ? 0 : x));
+    expect(Buffer.from(got.subarray(0, data.length)).equals(data)).toBe(true);
+  });
+});

@@ -16,7 +16,7 @@ import type { Qcow2Header } from "./spec/header.js";
 import type { FeatureName, HeaderExtension } from "./spec/extensions.js";
 import type { SnapshotEntry } from "./spec/snapshot.js";
 import type { BitmapEntry } from "./spec/bitmap-directory.js";
-import { SUBCLUSTERS, compressedLayout, entryCopied, l1Offset, l2Format } from "./spec/l2.js";
+import { compressedLayout, entryCopied, l1Offset, l2Format } from "./spec/l2.js";
 import type { CompressedLayout, L2Format } from "./spec/l2.js";
 import { decompressorFor } from "./compress.js";
 import type { Decompressor } from "./compress.js";
@@ -154,14 +154,14 @@ export class Qcow2State {
     this.hasDataFile = incompat.has("externalDataFile");
     this.dataFileRaw =
       this.hasDataFile && AutoclearFeatures.decode(h.autoclearFeatures).has("rawExternalData");
-    this.l2Entries = this.clusterSize / (this.extendedL2 ? 16 : 8);
-    this.subclusterSize = this.extendedL2 ? this.clusterSize / SUBCLUSTERS : this.clusterSize;
     this.layout = compressedLayout(h.clusterBits);
     this.fmt = l2Format({
       clusterBits: h.clusterBits,
       extendedL2: this.extendedL2,
       hasDataFile: this.hasDataFile,
     });
+    this.l2Entries = this.fmt.entriesPerTable;
+    this.subclusterSize = this.clusterSize / this.fmt.subclusters;
     const builtIn = decompressorFor(h.compressionType); // refuses an unknown type either way
     const custom = init.decompress;
     const type = h.compressionType;

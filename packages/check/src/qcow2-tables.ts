@@ -39,6 +39,7 @@ import {
   hex64,
 } from "./qcow2-pass.js";
 import type { Pass } from "./qcow2-pass.js";
+import type { StoredRefcounts } from "./stored.js";
 
 /**
  * Build `p.meta` (for repairs): which host clusters of the file the header, the refcount
@@ -402,6 +403,7 @@ export async function checkL1(
   l1Size: number,
   fragInfo: boolean,
   fix: number,
+  copied?: CopiedCheck,
 ): Promise<void> {
   if (l1Size === 0) return;
   p.inc(l1Offset, l1Size * 8);
@@ -409,15 +411,47 @@ export async function checkL1(
   // A repair never writes into or through an L1 "table" that overlaps other metadata.
   const l1Fix = p.l1Trusted(l1Offset) ? fix : fix & ~FIX_ERRORS;
   const t = new TableCheck(p, fragInfo, l1Fix);
-  await walkL1Table(p.src, l1Offset, l1Size, undefined, { l1Entry: t.l1Entry, l2Entry: t.l2Entry });
+  if (copied === undefined) {
+    await walkL1Table(p.src, l1Offset, l1Size, undefined, {
+      l1Entry: t.l1Entry,
+      l2Entry: t.l2Entry,
+    });
+    return;
+  }
+  // A plain check of the active table: the COPIED verdicts in the same walk (nothing is
+  // written: the check's callbacks never return a promise here).
+  await walkL1Table(p.src, l1Offset, l1Size, undefined, {
+    l1Entry: (c) => {
+      const go = t.l1Entry(c);
+      const o = copied.l1Entry(c);
+      if (go instanceof Promise || o instanceof Promise) {
+        return Promise.all([go, o]).then(([g]) => g);
+      }
+      return go;
+    },
+    l2Entry: (c) => {
+      const r = t.l2Entry(c);
+      if (r instanceof Promise) return r.then(() => copied.l2Entry(c));
+      return copied.l2Entry(c);
+    },
+  });
 }
 
-/** calculate_refcounts */
-export async function calculate(p: Pass, fix: number): Promise<void> {
+/**
+ * calculate_refcounts. For a plain check (`fix` 0, `withCopied`) it also gathers the COPIED
+ * verdicts of the active table in the same walk and returns them, held back for after the
+ * comparison (one walk of the tables instead of two).
+ */
+export async function calculate(
+  p: Pass,
+  fix: number,
+  withCopied = false,
+): Promise<CopiedCheck | undefined> {
   const L = p.layout;
   const h = L.header;
   p.inc(0, p.cs);
-  await checkL1(p, h.l1TableOffset, h.l1Size, true, fix);
+  const copied = withCopied && fix === 0 ? new CopiedCheck(p, false, true) : undefined;
+  await checkL1(p, h.l1TableOffset, h.l1Size, true, fix, copied);
   if (p.fmt.hasDataFile && h.nbSnapshots > 0) {
     p.log("corruption", `ERROR ${h.nbSnapshots} snapshots in image with data file`);
     p.res.corruptions++;
@@ -452,100 +486,182 @@ export async function calculate(p: Pass, fix: number): Promise<void> {
   }
   await p.checkBitmaps();
   p.checkRefblocks();
+  return copied;
 }
 
-/** check_oflag_copied: COPIED must be set exactly where the refcount is 1 (and repairs). */
-export async function checkOflagCopied(p: Pass, fix: number): Promise<void> {
-  const h = p.layout.header;
-  const cs = p.cs;
-  let repair: boolean;
-  if (fix & FIX_ERRORS) repair = true;
-  else if (fix & FIX_LEAKS)
-    repair = p.res.checkErrors === 0 && p.res.corruptions === 0 && p.res.leaks === 0;
-  else repair = false;
-  const trusted = p.l1Trusted(h.l1TableOffset);
+/**
+ * check_oflag_copied over the active L1 table: COPIED must be set exactly where the stored
+ * refcount is 1 (with repairs). Runs as its own walk after the refcounts were compared, or,
+ * for a plain check (nothing is written, so the stored refcounts cannot change in between),
+ * inside the first walk with its verdicts held back until {@link CopiedCheck.flush}.
+ */
+export class CopiedCheck {
+  readonly #p: Pass;
+  readonly #repair: boolean;
+  readonly #trusted: boolean;
+  /** Verdicts held back (text, offset), when deferred. */
+  readonly #held: { text: string; offset: number }[] | undefined;
+  /** Whether the current L2 table's entries are checked (its L1 entry's refcount was read). */
+  #on = false;
   /** The current L2 table may be rewritten with fixed COPIED flags. */
-  let aligned = false;
-  let dirty = 0;
-  const l1Copied = async (c: L1Cursor, refcount: number): Promise<boolean> => {
-    const { lo } = c;
-    let hi = c.hi;
+  #aligned = false;
+  #dirty = 0;
+
+  readonly #stored: StoredRefcounts;
+  readonly #cs: number;
+  readonly #dataFile: boolean;
+
+  constructor(p: Pass, repair: boolean, deferred: boolean) {
+    this.#p = p;
+    this.#stored = p.stored;
+    this.#cs = p.cs;
+    this.#dataFile = p.fmt.hasDataFile;
+    this.#repair = repair;
+    this.#trusted = p.l1Trusted(p.layout.header.l1TableOffset);
+    this.#held = deferred ? [] : undefined;
+  }
+
+  /** Report a wrong COPIED flag (now, or held back). */
+  #report(text: string, offset: number): void {
+    if (this.#held !== undefined) {
+      this.#held.push({ text, offset });
+      return;
+    }
+    this.#p.res.corruptions++;
+    this.#p.log(this.#repair ? "repair" : "corruption", text, offset);
+  }
+
+  /** Log the held-back verdicts (after the refcount comparison, where QEMU reports them). */
+  flush(): void {
+    if (this.#held === undefined) return;
+    for (const m of this.#held) {
+      this.#p.res.corruptions++;
+      this.#p.log("corruption", m.text, m.offset);
+    }
+    this.#held.length = 0;
+  }
+
+  /** An L1 entry: check its COPIED flag; true when its L2 table's entries are to be checked. */
+  l1Entry = (c: L1Cursor): boolean | Promise<boolean> => {
+    this.#on = false;
+    if (c.l2Offset === 0) return false;
+    let rc: number | Promise<number>;
+    try {
+      rc = this.#p.storedRefcount(Math.floor(c.l2Offset / this.#p.cs));
+    } catch {
+      return false;
+    }
+    if (typeof rc === "number") return this.#l1(c, rc);
+    return rc.then(
+      (n) => this.#l1(c, n),
+      () => false,
+    );
+  };
+
+  #l1(c: L1Cursor, refcount: number): boolean | Promise<boolean> {
+    const p = this.#p;
+    const l2Offset = c.l2Offset;
+    this.#aligned = l2Offset % p.cs === 0 && p.l2Writable(l2Offset) && this.#trusted;
+    this.#dirty = 0;
+    this.#on = true;
+    if ((refcount === 1) === entryCopied(c.hi)) return true;
+    const repair = this.#repair;
     const at = c.entryOffset;
-    p.res.corruptions++;
-    p.log(
-      repair ? "repair" : "corruption",
-      `${repair ? "Repairing" : "ERROR"} OFLAG_COPIED L2 cluster: l1_index=${c.index} l1_entry=${hex64(hi, lo)} refcount=${refcount}`,
+    this.#report(
+      `${repair ? "Repairing" : "ERROR"} OFLAG_COPIED L2 cluster: l1_index=${c.index} l1_entry=${hex64(c.hi, c.lo)} refcount=${refcount}`,
       at,
     );
-    if (repair && trusted && p.l1EntryWritable(at)) {
-      hi = withCopied(hi, refcount === 1);
-      c.table.setWords(c.index, hi, lo);
-      await p.write(at, c.table.bytes.subarray(c.index * 8, c.index * 8 + 8));
-      c.invalidate();
-      p.res.corruptions--;
-      p.res.corruptionsFixed++;
+    if (repair && this.#trusted && p.l1EntryWritable(at)) return this.#fixL1(c, refcount);
+    return true;
+  }
+
+  async #fixL1(c: L1Cursor, refcount: number): Promise<boolean> {
+    const p = this.#p;
+    c.table.setWords(c.index, withCopied(c.hi, refcount === 1), c.lo);
+    await p.write(c.entryOffset, c.table.bytes.subarray(c.index * 8, c.index * 8 + 8));
+    c.invalidate();
+    p.res.corruptions--;
+    p.res.corruptionsFixed++;
+    return true;
+  }
+
+  /** An L2 entry of a table whose L1 entry was checked (no promise unless a block is read). */
+  l2Entry = (c: L2Cursor): void | Promise<void> => {
+    if (!this.#on) return;
+    const type = c.type;
+    if (type !== ClusterType.Normal && type !== ClusterType.ZeroAlloc) return;
+    const copied = entryCopied(c.hi);
+    if (this.#dataFile) {
+      if (!copied) this.#l2(c, 1);
+      return;
     }
-    return true;
+    const k = Math.floor(entryOffset(c.hi, c.lo) / this.#cs);
+    let rc: number;
+    try {
+      rc = this.#stored.peek(k);
+    } catch {
+      return;
+    }
+    if (rc < 0) return this.#l2Read(c, k);
+    if ((rc === 1) !== copied) this.#l2(c, rc);
   };
-  const l1Entry = (c: L1Cursor, refcount: number): boolean | Promise<boolean> => {
-    const l2Offset = c.l2Offset;
-    aligned = l2Offset % cs === 0 && p.l2Writable(l2Offset) && trusted;
-    dirty = 0;
-    if ((refcount === 1) !== entryCopied(c.hi)) return l1Copied(c, refcount);
-    return true;
-  };
-  const l2Copied = (c: L2Cursor, rc: number): void => {
+
+  async #l2Read(c: L2Cursor, k: number): Promise<void> {
+    let rc: number;
+    try {
+      rc = await this.#stored.get(k);
+    } catch {
+      return;
+    }
+    this.#l2(c, rc);
+  }
+
+  #l2(c: L2Cursor, rc: number): void {
     const { hi, lo } = c;
     if ((rc === 1) === entryCopied(hi)) return;
-    p.res.corruptions++;
-    p.log(
-      repair ? "repair" : "corruption",
+    const repair = this.#repair;
+    this.#report(
       `${repair ? "Repairing" : "ERROR"} OFLAG_COPIED data cluster: l2_entry=${hex64(hi, lo)} refcount=${rc}`,
       c.entryOffset,
     );
-    if (repair && aligned) {
+    if (repair && this.#aligned) {
       c.table.setWords(c.word, withCopied(hi, rc === 1), lo);
-      dirty++;
+      this.#dirty++;
     }
+  }
+
+  /** After an L2 table: write it back when flags were fixed in it. */
+  l2TableDone = (c: L2Cursor): void | Promise<void> => {
+    if (this.#dirty === 0) return;
+    return this.#writeBack(c);
   };
-  const writeBack = async (c: L2Cursor): Promise<void> => {
+
+  async #writeBack(c: L2Cursor): Promise<void> {
+    const p = this.#p;
     await p.write(c.tableOffset, c.table.bytes);
     c.invalidate();
-    p.res.corruptions -= dirty;
-    p.res.corruptionsFixed += dirty;
-    dirty = 0;
-  };
+    p.res.corruptions -= this.#dirty;
+    p.res.corruptionsFixed += this.#dirty;
+    this.#dirty = 0;
+  }
+}
+
+/** Whether check_oflag_copied repairs, as QEMU decides it. */
+function copiedRepair(p: Pass, fix: number): boolean {
+  if (fix & FIX_ERRORS) return true;
+  if (fix & FIX_LEAKS) {
+    return p.res.checkErrors === 0 && p.res.corruptions === 0 && p.res.leaks === 0;
+  }
+  return false;
+}
+
+/** check_oflag_copied as its own walk of the active L1 table. */
+export async function checkOflagCopied(p: Pass, fix: number): Promise<void> {
+  const h = p.layout.header;
+  const t = new CopiedCheck(p, copiedRepair(p, fix), false);
   await walkL1Table(p.src, h.l1TableOffset, h.l1Size, undefined, {
-    l1Entry: (c) => {
-      if (c.l2Offset === 0) return false;
-      let rc: number | Promise<number>;
-      try {
-        rc = p.storedRefcount(Math.floor(c.l2Offset / cs));
-      } catch {
-        return false;
-      }
-      if (typeof rc === "number") return l1Entry(c, rc);
-      return rc.then(
-        (n) => l1Entry(c, n),
-        () => false,
-      );
-    },
-    l2Entry: (c) => {
-      const type = c.type;
-      if (type !== ClusterType.Normal && type !== ClusterType.ZeroAlloc) return;
-      if (p.fmt.hasDataFile) return l2Copied(c, 1);
-      let rc: number | Promise<number>;
-      try {
-        rc = p.storedRefcount(Math.floor(entryOffset(c.hi, c.lo) / cs));
-      } catch {
-        return;
-      }
-      if (typeof rc === "number") return l2Copied(c, rc);
-      return rc.then(
-        (n) => l2Copied(c, n),
-        () => undefined,
-      );
-    },
-    l2TableDone: (c) => (dirty === 0 ? undefined : writeBack(c)),
+    l1Entry: t.l1Entry,
+    l2Entry: t.l2Entry,
+    l2TableDone: t.l2TableDone,
   });
 }

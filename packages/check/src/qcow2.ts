@@ -96,7 +96,7 @@ async function runCheck(
   try {
     await p.openStored();
     if (fix !== 0) await buildMetaMap(p);
-    await calculate(p, fix);
+    const copied = await calculate(p, fix, fix === 0);
     // Entries dropped by the walk must be gone on disk before any refcount goes down.
     if (fix !== 0) await backend.flush();
     const pre = { ...p.res };
@@ -168,7 +168,8 @@ async function runCheck(
       }
     }
     if (fix !== 0) await backend.flush();
-    await checkOflagCopied(p, fix);
+    if (copied !== undefined) copied.flush();
+    else await checkOflagCopied(p, fix);
     if (fix !== 0) await backend.flush();
   } catch (e) {
     if (e instanceof CheckAbort) {

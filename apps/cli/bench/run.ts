@@ -230,6 +230,33 @@ for (const write of [false, true]) {
 // --- end compressed convert and request benchmarks ---
 
 // --- check at scale (helper W) ---
+/**
+ * An empty qcow2 image whose clusters are all mapped (preallocation=metadata), made once by
+ * qemu-img create: `check` walks one L2 entry and counts one refcount per cluster.
+ */
+function metadataImage(size: number, clusterSize: number): string {
+  const key = `meta-${size}-${clusterSize}`;
+  const have = made.get(key);
+  if (have !== undefined) return have;
+  const path = join(dir, `meta-${sizeName(size)}-${sizeName(clusterSize)}.qcow2`);
+  const o = `cluster_size=${clusterSize},preallocation=metadata`;
+  qemuImg("create", "-q", "-f", "qcow2", "-o", o, path, String(size));
+  made.set(key, path);
+  return path;
+}
+for (const [size, clusterSize] of [
+  [8 * 1024 ** 3, 64 * 1024], // 131,072 clusters
+  [8 * 1024 ** 3, 4096], // 2M clusters
+  [64 * 1024 ** 3, 4096], // 16M clusters
+] as const) {
+  const n = size / clusterSize;
+  const label = n >= 1024 ** 2 ? `${n / 1024 ** 2}M` : String(n);
+  cases.push({
+    name: `check, ${label} clusters (${sizeName(size)}, ${sizeName(clusterSize)} clusters, metadata)`,
+    qemu: () => ["check", metadataImage(size, clusterSize)],
+    qimg: () => ["check", metadataImage(size, clusterSize)],
+  });
+}
 // --- end check at scale ---
 
 // --- zstd (helper Z) ---

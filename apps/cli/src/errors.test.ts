@@ -1,7 +1,21 @@
-import { CorruptImageError, IoError, UnsupportedFeatureError } from "@qimg/structs";
+import {
+  CorruptImageError,
+  ErrorCode,
+  FormatError,
+  InvalidArgumentError,
+  IoError,
+  UnsupportedFeatureError,
+} from "@qimg/structs";
 import { describe, expect, it } from "vitest";
 import { captureContext } from "./context.js";
-import { CliError, describeError, FileContextError, inFile, reportError } from "./errors.js";
+import {
+  CliError,
+  describeError,
+  FileContextError,
+  inFile,
+  reportError,
+  requestErrorText,
+} from "./errors.js";
 
 describe("error reporting", () => {
   it("prints a qimg error as one line naming the file, exit code from the command", async () => {
@@ -59,5 +73,42 @@ describe("error reporting", () => {
     const debug = captureContext({ debug: true });
     reportError(new CliError("plain"), debug, 1);
     expect(debug.out.stderr.split("\n").length).toBeGreaterThan(2);
+  });
+});
+
+describe("requestErrorText: qemu-io's words for a failed request, by code", () => {
+  it("maps the error family's codes and system errnos to strerror words, else the message", () => {
+    const sys = Object.assign(new Error("ENOSPC: no space left on device, write"), {
+      code: "ENOSPC",
+    });
+    const cases: [unknown, string][] = [
+      [
+        new IoError("x: image is opened read-only", { code: ErrorCode.READ_ONLY }),
+        "Operation not permitted",
+      ],
+      [
+        new InvalidArgumentError(
+          "compressed writes must cover exactly one whole cluster (65536 bytes)",
+        ),
+        "Invalid argument",
+      ],
+      [
+        new CorruptImageError("L2 table offset 0x40200 in L1 entry 0 is not aligned"),
+        "Input/output error",
+      ],
+      [
+        new IoError("x: write of 512 bytes at offset 0 failed: ENOSPC: no space", { cause: sys }),
+        "No space left on device",
+      ],
+      [new FileContextError("x", new CorruptImageError("bad")), "Input/output error"],
+      [sys, "No space left on device"],
+      // The words never come from the message: a message that reads like one keeps its text.
+      [
+        new FormatError("request is past the end, read-only, invalid request\nsecond line"),
+        "request is past the end, read-only, invalid request",
+      ],
+      [new CliError("Block node is read-only"), "Block node is read-only"],
+    ];
+    for (const [e, text] of cases) expect(requestErrorText(e)).toBe(text);
   });
 });

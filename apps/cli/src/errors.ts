@@ -10,7 +10,7 @@
  *   for errors (1 for most commands, 2 for `compare`, as qemu-img does).
  */
 import { inspect } from "node:util";
-import { isQimgError } from "@qimg/structs";
+import { ErrorCode, isQimgError } from "@qimg/structs";
 import type { CliContext } from "./context.js";
 
 /** An expected failure of a command, with an optional file it concerns and exit code. */
@@ -126,6 +126,35 @@ export function messageOf(e: unknown, file: string | undefined): string {
   }
   if (file !== undefined && message.startsWith(`${file}: `))
     message = message.slice(file.length + 2);
+  return message.split("\n")[0] ?? "";
+}
+
+/** The strerror() words QEMU's tools print for the typed errors of the drivers, by code. */
+const CODE_TEXT: Partial<Record<ErrorCode, string>> = {
+  // EPERM: a write to an image (or file) opened read-only, or marked corrupt.
+  [ErrorCode.READ_ONLY]: "Operation not permitted",
+  // EINVAL: a request the driver cannot take (a compressed write that is not one cluster).
+  [ErrorCode.INVALID_ARGUMENT]: "Invalid argument",
+  // EIO: the image's metadata is corrupt where the request went.
+  [ErrorCode.CORRUPT_IMAGE]: "Input/output error",
+};
+
+/**
+ * What qemu-io (and qemu-img's per-request messages) print for a failed request: the
+ * strerror() words chosen by the error's code — a system error's errno, or the qimg error
+ * family's `code` — else the error's own first line.
+ */
+export function requestErrorText(e: unknown): string {
+  if (e instanceof FileContextError) e = e.error;
+  if (isQimgError(e)) {
+    const errno = errnoOf(e.cause);
+    const text = (errno === undefined ? undefined : ERRNO_TEXT[errno]) ?? CODE_TEXT[e.code];
+    if (text !== undefined) return text;
+  } else if (!(e instanceof CliError)) {
+    const text = ERRNO_TEXT[errnoOf(e) ?? ""];
+    if (text !== undefined) return text;
+  }
+  const message = e instanceof Error ? e.message : String(e);
   return message.split("\n")[0] ?? "";
 }
 

@@ -7,9 +7,9 @@
  * leaves the exit status alone.
  */
 import { StatusCursor } from "@qimg/io";
-import { ErrorCode, isQimgError } from "@qimg/structs";
 import type { CliContext } from "./context.js";
 import type { DiskImage, WritableDiskImage } from "./drivers.js";
+import { requestErrorText } from "./errors.js";
 import { cvtstr, dumpBuffer, report } from "./util/qemu-io-format.js";
 import { parseSize, SizeParseError } from "./util/size.js";
 
@@ -33,16 +33,6 @@ class CommandFailed extends Error {}
  * the message is the strerror() text qemu-io prints.
  */
 class RequestRefused extends Error {}
-
-/** qemu-io's strerror() words for the typed errors of the drivers, by error code. */
-const ERROR_TEXT: Partial<Record<ErrorCode, string>> = {
-  // EPERM: a write to an image (or file) opened read-only, or marked corrupt.
-  [ErrorCode.READ_ONLY]: "Operation not permitted",
-  // EINVAL: a request the driver cannot take (a compressed write that is not one cluster).
-  [ErrorCode.INVALID_ARGUMENT]: "Invalid argument",
-  // EIO: the image's metadata is corrupt where the request went.
-  [ErrorCode.CORRUPT_IMAGE]: "Input/output error",
-};
 
 export interface ScriptTarget {
   readonly image: DiskImage;
@@ -207,10 +197,7 @@ export class IoScript {
 
   /** qemu-io's words for a failed request: by the error's code, else its message. */
   private errorText(e: unknown): string {
-    const text = isQimgError(e) ? ERROR_TEXT[e.code] : undefined;
-    if (text !== undefined) return text;
-    const message = e instanceof Error ? e.message : String(e);
-    return message.split("\n")[0] ?? message;
+    return e instanceof RequestRefused ? e.message : requestErrorText(e);
   }
 
   /**

@@ -10,7 +10,7 @@
  * file). Writes are issued in guest order (an image sink allocates its clusters
  * sequentially), several in flight.
  */
-import { alignedBuffers, ExtentIterator, type BlockStatus, type WritableDiskImage } from "@qimg/io";
+import { alignedBuffers, ExtentIterator, StatusCursor, type WritableDiskImage } from "@qimg/io";
 import type { BlockBackend, DiskImage } from "../drivers.js";
 import { inFile } from "../errors.js";
 import { isZero } from "./zero.js";
@@ -254,13 +254,10 @@ export function imageSink(image: WritableDiskImage): CopySink {
     image.backing === undefined
       ? undefined
       : async (offset: number, length: number): Promise<void> => {
-          const end = offset + length;
-          let pos = offset;
-          while (pos < end) {
-            const s: BlockStatus = await image.blockStatus(pos, end - pos);
-            const next = Math.min(end, s.offset + s.length);
-            if (!s.zero) await image.writeZeroes(pos, next - pos, { mayUnmap: false });
-            pos = next;
+          const status = new StatusCursor(image, offset + length);
+          for (let pos = offset; pos < offset + length; pos = status.end) {
+            const zero = (await status.at(pos)).zero;
+            if (!zero) await image.writeZeroes(pos, status.end - pos, { mayUnmap: false });
           }
         };
   return {

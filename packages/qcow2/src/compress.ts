@@ -440,8 +440,9 @@ function loadZstd(): Promise<ZstdWasm> {
 /**
  * How QEMU compresses a qcow2 cluster, in one place for every writer (the driver's default
  * compressor, the CLI's worker threads): zlib clusters are raw deflate (no zlib header) with
- * a 4 KiB window (QEMU's window bits -12, which its reader also uses, so a larger window would
- * make clusters it cannot read) and memLevel 9 at the default level; zstd clusters are one
+ * a 4 KiB window (QEMU's window bits -12; its reader is set up the same way, and a strict
+ * streaming reader with that window needs it) and memLevel 9 at the default level, so our
+ * clusters are byte for byte QEMU's; zstd clusters are one
  * frame at level 3 (the library default that QEMU's fresh context uses). A cluster is stored
  * compressed only when that is smaller than the cluster.
  */
@@ -470,6 +471,8 @@ export async function defaultCompress(
     if (z) {
       out = z.deflateRawSync(data, QCOW2_COMPRESSION.deflate);
     } else {
+      // CompressionStream has no window option (it uses 32 KiB); QEMU reads such clusters
+      // too, since it inflates a whole cluster in one call.
       const cs = new CompressionStream("deflate-raw");
       const w = cs.writable.getWriter();
       void w.write(data as Uint8Array<ArrayBuffer>);

@@ -441,8 +441,8 @@ function loadZstd(): Promise<ZstdWasm> {
  * How QEMU compresses a qcow2 cluster, in one place for every writer (the driver's default
  * compressor, the CLI's worker threads): zlib clusters are raw deflate (no zlib header) with
  * a 4 KiB window (QEMU's window bits -12; its reader is set up the same way, and a strict
- * streaming reader with that window needs it) and memLevel 9 at the default level, so our
- * clusters are byte for byte QEMU's; zstd clusters are one
+ * streaming reader with that window needs it) and memLevel 9 at the default level (Node's
+ * zlib is not QEMU's build, so the bytes may still differ a little); zstd clusters are one
  * frame at level 3 (the library default that QEMU's fresh context uses). A cluster is stored
  * compressed only when that is smaller than the cluster.
  */

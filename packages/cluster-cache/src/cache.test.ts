@@ -221,6 +221,57 @@ describe("ClusterCache", () => {
       expect(log).toEqual(["write 4096", "flush", "write 1024", "flush"]);
     });
 
+    it("a sync that began after the request settles it: no second sync (as QEMU)", async () => {
+      const { backend, log } = traced(MemoryBackend.from(new Uint8Array(8192)));
+      const refcounts = new ClusterCache({ backend, tableSize: 512, capacity: 4, name: "rc" });
+      const l2 = new ClusterCache({ backend, tableSize: 512, capacity: 4, name: "L2" });
+      l2.dependOn(refcounts);
+      const r = await refcounts.get(4096);
+      await backend.write(6144, new Uint8Array(512).fill(3)); // the data
+      l2.dependOnFlush();
+      const t = await l2.get(1024);
+      t.bytes[0] = 1;
+      await l2.markDirty(t);
+      r.bytes[0] = 1;
+      await refcounts.markDirty(r);
+      // The refcount flush's sync covers the data too: the L2 table follows it directly.
+      await l2.flush();
+      expect(log).toEqual(["write 6144", "write 4096", "flush", "write 1024", "flush"]);
+      // So does the cache's own flush with nothing to write.
+      l2.dependOnFlush();
+      await l2.flush();
+      expect(l2.dependsOnFlush).toBe(false);
+    });
+
+    it("a sync already under way when the data was written does not settle it", async () => {
+      const mem = MemoryBackend.from(new Uint8Array(8192));
+      const { backend: inner, log } = traced(mem);
+      let release: (() => void) | undefined;
+      const gated: BlockBackend = {
+        ...inner,
+        flush: async () => {
+          if (release === undefined) {
+            await new Promise<void>((ok) => (release = ok));
+          }
+          await inner.flush();
+        },
+      };
+      const l2 = new ClusterCache({ backend: gated, tableSize: 512, capacity: 4, name: "L2" });
+      const early = l2.flush(); // a sync starts (nothing dirty), and waits
+      await new Promise((ok) => setTimeout(ok, 1));
+      await gated.write(4096, new Uint8Array(512).fill(3)); // data written during it
+      l2.dependOnFlush();
+      release!();
+      await early;
+      expect(l2.dependsOnFlush).toBe(true);
+      const t = await l2.get(1024);
+      t.bytes[0] = 1;
+      await l2.markDirty(t);
+      await l2.flush();
+      // (The log shows a sync when it reaches the file: the early one after the data write.)
+      expect(log).toEqual(["write 4096", "flush", "flush", "write 1024", "flush"]);
+    });
+
     it("syncs a different file when told (an external data file)", async () => {
       const data = traced(MemoryBackend.from(new Uint8Array(8192)));
       const meta = traced(MemoryBackend.from(new Uint8Array(8192)));

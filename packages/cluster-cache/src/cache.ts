@@ -9,6 +9,17 @@ export interface CachedTable {
   readonly bytes: Uint8Array;
 }
 
+/** A sync owed before the next table write (see ClusterCache.dependOnFlush). */
+interface FlushTarget {
+  readonly backend: BlockBackend;
+  /** The cache's own file: settled by any later sync of the cache or of its dependency. */
+  readonly own: boolean;
+  /** Settled once this cache's sync number `needOwn`, or the dependency's `needDep`, completed. */
+  readonly needOwn: number;
+  readonly dep: ClusterCache | undefined;
+  readonly needDep: number;
+}
+
 interface Entry extends CachedTable {
   pins: number;
   dirty: boolean;
@@ -72,8 +83,15 @@ export class ClusterCache {
   private readonly entries = new Map<number, Entry>();
   private readonly loading = new Map<number, Promise<Entry>>();
   private dependency: ClusterCache | undefined;
-  /** Files to sync before the next dirty table is written (see dependOnFlush). */
-  private readonly flushTargets: BlockBackend[] = [];
+  /**
+   * Syncs owed before the next dirty table is written (see dependOnFlush): another file, or
+   * this cache's own (`own`), which a sync of this cache or of its dependency that started
+   * after the request also settles.
+   */
+  private readonly flushTargets: FlushTarget[] = [];
+  /** Syncs of the file this cache started, and the number of the newest one completed. */
+  private syncsStarted = 0;
+  private syncedUpTo = 0;
   /** True when tables were written since the file was last synced by this cache. */
   private unsynced = false;
   /** Serialises flushes so two callers never write the same table concurrently. */
@@ -121,14 +139,30 @@ export class ClusterCache {
    * `backend` (default: the file this cache writes to). One-shot, as QEMU's
    * `qcow2_cache_depends_on_flush`: call it each time data that a table will point to was
    * written without a sync (copy-on-write), before the table is marked dirty. The sync
-   * happens once however often this is called in between.
+   * happens once however often this is called in between. For the cache's own file, a sync
+   * made since by this cache or by the cache it {@link dependOn}s (which lives in the same
+   * file) settles it, so no second sync follows one that already covers the data.
    */
-  dependOnFlush(backend: BlockBackend = this.backend): void {
-    if (!this.flushTargets.includes(backend)) this.flushTargets.push(backend);
+  dependOnFlush(backend?: BlockBackend): void {
+    const own = backend === undefined || backend === this.backend;
+    if (own) {
+      // A sync that starts from now on covers the data (the dependency shares the file).
+      const dep = this.dependency;
+      this.flushTargets.push({
+        backend: this.backend,
+        own: true,
+        needOwn: this.syncsStarted + 1,
+        dep,
+        needDep: dep ? dep.syncsStarted + 1 : Number.MAX_SAFE_INTEGER,
+      });
+    } else if (!this.flushTargets.some((t) => t.backend === backend)) {
+      this.flushTargets.push({ backend, own: false, needOwn: 0, needDep: 0, dep: undefined });
+    }
   }
 
   /** True while a {@link dependOnFlush} sync is still owed before the next table write. */
   get dependsOnFlush(): boolean {
+    this.dropSettled();
     return this.flushTargets.length > 0;
   }
 
@@ -217,8 +251,27 @@ export class ClusterCache {
    */
   async flush(): Promise<void> {
     await this.writeDirty();
-    await this.backend.flush();
+    await this.sync();
     this.unsynced = false;
+  }
+
+  /** Sync this cache's file, counting the syncs (one covers what was written before it began). */
+  private async sync(): Promise<void> {
+    const n = ++this.syncsStarted;
+    await this.backend.flush();
+    if (n > this.syncedUpTo) this.syncedUpTo = n;
+  }
+
+  /** Forget owed syncs of the own file that a sync started since has settled. */
+  private dropSettled(): void {
+    for (let i = this.flushTargets.length - 1; i >= 0; i--) {
+      const t = this.flushTargets[i]!;
+      if (
+        t.own &&
+        (this.syncedUpTo >= t.needOwn || (t.dep !== undefined && t.dep.syncedUpTo >= t.needDep))
+      )
+        this.flushTargets.splice(i, 1);
+    }
   }
 
   /** Write dirty tables to the file without syncing it (dependencies are still honoured). */
@@ -311,9 +364,16 @@ export class ClusterCache {
 
   /** Sync every file a dependOnFlush asked for; a target stays owed if its sync fails. */
   private async syncTargets(): Promise<void> {
+    this.dropSettled();
     while (this.flushTargets.length > 0) {
       const target = this.flushTargets[0]!;
-      await target.flush();
+      if (target.own) {
+        await this.sync();
+        this.dropSettled();
+        // A request made while that sync ran is still owed; the loop syncs again for it.
+        continue;
+      }
+      await target.backend.flush();
       // Only drop it once synced (a concurrent caller may have done it already).
       const i = this.flushTargets.indexOf(target);
       if (i >= 0) this.flushTargets.splice(i, 1);

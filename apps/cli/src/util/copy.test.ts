@@ -168,10 +168,17 @@ describe("copy", () => {
     const bytes = new Uint8Array(20 * 1024 * 1024).fill(1);
     const src = source(bytes, []);
     let reads = 0;
+    let reading = 0;
     const read = src.image.read.bind(src.image);
     const failing: DiskImage = {
       ...src.image,
-      read: (o, b) => (++reads === 5 ? Promise.reject(new Error("EIO at chunk 5")) : read(o, b)),
+      async read(o, b) {
+        if (++reads === 5) throw new Error("EIO at chunk 5");
+        reading++;
+        await new Promise((r) => setTimeout(r, 10)); // reads ahead still running at the failure
+        reading--;
+        return read(o, b);
+      },
     };
     let active = 0;
     let settledAfter = false;
@@ -185,7 +192,7 @@ describe("copy", () => {
     };
     await expect(
       copy(failing, sink).finally(() => {
-        settledAfter = active === 0;
+        settledAfter = active === 0 && reading === 0;
       }),
     ).rejects.toThrow("EIO at chunk 5");
     expect(settledAfter).toBe(true);

@@ -238,8 +238,10 @@ export async function copy(
       while (ahead.length < READ_AHEAD && (await startNext()));
     }
   } finally {
-    // Nothing may still write from the buffers (or into the sink) once the copy returns.
+    // Nothing may still write from the buffers (or into the sink), nor read from the source,
+    // once the copy returns: the caller closes both.
     await Promise.all(inflight);
+    for (const c of ahead) if (c.read !== undefined) await c.read.catch(() => undefined);
   }
   settle();
 }

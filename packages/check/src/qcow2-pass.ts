@@ -369,16 +369,22 @@ export class Pass {
       try {
         r1 = stored.peek(i);
         if (r1 < 0) r1 = await stored.get(i);
-        // The rest of this block, without a call per cluster, while the counts agree.
-        const end = Math.min(this.nbClusters, (Math.floor(i / per) + 1) * per);
-        let j = i;
-        while (r1 === counts[j] && j + 1 < end) {
-          if (r1 > 0) this.highest = j;
-          const next = stored.peek(j + 1);
-          j++;
-          r1 = next;
+        // The rest of this block straight from its bytes, while the counts agree.
+        // (64-bit entries can throw: those stay one cluster per try.)
+        const block = this.refcountBits < 64 ? stored.loadedBlock(i) : undefined;
+        if (block !== undefined) {
+          const base = Math.floor(i / per) * per;
+          const end = Math.min(this.nbClusters, base + per);
+          let j = i;
+          let highest = -1;
+          while (r1 === counts[j] && j + 1 < end) {
+            if (r1 > 0) highest = j;
+            j++;
+            r1 = block.get(j - base);
+          }
+          if (highest >= 0) this.highest = highest;
+          i = j;
         }
-        i = j;
       } catch {
         this.log("error", `Can't get refcount for cluster ${i}: Input/output error`, i * this.cs);
         this.res.checkErrors++;

@@ -134,6 +134,14 @@ export class StoredRefcounts {
     return this.#view.get(cluster - slot * this.#entriesPerBlock);
   }
 
+  /**
+   * The loaded refcount block when it holds `cluster` (after {@link peek} or {@link get}
+   * answered for it), indexed from the block's first cluster; else undefined.
+   */
+  loadedBlock(cluster: number): RefcountBlockView | undefined {
+    return Math.floor(cluster / this.#entriesPerBlock) === this.#slot ? this.#view : undefined;
+  }
+
   /** Stored refcount of one host cluster. */
   async get(cluster: number): Promise<number> {
     const i = await this.#load(cluster);

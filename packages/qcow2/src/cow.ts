@@ -70,7 +70,8 @@ export async function allocatingWrite(
   s.fileSize = Math.max(s.fileSize, s.hasDataFile ? s.fileSize : host + n * cs);
   // Copied-on-write bytes are synced before any L2 table pointing at them is written (QEMU's
   // perform_cow): with lazy refcounts nothing else orders them.
-  if (headLen > 0 || tailLen > 0) s.l2Cache.dependOnFlush(s.dataBackend);
+  if (headLen > 0 || tailLen > 0)
+    s.l2Cache.dependOnFlush(s.hasDataFile ? s.dataBackend : undefined);
   await w.meta.run(async () => {
     for (let k = 0; k < n; k++) {
       const i = g0 + k - base;
@@ -116,7 +117,7 @@ export async function writeClusterExtended(
     buf.set(src, within - regionStart);
     await checkData(s, off + regionStart, buf.length);
     await s.dataBackend.write(off + regionStart, buf);
-    s.l2Cache.dependOnFlush(s.dataBackend);
+    s.l2Cache.dependOnFlush(s.hasDataFile ? s.dataBackend : undefined);
     await w.meta.run(async () => {
       l2.setWords(i + 1, (l2.hi(i + 1) & ~touched) >>> 0, (l2.lo(i + 1) | touched) >>> 0);
       await s.l2Cache.markDirty(table);
@@ -140,7 +141,7 @@ export async function writeClusterExtended(
   buf.set(src, within);
   await s.dataBackend.write(host, buf);
   if (!s.hasDataFile) s.fileSize = Math.max(s.fileSize, host + cs);
-  if (src.length < cs) s.l2Cache.dependOnFlush(s.dataBackend);
+  if (src.length < cs) s.l2Cache.dependOnFlush(s.hasDataFile ? s.dataBackend : undefined);
   await w.meta.run(async () => {
     queueFree(s, l2, i);
     setDataEntry(l2, i, host);

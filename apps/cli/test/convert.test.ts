@@ -91,7 +91,9 @@ describe.skipIf(!hasQemu)("qimg convert to qcow2 and QED", () => {
         verify(src, dst, fmt);
       }
     }
-  });
+    // ~130 converts, a third of them starting compression workers from source through tsx:
+    // about 50 s on a quiet 2-core machine, more when the suite runs in parallel.
+  }, 240_000);
 
   it("convert -c -p as a process (workers started from source through tsx)", () => {
     const src = rawSource("proc.raw", 3 * 1024 * 1024, 99);

@@ -22,6 +22,8 @@ import { StoredRefcounts } from "./stored.js";
 
 export const FIX_LEAKS = 1;
 export const FIX_ERRORS = 2;
+/** How far past its end `-r all` grows a file to cover a refcount block (QEMU: any distance). */
+const MAX_GROW = 2 ** 30;
 /** QCOW_MAX_L1_SIZE / 8 */
 export const MAX_L1_ENTRIES = 0x200_0000 / 8;
 
@@ -308,8 +310,32 @@ export class Pass {
     }
   }
 
+  /**
+   * Grow the file so that the cluster at `offset` is inside it (then count the clusters up to
+   * there). Returns why it could not, in strerror's words, or undefined.
+   */
+  async growToCover(offset: number): Promise<string | undefined> {
+    // Past 2^53 (QEMU: past INT64_MAX) no file can reach.
+    if (offset + this.cs > Number.MAX_SAFE_INTEGER) return "Invalid argument";
+    // Unlike QEMU, never grow an image by more than MAX_GROW (a block pointer far past the
+    // end is garbage, and a file grown to terabytes is worse): rebuild instead.
+    if (offset + this.cs - this.fileSize > MAX_GROW) {
+      return `the block is more than ${MAX_GROW / 2 ** 20} MiB past the end of the file`;
+    }
+    try {
+      await this.backend.truncate(offset + this.cs);
+    } catch (e) {
+      const code = (e as { code?: unknown; cause?: { code?: unknown } }).code;
+      const cause = (e as { cause?: { code?: unknown } }).cause?.code;
+      return code === "EFBIG" || cause === "EFBIG" ? "File too large" : "Invalid argument";
+    }
+    this.fileSize = await this.backend.size();
+    this.grow(Math.ceil(this.fileSize / this.cs));
+    return undefined;
+  }
+
   /** check_refblocks */
-  checkRefblocks(): void {
+  async checkRefblocks(fix: number): Promise<void> {
     const table = this.stored.table;
     for (let i = 0; i < table.length; i++) {
       const hi = table.hi(i);
@@ -339,9 +365,28 @@ export class Pass {
       }
       if (cluster >= this.nbClusters) {
         this.res.corruptions++;
-        this.log("corruption", `ERROR refcount block ${i} is outside image`, entryOffset);
-        // QEMU -r all grows the file to cover the block; we rebuild instead.
-        this.rebuild = true;
+        const repair = (fix & FIX_ERRORS) !== 0;
+        this.log(
+          repair ? "repair" : "corruption",
+          `${repair ? "Repairing" : "ERROR"} refcount block ${i} is outside image`,
+          entryOffset,
+        );
+        // Without -r all this is only counted (no rebuild). With it, as QEMU: grow the file
+        // to cover the block (it reads as zeros: nothing it covers is in use), or rebuild
+        // the refcount structures when the file cannot grow that far.
+        if (repair) {
+          const failed = await this.growToCover(offset);
+          if (failed === undefined) {
+            this.res.corruptions--;
+            this.res.corruptionsFixed++;
+            this.tagRefcount = true;
+            this.inc(offset, this.cs);
+            this.tagRefcount = false;
+          } else {
+            this.rebuild = true;
+            this.log("error", `ERROR could not resize image: ${failed}`);
+          }
+        }
         continue;
       }
       if (offset !== 0) {

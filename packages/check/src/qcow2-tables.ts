@@ -485,7 +485,7 @@ export async function calculate(
     p.inc(L.encryptionHeader.offset, L.encryptionHeader.length);
   }
   await p.checkBitmaps();
-  p.checkRefblocks();
+  await p.checkRefblocks(fix);
   return copied;
 }
 

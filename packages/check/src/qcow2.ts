@@ -109,12 +109,10 @@ async function runCheck(
     if (p.rebuild && fix & FIX_ERRORS && !noRebuild) {
       const old = { ...p.res };
       log("info", "Rebuilding refcount structure");
-      // New counts: everything referenced except the old refcount table and blocks, which
-      // become free once the header names the new ones.
+      // New counts: everything referenced, the old refcount table and blocks included (as
+      // QEMU: they stay allocated until the header names the new ones, and then the leak
+      // repair below frees them, with its "Repairing cluster" lines).
       const counts = p.counts.slice(0, p.nbClusters);
-      for (const [first, n] of p.refcountRuns) {
-        for (let c = first; c < first + n; c++) if (counts[c]! > 0) counts[c] = counts[c]! - 1;
-      }
       await backend.flush();
       let header = layout.header;
       await rebuildRefcounts({

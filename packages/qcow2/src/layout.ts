@@ -120,10 +120,10 @@ export async function readQcow2Metadata(
   const clusterSize = 2 ** header.clusterBits;
   const area = first.subarray(0, Math.min(first.byteLength, clusterSize));
   const extStart = header.version === 2 ? 72 : header.headerLength;
+  // The extensions end where the backing file name starts (QEMU's rule: with a name offset
+  // at or before the end of the header there are no extensions at all), else at the cluster's end.
   const extEnd =
-    header.backingFileOffset > extStart
-      ? Math.min(header.backingFileOffset, clusterSize)
-      : clusterSize;
+    header.backingFileOffset !== 0 ? Math.min(header.backingFileOffset, clusterSize) : clusterSize;
   const extensions = decodeExtensions(area, extStart, extEnd);
   const featureNames: FeatureName[] = [];
   for (const e of extensions) {

@@ -40,8 +40,18 @@ export interface HeaderExtension {
 export function decodeExtensions(bytes: Uint8Array, start: number, end: number): HeaderExtension[] {
   const out: HeaderExtension[] = [];
   let pos = start;
+  // Bytes past the end of a short file read as zeros (an end marker), as QEMU reads them.
   const limit = Math.min(end, bytes.byteLength);
-  while (pos + 8 <= limit) {
+  while (pos < end && pos < bytes.byteLength) {
+    // An 8-byte prefix that does not fit before `end` (e.g. a backing file name offset that
+    // points into the middle of an extension) is refused, as QEMU refuses it, end marker or not.
+    if (pos + 8 > end) {
+      throw new FormatError(
+        `qcow2 header extension at ${hex(pos)} does not fit before the end of the header area at ${hex(end)}`,
+        { offset: pos },
+      );
+    }
+    if (pos + 8 > bytes.byteLength) return out;
     const { type, length } = ExtensionPrefix.decode(bytes, pos, pos);
     if (type === ExtensionType.end) return out;
     const dataEnd = pos + 8 + length;

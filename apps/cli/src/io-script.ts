@@ -1,7 +1,9 @@
 /**
- * The qemu-io command language behind `qimg io -c CMD ...`: read, write, discard, flush, map,
- * aio_read, aio_write, aio_flush, abort, sigraise — with qemu-io's option letters, messages and
- * report lines. Failures print qemu-io's message on stdout ("read failed: ...", "Pattern
+ * The qemu-io command language behind `qimg io -c CMD ...`: read, readv, write, writev,
+ * discard, flush, map, alloc, length, info, help, aio_read, aio_write, aio_flush, abort,
+ * sigraise — with qemu-io's option letters, messages, report lines and argument checks (the
+ * word count first, against the command table; then the read-only refusal; then the options,
+ * where a bad option or operand count prints the command's usage line). Failures print qemu-io's message on stdout ("read failed: ...", "Pattern
  * verification failed at offset N, M bytes") and make the run exit 1, but later commands still
  * run, as in qemu-io. A failed aio request is reported when it completes and, as in qemu-io,
  * leaves the exit status alone.
@@ -10,7 +12,10 @@ import { StatusCursor } from "@qimg/io";
 import type { CliContext } from "./context.js";
 import type { DiskImage, WritableDiskImage } from "./drivers.js";
 import { requestErrorText } from "./errors.js";
-import { cvtstr, dumpBuffer, report } from "./util/qemu-io-format.js";
+import { imageInfoJson } from "./commands/info.js";
+import { qcow2InfoOf, qedInfoOf } from "./drivers.js";
+import { dumpQObject, type QJson } from "./util/qjson.js";
+import { cvtstr, dumpBuffer, helpLine, report } from "./util/qemu-io-format.js";
 import { parseSize, SizeParseError } from "./util/size.js";
 
 /** qemu's BDRV_REQUEST_MAX_BYTES: the longest single request. */
@@ -56,44 +61,114 @@ interface Parsed {
   readonly args: string[];
 }
 
-/** getopt() with glibc's permutation: options may follow operands; `--` ends options. */
-function getopt(cmd: string, argv: readonly string[], spec: string, ctx: CliContext): Parsed {
-  const flags = new Map<string, string | true>();
-  const args: string[] = [];
-  for (let i = 0; i < argv.length; i++) {
-    const a = argv[i] ?? "";
-    if (a === "--") {
-      args.push(...argv.slice(i + 1));
-      break;
-    }
-    if (!a.startsWith("-") || a === "-") {
-      args.push(a);
-      continue;
-    }
-    for (let j = 1; j < a.length; j++) {
-      const c = a[j] ?? "";
-      const at = spec.indexOf(c);
-      if (at < 0 || c === ":") {
-        ctx.stderr(`${cmd}: invalid option -- '${c}'\n`);
-        throw new CommandFailed();
-      }
-      if (spec[at + 1] === ":") {
-        let value = a.slice(j + 1);
-        if (value === "") {
-          i++;
-          if (i >= argv.length) {
-            ctx.stderr(`${cmd}: option requires an argument -- '${c}'\n`);
-            throw new CommandFailed();
-          }
-          value = argv[i] ?? "";
-        }
-        flags.set(c, value);
-        break;
-      }
-      flags.set(c, true);
-    }
-  }
-  return { flags, args };
+/** One command of the table: its names, synopsis, description and word-count limits. */
+export interface IoCommandSpec {
+  readonly name: string;
+  /** The short name (qemu-io's altname), e.g. "r" for read. */
+  readonly alt?: string;
+  /** The synopsis of its options and operands, as `help` and the usage line show it. */
+  readonly args: string;
+  readonly text: string;
+  /** Fewest and most words after the command name (options included). */
+  readonly min: number;
+  readonly max: number;
+  /** It changes the image: refused on a read-only open (after the word count is checked). */
+  readonly writes?: boolean;
+}
+
+/** The commands, in the order `help` lists them. */
+export const IO_COMMANDS: readonly IoCommandSpec[] = [
+  { name: "abort", args: "", text: "end the process at once, as a crash would", min: 0, max: 0 },
+  { name: "aio_flush", args: "", text: "wait for every aio request, then flush", min: 0, max: 0 },
+  {
+    name: "aio_read",
+    args: "[-Cqv] [-P pattern] off len [len..]",
+    text: "start a read in the background",
+    min: 2,
+    max: Infinity,
+  },
+  {
+    name: "aio_write",
+    args: "[-Cfquz] [-P pattern] off len [len..]",
+    text: "start a write in the background",
+    min: 2,
+    max: Infinity,
+    writes: true,
+  },
+  {
+    name: "alloc",
+    args: "offset [count]",
+    text: "count the bytes from offset that this image allocates",
+    min: 1,
+    max: 2,
+  },
+  {
+    name: "discard",
+    alt: "d",
+    args: "[-Cq] off len",
+    text: "discard a range of the disk",
+    min: 2,
+    max: Infinity,
+    writes: true,
+  },
+  { name: "flush", alt: "f", args: "", text: "flush the image to stable storage", min: 0, max: 0 },
+  {
+    name: "help",
+    alt: "?",
+    args: "[command]",
+    text: "list the commands, or explain one",
+    min: 0,
+    max: 1,
+  },
+  { name: "info", args: "", text: "show the image's format facts", min: 0, max: 0 },
+  { name: "length", args: "", text: "show the disk size", min: 0, max: 0 },
+  {
+    name: "map",
+    args: "",
+    text: "list the allocated and unallocated runs of the disk",
+    min: 0,
+    max: 0,
+  },
+  { name: "quit", alt: "q", args: "", text: "stop: skip the commands that follow", min: 0, max: 0 },
+  {
+    name: "read",
+    alt: "r",
+    args: "[-bCqv] [-P pattern] off len",
+    text: "read a range of the disk",
+    min: 2,
+    max: Infinity,
+  },
+  {
+    name: "readv",
+    args: "[-Cqv] [-P pattern] off len [len..]",
+    text: "read a range of the disk into several buffers",
+    min: 2,
+    max: Infinity,
+  },
+  { name: "sigraise", args: "signal", text: "send the process a signal", min: 1, max: 1 },
+  {
+    name: "write",
+    alt: "w",
+    args: "[-bcCfnquz] [-P pattern] off len",
+    text: "write a range of the disk",
+    min: 2,
+    max: Infinity,
+    writes: true,
+  },
+  {
+    name: "writev",
+    args: "[-Cfq] [-P pattern] off len [len..]",
+    text: "write a range of the disk from several buffers",
+    min: 2,
+    max: Infinity,
+    writes: true,
+  },
+];
+
+const BY_NAME = new Map<string, IoCommandSpec>();
+for (const c of IO_COMMANDS) {
+  BY_NAME.set(c.name, c);
+  if (c.alt !== undefined) BY_NAME.set(c.alt, c);
 }
 
 export class IoScript {
@@ -101,6 +176,8 @@ export class IoScript {
   private readonly pending = new Set<Promise<void>>();
   /** Whether any command failed (the exit code is then 1). */
   failed = false;
+  /** Set by `quit`: the commands after it are skipped. */
+  quit = false;
 
   constructor(
     private readonly target: ScriptTarget,
@@ -118,11 +195,23 @@ export class IoScript {
 
   /** Run one command line. Throws {@link ScriptCrash} for abort/sigraise when in-process. */
   async run(line: string): Promise<void> {
+    if (this.quit) return;
     const argv = tokenize(line);
     const name = argv[0];
     if (name === undefined) return;
     try {
-      await this.dispatch(name, argv.slice(1));
+      const spec = BY_NAME.get(name);
+      if (spec === undefined) {
+        this.ctx.stderr(`command "${name}" not found\n`);
+        throw new CommandFailed();
+      }
+      const words = argv.slice(1);
+      this.wordCount(name, words.length, spec.min, spec.max);
+      if (spec.writes === true && this.target.writable === undefined) {
+        this.ctx.stderr("qimg: Block node is read-only\n");
+        throw new CommandFailed();
+      }
+      await this.dispatch(spec, words);
     } catch (e) {
       if (e instanceof CommandFailed) {
         this.failed = true;
@@ -137,16 +226,76 @@ export class IoScript {
     while (this.pending.size > 0) await Promise.all([...this.pending]);
   }
 
-  private argCount(cmd: string, args: readonly string[], min: number, max: number): void {
-    if (args.length >= min && args.length <= max) return;
+  /** The table's check of the words after the command name (options included). */
+  private wordCount(cmd: string, n: number, min: number, max: number): void {
+    if (n >= min && n <= max) return;
     const expected =
       min === max
-        ? `expected ${min} argument${min === 1 ? "" : "s"}`
+        ? `expected ${min} arguments`
         : max === Infinity
           ? `expected at least ${min} argument${min === 1 ? "" : "s"}`
           : `expected between ${min} and ${max} arguments`;
-    this.ctx.stderr(`bad argument count ${args.length} to ${cmd}, ${expected}\n`);
+    this.ctx.stderr(`bad argument count ${n} to ${cmd}, ${expected}\n`);
     throw new CommandFailed();
+  }
+
+  /** The command's usage line (stdout), then fail. */
+  private usage(spec: IoCommandSpec): never {
+    this.out(helpLine(spec.name, spec.args, spec.text));
+    throw new CommandFailed();
+  }
+
+  /**
+   * getopt() with glibc's permutation: options may follow operands; `--` ends options. A bad
+   * option is named on stderr, then the usage line follows; so does an operand count outside
+   * [min, max]. A bad -P pattern is reported as the option is read.
+   */
+  private getopt(
+    spec: IoCommandSpec,
+    argv: readonly string[],
+    letters: string,
+    min: number,
+    max: number,
+  ): Parsed {
+    const cmd = spec.name;
+    const flags = new Map<string, string | true>();
+    const args: string[] = [];
+    for (let i = 0; i < argv.length; i++) {
+      const a = argv[i] ?? "";
+      if (a === "--") {
+        args.push(...argv.slice(i + 1));
+        break;
+      }
+      if (!a.startsWith("-") || a === "-") {
+        args.push(a);
+        continue;
+      }
+      for (let j = 1; j < a.length; j++) {
+        const c = a[j] ?? "";
+        const at = letters.indexOf(c);
+        if (at < 0 || c === ":") {
+          this.ctx.stderr(`${cmd}: invalid option -- '${c}'\n`);
+          this.usage(spec);
+        }
+        if (letters[at + 1] === ":") {
+          let value = a.slice(j + 1);
+          if (value === "") {
+            i++;
+            if (i >= argv.length) {
+              this.ctx.stderr(`${cmd}: option requires an argument -- '${c}'\n`);
+              this.usage(spec);
+            }
+            value = argv[i] ?? "";
+          }
+          if (c === "P") this.pattern(value);
+          flags.set(c, value);
+          break;
+        }
+        flags.set(c, true);
+      }
+    }
+    if (args.length < min || args.length > max) this.usage(spec);
+    return { flags, args };
   }
 
   private num(text: string): number {
@@ -186,10 +335,27 @@ export class IoScript {
     return [offset, length];
   }
 
+  /**
+   * An offset and a list of lengths (readv, writev, aio_*): each length and their sum must
+   * stay within one request's limit. Returns the offset and the sum.
+   */
+  private offLengths(args: readonly string[]): [number, number] {
+    const offset = this.num(args[0] ?? "");
+    let total = 0;
+    for (const text of args.slice(1)) {
+      const len = this.num(text);
+      if (len > MAX_REQUEST) this.fail(`Argument '${text}' exceeds maximum size ${MAX_REQUEST}`);
+      if (total > MAX_REQUEST - len)
+        this.fail(`The total number of bytes exceed the maximum size ${MAX_REQUEST}`);
+      total += len;
+    }
+    return [offset, total];
+  }
+
   private writable(): WritableDiskImage {
     const w = this.target.writable;
     if (w === undefined) {
-      this.ctx.stderr(`qimg: ${this.target.file}: Block node is read-only\n`);
+      this.ctx.stderr("qimg: Block node is read-only\n");
       throw new CommandFailed();
     }
     return w;
@@ -221,37 +387,42 @@ export class IoScript {
     return fn();
   }
 
-  private async dispatch(name: string, argv: readonly string[]): Promise<void> {
-    switch (name) {
+  private async dispatch(spec: IoCommandSpec, argv: readonly string[]): Promise<void> {
+    switch (spec.name) {
       case "read":
-      case "r":
-        return this.read("read", argv, false);
+      case "readv":
+        return this.read(spec, argv, false);
       case "aio_read":
-        return this.read("aio_read", argv, true);
+        return this.read(spec, argv, true);
       case "write":
-      case "w":
-        return this.write("write", argv, false);
+      case "writev":
+        return this.write(spec, argv, false);
       case "aio_write":
-        return this.write("aio_write", argv, true);
+        return this.write(spec, argv, true);
       case "discard":
-      case "d":
-        return this.discard(argv);
+        return this.discard(spec, argv);
       case "flush":
-      case "f":
-        this.argCount("flush", argv, 0, 0);
         return this.flush();
       case "aio_flush":
-        this.argCount("aio_flush", argv, 0, 0);
         await this.drain();
         return this.flush();
       case "map":
-        this.argCount("map", argv, 0, 0);
         return this.map();
+      case "alloc":
+        return this.alloc(argv);
+      case "length":
+        this.out(`${cvtstr(this.target.image.virtualSize)}\n`);
+        return;
+      case "info":
+        return this.info();
+      case "help":
+        return this.help(argv[0]);
+      case "quit":
+        this.quit = true;
+        return;
       case "abort":
-        this.argCount("abort", argv, 0, 0);
         return this.crash(134);
       case "sigraise": {
-        this.argCount("sigraise", argv, 1, 1);
         const sig = Number(argv[0]);
         if (!Number.isInteger(sig) || sig < 0 || sig > 64) {
           this.fail(
@@ -266,9 +437,69 @@ export class IoScript {
         }
         throw new ScriptCrash(128 + sig);
       }
-      default:
-        this.ctx.stderr(`command "${name}" not found\n`);
-        throw new CommandFailed();
+    }
+  }
+
+  /** help: every command on one line each, or one command's line. */
+  private help(name: string | undefined): void {
+    if (name === undefined) {
+      for (const c of IO_COMMANDS) this.out(helpLine(c.name, c.args, c.text));
+      this.out("\nUse 'help commandname' for extended help.\n");
+      return;
+    }
+    const spec = BY_NAME.get(name);
+    if (spec === undefined) this.fail(`command ${name} not found`);
+    this.out(helpLine(name, spec.args, spec.text));
+  }
+
+  /**
+   * alloc OFFSET [COUNT]: how many of COUNT bytes (default 512) from OFFSET this layer
+   * allocates (data or zero flag, as map counts them); a range past the end of the disk is
+   * cut at the end.
+   */
+  private async alloc(argv: readonly string[]): Promise<void> {
+    const start = this.num(argv[0] ?? "");
+    let count = argv.length > 1 ? this.num(argv[1] ?? "") : 512;
+    const image = this.target.image;
+    const end = Math.min(start + count, Math.max(image.virtualSize, start));
+    count = end - start;
+    let allocated = 0;
+    const cursor = new StatusCursor(image);
+    try {
+      for (let pos = start; pos < end;) {
+        const s = await cursor.at(pos);
+        const next = Math.min(cursor.end, end);
+        if (s.present && s.depth === 0) allocated += next - pos;
+        pos = next;
+      }
+    } catch (e) {
+      this.fail(`is_allocated failed: ${this.errorText(e)}`);
+    }
+    this.out(`${allocated}/${count} bytes allocated at offset ${cvtstr(start)}\n`);
+  }
+
+  /** info: the format, cluster size, VM state offset and the format-specific facts. */
+  private info(): void {
+    const image = this.target.image;
+    const q = qcow2InfoOf(image);
+    let clusterSize = 0;
+    let vmState = 0;
+    if (q !== undefined) {
+      clusterSize = q.clusterSize;
+      // The VM state lives past the guest disk, at the first L1 entry the disk does not use.
+      const perL2 = (clusterSize / (q.extendedL2 ? 16 : 8)) * clusterSize;
+      vmState = Math.ceil(image.virtualSize / perL2) * perL2;
+    } else {
+      clusterSize = qedInfoOf(image)?.clusterSize ?? 0;
+    }
+    this.out(`format name: ${image.format}\n`);
+    this.out(`cluster size: ${cvtstr(clusterSize)}\n`);
+    this.out(`vm state offset: ${cvtstr(vmState)}\n`);
+    const spec = imageInfoJson(image, this.target.file)["format-specific"] as
+      { data?: QJson } | undefined;
+    if (spec !== undefined) {
+      this.out("Format specific information:\n");
+      this.out(dumpQObject(spec.data ?? null, 1));
     }
   }
 
@@ -286,11 +517,15 @@ export class IoScript {
     }
   }
 
-  private async read(cmd: string, argv: readonly string[], aio: boolean): Promise<void> {
-    const { flags, args } = getopt(cmd, argv, "P:vqCbl:s:", this.ctx);
-    this.argCount(cmd, args, 2, 2);
+  /** read, readv (several lengths: one request of their sum) and aio_read. */
+  private async read(spec: IoCommandSpec, argv: readonly string[], aio: boolean): Promise<void> {
+    const cmd = spec.name;
+    const vector = cmd !== "read";
+    const { flags, args } = vector
+      ? this.getopt(spec, argv, aio ? "CP:iqv" : "CP:qv", 2, Infinity)
+      : this.getopt(spec, argv, "P:vqCbl:s:", 2, 2);
     const pattern = flags.has("P") ? this.pattern(String(flags.get("P"))) : undefined;
-    const [offset, length] = this.offLen(args);
+    const [offset, length] = vector ? this.offLengths(args) : this.offLen(args);
     const quiet = flags.has("q");
     const verbose = flags.has("v");
     const buf = new Uint8Array(length);
@@ -312,7 +547,7 @@ export class IoScript {
       if (bad) throw new CommandFailed();
     };
     const op = this.request(offset, length, () => this.target.image.read(offset, buf));
-    await this.complete(op, finish, aio, cmd, "read");
+    await this.complete(op, finish, aio, cmd, cmd === "readv" ? "readv" : "read");
   }
 
   /** aio_* commands run in the background until aio_flush; the others complete here. */
@@ -321,7 +556,7 @@ export class IoScript {
     finish: () => void,
     aio: boolean,
     cmd: string,
-    what: "read" | "write",
+    what: string,
   ): Promise<void> {
     if (aio) {
       this.track(op.then(finish), cmd);
@@ -335,9 +570,16 @@ export class IoScript {
     finish();
   }
 
-  private async write(cmd: string, argv: readonly string[], aio: boolean): Promise<void> {
-    const { flags, args } = getopt(cmd, argv, aio ? "P:zuqfiC" : "P:zucqfnbCs:", this.ctx);
-    this.argCount(cmd, args, 2, 2);
+  /** write, writev (several lengths: one request of their sum) and aio_write. */
+  private async write(spec: IoCommandSpec, argv: readonly string[], aio: boolean): Promise<void> {
+    const cmd = spec.name;
+    const vector = cmd !== "write";
+    const { flags, args } =
+      cmd === "write"
+        ? this.getopt(spec, argv, "P:zucqfnbCs:", 2, 2)
+        : this.getopt(spec, argv, aio ? "P:zuqfiC" : "CfqP:", 2, Infinity);
+    if (aio && flags.has("z") && args.length !== 2)
+      this.fail("-z supports only a single length parameter");
     const zero = flags.has("z");
     const compressed = flags.has("c");
     if (zero && flags.has("P"))
@@ -345,7 +587,7 @@ export class IoScript {
     if (flags.has("u") && !zero) this.fail("-u requires -z to be specified");
     if (zero && compressed) this.fail("-c and -z cannot be specified at the same time");
     const pattern = flags.has("P") ? this.pattern(String(flags.get("P"))) : DEFAULT_WRITE_PATTERN;
-    const [offset, length] = this.offLen(args);
+    const [offset, length] = vector ? this.offLengths(args) : this.offLen(args);
     if (compressed) {
       // qemu-io's own check for compressed requests, before anything reaches the image.
       if (offset % 512 !== 0) this.fail(`${args[0]} is not a sector-aligned value for 'offset'`);
@@ -368,7 +610,7 @@ export class IoScript {
       if (!quiet)
         this.out(report("wrote", (performance.now() - t0) / 1000, offset, length, length, 1));
     };
-    await this.complete(op, finish, aio, cmd, "write");
+    await this.complete(op, finish, aio, cmd, cmd === "writev" ? "writev" : "write");
   }
 
   /**
@@ -404,9 +646,8 @@ export class IoScript {
     await Promise.all(jobs);
   }
 
-  private async discard(argv: readonly string[]): Promise<void> {
-    const { flags, args } = getopt("discard", argv, "Cq", this.ctx);
-    this.argCount("discard", args, 2, 2);
+  private async discard(spec: IoCommandSpec, argv: readonly string[]): Promise<void> {
+    const { flags, args } = this.getopt(spec, argv, "Cq", 2, 2);
     const [offset, length] = this.offLen(args);
     const w = this.writable();
     const t0 = performance.now();

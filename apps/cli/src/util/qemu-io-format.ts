@@ -92,3 +92,8 @@ export function dumpBuffer(buf: Uint8Array, offset: number): string {
   }
   return out;
 }
+
+/** One line of qemu-io's `help` (and a command's usage line): "NAME [ARGS ]-- TEXT". */
+export function helpLine(name: string, args: string, text: string): string {
+  return `${name} ${args === "" ? "" : `${args} `}-- ${text}\n`;
+}

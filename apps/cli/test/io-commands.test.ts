@@ -1,0 +1,243 @@
+/**
+ * qemu-io parity of `qimg io`'s command language: each script runs through the real qemu-io and
+ * through qimg io on twin copies of one image (qcow2, QED, raw; sizes that are no multiple of
+ * a sector or a cluster; contents written from a seed), and stdout, stderr and the exit code
+ * must be the same — with the program name (`qemu-io:` → `qimg:`), the timing part of the
+ * report lines and the description part of usage lines (`NAME ARGS -- TEXT`: the text is our
+ * own wording) set aside.
+ *
+ * Covered: length, info, alloc, readv, writev, help, quit; and, on the older commands, the
+ * table's word-count check, usage lines for a bad option or operand count, the read-only
+ * refusal, "Pattern verification failed", "... failed: ..." lines and exit codes.
+ */
+import { copyFileSync, mkdtempSync, rmSync } from "node:fs";
+import { tmpdir } from "node:os";
+import { join } from "node:path";
+import { afterAll, beforeAll, describe, expect, it } from "vitest";
+import { IO_COMMANDS } from "../src/io-script.js";
+import { qimg } from "./helpers.js";
+import { hasQemu, prng, qemuImg, qemuIo } from "./qemu.js";
+
+if (!hasQemu)
+  console.log("skipping qimg io command parity tests: qemu-img/qemu-io are not on PATH");
+
+const tmp = mkdtempSync(join(tmpdir(), "qimg-io-cmds-"));
+afterAll(() => rmSync(tmp, { recursive: true, force: true }));
+
+const seed = Number(process.env.QIMG_SEED ?? Date.now() % 1_000_000);
+const rnd = prng(seed);
+const pick = (n: number): number => Math.floor(rnd() * n);
+
+/** Every name and short name of qimg io's commands. */
+const NAMES = new Set(
+  IO_COMMANDS.flatMap((c) => (c.alt === undefined ? [c.name] : [c.name, c.alt])),
+);
+
+/** Set aside what may differ: the program name, timings, usage lines' descriptions. */
+function normalize(text: string): string {
+  return text
+    .split("\n")
+    .map((line) => {
+      let l = line.replace(/^qemu-io: /, "qimg: ");
+      l = l.replace(/^(.*, \d+ ops; ).*$/, "$1TIME");
+      const m = /^(\S+) (.*)-- /.exec(l);
+      if (m !== null && NAMES.has(m[1] ?? "")) l = `${m[1] ?? ""} USAGE`;
+      return l;
+    })
+    .join("\n");
+}
+
+interface Image {
+  readonly file: string;
+  readonly format: "qcow2" | "qed" | "raw";
+  /** The disk size as qemu reports it. */
+  readonly size: number;
+}
+
+const images: Image[] = [];
+
+/** Run `cmds` through qemu-io and qimg io on twin copies of `img`; everything must agree. */
+async function same(img: Image, cmds: readonly string[], readOnly = false): Promise<void> {
+  const theirs = `${img.file}.theirs`;
+  const ours = `${img.file}.ours`;
+  copyFileSync(join(tmp, img.file), join(tmp, theirs));
+  copyFileSync(join(tmp, img.file), join(tmp, ours));
+  const args = (f: string): string[] => [
+    "-f",
+    img.format,
+    ...(readOnly ? ["-r"] : []),
+    ...cmds.flatMap((c) => ["-c", c]),
+    f,
+  ];
+  const q = qemuIo(args(theirs), tmp);
+  const o = await qimg(["io", ...args(ours)], tmp);
+  const what = `seed ${seed}, ${img.format} ${img.size}${readOnly ? " -r" : ""}: ${cmds.join(" ; ")}`;
+  expect(normalize(o.stdout), what).toBe(normalize(q.stdout));
+  expect(normalize(o.stderr), what).toBe(normalize(q.stderr));
+  expect(o.code, what).toBe(q.code);
+  // The images must be left alike too.
+  const cmp = qemuImg(["compare", "-f", img.format, "-F", img.format, theirs, ours], tmp);
+  expect(cmp.code, `${what}\n${cmp.stdout}${cmp.stderr}`).toBe(0);
+}
+
+beforeAll(() => {
+  if (!hasQemu) return;
+  const qcow2Size = 512 * (1500 + pick(2000));
+  const qedSize = 512 * (1500 + pick(2000)) + 4096;
+  const rawSize = 512 * (200 + pick(300));
+  const specs: [Image["format"], number, string[]][] = [
+    ["qcow2", qcow2Size, ["-o", `cluster_size=${[4096, 65536][pick(2)] ?? 65536}`]],
+    ["qed", qedSize, ["-o", "cluster_size=65536"]],
+    ["raw", rawSize, []],
+  ];
+  for (const [format, size, opts] of specs) {
+    const file = `base.${format}`;
+    const r = qemuImg(["create", "-q", "-f", format, ...opts, file, String(size)], tmp);
+    expect(r.code, r.stderr).toBe(0);
+    // A few seeded writes so that alloc, map and reads have something to find.
+    const cmds: string[] = [];
+    for (let i = 0; i < 4; i++) {
+      const off = pick(size - 4096);
+      cmds.push(`write -q -P ${1 + pick(250)} ${off} ${1 + pick(Math.min(70000, size - off))}`);
+    }
+    const w = qemuIo(["-f", format, ...cmds.flatMap((c) => ["-c", c]), file], tmp);
+    expect(w.code, w.stdout + w.stderr).toBe(0);
+    images.push({ file, format, size });
+  }
+});
+
+describe.skipIf(!hasQemu)("qimg io commands against qemu-io", () => {
+  it("length and info", async () => {
+    for (const img of images) {
+      await same(img, ["length", "info"]);
+      await same(img, ["length", "info"], true);
+      await same(img, ["length 1", "info x", "length"]);
+    }
+  });
+
+  it("alloc: inside, across the end, past the end, bad numbers", async () => {
+    for (const img of images) {
+      const cmds = ["alloc 0", `alloc 0 ${img.size}`, "alloc 0 3G", `alloc ${img.size}`];
+      for (let i = 0; i < 6; i++) {
+        const off = pick(img.size);
+        cmds.push(`alloc ${off} ${1 + pick(200_000)}`, `alloc ${off}`);
+      }
+      cmds.push(`alloc ${img.size - 100} 1000`, `alloc ${img.size + 1000} 5`, "alloc 1k 0");
+      cmds.push("alloc", "alloc 1 2 3", "alloc x", "alloc 0 x", "alloc -1");
+      await same(img, cmds);
+      await same(img, cmds.slice(0, 6), true);
+    }
+  });
+
+  it("readv and writev: several lengths, patterns, -v, -q, past the end, limits", async () => {
+    for (const img of images) {
+      const off = pick(img.size - 20_000);
+      const lens = [1 + pick(3000), 1 + pick(5000), 1 + pick(700)];
+      const total = lens.reduce((a, b) => a + b, 0);
+      const p = 1 + pick(254);
+      await same(img, [
+        `writev -P ${p} ${off} ${lens.join(" ")}`,
+        `readv -P ${p} ${off} ${lens.join(" ")}`,
+        `readv -P ${p} ${off} ${total + 1}`,
+        `read -P ${p} ${off} ${total}`,
+        `readv -v ${off} 16 7`,
+        `readv -q -P ${p} ${off} ${lens[0] ?? 1}`,
+        `writev -q ${img.size - 100} 50 50`,
+        `writev ${img.size - 100} 50 51`,
+        `readv ${img.size - 10} 5 5 1`,
+        "readv 0 0",
+        "writev 0 0",
+        "readv 0 3G",
+        "readv 0 1G 1G 1G",
+        "writev 0 1G 1G 1G",
+        "readv 0",
+        "readv -q 0",
+        "readv -x 0 1",
+        "readv 0 x",
+        "readv -P 300 0 1",
+        "writev -z 0 1",
+        "writev -P 0x1ff 0 1",
+        `writev -f 5 5`,
+      ]);
+      await same(img, [`readv -P 0 ${off} 512 512`, "writev 0 512", "writev 0"], true);
+    }
+  });
+
+  it("help and quit", async () => {
+    for (const img of images.slice(0, 1)) {
+      await same(img, ["help nosuch", "help a b"]);
+      // `help CMD`: the command's line (qemu-io adds its own longer text after it).
+      for (const name of ["read", "r", "writev", "alloc", "?", "q"]) {
+        const q = qemuIo(["-f", img.format, "-r", "-c", `help ${name}`, img.file], tmp);
+        const o = await qimg(["io", "-f", img.format, "-r", "-c", `help ${name}`, img.file], tmp);
+        expect(o.code, name).toBe(q.code);
+        expect(normalize(o.stdout.split("\n")[0] ?? ""), name).toBe(
+          normalize(q.stdout.split("\n")[0] ?? ""),
+        );
+        expect(normalize(o.stdout.split("\n")[0] ?? ""), name).toBe(`${name} USAGE`);
+      }
+      await same(img, ["length", "quit", "length", "write 0 1"]);
+      await same(img, ["length", "q", "nosuch"]);
+    }
+  });
+
+  it("help lists commands qemu-io has, in its layout", async () => {
+    const img = images[0];
+    if (img === undefined) throw new Error("no image");
+    const q = qemuIo(["-f", img.format, "-c", "help", img.file], tmp);
+    const o = await qimg(["io", "-f", img.format, "-r", "-c", "help", img.file], tmp);
+    expect(o.code).toBe(q.code);
+    const names = (text: string): string[] =>
+      text
+        .split("\n")
+        .filter((l) => l.includes(" -- "))
+        .map((l) => l.split(" ")[0] ?? "");
+    const theirs = new Set(names(q.stdout));
+    const ours = names(o.stdout);
+    expect(ours.length).toBe(IO_COMMANDS.length);
+    for (const n of ours) expect(theirs.has(n), n).toBe(true);
+    expect([...ours].sort()).toEqual(ours);
+    expect(o.stdout.endsWith("\n\nUse 'help commandname' for extended help.\n")).toBe(true);
+    expect(q.stdout.endsWith("\n\nUse 'help commandname' for extended help.\n")).toBe(true);
+  });
+
+  it("older commands: word counts, usage lines, read-only refusals, pattern mismatches, failures", async () => {
+    for (const img of images) {
+      const off = pick(img.size - 5000);
+      await same(img, [
+        `read -P 0x${(1 + pick(254)).toString(16)} ${off} 4000`,
+        `read -q -P 0 ${off} 3000`,
+        `read -v -P 1 ${img.size - 20} 20`,
+        `write -P 9 ${off} 1000`,
+        `read -P 9 ${off} 1000`,
+        `read -P 9 ${off} 1001`,
+        `aio_read -P 9 ${off} 500 500`,
+        "aio_flush",
+        `aio_write -P 4 ${off} 100 200`,
+        "aio_flush",
+        `read -P 4 ${off} 300`,
+        "aio_read 0 3G",
+        "aio_write -z 0 1 2",
+        `read ${img.size - 1} 2`,
+        `write ${img.size} 1`,
+        "read -q 0",
+        "read 0",
+        "read 0 1 2",
+        "write -q 0",
+        "write -y 0 1",
+        "read -P",
+        "discard 0",
+        "discard -q 0 1 2",
+        "flush x",
+        "map x",
+        "sigraise",
+        "nosuch 1",
+      ]);
+      await same(
+        img,
+        ["write", "write 0 1", "aio_write 0", "discard 0 1", "writev 0 1 1", "read -P 0 0 0"],
+        true,
+      );
+    }
+  });
+});

@@ -403,6 +403,28 @@ export class Pass {
     }
   }
 
+  /** compare_refcounts for a stored 64-bit refcount too large for a number. */
+  async bigLeak(i: number, stored: bigint, fix: number): Promise<void> {
+    const r2 = this.counts[i]!;
+    this.highest = i;
+    const repair = (fix & FIX_LEAKS) !== 0;
+    this.log(
+      repair ? "repair" : "leak",
+      `${repair ? "Repairing" : "Leaked"} cluster ${i} refcount=${stored} reference=${r2}`,
+      i * this.cs,
+    );
+    if (repair) {
+      try {
+        await this.stored.set(i, r2);
+        this.res.leaksFixed++;
+        return;
+      } catch {
+        // counted below
+      }
+    }
+    this.res.leaks++;
+  }
+
   /** compare_refcounts */
   async compare(fix: number): Promise<void> {
     this.highest = 0;
@@ -431,6 +453,12 @@ export class Pass {
           i = j;
         }
       } catch {
+        // A 64-bit refcount above 2^53 is a leak (no cluster has that many references).
+        const big = this.refcountBits === 64 ? await stored.getBig(i).catch(() => -1n) : -1n;
+        if (big > 0n) {
+          await this.bigLeak(i, big, fix);
+          continue;
+        }
         this.log("error", `Can't get refcount for cluster ${i}: Input/output error`, i * this.cs);
         this.res.checkErrors++;
         continue;

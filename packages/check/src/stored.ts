@@ -149,6 +149,17 @@ export class StoredRefcounts {
   }
 
   /**
+   * Stored refcount of one host cluster as a bigint: for 64-bit refcounts above 2^53, which
+   * {@link get} cannot return as a number. Throws as {@link get} for a misaligned block.
+   */
+  async getBig(cluster: number): Promise<bigint> {
+    const i = await this.#load(cluster);
+    if (i === undefined) return 0n;
+    if (this.#bits !== 64) return BigInt(this.#view.get(i));
+    return new DataView(this.#block.buffer, this.#block.byteOffset).getBigUint64(i * 8, false);
+  }
+
+  /**
    * Set the stored refcount of a cluster whose refcount block exists; writes the one
    * 512-byte sector of the block that holds the entry (atomic on disk).
    */

@@ -143,6 +143,12 @@ export async function readQcow2Metadata(
   if (options.writable === true && incompat.has("corrupt")) {
     throw new CorruptImageError("image is corrupt; cannot be opened read/write", { offset: 72 });
   }
+  if (options.writable === true && header.refcountTableOffset === 0) {
+    throw new CorruptImageError(
+      "refcount table offset is 0 (it would overlap the header); cannot be opened read/write",
+      { offset: 48 },
+    );
+  }
   if (options.writable === true && backend.readOnly) {
     throw new InvalidArgumentError(`cannot open ${backend.name} read/write: the file is read-only`);
   }

@@ -266,6 +266,11 @@ const scenarios: readonly Scenario[] = [
     pokes: [u32(F.refcountTableClusters, 0)],
     qemu: /Image does not contain a reference count table/,
   },
+  {
+    name: "refcount table offset 0 (over the header; opened read-only, not read)",
+    pokes: [u64(F.refcountTableOffset, 0n)],
+    qemu: "opens",
+  },
   // == Misaligned refcount table == / == Huge refcount offset ==
   {
     name: "refcount table offset 0x1234567890abcdef",

@@ -405,10 +405,12 @@ export function validateHeader(
       48,
     );
   }
-  if (h.refcountTableOffset === 0 || h.refcountTableClusters === 0) {
+  // A table at offset 0 (over the header) is opened, as QEMU opens it: a read-only open never
+  // reads it, the checker reports what it counts, and a read-write open refuses it (layout.ts).
+  if (h.refcountTableClusters === 0) {
     throw bad(
       `the image has no refcount table (offset ${hex(h.refcountTableOffset)}, ${h.refcountTableClusters} clusters)`,
-      48,
+      56,
     );
   }
   // Snapshot table.

@@ -13,7 +13,7 @@ import {
   entryOffset,
   withCopied,
 } from "./spec/l2.js";
-import { Meta, checkOverlap, refreshRefcountBlocks } from "./overlap.js";
+import { Meta, checkOverlap, refreshRefcountBlocks, signalCorruption } from "./overlap.js";
 import { l1Copied, l1Entry } from "./state.js";
 import type { Qcow2State } from "./state.js";
 
@@ -38,6 +38,14 @@ export async function l2ForWrite(s: Qcow2State, l1Index: number): Promise<Cached
   }
   const off = l1Entry(s, l1Index);
   const copied = l1Copied(s, l1Index);
+  if (off % cs !== 0) {
+    // As QEMU: an unaligned L2 table offset marks the image corrupt.
+    await signalCorruption(
+      s,
+      `L2 table offset ${hex(off)} in L1 entry ${l1Index} is not aligned to the cluster size ${cs}`,
+      s.hdr.l1TableOffset + l1Index * 8,
+    );
+  }
   if (off !== 0 && copied) {
     if (off % cs !== 0 || off + cs > s.fileSize) {
       throw new CorruptImageError(
@@ -95,7 +103,40 @@ export function queueFree(s: Qcow2State, l2: U64TableView, i: number): void {
   }
   if (s.hasDataFile) return; // data clusters are not refcounted
   const off = entryOffset(hi, lo);
-  if (off !== 0) w.pendingFrees.push([off, 1]);
+  // An unaligned offset names no cluster: its reference is dropped without freeing anything
+  // (QEMU's non-fatal "cannot free unaligned cluster"; the request itself succeeds).
+  if (off !== 0 && off % s.clusterSize === 0) w.pendingFrees.push([off, 1]);
+}
+
+/**
+ * True when L2 entry word `i` claims a host cluster of refcount 1 (COPIED, data or preallocated
+ * zero) at an unaligned offset. Such an entry must not be written through: QEMU marks the
+ * image corrupt there rather than write beside the cluster or reuse it.
+ */
+export function copiedMisaligned(s: Qcow2State, l2: U64TableView, i: number): boolean {
+  const hi = l2.hi(i);
+  const lo = l2.lo(i);
+  if (!entryCopied(hi) || entryOffset(hi, lo) % s.clusterSize === 0) return false;
+  const type = clusterType(s.fmt, hi, lo);
+  return type === ClusterType.Normal || type === ClusterType.ZeroAlloc;
+}
+
+/** Mark the image corrupt for the entry {@link copiedMisaligned} found (guest cluster `g`). */
+export function refuseMisaligned(
+  s: Qcow2State,
+  l2Offset: number,
+  l2: U64TableView,
+  i: number,
+  g: number,
+): Promise<never> {
+  const hi = l2.hi(i);
+  const lo = l2.lo(i);
+  const zero = clusterType(s.fmt, hi, lo) === ClusterType.ZeroAlloc;
+  return signalCorruption(
+    s,
+    `${zero ? "preallocated zero" : "data"} cluster offset ${hex(entryOffset(hi, lo))} for guest offset ${hex(g * s.clusterSize)} is not aligned to the cluster size ${s.clusterSize}`,
+    l2Offset + i * 8,
+  );
 }
 
 /** True when standard L2 entry word `i` can take a write in place. */

@@ -19,6 +19,7 @@ import {
 } from "./spec/l2.js";
 import type { L2Format } from "./spec/l2.js";
 import { checkOpen, l1Entry } from "./state.js";
+import { signalCorruption } from "./overlap.js";
 import type { Qcow2State } from "./state.js";
 
 /** Kinds of guest ranges, as the qcow2 spec classifies (sub)clusters. */
@@ -226,9 +227,11 @@ export async function resolve(s: Qcow2State, pos: number, max: number): Promise<
   if (l2Offset === 0)
     return { kind: Kind.Unallocated, length: limit, host: -1, compressedLength: 0 };
   if (l2Offset % cs !== 0) {
-    throw new CorruptImageError(
+    // As QEMU: a read-write open marks the image corrupt, a read-only one fails the request.
+    await signalCorruption(
+      s,
       `L2 table offset ${hex(l2Offset)} in L1 entry ${l1Index} is not aligned to the cluster size ${cs}`,
-      { offset: s.hdr.l1TableOffset + l1Index * 8 },
+      s.hdr.l1TableOffset + l1Index * 8,
     );
   }
   if (l2Offset + cs > s.fileSize) {
@@ -282,9 +285,10 @@ export async function resolve(s: Qcow2State, pos: number, max: number): Promise<
     } else {
       const off = entryOffset(hi, lo);
       if (off !== 0 && off % cs !== 0) {
-        throw new CorruptImageError(
+        await signalCorruption(
+          s,
           `cluster offset ${hex(off)} in L2 entry ${l2Index} of table ${hex(l2Offset)} is not aligned to the cluster size ${cs}`,
-          { offset: l2Offset + i * 8 },
+          l2Offset + i * 8,
         );
       }
       // A host cluster: an offset, or (external data file) COPIED at offset 0.

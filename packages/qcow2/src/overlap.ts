@@ -262,6 +262,30 @@ export async function checkMetaWrite(
 }
 
 export async function markCorrupt(s: Qcow2State, what: string, offset: number): Promise<never> {
+  await setCorruptBit(s);
+  throw new CorruptImageError(
+    `Preventing invalid write on metadata (overlaps with ${what}) at ${hex(offset)}; image marked as corrupt`,
+    { offset },
+  );
+}
+
+/**
+ * A fatal corruption found while using the image (QEMU's qcow2_signal_corruption with
+ * fatal=true): an unaligned L2 table or cluster offset met on a read or write. A read-write
+ * open marks the image corrupt (and stops writing to it); a read-only one only fails the
+ * request. Throws the error that fails the request.
+ */
+export async function signalCorruption(
+  s: Qcow2State,
+  message: string,
+  offset: number,
+): Promise<never> {
+  if (s.w && !s.w.corrupted) await setCorruptBit(s);
+  throw new CorruptImageError(message, { offset });
+}
+
+/** Refuse further writes and set the corrupt bit on disk (version 3 images). */
+async function setCorruptBit(s: Qcow2State): Promise<void> {
   const w = s.w!;
   w.corrupted = true;
   s.readOnly = true;
@@ -273,11 +297,7 @@ export async function markCorrupt(s: Qcow2State, what: string, offset: number): 
         incompatibleFeatures: s.hdr.incompatibleFeatures | IncompatibleFeatures.maskOf("corrupt"),
       });
     } catch {
-      // The image is already refusing writes; the error below is what matters.
+      // The image is already refusing writes; the error the caller throws is what matters.
     }
   }
-  throw new CorruptImageError(
-    `Preventing invalid write on metadata (overlaps with ${what}) at ${hex(offset)}; image marked as corrupt`,
-    { offset },
-  );
 }

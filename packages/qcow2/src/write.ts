@@ -7,7 +7,8 @@ import { checkData, checkOverlap } from "./overlap.js";
 import { checkWritable, l1Copied, l1Entry, withClusters } from "./state.js";
 import type { Qcow2State } from "./state.js";
 import { checkRequest } from "@qimg/io";
-import { hostOf, inPlace, l2ForWrite } from "./alloc.js";
+import { copiedMisaligned, hostOf, inPlace, l2ForWrite, refuseMisaligned } from "./alloc.js";
+import { l2Word } from "./spec/l2.js";
 import { allocatingWrite, writeClusterExtended } from "./cow.js";
 import { markDirtyOnDisk } from "./dirty.js";
 import { flushImage } from "./flush.js";
@@ -59,7 +60,8 @@ export async function writeChunk(s: Qcow2State, pos: number, src: Uint8Array): P
     if (cached) {
       const l2 = new U64TableView(cached.bytes, "big");
       const h = hostOf(l2, g0 - base);
-      let ok = inPlace(s, l2, g0 - base);
+      // (An unaligned offset takes the slow path, which refuses it.)
+      let ok = h % cs === 0 && inPlace(s, l2, g0 - base);
       for (let g = g0 + 1; ok && g <= g1; g++) {
         ok = inPlace(s, l2, g - base) && hostOf(l2, g - base) === h + (g - g0) * cs;
       }
@@ -83,6 +85,10 @@ export async function writeChunk(s: Qcow2State, pos: number, src: Uint8Array): P
   const table = await w.meta.run(() => l2ForWrite(s, l1Index));
   try {
     const l2 = new U64TableView(table.bytes, "big");
+    for (let g = g0; g <= g1; g++) {
+      const i = l2Word(s.fmt, g - base);
+      if (copiedMisaligned(s, l2, i)) await refuseMisaligned(s, table.offset, l2, i, g);
+    }
     if (s.extendedL2) {
       for (let g = g0; g <= g1; g++) {
         const cStart = Math.max(pos, g * cs);

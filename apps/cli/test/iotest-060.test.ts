@@ -181,6 +181,28 @@ describe.skipIf(!hasQemu)("iotest 060: corrupt bit and overlap checks, as qemu-i
     expect(await t.io(["read -P 1 0 512"], true)).toBe(0);
   });
 
+  it("a data cluster reference into the active L2 table, the snapshot table or a snapshot's L1 table: refused and marked", async () => {
+    create("l2self.qcow2");
+    setup("l2self.qcow2", "write 0 64k");
+    poke("l2self.qcow2", L2 + 8, u64(0x8000_0000_0004_0000n)); // guest cluster 1 -> the L2 table
+    const a = twins("l2self.qcow2");
+    expect(await a.io(["write -P 9 64k 512"])).toBe(1);
+    a.corrupt(true);
+    create("snapmeta.qcow2");
+    setup("snapmeta.qcow2", "write -P 1 0 512");
+    expect(qemuImg(["snapshot", "-c", "foo", "snapmeta.qcow2"], tmp).code).toBe(0);
+    setup("snapmeta.qcow2", "write -P 2 0 512");
+    // The snapshot table is at 0x70000, the snapshot's L1 table at 0x60000.
+    for (const target of [0x8000_0000_0007_0000n, 0x8000_0000_0006_0000n]) {
+      copyFileSync(join(tmp, "snapmeta.qcow2"), join(tmp, "snapmeta2.qcow2"));
+      poke("snapmeta2.qcow2", L2_AFTER_SNAPSHOT + 8, u64(target)); // guest cluster 1
+      const t = twins("snapmeta2.qcow2");
+      expect(await t.io(["write -P 9 64k 512"])).toBe(1);
+      t.corrupt(true);
+      expect(await t.io(["read -P 2 0 512"], true)).toBe(0);
+    }
+  });
+
   it("a refcount block that says the header is free: the next allocation would overwrite it, refused and marked", async () => {
     create("hdr.qcow2");
     setup("hdr.qcow2", "write 0 64k");

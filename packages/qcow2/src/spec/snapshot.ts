@@ -104,36 +104,56 @@ export interface SnapshotEntry {
 const dec = new TextDecoder();
 const enc = new TextEncoder();
 
+/** Options of {@link decodeSnapshotTable}. */
+export interface DecodeSnapshotTableOptions {
+  /**
+   * `bytes` ends where the file ends: what lies past it reads as zeros (as QEMU reads past the
+   * end of a file), up to `maxBytes` of table. Without it, an entry past `bytes` is an error.
+   */
+  readonly zeroPastEnd?: boolean;
+  /** The largest table accepted when `zeroPastEnd` (QEMU's 64 MiB). */
+  readonly maxBytes?: number;
+}
+
+/** `len` bytes of `bytes` from `start`, zeros where `bytes` ends (a copy only then). */
+function window(bytes: Uint8Array, start: number, len: number): Uint8Array {
+  if (start + len <= bytes.byteLength) return bytes.subarray(start, start + len);
+  const out = new Uint8Array(len);
+  if (start < bytes.byteLength) out.set(bytes.subarray(start));
+  return out;
+}
+
 /**
  * Decode `count` entries from the snapshot table bytes (which start at file offset
- * `tableOffset`). Every length is checked against the bytes available.
+ * `tableOffset`). Every length is checked against the bytes available (or, with
+ * `zeroPastEnd`, against `maxBytes`, reading zeros past the end of `bytes`).
+ *
+ * Like QEMU, a version 3 entry whose extra data is shorter than 16 bytes (no disk size) is
+ * decoded, not refused (qemu-img check reports it as incomplete).
  */
 export function decodeSnapshotTable(
   bytes: Uint8Array,
   count: number,
   tableOffset: number,
   version: 2 | 3,
+  options: DecodeSnapshotTableOptions = {},
 ): SnapshotEntry[] {
   const out: SnapshotEntry[] = [];
+  const limit =
+    options.zeroPastEnd === true ? (options.maxBytes ?? 64 * 1024 * 1024) : bytes.byteLength;
   let pos = 0;
   for (let i = 0; i < count; i++) {
     const at = tableOffset + pos;
-    if (pos + SNAPSHOT_FIXED_SIZE > bytes.byteLength) {
+    if (pos + SNAPSHOT_FIXED_SIZE > limit) {
       throw new FormatError(
         `qcow2 snapshot entry ${i} at ${hex(at)} runs past the snapshot table`,
         { offset: at },
       );
     }
-    const f = SnapshotFixed.decode(bytes, pos, at);
+    const f = SnapshotFixed.decode(window(bytes, pos, SNAPSHOT_FIXED_SIZE), 0, at);
     if (f.extraDataSize > MAX_SNAPSHOT_EXTRA) {
       throw new FormatError(
         `qcow2 snapshot entry ${i} at ${hex(at)}: extra data size ${f.extraDataSize} is larger than ${MAX_SNAPSHOT_EXTRA}`,
-        { offset: at + 36 },
-      );
-    }
-    if (version === 3 && f.extraDataSize < 16) {
-      throw new FormatError(
-        `qcow2 snapshot entry ${i} at ${hex(at)}: extra data size ${f.extraDataSize} is smaller than 16, required by version 3`,
         { offset: at + 36 },
       );
     }
@@ -141,13 +161,13 @@ export function decodeSnapshotTable(
     const idStart = extraStart + f.extraDataSize;
     const nameStart = idStart + f.idStrSize;
     const end = nameStart + f.nameSize;
-    if (end > bytes.byteLength) {
+    if (end > limit) {
       throw new FormatError(
         `qcow2 snapshot entry ${i} at ${hex(at)} runs past the snapshot table`,
         { offset: at },
       );
     }
-    const extra = bytes.slice(extraStart, idStart);
+    const extra = window(bytes, extraStart, f.extraDataSize).slice();
     const ev = viewOf(extra);
     const large =
       extra.byteLength >= 8 ? readU64(ev, 0, false, "snapshot VM state size") : f.vmStateSize;
@@ -165,8 +185,8 @@ export function decodeSnapshotTable(
     out.push({
       l1TableOffset: f.l1TableOffset,
       l1Size: f.l1Size,
-      id: dec.decode(bytes.subarray(idStart, nameStart)),
-      name: dec.decode(bytes.subarray(nameStart, end)),
+      id: dec.decode(window(bytes, idStart, f.idStrSize)),
+      name: dec.decode(window(bytes, nameStart, f.nameSize)),
       dateSec: f.dateSec,
       dateNsec: f.dateNsec,
       vmClockNsec: f.vmClockNsec,

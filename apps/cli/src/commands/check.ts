@@ -67,7 +67,8 @@ export const checkCommand: CommandDef = {
         ctx.stdout(formatCheckJson(result));
       } else {
         const text = formatCheckHuman(result);
-        ctx.stderr(text.stderr);
+        // qemu-img reports a check that could not complete as an error: with its name.
+        ctx.stderr(text.stderr.replace(/^Check failed/m, "qimg: Check failed"));
         ctx.stdout(text.stdout);
       }
       return result.exitCode;

@@ -93,6 +93,7 @@ const ERRNO_TEXT: Readonly<Record<string, string>> = {
   EXDEV: "Invalid cross-device link",
   ESTALE: "Stale file handle",
   ENOTCONN: "Transport endpoint is not connected",
+  ENOMEDIUM: "No medium found",
 };
 
 function errnoOf(e: unknown): string | undefined {

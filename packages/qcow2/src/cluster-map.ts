@@ -18,7 +18,7 @@ import {
   subclusterType,
 } from "./spec/l2.js";
 import type { L2Format } from "./spec/l2.js";
-import { checkOpen, l1Entry } from "./state.js";
+import { checkUsable, l1Entry } from "./state.js";
 import { signalCorruption } from "./overlap.js";
 import type { Qcow2State } from "./state.js";
 
@@ -60,7 +60,7 @@ function subclusterAt(
 
 /** Read guest bytes. Ranges past `virtualSize` are refused. */
 export async function guestRead(s: Qcow2State, offset: number, buf: Uint8Array): Promise<void> {
-  checkOpen(s);
+  checkUsable(s);
   checkRequest(offset, buf.length, s.size);
   await readAt(s, offset, buf);
 }
@@ -101,7 +101,7 @@ export async function guestBlockStatus(
   offset: number,
   length: number,
 ): Promise<BlockStatus> {
-  checkOpen(s);
+  checkUsable(s);
   checkRequest(offset, length, s.size);
   if (length === 0) throw new InvalidArgumentError("block status of an empty range");
   const e = await resolve(s, offset, length);

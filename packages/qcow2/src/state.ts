@@ -5,7 +5,7 @@
  * postponed frees). The modules are free functions over one {@link Qcow2State}; `image.ts` is
  * the public facade over them.
  */
-import { CorruptImageError } from "@qimg/structs";
+import { CorruptImageError, IoError } from "@qimg/structs";
 import type { U64TableView } from "@qimg/structs";
 import { Mutex, RangeClaims, imageClosedError, imageReadOnlyError } from "@qimg/io";
 import type { BlockBackend, DiskImage } from "@qimg/io";
@@ -208,16 +208,27 @@ export function checkOpen(s: Qcow2State): void {
   if (s.closed) throw imageClosedError(s.backend.name);
 }
 
+/**
+ * Throws once the image is closed, or once this open marked it corrupt: like QEMU, which drops
+ * the driver of an image it marks corrupt, no request is served after that (qemu-io: "No
+ * medium found"; a flush still succeeds and close still closes).
+ */
+export function checkUsable(s: Qcow2State): void {
+  checkOpen(s);
+  if (s.w?.corrupted) {
+    throw new IoError(`${s.backend.name}: the image was marked corrupt; no more requests`, {
+      cause: Object.assign(new Error("no medium: the image was marked corrupt"), {
+        code: "ENOMEDIUM",
+      }),
+    });
+  }
+}
+
 /** The write state, or the error for a read-only (or corrupted) image. */
 export function checkWritable(s: Qcow2State): WriteState {
-  checkOpen(s);
+  checkUsable(s);
   const w = s.w;
-  if (!w || s.readOnly) {
-    throw imageReadOnlyError(
-      s.backend.name,
-      w?.corrupted ? "the image was marked corrupt and is read-only" : "image is opened read-only",
-    );
-  }
+  if (!w || s.readOnly) throw imageReadOnlyError(s.backend.name, "image is opened read-only");
   return w;
 }
 

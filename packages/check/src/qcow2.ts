@@ -6,7 +6,8 @@
  * walked with the driver's table walk.
  */
 import type { BlockBackend } from "@qimg/io";
-import { readQcow2Metadata, writeHeaderFields } from "@qimg/qcow2";
+import { encodeSnapshotTable, readQcow2Metadata, writeHeaderFields } from "@qimg/qcow2";
+import type { SnapshotEntry } from "@qimg/qcow2";
 import { rebuildRefcounts } from "@qimg/refcount";
 import { checkExitCode } from "./result.js";
 import type { CheckMessage, CheckMessageKind, CheckResult, LostRange } from "./result.js";
@@ -71,6 +72,72 @@ function tablesEnd(layout: Layout, fileSize: number): number {
   return Math.ceil(end / cs) * cs;
 }
 
+/** Indices of the snapshot table entries too short for a v3 image (under 16 bytes of extra data). */
+function incompleteSnapshots(snapshots: readonly SnapshotEntry[]): number[] {
+  const out: number[] = [];
+  snapshots.forEach((sn, i) => {
+    if (sn.extraData.byteLength < 16) out.push(i);
+  });
+  return out;
+}
+
+/**
+ * The snapshot table rewritten as QEMU writes it (qcow2_write_snapshots): every entry's extra
+ * data holds at least the 64-bit VM state size, the disk size and the instruction count (24
+ * bytes; longer extra data is kept as it is). A missing disk size is the virtual size rounded
+ * up to 512 bytes, a missing instruction count is -1.
+ */
+function completeExtraData(layout: Layout): Omit<SnapshotEntry, "offset">[] {
+  const diskSize = BigInt(Math.ceil(layout.header.size / 512) * 512);
+  return layout.snapshots.map((sn) => {
+    if (sn.extraData.byteLength >= 24) return sn;
+    const extra = new Uint8Array(24);
+    const dv = new DataView(extra.buffer);
+    extra.set(sn.extraData);
+    if (sn.extraData.byteLength < 8) dv.setBigUint64(0, BigInt(sn.vmStateSize), false);
+    if (sn.extraData.byteLength < 16) dv.setBigUint64(8, diskSize, false);
+    if (sn.extraData.byteLength < 24) dv.setBigUint64(16, 0xffffffffffffffffn, false);
+    return { ...sn, extraData: extra };
+  });
+}
+
+/**
+ * Write the completed snapshot table into new clusters at the end of the file, then point
+ * the header at it, then free the old table (each step synced, so a crash leaves the old
+ * table or the new one, at worst with leaked clusters). Undefined when the new clusters have
+ * no refcount block to count them in (nothing is changed then).
+ */
+async function rewriteSnapshotTable(
+  p: Pass,
+  layout: Layout,
+): Promise<Layout["header"] | undefined> {
+  const backend = p.backend;
+  const cs = p.cs;
+  const bytes = encodeSnapshotTable(completeExtraData(layout));
+  // Past every table that reaches beyond the end of the file (see tablesEnd).
+  const at = tablesEnd(layout, await backend.size());
+  const n = Math.ceil(bytes.byteLength / cs);
+  const table = new Uint8Array(n * cs);
+  table.set(bytes);
+  for (let c = at / cs; c < at / cs + n; c++) {
+    if (p.stored.blockOffsetOf(c) === 0) return undefined;
+  }
+  await backend.write(at, table);
+  await backend.flush();
+  for (let c = at / cs; c < at / cs + n; c++) await p.stored.set(c, 1);
+  await backend.flush();
+  const h = layout.header;
+  const header = await writeHeaderFields(backend, h, { snapshotsOffset: at });
+  const first = Math.floor(h.snapshotsOffset / cs);
+  const last = Math.floor((h.snapshotsOffset + layout.snapshotsSize - 1) / cs);
+  for (let c = first; c <= last; c++) {
+    const rc = await p.stored.get(c);
+    if (rc > 0) await p.stored.set(c, rc - 1);
+  }
+  await backend.flush();
+  return header;
+}
+
 /** qcow2_co_check_locked: one full check (with repairs when `fix` says so). */
 async function runCheck(
   backend: BlockBackend,
@@ -93,6 +160,18 @@ async function runCheck(
   const fileSize = await backend.size();
   let p = new Pass(backend, layout, fileSize, log, lost);
   let rebuilt = false;
+  // qcow2_check_read_snapshot_table: a v3 entry needs at least 16 bytes of extra data.
+  const incomplete = h0.version >= 3 ? incompleteSnapshots(layout.snapshots) : [];
+  for (const i of incomplete) {
+    const repair = (fix & FIX_ERRORS) !== 0;
+    log(
+      repair ? "repair" : "corruption",
+      `${repair ? "Repairing" : "ERROR"} snapshot table entry ${i} is incomplete`,
+      layout.snapshots[i]!.offset,
+    );
+    if (repair) p.res.corruptionsFixed++;
+    else p.res.corruptions++;
+  }
   try {
     await p.openStored();
     if (fix !== 0) await buildMetaMap(p);
@@ -169,6 +248,16 @@ async function runCheck(
     if (copied !== undefined) copied.flush();
     else await checkOflagCopied(p, fix);
     if (fix !== 0) await backend.flush();
+    if (incomplete.length > 0 && fix & FIX_ERRORS) {
+      const header = await rewriteSnapshotTable(p, layout);
+      if (header === undefined) {
+        log("error", "ERROR failed to update the snapshot table: no refcount block for it");
+        p.res.corruptionsFixed -= incomplete.length;
+        p.res.corruptions += incomplete.length;
+      } else {
+        layout = { ...layout, header };
+      }
+    }
   } catch (e) {
     if (e instanceof CheckAbort) {
       return { res: p.res, imageEndOffset: 0, totalClusters, failure: e.message, rebuilt };

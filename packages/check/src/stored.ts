@@ -142,6 +142,11 @@ export class StoredRefcounts {
     return Math.floor(cluster / this.#entriesPerBlock) === this.#slot ? this.#view : undefined;
   }
 
+  /** The refcount block offset covering host cluster `cluster` (0 when it has none). */
+  blockOffsetOf(cluster: number): number {
+    return this.#blockOf(Math.floor(cluster / this.#entriesPerBlock));
+  }
+
   /** Stored refcount of one host cluster. */
   async get(cluster: number): Promise<number> {
     const i = await this.#load(cluster);

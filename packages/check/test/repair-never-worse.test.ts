@@ -200,7 +200,7 @@ async function runCase(
   tally.cases++;
   if (before === undefined) tally.notOpenable++;
   tally.validClusters += model?.valid.length ?? 0;
-  const facts = JSON.stringify(headerFacts(format, bytes));
+  const facts = factsOf(format, bytes);
   for (const mode of ["leaks", "all"] as const) {
     tally.modes++;
     const file = join(dir, `repaired-${mode}.${format}`);
@@ -214,7 +214,7 @@ async function runCase(
         return fail(`check threw (${thrown}) and changed the file`);
       continue;
     }
-    const factsAfter = JSON.stringify(headerFacts(format, after));
+    const factsAfter = factsOf(format, after);
     if (factsAfter !== facts) return fail(`header changed: ${facts} -> ${factsAfter}`);
     const problems = await qemuProblems(file, format);
     if (before !== undefined) {
@@ -249,6 +249,34 @@ async function runCase(
     if (changed !== undefined) return fail(`a validly mapped cluster changed: ${changed}`);
   }
   return undefined;
+}
+
+/**
+ * The header facts, where a qcow2 snapshot table that moved counts as unchanged when its
+ * entries (L1 table, ID, name) are the same: `-r all` rewrites a v3 table whose entries are
+ * incomplete into new clusters, as QEMU does.
+ */
+function factsOf(format: "qcow2" | "qed", bytes: Uint8Array): string {
+  const facts = headerFacts(format, bytes) as unknown as Record<string, unknown>;
+  if (format !== "qcow2") return JSON.stringify(facts);
+  const dv = new DataView(bytes.buffer, bytes.byteOffset, bytes.byteLength);
+  const entries: string[] = [];
+  let at = Number(dv.getBigUint64(64, false));
+  const count = dv.getUint32(60, false);
+  for (let i = 0; i < Math.min(count, 100); i++) {
+    if (at + 40 > bytes.byteLength) {
+      entries.push("past the end");
+      break;
+    }
+    const idLen = dv.getUint16(at + 12, false);
+    const nameLen = dv.getUint16(at + 14, false);
+    const extra = dv.getUint32(at + 36, false);
+    const idAt = at + 40 + extra;
+    const text = Buffer.from(bytes.subarray(idAt, idAt + idLen + nameLen)).toString("hex");
+    entries.push(`${dv.getBigUint64(at, false)}/${dv.getUint32(at + 8, false)}/${text}`);
+    at += Math.ceil((40 + extra + idLen + nameLen) / 8) * 8;
+  }
+  return JSON.stringify({ ...facts, snapshotsOffset: undefined, entries });
 }
 
 describe.skipIf(!haveQemu())(

@@ -243,6 +243,25 @@ describe.skipIf(!hasQemu)("iotest 060: corrupt bit and overlap checks, as qemu-i
     rw.corrupt(true);
   });
 
+  it("an unaligned L2 entry met by read-only commands (map, convert, compare): they fail alike and mark nothing", async () => {
+    create("ro.qcow2");
+    setup("ro.qcow2", "write 0 64k");
+    poke("ro.qcow2", L2, u64(0x8000_0000_0005_2a00n));
+    const t = twins("ro.qcow2");
+    const cmds = [
+      (f: string) => ["map", "--output=json", f],
+      (f: string) => ["convert", "-O", "raw", f, `${f}.raw`],
+      (f: string) => ["compare", "-f", "qcow2", "-F", "qcow2", f, "ro.qcow2"],
+    ];
+    for (const cmd of cmds) {
+      const theirs = qemuImg(cmd(t.q), tmp);
+      const ours = await qimg(cmd(t.o), tmp);
+      expect(ours.code, `seed ${seed}: ${cmd(t.o).join(" ")}: ${ours.stderr}`).toBe(theirs.code);
+      expect(theirs.code).not.toBe(0);
+    }
+    t.corrupt(false);
+  });
+
   it("discarding a cluster with an unaligned offset succeeds (nothing is freed, not marked); a later unaligned read is fatal", async () => {
     create("free.qcow2");
     setup("free.qcow2", "write 0 128k");

@@ -133,7 +133,7 @@ export const IO_COMMANDS: readonly IoCommandSpec[] = [
   {
     name: "read",
     alt: "r",
-    args: "[-bCqv] [-P pattern] off len",
+    args: "[-bCqv] [-P pattern [-s off] [-l len]] off len",
     text: "read a range of the disk",
     min: 2,
     max: Infinity,
@@ -288,6 +288,8 @@ export class IoScript {
             value = argv[i] ?? "";
           }
           if (c === "P") this.pattern(value);
+          // read's -s and -l (the verified part of the buffer) are numbers, read as given.
+          if (cmd === "read" && (c === "s" || c === "l")) this.num(value);
           flags.set(c, value);
           break;
         }
@@ -526,6 +528,12 @@ export class IoScript {
       : this.getopt(spec, argv, "P:vqCbl:s:", 2, 2);
     const pattern = flags.has("P") ? this.pattern(String(flags.get("P"))) : undefined;
     const [offset, length] = vector ? this.offLengths(args) : this.offLen(args);
+    // read -s OFF / -l LEN: verify the pattern on that part of the buffer only (with -P).
+    const from = flags.has("s") ? this.num(String(flags.get("s"))) : 0;
+    if (pattern === undefined && (flags.has("s") || flags.has("l"))) this.usage(spec);
+    const span = flags.has("l") ? this.num(String(flags.get("l"))) : length - from;
+    if (span < 0 || span + from > length)
+      this.fail("pattern verification range exceeds end of read data");
     const quiet = flags.has("q");
     const verbose = flags.has("v");
     const buf = new Uint8Array(length);
@@ -534,13 +542,14 @@ export class IoScript {
       const seconds = (performance.now() - t0) / 1000;
       let bad = false;
       if (pattern !== undefined) {
-        for (let i = 0; i < length; i++) {
+        for (let i = from; i < from + span; i++) {
           if (buf[i] !== pattern) {
             bad = true;
             break;
           }
         }
-        if (bad) this.out(`Pattern verification failed at offset ${offset}, ${length} bytes\n`);
+        if (bad)
+          this.out(`Pattern verification failed at offset ${offset + from}, ${span} bytes\n`);
       }
       if (verbose) this.out(dumpBuffer(buf, offset));
       if (!quiet) this.out(report("read", seconds, offset, length, length, 1));

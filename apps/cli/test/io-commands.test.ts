@@ -201,6 +201,30 @@ describe.skipIf(!hasQemu)("qimg io commands against qemu-io", () => {
     expect(q.stdout.endsWith("\n\nUse 'help commandname' for extended help.\n")).toBe(true);
   });
 
+  it("read -s/-l: the pattern verified on part of the buffer", async () => {
+    for (const img of images) {
+      const off = pick(img.size - 5000);
+      const len = 1 + pick(4000);
+      const p = 1 + pick(254);
+      const cut = pick(len);
+      await same(img, [
+        `write -P ${p} ${off} ${len}`,
+        `read -P ${p} -l ${len} ${off} ${len + 1 + pick(500)}`,
+        `read -P ${p} -l ${len + 1} ${off} ${len + 1}`,
+        `read -P ${p} -s ${cut} ${off} ${len}`,
+        `read -P ${p} -s ${cut} -l ${len - cut} -q ${off} ${len}`,
+        `read -P 0 -s ${len} ${off - 1000 >= 0 ? off - 1000 : 0} ${len + 1}`,
+        `read -P ${p} -s ${cut} -l ${len} ${off} ${len}`,
+        `read -P ${p} -s ${len + 1} ${off} ${len}`,
+        `read -s 5 ${off} ${len}`,
+        `read -l 5 ${off} ${len}`,
+        "read -P 0 -s x 0 1",
+        "read -P 0 -l -1 0 1",
+        `read -P ${p} -s 1 -v ${off} 40`,
+      ]);
+    }
+  });
+
   it("older commands: word counts, usage lines, read-only refusals, pattern mismatches, failures", async () => {
     for (const img of images) {
       const off = pick(img.size - 5000);

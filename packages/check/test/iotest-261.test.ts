@@ -129,3 +129,33 @@ describe("iotest 261: snapshot table extra data", () => {
 // the snapshot table" / "snapshot table too large" ("Check failed: File too large", exit 1)
 // and -r all truncates the extra data or drops the overhanging snapshots; our metadata reader
 // (@qimg/qcow2 layout.ts / spec/snapshot.ts) refuses these images before the check starts.
+
+describe("snapshot L1 tables out of bounds or unaligned (the check's side of 261/080)", () => {
+  /** A v3 image with two snapshots; `damage` gets the file and the second entry's offset. */
+  async function damaged(damage: (f: string, entry: number) => void): Promise<string> {
+    const f = join(scratch("261"), "t.qcow2");
+    create(f, SIZE);
+    qemuIo(f, "write -P 1 0 100000");
+    run("qemu-img", ["snapshot", "-c", "a", f]);
+    qemuIo(f, "write -P 2 50000 100000");
+    run("qemu-img", ["snapshot", "-c", "b", f]);
+    qemuIo(f, "write -P 3 70000 3333");
+    const [first] = readEntries(f) as [Entry];
+    const entry = peek(f, 64, 8) + pad8(40 + first.extra.byteLength + first.idName.byteLength);
+    damage(f, entry);
+    return f;
+  }
+  const cases: Record<string, (f: string, entry: number) => void> = {
+    "L1 offset not cluster aligned": (f, e) => poke(f, e + 6, [0x02, 0x00]),
+    "L1 offset past the end of the file": (f, e) => poke(f, e, [0, 0, 0, 0, 0x10, 0, 0, 0]),
+    "L1 size larger than the table": (f, e) => poke(f, e + 8, [0x00, 0x00, 0x01, 0x00]),
+  };
+  // Not ported yet: an L1 size above QEMU's limit (8388608 entries): qemu-img check reports
+  // "L1 table is too large; snapshot table entry corrupted", our metadata reader refuses.
+  for (const [name, damage] of Object.entries(cases)) {
+    it(name, async (ctx) => {
+      if (!haveQemu()) return ctx.skip();
+      await allVerdicts(await damaged(damage));
+    });
+  }
+});

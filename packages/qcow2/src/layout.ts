@@ -181,15 +181,17 @@ export async function readQcow2Metadata(
   ) {
     throw new FormatError("qcow2 image has both a raw external data file and a backing file");
   }
-  // The active L1 table must lie inside the file (it is not read here).
+  // The active L1 table (it is not read here). A read-only open reads what lies past the end
+  // of the file as zeros, as QEMU does, and one at offset 0 as the header's bytes (QEMU opens
+  // both); a read-write open refuses them rather than write there.
   const l1Bytes = header.l1Size * 8;
-  if (header.l1Size > 0 && header.l1TableOffset + l1Bytes > fileSize) {
+  if (options.writable === true && header.l1Size > 0 && header.l1TableOffset + l1Bytes > fileSize) {
     throw new CorruptImageError(
       `L1 table at ${hex(header.l1TableOffset)} (${l1Bytes} bytes) extends past the end of the file (${fileSize} bytes)`,
       { offset: header.l1TableOffset },
     );
   }
-  if (header.l1Size > 0 && header.l1TableOffset === 0) {
+  if (options.writable === true && header.l1Size > 0 && header.l1TableOffset === 0) {
     throw new CorruptImageError("L1 table offset is 0 (it would overlap the header)", {
       offset: 40,
     });

@@ -24,9 +24,11 @@ export async function openState(
     noBacking: options.noBacking,
   });
   const { header, backingFilename, backingFormat, dataFileName } = meta;
-  // The active L1 table (layout.ts checked that it lies inside the file).
+  // The active L1 table. What lies past the end of the file reads as zeros (only a read-only
+  // open gets here with such a table: layout.ts refuses it read-write).
   const l1 = new U64TableView(new Uint8Array(header.l1Size * 8), "big");
-  if (l1.bytes.byteLength > 0) await backend.read(header.l1TableOffset, l1.bytes);
+  const inFile = Math.max(0, Math.min(l1.bytes.byteLength, meta.fileSize - header.l1TableOffset));
+  if (inFile > 0) await backend.read(header.l1TableOffset, l1.bytes.subarray(0, inFile));
   const image = new Qcow2State(backend, {
     header,
     fileSize: meta.fileSize,

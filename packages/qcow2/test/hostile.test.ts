@@ -353,12 +353,18 @@ describe("header fields", () => {
     );
   });
 
-  it("L1 table past EOF", async () => {
+  it("L1 table past EOF: read as zeros read-only (as qemu-img does), refused read-write", async () => {
+    await withImage(
+      poked(V3, (x) => pokeU64(x, H.l1TableOffset, 0x100000)),
+      async (img) => {
+        expect(sha256(await readAll(img))).toBe(sha256(new Uint8Array(img.virtualSize)));
+      },
+    );
     await expectOpenError(
       poked(V3, (x) => pokeU64(x, H.l1TableOffset, 0x100000)),
       CorruptImageError,
       /^L1 table at 0x100000 \(8 bytes\) extends past the end of the file \(524288 bytes\)$/,
-      { offset: 0x100000 },
+      { offset: 0x100000, open: { readOnly: false } },
     );
     // Starts inside the file, ends past it.
     await expectOpenError(
@@ -368,21 +374,23 @@ describe("header fields", () => {
       }),
       CorruptImageError,
       /^L1 table at 0x70000 \(65544 bytes\) extends past the end of the file \(524288 bytes\)$/,
+      { open: { readOnly: false } },
     );
     // Far past anything (but below 2^53).
     await expectOpenError(
       poked(V3, (x) => pokeU64(x, H.l1TableOffset, 2 ** 52)),
       CorruptImageError,
       /^L1 table at 0x10000000000000 \(8 bytes\) extends past the end of the file/,
+      { open: { readOnly: false } },
     );
   });
 
-  it("l1_table_offset 0 overlaps the header", async () => {
+  it("l1_table_offset 0 overlaps the header (refused read-write; qemu-img opens it)", async () => {
     await expectOpenError(
       poked(V3, (x) => pokeU64(x, H.l1TableOffset, 0)),
       CorruptImageError,
       /^L1 table offset is 0 \(it would overlap the header\)$/,
-      { offset: 40 },
+      { offset: 40, open: { readOnly: false } },
     );
   });
 

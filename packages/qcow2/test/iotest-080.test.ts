@@ -418,6 +418,21 @@ const scenarios: readonly Scenario[] = [
     pokes: [u32(F.l1Size, 2)],
     qemu: "opens",
   },
+  {
+    name: "L1 table past the end of the file (reads as zeros)",
+    pokes: [u64(F.l1TableOffset, 0x40000000n)],
+    qemu: "opens",
+  },
+  {
+    name: "L1 table running off the end of the file",
+    pokes: (f) => {
+      // The first 16 bytes of the real L1 table copied to a new cluster at the end of the file.
+      const at = Math.ceil(statSync(f).size / 65536) * 65536;
+      const l1 = readFileSync(f).subarray(0x30000, 0x30010);
+      return [[at, new Uint8Array(l1)], u64(F.l1TableOffset, BigInt(at)), u32(F.l1Size, 0x4000)];
+    },
+    qemu: "opens",
+  },
   // == Invalid backing file size ==
   {
     name: "backing file name at 0x1000 of 0xffffffff bytes",

@@ -138,6 +138,9 @@ const CODE_TEXT: Partial<Record<ErrorCode, string>> = {
   [ErrorCode.INVALID_ARGUMENT]: "Invalid argument",
   // EIO: the image's metadata is corrupt where the request went.
   [ErrorCode.CORRUPT_IMAGE]: "Input/output error",
+  // EIO: a request the driver fails without a system error (a compressed write onto an
+  // allocated cluster).
+  [ErrorCode.IO]: "Input/output error",
 };
 
 /**

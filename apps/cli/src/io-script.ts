@@ -8,6 +8,7 @@
  * run, as in qemu-io. A failed aio request is reported when it completes and, as in qemu-io,
  * leaves the exit status alone.
  */
+import { closeSync, openSync, readSync } from "node:fs";
 import { StatusCursor } from "@qimg/io";
 import type { CliContext } from "./context.js";
 import type { DiskImage, WritableDiskImage } from "./drivers.js";
@@ -149,7 +150,7 @@ export const IO_COMMANDS: readonly IoCommandSpec[] = [
   {
     name: "write",
     alt: "w",
-    args: "[-bcCfnquz] [-P pattern] off len",
+    args: "[-bcCfnquz] [-P pattern | -s source_file] off len",
     text: "write a range of the disk",
     min: 2,
     max: Infinity,
@@ -591,7 +592,8 @@ export class IoScript {
       this.fail("-z supports only a single length parameter");
     const zero = flags.has("z");
     const compressed = flags.has("c");
-    if (zero && flags.has("P"))
+    const source = cmd === "write" && flags.has("s") ? String(flags.get("s")) : undefined;
+    if (Number(zero) + Number(flags.has("P")) + Number(source !== undefined) > 1)
       this.fail("Only one of -z, -P, and -s can be specified at the same time");
     if (flags.has("u") && !zero) this.fail("-u requires -z to be specified");
     if (zero && compressed) this.fail("-c and -z cannot be specified at the same time");
@@ -602,6 +604,7 @@ export class IoScript {
       if (offset % 512 !== 0) this.fail(`${args[0]} is not a sector-aligned value for 'offset'`);
       if (length % 512 !== 0) this.fail(`${args[1]} is not a sector-aligned value for 'count'`);
     }
+    const fromFile = source === undefined ? undefined : this.sourceData(source, length);
     const w = this.writable();
     const quiet = flags.has("q");
     const t0 = performance.now();
@@ -610,7 +613,7 @@ export class IoScript {
       const mayUnmap = flags.has("u");
       op = this.request(offset, length, () => w.writeZeroes(offset, length, { mayUnmap }), true);
     } else {
-      const data = new Uint8Array(length).fill(pattern);
+      const data = fromFile ?? new Uint8Array(length).fill(pattern);
       op = compressed
         ? this.writeCompressed(w, offset, data)
         : this.request(offset, length, () => w.write(offset, data), true);
@@ -620,6 +623,34 @@ export class IoScript {
         this.out(report("wrote", (performance.now() - t0) / 1000, offset, length, length, 1));
     };
     await this.complete(op, finish, aio, cmd, cmd === "writev" ? "writev" : "write");
+  }
+
+  /**
+   * write -s FILE: the data is the file's first `length` bytes, repeated when the file is
+   * shorter; a file that cannot be read, or gives no bytes, fails the command (on stderr).
+   */
+  private sourceData(file: string, length: number): Uint8Array {
+    const data = new Uint8Array(length);
+    let got = 0;
+    try {
+      const fd = openSync(file, "r");
+      try {
+        for (let n = 1; n > 0 && got < length; got += n) {
+          n = readSync(fd, data, got, length - got, null);
+        }
+      } finally {
+        closeSync(fd);
+      }
+    } catch (e) {
+      this.ctx.stderr(`${file}: ${this.errorText(e)}\n`);
+      throw new CommandFailed();
+    }
+    if (got === 0) {
+      this.ctx.stderr(`${file}: file is empty\n`);
+      throw new CommandFailed();
+    }
+    for (let at = got; at < length; at += got) data.copyWithin(at, 0, Math.min(got, length - at));
+    return data;
   }
 
   /**

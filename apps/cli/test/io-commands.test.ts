@@ -10,7 +10,7 @@
  * table's word-count check, usage lines for a bad option or operand count, the read-only
  * refusal, "Pattern verification failed", "... failed: ..." lines and exit codes.
  */
-import { copyFileSync, mkdtempSync, rmSync } from "node:fs";
+import { copyFileSync, mkdtempSync, rmSync, writeFileSync } from "node:fs";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { afterAll, beforeAll, describe, expect, it } from "vitest";
@@ -52,6 +52,7 @@ interface Image {
   readonly format: "qcow2" | "qed" | "raw";
   /** The disk size as qemu reports it. */
   readonly size: number;
+  readonly clusterSize: number;
 }
 
 const images: Image[] = [];
@@ -85,12 +86,14 @@ beforeAll(() => {
   const qcow2Size = 512 * (1500 + pick(2000));
   const qedSize = 512 * (1500 + pick(2000)) + 4096;
   const rawSize = 512 * (200 + pick(300));
-  const specs: [Image["format"], number, string[]][] = [
-    ["qcow2", qcow2Size, ["-o", `cluster_size=${[4096, 65536][pick(2)] ?? 65536}`]],
-    ["qed", qedSize, ["-o", "cluster_size=65536"]],
-    ["raw", rawSize, []],
+  const qcow2Cluster = [4096, 65536][pick(2)] ?? 65536;
+  const specs: [Image["format"], number, number][] = [
+    ["qcow2", qcow2Size, qcow2Cluster],
+    ["qed", qedSize, 65536],
+    ["raw", rawSize, 0],
   ];
-  for (const [format, size, opts] of specs) {
+  for (const [format, size, clusterSize] of specs) {
+    const opts = clusterSize > 0 ? ["-o", `cluster_size=${clusterSize}`] : [];
     const file = `base.${format}`;
     const r = qemuImg(["create", "-q", "-f", format, ...opts, file, String(size)], tmp);
     expect(r.code, r.stderr).toBe(0);
@@ -102,7 +105,7 @@ beforeAll(() => {
     }
     const w = qemuIo(["-f", format, ...cmds.flatMap((c) => ["-c", c]), file], tmp);
     expect(w.code, w.stdout + w.stderr).toBe(0);
-    images.push({ file, format, size });
+    images.push({ file, format, size, clusterSize });
   }
 });
 
@@ -225,6 +228,29 @@ describe.skipIf(!hasQemu)("qimg io commands against qemu-io", () => {
     }
   });
 
+  it("write -s FILE: the file's bytes, repeated; unreadable and empty files", async () => {
+    const src = new Uint8Array(1 + pick(3000)).map(() => pick(256));
+    writeFileSync(join(tmp, "src.bin"), src);
+    writeFileSync(join(tmp, "empty.bin"), new Uint8Array(0));
+    for (const img of images) {
+      const off = pick(img.size - 20_000);
+      const len = 1 + pick(15_000);
+      await same(img, [
+        `write -s src.bin ${off} ${len}`,
+        `read -v ${off} ${Math.min(len, 64)}`,
+        `read -v ${off + len - 40} 40`,
+        `write -q -s src.bin ${off} 1`,
+        "write -s nosuch.bin 0 10",
+        "write -s empty.bin 0 10",
+        "write -s src.bin 0 0",
+        "write -s . 0 4",
+        "write -s src.bin -P 1 0 1",
+        "write -s src.bin -z 0 1",
+        `write -s src.bin ${img.size - 10} 11`,
+      ]);
+    }
+  });
+
   it("older commands: word counts, usage lines, read-only refusals, pattern mismatches, failures", async () => {
     for (const img of images) {
       const off = pick(img.size - 5000);
@@ -257,6 +283,12 @@ describe.skipIf(!hasQemu)("qimg io commands against qemu-io", () => {
         "sigraise",
         "nosuch 1",
       ]);
+      if (img.format === "qcow2") {
+        // A compressed write onto an allocated cluster: EIO, in qemu-io's words.
+        // (One cluster: over several, which clusters QEMU writes before it stops is its own.)
+        const cs = img.clusterSize;
+        await same(img, ["write -P 3 0 512", `write -c 0 ${cs}`, `write -c -P 1 ${cs} ${cs}`]);
+      }
       await same(
         img,
         ["write", "write 0 1", "aio_write 0", "discard 0 1", "writev 0 1 1", "read -P 0 0 0"],

@@ -31,7 +31,7 @@ import {
   decodeStringExtension,
 } from "./spec/extensions.js";
 import type { FeatureName, HeaderExtension } from "./spec/extensions.js";
-import { decodeSnapshotTable } from "./spec/snapshot.js";
+import { MAX_SNAPSHOT_L1_ENTRIES, decodeSnapshotTable } from "./spec/snapshot.js";
 import type { SnapshotEntry } from "./spec/snapshot.js";
 import { decodeBitmapDirectory } from "./spec/bitmap-directory.js";
 import type { BitmapEntry } from "./spec/bitmap-directory.js";
@@ -213,6 +213,17 @@ export async function readQcow2Metadata(
       header.version,
       { zeroPastEnd: true, maxBytes: MAX_SNAPSHOT_TABLE_BYTES },
     );
+  }
+  // A snapshot L1 table larger than QEMU loads: the image opens read-only (QEMU fails only
+  // when the snapshot is loaded, and check reports it); a read-write open refuses it.
+  if (options.writable === true) {
+    const i = snapshots.findIndex((s) => s.l1Size > MAX_SNAPSHOT_L1_ENTRIES);
+    if (i >= 0) {
+      throw new CorruptImageError(
+        `qcow2 snapshot entry ${i}: L1 table of ${snapshots[i]!.l1Size} entries is larger than 32 MiB; cannot be opened read/write`,
+        { offset: snapshots[i]!.offset + 8 },
+      );
+    }
   }
   let snapshotsSize = 0;
   if (snapshots.length > 0) {

@@ -535,11 +535,14 @@ describe("header fields", () => {
     });
   });
 
-  it("snapshot L1 table of more than 32 MiB", async () => {
+  it("snapshot L1 table of more than 32 MiB (opens read-only as in qemu-img, refused read-write)", async () => {
+    const b = poked("qcow2-snapshots", (x) => pokeU32(x, 0x100000 + 8, 4 * 1024 * 1024 + 1));
+    await withImage(b, async (img) => expect(img.snapshots[0]!.l1Size).toBe(4194305));
     await expectOpenError(
-      poked("qcow2-snapshots", (x) => pokeU32(x, 0x100000 + 8, 4 * 1024 * 1024 + 1)),
-      FormatError,
-      /^qcow2 snapshot entry 0: L1 table of 4194305 entries is larger than 32 MiB$/,
+      b,
+      CorruptImageError,
+      /^qcow2 snapshot entry 0: L1 table of 4194305 entries is larger than 32 MiB; cannot be opened read\/write$/,
+      { offset: 0x100000 + 8, open: { readOnly: false } },
     );
   });
 

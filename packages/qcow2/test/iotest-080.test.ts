@@ -382,6 +382,20 @@ const scenarios: readonly Scenario[] = [
     pokes: (f) => [u32(snapshotsOffset(f) + 36, 1025)],
     qemu: /Too much extra metadata in snapshot table entry 0/,
   },
+  // == Invalid snapshot L1 table offset / size == (qemu-img opens the image; only loading
+  // that snapshot fails)
+  {
+    name: "snapshot L1 table offset 0x400200 (misaligned)",
+    snapshot: true,
+    pokes: (f) => [u64(snapshotsOffset(f), 0x400200n)],
+    qemu: "opens",
+  },
+  {
+    name: "snapshot L1 table of 0x10000000 entries",
+    snapshot: true,
+    pokes: (f) => [u32(snapshotsOffset(f) + 8, 0x10000000)],
+    qemu: "opens",
+  },
   // == Invalid L1 table ==
   {
     name: "l1_size 0xffffffff",

@@ -157,6 +157,20 @@ async function qimgVerdict(
   }
 }
 
+/** Whether openQcow2 opens `file` read-write (closed again at once); a refusal must be typed. */
+async function qimgReadWriteOpens(file: string): Promise<boolean> {
+  const backend = await FileBackend.open(file, { readOnly: false });
+  try {
+    const image = await openQcow2(backend, { readOnly: false, noBacking: true });
+    await image.close();
+    return true;
+  } catch (error) {
+    await backend.close();
+    expect(error, String(error)).toBeInstanceOf(QimgError);
+    return false;
+  }
+}
+
 /** The guest bytes qemu-img reads from `file` (converted to raw), or undefined if it cannot. */
 function qemuGuestBytes(file: string): Uint8Array | undefined {
   const out = `${file}.raw`;
@@ -563,6 +577,15 @@ describe.skipIf(!hasQemu)(`iotest 080: hostile headers (seed ${seed})`, () => {
     } else {
       expect(theirs.code, "qemu-img info should refuse").toBe(1);
       expect(theirs.message).toMatch(s.qemu);
+    }
+    if (s.qemu !== "opens") {
+      // 080's own oracle: qemu-io's read-write open refuses it too, and so does qimg's.
+      const io = run("qemu-io", ["-f", "qcow2", "-c", "read 0 512", file]);
+      expect(io.code, io.stdout).toBe(1);
+      expect(io.stderr).toMatch(/^qemu-io: can't open device /);
+      expect(io.stderr).toMatch(s.qemu);
+      const rw = await qimgReadWriteOpens(file);
+      expect(rw, `qimg opened read-write what qemu-io refuses`).toBe(false);
     }
     const ours = await qimgVerdict(file);
     if (!ours.opens) {

@@ -410,10 +410,15 @@ export class IoScript {
         await this.drain();
         return this.flush();
       case "map":
+        if (this.gone()) {
+          this.ctx.stderr("qimg: Failed to query image length: No medium found\n");
+          throw new CommandFailed();
+        }
         return this.map();
       case "alloc":
         return this.alloc(argv);
       case "length":
+        if (this.gone()) this.fail("getlength: No medium found");
         this.out(`${cvtstr(this.target.image.virtualSize)}\n`);
         return;
       case "info":
@@ -481,8 +486,19 @@ export class IoScript {
     this.out(`${allocated}/${count} bytes allocated at offset ${cvtstr(start)}\n`);
   }
 
+  /**
+   * Whether this open marked the qcow2 image corrupt (a read-write open of an image already
+   * marked corrupt is refused, so the bit on a writable image was set here). QEMU then drops
+   * the image's driver: requests fail with "No medium found", `length` and `map` fail, and
+   * `info` fails without a word.
+   */
+  private gone(): boolean {
+    return this.target.writable !== undefined && qcow2InfoOf(this.target.image)?.corrupt === true;
+  }
+
   /** info: the format, cluster size, VM state offset and the format-specific facts. */
   private info(): void {
+    if (this.gone()) throw new CommandFailed();
     const image = this.target.image;
     const q = qcow2InfoOf(image);
     let clusterSize = 0;

@@ -10,7 +10,17 @@
  * table's word-count check, usage lines for a bad option or operand count, the read-only
  * refusal, "Pattern verification failed", "... failed: ..." lines and exit codes.
  */
-import { copyFileSync, mkdtempSync, rmSync, writeFileSync } from "node:fs";
+import {
+  closeSync,
+  copyFileSync,
+  mkdtempSync,
+  openSync,
+  readFileSync,
+  readSync,
+  rmSync,
+  writeFileSync,
+  writeSync,
+} from "node:fs";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { afterAll, beforeAll, describe, expect, it } from "vitest";
@@ -57,8 +67,16 @@ interface Image {
 
 const images: Image[] = [];
 
-/** Run `cmds` through qemu-io and qimg io on twin copies of `img`; everything must agree. */
-async function same(img: Image, cmds: readonly string[], readOnly = false): Promise<void> {
+/**
+ * Run `cmds` through qemu-io and qimg io on twin copies of `img`; everything must agree.
+ * `dropTheirs` removes lines from qemu-io's stderr that qimg does not print (known, reported).
+ */
+async function same(
+  img: Image,
+  cmds: readonly string[],
+  readOnly = false,
+  dropTheirs?: RegExp,
+): Promise<void> {
   const theirs = `${img.file}.theirs`;
   const ours = `${img.file}.ours`;
   copyFileSync(join(tmp, img.file), join(tmp, theirs));
@@ -74,9 +92,22 @@ async function same(img: Image, cmds: readonly string[], readOnly = false): Prom
   const o = await qimg(["io", ...args(ours)], tmp);
   const what = `seed ${seed}, ${img.format} ${img.size}${readOnly ? " -r" : ""}: ${cmds.join(" ; ")}`;
   expect(normalize(o.stdout), what).toBe(normalize(q.stdout));
-  expect(normalize(o.stderr), what).toBe(normalize(q.stderr));
+  const theirErr =
+    dropTheirs === undefined
+      ? q.stderr
+      : q.stderr
+          .split("\n")
+          .filter((l) => !dropTheirs.test(l))
+          .join("\n");
+  expect(normalize(o.stderr), what).toBe(normalize(theirErr));
   expect(o.code, what).toBe(q.code);
   // The images must be left alike too.
+  if (dropTheirs !== undefined) {
+    // A corrupt image cannot be compared through qemu-img: the files themselves, then.
+    const a = readFileSync(join(tmp, theirs));
+    expect(a.equals(readFileSync(join(tmp, ours))), what).toBe(true);
+    return;
+  }
   const cmp = qemuImg(["compare", "-f", img.format, "-F", img.format, theirs, ours], tmp);
   expect(cmp.code, `${what}\n${cmp.stdout}${cmp.stderr}`).toBe(0);
 }
@@ -249,6 +280,52 @@ describe.skipIf(!hasQemu)("qimg io commands against qemu-io", () => {
         `write -s src.bin ${img.size - 10} 11`,
       ]);
     }
+  });
+
+  it("an image this open marks corrupt: the request fails, then No medium found", async () => {
+    // qcow2 with an L2 entry whose data offset is not cluster-aligned (iotest 060's kind).
+    const size = 512 * (1000 + pick(2000));
+    const file = "corrupt.qcow2";
+    expect(qemuImg(["create", "-q", "-f", "qcow2", file, String(size)], tmp).code).toBe(0);
+    const p = 1 + pick(254);
+    expect(qemuIo(["-f", "qcow2", "-c", `write -P ${p} 0 200000`, file], tmp).code).toBe(0);
+    const fd = openSync(join(tmp, file), "r+");
+    const head = Buffer.alloc(48);
+    readSync(fd, head, 0, 48, 0);
+    const l1 = Number(head.readBigUInt64BE(40));
+    const e = Buffer.alloc(8);
+    readSync(fd, e, 0, 8, l1);
+    const l2 = Number(e.readBigUInt64BE(0) & 0x00fffffffffffe00n);
+    readSync(fd, e, 0, 8, l2 + 8);
+    e.writeBigUInt64BE(e.readBigUInt64BE(0) | 0x200n);
+    writeSync(fd, e, 0, 8, l2 + 8);
+    closeSync(fd);
+    const img: Image = { file, format: "qcow2", size, clusterSize: 65536 };
+    // Known difference: QEMU's corruption event line on stderr ("qcow2: Marking image as
+    // corrupt: ...", read-only: "qcow2: Image is corrupt: ..."); the qcow2 driver marks the
+    // image (or refuses the request) but does not report the event.
+    const marking = /^qcow2: (Marking image as corrupt|Image is corrupt): /;
+    await same(
+      img,
+      [
+        `read -P ${p} 0 512`,
+        `read -P ${p} 65536 512`,
+        "length",
+        "alloc 0",
+        "map",
+        "flush",
+        "info",
+        "aio_read 0 1",
+        "aio_flush",
+        "discard 0 1",
+        "write -z 0 1",
+        "readv 0 1",
+        "write 0 1",
+      ],
+      false,
+      marking,
+    );
+    await same(img, ["read 65536 1", "length", "info", "read 0 1"], true, marking);
   });
 
   it("older commands: word counts, usage lines, read-only refusals, pattern mismatches, failures", async () => {

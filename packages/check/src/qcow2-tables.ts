@@ -384,11 +384,16 @@ class TableCheck {
     }
   };
 
-  /** A preallocated zero cluster whose offset is misaligned becomes a plain zero cluster. */
+  /**
+   * A preallocated zero cluster whose offset is misaligned becomes a plain zero cluster (as
+   * QEMU's fix_l2_entry_by_zero: the descriptor becomes the zero flag alone; with extended L2
+   * entries the subcluster bitmap is kept, so subclusters that read as zeros still do).
+   */
   async #zeroPlain(c: L2Cursor): Promise<void> {
     const p = this.#p;
     const e = new U64TableView(new Uint8Array(p.fmt.stride * 8), "big");
-    e.setWords(0, 0, p.fmt.extendedL2 ? 0 : 1);
+    e.setWords(0, 0, 1);
+    if (p.fmt.extendedL2) e.setWords(1, c.bitmapHi, c.bitmapLo);
     await p.write(c.entryOffset, e.bytes);
     c.invalidate();
     p.res.corruptions--;

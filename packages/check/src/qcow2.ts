@@ -114,9 +114,17 @@ async function rewriteSnapshotTable(
   const backend = p.backend;
   const cs = p.cs;
   const bytes = encodeSnapshotTable(completeExtraData(layout));
-  // Past every table that reaches beyond the end of the file (see tablesEnd).
-  const at = tablesEnd(layout, await backend.size());
   const n = Math.ceil(bytes.byteLength / cs);
+  // As qcow2_alloc_clusters: the first run of n free clusters (no reference, refcount 0),
+  // else past every table that reaches beyond the end of the file (see tablesEnd).
+  let at = tablesEnd(layout, await backend.size());
+  for (let c = 1, run = 0; c < p.nbClusters; c++) {
+    run = p.counts[c] === 0 && (await p.stored.get(c)) === 0 ? run + 1 : 0;
+    if (run === n) {
+      at = (c - n + 1) * cs;
+      break;
+    }
+  }
   const table = new Uint8Array(n * cs);
   table.set(bytes);
   for (let c = at / cs; c < at / cs + n; c++) {
@@ -130,9 +138,14 @@ async function rewriteSnapshotTable(
   const header = await writeHeaderFields(backend, h, { snapshotsOffset: at });
   const first = Math.floor(h.snapshotsOffset / cs);
   const last = Math.floor((h.snapshotsOffset + layout.snapshotsSize - 1) / cs);
-  for (let c = first; c <= last; c++) {
-    const rc = await p.stored.get(c);
-    if (rc > 0) await p.stored.set(c, rc - 1);
+  // As qcow2_free_clusters: all of the old table's clusters or none (one not counted, e.g.
+  // a table past the end of the file, fails the whole free, with QEMU's line).
+  const counts: number[] = [];
+  for (let c = first; c <= last; c++) counts.push(await p.stored.get(c));
+  if (counts.some((rc) => rc === 0)) {
+    p.log("error", "qcow2_free_clusters failed: Invalid argument");
+  } else {
+    for (let c = first; c <= last; c++) await p.stored.set(c, counts[c - first]! - 1);
   }
   await backend.flush();
   return header;

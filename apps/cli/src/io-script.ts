@@ -572,7 +572,13 @@ export class IoScript {
       if (!quiet) this.out(report("read", seconds, offset, length, length, 1));
       if (bad) throw new CommandFailed();
     };
-    const op = this.request(offset, length, () => this.target.image.read(offset, buf));
+    // read -b: the VM state area, which qimg does not serve (qemu-io: ENOTSUP for QED and
+    // raw; it reads a qcow2 image's VM state). Refused before anything reaches the image.
+    const vmstate = cmd === "read" && flags.has("b");
+    if (vmstate) this.sectorAligned(offset, length);
+    const op = vmstate
+      ? Promise.reject(new RequestRefused("Operation not supported"))
+      : this.request(offset, length, () => this.target.image.read(offset, buf));
     await this.complete(op, finish, aio, cmd, cmd === "readv" ? "readv" : "read");
   }
 
@@ -609,17 +615,18 @@ export class IoScript {
     const zero = flags.has("z");
     const compressed = flags.has("c");
     const source = cmd === "write" && flags.has("s") ? String(flags.get("s")) : undefined;
+    const vmstate = cmd === "write" && flags.has("b");
+    if (vmstate && zero) this.fail("-b and -z cannot be specified at the same time");
+    if (cmd === "write" && flags.has("f") && (vmstate || compressed))
+      this.fail("-f and -b or -c cannot be specified at the same time");
     if (Number(zero) + Number(flags.has("P")) + Number(source !== undefined) > 1)
       this.fail("Only one of -z, -P, and -s can be specified at the same time");
     if (flags.has("u") && !zero) this.fail("-u requires -z to be specified");
     if (zero && compressed) this.fail("-c and -z cannot be specified at the same time");
     const pattern = flags.has("P") ? this.pattern(String(flags.get("P"))) : DEFAULT_WRITE_PATTERN;
     const [offset, length] = vector ? this.offLengths(args) : this.offLen(args);
-    if (compressed) {
-      // qemu-io's own check for compressed requests, before anything reaches the image.
-      if (offset % 512 !== 0) this.fail(`${args[0]} is not a sector-aligned value for 'offset'`);
-      if (length % 512 !== 0) this.fail(`${args[1]} is not a sector-aligned value for 'count'`);
-    }
+    // qemu-io's own check for compressed and VM state requests, before the image sees them.
+    if (compressed || vmstate) this.sectorAligned(offset, length);
     const fromFile = source === undefined ? undefined : this.sourceData(source, length);
     const w = this.writable();
     const quiet = flags.has("q");
@@ -628,6 +635,9 @@ export class IoScript {
     if (zero) {
       const mayUnmap = flags.has("u");
       op = this.request(offset, length, () => w.writeZeroes(offset, length, { mayUnmap }), true);
+    } else if (vmstate) {
+      // write -b: the VM state area, which qimg does not serve (see read -b).
+      op = Promise.reject(new RequestRefused("Operation not supported"));
     } else {
       const data = fromFile ?? new Uint8Array(length).fill(pattern);
       op = compressed
@@ -639,6 +649,12 @@ export class IoScript {
         this.out(report("wrote", (performance.now() - t0) / 1000, offset, length, length, 1));
     };
     await this.complete(op, finish, aio, cmd, cmd === "writev" ? "writev" : "write");
+  }
+
+  /** qemu-io's sector alignment check (write -c, read/write -b), with the numbers as read. */
+  private sectorAligned(offset: number, length: number): void {
+    if (offset % 512 !== 0) this.fail(`${offset} is not a sector-aligned value for 'offset'`);
+    if (length % 512 !== 0) this.fail(`${length} is not a sector-aligned value for 'count'`);
   }
 
   /**

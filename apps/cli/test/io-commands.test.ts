@@ -328,6 +328,38 @@ describe.skipIf(!hasQemu)("qimg io commands against qemu-io", () => {
     await same(img, ["read 65536 1", "length", "info", "read 0 1"], true, marking);
   });
 
+  it("read -b / write -b (VM state): QED and raw refuse as qemu-io; qcow2's disk is untouched", async () => {
+    const script = [
+      "read -b -v 0 16",
+      "read -b 1 512",
+      "write -b 0 1",
+      "write -b -z 0 512",
+      "write -b -f 0 512",
+      "write -c -f 0 512",
+      "write -c 0x201 512",
+      "write -c 1k 0x201",
+    ];
+    const io = ["write -b -P 9 0 512", "read -b -P 9 0 512"];
+    for (const img of images) {
+      if (img.format !== "qcow2") {
+        await same(img, [...io, ...script]);
+        continue;
+      }
+      // Known difference: QEMU keeps a qcow2 image's VM state past the disk; qimg does not
+      // serve it and refuses (ENOTSUP), where it used to read and write the guest disk.
+      await same(img, script);
+      const ours = `${img.file}.vmstate`;
+      copyFileSync(join(tmp, img.file), join(tmp, ours));
+      const o = await qimg(["io", "-f", "qcow2", ...io.flatMap((c) => ["-c", c]), ours], tmp);
+      expect(o.stdout).toBe(
+        "write failed: Operation not supported\nread failed: Operation not supported\n",
+      );
+      expect(o.code).toBe(1);
+      const cmp = qemuImg(["compare", "-f", "qcow2", "-F", "qcow2", img.file, ours], tmp);
+      expect(cmp.code, cmp.stdout + cmp.stderr).toBe(0);
+    }
+  });
+
   it("older commands: word counts, usage lines, read-only refusals, pattern mismatches, failures", async () => {
     for (const img of images) {
       const off = pick(img.size - 5000);

@@ -569,7 +569,7 @@ export class IoScript {
           this.out(`Pattern verification failed at offset ${offset + from}, ${span} bytes\n`);
       }
       if (verbose) this.out(dumpBuffer(buf, offset));
-      if (!quiet) this.out(report("read", seconds, offset, length, length, 1));
+      if (!quiet) this.out(report("read", seconds, offset, length, length, 1, flags.has("C")));
       if (bad) throw new CommandFailed();
     };
     // read -b: the VM state area, which qimg does not serve (qemu-io: ENOTSUP for QED and
@@ -646,7 +646,17 @@ export class IoScript {
     }
     const finish = (): void => {
       if (!quiet)
-        this.out(report("wrote", (performance.now() - t0) / 1000, offset, length, length, 1));
+        this.out(
+          report(
+            "wrote",
+            (performance.now() - t0) / 1000,
+            offset,
+            length,
+            length,
+            1,
+            flags.has("C"),
+          ),
+        );
     };
     await this.complete(op, finish, aio, cmd, cmd === "writev" ? "writev" : "write");
   }
@@ -729,7 +739,17 @@ export class IoScript {
       this.fail(`discard failed: ${this.errorText(e)}`);
     }
     if (!flags.has("q"))
-      this.out(report("discard", (performance.now() - t0) / 1000, offset, length, length, 1));
+      this.out(
+        report(
+          "discard",
+          (performance.now() - t0) / 1000,
+          offset,
+          length,
+          length,
+          1,
+          flags.has("C"),
+        ),
+      );
   }
 
   /** qemu-io's map: runs allocated in this layer (data or zero flag) vs not, merged. */

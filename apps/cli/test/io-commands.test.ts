@@ -50,6 +50,8 @@ function normalize(text: string): string {
     .map((line) => {
       let l = line.replace(/^qemu-io: /, "qimg: ");
       l = l.replace(/^(.*, \d+ ops; ).*$/, "$1TIME");
+      // -C: "bytes,ops,H:MM:SS.ss,bytes/sec,ops/sec"; the last three are timings.
+      l = l.replace(/^(\d+,\d+,)\d+:\d\d:\d\d\.\d\d,\d+\.\d{3},\d+\.\d{3}$/, "$1TIME");
       const m = /^(\S+) (.*)-- /.exec(l);
       if (m !== null && NAMES.has(m[1] ?? "")) l = `${m[1] ?? ""} USAGE`;
       return l;
@@ -357,6 +359,25 @@ describe.skipIf(!hasQemu)("qimg io commands against qemu-io", () => {
       expect(o.code).toBe(1);
       const cmp = qemuImg(["compare", "-f", "qcow2", "-F", "qcow2", img.file, ours], tmp);
       expect(cmp.code, cmp.stdout + cmp.stderr).toBe(0);
+    }
+  });
+
+  it("-C: the one-line machine-readable report", async () => {
+    for (const img of images) {
+      const off = pick(img.size - 5000);
+      await same(img, [
+        `read -C ${off} ${1 + pick(4000)}`,
+        `write -C -P 3 ${off} ${1 + pick(4000)}`,
+        `readv -C ${off} 512 ${1 + pick(999)}`,
+        `writev -C ${off} 17 ${1 + pick(999)}`,
+        `discard -C ${off} 512`,
+        `write -C -z ${off} 1000`,
+        `write -C -q ${off} 1`,
+        `aio_read -C ${off} 100`,
+        "aio_flush",
+        `aio_write -C ${off} 100`,
+        "aio_flush",
+      ]);
     }
   });
 

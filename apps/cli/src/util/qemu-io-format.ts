@@ -55,8 +55,17 @@ export function timestr(seconds: number): string {
   return `${h}:${String(m).padStart(2, "0")}:${cFixed(s, 2).padStart(5, "0")}`;
 }
 
+/** The time as "H:MM:SS.ss" even under a second (the -C report's). */
+export function fixedTime(seconds: number): string {
+  const whole = Math.floor(seconds);
+  const h = Math.floor(whole / 3600);
+  const m = Math.floor((whole % 3600) / 60);
+  const sec = (whole % 60) + (seconds - whole);
+  return `${h}:${String(m).padStart(2, "0")}:${cFixed(sec, 2).padStart(5, "0")}`;
+}
+
 /**
- * The two lines qemu-io prints after a request:
+ * The two lines qemu-io prints after a request (with -C, one machine-readable line):
  * "wrote 65536/65536 bytes at offset 0" and
  * "64 KiB, 1 ops; 00.00 sec (X MiB/sec and Y ops/sec)".
  */
@@ -67,8 +76,13 @@ export function report(
   count: number,
   total: number,
   ops: number,
+  machine = false,
 ): string {
   const t = seconds > 0 ? seconds : 1e-9;
+  if (machine) {
+    // -C: "bytes,ops,H:MM:SS.ss,bytes/sec,ops/sec" on one line.
+    return `${total},${ops},${fixedTime(seconds)},${cFixed(total / t, 3)},${cFixed(ops / t, 3)}\n`;
+  }
   return (
     `${op} ${total}/${count} bytes at offset ${offset}\n` +
     `${cvtstr(total)}, ${ops} ops; ${timestr(seconds)} (${cvtstr(total / t)}/sec and ${cFixed(ops / t, 4)} ops/sec)\n`

@@ -175,6 +175,18 @@ export async function readQcow2Metadata(
   if (incompat.has("externalDataFile") && dataFileName === undefined && !options.noBacking) {
     throw new FormatError("qcow2 image uses an external data file but does not name it");
   }
+  // QEMU refuses the raw-external-data bit without an external data file when it opens the
+  // image's files (qemu-img info, which does not, opens it).
+  if (
+    AutoclearFeatures.decode(header.autoclearFeatures).has("rawExternalData") &&
+    !incompat.has("externalDataFile") &&
+    !options.noBacking
+  ) {
+    throw new FormatError(
+      "qcow2 image has the raw external data bit but no external data file (data-file-raw requires a data file)",
+      { offset: 88 },
+    );
+  }
   if (
     AutoclearFeatures.decode(header.autoclearFeatures).has("rawExternalData") &&
     backingFilename !== undefined

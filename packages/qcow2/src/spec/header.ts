@@ -3,7 +3,6 @@ import {
   UnsupportedFeatureError,
   defineFeatures,
   defineStruct,
-  formatMask,
   hex,
   viewOf,
 } from "@qimg/structs";
@@ -320,7 +319,8 @@ export function validateHeader(
       if (name) names.push(name);
       else anonymous |= 1n << BigInt(bit);
     }
-    if (anonymous !== 0n) names.push(`Unknown incompatible feature: ${formatMask(anonymous)}`);
+    // QEMU prints the mask of unnamed bits in hex without leading zeros.
+    if (anonymous !== 0n) names.push(`Unknown incompatible feature: ${anonymous.toString(16)}`);
     throw new UnsupportedFeatureError(`unsupported qcow2 feature(s): ${names.join(", ")}`, names, {
       offset: 72,
     });

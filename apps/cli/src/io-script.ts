@@ -34,6 +34,13 @@ export class ScriptCrash extends Error {
 /** A command line failed: its message was already printed. */
 class CommandFailed extends Error {}
 
+/** aio_read/aio_write -i: the command ends at once, successfully, after saying so. */
+class Injected extends Error {
+  constructor(readonly kind: "read" | "write") {
+    super(`injecting invalid ${kind} request`);
+  }
+}
+
 /**
  * A request refused before it reached the image, as QEMU's block layer and qemu-io refuse it;
  * the message is the strerror() text qemu-io prints.
@@ -83,14 +90,14 @@ export const IO_COMMANDS: readonly IoCommandSpec[] = [
   { name: "aio_flush", args: "", text: "wait for every aio request, then flush", min: 0, max: 0 },
   {
     name: "aio_read",
-    args: "[-Cqv] [-P pattern] off len [len..]",
+    args: "[-Ciqv] [-P pattern] off len [len..]",
     text: "start a read in the background",
     min: 2,
     max: Infinity,
   },
   {
     name: "aio_write",
-    args: "[-Cfquz] [-P pattern] off len [len..]",
+    args: "[-Cfiquz] [-P pattern] off len [len..]",
     text: "start a write in the background",
     min: 2,
     max: Infinity,
@@ -218,6 +225,10 @@ export class IoScript {
         this.failed = true;
         return;
       }
+      if (e instanceof Injected) {
+        this.out(`injecting invalid ${e.kind} request\n`);
+        return;
+      }
       throw e;
     }
   }
@@ -294,6 +305,8 @@ export class IoScript {
           flags.set(c, value);
           break;
         }
+        // aio_* -i: an invalid request for the statistics; nothing reaches the image.
+        if (c === "i") throw new Injected(cmd === "aio_read" ? "read" : "write");
         flags.set(c, true);
       }
     }
@@ -542,7 +555,7 @@ export class IoScript {
     const vector = cmd !== "read";
     const { flags, args } = vector
       ? this.getopt(spec, argv, aio ? "CP:iqv" : "CP:qv", 2, Infinity)
-      : this.getopt(spec, argv, "P:vqCbl:s:", 2, 2);
+      : this.getopt(spec, argv, "P:vqCbpl:s:", 2, 2);
     const pattern = flags.has("P") ? this.pattern(String(flags.get("P"))) : undefined;
     const [offset, length] = vector ? this.offLengths(args) : this.offLen(args);
     // read -s OFF / -l LEN: verify the pattern on that part of the buffer only (with -P).
@@ -608,7 +621,7 @@ export class IoScript {
     const vector = cmd !== "write";
     const { flags, args } =
       cmd === "write"
-        ? this.getopt(spec, argv, "P:zucqfnbCs:", 2, 2)
+        ? this.getopt(spec, argv, "P:zucqfnpbCs:", 2, 2)
         : this.getopt(spec, argv, aio ? "P:zuqfiC" : "CfqP:", 2, Infinity);
     if (aio && flags.has("z") && args.length !== 2)
       this.fail("-z supports only a single length parameter");
@@ -621,6 +634,7 @@ export class IoScript {
       this.fail("-f and -b or -c cannot be specified at the same time");
     if (Number(zero) + Number(flags.has("P")) + Number(source !== undefined) > 1)
       this.fail("Only one of -z, -P, and -s can be specified at the same time");
+    if (flags.has("n") && !zero) this.fail("-n requires -z to be specified");
     if (flags.has("u") && !zero) this.fail("-u requires -z to be specified");
     if (zero && compressed) this.fail("-c and -z cannot be specified at the same time");
     const pattern = flags.has("P") ? this.pattern(String(flags.get("P"))) : DEFAULT_WRITE_PATTERN;

@@ -412,7 +412,17 @@ describe.skipIf(!hasQemu)("qimg io commands against qemu-io", () => {
         "map x",
         "sigraise",
         "nosuch 1",
+        "aio_read -i 0 512",
+        "aio_write -i -z 0 1",
+        "aio_write -q -i",
+        "aio_read -x -i 0 1",
+        "aio_read -i -x 0 1",
+        "aio_flush",
+        `write -n ${off} 512`,
+        `write -p ${off} 1`,
+        `read -p -q ${off} 1`,
       ]);
+      await same(img, ["aio_read -i 0 512", "aio_write -i 0 1", "aio_flush"]);
       if (img.format === "qcow2") {
         // A compressed write onto an allocated cluster: EIO, in qemu-io's words.
         // (One cluster: over several, which clusters QEMU writes before it stops is its own.)

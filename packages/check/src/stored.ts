@@ -103,7 +103,10 @@ export class StoredRefcounts {
         this.#next = (this.#next + 1) % StoredRefcounts.CACHED;
         this.#offsets[k] = -1;
         this.#blockOffset = -1;
-        await this.#backend.read(off, this.#blocks[k]!, { zeroPastEof: true });
+        // Past the end of the file a block reads as zeros (as QEMU reads it), also where no
+        // read can reach (an entry of garbage, e.g. a table that is really the header).
+        if (off + this.#cs > Number.MAX_SAFE_INTEGER) this.#blocks[k]!.fill(0);
+        else await this.#backend.read(off, this.#blocks[k]!, { zeroPastEof: true });
         this.#offsets[k] = off;
       }
       this.#block = this.#blocks[k]!;

@@ -64,6 +64,17 @@ describe("iotest 108: no refcount table", () => {
   });
 });
 
+describe("iotest 108: an empty refcount table", () => {
+  it("every entry zero: same verdicts, -r all rebuilds and keeps the data", async (ctx) => {
+    if (!haveQemu()) return ctx.skip();
+    const f = join(scratch("108"), "t.qcow2");
+    create(f, SIZE);
+    qemuIo(f, "write -P 42 0 70001", "write -P 43 3000000 5555");
+    poke(f, 0x10000, new Array<number>(64).fill(0));
+    await allVerdicts(f);
+  });
+});
+
 describe("iotest 108: unreferenced data cluster in the new refcount block's area", () => {
   it("512-byte clusters: -r all places the new block elsewhere, data intact", async (ctx) => {
     if (!haveQemu()) return ctx.skip();

@@ -154,6 +154,7 @@ export const IO_COMMANDS: readonly IoCommandSpec[] = [
     max: Infinity,
   },
   { name: "sigraise", args: "signal", text: "send the process a signal", min: 1, max: 1 },
+  { name: "sleep", args: "milliseconds", text: "wait, doing nothing", min: 1, max: 1 },
   {
     name: "write",
     alt: "w",
@@ -441,6 +442,18 @@ export class IoScript {
       case "quit":
         this.quit = true;
         return;
+      case "sleep": {
+        // A C integer (decimal, 0x hex, 0 octal); no size suffixes.
+        const text = argv[0] ?? "";
+        const m = /^\s*\+?(0x[0-9a-f]+|0[0-7]*|[1-9][0-9]*)$/i.exec(text);
+        if (m === null) this.fail(`${text} is not a valid number`);
+        const body = m[1] ?? "0";
+        const ms = /^0x/i.test(body)
+          ? Number.parseInt(body.slice(2), 16)
+          : Number.parseInt(body, body.startsWith("0") ? 8 : 10);
+        await new Promise((r) => setTimeout(r, ms));
+        return;
+      }
       case "abort":
         return this.crash(134);
       case "sigraise": {

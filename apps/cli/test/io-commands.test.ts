@@ -199,7 +199,7 @@ describe.skipIf(!hasQemu)("qimg io commands against qemu-io", () => {
     }
   });
 
-  it("help and quit", async () => {
+  it("help, quit and sleep", async () => {
     for (const img of images.slice(0, 1)) {
       await same(img, ["help nosuch", "help a b"]);
       // `help CMD`: the command's line (qemu-io adds its own longer text after it).
@@ -214,6 +214,9 @@ describe.skipIf(!hasQemu)("qimg io commands against qemu-io", () => {
       }
       await same(img, ["length", "quit", "length", "write 0 1"]);
       await same(img, ["length", "q", "nosuch"]);
+      const sleeps = ["sleep", "sleep x", "sleep 10", "sleep 1 2", "sleep -1", "sleep 0"];
+      sleeps.push("sleep 1k", "sleep 0x10", "sleep 1.5", "sleep 010", "sleep +5", "sleep 09");
+      await same(img, [...sleeps, "length"]);
     }
   });
 

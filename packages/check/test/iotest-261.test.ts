@@ -131,6 +131,20 @@ describe("iotest 261: snapshot table extra data", () => {
 // and -r all truncates the extra data or drops the overhanging snapshots; our metadata reader
 // (@qimg/qcow2 layout.ts / spec/snapshot.ts) refuses these images before the check starts.
 
+describe("leaked snapshot table", () => {
+  it("the header forgets the snapshots: their table, L1 tables and shared clusters leak", async (ctx) => {
+    if (!haveQemu()) return ctx.skip();
+    const f = join(scratch("261"), "t.qcow2");
+    create(f, SIZE);
+    qemuIo(f, "write -P 1 0 100000");
+    run("qemu-img", ["snapshot", "-c", "a", f]);
+    qemuIo(f, "write -P 2 50000 100000");
+    run("qemu-img", ["snapshot", "-c", "b", f]);
+    poke(f, 60, [0, 0, 0, 0, ...be64(0n)]);
+    await allVerdicts(f);
+  });
+});
+
 describe("snapshot L1 tables out of bounds or unaligned (the check's side of 261/080)", () => {
   /** A v3 image with two snapshots; `damage` gets the file and the second entry's offset. */
   async function damaged(damage: (f: string, entry: number) => void): Promise<string> {

@@ -56,12 +56,12 @@ export interface ScriptTarget {
   readonly flushEachWrite?: boolean | undefined;
 }
 
-/** Split a command line at blanks, honouring double and single quotes. */
+/**
+ * Split a command line into words as qemu-io does: at spaces only (a run of them is one
+ * break); quotes and tabs are characters like any other.
+ */
 export function tokenize(line: string): string[] {
-  const out: string[] = [];
-  const re = /"([^"]*)"|'([^']*)'|(\S+)/g;
-  for (let m = re.exec(line); m !== null; m = re.exec(line)) out.push(m[1] ?? m[2] ?? m[3] ?? "");
-  return out;
+  return line.split(" ").filter((w) => w !== "");
 }
 
 interface Parsed {

@@ -217,6 +217,16 @@ describe.skipIf(!hasQemu)("qimg io commands against qemu-io", () => {
       const sleeps = ["sleep", "sleep x", "sleep 10", "sleep 1 2", "sleep -1", "sleep 0"];
       sleeps.push("sleep 1k", "sleep 0x10", "sleep 1.5", "sleep 010", "sleep +5", "sleep 09");
       await same(img, [...sleeps, "length"]);
+      // Words split at spaces only: quotes and tabs stay in the words.
+      await same(img, [
+        'write -P "5" 0 1',
+        "read -P '5' 0 1",
+        "write  -q   0   1",
+        "  length",
+        "length  ",
+        "\tlength",
+        "read\t0 1",
+      ]);
     }
   });
 

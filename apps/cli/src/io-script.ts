@@ -187,6 +187,8 @@ export class IoScript {
   failed = false;
   /** Set by `quit`: the commands after it are skipped. */
   quit = false;
+  /** The command's name as typed ("r" for read): getopt's messages use it. */
+  private typed = "";
 
   constructor(
     private readonly target: ScriptTarget,
@@ -220,6 +222,7 @@ export class IoScript {
         this.ctx.stderr("qimg: Block node is read-only\n");
         throw new CommandFailed();
       }
+      this.typed = name;
       await this.dispatch(spec, words);
     } catch (e) {
       if (e instanceof CommandFailed) {
@@ -271,6 +274,7 @@ export class IoScript {
     max: number,
   ): Parsed {
     const cmd = spec.name;
+    const typed = this.typed;
     const flags = new Map<string, string | true>();
     const args: string[] = [];
     for (let i = 0; i < argv.length; i++) {
@@ -287,7 +291,7 @@ export class IoScript {
         const c = a[j] ?? "";
         const at = letters.indexOf(c);
         if (at < 0 || c === ":") {
-          this.ctx.stderr(`${cmd}: invalid option -- '${c}'\n`);
+          this.ctx.stderr(`${typed}: invalid option -- '${c}'\n`);
           this.usage(spec);
         }
         if (letters[at + 1] === ":") {
@@ -295,7 +299,7 @@ export class IoScript {
           if (value === "") {
             i++;
             if (i >= argv.length) {
-              this.ctx.stderr(`${cmd}: option requires an argument -- '${c}'\n`);
+              this.ctx.stderr(`${typed}: option requires an argument -- '${c}'\n`);
               this.usage(spec);
             }
             value = argv[i] ?? "";
@@ -343,11 +347,16 @@ export class IoScript {
     return v;
   }
 
-  private offLen(args: readonly string[]): [number, number] {
+  /**
+   * The offset and length of read, write and discard. A length past one request's limit is
+   * refused; write's words name -n, which (with -z) lifts the limit.
+   */
+  private offLen(args: readonly string[], write?: { noLimit: boolean }): [number, number] {
     const offset = this.num(args[0] ?? "");
     const length = this.num(args[1] ?? "");
-    if (length > MAX_REQUEST) {
-      this.fail(`length cannot exceed ${MAX_REQUEST} without -n, given ${args[1] ?? ""}`);
+    if (length > MAX_REQUEST && write?.noLimit !== true) {
+      const n = write === undefined ? "" : " without -n";
+      this.fail(`length cannot exceed ${MAX_REQUEST}${n}, given ${args[1] ?? ""}`);
     }
     return [offset, length];
   }
@@ -651,7 +660,9 @@ export class IoScript {
     if (flags.has("u") && !zero) this.fail("-u requires -z to be specified");
     if (zero && compressed) this.fail("-c and -z cannot be specified at the same time");
     const pattern = flags.has("P") ? this.pattern(String(flags.get("P"))) : DEFAULT_WRITE_PATTERN;
-    const [offset, length] = vector ? this.offLengths(args) : this.offLen(args);
+    const [offset, length] = vector
+      ? this.offLengths(args)
+      : this.offLen(args, { noLimit: zero && flags.has("n") });
     // qemu-io's own check for compressed and VM state requests, before the image sees them.
     if (compressed || vmstate) this.sectorAligned(offset, length);
     const fromFile = source === undefined ? undefined : this.sourceData(source, length);

@@ -434,6 +434,15 @@ describe.skipIf(!hasQemu)("qimg io commands against qemu-io", () => {
         `write -n ${off} 512`,
         `write -p ${off} 1`,
         `read -p -q ${off} 1`,
+        "discard 0 3G",
+        "write -z 0 3G",
+        "write -n -z 0 3G",
+        "read 0 3G",
+        "write 0 3G",
+        "r -v 0 3G",
+        "r -x 1",
+        "w -y 0 1",
+        "d -P",
       ]);
       await same(img, ["aio_read -i 0 512", "aio_write -i 0 1", "aio_flush"]);
       if (img.format === "qcow2") {

@@ -29,6 +29,7 @@ import { FileBackend } from "@qimg/io/node";
 import { QimgError } from "@qimg/structs";
 import { openQcow2 } from "../src/index.js";
 import { openBacking, openDataFile } from "./open.js";
+import { H } from "./poke.js";
 
 const hasQemu = requireQemu();
 if (!hasQemu) console.log("iotest-080: qemu-img is not on PATH, skipping the QEMU oracle tests");
@@ -52,25 +53,7 @@ function run(tool: string, args: readonly string[]): Run {
 }
 
 /** Header field offsets (qcow2 spec). */
-const F = {
-  backingFileOffset: 8,
-  backingFileSize: 16,
-  clusterBits: 20,
-  size: 24,
-  cryptMethod: 32,
-  l1Size: 36,
-  l1TableOffset: 40,
-  refcountTableOffset: 48,
-  refcountTableClusters: 56,
-  nbSnapshots: 60,
-  snapshotsOffset: 64,
-  incompatibleFeatures: 72,
-  compatibleFeatures: 80,
-  autoclearFeatures: 88,
-  refcountOrder: 96,
-  headerLength: 100,
-  compressionType: 104,
-} as const;
+const F = H;
 
 /** A poke: offset and the bytes to write there (u32/u64 big-endian helpers below). */
 type Poke = readonly [offset: number, bytes: Uint8Array];

@@ -47,46 +47,6 @@ export {
 export type { SnapshotEntry } from "./snapshot.js";
 export { BitmapDirEntry, BitmapFlag, decodeBitmapDirectory } from "./bitmap-directory.js";
 export type { BitmapEntry } from "./bitmap-directory.js";
-export {
-  L1_OFFSET_MASK,
-  L1_RESERVED_MASK,
-  L2_OFFSET_MASK,
-  L2_RESERVED_MASK,
-  OFLAG_COPIED,
-  OFLAG_COMPRESSED,
-  OFLAG_ZERO,
-  REFTABLE_OFFSET_MASK,
-  SUBCLUSTERS,
-  compressedLayout,
-  decodeCompressed,
-  encodeCompressed,
-  ClusterType,
-  SubclusterType,
-  EntryProblem,
-  l2Format,
-  entryOffset,
-  entryCopied,
-  entryCompressed,
-  entryZeroFlag,
-  withoutCopied,
-  withCopied,
-  clusterType,
-  bitmapInvalid,
-  subclusterType,
-  l2EntryProblem,
-  l2ReservedBits,
-  compressedOffset,
-  compressedLength,
-  l2Word,
-  l2TypeAt,
-  subclusterTypeAt,
-  l2OffsetAt,
-  l1ReservedBits,
-  l1Offset,
-  reftableOffset,
-  reftableReservedBits,
-  bitmapEntryReservedBits,
-  bitmapEntryAllOnes,
-} from "./l2.js";
-export type { CompressedLayout, L2Format } from "./l2.js";
+// Entry layouts and the L1/L2/refcount-table entry classifier.
+export * from "./l2.js";
 export { encodeHeaderArea } from "./header-area.js";

@@ -33,6 +33,7 @@ export const OFLAG_COMPRESSED = mask64(1n << 62n);
 export const OFLAG_ZERO = mask64(1n);
 /** Refcount table entry bits 9..63: the refcount block's file offset. */
 export const REFTABLE_OFFSET_MASK = mask64(0xffff_ffff_ffff_fe00n);
+/** Refcount table entry bits 0..8, which must be zero. */
 export const REFTABLE_RESERVED_MASK = mask64(0x1ffn);
 
 /** Subclusters per cluster with extended L2 entries. */

@@ -35,7 +35,7 @@ export interface CheckOptions {
 
 /** The image's metadata, read as opening it would, without a driver (nothing to close). */
 function readLayout(backend: BlockBackend): Promise<Layout> {
-  return readQcow2Metadata(backend, { noBacking: true });
+  return readQcow2Metadata(backend, { noBacking: true, forCheck: true });
 }
 
 const DIRTY = 1n;

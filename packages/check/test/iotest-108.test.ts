@@ -64,6 +64,22 @@ describe("iotest 108: no refcount table", () => {
   });
 });
 
+describe("iotest 108: a refcount table of 0 clusters", () => {
+  for (const zeroOffset of [false, true]) {
+    it(`refcount_table_clusters 0${zeroOffset ? " and offset 0" : ""}: check opens it, same verdicts`, async (ctx) => {
+      if (!haveQemu()) return ctx.skip();
+      const f = join(scratch("108"), "t.qcow2");
+      create(f, SIZE);
+      qemuIo(f, "write -P 42 0 70001", "write -P 43 3000000 5555");
+      poke(f, 56, [0, 0, 0, 0]);
+      if (zeroOffset) poke(f, 0x30, be64(0n));
+      // Normal opens keep refusing it, as qemu-img info does.
+      expect(run("qemu-img", ["info", f], true).status).toBe(1);
+      await allVerdicts(f);
+    });
+  }
+});
+
 describe("iotest 108: an empty refcount table", () => {
   it("every entry zero: same verdicts, -r all rebuilds and keeps the data", async (ctx) => {
     if (!haveQemu()) return ctx.skip();

@@ -86,6 +86,11 @@ export interface ReadMetadataOptions {
   readonly backingFormat?: string | undefined;
   /** Backing and data files are not going to be opened: a data file need not be named. */
   readonly noBacking?: boolean | undefined;
+  /**
+   * Read for a consistency check, as `qemu-img check` opens an image: tolerate what only the
+   * check reports (a refcount table of 0 clusters). Normal opens refuse it.
+   */
+  readonly forCheck?: boolean | undefined;
 }
 
 /** Bytes a snapshot table entry takes, padded to 8 (QEMU's layout). */
@@ -129,7 +134,13 @@ export async function readQcow2Metadata(
   for (const e of extensions) {
     if (e.type === ExtensionType.featureNameTable) featureNames.push(...decodeFeatureNames(e.data));
   }
-  validateHeader(header, {
+  // qemu-img check opens an image whose refcount table has 0 clusters (and reports every
+  // cluster's refcount as 0); every other open refuses it.
+  const tolerated =
+    options.forCheck === true && header.refcountTableClusters === 0
+      ? { ...header, refcountTableClusters: 1 }
+      : header;
+  validateHeader(tolerated, {
     featureName: (type, bit) => featureNames.find((f) => f.type === type && f.bit === bit)?.name,
   });
   if (header.cryptMethod !== 0) {

@@ -10,8 +10,9 @@ import type { RepairMode } from "@qimg/check";
 import { FileBackend } from "@qimg/io/node";
 import type { CommandDef } from "../command.js";
 import { parseOutputFormat, stringOpt } from "../command.js";
-import { CliError, inFile } from "../errors.js";
-import { checkFormat, probeBackend } from "../open.js";
+import { CliError, FileContextError, inFile, messageOf } from "../errors.js";
+import type { CliContext } from "../context.js";
+import { checkFormat, openImage, probeBackend } from "../open.js";
 
 /** qemu-img's exit code for formats without a check (raw). */
 const NO_CHECK = 63;
@@ -58,6 +59,7 @@ export const checkCommand: CommandDef = {
         ctx.stderr("qimg: This image format does not support checks\n");
         return NO_CHECK;
       }
+      await requireBackingChain(ctx, file, fmt);
       const result = await inFile(file, () =>
         checkImage(backend, fmt as "qcow2" | "qed", { repair, filename: file }),
       );
@@ -77,3 +79,38 @@ export const checkCommand: CommandDef = {
     }
   },
 };
+
+/**
+ * qemu-img check opens the image with its backing chain (and external data file) first, and
+ * fails with exit 1 when a file of the chain cannot be opened — a missing backing file is no
+ * silent success. Damage in the image itself is left to the check: only an error raised once
+ * a file beyond the image was being opened counts here.
+ */
+async function requireBackingChain(ctx: CliContext, file: string, fmt: string): Promise<void> {
+  let opened = 0;
+  let image;
+  try {
+    image = await openImage(file, {
+      format: fmt,
+      readOnly: true,
+      forceShare: true,
+      ctx: { ...ctx, stderr: () => undefined },
+      onOpen: () => {
+        opened++;
+      },
+    });
+  } catch (e) {
+    if (opened < 2) return;
+    // qimg's own refusal to guess raw for a backing file is not qemu-img's: not a verdict here.
+    if (e instanceof FileContextError && e.error instanceof CliError) return;
+    const inner = e instanceof FileContextError ? e.file : undefined;
+    const why =
+      inner === undefined
+        ? messageOf(e, undefined)
+        : `Could not open '${inner}': ${messageOf(e, inner)}`;
+    throw new CliError(`Could not open '${file}': Could not open backing file: ${why}`, {
+      cause: e,
+    });
+  }
+  await image.close().catch(() => undefined);
+}

@@ -171,6 +171,19 @@ async function runCheck(
     layout = { ...layout, header };
   }
   const fileSize = await backend.size();
+  if (layout.snapshotTableError !== undefined) {
+    // qcow2_check_read_snapshot_table fails before anything is counted (qemu-img check -r all
+    // discards the extra data instead; not done here: nothing is written).
+    const { message, hint } = layout.snapshotTableError;
+    log("error", `ERROR failed to read the snapshot table: ${message}\n${hint}`);
+    return {
+      res: zeroCounters(),
+      imageEndOffset: 0,
+      totalClusters,
+      failure: "File too large",
+      rebuilt: false,
+    };
+  }
   let p = new Pass(backend, layout, fileSize, log, lost);
   let rebuilt = false;
   // qcow2_check_read_snapshot_table: a v3 entry needs at least 16 bytes of extra data.

@@ -68,6 +68,11 @@ export interface Qcow2Metadata {
   readonly snapshots: readonly SnapshotEntry[];
   /** Bytes of the snapshot table up to the end of its last entry (0 without snapshots). */
   readonly snapshotsSize: number;
+  /**
+   * Only with `forCheck`: why the snapshot table cannot be read as QEMU reads it (then
+   * `snapshots` is empty), with QEMU's hint; qemu-img check fails with it ("File too large").
+   */
+  readonly snapshotTableError?: { readonly message: string; readonly hint: string } | undefined;
   /** The bitmap directory (empty unless the bitmaps autoclear bit is set). */
   readonly bitmaps: readonly BitmapEntry[];
   /** Where the bitmap directory is, when the bitmaps extension is valid. */
@@ -91,6 +96,33 @@ export interface ReadMetadataOptions {
    * check reports (a refcount table of 0 clusters). Normal opens refuse it.
    */
   readonly forCheck?: boolean | undefined;
+}
+
+/**
+ * The first snapshot table entry (of `count`, in `bytes`, zeros past its end) whose extra data
+ * is longer than QEMU reads (1024 bytes): QEMU's check fails on it unless it repairs.
+ */
+function tooMuchExtra(
+  bytes: Uint8Array,
+  count: number,
+): Qcow2Metadata["snapshotTableError"] | undefined {
+  const u = (at: number, n: number): number => {
+    let v = 0;
+    for (let k = 0; k < n; k++) v = v * 256 + (at + k < bytes.byteLength ? bytes[at + k]! : 0);
+    return v;
+  };
+  let pos = 0;
+  for (let i = 0; i < count && pos < MAX_SNAPSHOT_TABLE_BYTES; i++) {
+    const extra = u(pos + 36, 4);
+    if (extra > 1024) {
+      return {
+        message: `Too much extra metadata in snapshot table entry ${i}`,
+        hint: "You can force-remove this extra metadata with qemu-img check -r all",
+      };
+    }
+    pos = Math.ceil((pos + 40 + extra + u(pos + 12, 2) + u(pos + 14, 2)) / 8) * 8;
+  }
+  return undefined;
 }
 
 /** Bytes a snapshot table entry takes, padded to 8 (QEMU's layout). */
@@ -221,6 +253,7 @@ export async function readQcow2Metadata(
   }
   // Snapshot table.
   let snapshots: SnapshotEntry[] = [];
+  let snapshotTableError: Qcow2Metadata["snapshotTableError"];
   if (header.nbSnapshots > 0) {
     // What lies past the end of the file reads as zeros, as QEMU reads it: a table there (or
     // entries running off the end) opens with empty entries, which check reports.
@@ -229,13 +262,15 @@ export async function readQcow2Metadata(
       Math.min(avail, MAX_SNAPSHOT_TABLE_BYTES, header.nbSnapshots * (40 + 1024 + 2 * 65535 + 8)),
     );
     if (bytes.byteLength > 0) await backend.read(header.snapshotsOffset, bytes);
-    snapshots = decodeSnapshotTable(
-      bytes,
-      header.nbSnapshots,
-      header.snapshotsOffset,
-      header.version,
-      { zeroPastEnd: true, maxBytes: MAX_SNAPSHOT_TABLE_BYTES },
-    );
+    if (options.forCheck === true) snapshotTableError = tooMuchExtra(bytes, header.nbSnapshots);
+    if (snapshotTableError === undefined)
+      snapshots = decodeSnapshotTable(
+        bytes,
+        header.nbSnapshots,
+        header.snapshotsOffset,
+        header.version,
+        { zeroPastEnd: true, maxBytes: MAX_SNAPSHOT_TABLE_BYTES },
+      );
   }
   // A snapshot L1 table larger than QEMU loads: the image opens read-only (QEMU fails only
   // when the snapshot is loaded, and check reports it); a read-write open refuses it.
@@ -296,6 +331,7 @@ export async function readQcow2Metadata(
     dataFileName,
     snapshots,
     snapshotsSize,
+    snapshotTableError,
     bitmaps,
     bitmapDirectory,
     encryptionHeader,

@@ -1,5 +1,5 @@
 import type { BlockBackend } from "@qimg/io";
-import { QED_F_NEED_CHECK } from "./spec/constants.js";
+import { QED_F_NEED_CHECK, QED_KNOWN_AUTOCLEAR_FEATURES } from "./spec/constants.js";
 import { encodeQedHeader } from "./spec/header.js";
 import { QedTable } from "./spec/table.js";
 import { QedImage, readQedMetadata } from "./image.js";
@@ -24,7 +24,18 @@ export async function checkQed(
   const backend = target;
   const repair = options.repair === true;
   const meta = await readQedMetadata(backend);
-  const { header, l1 } = meta;
+  const { l1 } = meta;
+  let header = meta.header;
+  if (repair && (header.autoclearFeatures & ~QED_KNOWN_AUTOCLEAR_FEATURES) !== 0n) {
+    // A read-write open clears the autoclear bits it does not know (as qemu-img check -r
+    // does, before checking).
+    header = {
+      ...header,
+      autoclearFeatures: header.autoclearFeatures & QED_KNOWN_AUTOCLEAR_FEATURES,
+    };
+    await backend.write(0, encodeQedHeader(header));
+    await backend.flush();
+  }
   let fileSize = meta.fileSize;
   const table = new QedTable(l1);
   const readL2 = async (offset: number): Promise<Uint8Array> => {

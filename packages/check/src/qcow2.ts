@@ -175,7 +175,7 @@ async function runCheck(
     // qcow2_check_read_snapshot_table fails before anything is counted (qemu-img check -r all
     // discards the extra data instead; not done here: nothing is written).
     const { message, hint } = layout.snapshotTableError;
-    log("error", `ERROR failed to read the snapshot table: ${message}\n${hint}`);
+    log("error", `ERROR ${message}\n${hint}`);
     return {
       res: zeroCounters(),
       imageEndOffset: 0,

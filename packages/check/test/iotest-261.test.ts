@@ -204,3 +204,24 @@ describe("iotest 261: too much extra data in a snapshot table entry", () => {
     expect(readFileSync(f).equals(before)).toBe(true);
   });
 });
+
+describe("iotest 261: more snapshots than QEMU reads", () => {
+  it("nb_snapshots 65537: check fails as qemu-img's (read-only and -r leaks)", async (ctx) => {
+    if (!haveQemu()) return ctx.skip();
+    const f = join(scratch("261"), "t.qcow2");
+    create(f, 64 * 1024 * 1024 - 1000);
+    qemuIo(f, "write -P 42 0 70001");
+    run("qemu-img", ["snapshot", "-c", "s0", f]);
+    poke(f, 60, [0, 1, 0, 1]);
+    expect(run("qemu-img", ["info", f], true).status).toBe(1);
+    const r = await expectSameReadOnly(f);
+    expect(r.failure).toBe("File too large");
+    await expectSameRepair(f, "leaks");
+    // -r all: qemu-img discards the overhanging snapshots; we do not (yet): our check fails
+    // as the read-only one does and leaves the file as it was.
+    const before = readFileSync(f);
+    const all = await ourCheck(f, "all");
+    expect(all instanceof Error ? all.message : all.exitCode).toBe(1);
+    expect(readFileSync(f).equals(before)).toBe(true);
+  });
+});

@@ -96,4 +96,34 @@ describe.skipIf(!hasQemu)(`missing backing file: qemu-img's verdicts (seed ${SEE
       });
     }
   }
+
+  for (const absolute of [false, true]) {
+    const size = 1 + Math.floor(rnd() * 50_000_000);
+    it(`qcow2 with a missing external data file (${absolute ? "absolute" : "relative"} name, size ${size})`, async () => {
+      const dir = join(tmp, `case${n++}`);
+      mkdirSync(dir, { recursive: true });
+      for (const side of ["theirs", "ours"]) {
+        const df = absolute ? join(dir, `${side}.raw`) : `${side}.raw`;
+        expect(
+          qemuImg(
+            ["create", "-q", "-f", "qcow2", "-o", `data_file=${df}`, `${side}.qcow2`, String(size)],
+            dir,
+          ).code,
+        ).toBe(0);
+        rmSync(join(dir, `${side}.raw`));
+      }
+      const same = (s: string): string =>
+        s.replaceAll("qemu-img:", "qimg:").replaceAll("theirs.", "ours.");
+      for (const args of [["check"], ["check", "--output=json"], ["check", "-r", "all"]]) {
+        const theirs = qemuImg([...args, "theirs.qcow2"], dir);
+        const ours = await qimg([...args, "ours.qcow2"], dir);
+        expect(theirs.code).toBe(1);
+        expect({ code: ours.code, stdout: ours.stdout, stderr: ours.stderr }).toEqual({
+          code: theirs.code,
+          stdout: theirs.stdout,
+          stderr: same(theirs.stderr),
+        });
+      }
+    });
+  }
 });

@@ -7,12 +7,14 @@
 import { Option, type Command } from "commander";
 import { checkImage, formatCheckHuman, formatCheckJson } from "@qimg/check";
 import type { RepairMode } from "@qimg/check";
+import type { BlockBackend } from "@qimg/io";
 import { FileBackend } from "@qimg/io/node";
+import { readQcow2Metadata } from "@qimg/qcow2";
 import type { CommandDef } from "../command.js";
 import { parseOutputFormat, stringOpt } from "../command.js";
 import { CliError, FileContextError, inFile, messageOf } from "../errors.js";
 import type { CliContext } from "../context.js";
-import { checkFormat, openImage, probeBackend } from "../open.js";
+import { checkFormat, combinePath, openImage, probeBackend } from "../open.js";
 
 /** qemu-img's exit code for formats without a check (raw). */
 const NO_CHECK = 63;
@@ -59,7 +61,7 @@ export const checkCommand: CommandDef = {
         ctx.stderr("qimg: This image format does not support checks\n");
         return NO_CHECK;
       }
-      await requireBackingChain(ctx, file, fmt);
+      await requireBackingChain(ctx, backend, file, fmt);
       const result = await inFile(file, () =>
         checkImage(backend, fmt as "qcow2" | "qed", { repair, filename: file }),
       );
@@ -86,7 +88,12 @@ export const checkCommand: CommandDef = {
  * silent success. Damage in the image itself is left to the check: only an error raised once
  * a file beyond the image was being opened counts here.
  */
-async function requireBackingChain(ctx: CliContext, file: string, fmt: string): Promise<void> {
+async function requireBackingChain(
+  ctx: CliContext,
+  backend: BlockBackend,
+  file: string,
+  fmt: string,
+): Promise<void> {
   let opened = 0;
   let image;
   try {
@@ -101,16 +108,23 @@ async function requireBackingChain(ctx: CliContext, file: string, fmt: string): 
     });
   } catch (e) {
     if (opened < 2) return;
-    // qimg's own refusal to guess raw for a backing file is not qemu-img's: not a verdict here.
+    // qimg's own refusal to guess raw for a backing file is not qemu-img's: no verdict here.
     if (e instanceof FileContextError && e.error instanceof CliError) return;
     const inner = e instanceof FileContextError ? e.file : undefined;
     const why =
       inner === undefined
         ? messageOf(e, undefined)
         : `Could not open '${inner}': ${messageOf(e, inner)}`;
-    throw new CliError(`Could not open '${file}': Could not open backing file: ${why}`, {
-      cause: e,
-    });
+    // qemu-img names a missing external data file without "backing file".
+    const dataFile =
+      fmt === "qcow2"
+        ? await readQcow2Metadata(backend).then(
+            (m) => (m.dataFileName === undefined ? undefined : combinePath(file, m.dataFileName)),
+            () => undefined,
+          )
+        : undefined;
+    const what = inner !== undefined && inner === dataFile ? "" : "Could not open backing file: ";
+    throw new CliError(`Could not open '${file}': ${what}${why}`, { cause: e });
   }
   await image.close().catch(() => undefined);
 }

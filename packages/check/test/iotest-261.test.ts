@@ -5,7 +5,15 @@
  * limit and more snapshots than QEMU's limit. Images are made by qemu-img, their snapshot
  * tables rewritten here, and checked by qemu-img and by us on twins.
  */
-import { readFileSync, statSync, writeFileSync } from "node:fs";
+import {
+  closeSync,
+  openSync,
+  readFileSync,
+  statSync,
+  truncateSync,
+  writeFileSync,
+  writeSync,
+} from "node:fs";
 import { join } from "node:path";
 import { describe, expect, it } from "vitest";
 import { haveQemu } from "./helpers.js";
@@ -223,5 +231,31 @@ describe("iotest 261: more snapshots than QEMU reads", () => {
     const all = await ourCheck(f, "all");
     expect(all instanceof Error ? all.message : all.exitCode).toBe(1);
     expect(readFileSync(f).equals(before)).toBe(true);
+  });
+});
+
+describe("iotest 261: a snapshot table over 64 MiB", () => {
+  it("65536 entries of 1024 bytes extra data: check fails as qemu-img's (read-only and -r leaks)", async (ctx) => {
+    if (!haveQemu()) return ctx.skip();
+    const f = join(scratch("261"), "t.qcow2");
+    create(f, 64 * 1024 * 1024 - 1000);
+    qemuIo(f, "write -P 42 0 70001");
+    // Entries of 40 + 1024 bytes (no id, no name, no L1 table) from 1 MiB on; only the extra
+    // data size fields are written (the rest is zeros, a sparse file).
+    const table = 1024 * 1024;
+    const n = 65536;
+    const fd = openSync(f, "r+");
+    try {
+      const size = Uint8Array.from([0, 0, 4, 0]);
+      for (let i = 0; i < n; i++) writeSync(fd, size, 0, 4, table + i * 1064 + 36);
+    } finally {
+      closeSync(fd);
+    }
+    truncateSync(f, table + n * 1064);
+    poke(f, 60, [0, 1, 0, 0, ...be64(BigInt(table))]);
+    expect(run("qemu-img", ["info", f], true).status).toBe(1);
+    const r = await expectSameReadOnly(f);
+    expect(r.failure).toBe("File too large");
+    await expectSameRepair(f, "leaks");
   });
 });

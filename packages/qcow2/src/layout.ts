@@ -102,7 +102,8 @@ export interface ReadMetadataOptions {
 
 /**
  * The first snapshot table entry (of `count`, in `bytes`, zeros past its end) whose extra data
- * is longer than QEMU reads (1024 bytes): QEMU's check fails on it unless it repairs.
+ * is longer than QEMU reads (1024 bytes), or that ends past QEMU's 64 MiB table limit: QEMU's
+ * check fails on it unless it repairs.
  */
 function tooMuchExtra(
   bytes: Uint8Array,
@@ -114,7 +115,7 @@ function tooMuchExtra(
     return v;
   };
   let pos = 0;
-  for (let i = 0; i < count && pos < MAX_SNAPSHOT_TABLE_BYTES; i++) {
+  for (let i = 0; i < count; i++) {
     const extra = u(pos + 36, 4);
     if (extra > 1024) {
       return {
@@ -122,7 +123,14 @@ function tooMuchExtra(
         hint: "You can force-remove this extra metadata with qemu-img check -r all",
       };
     }
-    pos = Math.ceil((pos + 40 + extra + u(pos + 12, 2) + u(pos + 14, 2)) / 8) * 8;
+    const end = pos + 40 + extra + u(pos + 12, 2) + u(pos + 14, 2);
+    if (end > MAX_SNAPSHOT_TABLE_BYTES) {
+      return {
+        message: "failed to read the snapshot table: Snapshot table is too big",
+        hint: `You can force-remove all ${count - i} overhanging snapshots with qemu-img check -r all`,
+      };
+    }
+    pos = Math.ceil(end / 8) * 8;
   }
   return undefined;
 }

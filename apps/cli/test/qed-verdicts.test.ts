@@ -116,6 +116,19 @@ describe.skipIf(!hasQemu)(`QED verdicts as qemu-img's (seed ${SEED})`, () => {
         expect(o2.code, `${label}; then ${t2.stdout}`).toBe(t2.code);
         expect(json(o2.stdout)).toEqual(json(t2.stdout));
       }
+      // The human summary on stdout (qimg adds per-item lines on stderr, qemu-img has none
+      // for QED), and the one error line when the image does not open.
+      {
+        const theirs = `${base.file}.human.theirs`;
+        const ours = `${base.file}.human.ours`;
+        copyFileSync(base.file, theirs);
+        copyFileSync(base.file, ours);
+        const t = qemuImg(["check", "-f", "qed", theirs]);
+        const o = await qimg(["check", "-f", "qed", ours]);
+        expect(o.code).toBe(t.code);
+        expect(o.stdout).toBe(t.stdout);
+        if (t.stdout === "") expect(o.stderr).toMatch(/^qimg: [^\n]+\n$/);
+      }
       // Opening for reading and for writing (qemu-io) gives the same exit code.
       for (const io of [
         ["-r", "-c", "read 0 512"],

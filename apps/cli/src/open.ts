@@ -17,7 +17,7 @@ import {
   type Qcow2WriteOptions,
   type WritableDiskImage,
 } from "./drivers.js";
-import { CliError, inFile } from "./errors.js";
+import { CliError, inFile, messageOf } from "./errors.js";
 import { PROBE_SIZE, probeFormat, probedRawWarning } from "./probe.js";
 
 /** Formats this build can open. */
@@ -181,6 +181,14 @@ export function fileBackingOpener(
       const backend = await FileBackend.open(path, {
         readOnly: request.readOnly,
         forceShare: share,
+      }).catch((e: unknown) => {
+        // A backing file that cannot be opened (missing, no permission) is named as qemu
+        // names it, attributed to the image that refers to it.
+        if (!(e instanceof Error) || !e.message.includes(": open failed: ")) throw e;
+        throw new CliError(
+          `Could not open backing file: Could not open '${path}': ${messageOf(e, path)}`,
+          { file: request.relativeTo, cause: e },
+        );
       });
       return openOnBackend(backend, request.format, {
         readOnly: request.readOnly,

@@ -82,17 +82,28 @@ describe.skipIf(!hasQemu)(`missing backing file: qemu-img's verdicts (seed ${SEE
           expect(theirs.code).toBe(1);
           expect(ours.code).toBe(theirs.code);
           expect(ours.stdout).toBe("");
+          // qimg's one line names the file as "qimg: <file>: <why>", where qemu-img says
+          // "Could not open '<file>': <why>": the same why.
+          expect(firstLine(ours.stderr)).toBe(
+            `qimg: ${oursFile}: ${firstLine(theirs.stderr).replace(`qemu-img: Could not open '${theirsFile}': `, "")}`,
+          );
         }
         const tc = qemuImg(["convert", "-O", "raw", theirsFile, "theirs.raw"], dir);
         const oc = await qimg(["convert", "-O", "raw", oursFile, "ours.raw"], dir);
         expect(tc.code).toBe(1);
         expect(oc.code).toBe(tc.code);
+        expect(firstLine(oc.stderr)).toBe(
+          `qimg: ${oursFile}: ${firstLine(tc.stderr).replace(`qemu-img: Could not open '${theirsFile}': `, "")}`,
+        );
         expect(existsSync(join(dir, "theirs.raw"))).toBe(false);
         expect(existsSync(join(dir, "ours.raw"))).toBe(false);
         const tio = qemuIo(["-c", "read 0 512", theirsFile], dir);
         const oio = await qimg(["io", "-c", "read 0 512", oursFile], dir);
         expect(tio.code).toBe(1);
         expect(oio.code).toBe(tio.code);
+        expect(firstLine(oio.stderr)).toBe(
+          `qimg: ${oursFile}: ${firstLine(tio.stderr).replace(`qemu-io: can't open device ${theirsFile}: `, "")}`,
+        );
       });
     }
   }

@@ -110,6 +110,14 @@ async function requireBackingChain(
     if (opened < 2) return;
     // qimg's own refusal to guess raw for a backing file is not qemu-img's: no verdict here.
     if (e instanceof FileContextError && e.error instanceof CliError) return;
+    // The backing opener's own line for a backing file that cannot be opened.
+    if (
+      e instanceof CliError &&
+      e.file !== undefined &&
+      e.message.startsWith("Could not open backing file: ")
+    ) {
+      throw new CliError(`Could not open '${e.file}': ${e.message}`, { cause: e });
+    }
     const inner = e instanceof FileContextError ? e.file : undefined;
     const why =
       inner === undefined

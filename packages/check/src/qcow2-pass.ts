@@ -13,7 +13,7 @@ import {
   reftableOffset,
   reftableReservedBits,
 } from "@qimg/qcow2";
-import type { L2Format, Qcow2Metadata, TableSource } from "@qimg/qcow2";
+import type { L2Format, Qcow2Metadata, SnapshotEntry, TableSource } from "@qimg/qcow2";
 import { createClusterCounts, maxRefcount } from "@qimg/refcount";
 import type { ClusterCounts } from "@qimg/refcount";
 import { U64TableView } from "@qimg/structs";
@@ -65,6 +65,32 @@ export const M_L1 = 2;
 export const M_REFTABLE = 4;
 export const M_REFBLOCK = 8;
 export const M_SNAPTABLE = 16;
+
+/**
+ * Whether the snapshot table looks like garbage rather than a table with short entries: a
+ * version 3 entry without the 16 bytes of extra data it needs, beside an ID or name that is
+ * not UTF-8 or an L1 table that is unaligned or outside the file. (A snapshot table offset
+ * that points at the wrong bytes gives such entries.) Repairs then neither rewrite the table
+ * nor let it outrank the tables and data it overlaps: QEMU trusts it no more than that either.
+ */
+export function suspectSnapshotTable(
+  layout: {
+    readonly header: { readonly version: number };
+    readonly snapshots: readonly SnapshotEntry[];
+  },
+  fileSize: number,
+  clusterSize: number,
+): boolean {
+  if (layout.header.version < 3) return false;
+  if (!layout.snapshots.some((sn) => sn.extraData.byteLength < 16)) return false;
+  return layout.snapshots.some(
+    (sn) =>
+      sn.id.includes("\uFFFD") ||
+      sn.name.includes("\uFFFD") ||
+      sn.l1TableOffset % clusterSize !== 0 ||
+      (sn.l1Size > 0 && (sn.l1TableOffset === 0 || sn.l1TableOffset + sn.l1Size * 8 > fileSize)),
+  );
+}
 export const M_BITMAP = 32;
 export const M_CRYPTO = 64;
 export const M_L2 = 128;

@@ -35,6 +35,7 @@ import {
   M_REFTABLE,
   M_SELF,
   M_SNAPTABLE,
+  suspectSnapshotTable,
   MAX_L1_ENTRIES,
   hex64,
 } from "./qcow2-pass.js";
@@ -55,7 +56,8 @@ export async function buildMetaMap(p: Pass): Promise<void> {
   const cs = p.cs;
   p.meta = new Uint16Array(Math.ceil(p.fileSize / cs));
   p.mark(0, cs, M_HEADER);
-  p.mark(h.snapshotsOffset, L.snapshotsSize, M_SNAPTABLE);
+  if (!suspectSnapshotTable(L, p.fileSize, cs))
+    p.mark(h.snapshotsOffset, L.snapshotsSize, M_SNAPTABLE);
   p.mark(h.refcountTableOffset, h.refcountTableClusters * cs, M_REFTABLE);
   const rt = p.stored.table;
   for (let i = 0; i < rt.length; i++) {

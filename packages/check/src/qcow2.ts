@@ -17,6 +17,7 @@ import {
   FIX_LEAKS,
   MAX_L1_ENTRIES,
   Pass,
+  suspectSnapshotTable,
   zeroCounters,
 } from "./qcow2-pass.js";
 import type { Counters, Layout } from "./qcow2-pass.js";
@@ -275,9 +276,17 @@ async function runCheck(
     else await checkOflagCopied(p, fix);
     if (fix !== 0) await backend.flush();
     if (incomplete.length > 0 && fix & FIX_ERRORS) {
-      const header = await rewriteSnapshotTable(p, layout);
+      // A table that looks like garbage is left as it is (IDs and names that are not UTF-8
+      // would be rewritten as U+FFFD; L1 tables outside the file would be kept).
+      const lossy = suspectSnapshotTable(layout, await backend.size(), p.cs);
+      const header = lossy ? undefined : await rewriteSnapshotTable(p, layout);
       if (header === undefined) {
-        log("error", "ERROR failed to update the snapshot table: no refcount block for it");
+        log(
+          "error",
+          lossy
+            ? "ERROR failed to update the snapshot table: its entries do not look like snapshots"
+            : "ERROR failed to update the snapshot table: no refcount block for it",
+        );
         p.res.corruptionsFixed -= incomplete.length;
         p.res.corruptions += incomplete.length;
       } else {

@@ -242,7 +242,9 @@ async function runCase(
       raw,
     ]);
     if (conv.code !== 0) {
-      if (before === undefined) continue;
+      // qemu-img check opens some images its other commands refuse (a refcount table of 0
+      // clusters): an image left byte for byte as it was is not worse.
+      if (before === undefined || Buffer.compare(after, bytes) === 0) continue;
       return fail(`qemu-img convert cannot read the repaired image: ${conv.stderr.trim()}`);
     }
     const changed = firstChangedCluster(model, new Uint8Array(readFileSync(raw)));
@@ -263,7 +265,11 @@ function factsOf(format: "qcow2" | "qed", bytes: Uint8Array): string {
   const entries: string[] = [];
   const start = Number(head.getBigUint64(64, false));
   const count = head.getUint32(60, false);
-  if (start > bytes.byteLength + 2 ** 20) return JSON.stringify({ ...facts, entries: "far" });
+  if (start >= bytes.byteLength) {
+    // Wholly past the end of the file: every entry reads as 40 zero bytes.
+    const zeros = Array.from({ length: Math.min(count, 100) }, () => "0/0/");
+    return JSON.stringify({ ...facts, snapshotsOffset: undefined, entries: zeros });
+  }
   // Past the end of the file the table reads as zeros (as QEMU reads it).
   const padded = new Uint8Array(Math.max(bytes.byteLength, start + 2 ** 20));
   padded.set(bytes);

@@ -128,8 +128,12 @@ async function rewriteSnapshotTable(
   }
   const table = new Uint8Array(n * cs);
   table.set(bytes);
+  // Each new cluster needs a refcount block that is really in the file (a refcount table
+  // found in the wrong place names garbage offsets).
+  const fileSize = await backend.size();
   for (let c = at / cs; c < at / cs + n; c++) {
-    if (p.stored.blockOffsetOf(c) === 0) return undefined;
+    const block = p.stored.blockOffsetOf(c);
+    if (!(block > 0 && block % cs === 0 && block + cs <= fileSize)) return undefined;
   }
   await backend.write(at, table);
   await backend.flush();
@@ -285,7 +289,7 @@ async function runCheck(
           "error",
           lossy
             ? "ERROR failed to update the snapshot table: its entries do not look like snapshots"
-            : "ERROR failed to update the snapshot table: no refcount block for it",
+            : "ERROR failed to update the snapshot table: no usable refcount block for it",
         );
         p.res.corruptionsFixed -= incomplete.length;
         p.res.corruptions += incomplete.length;

@@ -5,13 +5,30 @@
  */
 import { spawnSync } from "node:child_process";
 import fs from "node:fs";
+import os from "node:os";
 import path from "node:path";
+import { afterAll } from "vitest";
 import { FileBackend } from "@qimg/io/node";
 import { RawImage } from "@qimg/io";
 import type { BackingOpener } from "@qimg/io";
 import { openQcow2 } from "../src/index.js";
 import type { Qcow2Image, Qcow2OpenOptions } from "../src/index.js";
 import { prng } from "./prng.js";
+
+/**
+ * A scratch directory for this test file (removed after it), and a function that makes a new
+ * empty subdirectory in it for each case.
+ */
+export function scratchDirs(prefix: string): () => string {
+  const tmp = fs.mkdtempSync(path.join(os.tmpdir(), prefix));
+  afterAll(() => fs.rmSync(tmp, { recursive: true, force: true }));
+  let dirs = 0;
+  return () => {
+    const d = path.join(tmp, `t${dirs++}`);
+    fs.mkdirSync(d);
+    return d;
+  };
+}
 
 export type Op =
   | { readonly k: "write"; readonly off: number; readonly len: number; readonly seed: number }

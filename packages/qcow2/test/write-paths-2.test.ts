@@ -7,9 +7,8 @@
  * compressed write shows whether a cluster was freed (QEMU only fills unallocated clusters).
  */
 import fs from "node:fs";
-import os from "node:os";
 import path from "node:path";
-import { afterAll, describe, expect, it } from "vitest";
+import { describe, expect, it } from "vitest";
 import { requireQemu } from "@qimg/fixtures";
 import {
   compareImages,
@@ -20,6 +19,7 @@ import {
   qemuImg,
   qemuIoOps,
   qemuMap,
+  scratchDirs,
 } from "./twins.js";
 import type { Op } from "./twins.js";
 import { prng } from "./prng.js";
@@ -27,15 +27,7 @@ import { prng } from "./prng.js";
 const haveQemu = requireQemu();
 if (!haveQemu) console.log("skipping write-path twin tests (2): qemu-img/qemu-io are not on PATH");
 const LONG = process.env.QIMG_LONG === "1";
-const tmp = fs.mkdtempSync(path.join(os.tmpdir(), "qimg-twins2-"));
-afterAll(() => fs.rmSync(tmp, { recursive: true, force: true }));
-
-let dirs = 0;
-function freshDir(): string {
-  const d = path.join(tmp, `t${dirs++}`);
-  fs.mkdirSync(d);
-  return d;
-}
+const freshDir = scratchDirs("qimg-twins2-");
 
 /** Creates twins a.qcow2 (for qemu-io) and b.qcow2 (for the driver). */
 function createTwins(dir: string, opts: string, size: number, backing?: string): void {

@@ -5,9 +5,8 @@
  * like what QEMU stores. Seeds are printed on failure; QIMG_LONG=1 runs more of them.
  */
 import fs from "node:fs";
-import os from "node:os";
 import path from "node:path";
-import { afterAll, describe, expect, it } from "vitest";
+import { describe, expect, it } from "vitest";
 import { requireQemu } from "@qimg/fixtures";
 import {
   compareImages,
@@ -23,6 +22,7 @@ import {
   qemuMap,
   qemuRaw,
   randomOps,
+  scratchDirs,
 } from "./twins.js";
 import type { Op } from "./twins.js";
 import { prng } from "./prng.js";
@@ -30,15 +30,7 @@ import { prng } from "./prng.js";
 const haveQemu = requireQemu();
 if (!haveQemu) console.log("skipping write-path twin tests: qemu-img/qemu-io are not on PATH");
 const LONG = process.env.QIMG_LONG === "1";
-const tmp = fs.mkdtempSync(path.join(os.tmpdir(), "qimg-twins-"));
-afterAll(() => fs.rmSync(tmp, { recursive: true, force: true }));
-
-let dirs = 0;
-function freshDir(): string {
-  const d = path.join(tmp, `t${dirs++}`);
-  fs.mkdirSync(d);
-  return d;
-}
+const freshDir = scratchDirs("qimg-twins-");
 
 function create(dir: string, name: string, opts: string, size: number, backing?: string): void {
   const args = ["create", "-f", "qcow2", "-o", opts, name, String(size)];

@@ -13,4 +13,5 @@ export const COMMAND_NAMES: readonly string[] = [
   "io",
   "map",
   "resize",
+  // @names: one line per new command below this marker
 ];

@@ -205,6 +205,26 @@ export class Qcow2Image implements WritableDiskImage {
   close(): Promise<void> {
     return closeImage(this.#s);
   }
+
+  // @snapshots (issue 14: snapshot.ts) — methods go here
+
+  // @bitmaps (issue 14: bitmap management) — methods go here
+
+  // @amend (issue 15: amend.ts) — methods go here
+
+  // @shrink (issue 15: resize --shrink, measure) — methods go here
+
+  // @backing (issue 15: commit/rebase, backing-file changes) — methods go here
+
+  /** @internal The shared driver state, for the package's own modules (not exported from index.ts). */
+  static stateOf(image: Qcow2Image): Qcow2State {
+    return image.#s;
+  }
+}
+
+/** @internal The driver state behind `image`, for modules of this package that work on a whole image. */
+export function qcow2State(image: Qcow2Image): Qcow2State {
+  return Qcow2Image.stateOf(image);
 }
 
 /** Open a qcow2 image (read-only unless `readOnly: false`). */

@@ -91,3 +91,8 @@ export type { Qcow2Metadata, ReadMetadataOptions, FileRange } from "./layout.js"
 export type { Compressor } from "./image.js";
 export type { ClusterDecompressor } from "./types.js";
 export { defaultCompress } from "./compress.js";
+// @snapshots exports (issue 14)
+// @bitmaps exports (issue 14)
+// @amend exports (issue 15)
+// @shrink exports (issue 15)
+// @backing exports (issue 15)

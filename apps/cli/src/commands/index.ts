@@ -9,6 +9,7 @@ import { infoCommand } from "./info.js";
 import { ioCommand } from "./io.js";
 import { mapCommand } from "./map.js";
 import { resizeCommand } from "./resize.js";
+// @imports: one line per new command below this marker, each helper its own line
 
 /** Every command qimg has, in the order `--help` lists them. */
 export const COMMANDS: readonly CommandDef[] = [
@@ -22,4 +23,5 @@ export const COMMANDS: readonly CommandDef[] = [
   ioCommand,
   mapCommand,
   resizeCommand,
+  // @entries: one line per new command below this marker, each helper its own line
 ];

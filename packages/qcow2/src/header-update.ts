@@ -45,6 +45,7 @@ const U32_FIELDS: ReadonlySet<UpdatableHeaderField> = new Set([
   "l1Size",
   "refcountTableClusters",
   "nbSnapshots",
+  "refcountOrder",
 ]);
 const BITS_FIELDS: ReadonlySet<UpdatableHeaderField> = new Set([
   "incompatibleFeatures",
@@ -75,6 +76,9 @@ export function planHeaderFieldWrite(
       );
     }
     const field = key as UpdatableHeaderField;
+    if (field === "refcountOrder" && header.version === 2) {
+      throw new InvalidArgumentError(`a version 2 qcow2 header has no ${field} field`);
+    }
     if (BITS_FIELDS.has(field)) {
       if (header.version === 2) {
         throw new InvalidArgumentError(`a version 2 qcow2 header has no ${field} field`);

@@ -31,6 +31,8 @@ import { guestWriteCompressed } from "./compressed.js";
 import { resizeImage } from "./resize.js";
 import { closeImage, flushImage } from "./flush.js";
 import type { Qcow2Info, Qcow2OpenOptions } from "./types.js";
+import { amendImage } from "./amend.js"; // @amend
+import type { Qcow2AmendOptions } from "./amend.js"; // @amend
 
 export type { Compressor, Qcow2OpenOptions } from "./types.js";
 
@@ -211,6 +213,15 @@ export class Qcow2Image implements WritableDiskImage {
   // @bitmaps (issue 14: bitmap management) — methods go here
 
   // @amend (issue 15: amend.ts) — methods go here
+
+  /**
+   * Change image options as `qemu-img amend -o` does (compat, lazy_refcounts, refcount_bits,
+   * data_file, data_file_raw, size; the backing file only to itself). Every refusal comes
+   * before the first write. See {@link Qcow2AmendOptions}.
+   */
+  amend(options: Qcow2AmendOptions): Promise<void> {
+    return amendImage(this.#s, options);
+  }
 
   // @shrink (issue 15: resize --shrink, measure) — methods go here
 

@@ -94,5 +94,7 @@ export { defaultCompress } from "./compress.js";
 // @snapshots exports (issue 14)
 // @bitmaps exports (issue 14)
 // @amend exports (issue 15)
+export { compatVersion } from "./amend.js";
+export type { Qcow2AmendOptions } from "./amend.js";
 // @shrink exports (issue 15)
 // @backing exports (issue 15)

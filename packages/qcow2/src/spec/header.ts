@@ -439,9 +439,10 @@ export type UpdatableHeaderField =
   | "snapshotsOffset"
   | "incompatibleFeatures"
   | "compatibleFeatures"
-  | "autoclearFeatures";
+  | "autoclearFeatures"
+  | "refcountOrder";
 
-/** Byte offset and width of each {@link UpdatableHeaderField} (all inside the first 96 bytes). */
+/** Byte offset and width of each {@link UpdatableHeaderField} (all inside the first 100 bytes). */
 export const UPDATABLE_HEADER_FIELDS: Readonly<
   Record<UpdatableHeaderField, { readonly offset: number; readonly width: number }>
 > = {
@@ -455,6 +456,8 @@ export const UPDATABLE_HEADER_FIELDS: Readonly<
   incompatibleFeatures: { offset: HEADER_V3_FIELDS.incompatibleFeatures.offset, width: 8 },
   compatibleFeatures: { offset: HEADER_V3_FIELDS.compatibleFeatures.offset, width: 8 },
   autoclearFeatures: { offset: HEADER_V3_FIELDS.autoclearFeatures.offset, width: 8 },
+  // Changed together with the refcount table (amend's refcount width change): one write of 52 bytes at 48.
+  refcountOrder: { offset: HEADER_V3_FIELDS.refcountOrder.offset, width: 4 },
 };
 
 /**

@@ -8,13 +8,17 @@
  * - every write, write-zeroes, discard and compressed write sets the dirty bits of the guest
  *   range it was asked to change in each enabled (AUTO) bitmap: one in-memory bit per
  *   granularity chunk;
+ * - management (bitmap-manage.ts) adds, removes, clears, enables, disables and merges bitmaps
+ *   in memory, as QEMU's block layer does; nothing of it reaches the disk before the close;
  * - clean close: the new bits are merged with the stored ones into fresh clusters, each
  *   changed bitmap gets a fresh table (larger after a resize), and the directory then points
- *   at them with IN_USE cleared, the same careful way; the replaced clusters are freed last.
+ *   at them with IN_USE cleared, the same careful way (or, when bitmaps were added or
+ *   removed, a new directory is written to fresh clusters and one header-area update switches
+ *   to it); the replaced clusters are freed last.
  *
  * A crash leaves the bitmaps IN_USE, which QEMU reports as inconsistent, as it should.
- * Bitmaps already in use at open are left exactly as they are; disabled bitmaps keep their
- * data (their table only grows with the disk).
+ * Bitmaps already in use at open are left exactly as they are (they can only be removed);
+ * disabled bitmaps keep their data (their table only grows with the disk).
  */
 import {
   CorruptImageError,
@@ -24,7 +28,12 @@ import {
 } from "@qimg/structs";
 import type { U64TableView } from "@qimg/structs";
 import type { BlockBackend } from "@qimg/io";
-import { BitmapFlag, bitmapDirectorySlots, patchBitmapDirEntry } from "./spec/bitmap-directory.js";
+import {
+  BitmapFlag,
+  bitmapDirectorySlots,
+  encodeBitmapDirectory,
+  patchBitmapDirEntry,
+} from "./spec/bitmap-directory.js";
 import type { BitmapDirSlot, BitmapEntry } from "./spec/bitmap-directory.js";
 import {
   BITMAP_MAX_DATA_BYTES,
@@ -38,6 +47,13 @@ import {
   bitmapTableView,
   classifyBitmapTableEntry,
 } from "./spec/bitmap-table.js";
+
+/** Where the bitmap directory is, and how many entries it has. */
+export interface BitmapDirectoryLocation {
+  readonly offset: number;
+  readonly length: number;
+  readonly count: number;
+}
 
 /** What the bitmap module needs from the driver. */
 export interface BitmapHost {
@@ -57,12 +73,19 @@ export interface BitmapHost {
    * corrupt) when [offset, +length) holds other metadata.
    */
   checkDirectoryWrite(offset: number, length: number): Promise<void>;
+  /**
+   * Point the header at another directory (undefined: no bitmaps any more) with one
+   * header-area update: the bitmaps extension and the autoclear bit; durable when it
+   * resolves. Needed only once bitmaps were added or removed.
+   */
+  switchDirectory?(dir: BitmapDirectoryLocation | undefined): Promise<void>;
 }
 
-/** One bitmap of the directory, as this open sees it. */
+/** One bitmap, as this open sees it. */
 interface Tracked {
   readonly name: string;
-  readonly slot: BitmapDirSlot;
+  /** Where its entry is in the directory read at open (undefined for a bitmap added now). */
+  readonly slot: BitmapDirSlot | undefined;
   /** Flags at open (before this open marked it in use). */
   readonly flags: number;
   readonly granularityBits: number;
@@ -70,21 +93,37 @@ interface Tracked {
   /** Not in use at open: this open owns it and stores it back at close. */
   readonly consistent: boolean;
   /** Consistent and AUTO: writes set its bits. */
-  readonly enabled: boolean;
+  enabled: boolean;
   tableOffset: number;
   tableSize: number;
-  /** The table as read at open (consistent bitmaps only). */
+  /** The table as stored (consistent bitmaps only; undefined for a bitmap added now). */
   table: U64TableView | undefined;
-  /** Bits set since open (enabled bitmaps only; merged into the stored bits at close). */
+  /**
+   * Bits set since open (merged into the stored bits at close), or with `full` every bit of
+   * the bitmap (the stored ones no longer count: written afresh at close).
+   */
   bits: Uint8Array;
+  full: boolean;
   /** One byte per bitmap table entry: 1 when `bits` has new bits in that cluster's range. */
   changed: Uint8Array;
+}
+
+/** A bitmap of this open, for the management and reading code (bitmap-manage.ts). */
+export interface TrackedBitmap {
+  readonly name: string;
+  readonly granularityBits: number;
+  readonly granularity: number;
+  /** False for a bitmap that was in use on disk when opened (inconsistent). */
+  readonly consistent: boolean;
+  readonly enabled: boolean;
+  /** Flags on disk at open (0 for a bitmap added now). */
+  readonly flags: number;
 }
 
 const EMPTY = new Uint8Array(0);
 
 /** Set bits [first, last] of `bits` (least significant bit first in each byte). */
-function setBitRange(bits: Uint8Array, first: number, last: number): void {
+export function setBitRange(bits: Uint8Array, first: number, last: number): void {
   const fb = Math.floor(first / 8);
   const lb = Math.floor(last / 8);
   const head = (0xff << (first % 8)) & 0xff;
@@ -99,23 +138,65 @@ function setBitRange(bits: Uint8Array, first: number, last: number): void {
 }
 
 /**
- * The persistent bitmaps of one read-write open. Create with {@link PersistentBitmaps.load}, then {@link markInUse};
- * call {@link setDirty} for every guest range a request changes and {@link store} on a
- * clean close.
+ * Read bitmap data cluster `c` (as `table` says: zeros, ones or a data cluster) into `out`
+ * (`clusterSize` bytes). Returns false for a table entry that breaks the spec.
+ */
+async function readChunk(
+  backend: BlockBackend,
+  table: U64TableView,
+  c: number,
+  cs: number,
+  out: Uint8Array,
+): Promise<boolean> {
+  if (c >= table.length) {
+    out.fill(0);
+    return true;
+  }
+  const kind = classifyBitmapTableEntry(table, c, cs);
+  if (typeof kind === "string") return false;
+  if (kind.kind === BitmapChunk.ones) out.fill(0xff);
+  else if (kind.kind === BitmapChunk.zeros) out.fill(0);
+  else await backend.read(kind.offset, out);
+  return true;
+}
+
+/** The data clusters a bitmap table points at (entries that break the spec are skipped). */
+function dataClusters(table: U64TableView, cs: number): number[] {
+  const out: number[] = [];
+  for (let c = 0; c < table.length; c++) {
+    const kind = classifyBitmapTableEntry(table, c, cs);
+    if (typeof kind !== "string" && kind.kind === BitmapChunk.data) out.push(kind.offset);
+  }
+  return out;
+}
+
+/**
+ * The persistent bitmaps of one read-write open. Create with {@link PersistentBitmaps.load}
+ * (or {@link PersistentBitmaps.empty}), then {@link markInUse}; call {@link setDirty} for
+ * every guest range a request changes and {@link store} on a clean close.
  */
 export class PersistentBitmaps {
   /** Enabled, consistent bitmaps (the hot path walks only these). */
-  private readonly active: Tracked[];
+  private active: Tracked[];
   private stored = false;
+  /** Bitmaps were added or removed: the close writes a new directory. */
+  private restructured = false;
+  /** Removed bitmaps' tables (offset, entries), freed after the new directory is in effect. */
+  private readonly removed: { tableOffset: number; tableSize: number }[] = [];
 
   private constructor(
-    private readonly host: BitmapHost,
+    private host: BitmapHost,
     private readonly dirOffset: number,
     private readonly dir: Uint8Array,
     private readonly tracked: Tracked[],
     private size: number,
   ) {
     this.active = tracked.filter((t) => t.enabled);
+  }
+
+  /** A set with no bitmaps yet (an image without a bitmap directory), for adding some. */
+  static empty(host: BitmapHost, virtualSize: number): PersistentBitmaps {
+    return new PersistentBitmaps(host, 0, EMPTY, [], virtualSize);
   }
 
   /**
@@ -212,17 +293,23 @@ export class PersistentBitmaps {
         tableSize: e.bitmapTableSize,
         table,
         bits: enabled ? new Uint8Array(bitmapDataBytes(virtualSize, e.granularityBits)) : EMPTY,
+        full: false,
         changed: enabled ? new Uint8Array(e.bitmapTableSize) : EMPTY,
       });
     }
     return new PersistentBitmaps(host, directory.offset, dir, tracked, virtualSize);
   }
 
+  /** Replace the driver callbacks (the management code brings one that can switch directories). */
+  useHost(host: BitmapHost): void {
+    this.host = host;
+  }
+
   /** Mark every consistent bitmap in use on disk (QEMU does this for all it loads). */
   async markInUse(): Promise<void> {
     let any = false;
     for (const t of this.tracked) {
-      if (!t.consistent) continue;
+      if (!t.consistent || !t.slot) continue;
       any = true;
       patchBitmapDirEntry(this.dir, t.slot.position, {
         bitmapTableOffset: t.tableOffset,
@@ -283,16 +370,142 @@ export class PersistentBitmaps {
       throw new InvalidArgumentError("persistent bitmaps cannot be shrunk");
     }
     this.size = newSize;
+    for (const t of this.tracked) if (t.bits.length > 0 || t.full) this.grow(t);
+  }
+
+  /** Size `t.bits` and `t.changed` for the current disk size (new bits clean). */
+  private grow(t: Tracked): void {
     const cs = this.host.clusterSize;
-    for (const t of this.active) {
-      const bits = new Uint8Array(bitmapDataBytes(newSize, t.granularityBits));
-      bits.set(t.bits);
+    const n = bitmapDataBytes(this.size, t.granularityBits);
+    if (t.bits.length !== n) {
+      const bits = new Uint8Array(n);
+      bits.set(t.bits.subarray(0, Math.min(n, t.bits.length)));
       t.bits = bits;
-      const changed = new Uint8Array(bitmapTableSize(newSize, t.granularityBits, cs));
-      changed.set(t.changed);
+    }
+    const m = bitmapTableSize(this.size, t.granularityBits, cs);
+    if (t.changed.length !== m) {
+      const changed = new Uint8Array(m);
+      changed.set(t.changed.subarray(0, Math.min(m, t.changed.length)));
       t.changed = changed;
     }
   }
+
+  // ------------------------------------------------------------------ management (in memory)
+
+  /** Every bitmap of this open, in directory order (added ones last). */
+  list(): TrackedBitmap[] {
+    return this.tracked.map((t) => ({
+      name: t.name,
+      granularityBits: t.granularityBits,
+      granularity: t.granularity,
+      consistent: t.consistent,
+      enabled: t.enabled,
+      flags: t.flags,
+    }));
+  }
+
+  /** The virtual size the bitmaps cover. */
+  get virtualSize(): number {
+    return this.size;
+  }
+
+  private find(name: string): Tracked | undefined {
+    return this.tracked.find((t) => t.name === name);
+  }
+
+  /** Add an empty bitmap (the caller checked name and granularity). */
+  add(name: string, granularityBits: number, enabled: boolean): void {
+    const t: Tracked = {
+      name,
+      slot: undefined,
+      flags: 0,
+      granularityBits,
+      granularity: 2 ** granularityBits,
+      consistent: true,
+      enabled,
+      tableOffset: 0,
+      tableSize: 0,
+      table: undefined,
+      bits: EMPTY,
+      full: true,
+      changed: EMPTY,
+    };
+    this.grow(t);
+    this.tracked.push(t);
+    this.restructured = true;
+    this.refreshActive();
+  }
+
+  /** Drop a bitmap; its clusters are freed once the close has written the new directory. */
+  remove(name: string): void {
+    const i = this.tracked.findIndex((t) => t.name === name);
+    if (i < 0) return;
+    const t = this.tracked[i]!;
+    this.tracked.splice(i, 1);
+    if (t.tableOffset !== 0)
+      this.removed.push({ tableOffset: t.tableOffset, tableSize: t.tableSize });
+    this.restructured = true;
+    this.refreshActive();
+  }
+
+  /** Turn recording on or off for a consistent bitmap. */
+  setEnabled(name: string, enabled: boolean): void {
+    const t = this.find(name);
+    if (!t || !t.consistent || t.enabled === enabled) return;
+    t.enabled = enabled;
+    if (enabled) this.grow(t);
+    this.refreshActive();
+  }
+
+  /** Clear every bit of a consistent bitmap. */
+  clear(name: string): void {
+    const t = this.find(name);
+    if (!t || !t.consistent) return;
+    t.full = true;
+    t.bits = EMPTY;
+    t.changed = EMPTY;
+    this.grow(t);
+  }
+
+  /**
+   * Set the bits of `name` that cover guest bytes [offset, +length) (a merge from another
+   * bitmap, whatever its granularity).
+   */
+  setRange(name: string, offset: number, length: number): void {
+    const t = this.find(name);
+    if (!t || !t.consistent || length <= 0) return;
+    if (t.bits.length === 0) this.grow(t);
+    const first = Math.floor(offset / t.granularity);
+    const last = Math.floor((Math.min(offset + length, this.size) - 1) / t.granularity);
+    if (last < first) return;
+    setBitRange(t.bits, first, last);
+    const perChunk = this.host.clusterSize * 8;
+    t.changed.fill(1, Math.floor(first / perChunk), Math.floor(last / perChunk) + 1);
+  }
+
+  private refreshActive(): void {
+    this.active = this.tracked.filter((t) => t.consistent && t.enabled);
+  }
+
+  /**
+   * Bitmap data cluster `c` of `name` as this open sees it (stored bits or'ed with the bits
+   * set since open), into `out` (`clusterSize` bytes).
+   */
+  async chunk(name: string, c: number, out: Uint8Array): Promise<void> {
+    const t = this.find(name);
+    if (!t || !t.consistent) throw new InvalidArgumentError(`no consistent bitmap '${name}'`);
+    const cs = this.host.clusterSize;
+    if (!t.full && t.table) {
+      if (!(await readChunk(this.host.backend, t.table, c, cs, out))) {
+        throw new CorruptImageError(`bitmap '${t.name}': bad table entry ${c}`);
+      }
+    } else out.fill(0);
+    const from = c * cs;
+    const to = Math.min(from + cs, t.bits.length);
+    for (let k = from; k < to; k++) out[k - from]! |= t.bits[k]!;
+  }
+
+  // ------------------------------------------------------------------------------ the close
 
   /**
    * Store the bitmaps back (clean close). Like QEMU, nothing already on disk is overwritten
@@ -309,11 +522,19 @@ export class PersistentBitmaps {
     const newTables: { t: Tracked; table: U64TableView }[] = [];
     const frees: [offset: number, clusters: number][] = [];
     const cluster = new Uint8Array(cs);
-    // 1. Data: only clusters with new bits (an all-ones chunk cannot change).
+    // 1. Data: only clusters with new bits (an all-ones chunk cannot change), or every
+    // cluster of a bitmap written afresh (added, cleared, merged into).
     for (const t of this.tracked) {
-      if (!t.consistent || !t.table) continue;
+      if (!t.consistent) continue;
       const size = bitmapTableSize(this.size, t.granularityBits, cs);
       const table = bitmapTableView(new Uint8Array(size * BITMAP_TABLE_ENTRY_SIZE));
+      if (t.full) {
+        await this.writeAfresh(t, table);
+        if (t.table) for (const off of dataClusters(t.table, cs)) frees.push([off, 1]);
+        newTables.push({ t, table });
+        continue;
+      }
+      if (!t.table) continue;
       table.bytes.set(t.table.bytes.subarray(0, table.bytes.byteLength));
       let changed = size !== t.tableSize;
       for (let c = 0; c < t.changed.length; c++) {
@@ -350,31 +571,125 @@ export class PersistentBitmaps {
       const padded = new Uint8Array(clusters * cs);
       padded.set(table.bytes);
       await backend.write(off, padded);
-      frees.push([t.tableOffset, Math.ceil((t.tableSize * BITMAP_TABLE_ENTRY_SIZE) / cs)]);
+      if (t.tableOffset !== 0) {
+        frees.push([t.tableOffset, Math.ceil((t.tableSize * BITMAP_TABLE_ENTRY_SIZE) / cs)]);
+      }
       placed.push({ t, table, offset: off });
     }
-    // Refcounts of the new clusters and their contents are on disk before anything uses them.
-    if (placed.length > 0) await host.sync();
+    // Removed bitmaps: their data clusters and tables go once the directory no longer names them.
+    for (const r of this.removed) {
+      const bytes = r.tableSize * BITMAP_TABLE_ENTRY_SIZE;
+      const fileSize = await backend.size();
+      if (r.tableOffset % cs !== 0 || r.tableOffset + bytes > fileSize) continue;
+      const table = bitmapTableView(new Uint8Array(bytes));
+      await backend.read(r.tableOffset, table.bytes);
+      for (const off of dataClusters(table, cs)) if (off + cs <= fileSize) frees.push([off, 1]);
+      frees.push([r.tableOffset, Math.ceil(bytes / cs)]);
+    }
+    // 3. The directory: new tables, IN_USE cleared, AUTO as asked.
+    if (this.restructured) {
+      // Refcounts of the new clusters and their contents are on disk before anything uses them.
+      if (placed.length > 0) await host.sync();
+      this.adopt(placed);
+      await this.switchDirectory(frees);
+    } else {
+      if (placed.length > 0) await host.sync();
+      this.adopt(placed);
+      let any = false;
+      for (const t of this.tracked) {
+        if (!t.consistent || !t.slot) continue;
+        any = true;
+        patchBitmapDirEntry(this.dir, t.slot.position, {
+          bitmapTableOffset: t.tableOffset,
+          bitmapTableSize: t.tableSize,
+          flags:
+            (t.flags & ~(BitmapFlag.inUse | BitmapFlag.auto)) | (t.enabled ? BitmapFlag.auto : 0),
+        });
+      }
+      if (any) await this.writeDirectory();
+    }
+    // 4. What the directory no longer reaches.
+    for (const [off, n] of frees) await host.free(off, n);
+    this.stored = true;
+  }
+
+  private adopt(placed: readonly { t: Tracked; table: U64TableView; offset: number }[]): void {
     for (const { t, table, offset } of placed) {
       t.table = table;
       t.tableOffset = offset;
       t.tableSize = table.length;
     }
-    // 3. The directory: new tables, IN_USE cleared, AUTO as it was.
-    let any = false;
-    for (const t of this.tracked) {
-      if (!t.consistent) continue;
-      any = true;
-      patchBitmapDirEntry(this.dir, t.slot.position, {
-        bitmapTableOffset: t.tableOffset,
-        bitmapTableSize: t.tableSize,
-        flags: t.flags & ~BitmapFlag.inUse,
-      });
+  }
+
+  /**
+   * Write every data cluster of `t` (its `bits` are the whole bitmap) to fresh clusters and
+   * fill `table`: an all-zero cluster gets entry 0 and a whole all-ones cluster the all-ones
+   * entry, neither with a cluster.
+   */
+  private async writeAfresh(t: Tracked, table: U64TableView): Promise<void> {
+    const cs = this.host.clusterSize;
+    // Bits past the end of the disk stay clear.
+    const nbits = Math.ceil(this.size / t.granularity);
+    if (nbits % 8 !== 0 && t.bits.length > 0)
+      t.bits[t.bits.length - 1]! &= 0xff >>> (8 - (nbits % 8));
+    const buf = new Uint8Array(cs);
+    for (let c = 0; c < table.length; c++) {
+      const chunk = t.bits.subarray(c * cs, Math.min((c + 1) * cs, t.bits.length));
+      let zeros = true;
+      let ones = chunk.length === cs;
+      for (let k = 0; k < chunk.length && (zeros || ones); k++) {
+        const v = chunk[k]!;
+        if (v !== 0) zeros = false;
+        if (v !== 0xff) ones = false;
+      }
+      if (zeros) continue;
+      if (ones) {
+        table.setWords(c, 0, 1);
+        continue;
+      }
+      buf.fill(0);
+      buf.set(chunk);
+      const off = await this.host.allocate(1);
+      await this.host.backend.write(off, buf);
+      table.set(c, off);
     }
-    if (any) await this.writeDirectory();
-    // 4. What the directory no longer reaches.
-    for (const [off, n] of frees) await host.free(off, n);
-    this.stored = true;
+  }
+
+  /**
+   * Bitmaps were added or removed: the new directory goes to fresh clusters, then one
+   * header-area update points at it (or drops the extension when no bitmap is left); the old
+   * directory's clusters join `frees`.
+   */
+  private async switchDirectory(frees: [number, number][]): Promise<void> {
+    const host = this.host;
+    const cs = host.clusterSize;
+    if (!host.switchDirectory) {
+      throw new InvalidArgumentError("this open cannot rewrite the bitmap directory");
+    }
+    let next: BitmapDirectoryLocation | undefined;
+    if (this.tracked.length > 0) {
+      const bytes = encodeBitmapDirectory(
+        this.tracked.map((t) => ({
+          name: t.name,
+          granularityBits: t.granularityBits,
+          type: 1,
+          bitmapTableOffset: t.tableOffset,
+          bitmapTableSize: t.tableSize,
+          flags: t.consistent ? (t.enabled ? BitmapFlag.auto : 0) : t.flags,
+        })),
+      );
+      const clusters = Math.ceil(bytes.byteLength / cs);
+      const off = await host.allocate(clusters);
+      const padded = new Uint8Array(clusters * cs);
+      padded.set(bytes);
+      await host.backend.write(off, padded);
+      next = { offset: off, length: bytes.byteLength, count: this.tracked.length };
+    }
+    await host.sync();
+    await host.switchDirectory(next);
+    if (this.dir.byteLength > 0) {
+      frees.push([this.dirOffset, Math.ceil(this.dir.byteLength / cs)]);
+    }
   }
 }
 
@@ -395,21 +710,45 @@ export async function readBitmapBits(
   await backend.read(entry.bitmapTableOffset, table.bytes);
   const cluster = new Uint8Array(cs);
   for (let c = 0; c < table.length && c * cs < out.length; c++) {
-    const kind = classifyBitmapTableEntry(table, c, cs);
-    if (typeof kind === "string") {
-      throw new CorruptImageError(`bitmap '${entry.name}': ${kind}`, {
+    if (!(await readChunk(backend, table, c, cs, cluster))) {
+      throw new CorruptImageError(`bitmap '${entry.name}': bad table entry ${c}`, {
         offset: entry.bitmapTableOffset + c * 8,
       });
     }
     const n = Math.min(cs, out.length - c * cs);
-    if (kind.kind === BitmapChunk.ones) out.fill(0xff, c * cs, c * cs + n);
-    else if (kind.kind === BitmapChunk.data) {
-      await backend.read(kind.offset, cluster);
-      out.set(cluster.subarray(0, n), c * cs);
-    }
+    out.set(cluster.subarray(0, n), c * cs);
   }
   // Bits past the last one cover nothing.
   const bits = Math.ceil(virtualSize / 2 ** entry.granularityBits);
   if (bits % 8 !== 0 && out.length > 0) out[out.length - 1]! &= 0xff >>> (8 - (bits % 8));
   return out;
+}
+
+/**
+ * Reads the stored data clusters of one bitmap on demand (read-only opens): its table is read
+ * once, each cluster when asked for.
+ */
+export class StoredBitmapReader {
+  private table: U64TableView | undefined;
+
+  constructor(
+    private readonly backend: BlockBackend,
+    private readonly entry: BitmapEntry,
+    private readonly clusterSize: number,
+  ) {}
+
+  /** Bitmap data cluster `c` into `out` (`clusterSize` bytes). */
+  async chunk(c: number, out: Uint8Array): Promise<void> {
+    const e = this.entry;
+    if (!this.table) {
+      const t = bitmapTableView(new Uint8Array(e.bitmapTableSize * BITMAP_TABLE_ENTRY_SIZE));
+      await this.backend.read(e.bitmapTableOffset, t.bytes);
+      this.table = t;
+    }
+    if (!(await readChunk(this.backend, this.table, c, this.clusterSize, out))) {
+      throw new CorruptImageError(`bitmap '${e.name}': bad table entry ${c}`, {
+        offset: e.bitmapTableOffset + c * 8,
+      });
+    }
+  }
 }

@@ -28,11 +28,26 @@ import { guestBlockStatus, guestRead } from "./cluster-map.js";
 import { guestWrite } from "./write.js";
 import { guestDiscard, guestWriteZeroes } from "./zero.js";
 import { guestWriteCompressed } from "./compressed.js";
-import { resizeImage } from "./resize.js";
+import { resizeImage, resizeWith } from "./resize.js";
+import type { Qcow2ResizeOptions } from "./resize.js";
 import { closeImage, flushImage } from "./flush.js";
 import type { Qcow2Info, Qcow2OpenOptions } from "./types.js";
+import {
+  addBitmap,
+  bitmapDirtyRanges,
+  clearBitmap,
+  disableBitmap,
+  enableBitmap,
+  listBitmaps,
+  mergeBitmap,
+  removeBitmap,
+} from "./bitmap-manage.js";
+import type { AddBitmapOptions, DirtyRange, Qcow2BitmapInfo } from "./bitmap-manage.js";
 import { amendImage } from "./amend.js"; // @amend
 import type { Qcow2AmendOptions } from "./amend.js"; // @amend
+import { changeBackingFile } from "./backing.js"; // @backing
+import type { BackingFileChange } from "./backing.js"; // @backing
+import { makeEmpty } from "./make-empty.js"; // @backing
 
 export type { Compressor, Qcow2OpenOptions } from "./types.js";
 
@@ -212,6 +227,58 @@ export class Qcow2Image implements WritableDiskImage {
 
   // @bitmaps (issue 14: bitmap management) — methods go here
 
+  /**
+   * Every persistent bitmap (name, granularity, flags). On a read-write open this is the
+   * list as this open changed it (added and removed bitmaps included); `inUse` marks a bitmap
+   * that was already in use on disk when opened (inconsistent: it can only be removed).
+   */
+  listBitmaps(): Qcow2BitmapInfo[] {
+    return listBitmaps(this.#s);
+  }
+
+  /**
+   * The dirty extents of bitmap `name` overlapping guest bytes [offset, +length) (default:
+   * the whole disk), clipped to that window, merged, in order. On a read-write open the live
+   * bits: stored ones plus those this open's writes set. Refuses an unknown or inconsistent
+   * bitmap with QEMU's message.
+   */
+  bitmapDirtyRanges(name: string, offset = 0, length?: number): Promise<DirtyRange[]> {
+    return bitmapDirtyRanges(this.#s, name, offset, length);
+  }
+
+  /** Add an empty persistent bitmap (read-write opens; stored at the clean close). */
+  addBitmap(name: string, options: AddBitmapOptions = {}): void {
+    addBitmap(this.#s, name, options);
+  }
+
+  /** Remove a persistent bitmap, inconsistent or not (its clusters are freed at the close). */
+  removeBitmap(name: string): void {
+    removeBitmap(this.#s, name);
+  }
+
+  /** Clear every bit of a bitmap. */
+  clearBitmap(name: string): void {
+    clearBitmap(this.#s, name);
+  }
+
+  /** Let guest writes set the bitmap's bits (the AUTO flag). */
+  enableBitmap(name: string): void {
+    enableBitmap(this.#s, name);
+  }
+
+  /** Stop guest writes from setting the bitmap's bits. */
+  disableBitmap(name: string): void {
+    disableBitmap(this.#s, name);
+  }
+
+  /**
+   * Set in bitmap `target` the bits covering every dirty range of bitmap `source` — of this
+   * image, or of `from` (same virtual size; granularities may differ).
+   */
+  mergeBitmap(target: string, source: string, from?: Qcow2Image): Promise<void> {
+    return mergeBitmap(this.#s, target, source, from ? from.#s : this.#s);
+  }
+
   // @amend (issue 15: amend.ts) — methods go here
 
   /**
@@ -225,7 +292,34 @@ export class Qcow2Image implements WritableDiskImage {
 
   // @shrink (issue 15: resize --shrink, measure) — methods go here
 
+  /**
+   * Resize with qemu-img's options: a smaller size needs `{ shrink: true }` and then discards
+   * everything past the new end, frees the L2 tables and refcount blocks no longer needed and
+   * truncates the file after the last cluster in use (QEMU's qcow2_co_truncate); a larger
+   * size may preallocate the new area (`preallocation`). Refusals use qemu-img's wording.
+   */
+  resizeWith(newSize: number, options: Qcow2ResizeOptions = {}): Promise<void> {
+    return resizeWith(this.#s, newSize, options);
+  }
+
   // @backing (issue 15: commit/rebase, backing-file changes) — methods go here
+
+  /**
+   * Record a new backing file name and format in the header, or remove the backing file
+   * (`filename` undefined), crash-safely (read-write opens only; see backing.ts). Guest data
+   * is not touched: assign {@link Qcow2Image.backing} to read through the new backing image.
+   */
+  changeBackingFile(change: BackingFileChange): Promise<void> {
+    return changeBackingFile(this.#s, change);
+  }
+
+  /**
+   * Make every guest cluster unallocated (QEMU's bdrv_make_empty, full discard), so the image
+   * reads as its backing file; the freed clusters' refcounts drop once the change is durable.
+   */
+  makeEmpty(): Promise<void> {
+    return makeEmpty(this.#s);
+  }
 
   /** @internal The shared driver state, for the package's own modules (not exported from index.ts). */
   static stateOf(image: Qcow2Image): Qcow2State {

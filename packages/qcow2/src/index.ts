@@ -93,8 +93,25 @@ export type { ClusterDecompressor } from "./types.js";
 export { defaultCompress } from "./compress.js";
 // @snapshots exports (issue 14)
 // @bitmaps exports (issue 14)
+export { copyBitmaps } from "./bitmap-copy.js";
+export {
+  MAX_BITMAPS,
+  MAX_BITMAP_DIRECTORY_BYTES,
+  MAX_BITMAP_NAME_BYTES,
+  defaultBitmapGranularity,
+} from "./bitmap-manage.js";
+export type {
+  AddBitmapOptions,
+  CopyBitmapsOptions,
+  DirtyRange,
+  Qcow2BitmapInfo,
+} from "./bitmap-manage.js";
+export { encodeBitmapDirectory } from "./spec/bitmap-directory.js";
 // @amend exports (issue 15)
 export { compatVersion } from "./amend.js";
 export type { Qcow2AmendOptions } from "./amend.js";
 // @shrink exports (issue 15)
+export type { Qcow2ResizeOptions, Qcow2Preallocation } from "./resize.js";
 // @backing exports (issue 15)
+export { withBackingFormat } from "./backing.js";
+export type { BackingFileChange } from "./backing.js";

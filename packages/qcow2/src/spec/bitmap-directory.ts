@@ -167,3 +167,41 @@ export function patchBitmapDirEntry(
     position,
   );
 }
+
+const enc = new TextEncoder();
+
+/**
+ * Encode a whole bitmap directory: each entry's fixed part, no extra data, its name, and zero
+ * padding to a multiple of 8 bytes. Throws a FormatError for a name of 0 or over 1023 bytes.
+ */
+export function encodeBitmapDirectory(entries: readonly BitmapEntry[]): Uint8Array {
+  const names = entries.map((e) => enc.encode(e.name));
+  const size = names.reduce(
+    (n, b) => n + Math.ceil((BITMAP_DIR_FIXED_SIZE + b.byteLength) / 8) * 8,
+    0,
+  );
+  const out = new Uint8Array(size);
+  let pos = 0;
+  entries.forEach((e, i) => {
+    const name = names[i]!;
+    if (name.byteLength === 0 || name.byteLength > 1023) {
+      throw new FormatError(`qcow2 bitmap name of ${name.byteLength} bytes is invalid`);
+    }
+    BitmapDirEntry.encode(
+      {
+        bitmapTableOffset: e.bitmapTableOffset,
+        bitmapTableSize: e.bitmapTableSize,
+        flags: BigInt(e.flags >>> 0),
+        type: e.type,
+        granularityBits: e.granularityBits,
+        nameSize: name.byteLength,
+        extraDataSize: 0,
+      },
+      out,
+      pos,
+    );
+    out.set(name, pos + BITMAP_DIR_FIXED_SIZE);
+    pos += Math.ceil((BITMAP_DIR_FIXED_SIZE + name.byteLength) / 8) * 8;
+  });
+  return out;
+}

@@ -6,6 +6,52 @@ import type { Qcow2State } from "./state.js";
 import { zeroAligned } from "./zero.js";
 import { writeLocked } from "./write.js";
 import { flushImage, flushLocked } from "./flush.js";
+import { markDirtyOnDisk } from "./dirty.js";
+import { hostOf, l2ForWrite, setDataEntry } from "./alloc.js";
+import { ClusterType, clusterType, l2Word } from "./spec/l2.js";
+import { checkShrink, shrinkImage } from "./shrink.js";
+
+/** qemu-img's `--preallocation` modes for a growing resize. */
+export type Qcow2Preallocation = "off" | "metadata" | "falloc" | "full";
+
+/** Options of {@link resizeWith} (`Qcow2Image.resizeWith`). */
+export interface Qcow2ResizeOptions {
+  /** Allow a smaller size: everything past the new end is lost (qemu-img's `--shrink`). */
+  readonly shrink?: boolean;
+  /** How the new area of a growing resize is allocated (default `off`). */
+  readonly preallocation?: Qcow2Preallocation;
+}
+
+/**
+ * Resize as qemu-img does with options: a smaller size needs `shrink` (then QEMU's shrink,
+ * see shrink.ts) and takes no preallocation; a larger one may preallocate the new area.
+ */
+export async function resizeWith(
+  s: Qcow2State,
+  newSize: number,
+  options: Qcow2ResizeOptions = {},
+): Promise<void> {
+  const prealloc = options.preallocation ?? "off";
+  if (!["off", "metadata", "falloc", "full"].includes(prealloc)) {
+    throw new InvalidArgumentError(`Unsupported preallocation mode '${String(prealloc)}'`);
+  }
+  checkShrink(s, newSize);
+  if (newSize < s.size) {
+    if (options.shrink !== true) {
+      throw new InvalidArgumentError(
+        `qcow2 images cannot be shrunk (from ${s.size} to ${newSize} bytes) without the shrink option`,
+      );
+    }
+    if (prealloc !== "off") {
+      throw new InvalidArgumentError("Preallocation can't be used for shrinking an image");
+    }
+    await shrinkImage(s, newSize);
+    return;
+  }
+  const old = s.size;
+  await resizeImage(s, newSize);
+  if (prealloc !== "off" && newSize > old) await preallocate(s, old, newSize, prealloc);
+}
 
 /**
  * Grow the disk to `newSize` bytes (a multiple of 512). When the L1 table is too small, a
@@ -15,7 +61,7 @@ import { flushImage, flushLocked } from "./flush.js";
 export async function resizeImage(s: Qcow2State, newSize: number): Promise<void> {
   const w = checkWritable(s);
   if (!Number.isSafeInteger(newSize) || newSize < 0 || newSize % 512 !== 0) {
-    throw new InvalidArgumentError(`The new size must be a multiple of 512 (got ${newSize})`);
+    throw new InvalidArgumentError("The new size must be a multiple of 512");
   }
   if (newSize < s.size) {
     throw new InvalidArgumentError(
@@ -85,4 +131,67 @@ export async function resizeImage(s: Qcow2State, newSize: number): Promise<void>
     });
     await flushImage(s);
   }
+}
+
+/**
+ * Preallocate the guest clusters from the first cluster boundary at or after `from` up to `to`
+ * (qemu-img resize --preallocation): each unallocated cluster gets a host cluster and a data
+ * entry. The host clusters read as zeros: `full` writes zeros into all of them, `metadata` and
+ * `falloc` only into clusters reused inside the file (the file is extended sparsely past its
+ * old end; qimg has no fallocate, so `falloc` is `metadata` here).
+ */
+async function preallocate(
+  s: Qcow2State,
+  from: number,
+  to: number,
+  mode: Qcow2Preallocation,
+): Promise<void> {
+  const w = checkWritable(s);
+  if (w.lazy) await markDirtyOnDisk(s);
+  const cs = s.clusterSize;
+  const firstCluster = Math.ceil(from / cs);
+  const endCluster = Math.ceil(to / cs);
+  if (firstCluster >= endCluster) return;
+  await w.claims.drain();
+  await w.meta.run(async () => {
+    for (let g = firstCluster; g < endCluster;) {
+      const l1Index = Math.floor(g / s.l2Entries);
+      const stop = Math.min(endCluster, (l1Index + 1) * s.l2Entries);
+      const table = await l2ForWrite(s, l1Index);
+      try {
+        const l2 = new U64TableView(table.bytes, "big");
+        const todo: number[] = [];
+        for (let c = g; c < stop; c++) {
+          const i = l2Word(s.fmt, c - l1Index * s.l2Entries);
+          const t = clusterType(s.fmt, l2.hi(i), l2.lo(i));
+          if (t === ClusterType.Unallocated || (t === ClusterType.ZeroPlain && hostOf(l2, i) === 0))
+            todo.push(i);
+        }
+        if (todo.length > 0 && !s.hasDataFile) {
+          const host = await w.refcounts.allocate(todo.length);
+          refreshRefcountBlocks(s, host + todo.length * cs);
+          await checkOverlap(s, host, todo.length * cs);
+          const fileEnd = await s.backend.size();
+          const zeroEnd =
+            mode === "full" ? host + todo.length * cs : Math.min(fileEnd, host + todo.length * cs);
+          for (let p = host; p < zeroEnd; p += 1024 * 1024) {
+            await s.backend.write(p, new Uint8Array(Math.min(1024 * 1024, zeroEnd - p)));
+          }
+          if (host + todo.length * cs > fileEnd) await s.backend.truncate(host + todo.length * cs);
+          s.fileSize = Math.max(s.fileSize, host + todo.length * cs);
+          s.l2Cache.dependOnFlush();
+          todo.forEach((i, k) => {
+            setDataEntry(l2, i, host + k * cs);
+            if (s.extendedL2) l2.setWords(i + 1, 0, 0xffff_ffff);
+            else l2.setWords(i, l2.hi(i), (l2.lo(i) & ~1) >>> 0);
+          });
+          await s.l2Cache.markDirty(table);
+        }
+      } finally {
+        s.l2Cache.release(table);
+      }
+      g = stop;
+    }
+    await flushLocked(s);
+  });
 }

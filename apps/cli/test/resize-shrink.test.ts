@@ -1,0 +1,219 @@
+/**
+ * `qimg resize --shrink` (and regrow, and `--preallocation`) against `qemu-img resize` on twin
+ * qcow2 images: random create options, random prior writes through qemu-io (data, zeros,
+ * discards, compressed clusters), sometimes a backing file or an internal snapshot, random
+ * sizes that are not multiples of the cluster. Both must leave the same guest bytes
+ * (`qemu-img compare`, also of the snapshot after `snapshot -a`), the same virtual size, a clean
+ * `qemu-img check`, and qimg's file may be at most two clusters longer than qemu-img's (QEMU
+ * truncates after the last cluster in use, as qimg does; qimg never allocates the empty L2
+ * tables QEMU's discard leaves behind, so it is usually shorter). Refusals print qemu-img's
+ * words with the same exit code and leave the file byte-identical.
+ */
+import { copyFileSync, readFileSync, statSync } from "node:fs";
+import { join } from "node:path";
+import { describe, expect, it } from "vitest";
+import { scratchDirs } from "../../../packages/qcow2/test/twins.js";
+import { qimg } from "./helpers.js";
+import { hasQemu, prng, qemuImg, qemuInfo, qemuIo } from "./qemu.js";
+
+const LONG = process.env.QIMG_LONG === "1";
+const newDir = scratchDirs("qimg-shrink-");
+if (!hasQemu) console.log("skipping resize --shrink interop: qemu-img is not on PATH");
+
+/** qemu-img's output with its program name replaced by ours. */
+const asQimg = (s: string): string => s.replaceAll("qemu-img: ", "qimg: ");
+
+function ok(r: { code: number; stdout: string; stderr: string }, what: string): void {
+  if (r.code !== 0) throw new Error(`${what}: exit ${r.code}: ${r.stderr}${r.stdout}`);
+}
+
+interface Case {
+  seed: number;
+  dir: string;
+  a: string;
+  b: string;
+  cs: number;
+  size: number;
+  snapshot: boolean;
+  log: string[];
+}
+
+function setUp(seed: number): Case {
+  const r = prng(seed);
+  const dir = newDir();
+  const pick = <T>(xs: readonly T[]): T => xs[Math.floor(r() * xs.length)]!;
+  const v2 = r() < 0.25;
+  const cs = pick(v2 ? [512, 4096, 65536] : [512, 1024, 4096, 16384, 65536]);
+  const ext = !v2 && cs >= 16384 && r() < 0.5;
+  const rb = v2 ? 16 : pick([1, 2, 4, 8, 16, 32, 64]);
+  const size = Math.max(cs, 512 * (1 + Math.floor(r() * 12000)) + (r() < 0.5 ? 0 : cs * 3));
+  const opts = [
+    `cluster_size=${cs}`,
+    `compat=${v2 ? "0.10" : "1.1"}`,
+    `refcount_bits=${rb}`,
+    ...(ext ? ["extended_l2=on"] : []),
+  ];
+  const log = [`seed ${seed}: -o ${opts.join(",")} size ${size}`];
+  const a = join(dir, "a.qcow2");
+  const args = ["create", "-q", "-f", "qcow2", "-o", opts.join(",")];
+  if (r() < 0.3) {
+    const back = join(dir, "back.raw");
+    ok(qemuImg(["create", "-q", "-f", "raw", back, String(size + 3 * cs)]), "create backing");
+    ok(qemuIo(["-f", "raw", "-c", `write -P 0x5a 0 ${size + 3 * cs}`, back]), "fill backing");
+    args.push("-b", back, "-F", "raw");
+    log.push("backing file");
+  }
+  ok(qemuImg([...args, a, String(size)]), "create");
+  const ops: string[] = [];
+  const n = 2 + Math.floor(r() * 10);
+  for (let i = 0; i < n; i++) {
+    const x = r();
+    const off = Math.floor((r() * size) / 512) * 512;
+    const len = Math.min(size - off, 512 * (1 + Math.floor(r() * 4 * (cs / 512 + 8))));
+    if (len <= 0) continue;
+    if (x < 0.6) ops.push(`write -P ${1 + Math.floor(r() * 250)} ${off} ${len}`);
+    else if (x < 0.75) ops.push(`write -z ${off} ${len}`);
+    else if (x < 0.85) ops.push(`discard ${off} ${len}`);
+    else {
+      const c = Math.floor(off / cs) * cs;
+      if (c + cs <= size) ops.push(`write -c -P ${1 + Math.floor(r() * 250)} ${c} ${cs}`);
+    }
+  }
+  const io = (cmds: string[]): void => {
+    if (cmds.length === 0) return;
+    ok(qemuIo(["-f", "qcow2", ...cmds.flatMap((c) => ["-c", c]), a]), `qemu-io ${cmds.join("; ")}`);
+  };
+  io(ops);
+  log.push(...ops);
+  const snapshot = !v2 && r() < 0.3;
+  if (snapshot) {
+    ok(qemuImg(["snapshot", "-c", "s1", a]), "snapshot");
+    const more = [`write -P 0x77 ${Math.floor((r() * size) / 1024) * 512} ${cs}`];
+    io(more.filter(() => true));
+    log.push("snapshot s1", ...more);
+  }
+  const b = join(dir, "b.qcow2");
+  copyFileSync(a, b);
+  return { seed, dir, a, b, cs, size, snapshot, log };
+}
+
+async function resizeBoth(c: Case, size: string, extra: string[] = []): Promise<void> {
+  c.log.push(`resize ${extra.join(" ")} ${size}`);
+  const q = qemuImg(["resize", ...extra, c.a, size]);
+  const m = await qimg(["resize", ...extra, c.b, size]);
+  expect({ code: m.code, out: m.stdout, err: m.stderr }, c.log.join("\n")).toEqual({
+    code: q.code,
+    out: q.stdout,
+    err: asQimg(q.stderr),
+  });
+}
+
+function sameImages(c: Case): void {
+  const why = c.log.join("\n");
+  const cmp = qemuImg(["compare", c.a, c.b]);
+  expect(cmp.stdout + cmp.stderr, why).toBe("Images are identical.\n");
+  const ia = qemuInfo(c.a);
+  const ib = qemuInfo(c.b);
+  expect(ib["virtual-size"], why).toBe(ia["virtual-size"]);
+  const chk = qemuImg(["check", "--output=json", c.b]);
+  expect(chk.code, `${why}\n${chk.stdout}${chk.stderr}`).toBe(0);
+  const verdict = JSON.parse(chk.stdout) as Record<string, unknown>;
+  expect(verdict["leaks"] ?? 0, why).toBe(0);
+  expect(statSync(c.b).size, why).toBeLessThanOrEqual(statSync(c.a).size + 2 * c.cs);
+}
+
+async function shrinkCase(seed: number): Promise<void> {
+  const c = setUp(seed);
+  const r = prng(seed ^ 0x5eed);
+  const smaller = (from: number): number =>
+    Math.max(512, Math.floor((r() * from) / 512) * 512 + (r() < 0.3 ? 0 : 0));
+  let cur = c.size;
+  for (let round = 0; round < 3; round++) {
+    const down = smaller(cur);
+    if (down < cur) {
+      await resizeBoth(c, String(down), ["--shrink"]);
+      cur = down;
+      sameImages(c);
+    }
+    const up = cur + 512 * (1 + Math.floor(r() * 4 * (c.cs / 512 + 64)));
+    await resizeBoth(c, String(up));
+    cur = up;
+    sameImages(c);
+  }
+  if (c.snapshot) {
+    ok(qemuImg(["snapshot", "-a", "s1", c.a]), "snapshot -a");
+    ok(qemuImg(["snapshot", "-a", "s1", c.b]), "snapshot -a (qimg's image)");
+    sameImages(c);
+  }
+}
+
+const SEEDS = LONG
+  ? Array.from({ length: 200 }, (_, i) => 1000 + i)
+  : [1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12];
+
+describe.skipIf(!hasQemu)("qimg resize --shrink against qemu-img", () => {
+  it.each(SEEDS)("seed %i: same guest bytes, size, clean check, file no longer", async (seed) => {
+    await shrinkCase(seed);
+  });
+
+  it("refuses as qemu-img, leaving the file byte-identical", async () => {
+    const dir = newDir();
+    const a = join(dir, "a.qcow2");
+    ok(qemuImg(["create", "-q", "-f", "qcow2", a, "3M"]), "create");
+    ok(qemuIo(["-c", "write -P 1 0 3M", a]), "write");
+    const v2 = join(dir, "v2.qcow2");
+    ok(qemuImg(["create", "-q", "-f", "qcow2", "-o", "compat=0.10", v2, "3M"]), "create v2");
+    ok(qemuImg(["snapshot", "-c", "s", v2]), "snapshot v2");
+    const qed = join(dir, "a.qed");
+    ok(qemuImg(["create", "-q", "-f", "qed", qed, "3M"]), "create qed");
+    const cases: [string, string[]][] = [
+      [a, ["1M"]],
+      [a, ["-1M"]],
+      [a, ["--shrink", "1000001"]],
+      [a, ["--shrink", "0"]],
+      [a, ["--shrink", "--preallocation=full", "1M"]],
+      [a, ["--preallocation=metadata", "3M"]],
+      [a, ["--preallocation=bogus", "4M"]],
+      [a, ["4000001"]],
+      [v2, ["--shrink", "1M"]],
+      [v2, ["4M"]],
+      [qed, ["--shrink", "1M"]],
+      [qed, ["--preallocation=full", "4M"]],
+    ];
+    for (const [file, args] of cases) {
+      const before = readFileSync(file);
+      const q = qemuImg(["resize", ...args.slice(0, -1), file, args[args.length - 1]!]);
+      const copy = join(dir, "copy");
+      copyFileSync(file, copy);
+      const m = await qimg(["resize", ...args.slice(0, -1), copy, args[args.length - 1]!]);
+      expect(q.code, `qemu-img resize ${args.join(" ")}: ${q.stderr}`).not.toBe(0);
+      expect({ code: m.code, out: m.stdout, err: m.stderr }, args.join(" ")).toEqual({
+        code: q.code,
+        out: q.stdout,
+        err: asQimg(q.stderr),
+      });
+      expect(readFileSync(copy).equals(before), args.join(" ")).toBe(true);
+    }
+  });
+
+  it.each(["metadata", "falloc", "full"])(
+    "--preallocation=%s on grow: same guest bytes and size, clean check",
+    async (mode) => {
+      for (const seed of [21, 22, 23]) {
+        const c = setUp(seed);
+        await resizeBoth(c, String(c.size + 3 * c.cs + 512 * seed), [`--preallocation=${mode}`]);
+        sameImages(c);
+        const map = JSON.parse(qemuImg(["map", "--output=json", c.b]).stdout) as {
+          start: number;
+          length: number;
+          present: boolean;
+        }[];
+        const tail = map.filter((e) => e.start >= Math.ceil(c.size / c.cs) * c.cs);
+        expect(
+          tail.every((e) => e.present),
+          c.log.join("\n"),
+        ).toBe(true);
+      }
+    },
+  );
+});

@@ -32,6 +32,8 @@ import { resizeImage, resizeWith } from "./resize.js";
 import type { Qcow2ResizeOptions } from "./resize.js";
 import { closeImage, flushImage } from "./flush.js";
 import type { Qcow2Info, Qcow2OpenOptions } from "./types.js";
+import { applySnapshot, createSnapshot, deleteSnapshot, openSnapshotView } from "./snapshot.js"; // @snapshots
+import type { CreateSnapshotOptions, SnapshotSelector, SnapshotViewOptions } from "./snapshot.js"; // @snapshots
 import {
   addBitmap,
   bitmapDirtyRanges,
@@ -224,6 +226,43 @@ export class Qcow2Image implements WritableDiskImage {
   }
 
   // @snapshots (issue 14: snapshot.ts) — methods go here
+
+  /**
+   * Create an internal snapshot named `name` of the active image (read-write opens; as
+   * `qemu-img snapshot -c`). Returns the new table entry (its ID is the largest numeric ID
+   * + 1). Crash-safe: a crash leaves the old or the new snapshot table in effect.
+   */
+  createSnapshot(name: string, options: CreateSnapshotOptions = {}): Promise<SnapshotEntry> {
+    return createSnapshot(this.#s, name, options);
+  }
+
+  /**
+   * Revert the active image to a snapshot (as `qemu-img snapshot -a`): a string is an ID
+   * first, else a name; the disk size becomes the snapshot's. Returns the snapshot applied.
+   */
+  applySnapshot(snapshot: SnapshotSelector | string): Promise<SnapshotEntry> {
+    return applySnapshot(this.#s, snapshot);
+  }
+
+  /**
+   * Delete a snapshot (`qemu-img snapshot -d NAME` is `{ name }`), freeing the clusters only
+   * it used. Returns the deleted entry.
+   */
+  deleteSnapshot(snapshot: SnapshotSelector): Promise<SnapshotEntry> {
+    return deleteSnapshot(this.#s, snapshot);
+  }
+
+  /**
+   * A read-only view of a snapshot (a string is an ID first, else a name): its guest bytes
+   * and block status, at the snapshot's disk size (or the image's, `size: "image"`, as
+   * `qemu-img convert -l` reads it). Closing the view leaves this image open.
+   */
+  openSnapshot(
+    snapshot: SnapshotSelector | string,
+    options: SnapshotViewOptions = {},
+  ): Promise<DiskImage & { readonly snapshot: SnapshotEntry }> {
+    return openSnapshotView(this.#s, snapshot, options);
+  }
 
   // @bitmaps (issue 14: bitmap management) — methods go here
 

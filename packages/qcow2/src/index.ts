@@ -92,6 +92,19 @@ export type { Compressor } from "./image.js";
 export type { ClusterDecompressor } from "./types.js";
 export { defaultCompress } from "./compress.js";
 // @snapshots exports (issue 14)
+export {
+  MAX_SNAPSHOT_STRING_BYTES,
+  MAX_SNAPSHOT_TABLE_BYTES,
+  findSnapshot,
+  findSnapshotByIdOrName,
+  newSnapshotId,
+  openQcow2Snapshot,
+} from "./snapshot.js";
+export type {
+  CreateSnapshotOptions,
+  SnapshotSelector,
+  SnapshotViewOptions,
+} from "./snapshot.js";
 // @bitmaps exports (issue 14)
 export { copyBitmaps } from "./bitmap-copy.js";
 export {

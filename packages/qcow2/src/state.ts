@@ -40,8 +40,8 @@ export interface WriteState {
    * refcount table and blocks, snapshot table, bitmap directory and tables.
    */
   readonly metadata: MetadataMap;
-  /** L2 tables of the snapshots (read once at open; the driver never changes snapshots). */
-  readonly inactiveL2: readonly number[];
+  /** L2 tables of the snapshots (read at open; snapshot.ts replaces it when the table changes). */
+  inactiveL2: readonly number[];
   /** Old L2 tables replaced by copies, still active on disk until the L1 table is written. */
   retiredL2: number[];
   /** Dirty range of the in-memory L1 table, in entries [lo, hi). */
@@ -92,7 +92,8 @@ export class Qcow2State {
   readonly clusterBits: number;
   readonly extensions: readonly HeaderExtension[];
   readonly featureNames: readonly FeatureName[];
-  readonly snapshots: readonly SnapshotEntry[];
+  /** The snapshot table (snapshot.ts replaces it on create and delete). */
+  snapshots: readonly SnapshotEntry[];
   readonly bitmaps: readonly BitmapEntry[];
   readonly backingFilename: string | undefined;
   readonly backingFormat: string | undefined;

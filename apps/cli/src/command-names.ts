@@ -14,4 +14,6 @@ export const COMMAND_NAMES: readonly string[] = [
   "map",
   "resize",
   // @names: one line per new command below this marker
+  "commit",
+  "rebase",
 ];

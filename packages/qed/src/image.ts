@@ -53,6 +53,8 @@ import {
   validateQedHeader,
 } from "./spec/header.js";
 import type { QedHeader } from "./spec/header.js";
+import { planQedBackingChange } from "./backing.js";
+import type { QedBackingChange } from "./backing.js";
 import {
   QED_ENTRY_TOO_LARGE,
   QedTable,
@@ -131,8 +133,8 @@ export class QedImage implements WritableDiskImage {
   readonly #l1: QedTable;
   readonly #cache: ClusterCache;
   readonly #views = new WeakMap<Uint8Array, QedTable>();
-  readonly #backingFilename: string | undefined;
-  readonly #backingFormat: string | undefined;
+  #backingFilename: string | undefined;
+  #backingFormat: string | undefined;
   /** Opened with `noBacking`: the image reads as if it had no backing file (QEMU's BDRV_O_NO_BACKING). */
   readonly #noBacking: boolean;
   readonly #delay: number;
@@ -793,6 +795,40 @@ export class QedImage implements WritableDiskImage {
       markedClean = true;
     }
     return { ...r, leaksFixed: 0, imageEndOffset: this.#fileSize, markedClean };
+  }
+
+  /**
+   * Name a new backing file (or none, `filename` undefined) in the header, as QEMU's
+   * bdrv_qed_change_backing_file (see backing.ts for the layout and crash safety). Everything
+   * written so far is flushed first. Guest data is not touched: assign `backing` to read
+   * through the new backing image.
+   */
+  async changeBackingFile(change: QedBackingChange): Promise<void> {
+    this.#checkWritable();
+    planQedBackingChange(this.#h, change); // refusals before anything is written
+    await this.flush();
+    await this.#serialMeta(async () => {
+      const plan = planQedBackingChange(this.#h, change);
+      const head = encodeQedHeader(plan.header);
+      const name = plan.name;
+      if (name !== undefined && name.offset === head.byteLength) {
+        const both = new Uint8Array(head.byteLength + name.bytes.byteLength);
+        both.set(head, 0);
+        both.set(name.bytes, head.byteLength);
+        await this.backend.write(0, both);
+      } else {
+        if (name !== undefined) {
+          await this.backend.write(name.offset, name.bytes);
+          await this.backend.flush();
+        }
+        await this.backend.write(0, head);
+      }
+      await this.backend.flush();
+      Object.assign(this.#h, plan.header);
+    });
+    this.#backingFilename = change.filename;
+    this.#backingFormat =
+      change.filename !== undefined && change.format === "raw" ? "raw" : undefined;
   }
 
   /** @internal Replace the autoclear mask and make the header durable (open uses this). */

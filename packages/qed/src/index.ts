@@ -45,6 +45,8 @@ export {
 } from "./spec/table.js";
 export type { QedGeometry, QedEntryKind } from "./spec/table.js";
 export { QedImage, openQed, readQedMetadata } from "./image.js";
+export { planQedBackingChange } from "./backing.js";
+export type { QedBackingChange, QedBackingPlan } from "./backing.js";
 export { createQed } from "./create.js";
 export { probeQed } from "./probe.js";
 export { checkQed } from "./check.js";

@@ -10,6 +10,8 @@ import { ioCommand } from "./io.js";
 import { mapCommand } from "./map.js";
 import { resizeCommand } from "./resize.js";
 // @imports: one line per new command below this marker, each helper its own line
+import { commitCommand } from "./commit.js";
+import { rebaseCommand } from "./rebase.js";
 
 /** Every command qimg has, in the order `--help` lists them. */
 export const COMMANDS: readonly CommandDef[] = [
@@ -24,4 +26,6 @@ export const COMMANDS: readonly CommandDef[] = [
   mapCommand,
   resizeCommand,
   // @entries: one line per new command below this marker, each helper its own line
+  commitCommand,
+  rebaseCommand,
 ];

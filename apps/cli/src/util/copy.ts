@@ -8,11 +8,18 @@
  * sink's size: runs of data blocks are written together, runs of zero blocks are skipped (or
  * handed to the sink's `zero` when the sink would not read zeros there, e.g. over a backing
  * file). Writes are issued in guest order (an image sink allocates its clusters
- * sequentially), several in flight.
+ * sequentially), several in flight; with `outOfOrder` (qemu-img's `-W`) a chunk is written as
+ * soon as its read finishes.
+ *
+ * The options carry qemu-img convert's knobs: `minSparse` (`-S`: the shortest run of zeros left
+ * unwritten; 0 writes every byte), `inFlight`/`readAhead` (`-m`), `rateLimit` (`-r`),
+ * `onReadError` (`--salvage`: unreadable sectors are copied as zeros and reported) and
+ * `leaveAlone` (`-B`: ranges the target already shows through its backing file).
  */
 import { alignedBuffers, ExtentIterator, StatusCursor, type WritableDiskImage } from "@qimg/io";
 import type { BlockBackend, DiskImage } from "../drivers.js";
 import { inFile } from "../errors.js";
+import { RateLimiter } from "./rate-limit.js";
 import { isZero } from "./zero.js";
 
 /** Read size: qemu-img uses 2 MiB buffers too. */
@@ -26,6 +33,14 @@ export const RAW_ZERO_BLOCK = 4096;
 const WRITES_IN_FLIGHT = 4;
 /** Chunks read ahead of the one being written. */
 const READ_AHEAD = 3;
+/** The unit in which a salvaging copy re-reads a chunk that failed (qemu-img: a sector). */
+export const SALVAGE_UNIT = 512;
+
+/** A byte range `[start, end)`. */
+export interface CopyRange {
+  readonly start: number;
+  readonly end: number;
+}
 
 /** Where a copy writes. */
 export interface CopySink {
@@ -60,6 +75,32 @@ export interface CopyOptions {
   readonly compress?: boolean;
   /** Writes in flight at most (default 4). */
   readonly inFlight?: number;
+  /** Chunks read ahead of the one being written (default 3). */
+  readonly readAhead?: number;
+  /** Write each chunk as soon as it is read, in any order (qemu-img convert `-W`). */
+  readonly outOfOrder?: boolean;
+  /**
+   * The shortest run of zero bytes left unwritten (qemu-img convert `-S`): shorter runs of
+   * zero blocks are written like data. 0 writes every byte, zero ranges of the source
+   * included. Default: every zero block of the sink's size is left unwritten.
+   */
+  readonly minSparse?: number;
+  /** Bytes per second handed to the sink at most (qemu-img `-r`); undefined: no limit. */
+  readonly rateLimit?: number | undefined;
+  /**
+   * Salvage mode (qemu-img convert `--salvage`): a chunk whose read fails is read again in
+   * sectors of {@link SALVAGE_UNIT} bytes; each sector that still fails is copied as zeros and
+   * passed here (its source offset and the error), and the copy goes on. A block-status
+   * failure makes the chunk read as data. Undefined: the first error ends the copy.
+   */
+  readonly onReadError?: ((offset: number, error: unknown) => void) | undefined;
+  /**
+   * The parts of a data chunk (source offsets; given the bytes read there) that the sink
+   * already shows as they are, so they are not written (`convert -B`: ranges the target's
+   * backing file provides). Blocks wholly inside them are left alone.
+   */
+  readonly leaveAlone?:
+    ((offset: number, data: Uint8Array) => Promise<readonly CopyRange[]>) | undefined;
   /** Wrap the source's read and block-status errors with this file name (CLI messages). */
   readonly sourceName?: string;
   /** Called with the number of sink bytes handled so far, in order. */
@@ -75,9 +116,12 @@ export function blockStatusPays(image: DiskImage): boolean {
   return !(image.format === "raw" && image.backing === undefined);
 }
 
-/** A raw file as a sink: holes read as zeros (the file was freshly truncated). */
-export function rawSink(target: BlockBackend): CopySink {
-  return { blockSize: RAW_ZERO_BLOCK, write: (offset, data) => target.write(offset, data) };
+/**
+ * A raw file as a sink: holes read as zeros (the file was freshly truncated). `blockSize` is
+ * the zero-detection granularity (default {@link RAW_ZERO_BLOCK}).
+ */
+export function rawSink(target: BlockBackend, blockSize = RAW_ZERO_BLOCK): CopySink {
+  return { blockSize, write: (offset, data) => target.write(offset, data) };
 }
 
 /** `e` as an Error (rejections are errors here; anything else is wrapped). */
@@ -93,7 +137,14 @@ interface Chunk {
   readonly buf: Uint8Array | undefined;
   readonly slot: number;
   readonly read: Promise<void> | undefined;
+  /** Set once `read` has settled (out-of-order copies take the first ready chunk). */
+  ready: boolean;
 }
+
+/** Block kinds of a chunk being written. */
+const DATA = 0;
+const ZERO = 1;
+const KEEP = 2;
 
 /** Copy guest bytes `[from, to)` of `source` to `sink` at offset 0 (see the module comment). */
 export async function copy(
@@ -109,7 +160,15 @@ export async function copy(
   const compress = options.compress === true;
   const writeCompressed = sink.writeCompressed;
   if (compress && writeCompressed === undefined) throw new Error("sink cannot compress");
-  const maxInFlight = options.inFlight ?? WRITES_IN_FLIGHT;
+  const maxInFlight = Math.max(1, options.inFlight ?? WRITES_IN_FLIGHT);
+  const readAhead = Math.max(1, options.readAhead ?? READ_AHEAD);
+  const minSparse = options.minSparse;
+  const salvage = options.onReadError;
+  const leaveAlone = options.leaveAlone;
+  const limiter =
+    options.rateLimit === undefined || options.rateLimit <= 0
+      ? undefined
+      : new RateLimiter(options.rateLimit);
   const onSource = <T>(fn: () => Promise<T>): Promise<T> =>
     options.sourceName === undefined ? fn() : inFile(options.sourceName, fn);
   const extents = new ExtentIterator(source, {
@@ -137,9 +196,22 @@ export async function copy(
     while (inflight.size >= maxInFlight) await Promise.race(inflight);
     settle();
   };
+  /** Start a data write (after the rate limit lets it go). */
+  const write = async (offset: number, data: Uint8Array, slot: number): Promise<void> => {
+    await limiter?.take(data.length);
+    await issue(sink.write(offset, data), slot);
+  };
+  const writeOneCompressed = async (
+    offset: number,
+    data: Uint8Array,
+    slot: number,
+  ): Promise<void> => {
+    await limiter?.take(data.length);
+    await issue(writeCompressed!(offset, data), slot);
+  };
   // Page-aligned chunk buffers, mapped once on first use; a slot is free again when every
   // write issued from it has finished.
-  const slots = maxInFlight + READ_AHEAD + 1;
+  const slots = maxInFlight + readAhead + 1;
   let buffers: Uint8Array[] | undefined;
   const slotUsers = new Array<number>(slots).fill(0);
   const freeSlots: number[] = [];
@@ -165,6 +237,36 @@ export async function copy(
     return freeSlots.pop()!;
   };
 
+  /** Read `buf` at `offset`; when salvaging, a failed read is retried sector by sector. */
+  const readChunk = async (offset: number, buf: Uint8Array): Promise<void> => {
+    try {
+      await onSource(() => source.read(offset, buf));
+      return;
+    } catch (e) {
+      if (salvage === undefined) throw e;
+    }
+    for (let pos = 0; pos < buf.length; pos += SALVAGE_UNIT) {
+      const piece = buf.subarray(pos, Math.min(buf.length, pos + SALVAGE_UNIT));
+      try {
+        await source.read(offset + pos, piece);
+      } catch (e) {
+        piece.fill(0);
+        salvage(offset + pos, e);
+      }
+    }
+  };
+  /** Whether the source reports `[offset, end)` as zeros (salvaging: failures say "data"). */
+  const knownZero = async (offset: number, end: number): Promise<boolean> => {
+    // -S 0 writes every byte: zero ranges are read (as zeros) and written like data.
+    if (minSparse === 0) return false;
+    try {
+      return await onSource(() => extents.allZero(offset, end));
+    } catch (e) {
+      if (salvage === undefined) throw e;
+      return false;
+    }
+  };
+
   const ahead: Chunk[] = [];
   let planned = from;
   const end = from + length;
@@ -176,8 +278,8 @@ export async function copy(
     const chunkEnd = Math.min(end, offset + chunkSize);
     planned = chunkEnd;
     const dataEnd = Math.min(chunkEnd, srcStop);
-    if (offset >= dataEnd || (await onSource(() => extents.allZero(offset, dataEnd)))) {
-      ahead.push({ offset, end: chunkEnd, buf: undefined, slot: -1, read: undefined });
+    if (offset >= dataEnd ? minSparse !== 0 : await knownZero(offset, dataEnd)) {
+      ahead.push({ offset, end: chunkEnd, buf: undefined, slot: -1, read: undefined, ready: true });
       return true;
     }
     const slot = await takeSlot();
@@ -185,18 +287,42 @@ export async function copy(
     buffers ??= alignedBuffers(slots, chunkSize);
     const buf = buffers[slot]!.subarray(0, chunkEnd - offset);
     // Past the source's range the sink gets zeros (the buffer is reused: clear it).
-    buf.fill(0, dataEnd - offset);
-    const read = onSource(() => source.read(offset, buf.subarray(0, dataEnd - offset)));
-    read.catch(() => undefined); // awaited in order below
-    ahead.push({ offset, end: chunkEnd, buf, slot, read });
+    buf.fill(0, Math.max(0, dataEnd - offset));
+    const chunk: Chunk = {
+      offset,
+      end: chunkEnd,
+      buf,
+      slot,
+      read: offset < dataEnd ? readChunk(offset, buf.subarray(0, dataEnd - offset)) : undefined,
+      ready: offset >= dataEnd,
+    };
+    chunk.read?.then(
+      () => (chunk.ready = true),
+      () => (chunk.ready = true),
+    );
+    ahead.push(chunk);
     return true;
   };
+  /** The next chunk to write: the first one, or (out of order) the first one read. */
+  const takeNext = async (): Promise<Chunk> => {
+    if (options.outOfOrder === true) {
+      for (;;) {
+        const i = ahead.findIndex((c) => c.ready);
+        if (i >= 0) return ahead.splice(i, 1)[0]!;
+        await Promise.race(ahead.map((c) => (c.read ?? Promise.resolve()).catch(() => undefined)));
+      }
+    }
+    return ahead.shift()!;
+  };
 
+  // Zero runs shorter than this (in bytes) are written like data.
+  const sparseMin = minSparse === undefined || minSparse === 0 ? 0 : minSparse;
   const zero = sink.zero;
+  let progressed = 0;
   try {
-    while (ahead.length < READ_AHEAD && (await startNext()));
+    while (ahead.length < readAhead && (await startNext()));
     while (ahead.length > 0) {
-      const chunk = ahead.shift()!;
+      const chunk = await takeNext();
       const base = chunk.offset - from;
       const buf = chunk.buf;
       if (buf === undefined) {
@@ -205,37 +331,62 @@ export async function copy(
         await chunk.read;
         const slot = chunk.slot;
         const n = buf.length;
-        // Runs of data blocks are written together; runs of zero blocks only need work when
-        // the sink would not read zeros there.
-        let dataStart = -1;
-        let zeroStart = -1;
-        for (let b = 0; b < n; b += bs) {
-          const e = Math.min(b + bs, n);
-          if (isZero(buf, b, e)) {
-            if (dataStart >= 0) {
-              await issue(sink.write(base + dataStart, buf.subarray(dataStart, b)), slot);
-              dataStart = -1;
-            }
-            if (zeroStart < 0) zeroStart = b;
-          } else {
-            if (zeroStart >= 0) {
-              if (zero !== undefined) await issue(zero(base + zeroStart, b - zeroStart), -1);
-              zeroStart = -1;
-            }
-            if (compress) await issue(writeCompressed!(base + b, buf.subarray(b, e)), slot);
-            else if (dataStart < 0) dataStart = b;
+        const blocks = Math.ceil(n / bs);
+        const kind = new Uint8Array(blocks);
+        for (let i = 0; i < blocks; i++) {
+          kind[i] = minSparse !== 0 && isZero(buf, i * bs, Math.min(n, (i + 1) * bs)) ? ZERO : DATA;
+        }
+        if (leaveAlone !== undefined && chunk.offset < srcStop) {
+          const dataEnd = Math.min(chunk.end, srcStop);
+          const ranges = await onSource(() =>
+            leaveAlone(chunk.offset, buf.subarray(0, dataEnd - chunk.offset)),
+          );
+          for (const r of ranges) {
+            const first = Math.ceil((r.start - chunk.offset) / bs);
+            const last = Math.floor((Math.min(r.end, dataEnd) - chunk.offset) / bs);
+            const tail = Math.min(r.end, dataEnd) === chunk.end ? blocks : last;
+            for (let i = Math.max(0, first); i < tail; i++) kind[i] = KEEP;
           }
         }
-        if (dataStart >= 0) {
-          await issue(sink.write(base + dataStart, buf.subarray(dataStart, n)), slot);
+        // Runs of zero blocks shorter than -S are written like data.
+        if (sparseMin > bs) {
+          for (let i = 0; i < blocks;) {
+            if (kind[i] !== ZERO) {
+              i++;
+              continue;
+            }
+            let j = i;
+            while (j < blocks && kind[j] === ZERO) j++;
+            if (Math.min(n, j * bs) - i * bs < sparseMin) kind.fill(DATA, i, j);
+            i = j;
+          }
         }
-        if (zeroStart >= 0 && zero !== undefined) {
-          await issue(zero(base + zeroStart, n - zeroStart), -1);
+        // Runs of data blocks are written together; runs of zero blocks only need work when
+        // the sink would not read zeros there; kept blocks are left alone.
+        for (let i = 0; i < blocks;) {
+          const k = kind[i]!;
+          let j = i + 1;
+          while (j < blocks && kind[j] === k) j++;
+          const a = i * bs;
+          const b = Math.min(n, j * bs);
+          if (k === DATA) {
+            if (compress) {
+              for (let p = a; p < b; p += bs) {
+                await writeOneCompressed(base + p, buf.subarray(p, Math.min(b, p + bs)), slot);
+              }
+            } else {
+              await write(base + a, buf.subarray(a, b), slot);
+            }
+          } else if (k === ZERO && zero !== undefined) {
+            await issue(zero(base + a, b - a), -1);
+          }
+          i = j;
         }
         release(slot);
       }
-      options.onProgress?.(chunk.end - from);
-      while (ahead.length < READ_AHEAD && (await startNext()));
+      progressed += chunk.end - chunk.offset;
+      options.onProgress?.(progressed);
+      while (ahead.length < readAhead && (await startNext()));
     }
   } finally {
     // Nothing may still write from the buffers (or into the sink), nor read from the source,
@@ -246,20 +397,35 @@ export async function copy(
   settle();
 }
 
+/** Options of {@link imageSink}. */
+export interface ImageSinkOptions {
+  /**
+   * Whether the image reads as zeros wherever the copy writes nothing (a new image, or
+   * `--target-is-zero`). Default true. When false (`convert -n` into an existing image), the
+   * ranges the copy finds zero are zeroed explicitly.
+   */
+  readonly zeroed?: boolean;
+}
+
 /**
- * A new image as a sink: blocks are its clusters. When it has a backing file, ranges the copy
- * finds zero are zeroed explicitly where the backing file would show through (so the target
- * reads as the source).
+ * An image as a sink: blocks are its clusters. Ranges the copy finds zero are zeroed
+ * explicitly where the image would not read zeros: where its backing file shows through
+ * (so the target reads as the source), and everywhere when it is not known to be zeroed.
  */
-export function imageSink(image: WritableDiskImage): CopySink {
+export function imageSink(image: WritableDiskImage, options: ImageSinkOptions = {}): CopySink {
+  const zeroed = options.zeroed ?? true;
   const zero =
     image.backing === undefined
-      ? undefined
+      ? zeroed
+        ? undefined
+        : (offset: number, length: number): Promise<void> =>
+            image.writeZeroes(offset, length, { mayUnmap: true })
       : async (offset: number, length: number): Promise<void> => {
           const status = new StatusCursor(image, offset + length);
           for (let pos = offset; pos < offset + length; pos = status.end) {
-            const zero = (await status.at(pos)).zero;
-            if (!zero) await image.writeZeroes(pos, status.end - pos, { mayUnmap: false });
+            if (!(await status.at(pos)).zero) {
+              await image.writeZeroes(pos, status.end - pos, { mayUnmap: false });
+            }
           }
         };
   return {

@@ -1,0 +1,236 @@
+/**
+ * `qimg commit [-f fmt] [-t cache] [-b base] [-d] [-p] [-q] [-r rate] FILE` — qemu-img commit:
+ * copy what the image (and, with `-b`, every image between it and `base`) holds into its
+ * backing file, then make the image empty (qcow2; formats that cannot, QED included, are
+ * left as they are, as qemu-img does). `-b` implies `-d`, as in qemu-img. A base shorter than
+ * the image is grown to its size first.
+ *
+ * What is copied is what QEMU's commit job copies: every range allocated above the base
+ * (data, and zero clusters, which become zeros in the base, released where the base can).
+ */
+import { realpathSync } from "node:fs";
+import type { Command } from "commander";
+import { StatusCursor } from "@qimg/io";
+import { Qcow2Image } from "@qimg/qcow2";
+import type { CommandDef } from "../command.js";
+import { stringOpt } from "../command.js";
+import type { CliContext } from "../context.js";
+import type { DiskImage, WritableDiskImage } from "../drivers.js";
+import { CliError, inFile } from "../errors.js";
+import { combinePath, openImage, writeTarget } from "../open.js";
+import { cacheMode } from "../util/cache-mode.js";
+import { copy } from "../util/copy.js";
+import type { CopySink } from "../util/copy.js";
+import { startProgress } from "../util/progress.js";
+import { parseSize } from "../util/size.js";
+
+/** The image below `image` in its backing chain (opened), if any. */
+export function backingImageOf(image: DiskImage): DiskImage | undefined {
+  return (image as { backing?: DiskImage | undefined }).backing;
+}
+
+/** The backing file name stored in `image`'s header, if any. */
+export function storedBackingName(image: DiskImage): string | undefined {
+  return (
+    (image as { backingFilename?: string | undefined }).backingFilename ??
+    (image as { info?: () => { backingFilename?: string | undefined } }).info?.().backingFilename
+  );
+}
+
+function realOrSelf(path: string): string {
+  try {
+    return realpathSync(path);
+  } catch {
+    return path;
+  }
+}
+
+/**
+ * The chain depth of the image named `name` below `top` (1 = the backing file), as QEMU's
+ * bdrv_find_backing_image matches it: the name as stored in the overlay's header, or the same
+ * real path once both are taken relative to the overlay.
+ */
+function findBase(top: DiskImage, name: string): number | undefined {
+  let overlay = top;
+  for (let depth = 1; ; depth++) {
+    const below = backingImageOf(overlay);
+    if (below === undefined) return undefined;
+    const stored = storedBackingName(overlay);
+    if (stored === name) return depth;
+    const wanted = realOrSelf(combinePath(overlay.backend.name, name));
+    if (wanted === realOrSelf(below.backend.name)) return depth;
+    overlay = below;
+  }
+}
+
+/** qemu-img's `-r` parse: a size with an optional suffix; anything else is refused. */
+export function parseRateLimit(text: string | undefined): number | undefined {
+  if (text === undefined) return undefined;
+  try {
+    const rate = parseSize(text);
+    return rate === 0 ? undefined : rate;
+  } catch {
+    throw new CliError(
+      "Invalid rate limit specified. You may use k, M, G, T, P or E suffixes for kilobytes, megabytes, gigabytes, terabytes, petabytes and exabytes.",
+    );
+  }
+}
+
+/**
+ * The ranges of `top` that are allocated above the image at chain depth `baseDepth`, merged:
+ * each with whether it reads as zeros throughout.
+ */
+async function* allocatedAbove(
+  top: DiskImage,
+  baseDepth: number,
+): AsyncGenerator<{ start: number; end: number; zero: boolean }> {
+  const cursor = new StatusCursor(top);
+  let run: { start: number; end: number; zero: boolean } | undefined;
+  for (let pos = 0; pos < top.virtualSize; pos = cursor.end) {
+    const s = await cursor.at(pos);
+    const above = s.present && s.depth < baseDepth;
+    if (above && run !== undefined && run.end === pos && run.zero === s.zero) {
+      run.end = cursor.end;
+      continue;
+    }
+    if (run !== undefined) yield run;
+    run = above ? { start: pos, end: cursor.end, zero: s.zero } : undefined;
+  }
+  if (run !== undefined) yield run;
+}
+
+/** A sink that writes into `base` at `at` plus the copy's offsets; zeros are always written. */
+function baseSink(base: WritableDiskImage, at: number): CopySink {
+  return {
+    blockSize: base.clusterSize > 0 ? base.clusterSize : 4096,
+    write: (offset, data) => base.write(at + offset, data),
+    zero: (offset, length) => base.writeZeroes(at + offset, length, { mayUnmap: true }),
+  };
+}
+
+async function commitData(
+  ctx: CliContext,
+  file: string,
+  format: string | undefined,
+  base: { path: string; format: string; depth: number },
+  options: { writethrough: boolean; noFlush: boolean; rate: number | undefined; progress: boolean },
+): Promise<void> {
+  const target = await openImage(base.path, {
+    format: base.format,
+    readOnly: false,
+    ctx,
+    noFlush: options.noFlush,
+    qcow2: { writethrough: options.writethrough },
+  });
+  try {
+    writeTarget(target);
+    // The top's chain opens the base again, read-only and sharing every permission with the
+    // writer above (what the commit copies never reads the base).
+    const top = await openImage(file, { format, readOnly: true, ctx, forceShare: true });
+    try {
+      if (top.virtualSize > target.virtualSize) {
+        await inFile(base.path, () => target.resize(top.virtualSize));
+      }
+      const progress = startProgress(ctx, options.progress, top.virtualSize);
+      try {
+        for await (const r of allocatedAbove(top, base.depth)) {
+          if (r.zero) {
+            await inFile(base.path, () =>
+              target.writeZeroes(r.start, r.end - r.start, { mayUnmap: true }),
+            );
+          } else {
+            await copy(top, baseSink(target, r.start), {
+              from: r.start,
+              to: r.end,
+              rateLimit: options.rate,
+              sourceName: file,
+            });
+          }
+          progress.update(r.end);
+        }
+      } finally {
+        progress.stop();
+      }
+      await inFile(base.path, () => target.flush());
+    } finally {
+      await inFile(file, () => top.close());
+    }
+  } finally {
+    await inFile(base.path, () => target.close());
+  }
+}
+
+export const commitCommand: CommandDef = {
+  name: "commit",
+  errorExitCode: 1,
+  configure(cmd: Command) {
+    cmd
+      .description("commit the image's changes into its backing file (qemu-img commit)")
+      .argument("<file>", "image whose data goes into its backing file")
+      .option("-f, --format <fmt>", "image format (qcow2, qed, raw); probed when omitted")
+      .option("-t, --cache <mode>", "cache mode for the files written (default writeback)")
+      .option("-b, --base <base>", "commit into this image further down the chain (implies -d)")
+      .option("-d, --drop", "leave the image as it is instead of making it empty")
+      .option("-p, --progress", "show progress")
+      .option("-q, --quiet", "print nothing on success")
+      .option("-r, --rate-limit <rate>", "bytes per second at most (k, M, G suffixes)");
+  },
+  async run(ctx, args, opts) {
+    const file = args[0] ?? "";
+    const format = stringOpt(opts, "format");
+    const mode = cacheMode(stringOpt(opts, "cache") ?? "writeback");
+    const rate = parseRateLimit(stringOpt(opts, "rateLimit"));
+    const baseName = stringOpt(opts, "base");
+    const quiet = opts.quiet === true;
+    // qemu-img: "-b implies -d".
+    const drop = opts.drop === true || baseName !== undefined;
+
+    // Every refusal is decided on a read-only look at the chain, before anything is written.
+    const probe = await openImage(file, { format, readOnly: true, ctx, forceShare: true });
+    let base: { path: string; format: string; depth: number };
+    const topFormat = probe.format;
+    try {
+      const below = backingImageOf(probe);
+      if (below === undefined) throw new CliError("Image does not have a backing file");
+      let depth = 1;
+      if (baseName !== undefined) {
+        const found = findBase(probe, baseName);
+        if (found === undefined) {
+          throw new CliError(`Did not find '${baseName}' in the backing chain of '${file}'`);
+        }
+        depth = found;
+      }
+      let image: DiskImage = probe;
+      for (let i = 0; i < depth; i++) image = backingImageOf(image)!;
+      base = { path: image.backend.name, format: image.format, depth };
+    } finally {
+      await inFile(file, () => probe.close());
+    }
+
+    await commitData(ctx, file, format, base, {
+      writethrough: mode.writethrough,
+      noFlush: mode.noFlush,
+      rate,
+      progress: opts.progress === true && !quiet,
+    });
+
+    // Only qcow2 can make itself empty; QEMU skips the others silently (ENOTSUP).
+    if (!drop && topFormat === "qcow2") {
+      const top = await openImage(file, {
+        format: topFormat,
+        readOnly: false,
+        openBacking: false,
+        ctx,
+        noFlush: mode.noFlush,
+        qcow2: { writethrough: mode.writethrough },
+      });
+      try {
+        if (top instanceof Qcow2Image) await inFile(file, () => top.makeEmpty());
+      } finally {
+        await inFile(file, () => top.close());
+      }
+    }
+    if (!quiet) ctx.stdout("Image committed.\n");
+    return 0;
+  },
+};

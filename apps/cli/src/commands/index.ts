@@ -10,6 +10,7 @@ import { ioCommand } from "./io.js";
 import { mapCommand } from "./map.js";
 import { resizeCommand } from "./resize.js";
 // @imports: one line per new command below this marker, each helper its own line
+import { bitmapCommand } from "./bitmap.js";
 import { commitCommand } from "./commit.js";
 import { rebaseCommand } from "./rebase.js";
 
@@ -26,6 +27,7 @@ export const COMMANDS: readonly CommandDef[] = [
   mapCommand,
   resizeCommand,
   // @entries: one line per new command below this marker, each helper its own line
+  bitmapCommand,
   commitCommand,
   rebaseCommand,
 ];

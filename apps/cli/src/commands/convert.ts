@@ -41,6 +41,7 @@ import {
   writeNewImage,
   type CreateFormat,
 } from "../create-image.js";
+import { copyBitmaps, Qcow2Image, type SnapshotSelector } from "@qimg/qcow2";
 import type { DiskImage, WritableDiskImage } from "../drivers.js";
 import { CliError, inFile, messageOf } from "../errors.js";
 import { openImage, sameFile, writeTarget } from "../open.js";
@@ -105,6 +106,17 @@ export interface ConvertOptions {
   readonly imageOpts?: boolean;
   /** `--target-image-opts` (with `-n`): `target` is an option string. */
   readonly targetImageOpts?: boolean;
+  /**
+   * `-l`: the internal snapshot to convert: `snapshot.id=ID[,snapshot.name=NAME]`,
+   * `snapshot.name=NAME`, or an ID or name (ID first, as qemu-img).
+   */
+  readonly snapshot?: string | undefined;
+  /** `-s NAME` (qemu-img's older spelling, gone in 7.2): an ID or name, as a plain `-l`. */
+  readonly snapshotName?: string | undefined;
+  /** `--bitmaps`: copy every persistent bitmap to the (qcow2) target. */
+  readonly bitmaps?: boolean;
+  /** `--skip-broken-bitmaps` (with `--bitmaps`): leave out inconsistent bitmaps. */
+  readonly skipBrokenBitmaps?: boolean;
 }
 
 /** True when the target's flushes are skipped (cache=unsafe, the default). */
@@ -115,6 +127,10 @@ function targetNoFlush(cache: string | undefined): boolean {
 /** qemu-img's checks of the option combinations, in its order (before any file is opened). */
 function checkCombinations(options: ConvertOptions, hasOptions: boolean): void {
   const checks: [boolean, string][] = [
+    [
+      options.skipBrokenBitmaps === true && options.bitmaps !== true,
+      "Use of --skip-broken-bitmaps requires --bitmaps",
+    ],
     [
       options.compress === true && options.copyOffload === true,
       "Cannot enable copy offloading when -c is used",
@@ -183,11 +199,16 @@ export async function runConvert(ctx: CliContext, options: ConvertOptions): Prom
     forceShare: options.forceShare === true,
   });
   try {
+    const source = await loadSnapshot(image, options);
     const copyOptions = copyOptionsOf(ctx, options, src.path);
+    const bitmaps =
+      options.bitmaps === true
+        ? { from: image, skipBroken: options.skipBrokenBitmaps === true }
+        : undefined;
     if (noCreate) {
       checkNoCreate(options);
       refuseSourceFiles(opened, [dst.path], src.path);
-      await convertInto(ctx, image, dst, options, copyOptions);
+      await convertInto(ctx, source, dst, options, copyOptions, bitmaps);
       return 0;
     }
     const outFormat = checkCreateFormat(outFormatName ?? "raw");
@@ -202,6 +223,10 @@ export async function runConvert(ctx: CliContext, options: ConvertOptions): Prom
       throw new CliError("Compression not supported for this file format");
     }
     refuseCopyOffload(options);
+    // qemu-img finds this once the target is made; qimg before (and so leaves no file).
+    if (bitmaps !== undefined && outFormat !== "qcow2") {
+      throw new CliError(`Format driver '${outFormat}' does not support bitmaps`);
+    }
     const dataFile = opts.get("data_file")?.text;
     const written = dataFile === undefined ? [dst.path] : [dst.path, dataFile];
     refuseSourceFiles(opened, written, src.path);
@@ -211,7 +236,7 @@ export async function runConvert(ctx: CliContext, options: ConvertOptions): Prom
     let reserving: Promise<number> = Promise.resolve(0);
     try {
       if (outFormat === "raw") {
-        await convertToRaw(ctx, image, options, copyOptions);
+        await convertToRaw(ctx, source, options, copyOptions);
         return 0;
       }
       await inFile(dst.path, async () => {
@@ -227,12 +252,12 @@ export async function runConvert(ctx: CliContext, options: ConvertOptions): Prom
       // while the copy starts, and give back what the copy did not use at the end.
       if (options.compress !== true) {
         const end = statSync(dst.path).size;
-        reserving = dataBytes(image, src.path).then(
+        reserving = dataBytes(source, src.path).then(
           (length) => preallocate(dst.path, [{ offset: end, length }], { keepSize: true }),
           () => 0, // the copy reports the source's errors
         );
       }
-      await convertToImage(ctx, image, outFormat, options, copyOptions, backingFile);
+      await convertToImage(ctx, source, outFormat, options, copyOptions, backingFile, bitmaps);
       if ((await reserving) > 0) trimPastEnd(dst.path);
       return 0;
     } catch (e) {
@@ -243,6 +268,60 @@ export async function runConvert(ctx: CliContext, options: ConvertOptions): Prom
     }
   } finally {
     await image.close();
+  }
+}
+
+/** `--bitmaps`: the image whose bitmaps are copied, and `--skip-broken-bitmaps`. */
+interface BitmapCopy {
+  readonly from: DiskImage;
+  readonly skipBroken: boolean;
+}
+
+/** Copy the bitmaps into `target` (before it is closed: they are stored at close). */
+async function copyBitmapsInto(bitmaps: BitmapCopy | undefined, target: DiskImage): Promise<void> {
+  if (bitmaps === undefined || !(bitmaps.from instanceof Qcow2Image)) return;
+  if (!(target instanceof Qcow2Image)) {
+    throw new CliError(`Format driver '${target.format}' does not support bitmaps`);
+  }
+  await copyBitmaps(bitmaps.from, target, { skipBroken: bitmaps.skipBroken });
+}
+
+/**
+ * `-l` / `-s`: the snapshot's view of the image (at the image's current size, as qemu-img
+ * 7.2 converts it), or the image itself when no snapshot is asked for.
+ */
+async function loadSnapshot(image: DiskImage, options: ConvertOptions): Promise<DiskImage> {
+  const text = options.snapshot ?? options.snapshotName;
+  if (text === undefined) return image;
+  let selector: SnapshotSelector | string = text;
+  if (options.snapshot !== undefined && text.startsWith("snapshot.")) {
+    let id: string | undefined;
+    let name: string | undefined;
+    for (const part of text.split(",")) {
+      const eq = part.indexOf("=");
+      const key = eq < 0 ? part : part.slice(0, eq);
+      const value = eq < 0 ? "" : part.slice(eq + 1);
+      if (key === "snapshot.id") id = value;
+      else if (key === "snapshot.name") name = value;
+      else {
+        // qemu-img prints "Invalid parameter 'KEY'" on a line before this one.
+        throw new CliError(`Failed in parsing snapshot param '${text}'`);
+      }
+    }
+    selector = { ...(id !== undefined ? { id } : {}), ...(name !== undefined ? { name } : {}) };
+  }
+  if (!(image instanceof Qcow2Image)) {
+    throw new CliError(
+      `Failed to load snapshot: Block format '${image.format}' used by device '' does not support temporarily loading internal snapshots`,
+    );
+  }
+  try {
+    return await image.openSnapshot(selector, { size: "image" });
+  } catch (e) {
+    if (e instanceof Error && e.message.startsWith("Can't find")) {
+      throw new CliError("Failed to load snapshot: Can't find snapshot", { cause: e });
+    }
+    throw new CliError(`Failed to load snapshot: ${messageOf(e, "")}`, { cause: e });
   }
 }
 
@@ -333,6 +412,7 @@ async function convertInto(
   dst: Named,
   options: ConvertOptions,
   copyOptions: CopyOptions,
+  bitmaps: BitmapCopy | undefined,
 ): Promise<void> {
   const target = await openTarget(dst.path, () =>
     openImage(dst.path, {
@@ -359,6 +439,7 @@ async function convertInto(
       targetName: dst.path,
       flush: () => w.flush(),
     });
+    await inFile(dst.path, () => copyBitmapsInto(bitmaps, w));
   } finally {
     await inFile(dst.path, () => target.close());
   }
@@ -595,6 +676,7 @@ async function convertToImage(
   options: ConvertOptions,
   copyOptions: CopyOptions,
   backingFile: string | undefined,
+  bitmaps: BitmapCopy | undefined,
 ): Promise<void> {
   const compress = options.compress === true;
   const pool = compress ? await CompressPool.start(options.threads) : undefined;
@@ -628,6 +710,7 @@ async function convertToImage(
         targetName: options.target,
         flush: () => w.flush(),
       });
+      await inFile(options.target, () => copyBitmapsInto(bitmaps, w));
     } finally {
       await inFile(options.target, () => target.close());
     }
@@ -684,6 +767,13 @@ export const convertCommand: CommandDef = {
       .option("-C, --copy-range", "copy offloading (not available in qimg: refused)")
       .option("-r, --rate-limit <rate>", "I/O rate limit in bytes per second (size suffixes)")
       .option("--salvage", "go on past read errors: unreadable sectors become zeros")
+      .option(
+        "-l, --snapshot <snapshot>",
+        "convert an internal snapshot: snapshot.id=ID[,snapshot.name=NAME], snapshot.name=NAME, or an ID or name",
+      )
+      .option("-s, --snapshot-name <name>", "convert the internal snapshot with this ID or name")
+      .option("--bitmaps", "copy every persistent bitmap to the (qcow2) target")
+      .option("--skip-broken-bitmaps", "with --bitmaps: leave out inconsistent bitmaps")
       .option("--image-opts", "the source is an option string (driver=FMT,file.filename=PATH)")
       .option("--target-image-opts", "the target is an option string (with -n)")
       .option(
@@ -731,6 +821,10 @@ export const convertCommand: CommandDef = {
       rateLimit,
       imageOpts: opts.imageOpts === true,
       targetImageOpts: opts.targetImageOpts === true,
+      snapshot: str("snapshot"),
+      snapshotName: str("snapshotName"),
+      bitmaps: opts.bitmaps === true,
+      skipBrokenBitmaps: opts.skipBrokenBitmaps === true,
     };
     if (
       (args[0] === undefined || args[1] === undefined) &&

@@ -139,3 +139,82 @@ export async function ourDirtyRanges(file: string): Promise<Map<string, Ranges>>
     await image.close();
   }
 }
+
+/** True when nbdinfo (libnbd-bin) and qemu-nbd are installed. */
+export function haveNbdinfo(): boolean {
+  return run("nbdinfo", ["--version"]).code === 0 && run("qemu-nbd", ["--version"]).code === 0;
+}
+
+/**
+ * Dirty guest ranges of each named bitmap as an NBD client sees them: `qemu-nbd -B NAME`
+ * exports the bitmap as the `qemu:dirty-bitmap:NAME` metadata context and
+ * `nbdinfo --map=qemu:dirty-bitmap:NAME` reads it (the bitmaps must be consistent).
+ */
+export async function nbdinfoDirtyRanges(
+  file: string,
+  names: readonly string[],
+  dir: string,
+): Promise<Map<string, Ranges>> {
+  const out = new Map<string, Ranges>();
+  if (names.length === 0) return out;
+  const sock = path.join(dir, `nbdi-${process.pid}-${Math.random().toString(36).slice(2)}.sock`);
+  const pidFile = `${sock}.pid`;
+  must("qemu-nbd", [
+    "-t",
+    "-r",
+    "-f",
+    "qcow2",
+    "-k",
+    sock,
+    ...names.flatMap((n) => ["-B", n]),
+    "--fork",
+    `--pid-file=${pidFile}`,
+    file,
+  ]);
+  try {
+    for (const name of names) {
+      const map = JSON.parse(
+        must("nbdinfo", [
+          "--json",
+          `--map=qemu:dirty-bitmap:${name}`,
+          `nbd+unix:///?socket=${sock}`,
+        ]),
+      ) as { offset: number; length: number; type: number }[];
+      out.set(
+        name,
+        merge(
+          map.filter((e) => (e.type & 1) !== 0).map((e): [number, number] => [e.offset, e.length]),
+        ),
+      );
+    }
+  } finally {
+    for (let i = 0; i < 50 && !fs.existsSync(pidFile); i++)
+      await new Promise((r) => setTimeout(r, 20));
+    const pid = Number(fs.readFileSync(pidFile, "utf8").trim());
+    if (pid > 0) process.kill(pid, "SIGTERM");
+    fs.rmSync(sock, { force: true });
+    fs.rmSync(pidFile, { force: true });
+  }
+  return out;
+}
+
+/** Expected dirty ranges: each written range widened to the granularity, clipped to the disk. */
+export function expectedRanges(
+  writes: readonly [offset: number, length: number][],
+  granularity: number,
+  size: number,
+): Ranges {
+  const bits = new Set<number>();
+  for (const [o, l] of writes) {
+    if (l <= 0) continue;
+    for (let n = Math.floor(o / granularity); n * granularity < Math.min(size, o + l); n++)
+      bits.add(n);
+  }
+  const sorted = [...bits].sort((a, b) => a - b);
+  return merge(
+    sorted.map((n): [number, number] => [
+      n * granularity,
+      Math.min(granularity, size - n * granularity),
+    ]),
+  );
+}

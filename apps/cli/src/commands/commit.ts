@@ -22,7 +22,7 @@ import { cacheMode } from "../util/cache-mode.js";
 import { copy } from "../util/copy.js";
 import type { CopySink } from "../util/copy.js";
 import { startProgress } from "../util/progress.js";
-import { parseSize } from "../util/size.js";
+import { cvtsize } from "../util/cvtnum.js";
 
 /** The image below `image` in its backing chain (opened), if any. */
 export function backingImageOf(image: DiskImage): DiskImage | undefined {
@@ -63,17 +63,11 @@ function findBase(top: DiskImage, name: string): number | undefined {
   }
 }
 
-/** qemu-img's `-r` parse: a size with an optional suffix; anything else is refused. */
+/** qemu-img's `-r` parse (cvtnum: a size with an optional suffix); 0 means no limit. */
 export function parseRateLimit(text: string | undefined): number | undefined {
   if (text === undefined) return undefined;
-  try {
-    const rate = parseSize(text);
-    return rate === 0 ? undefined : rate;
-  } catch {
-    throw new CliError(
-      "Invalid rate limit specified. You may use k, M, G, T, P or E suffixes for kilobytes, megabytes, gigabytes, terabytes, petabytes and exabytes.",
-    );
-  }
+  const rate = cvtsize("rate limit", text);
+  return rate === 0 ? undefined : rate;
 }
 
 /**

@@ -1,0 +1,157 @@
+/**
+ * Seeded random backing chains for the commit and rebase twin tests: 2–3 images (qcow2, QED,
+ * raw at the bottom), sizes that are not multiples of 512 or of the cluster (the base may be
+ * shorter than the top), and a random layout of data, zero writes, discards and compressed
+ * clusters written by qemu-io. The chain is made once in a directory and copied to twins, so
+ * qemu-img and qimg start from byte-identical files (backing names are relative).
+ */
+import { copyFileSync, mkdirSync, readFileSync, readdirSync } from "node:fs";
+import { join } from "node:path";
+import { qemuImg, qemuIo, prng } from "./qemu.js";
+
+export type Fmt = "qcow2" | "qed" | "raw";
+
+export interface Layer {
+  readonly name: string;
+  readonly fmt: Fmt;
+  readonly size: number;
+  readonly cluster: number;
+}
+
+/** One chain, bottom first. */
+export interface Chain {
+  readonly layers: readonly Layer[];
+  readonly seed: number;
+}
+
+function pick<T>(rnd: () => number, xs: readonly T[]): T {
+  return xs[Math.floor(rnd() * xs.length)]!;
+}
+
+function must(r: { code: number; stdout: string; stderr: string }, what: string): void {
+  if (r.code !== 0) throw new Error(`${what}: ${r.stdout}${r.stderr}`);
+}
+
+/** Random writes into `layer` with qemu-io (through its backing chain). */
+function scribble(dir: string, layer: Layer, rnd: () => number): void {
+  const cmds: string[] = [];
+  const n = 3 + Math.floor(rnd() * 6);
+  const size = layer.fmt === "raw" ? layer.size : Math.ceil(layer.size / 512) * 512;
+  const cs = layer.cluster;
+  for (let i = 0; i < n; i++) {
+    const kind = rnd();
+    const len = 1 + Math.floor(rnd() * Math.min(size, 3 * cs));
+    const off = Math.floor(rnd() * (size - len));
+    const pat = 1 + Math.floor(rnd() * 250);
+    if (kind < 0.5 || layer.fmt === "raw") {
+      cmds.push(`write -P ${pat} ${off} ${len}`);
+    } else if (kind < 0.7) {
+      const a = Math.floor(off / 512) * 512;
+      cmds.push(`write -z ${a} ${Math.max(512, Math.floor(len / 512) * 512)}`);
+    } else if (kind < 0.85) {
+      const a = Math.floor(off / cs) * cs;
+      if (a + cs <= size) cmds.push(`discard ${a} ${cs}`);
+    } else if (layer.fmt === "qcow2") {
+      const a = Math.floor(off / cs) * cs;
+      if (a + cs <= size) cmds.push(`write -c -P ${pat} ${a} ${cs}`);
+    } else {
+      cmds.push(`write -P ${pat} ${off} ${len}`);
+    }
+  }
+  const args = ["-f", layer.fmt];
+  for (const c of cmds) args.push("-c", c);
+  must(qemuIo([...args, layer.name], dir), `qemu-io ${cmds.join("; ")}`);
+}
+
+/**
+ * Make a random chain of `depth` images in `dir` (bottom "l0.<fmt>", top "l<depth-1>.<fmt>").
+ * `topFormats` limits the formats of the images above the bottom.
+ */
+export function makeChain(
+  dir: string,
+  seed: number,
+  depth: number,
+  options: { topFormats?: readonly Fmt[]; shortBase?: boolean } = {},
+): Chain {
+  const rnd = prng(seed);
+  mkdirSync(dir, { recursive: true });
+  const layers: Layer[] = [];
+  const topSize = 600_000 + Math.floor(rnd() * 1_500_000);
+  for (let i = 0; i < depth; i++) {
+    const fmt: Fmt =
+      i === 0
+        ? pick(rnd, ["qcow2", "qed", "raw"])
+        : pick(rnd, options.topFormats ?? ["qcow2", "qed"]);
+    const short = i === 0 && (options.shortBase ?? rnd() < 0.5);
+    const size =
+      i === depth - 1
+        ? topSize
+        : short
+          ? Math.floor(topSize * (0.3 + rnd() * 0.5))
+          : topSize + Math.floor(rnd() * 3) * 1000;
+    const cluster =
+      fmt === "qcow2"
+        ? pick(rnd, [4096, 16384, 65536])
+        : fmt === "qed"
+          ? pick(rnd, [4096, 65536])
+          : 4096;
+    const name = `l${i}.${fmt}`;
+    const args = ["create", "-q", "-f", fmt];
+    if (fmt === "qcow2")
+      args.push("-o", `cluster_size=${cluster},compat=${rnd() < 0.8 ? "1.1" : "0.10"}`);
+    if (fmt === "qed") args.push("-o", `cluster_size=${cluster}`);
+    const below = layers[i - 1];
+    if (below !== undefined) args.push("-b", below.name, "-F", below.fmt);
+    must(qemuImg([...args, name, String(size)], dir), `create ${name}`);
+    const layer = { name, fmt, size, cluster };
+    layers.push(layer);
+    scribble(dir, layer, rnd);
+  }
+  return { layers, seed };
+}
+
+/** Copy every file of `from` into `to` (a twin). */
+export function twin(from: string, to: string): void {
+  mkdirSync(to, { recursive: true });
+  for (const f of readdirSync(from)) copyFileSync(join(from, f), join(to, f));
+}
+
+/** The bytes of every file in `dir`, by name. */
+export function snapshotFiles(dir: string): Map<string, Buffer> {
+  const m = new Map<string, Buffer>();
+  for (const f of readdirSync(dir)) m.set(f, readFileSync(join(dir, f)));
+  return m;
+}
+
+/** What `qemu-img info` says of an image's backing file, and its size. */
+export function backingFacts(dir: string, layer: Layer): Record<string, unknown> {
+  const r = qemuImg(["info", "-U", "-f", layer.fmt, "--output=json", layer.name], dir);
+  if (r.code !== 0) return { error: r.stderr };
+  const j = JSON.parse(r.stdout) as Record<string, unknown>;
+  return {
+    size: j["virtual-size"],
+    backing: j["backing-filename"],
+    backingFormat: j["backing-filename-format"],
+  };
+}
+
+/** `qemu-img compare` of one layer in two twin directories (through each one's chain). */
+export function compareTwins(a: string, b: string, layer: Layer): string {
+  const r = qemuImg([
+    "compare",
+    "-f",
+    layer.fmt,
+    "-F",
+    layer.fmt,
+    join(a, layer.name),
+    join(b, layer.name),
+  ]);
+  return `${r.code} ${r.stdout.trim()}${r.stderr.trim()}`;
+}
+
+/** `qemu-img check` of a layer: the exit code and output ("" for raw, which has no check). */
+export function checkLayer(dir: string, layer: Layer): { code: number; out: string } {
+  if (layer.fmt === "raw") return { code: 0, out: "" };
+  const r = qemuImg(["check", "-f", layer.fmt, layer.name], dir);
+  return { code: r.code, out: r.stdout + r.stderr };
+}

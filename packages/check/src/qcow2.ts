@@ -22,6 +22,7 @@ import {
 } from "./qcow2-pass.js";
 import type { Counters, Layout } from "./qcow2-pass.js";
 import { buildMetaMap, calculate, checkOflagCopied } from "./qcow2-tables.js";
+import { readSnapshotTableRepairing } from "./snapshot-table.js";
 
 /** How much a check may repair, as `qemu-img check -r`. */
 export type RepairMode = "leaks" | "all";
@@ -58,7 +59,7 @@ interface PassOutcome {
  * to garbage, which makes the image worse. (Placing them past the table instead turns its
  * garbage entries into references inside the file: worse again.)
  */
-function tablesEnd(layout: Layout, fileSize: number): number {
+function tablesEnd(layout: Layout, fileSize: number, rewritten = false): number {
   const h = layout.header;
   const cs = 2 ** h.clusterBits;
   let end = fileSize;
@@ -69,7 +70,9 @@ function tablesEnd(layout: Layout, fileSize: number): number {
   };
   reach(h.l1TableOffset, h.l1Size * 8);
   for (const sn of layout.snapshots) reach(sn.l1TableOffset, sn.l1Size * 8);
-  reach(h.snapshotsOffset, layout.snapshotsSize);
+  // A snapshot table about to be rewritten (its overlong extra data dropped) is never read
+  // as entries again past what is kept.
+  if (!rewritten) reach(h.snapshotsOffset, layout.snapshotsSize);
   return Math.ceil(end / cs) * cs;
 }
 
@@ -90,7 +93,10 @@ function incompleteSnapshots(snapshots: readonly SnapshotEntry[]): number[] {
  */
 function completeExtraData(layout: Layout): Omit<SnapshotEntry, "offset">[] {
   const diskSize = BigInt(Math.ceil(layout.header.size / 512) * 512);
-  return layout.snapshots.map((sn) => {
+  // IDs and names are C strings to QEMU: it writes them up to their first NUL.
+  const cString = (s: string): string => s.split("\0", 1)[0]!;
+  return layout.snapshots.map((entry) => {
+    const sn = { ...entry, id: cString(entry.id), name: cString(entry.name) };
     if (sn.extraData.byteLength >= 24) return sn;
     const extra = new Uint8Array(24);
     const dv = new DataView(extra.buffer);
@@ -176,6 +182,15 @@ async function runCheck(
     layout = { ...layout, header };
   }
   const fileSize = await backend.size();
+  let reduced = 0;
+  let dropped = 0;
+  if (layout.snapshotTableError !== undefined && (fix & FIX_ERRORS) !== 0) {
+    // qemu-img check -r all reads what it can of the table instead (and rewrites it below).
+    const repaired = await readSnapshotTableRepairing(backend, layout, log);
+    layout = repaired.layout;
+    reduced = repaired.reduced;
+    dropped = repaired.dropped;
+  }
   if (layout.snapshotTableError !== undefined) {
     // qcow2_check_read_snapshot_table fails before anything is counted (qemu-img check -r all
     // discards the extra data instead; not done here: nothing is written).
@@ -191,6 +206,9 @@ async function runCheck(
   }
   let p = new Pass(backend, layout, fileSize, log, lost);
   let rebuilt = false;
+  // Dropped snapshots are gone from the header already; cut extra data is fixed when the
+  // table is rewritten below (or counted as a corruption again if that fails).
+  p.res.corruptionsFixed += reduced + dropped;
   // qcow2_check_read_snapshot_table: a v3 entry needs at least 16 bytes of extra data.
   const incomplete = h0.version >= 3 ? incompleteSnapshots(layout.snapshots) : [];
   for (const i of incomplete) {
@@ -215,7 +233,9 @@ async function runCheck(
     // A rebuild appends its structures at the end of the file; a table reaching past the end
     // would read them as entries. Then repair what can be repaired without a rebuild.
     const noRebuild =
-      p.rebuild && (fix & FIX_ERRORS) !== 0 && tablesEnd(layout, size) > Math.ceil(size / cs) * cs;
+      p.rebuild &&
+      (fix & FIX_ERRORS) !== 0 &&
+      tablesEnd(layout, size, dropped > 0) > Math.ceil(size / cs) * cs;
     if (p.rebuild && fix & FIX_ERRORS && !noRebuild) {
       const old = { ...p.res };
       log("info", "Rebuilding refcount structure");
@@ -279,7 +299,7 @@ async function runCheck(
     if (copied !== undefined) copied.flush();
     else await checkOflagCopied(p, fix);
     if (fix !== 0) await backend.flush();
-    if (incomplete.length > 0 && fix & FIX_ERRORS) {
+    if (incomplete.length + dropped > 0 && fix & FIX_ERRORS) {
       // A table that looks like garbage is left as it is (IDs and names that are not UTF-8
       // would be rewritten as U+FFFD; L1 tables outside the file would be kept).
       const lossy = suspectSnapshotTable(layout, await backend.size(), p.cs);
@@ -291,8 +311,8 @@ async function runCheck(
             ? "ERROR failed to update the snapshot table: its entries do not look like snapshots"
             : "ERROR failed to update the snapshot table: no usable refcount block for it",
         );
-        p.res.corruptionsFixed -= incomplete.length;
-        p.res.corruptions += incomplete.length;
+        p.res.corruptionsFixed -= incomplete.length + dropped;
+        p.res.corruptions += incomplete.length + dropped;
       } else {
         layout = { ...layout, header };
       }

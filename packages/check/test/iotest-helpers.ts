@@ -175,3 +175,57 @@ export function expectSameGuest(a: string, b: string): void {
   const i = da.findIndex((x, k) => x !== db[k]);
   expect(i, `guest byte ${i}: qemu-img's repair reads ${da[i]}, ours ${db[i]}`).toBe(-1);
 }
+
+/** Mark the clusters of [start, end) allocated (refcount 1) in refcount block 0 (16-bit refcounts). */
+export function refblock0Allocate(f: string, start: number, end: number): void {
+  const cs = 2 ** peek(f, 20, 4);
+  const refblock = peek(f, peek(f, 48, 8), 8);
+  const fd = openSync(f, "r+");
+  try {
+    const one = Uint8Array.from([0, 1]);
+    for (let c = Math.floor(start / cs); c < Math.ceil(end / cs); c++) {
+      writeSync(fd, one, 0, 2, refblock + c * 2);
+    }
+  } finally {
+    closeSync(fd);
+  }
+}
+
+/**
+ * `check -r all` on twins: the same lines, counts and exit code, both repaired images clean
+ * and equal as qemu-img check sees them, the same guest data, and `qemu-img snapshot -l`
+ * lists the same snapshots on both.
+ */
+export async function sameRepairAll(f: string): Promise<{ q: string; ours: string }> {
+  const { q, ours } = await expectSameRepair(f, "all");
+  expect(run("qemu-img", ["check", ours], true).status).toBe(0);
+  expect(run("qemu-img", ["check", q], true).status).toBe(0);
+  expectSameGuest(q, ours);
+  const list = (x: string): string => {
+    const r = spawnSync("qemu-img", ["snapshot", "-l", x], {
+      encoding: "utf8",
+      maxBuffer: 64 * 1024 * 1024,
+    });
+    expect(r.status, r.stderr).toBe(0);
+    return r.stdout;
+  };
+  expect(list(ours)).toBe(list(q));
+  expect(peek(ours, 60, 4)).toBe(peek(q, 60, 4));
+  return { q, ours };
+}
+
+/** A 40-byte snapshot table entry: 1 KiB of extra data, a 65535-byte ID and name (all zeros). */
+export const BIG_ENTRY = 40 + 1024 + 65535 + 65535 + 2;
+export function writeBigEntries(f: string, at: number, n: number): void {
+  const fixed = new Uint8Array(40);
+  const dv = new DataView(fixed.buffer);
+  dv.setUint16(12, 0xffff);
+  dv.setUint16(14, 0xffff);
+  dv.setUint32(36, 1024);
+  const fd = openSync(f, "r+");
+  try {
+    for (let i = 0; i < n; i++) writeSync(fd, fixed, 0, 40, at + i * BIG_ENTRY);
+  } finally {
+    closeSync(fd);
+  }
+}

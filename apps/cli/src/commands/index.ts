@@ -10,6 +10,7 @@ import { ioCommand } from "./io.js";
 import { mapCommand } from "./map.js";
 import { resizeCommand } from "./resize.js";
 // @imports: one line per new command below this marker, each helper its own line
+import { amendCommand } from "./amend.js";
 import { snapshotCommand } from "./snapshot.js";
 import { bitmapCommand } from "./bitmap.js";
 import { commitCommand } from "./commit.js";
@@ -28,6 +29,7 @@ export const COMMANDS: readonly CommandDef[] = [
   mapCommand,
   resizeCommand,
   // @entries: one line per new command below this marker, each helper its own line
+  amendCommand,
   snapshotCommand,
   bitmapCommand,
   commitCommand,

@@ -19,16 +19,7 @@
  *   bytes there, so DST reads exactly as SRC.
  * - A failed convert without `-n` removes the target it created.
  */
-import {
-  closeSync,
-  fstatSync,
-  ftruncateSync,
-  openSync,
-  realpathSync,
-  statSync,
-  unlinkSync,
-  type BigIntStats,
-} from "node:fs";
+import { closeSync, fstatSync, ftruncateSync, openSync, statSync } from "node:fs";
 import type { Command } from "commander";
 import { ExtentIterator } from "@qimg/io";
 import { FileBackend } from "@qimg/io/node";
@@ -60,6 +51,7 @@ import {
 } from "../util/copy.js";
 import { cvtsize, strtolWhole } from "../util/cvtnum.js";
 import { parseImageOpts } from "../util/image-opts.js";
+import { OutputGuard } from "../util/output-guard.js";
 import { preallocate, PREALLOCATE_MIN, type FileRange } from "../util/preallocate.js";
 import { startProgress } from "../util/progress.js";
 import { isHelpRequest, optionsHelp, parseOptions, type OptMap } from "../util/qemu-opts.js";
@@ -529,50 +521,6 @@ async function runCopy(
     await inFile(copyOptions.targetName, () => copyOptions.flush());
   } finally {
     progress.stop();
-  }
-}
-
-/**
- * The output files of a convert as they were before it began, to remove on failure the ones
- * it created or changed (a half-written target is never left behind; a file the convert did
- * not get to touch stays as it was).
- */
-class OutputGuard {
-  private readonly before: (BigIntStats | undefined | null)[];
-
-  constructor(private readonly paths: readonly string[]) {
-    // A name that cannot be looked up (too long, a file in the way of a directory...) is
-    // left alone: nothing can have been made under it.
-    this.before = paths.map((p) => {
-      try {
-        return statSync(p, { bigint: true, throwIfNoEntry: false });
-      } catch {
-        return null;
-      }
-    });
-  }
-
-  undo(): void {
-    this.paths.forEach((path, i) => {
-      const was = this.before[i];
-      if (was === null) return;
-      const now = statSync(path, { bigint: true, throwIfNoEntry: false });
-      if (now === undefined || !now.isFile()) return;
-      const unchanged =
-        was !== undefined &&
-        was.ino === now.ino &&
-        was.dev === now.dev &&
-        was.size === now.size &&
-        was.mtimeNs === now.mtimeNs &&
-        was.ctimeNs === now.ctimeNs;
-      if (unchanged) return;
-      try {
-        // Through a symlink, the file it names is the one that was written.
-        unlinkSync(realpathSync(path));
-      } catch {
-        // Best effort: the error that made the convert fail is the one to report.
-      }
-    });
   }
 }
 

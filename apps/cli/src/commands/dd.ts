@@ -6,16 +6,21 @@
  *   qemu-img does (so `skip=2 count=5` copies blocks 2..4);
  * - a skip past the end of the input creates an empty output and prints
  *   "<input>: cannot skip to specified offset" (exit status stays 0);
- * - the output is created (truncated) with the copied size rounded up to 512 bytes.
+ * - the output is created (truncated) with the copied size rounded up to 512 bytes: a raw
+ *   file, or with `-O qcow2|qed` a new image of that size (default creation options);
+ * - a failed dd removes the output it created or truncated.
  */
 import type { Command } from "commander";
 import { FileBackend } from "@qimg/io/node";
 import { stringOpt, type CommandDef } from "../command.js";
 import type { CliContext } from "../context.js";
 import { CliError, inFile, messageOf } from "../errors.js";
-import { openImage, sameFile } from "../open.js";
-import { copy, rawSink } from "../util/copy.js";
-import { parseSize, roundUp, SizeParseError } from "../util/size.js";
+import { openImage, sameFile, writeTarget } from "../open.js";
+import { copy, imageSink, rawSink } from "../util/copy.js";
+import { checkCreateFormat, writeNewImage, type CreateFormat } from "../create-image.js";
+import { cvtnum } from "../util/cvtnum.js";
+import { OutputGuard } from "../util/output-guard.js";
+import { roundUp } from "../util/size.js";
 
 export interface DdOperands {
   readonly input: string;
@@ -29,24 +34,6 @@ export interface DdOperands {
 }
 
 const INT_MAX = 2147483647;
-const SUFFIX_HELP =
-  "You may use k, M, G, T, P or E suffixes for kilobytes, megabytes, gigabytes, terabytes, petabytes and exabytes.";
-
-/** qemu-img's cvtnum_full() with its messages. */
-function cvtnum(name: string, value: string, min: number, max: number): number {
-  let n: number;
-  try {
-    n = parseSize(value);
-  } catch (e) {
-    if (e instanceof SizeParseError && e.kind === "range") {
-      throw new CliError(`Invalid ${name} specified. Must be between ${min} and ${max}.`);
-    }
-    throw new CliError(`Invalid ${name} specified. ${SUFFIX_HELP}`);
-  }
-  if (n < min || n > max)
-    throw new CliError(`Invalid ${name} specified. Must be between ${min} and ${max}.`);
-  return n;
-}
 
 /** Parse the `key=value` operands the way qemu-img dd does. */
 export function parseDdOperands(operands: readonly string[]): DdOperands {
@@ -85,13 +72,13 @@ export function parseDdOperands(operands: readonly string[]): DdOperands {
   return { input, output, bs, count, skip };
 }
 
-/** Output formats `dd` can write. */
-export function checkOutputFormat(format: string, file: string): void {
-  if (format === "raw") return;
-  if (format === "qcow2" || format === "qed") {
-    throw new CliError(`writing ${format} images with dd is not supported (use convert)`, { file });
+/** Output formats `dd` can write (raw, qcow2, QED), as qemu-img names a wrong one. */
+export function checkOutputFormat(format: string): CreateFormat {
+  try {
+    return checkCreateFormat(format);
+  } catch {
+    throw new CliError("Unknown file format");
   }
-  throw new CliError(`Unknown file format '${format}'`, { file });
 }
 
 export interface DdOptions {
@@ -104,7 +91,7 @@ export interface DdOptions {
 
 export async function runDd(ctx: CliContext, options: DdOptions): Promise<number> {
   const op = parseDdOperands(options.operands);
-  checkOutputFormat(options.outputFormat ?? "raw", op.output);
+  const outFormat = checkOutputFormat(options.outputFormat ?? "raw");
   if (sameFile(op.input, op.output))
     throw new CliError("the output file is the input file", { file: op.output });
   const image = await openImage(op.input, {
@@ -119,27 +106,58 @@ export async function runDd(ctx: CliContext, options: DdOptions): Promise<number
     const skipTooFar =
       op.skip !== undefined && (!Number.isSafeInteger(skipBytes) || size < skipBytes);
     const outSize = skipTooFar ? 0 : size - skipBytes;
-    const target = await inFile(op.output, async () => {
-      try {
-        return await FileBackend.open(op.output, { create: true, truncate: true });
-      } catch (e) {
-        throw new CliError(`error while creating output image: ${messageOf(e, op.output)}`, {
+    const guard = new OutputGuard([op.output]);
+    try {
+      const created = (e: unknown): CliError =>
+        new CliError(`error while creating output image: ${messageOf(e, op.output)}`, {
           cause: e,
         });
+      if (outFormat === "raw") {
+        const target = await inFile(op.output, async () => {
+          try {
+            return await FileBackend.open(op.output, { create: true, truncate: true });
+          } catch (e) {
+            throw created(e);
+          }
+        });
+        try {
+          await inFile(op.output, () => target.truncate(roundUp(outSize, 512)));
+          if (skipTooFar) ctx.stderr(`qimg: ${op.input}: cannot skip to specified offset\n`);
+          else
+            await inFile(op.input, () =>
+              copy(image, rawSink(target), { from: skipBytes, to: size }),
+            );
+          await inFile(op.output, () => target.flush());
+        } finally {
+          await target.close();
+        }
+        return 0;
       }
-    });
-    try {
-      await inFile(op.output, () => target.truncate(roundUp(outSize, 512)));
-      if (skipTooFar) {
-        ctx.stderr(`qimg: ${op.input}: cannot skip to specified offset\n`);
-      } else {
-        await inFile(op.input, () => copy(image, rawSink(target), { from: skipBytes, to: size }));
+      await inFile(op.output, async () => {
+        try {
+          await writeNewImage(op.output, outFormat, new Map(), roundUp(outSize, 512));
+        } catch (e) {
+          throw created(e);
+        }
+      });
+      const target = await openImage(op.output, { format: outFormat, readOnly: false, ctx });
+      try {
+        const w = writeTarget(target);
+        if (skipTooFar) ctx.stderr(`qimg: ${op.input}: cannot skip to specified offset\n`);
+        else {
+          await inFile(op.input, () =>
+            copy(image, imageSink(w), { from: skipBytes, to: size, length: w.virtualSize }),
+          );
+        }
+        await inFile(op.output, () => w.flush());
+      } finally {
+        await inFile(op.output, () => target.close());
       }
-      await inFile(op.output, () => target.flush());
-    } finally {
-      await target.close();
+      return 0;
+    } catch (e) {
+      guard.undo();
+      throw e;
     }
-    return 0;
   } finally {
     await image.close();
   }
@@ -150,10 +168,10 @@ export const ddCommand: CommandDef = {
   errorExitCode: 1,
   configure(cmd: Command) {
     cmd
-      .description("copy an image to a raw file, dd style (qemu-img dd)")
+      .description("copy an image to a new raw, qcow2 or QED image, dd style (qemu-img dd)")
       .argument("[operands...]", "if=INPUT of=OUTPUT [bs=BYTES] [count=BLOCKS] [skip=BLOCKS]")
       .option("-f, --format <fmt>", "input format (qcow2, qed, raw); probed when omitted")
-      .option("-O, --output-format <fmt>", "output format (raw)", "raw")
+      .option("-O, --output-format <fmt>", "output format (raw, qcow2, qed)", "raw")
       .option(
         "-U, --force-share",
         "open read-only images even while another process writes them (qemu-img -U: shares every lock; read-only opens only)",

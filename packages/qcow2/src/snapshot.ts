@@ -166,40 +166,41 @@ async function referencesOf(
 ): Promise<void> {
   const cs = s.clusterSize;
   const fmt = s.fmt;
+  // The L2 entry callback stays synchronous (the clusters of one table are collected and
+  // visited when the table is done): the walk awaits what l1Entry and l2TableDone return.
+  const found: number[] = [];
+  const drain = async (): Promise<void> => {
+    for (const c of found) await visit(c);
+    found.length = 0;
+  };
   await walkL1Table(
     { backend: s.backend, format: fmt, fileSize: s.fileSize },
     l1Offset,
     l1Size,
     undefined,
     {
-      l1Entry: (c) => {
+      l1Entry: async (c) => {
         const off = c.l2Offset;
         if (off === 0 || off % cs !== 0) return false;
-        return (async () => {
-          await visit(off / cs);
-          return true;
-        })();
+        await visit(off / cs);
+        return true;
       },
       l2Entry: (c) => {
         if (c.type === ClusterType.Normal || c.type === ClusterType.ZeroAlloc) {
           if (s.hasDataFile) return;
           const off = entryOffset(c.hi, c.lo);
-          if (off === 0 || off % cs !== 0) return;
-          return visit(off / cs);
-        }
-        if (c.type === ClusterType.Compressed) {
+          if (off !== 0 && off % cs === 0) found.push(off / cs);
+        } else if (c.type === ClusterType.Compressed) {
           const at = compressedOffset(fmt, c.hi, c.lo);
           const first = Math.floor(at / cs);
           const last = Math.floor((at + compressedLength(fmt, c.hi, c.lo) - 1) / cs);
-          if (first === last) return visit(first);
-          return (async () => {
-            for (let k = first; k <= last; k++) await visit(k);
-          })();
+          for (let k = first; k <= last; k++) found.push(k);
         }
-        return;
       },
+      l2TableDone: drain,
     },
   );
+  await drain();
 }
 
 /** Runs of consecutive clusters, applied one run at a time. */
@@ -275,9 +276,12 @@ async function changeReferences(
 async function rebuildCopied(s: Qcow2State): Promise<void> {
   const w = s.w!;
   const cs = s.clusterSize;
-  let changed = false;
   const refcountIs1 = async (off: number): Promise<boolean> =>
     off !== 0 && off % cs === 0 && (await w.refcounts.get(off / cs)) === 1;
+  // Data entries of the current table (word index, high word, low word), decided when the
+  // table is done (the walk awaits l2TableDone, not l2Entry).
+  const data: number[] = [];
+  let changed = false;
   await walkL1Table(
     { backend: s.backend, format: s.fmt, fileSize: s.fileSize },
     s.hdr.l1TableOffset,
@@ -292,20 +296,29 @@ async function rebuildCopied(s: Qcow2State): Promise<void> {
           w.l1DirtyHi = Math.max(w.l1DirtyHi, c.index + 1);
         }
         changed = false;
+        data.length = 0;
         return c.l2Offset % cs === 0;
       },
       l2Entry: (c) => {
-        const data = c.type === ClusterType.Normal || c.type === ClusterType.ZeroAlloc;
-        if (data && s.hasDataFile) return;
-        const set = (want: boolean): void => {
-          if (entryCopied(c.hi) === want) return;
-          c.table.setWords(c.word, withCopied(c.hi, want), c.lo);
+        const isData = c.type === ClusterType.Normal || c.type === ClusterType.ZeroAlloc;
+        if (isData && s.hasDataFile) return;
+        if (isData) {
+          data.push(c.word, c.hi, c.lo);
+        } else if (entryCopied(c.hi)) {
+          c.table.setWords(c.word, withCopied(c.hi, false), c.lo);
           changed = true;
-        };
-        if (!data) return set(false);
-        return refcountIs1(entryOffset(c.hi, c.lo)).then(set);
+        }
       },
       l2TableDone: async (c) => {
+        for (let k = 0; k < data.length; k += 3) {
+          const [word, hi, lo] = [data[k]!, data[k + 1]!, data[k + 2]!];
+          const want = await refcountIs1(entryOffset(hi, lo));
+          if (entryCopied(hi) !== want) {
+            c.table.setWords(word, withCopied(hi, want), lo);
+            changed = true;
+          }
+        }
+        data.length = 0;
         if (!changed) return;
         changed = false;
         await checkOverlap(s, c.tableOffset, cs, Meta.activeL2 | Meta.inactiveL2);

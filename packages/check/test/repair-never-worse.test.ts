@@ -12,7 +12,7 @@
  * - a check that throws (the image cannot be opened) leaves the file unchanged.
  *
  * CI runs a short slice; QIMG_LONG=1 runs at least 10,000 cases (QIMG_REPAIR_CASES to
- * change it). Two workers. A failure prints the seed, the case and the mutations, and keeps
+ * change it; QIMG_REPAIR_CASE=<case seed> runs the one case a failure names). Two workers. A failure prints the seed, the case and the mutations, and keeps
  * the mutated image.
  */
 import { execFile } from "node:child_process";
@@ -41,6 +41,9 @@ const PER_BASE = LONG ? 100 : 20;
  */
 const QEMU_READ_EVERY = Number(process.env.QIMG_REPAIR_QEMU_READ_EVERY ?? (LONG ? 8 : 1));
 const WORKERS = 2;
+/** QIMG_REPAIR_CASE=<case seed>: run only that case (as a failure prints it). */
+const ONE_CASE =
+  process.env.QIMG_REPAIR_CASE === undefined ? undefined : Number(process.env.QIMG_REPAIR_CASE);
 
 interface Tool {
   code: number;
@@ -257,7 +260,10 @@ async function runCase(
 /**
  * The header facts, where a qcow2 snapshot table that moved counts as unchanged when its
  * entries (L1 table, ID, name) are the same: `-r all` rewrites a v3 table whose entries are
- * incomplete into new clusters, as QEMU does.
+ * incomplete into new clusters, as QEMU does. Entries are compared up to the first one whose
+ * ID or name runs past the end of the file (garbage whose "name" is really the L2 tables and
+ * data after it: repairing an L2 table's COPIED flags must not count as changing the header;
+ * seen with case seed 71574005, nb_snapshots poked to 65536).
  */
 function factsOf(format: "qcow2" | "qed", bytes: Uint8Array): string {
   const facts = headerFacts(format, bytes) as unknown as Record<string, unknown>;
@@ -271,6 +277,7 @@ function factsOf(format: "qcow2" | "qed", bytes: Uint8Array): string {
     const zeros = Array.from({ length: Math.min(count, 100) }, () => "0/0/");
     return JSON.stringify({ ...facts, snapshotsOffset: undefined, entries: zeros });
   }
+  const fileLength = bytes.byteLength;
   // Past the end of the file the table reads as zeros (as QEMU reads it).
   const padded = new Uint8Array(Math.max(bytes.byteLength, start + 2 ** 20));
   padded.set(bytes);
@@ -286,6 +293,12 @@ function factsOf(format: "qcow2" | "qed", bytes: Uint8Array): string {
     const nameLen = dv.getUint16(at + 14, false);
     const extra = dv.getUint32(at + 36, false);
     const idAt = at + 40 + extra;
+    if (idLen + nameLen > 0 && idAt + idLen + nameLen > fileLength) {
+      // An ID or name running past the end of the file is garbage (a table found in the wrong
+      // place): its bytes are other structures' (L2 tables a repair may rightly change).
+      entries.push("garbage past the end");
+      break;
+    }
     const text = Buffer.from(bytes.subarray(idAt, idAt + idLen + nameLen)).toString("hex");
     entries.push(`${dv.getBigUint64(at, false)}/${dv.getUint32(at + 8, false)}/${text}`);
     at += Math.ceil((40 + extra + idLen + nameLen) / 8) * 8;
@@ -332,7 +345,20 @@ describe.skipIf(!haveQemu())(
             if (!keep) rmSync(dir, { recursive: true, force: true });
           }
         };
-        await Promise.all(Array.from({ length: WORKERS }, (_, w) => worker(w)));
+        if (ONE_CASE !== undefined) {
+          // Reproduce one case from its printed case seed (base seed * 1000 + index).
+          const dir = mkdtempSync(join(tmpdir(), "qimg-never-worse-one-"));
+          const baseSeed = Math.floor(ONE_CASE / 1000);
+          let base: Base | undefined;
+          for (let attempt = 0; base === undefined && attempt < 5; attempt++) {
+            base = await makeBase(dir, prng(baseSeed + attempt * 104729));
+          }
+          const f = base && (await runCase(dir, base, prng(ONE_CASE), tally));
+          if (f !== undefined) failures.push(`case seed ${ONE_CASE}: ${f}`);
+          else rmSync(dir, { recursive: true, force: true });
+        } else {
+          await Promise.all(Array.from({ length: WORKERS }, (_, w) => worker(w)));
+        }
         console.log(
           `repair-never-worse seed ${SEED}: ${tally.cases} mutated images, ${tally.modes} repairs, ` +
             `${tally.notOpenable} qemu-img could not check before, ${tally.validClusters} valid clusters compared, ` +

@@ -149,7 +149,7 @@ describe.skipIf(!haveQemu)("qimg bitmap on twins of qemu-img bitmap", () => {
       const seed = 4242 + i * 101;
       await twinSequence(seed);
     }
-  }, 240_000);
+  }, LONG ? 1_800_000 : 240_000);
 
   it("errors and exit codes are qemu-img's, and a refused command changes nothing", async () => {
     const base = path.join(tmp, "err-base.qcow2");

@@ -204,7 +204,8 @@ export async function runConvert(ctx: CliContext, options: ConvertOptions): Prom
       return 0;
     }
     const outFormat = checkCreateFormat(outFormatName ?? "raw");
-    const opts = parseOptions(optText, acceptedOptionsOf(outFormat), dst.path);
+    // qemu-img convert names no file in these messages.
+    const opts = parseOptions(optText, acceptedOptionsOf(outFormat), undefined);
     opts.delete("size");
     addBackingOptions(opts, outFormat, options);
     const backingFile = opts.get("backing_file")?.text;
@@ -296,8 +297,10 @@ async function loadSnapshot(image: DiskImage, options: ConvertOptions): Promise<
       if (key === "snapshot.id") id = value;
       else if (key === "snapshot.name") name = value;
       else {
-        // qemu-img prints "Invalid parameter 'KEY'" on a line before this one.
-        throw new CliError(`Failed in parsing snapshot param '${text}'`);
+        // qemu-img prints these on two lines.
+        throw new CliError(
+          `Invalid parameter '${key}'. Failed in parsing snapshot param '${text}'`,
+        );
       }
     }
     selector = { ...(id !== undefined ? { id } : {}), ...(name !== undefined ? { name } : {}) };
@@ -423,7 +426,8 @@ async function convertInto(
       throw new CliError("output file is smaller than input file");
     }
     const length = Math.min(w.virtualSize, roundUp(source.virtualSize, 512));
-    const leaveAlone = options.backing === undefined ? undefined : await backingShortcut(source, w);
+    const leaveAlone =
+      options.backing === undefined ? undefined : await backingShortcut(source, w, true);
     await runCopy(ctx, options, source, imageSink(w, { zeroed: options.targetIsZero === true }), {
       ...copyOptions,
       length,
@@ -456,15 +460,20 @@ async function openTarget<T>(path: string, open: () => Promise<T>): Promise<T> {
 
 /**
  * `-B`: the ranges of a data chunk the target already shows as the source: those the source
- * takes from its backing chain (nothing allocated in its top image), when the target's backing
- * file is the source's own (same file) or holds the same bytes there.
+ * takes from its backing chain (nothing allocated in its top image), when the new target's
+ * backing file is the source's own (same file), or where the target reads the same bytes
+ * there (always compared for an existing target, `-n`: its own clusters may differ). qemu-img
+ * skips these ranges without looking, so with another backing file (or `-n`) its result can
+ * differ from the source; qimg's reads as the source.
  */
 async function backingShortcut(
   source: DiskImage,
   target: WritableDiskImage,
+  existing: boolean,
 ): Promise<((offset: number, data: Uint8Array) => Promise<readonly CopyRange[]>) | undefined> {
   if (source.backing === undefined || target.backing === undefined) return undefined;
   const same =
+    !existing &&
     sameFile(source.backing.backend.name, target.backing.backend.name) &&
     source.backing.format === target.backing.format;
   const bs = target.clusterSize;
@@ -645,7 +654,8 @@ async function convertToImage(
       // what lies past the source's end reads as zeros, so a last partial cluster is written
       // (or compressed) padded with zeros.
       const length = Math.max(target.virtualSize, source.virtualSize);
-      const leaveAlone = backingFile === undefined ? undefined : await backingShortcut(source, w);
+      const leaveAlone =
+        backingFile === undefined ? undefined : await backingShortcut(source, w, false);
       await runCopy(ctx, options, source, imageSink(w), {
         ...copyOptions,
         length,

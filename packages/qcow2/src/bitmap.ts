@@ -104,6 +104,11 @@ interface Tracked {
    */
   bits: Uint8Array;
   full: boolean;
+  /**
+   * The disk shrank since open: the stored bits are read back (up to the smallest size the
+   * disk had) and the bitmap is written afresh at close.
+   */
+  reload: boolean;
   /** One byte per bitmap table entry: 1 when `bits` has new bits in that cluster's range. */
   changed: Uint8Array;
 }
@@ -135,6 +140,16 @@ export function setBitRange(bits: Uint8Array, first: number, last: number): void
   bits[fb]! |= head;
   if (lb > fb + 1) bits.fill(0xff, fb + 1, lb);
   bits[lb]! |= tail;
+}
+
+/** Clear every bit from bit `nbits` on (`bits` holds whole bytes). */
+function clearPastEnd(bits: Uint8Array, nbits: number): void {
+  const byte = Math.floor(nbits / 8);
+  if (byte >= bits.length) return;
+  if (nbits % 8 !== 0) {
+    bits[byte]! &= 0xff >>> (8 - (nbits % 8));
+    bits.fill(0, byte + 1);
+  } else bits.fill(0, byte);
 }
 
 /**
@@ -183,6 +198,8 @@ export class PersistentBitmaps {
   private restructured = false;
   /** Removed bitmaps' tables (offset, entries), freed after the new directory is in effect. */
   private readonly removed: { tableOffset: number; tableSize: number }[] = [];
+  /** The smallest virtual size since open: stored bits past it were cut off by a shrink. */
+  private minSize: number;
 
   private constructor(
     private host: BitmapHost,
@@ -192,6 +209,7 @@ export class PersistentBitmaps {
     private size: number,
   ) {
     this.active = tracked.filter((t) => t.enabled);
+    this.minSize = size;
   }
 
   /** A set with no bitmaps yet (an image without a bitmap directory), for adding some. */
@@ -294,6 +312,7 @@ export class PersistentBitmaps {
         table,
         bits: enabled ? new Uint8Array(bitmapDataBytes(virtualSize, e.granularityBits)) : EMPTY,
         full: false,
+        reload: false,
         changed: enabled ? new Uint8Array(e.bitmapTableSize) : EMPTY,
       });
     }
@@ -364,13 +383,22 @@ export class PersistentBitmaps {
     }
   }
 
-  /** The disk grew to `newSize` bytes: bitmaps grow with it (new bits clean, as QEMU). */
+  /**
+   * The disk was resized to `newSize` bytes: bitmaps follow it, as QEMU's do (bits past a
+   * smaller end are dropped; bits of a grown area start clean).
+   */
   resize(newSize: number): void {
-    if (newSize < this.size) {
-      throw new InvalidArgumentError("persistent bitmaps cannot be shrunk");
-    }
+    const shrink = newSize < this.size;
     this.size = newSize;
-    for (const t of this.tracked) if (t.bits.length > 0 || t.full) this.grow(t);
+    this.minSize = Math.min(this.minSize, newSize);
+    for (const t of this.tracked) {
+      if (!t.consistent) continue;
+      if (shrink && !t.full) t.reload = true;
+      if (t.bits.length > 0 || t.full) {
+        this.grow(t);
+        if (shrink) clearPastEnd(t.bits, Math.ceil(newSize / t.granularity));
+      }
+    }
   }
 
   /** Size `t.bits` and `t.changed` for the current disk size (new bits clean). */
@@ -428,6 +456,7 @@ export class PersistentBitmaps {
       table: undefined,
       bits: EMPTY,
       full: true,
+      reload: false,
       changed: EMPTY,
     };
     this.grow(t);
@@ -499,6 +528,12 @@ export class PersistentBitmaps {
       if (!(await readChunk(this.host.backend, t.table, c, cs, out))) {
         throw new CorruptImageError(`bitmap '${t.name}': bad table entry ${c}`);
       }
+      // Stored bits a shrink cut off stay cut off.
+      const keep = Math.ceil(this.minSize / t.granularity) - c * cs * 8;
+      if (keep < cs * 8) {
+        if (keep <= 0) out.fill(0);
+        else clearPastEnd(out, keep);
+      }
     } else out.fill(0);
     const from = c * cs;
     const to = Math.min(from + cs, t.bits.length);
@@ -528,6 +563,7 @@ export class PersistentBitmaps {
       if (!t.consistent) continue;
       const size = bitmapTableSize(this.size, t.granularityBits, cs);
       const table = bitmapTableView(new Uint8Array(size * BITMAP_TABLE_ENTRY_SIZE));
+      if (t.reload && !t.full) await this.loadAll(t);
       if (t.full) {
         await this.writeAfresh(t, table);
         if (t.table) for (const off of dataClusters(t.table, cs)) frees.push([off, 1]);
@@ -619,6 +655,20 @@ export class PersistentBitmaps {
       t.tableOffset = offset;
       t.tableSize = table.length;
     }
+  }
+
+  /** Make `t.bits` the whole bitmap: its stored bits (up to the smallest size) or'ed with the new ones. */
+  private async loadAll(t: Tracked): Promise<void> {
+    const cs = this.host.clusterSize;
+    const bits = new Uint8Array(bitmapDataBytes(this.size, t.granularityBits));
+    const buf = new Uint8Array(cs);
+    for (let c = 0; c * cs < bits.length; c++) {
+      await this.chunk(t.name, c, buf);
+      bits.set(buf.subarray(0, Math.min(cs, bits.length - c * cs)), c * cs);
+    }
+    t.bits = bits;
+    t.full = true;
+    this.grow(t);
   }
 
   /**

@@ -183,6 +183,65 @@ describe.skipIf(!haveNbd)("dirty ranges of bitmaps added and written by qimg", (
   });
 });
 
+describe.skipIf(!haveNbd)("bitmaps follow a shrink as QEMU's do", () => {
+  it("shrink (and shrink then grow in one open) leaves the bits qemu-img resize --shrink leaves", async () => {
+    for (let seed = 1; seed <= (LONG ? 30 : 4); seed++) {
+      const r = prng(seed * 613);
+      const where = `seed ${seed * 613}`;
+      const cs = 2 ** (9 + Math.floor(r() * 8));
+      const size = 512 * (2000 + Math.floor(r() * 8000));
+      const base = path.join(tmp, `shrink-${seed}.qcow2`);
+      must("qemu-img", [
+        "create",
+        "-q",
+        "-f",
+        "qcow2",
+        "-o",
+        `cluster_size=${cs}`,
+        base,
+        String(size),
+      ]);
+      const names: string[] = [];
+      for (let i = 0; i < 2; i++) {
+        const g = 2 ** (9 + Math.floor(r() * 10));
+        names.push(`s${i}`);
+        must("qemu-img", ["bitmap", "--add", "-g", String(g), base, `s${i}`]);
+      }
+      const cmds: string[] = [];
+      for (let k = 0; k < 5; k++) {
+        const off = Math.floor(r() * (size - 1));
+        cmds.push(
+          "-c",
+          `write ${off} ${Math.max(1, Math.min(size - off, Math.floor(r() * 300_000)))}`,
+        );
+      }
+      must("qemu-io", ["-f", "qcow2", ...cmds, base]);
+      const small = 512 * Math.max(1, Math.floor((r() * size) / 512));
+      const regrow = r() < 0.5 ? 512 * Math.floor((small + r() * size) / 512) : small;
+      const ours = path.join(tmp, `shrink-${seed}-ours.qcow2`);
+      const theirs = path.join(tmp, `shrink-${seed}-theirs.qcow2`);
+      fs.copyFileSync(base, ours);
+      fs.copyFileSync(base, theirs);
+      must("qemu-img", ["resize", "-q", "--shrink", theirs, String(small)]);
+      if (regrow !== small) must("qemu-img", ["resize", "-q", theirs, String(regrow)]);
+      const image = await openRw(ours);
+      await image.resizeWith(small, { shrink: true });
+      if (regrow !== small) await image.resizeWith(regrow, {});
+      const live: Record<string, Ranges> = {};
+      for (const n of names) live[n] = asRanges(await image.bitmapDirtyRanges(n));
+      await image.close();
+      const msg = `${where} (size ${size} -> ${small} -> ${regrow}, cluster ${cs})`;
+      expect(infoBitmaps(ours), msg).toEqual(infoBitmaps(theirs));
+      const c = check(ours);
+      expect(c.code, `${msg}: ${JSON.stringify(c.result)}`).toBe(0);
+      expect(c.result.leaks ?? 0, msg).toBe(0);
+      const want = await nbdinfoDirtyRanges(theirs, names, tmp);
+      expect(await nbdinfoDirtyRanges(ours, names, tmp), msg).toEqual(want);
+      expect(new Map(Object.entries(live)), `${msg}: live`).toEqual(want);
+    }
+  });
+});
+
 describe.skipIf(!haveQemu)("bitmap management rules, as QEMU's", () => {
   it("refuses what qemu-img refuses, with its words, and keeps the in-use rules", async () => {
     const file = path.join(tmp, "rules.qcow2");

@@ -14,6 +14,7 @@ export const COMMAND_NAMES: readonly string[] = [
   "map",
   "resize",
   // @names: one line per new command below this marker
+  "serve",
   "amend",
   "snapshot",
   "bitmap",

@@ -10,6 +10,7 @@ import { ioCommand } from "./io.js";
 import { mapCommand } from "./map.js";
 import { resizeCommand } from "./resize.js";
 // @imports: one line per new command below this marker, each helper its own line
+import { serveCommand } from "./serve.js";
 import { amendCommand } from "./amend.js";
 import { snapshotCommand } from "./snapshot.js";
 import { bitmapCommand } from "./bitmap.js";
@@ -29,6 +30,7 @@ export const COMMANDS: readonly CommandDef[] = [
   mapCommand,
   resizeCommand,
   // @entries: one line per new command below this marker, each helper its own line
+  serveCommand,
   amendCommand,
   snapshotCommand,
   bitmapCommand,

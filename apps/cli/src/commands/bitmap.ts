@@ -318,8 +318,20 @@ export const bitmapCommand: CommandDef = {
       gText === undefined || granularityRaw === 0 ? undefined : granularityRaw % 2 ** 32;
     const node = nodeName();
 
+    // qemu-img opens the image read-write first: a file another process holds (or one we may
+    // not write) is refused before any action, with the open's error.
+    const lock = await inFile(file, () => FileBackend.open(file, { readOnly: false }));
+    await lock.close();
     // 1. The whole list on a copy-on-write view of the file.
-    const probe = await openImage(file, { format, readOnly: true, ctx, openBacking: false });
+    // (forceShare: while another process writes the image, the read-write open below gives
+    // qemu-img's refusal, not this look.)
+    const probe = await openImage(file, {
+      format,
+      readOnly: true,
+      ctx,
+      openBacking: false,
+      forceShare: true,
+    });
     const probedFormat = probe.format;
     await inFile(file, () => probe.close());
     if (format === undefined && probedFormat === "raw") ctx.stderr(probedRawWarning(file));
@@ -330,11 +342,19 @@ export const bitmapCommand: CommandDef = {
     try {
       let dry: WritableDiskImage;
       if (probedFormat === "qcow2") {
-        const base = await inFile(file, () => FileBackend.open(file, { readOnly: true }));
+        const base = await inFile(file, () =>
+          FileBackend.open(file, { readOnly: true, forceShare: true }),
+        );
         const view = new OverlayBackend(base, await base.size());
         dry = await inFile(file, () => openQcow2(view, { readOnly: false, noBacking: true }));
       } else {
-        dry = await openImage(file, { format, readOnly: true, ctx, openBacking: false });
+        dry = await openImage(file, {
+          format,
+          readOnly: true,
+          ctx,
+          openBacking: false,
+          forceShare: true,
+        });
       }
       let failed: ActionError | undefined;
       try {

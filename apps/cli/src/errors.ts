@@ -10,6 +10,7 @@
  *   for errors (1 for most commands, 2 for `compare`, as qemu-img does).
  */
 import { inspect } from "node:util";
+import { onQcow2Corruption } from "@qimg/qcow2";
 import { ErrorCode, isQimgError } from "@qimg/structs";
 import type { CliContext } from "./context.js";
 
@@ -214,4 +215,20 @@ export function reportError(e: unknown, ctx: CliContext, defaultExitCode = 1): n
   ctx.stderr(d.line + "\n");
   if (ctx.debug) ctx.stderr(stackOf(d.error));
   return d.exitCode ?? defaultExitCode;
+}
+
+/**
+ * Print the qcow2 driver's corruption events on stderr as QEMU does ("qcow2: Marking image as
+ * corrupt: ...; further corruption events will be suppressed", or on a read-only open "qcow2:
+ * Image is corrupt: ...; further non-fatal corruption events will be suppressed") until the
+ * returned function is called.
+ */
+export function printCorruptionEvents(ctx: CliContext): () => void {
+  return onQcow2Corruption((e) => {
+    ctx.stderr(
+      e.fatal
+        ? `qcow2: Marking image as corrupt: ${e.message}; further corruption events will be suppressed\n`
+        : `qcow2: Image is corrupt: ${e.message}; further non-fatal corruption events will be suppressed\n`,
+    );
+  });
 }

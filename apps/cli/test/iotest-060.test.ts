@@ -3,7 +3,7 @@
  * damages an image with the bytes the iotest pokes, copies it to twins, then runs the same
  * commands through qemu-io / qemu-img on one and `qimg io` / `qimg check` on the other. Both
  * must agree on which request fails (and qemu-io's "... failed: ..." and "N/N bytes" lines),
- * the exit codes, and whether the image is marked corrupt afterwards (read with
+ * the corruption event lines on stderr ("qcow2: Marking image as corrupt: ..."), the exit codes, and whether the image is marked corrupt afterwards (read with
  * `qemu-img info --output=json` on both images).
  *
  * qimg always checks every kind of metadata before a write (QEMU's `overlap-check=all`), so
@@ -69,6 +69,10 @@ function mirrored(stdout: string): string[] {
     );
 }
 
+/** The qcow2 driver's corruption event lines on stderr. */
+const events = (stderr: string): string[] =>
+  stderr.split("\n").filter((l) => l.startsWith("qcow2: "));
+
 const corrupt = (file: string): unknown =>
   (qemuInfo(join(tmp, file), "qcow2")["format-specific"] as { data: { corrupt?: boolean } }).data
     .corrupt;
@@ -77,7 +81,7 @@ interface Twins {
   readonly q: string;
   readonly o: string;
   /** Run qemu-io and `qimg io` with `cmds`; assert the same outcome; return qemu-io's exit code. */
-  io(cmds: string[], readOnly?: boolean): Promise<number>;
+  io(cmds: string[], readOnly?: boolean, eventsDiffer?: string): Promise<number>;
   /** Assert both images' corrupt flag is `expected` (qemu-img info). */
   corrupt(expected: boolean): void;
   /** qemu-img check / qimg check (with `args`, e.g. -r all) on each; same exit code. */
@@ -92,7 +96,7 @@ function twins(name: string): Twins {
   return {
     q,
     o,
-    async io(cmds, readOnly = false) {
+    async io(cmds, readOnly = false, eventsDiffer?: string) {
       const c = cmds.flatMap((x) => ["-c", x]);
       const theirs = readOnly
         ? qemuIo(["-f", "qcow2", "-r", ...c, q], tmp)
@@ -100,6 +104,11 @@ function twins(name: string): Twins {
       const ours = await qimg(["io", "-f", "qcow2", ...(readOnly ? ["-r"] : []), ...c, o], tmp);
       const what = `seed ${seed}: ${readOnly ? "-r " : ""}${cmds.join("; ")}\nqemu-io: ${theirs.stdout}${theirs.stderr}\nqimg io: ${ours.stdout}${ours.stderr}`;
       expect(mirrored(ours.stdout), what).toEqual(mirrored(theirs.stdout));
+      // QEMU's corruption event line ("qcow2: Marking image as corrupt: ...").
+      // (`eventsDiffer` names a known difference; see issue13-differences.md.)
+      if (eventsDiffer === undefined) {
+        expect(events(ours.stderr), what).toEqual(events(theirs.stderr));
+      }
       expect(ours.code, what).toBe(theirs.code);
       return theirs.code;
     },
@@ -268,14 +277,18 @@ describe.skipIf(!hasQemu)("iotest 060: corrupt bit and overlap checks, as qemu-i
     poke("free.qcow2", L2, u64(0x8000_0000_0005_2a00n));
     poke("free.qcow2", L2 + 8, u64(0x8000_0000_0006_2a00n));
     const t = twins("free.qcow2");
-    expect(await t.io(["discard 0 64k"])).toBe(0);
+    // QEMU also reports "qcow2: Image is corrupt: Cannot free unaligned cluster 0x52a00"
+    // (non-fatal); our discard skips the cluster without an event.
+    expect(await t.io(["discard 0 64k"], false, "no event for the skipped free")).toBe(0);
     t.corrupt(false);
     // Both images leak the cluster the entry pointed near, and nothing else.
     const a = JSON.parse(qemuImg(["check", "--output=json", t.q], tmp).stdout) as object;
     const b = JSON.parse(qemuImg(["check", "--output=json", t.o], tmp).stdout) as object;
     expect({ ...b, filename: "" }).toEqual({ ...a, filename: "" });
     const u = twins("free.qcow2");
-    expect(await u.io(["discard 0 64k", "read 64k 64k"])).toBe(1);
+    expect(
+      await u.io(["discard 0 64k", "read 64k 64k"], false, "no event for the skipped free"),
+    ).toBe(1);
     u.corrupt(true);
   });
 
@@ -301,7 +314,9 @@ describe.skipIf(!hasQemu)("iotest 060: corrupt bit and overlap checks, as qemu-i
     poke("ud.qcow2", L2, u64(0x8000_0000_0005_2a00n)); // COPIED data cluster, unaligned
     for (const cmds of [["write -P 6 512 1k"], ["read 128k 4k", "write -P 6 0 64k"]]) {
       const t = twins("ud.qcow2");
-      expect(await t.io(cmds)).toBe(1);
+      // QEMU's event names the request's guest offset (0x200), ours the cluster's (0).
+      const differ = cmds.length === 1 ? "guest offset of the cluster, not the request" : undefined;
+      expect(await t.io(cmds, false, differ)).toBe(1);
       t.corrupt(true);
       // Nothing was written: the data cluster still holds the old bytes.
       for (const f of [t.q, t.o]) {
@@ -323,7 +338,9 @@ describe.skipIf(!hasQemu)("iotest 060: corrupt bit and overlap checks, as qemu-i
     create("erb.qcow2");
     poke("erb.qcow2", RB, u64(0n));
     const t = twins("erb.qcow2");
-    expect(await t.io(["write 0 64k"])).toBe(1);
+    // QEMU allocates the L2 table first ("Preventing invalid allocation of L2 table at offset
+    // 0"); we allocate the data cluster first, and its write overlaps the header.
+    expect(await t.io(["write 0 64k"], false, "data allocated before the L2 table")).toBe(1);
     t.corrupt(true);
   });
 });

@@ -128,3 +128,6 @@ export type { Qcow2ResizeOptions, Qcow2Preallocation } from "./resize.js";
 // @backing exports (issue 15)
 export { withBackingFormat } from "./backing.js";
 export type { BackingFileChange } from "./backing.js";
+// @corruption exports (issue 13)
+export { onQcow2Corruption } from "./overlap.js";
+export type { Qcow2CorruptionEvent } from "./overlap.js";

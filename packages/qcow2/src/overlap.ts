@@ -40,6 +40,26 @@ const NAMES = [
   "a bitmap table",
 ] as const;
 
+/** QEMU's names of the same kinds (metadata_ol_names), as its overlap message prints them. */
+const QEMU_NAMES = [
+  "qcow2_header",
+  "active L1 table",
+  "active L2 table",
+  "refcount table",
+  "refcount block",
+  "snapshot table",
+  "inactive L1 table",
+  "inactive L2 table",
+  "bitmap directory",
+  "bitmap table",
+] as const;
+
+/** QEMU's name for the kind `metaName` calls `name`. */
+function qemuName(name: string): string {
+  const i = (NAMES as readonly string[]).indexOf(name);
+  return i < 0 ? name : QEMU_NAMES[i]!;
+}
+
 /** The name of the lowest kind bit set in `bits`. */
 export function metaName(bits: number): string {
   for (let i = 0; i < NAMES.length; i++) if ((bits & (1 << i)) !== 0) return NAMES[i]!;
@@ -261,7 +281,78 @@ export async function checkMetaWrite(
   await checkOverlap(s, offset, length, own);
 }
 
+/** A corruption the qcow2 driver met while using an image (QEMU's corruption event). */
+export interface Qcow2CorruptionEvent {
+  /** The image file (the backend's name). */
+  readonly file: string;
+  /**
+   * True when the image is marked corrupt (a read-write open; it refuses all further
+   * requests), false when only the request failed (a read-only open).
+   */
+  readonly fatal: boolean;
+  /** What is wrong, worded as QEMU's qcow2 driver words it. */
+  readonly message: string;
+  /** File offset of the corrupt entry or of the refused write. */
+  readonly offset: number;
+}
+
+const corruptionListeners = new Set<(event: Qcow2CorruptionEvent) => void>();
+/** Opens that reported an event already (QEMU reports one per open, then a fatal one). */
+const signaled = new WeakSet<Qcow2State>();
+
+/**
+ * Listen to corruption events of every qcow2 image of this process (QEMU prints them on
+ * stderr: "qcow2: Marking image as corrupt: MESSAGE; further corruption events will be
+ * suppressed", or for a read-only open "qcow2: Image is corrupt: MESSAGE; further non-fatal
+ * corruption events will be suppressed"). As QEMU, each open reports its first event, and a
+ * fatal one after a non-fatal one. Returns a function that removes the listener.
+ */
+export function onQcow2Corruption(listener: (event: Qcow2CorruptionEvent) => void): () => void {
+  corruptionListeners.add(listener);
+  return () => {
+    corruptionListeners.delete(listener);
+  };
+}
+
+/** C's `%#x`: 0 prints as "0", anything else with "0x". */
+const cHex = (h: string): string => (/^0x0*$/.test(h) ? "0" : h);
+
+/** The driver's message in QEMU's words (qcow2_signal_corruption's callers). */
+function qemuWording(message: string): string {
+  let m = /^L2 table offset (0x[0-9a-f]+) in L1 entry (\d+) is not aligned/.exec(message);
+  if (m) return `L2 table offset ${cHex(m[1]!)} unaligned (L1 index: ${cHex(hex(Number(m[2])))})`;
+  m = /^cluster offset (0x[0-9a-f]+) in L2 entry (\d+) of table (0x[0-9a-f]+) is not aligned/.exec(
+    message,
+  );
+  if (m) {
+    return `Cluster allocation offset ${cHex(m[1]!)} unaligned (L2 offset: ${cHex(m[3]!)}, L2 index: ${cHex(hex(Number(m[2])))})`;
+  }
+  m =
+    /^(preallocated zero|data) cluster offset (0x[0-9a-f]+) for guest offset (0x[0-9a-f]+) is not aligned/.exec(
+      message,
+    );
+  if (m) {
+    const kind = m[1] === "data" ? "Data" : "Preallocated zero";
+    return `${kind} cluster offset ${cHex(m[2]!)} unaligned (guest offset: ${cHex(m[3]!)})`;
+  }
+  return message;
+}
+
+function emitCorruption(s: Qcow2State, fatal: boolean, message: string, offset: number): void {
+  if (signaled.has(s) && !fatal) return;
+  signaled.add(s);
+  if (corruptionListeners.size === 0) return;
+  const event = { file: s.backend.name, fatal, message: qemuWording(message), offset };
+  for (const listener of corruptionListeners) listener(event);
+}
+
 export async function markCorrupt(s: Qcow2State, what: string, offset: number): Promise<never> {
+  emitCorruption(
+    s,
+    true,
+    `Preventing invalid write on metadata (overlaps with ${qemuName(what)})`,
+    offset,
+  );
   await setCorruptBit(s);
   throw new CorruptImageError(
     `Preventing invalid write on metadata (overlaps with ${what}) at ${hex(offset)}; image marked as corrupt`,
@@ -280,7 +371,9 @@ export async function signalCorruption(
   message: string,
   offset: number,
 ): Promise<never> {
-  if (s.w && !s.w.corrupted) await setCorruptBit(s);
+  const fatal = s.w !== undefined && !s.w.corrupted;
+  if (fatal || s.w === undefined) emitCorruption(s, fatal, message, offset);
+  if (fatal) await setCorruptBit(s);
   throw new CorruptImageError(message, { offset });
 }
 

@@ -14,7 +14,7 @@ import { checkImage } from "@qimg/check";
 import { FileBackend } from "@qimg/io/node";
 import { stringOpt, type CommandDef } from "../command.js";
 import type { CliContext } from "../context.js";
-import { CliError } from "../errors.js";
+import { CliError, printCorruptionEvents } from "../errors.js";
 import { IoScript, ScriptCrash } from "../io-script.js";
 import { probeBackend, openImage, writeTarget } from "../open.js";
 import { parseBool, splitOptions } from "../util/qemu-opts.js";
@@ -56,6 +56,21 @@ export async function runIo(ctx: CliContext, o: IoOptions): Promise<number> {
   }
   const readOnly = o.readOnly === true;
   if (!readOnly && (o.format === undefined || o.format === "qcow2")) await repairDirty(ctx, o.file);
+  const stopEvents = printCorruptionEvents(ctx);
+  try {
+    return await runScript(ctx, o, readOnly, mode, lazyRefcounts);
+  } finally {
+    stopEvents();
+  }
+}
+
+async function runScript(
+  ctx: CliContext,
+  o: IoOptions,
+  readOnly: boolean,
+  mode: ReturnType<typeof cacheMode>,
+  lazyRefcounts: boolean | undefined,
+): Promise<number> {
   const image = await openImage(o.file, {
     format: o.format,
     readOnly,

@@ -12,6 +12,7 @@ import type { CommandDef } from "../command.js";
 import { stringOpt } from "../command.js";
 import { CliError, inFile } from "../errors.js";
 import { openImage } from "../open.js";
+import { probedRawWarning } from "../probe.js";
 import { SNAPSHOT_HEADER, snapshotRow } from "./info.js";
 import type { QJson } from "../util/qjson.js";
 
@@ -137,6 +138,9 @@ export const snapshotCommand: CommandDef = {
         }
         case "apply": {
           if (!qcow2) {
+            // qemu-img's apply falls back to the file below the format, opened probed again.
+            if (format === undefined && image.format === "raw")
+              ctx.stderr(probedRawWarning(image.backend.name));
             throw new CliError(
               `Could not apply snapshot '${snapName}': Block driver does not support snapshots`,
             );

@@ -1,0 +1,143 @@
+/**
+ * `convert --salvage` against qemu-img 7.2 on damaged qcow2 sources: a compressed cluster
+ * whose data does not inflate, and an L1 entry naming a misaligned L2 table. With --salvage
+ * both copy unreadable sectors as zeros, warn once per 512-byte sector with the same line, and
+ * exit 0 with the same guest bytes; without it both fail with exit 1 (and qimg leaves no
+ * target).
+ */
+import { existsSync, mkdtempSync, openSync, readSync, rmSync, writeSync, closeSync } from "node:fs";
+import { tmpdir } from "node:os";
+import { join } from "node:path";
+import { afterAll, beforeAll, describe, expect, it } from "vitest";
+import { qimg } from "./helpers.js";
+import { hasQemu, qemuImg, qemuIo } from "./qemu.js";
+
+if (!hasQemu) console.log("skipping convert --salvage tests: qemu-img is not on PATH");
+
+const tmp = mkdtempSync(join(tmpdir(), "qimg-salvage-"));
+afterAll(() => rmSync(tmp, { recursive: true, force: true }));
+
+function ok(run: { code: number; stdout: string; stderr: string }): void {
+  if (run.code !== 0 || /error|failed/i.test(run.stdout)) throw new Error(run.stdout + run.stderr);
+}
+
+function u64(fd: number, at: number): bigint {
+  const b = Buffer.alloc(8);
+  readSync(fd, b, 0, 8, at);
+  return b.readBigUInt64BE(0);
+}
+
+function putU64(fd: number, at: number, v: bigint): void {
+  const b = Buffer.alloc(8);
+  b.writeBigUInt64BE(v);
+  writeSync(fd, b, 0, 8, at);
+}
+
+/** The L1 table's offset (header bytes 40..47). */
+function l1Offset(fd: number): number {
+  return Number(u64(fd, 40));
+}
+
+describe.skipIf(!hasQemu)("convert --salvage against qemu-img", () => {
+  beforeAll(() => {
+    // 64 KiB clusters; size not a multiple of the cluster.
+    ok(qemuImg(["create", "-q", "-f", "qcow2", "comp.qcow2", "1000000"], tmp));
+    ok(
+      qemuIo(
+        [
+          "-c",
+          "write -c -P 5 0 64k",
+          "-c",
+          "write -P 6 64k 64k",
+          "-c",
+          "write -c -P 7 128k 64k",
+          "comp.qcow2",
+        ],
+        tmp,
+      ),
+    );
+    // Overwrite the start of the first compressed cluster's deflate stream.
+    const fd = openSync(join(tmp, "comp.qcow2"), "r+");
+    const l2 = Number(u64(fd, l1Offset(fd)) & 0x00fffffffffffe00n);
+    const entry = u64(fd, l2);
+    const offsetBits = 62n - (16n - 8n); // cluster_bits 16
+    const host = Number(entry & ((1n << offsetBits) - 1n));
+    writeSync(fd, Buffer.alloc(64, 0xff), 0, 64, host);
+    closeSync(fd);
+
+    ok(qemuImg(["create", "-q", "-f", "qcow2", "l2.qcow2", "600000"], tmp));
+    ok(
+      qemuIo(
+        [
+          "-c",
+          "write -P 5 0 64k",
+          "-c",
+          "write -P 6 256k 64k",
+          "-c",
+          "write -P 7 512k 64k",
+          "l2.qcow2",
+        ],
+        tmp,
+      ),
+    );
+    // The first L1 entry names an L2 table at a misaligned offset.
+    const fd2 = openSync(join(tmp, "l2.qcow2"), "r+");
+    const l1 = l1Offset(fd2);
+    const e = u64(fd2, l1);
+    putU64(fd2, l1, (e & ~0xffffn) | 0x8000n);
+    closeSync(fd2);
+  });
+
+  for (const out of ["raw", "qcow2", "qed"]) {
+    it(`a compressed cluster that does not inflate, -O ${out}`, async () => {
+      const args = ["convert", "--salvage", "-O", out, "comp.qcow2"];
+      const theirs = qemuImg([...args, `c-theirs.${out}`], tmp);
+      const ours = await qimg([...args, `c-ours.${out}`], tmp);
+      expect(theirs.code).toBe(0);
+      expect(ours.code).toBe(0);
+      // 128 sectors of the broken cluster, one line each, in qemu-img's words.
+      expect(ours.stderr.split("\n").filter(Boolean)).toHaveLength(128);
+      expect(ours.stderr).toBe(theirs.stderr.replaceAll("qemu-img: ", "qimg: "));
+      const cmp = qemuImg(
+        ["compare", "-f", out, "-F", out, `c-theirs.${out}`, `c-ours.${out}`],
+        tmp,
+      );
+      expect(cmp.stdout).toBe("Images are identical.\n");
+      if (out !== "raw") expect(qemuImg(["check", "-f", out, `c-ours.${out}`], tmp).code).toBe(0);
+    });
+  }
+
+  // (A small image: qemu-img prints some 20 lines per unreadable KiB.)
+  it("an L2 table at a misaligned offset: same bytes, the same per-sector read warnings", async () => {
+    const args = ["convert", "--salvage", "-O", "qcow2", "l2.qcow2"];
+    const theirs = qemuImg([...args, "l-theirs.qcow2"], tmp);
+    const ours = await qimg([...args, "l-ours.qcow2"], tmp);
+    expect(theirs.code).toBe(0);
+    expect(ours.code).toBe(0);
+    expect(qemuImg(["compare", "l-theirs.qcow2", "l-ours.qcow2"], tmp).stdout).toBe(
+      "Images are identical.\n",
+    );
+    expect(qemuImg(["check", "l-ours.qcow2"], tmp).code).toBe(0);
+    // qemu-img also reports the corruption and each failed block-status query; the read
+    // warnings (which sectors became zeros) are the same lines.
+    const reads = (s: string) =>
+      s
+        .split("\n")
+        .filter((l) => l.includes("error while reading offset"))
+        .map((l) => l.replace(/^qemu-img: /, "qimg: "))
+        .sort();
+    expect(reads(ours.stderr)).toHaveLength(ours.stderr.split("\n").filter(Boolean).length);
+    expect(reads(ours.stderr)).toEqual([...new Set(reads(theirs.stderr))]);
+  });
+
+  it("without --salvage both fail with exit 1, and qimg leaves no target", async () => {
+    for (const src of ["comp.qcow2", "l2.qcow2"]) {
+      const theirs = qemuImg(["convert", "-O", "qcow2", src, "f-theirs.qcow2"], tmp);
+      const ours = await qimg(["convert", "-O", "qcow2", src, "f-ours.qcow2"], tmp);
+      expect(theirs.code, src).toBe(1);
+      expect(ours.code, src).toBe(1);
+      expect(ours.stderr.split("\n"), src).toHaveLength(2);
+      expect(existsSync(join(tmp, "f-ours.qcow2")), src).toBe(false);
+    }
+  });
+});

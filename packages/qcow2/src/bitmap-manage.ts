@@ -395,6 +395,11 @@ export async function mergeBitmap(
 export interface CopyBitmapsOptions {
   /** Skip inconsistent source bitmaps instead of refusing (qemu-img convert --skip-broken-bitmaps). */
   readonly skipBroken?: boolean;
+  /**
+   * Told of each inconsistent bitmap `skipBroken` leaves out, in the order qemu-img warns
+   * ("warning: Skipping inconsistent bitmap 'NAME'"): last directory entry first.
+   */
+  readonly onSkip?: (name: string) => void;
 }
 
 /**
@@ -409,16 +414,21 @@ export async function copyBitmapsBetween(
 ): Promise<void> {
   checkOpen(from);
   checkWritable(to);
-  const list = listBitmaps(from);
+  // QEMU walks the source's bitmaps last first (its list of them is built by prepending),
+  // so that is the order of its refusal and warnings; the target keeps the source's order.
+  const list = listBitmaps(from).reverse();
   const copy: Qcow2BitmapInfo[] = [];
   for (const b of list) {
     if (b.inUse) {
-      if (options.skipBroken) continue;
+      if (options.skipBroken) {
+        options.onSkip?.(b.name);
+        continue;
+      }
       throw new InvalidArgumentError(
         `Cannot copy inconsistent bitmap '${b.name}'\nTry --skip-broken-bitmaps, or use 'qemu-img bitmap --remove' to delete it`,
       );
     }
-    copy.push(b);
+    copy.unshift(b);
   }
   if (from.size !== to.size) {
     throw new InvalidArgumentError(

@@ -183,6 +183,52 @@ describe.skipIf(!haveNbd)("dirty ranges of bitmaps added and written by qimg", (
   });
 });
 
+describe.skipIf(!haveQemu)("copyBitmaps with inconsistent source bitmaps", () => {
+  it("refuses as qemu-img convert --bitmaps refuses, and skips as --skip-broken-bitmaps skips", async () => {
+    const size = 2 * 1024 * 1024;
+    const src = path.join(tmp, "copy-broken-src.qcow2");
+    must("qemu-img", ["create", "-q", "-f", "qcow2", src, String(size)]);
+    for (const n of ["a", "b", "c"]) must("qemu-img", ["bitmap", "--add", src, n]);
+    run("qemu-io", ["-f", "qcow2", "-c", "write 0 512", "-c", "abort", src]);
+    must("qemu-img", ["bitmap", "--remove", src, "b"]);
+    must("qemu-img", ["bitmap", "--add", "-g", "4k", src, "good"]);
+    must("qemu-io", ["-f", "qcow2", "-c", "write 100000 1", src]);
+    const theirs = path.join(tmp, "copy-broken-theirs.qcow2");
+    const refused = run("qemu-img", ["convert", "--bitmaps", "-O", "qcow2", src, theirs]);
+    expect(refused.code).toBe(1);
+    const ours = path.join(tmp, "copy-broken-ours.qcow2");
+    must("qemu-img", ["create", "-q", "-f", "qcow2", ours, String(size)]);
+    const before = fs.readFileSync(ours);
+    const from = await openRo(src);
+    let to = await openRw(ours);
+    const error = await copyBitmaps(from, to).catch((e: unknown) => e as Error);
+    expect(`qemu-img: ${error instanceof Error ? error.message : "none"}\n`).toBe(refused.stderr);
+    expect(to.listBitmaps()).toEqual([]);
+    await to.close();
+    expect(fs.readFileSync(ours).equals(before)).toBe(true);
+    const skipped = run("qemu-img", [
+      ...["convert", "--bitmaps", "--skip-broken-bitmaps", "-O", "qcow2", src, theirs],
+    ]);
+    expect(skipped.code).toBe(0);
+    const warnings: string[] = [];
+    to = await openRw(ours);
+    await copyBitmaps(from, to, {
+      skipBroken: true,
+      onSkip: (n) => warnings.push(`qemu-img: warning: Skipping inconsistent bitmap '${n}'\n`),
+    });
+    await to.close();
+    await from.close();
+    expect(warnings.join("")).toBe(skipped.stderr);
+    expect(infoBitmaps(ours)).toEqual(infoBitmaps(theirs));
+    if (haveNbd) {
+      expect(await nbdinfoDirtyRanges(ours, ["good"], tmp)).toEqual(
+        await nbdinfoDirtyRanges(theirs, ["good"], tmp),
+      );
+    }
+    expect(check(ours).code).toBe(0);
+  });
+});
+
 describe.skipIf(!haveNbd)("bitmaps follow a shrink as QEMU's do", () => {
   it("shrink (and shrink then grow in one open) leaves the bits qemu-img resize --shrink leaves", async () => {
     for (let seed = 1; seed <= (LONG ? 30 : 4); seed++) {

@@ -15,9 +15,10 @@ export const COMMAND_NAMES: readonly string[] = [
   "resize",
   // @names: one line per new command below this marker
   "serve",
-  "amend",
+  "measure",
   "snapshot",
   "bitmap",
+  "amend",
   "commit",
   "rebase",
 ];

@@ -125,6 +125,14 @@ export { compatVersion } from "./amend.js";
 export type { Qcow2AmendOptions } from "./amend.js";
 // @shrink exports (issue 15)
 export type { Qcow2ResizeOptions, Qcow2Preallocation } from "./resize.js";
+export {
+  measureQcow2,
+  measureDataBytes,
+  measureBitmaps,
+  qcow2PreallocSize,
+  refcountMetadataSize,
+} from "./measure.js";
+export type { Qcow2MeasureOptions, Qcow2Measure, MeasuredBitmap } from "./measure.js";
 // @backing exports (issue 15)
 export { withBackingFormat } from "./backing.js";
 export type { BackingFileChange } from "./backing.js";

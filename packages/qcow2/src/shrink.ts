@@ -41,6 +41,8 @@ export async function shrinkImage(s: Qcow2State, newSize: number): Promise<void>
     );
   }
   s.pbm?.checkResize();
+  // With lazy refcounts the dirty bit goes to disk first, as before any refcount change.
+  if (w.lazy) await markDirtyOnDisk(s);
   await w.claims.drain();
   await w.meta.run(async () => {
     await flushLocked(s);
@@ -50,7 +52,6 @@ export async function shrinkImage(s: Qcow2State, newSize: number): Promise<void>
     // the part of the last cluster past the new end keeps what it holds.
     const start = Math.ceil(newSize / cs) * cs;
     const newL1 = Math.ceil(newSize / span);
-    if (w.lazy) await markDirtyOnDisk(s);
 
     // 1. The L2 table that holds the new end: its entries past the end are released.
     const part = Math.floor(start / span);

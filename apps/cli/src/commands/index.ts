@@ -11,9 +11,10 @@ import { mapCommand } from "./map.js";
 import { resizeCommand } from "./resize.js";
 // @imports: one line per new command below this marker, each helper its own line
 import { serveCommand } from "./serve.js";
-import { amendCommand } from "./amend.js";
+import { measureCommand } from "./measure.js";
 import { snapshotCommand } from "./snapshot.js";
 import { bitmapCommand } from "./bitmap.js";
+import { amendCommand } from "./amend.js";
 import { commitCommand } from "./commit.js";
 import { rebaseCommand } from "./rebase.js";
 
@@ -31,9 +32,10 @@ export const COMMANDS: readonly CommandDef[] = [
   resizeCommand,
   // @entries: one line per new command below this marker, each helper its own line
   serveCommand,
-  amendCommand,
+  measureCommand,
   snapshotCommand,
   bitmapCommand,
+  amendCommand,
   commitCommand,
   rebaseCommand,
 ];

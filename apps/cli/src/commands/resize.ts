@@ -119,7 +119,17 @@ export const resizeCommand: CommandDef = {
       // Raw: the file is truncated to the new size; qcow2 and QED change their tables.
       const current = image.virtualSize;
       if (image instanceof Qcow2Image) {
-        await inFile(file, () => image.resizeWith(size, { shrink: true, preallocation: prealloc }));
+        try {
+          await inFile(file, () =>
+            image.resizeWith(size, { shrink: true, preallocation: prealloc }),
+          );
+        } catch (e) {
+          // qemu-img reports the driver's refusal to zero the new area by errno, no file name.
+          const inner = e instanceof Error && e.cause instanceof Error ? e.cause : e;
+          if (inner instanceof Error && inner.message.startsWith("Failed to zero out new clusters"))
+            throw new CliError("Failed to zero out new clusters: Operation not supported");
+          throw e;
+        }
       } else {
         await inFile(file, () => image.resize(size));
         if (prealloc !== "off" && image.format === "raw" && size > current) {

@@ -115,6 +115,50 @@ describe.skipIf(!hasQemu)("qimg snapshot vs qemu-img snapshot", () => {
     }
   });
 
+  it("an external data file and a missing backing file: qemu-img's refusals", async () => {
+    const df = image((f) =>
+      ok(qemuImg(["create", "-f", "qcow2", "-o", `data_file=${f}.data`, f, "1M"]), "create"),
+    );
+    for (const args of [["-l"], ["-c", "x"], ["-a", "x"], ["-d", "x"]]) {
+      const { m } = await twins(df, args);
+      expect(sameBytes(m, df), `data file ${args.join(" ")} changed the file`).toBe(true);
+    }
+    const ov = image((f) =>
+      ok(
+        qemuImg([
+          "create",
+          "-f",
+          "qcow2",
+          "-u",
+          "-b",
+          join(tmp, "absent.qcow2"),
+          "-F",
+          "qcow2",
+          f,
+          "1M",
+        ]),
+        "create overlay",
+      ),
+    );
+    for (const args of [["-l"], ["-c", "x"]]) {
+      const { m } = await twins(ov, args);
+      expect(sameBytes(m, ov)).toBe(true);
+    }
+  });
+
+  it("names longer than 255 bytes are cut as qemu-img cuts them", async () => {
+    const f = qcow2();
+    const { q, m } = await twins(f, ["-c", "n".repeat(300)]);
+    const names = (file: string) =>
+      (
+        JSON.parse(ok(qemuImg(["info", "--output=json", file]), "info")) as {
+          snapshots: { name: string }[];
+        }
+      ).snapshots.map((s) => s.name);
+    expect(names(m)).toEqual(names(q));
+    expect(names(m)[0]).toHaveLength(255);
+  });
+
   it("a duplicate name is accepted (a new ID), as qemu-img does", async () => {
     const f = qcow2();
     ok(qemuImg(["snapshot", "-c", "dup", f]), "snapshot -c");

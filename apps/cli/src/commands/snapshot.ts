@@ -100,7 +100,6 @@ export const snapshotCommand: CommandDef = {
       format,
       readOnly,
       ctx,
-      openBacking: false,
       forceShare: opts.forceShare === true,
     });
     try {
@@ -148,11 +147,10 @@ export const snapshotCommand: CommandDef = {
           try {
             await qcow2.applySnapshot(snapName);
           } catch (e) {
-            const [n, text] = errnoOf(e);
+            // QEMU reports every failure of its goto as "Failed to load snapshot: <errno>".
+            const [, text] = errnoOf(e);
             throw new CliError(
-              n === 2
-                ? `Could not apply snapshot '${snapName}': Failed to load snapshot: ${text}`
-                : `Could not apply snapshot '${snapName}': ${e instanceof Error ? e.message : String(e)}`,
+              `Could not apply snapshot '${snapName}': Failed to load snapshot: ${text}`,
               { cause: e },
             );
           }

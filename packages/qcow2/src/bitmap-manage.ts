@@ -236,6 +236,33 @@ export async function bitmapDirtyRanges(
   offset = 0,
   length?: number,
 ): Promise<DirtyRange[]> {
+  return dirtyRanges(s, name, offset, length, false);
+}
+
+/**
+ * Whether guest bytes from `offset` on are dirty in bitmap `name`, and for how many bytes
+ * (at most `length`, clipped to the disk) that stays so: one extent, as NBD block status
+ * (`qemu:dirty-bitmap:NAME`) reports it.
+ */
+export async function bitmapStatus(
+  s: Qcow2State,
+  name: string,
+  offset: number,
+  length: number,
+): Promise<{ length: number; dirty: boolean }> {
+  const end = Math.min(s.size, offset + length);
+  const first = (await dirtyRanges(s, name, offset, length, true))[0];
+  if (first?.offset === offset) return { length: first.length, dirty: true };
+  return { length: Math.max(0, (first?.offset ?? end) - offset), dirty: false };
+}
+
+async function dirtyRanges(
+  s: Qcow2State,
+  name: string,
+  offset: number,
+  length: number | undefined,
+  firstOnly: boolean,
+): Promise<DirtyRange[]> {
   const size = s.size;
   const len = length ?? Math.max(0, size - offset);
   if (!Number.isSafeInteger(offset) || !Number.isSafeInteger(len) || offset < 0 || len < 0) {
@@ -264,6 +291,7 @@ export async function bitmapDirtyRanges(
   };
   let n = first;
   while (n <= last) {
+    if (firstOnly && out.length > 0) return out;
     const c = Math.floor(n / bitsPerChunk);
     if (c !== loaded) {
       await read(c, buf);

@@ -37,6 +37,7 @@ import type { CreateSnapshotOptions, SnapshotSelector, SnapshotViewOptions } fro
 import {
   addBitmap,
   bitmapDirtyRanges,
+  bitmapStatus,
   clearBitmap,
   disableBitmap,
   enableBitmap,
@@ -283,6 +284,18 @@ export class Qcow2Image implements WritableDiskImage {
    */
   bitmapDirtyRanges(name: string, offset = 0, length?: number): Promise<DirtyRange[]> {
     return bitmapDirtyRanges(this.#s, name, offset, length);
+  }
+
+  /**
+   * One extent of bitmap `name` from `offset`: whether it is dirty and for how many bytes
+   * (at most `length`, clipped to the disk) — NBD block status for `qemu:dirty-bitmap:NAME`.
+   */
+  bitmapStatus(
+    name: string,
+    offset: number,
+    length: number,
+  ): Promise<{ length: number; dirty: boolean }> {
+    return bitmapStatus(this.#s, name, offset, length);
   }
 
   /** Add an empty persistent bitmap (read-write opens; stored at the clean close). */

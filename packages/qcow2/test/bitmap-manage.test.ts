@@ -110,6 +110,21 @@ describe.skipIf(!haveNbd)("dirty ranges of bitmaps added and written by qimg", (
           const want = expectedRanges(writes, g, size);
           expect(nbd.get(name), `${where} nbdinfo ${name} (g ${g})`).toEqual(want);
           expect(asRanges(await ro.bitmapDirtyRanges(name)), `${where} ours ${name}`).toEqual(want);
+          // One extent at a time, as NBD block status asks.
+          for (let w = 0; w < 4; w++) {
+            const from = Math.floor(r() * size);
+            const len = 1 + Math.floor(r() * (size - from));
+            const st = await ro.bitmapStatus(name, from, len);
+            const inWindow = clip(want, from, from + len);
+            const head = inWindow[0];
+            if (head && head[0] === from)
+              expect(st, `${where} status ${from}`).toEqual({ length: head[1], dirty: true });
+            else
+              expect(st, `${where} status ${from}`).toEqual({
+                length: (head?.[0] ?? from + len) - from,
+                dirty: false,
+              });
+          }
           // Windows: clipped to the query.
           for (let w = 0; w < 4; w++) {
             const from = Math.floor(r() * size);

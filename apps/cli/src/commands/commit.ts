@@ -102,6 +102,40 @@ function baseSink(base: WritableDiskImage, at: number): CopySink {
   };
 }
 
+/**
+ * The data part of a commit: grow `base` to `top`'s size when it is shorter, copy every range
+ * of `top` allocated above chain depth `baseDepth` into it (zero ranges as zero writes, which
+ * may release clusters), and flush `base`. `top` is read through its chain.
+ */
+export async function commitInto(
+  ctx: CliContext,
+  top: DiskImage,
+  base: WritableDiskImage,
+  baseDepth: number,
+  options: { rate?: number | undefined; progress?: boolean; sourceName?: string } = {},
+): Promise<void> {
+  if (top.virtualSize > base.virtualSize) await base.resize(top.virtualSize);
+  const progress = startProgress(ctx, options.progress === true, top.virtualSize);
+  try {
+    for await (const r of allocatedAbove(top, baseDepth)) {
+      if (r.zero) {
+        await base.writeZeroes(r.start, r.end - r.start, { mayUnmap: true });
+      } else {
+        await copy(top, baseSink(base, r.start), {
+          from: r.start,
+          to: r.end,
+          rateLimit: options.rate,
+          ...(options.sourceName === undefined ? {} : { sourceName: options.sourceName }),
+        });
+      }
+      progress.update(r.end);
+    }
+  } finally {
+    progress.stop();
+  }
+  await base.flush();
+}
+
 async function commitData(
   ctx: CliContext,
   file: string,
@@ -122,30 +156,13 @@ async function commitData(
     // writer above (what the commit copies never reads the base).
     const top = await openImage(file, { format, readOnly: true, ctx, forceShare: true });
     try {
-      if (top.virtualSize > target.virtualSize) {
-        await inFile(base.path, () => target.resize(top.virtualSize));
-      }
-      const progress = startProgress(ctx, options.progress, top.virtualSize);
-      try {
-        for await (const r of allocatedAbove(top, base.depth)) {
-          if (r.zero) {
-            await inFile(base.path, () =>
-              target.writeZeroes(r.start, r.end - r.start, { mayUnmap: true }),
-            );
-          } else {
-            await copy(top, baseSink(target, r.start), {
-              from: r.start,
-              to: r.end,
-              rateLimit: options.rate,
-              sourceName: file,
-            });
-          }
-          progress.update(r.end);
-        }
-      } finally {
-        progress.stop();
-      }
-      await inFile(base.path, () => target.flush());
+      await inFile(base.path, () =>
+        commitInto(ctx, top, target, base.depth, {
+          rate: options.rate,
+          progress: options.progress,
+          sourceName: file,
+        }),
+      );
     } finally {
       await inFile(file, () => top.close());
     }

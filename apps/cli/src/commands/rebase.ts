@@ -101,7 +101,7 @@ function checkChange(top: DiskImage, name: string | undefined, format: string | 
  * Write into `top` every sector of the ranges it does not hold itself where the old chain
  * (what `top` reads there now) and `newBacking` (zeros when undefined or past its end) differ.
  */
-async function copyDifferences(
+export async function copyDifferences(
   ctx: CliContext,
   top: WritableDiskImage,
   newBacking: DiskImage | undefined,

@@ -163,6 +163,9 @@ export function requestErrorText(e: unknown): string {
   return message.split("\n")[0] ?? "";
 }
 
+/** How an open that failed on the backing file begins (open.ts), as QEMU words it. */
+export const BACKING_FAILED = "Could not open backing file: ";
+
 /** What to print for `e`, and whether it is a bug. */
 export function describeError(e: unknown): DescribedError {
   let file: string | undefined;
@@ -185,8 +188,15 @@ export function describeError(e: unknown): DescribedError {
   const body = expected
     ? message
     : `internal error: ${message} (please report it; --debug prints the details)`;
+  // An image whose backing file cannot be opened: qemu-img's words, naming the image first.
+  const couldNotOpen = expected && file !== undefined && message.startsWith(BACKING_FAILED);
   return {
-    line: file === undefined ? `qimg: ${body}` : `qimg: ${file}: ${body}`,
+    line:
+      file === undefined
+        ? `qimg: ${body}`
+        : couldNotOpen
+          ? `qimg: Could not open '${file}': ${body}`
+          : `qimg: ${file}: ${body}`,
     internal: !expected,
     exitCode,
     error: inner,

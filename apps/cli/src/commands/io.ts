@@ -14,7 +14,7 @@ import { checkImage } from "@qimg/check";
 import { FileBackend } from "@qimg/io/node";
 import { stringOpt, type CommandDef } from "../command.js";
 import type { CliContext } from "../context.js";
-import { CliError, printCorruptionEvents } from "../errors.js";
+import { BACKING_FAILED, CliError, messageOf, printCorruptionEvents } from "../errors.js";
 import { IoScript, ScriptCrash } from "../io-script.js";
 import { probeBackend, openImage, writeTarget } from "../open.js";
 import { parseBool, splitOptions } from "../util/qemu-opts.js";
@@ -78,6 +78,11 @@ async function runScript(
     noFlush: mode.noFlush,
     qcow2: { lazyRefcounts, writethrough: mode.writethrough },
     forceShare: o.forceShare === true,
+  }).catch((e: unknown) => {
+    // qemu-io's words for an image whose backing file cannot be opened.
+    const message = messageOf(e, o.file);
+    if (!message.startsWith(BACKING_FAILED)) throw e;
+    throw new CliError(`can't open device ${o.file}: ${message}`, { cause: e });
   });
   let crashed = false;
   try {

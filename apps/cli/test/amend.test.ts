@@ -292,6 +292,50 @@ describe.skipIf(!hasQemu)("qimg amend: special images as qemu-img", () => {
     }
   });
 
+  it("a version 2 image with snapshots: upgrade then resize in one amend; size alone refused", async () => {
+    for (const o of [
+      "compat=1.1,size=2M",
+      "size=2M",
+      "compat=1.1,lazy_refcounts=on,refcount_bits=64",
+    ]) {
+      await twinDirs(
+        (dir) => {
+          run(dir, "img", [
+            "create",
+            "-q",
+            "-f",
+            "qcow2",
+            "-o",
+            "compat=0.10,cluster_size=4096",
+            "img.qcow2",
+            "1M",
+          ]);
+          run(dir, "io", ["-c", "write -P 1 0 100k", "img.qcow2"]);
+          run(dir, "img", ["snapshot", "-c", "s", "img.qcow2"]);
+          run(dir, "io", ["-c", "write -P 2 50k 100k", "img.qcow2"]);
+        },
+        ["-o", o],
+        `v2 with a snapshot: ${o}`,
+      );
+    }
+  });
+
+  it("persistent bitmaps: a downgrade drops them (qemu-img leaks their clusters; qimg frees them)", async () => {
+    const r = await twinDirs(
+      (dir) => {
+        run(dir, "img", ["create", "-q", "-f", "qcow2", "img.qcow2", "1M"]);
+        run(dir, "img", ["bitmap", "--add", "img.qcow2", "b1"]);
+        run(dir, "img", ["bitmap", "--add", "-g", "4096", "img.qcow2", "b2"]);
+        run(dir, "io", ["-c", "write -P 1 0 300k", "-c", "write -z 512k 64k", "img.qcow2"]);
+      },
+      ["-o", "compat=0.10"],
+      "bitmaps: compat=0.10",
+    );
+    expect(qemuImg(["check", "img.qcow2"], r.q).code).toBe(3); // qemu-img's own result leaks
+    const info = qemuInfo("img.qcow2", "qcow2", r.d);
+    expect(JSON.stringify(info)).not.toMatch(/bitmaps/);
+  });
+
   it("size: grow, and shrink as qemu-img amend does (or its refusal without the shrink driver)", async () => {
     for (const o of ["size=3333k", "size=1M", "size=700k", "size=513k"]) {
       const r = await twinDirs(

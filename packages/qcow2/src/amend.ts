@@ -36,6 +36,7 @@ import type { Qcow2State, WriteState } from "./state.js";
 import { flushLocked } from "./flush.js";
 import { resizeImage } from "./resize.js";
 import { walkTables } from "./walk.js";
+import { removeBitmap } from "./bitmap-manage.js";
 
 /** What `qemu-img amend -o` can change on a qcow2 image; options left undefined are kept. */
 export interface Qcow2AmendOptions {
@@ -204,9 +205,13 @@ async function planAmend(s: Qcow2State, w: WriteState, o: Qcow2AmendOptions): Pr
       throw new InvalidArgumentError("The new size must be a multiple of 512");
     }
     if (o.size < s.size && o.shrink === undefined) {
-      throw new UnsupportedFeatureError("qcow2 images cannot be shrunk by amend here", ["shrink"]);
+      throw new UnsupportedFeatureError(
+        `qcow2 images cannot be shrunk here (from ${s.size} to ${o.size} bytes): this driver has no shrinking resize`,
+        ["shrink"],
+      );
     }
-    if (o.size !== s.size && oldVersion === 2 && s.snapshots.length > 0) {
+    // The size changes after an upgrade and before a downgrade.
+    if (o.size !== s.size && oldVersion === 2 && newVersion === 2 && s.snapshots.length > 0) {
       throw new InvalidArgumentError("Can't resize a v2 image which has snapshots");
     }
     size = o.size;
@@ -240,17 +245,6 @@ async function planAmend(s: Qcow2State, w: WriteState, o: Qcow2AmendOptions): Pr
       throw new UnsupportedFeatureError(
         "Cannot downgrade an image with zstd compression type and existing compressed clusters",
         ["zstd"],
-      );
-    }
-    if (
-      s.bitmaps.length > 0 &&
-      (h.autoclearFeatures & AutoclearFeatures.maskOf("bitmaps")) !== 0n
-    ) {
-      // QEMU keeps the bitmap directory in the version 2 header, where nothing maintains it
-      // and `qemu-img check` reports its clusters as leaked; qimg refuses instead.
-      throw new UnsupportedFeatureError(
-        "Cannot downgrade an image with persistent bitmaps (remove them first with 'qemu-img bitmap --remove')",
-        ["bitmaps"],
       );
     }
   }
@@ -526,6 +520,13 @@ async function upgrade(s: Qcow2State, w: WriteState): Promise<void> {
  * rewritten as version 2 (no feature bits, no feature-name table, 16-bit refcounts, zlib).
  */
 async function downgrade(s: Qcow2State, progress: (fraction: number) => void): Promise<void> {
+  if (s.pbm && s.pbm.list().length > 0) {
+    // Version 2 has no autoclear bits, so its bitmaps would be left unmaintained: QEMU keeps
+    // their directory in the header and their clusters leaked; qimg removes them first (one
+    // crash-safe header-area switch, then their clusters are freed).
+    for (const b of s.pbm.list()) removeBitmap(s, b.name);
+    await s.pbm.store();
+  }
   await markClean(s);
   await expandZeroClusters(s, progress);
   const exts = s.extensions.filter(

@@ -124,8 +124,9 @@ async function rewriteSnapshotTable(
   const n = Math.ceil(bytes.byteLength / cs);
   // As qcow2_alloc_clusters: the first run of n free clusters (no reference, refcount 0),
   // else past every table that reaches beyond the end of the file (see tablesEnd).
-  let at = tablesEnd(layout, await backend.size());
-  for (let c = 1, run = 0; c < p.nbClusters; c++) {
+  // (An empty table has no clusters: the header's offset becomes 0, as QEMU writes it.)
+  let at = n === 0 ? 0 : tablesEnd(layout, await backend.size());
+  for (let c = 1, run = 0; n > 0 && c < p.nbClusters; c++) {
     run = p.counts[c] === 0 && (await p.stored.get(c)) === 0 ? run + 1 : 0;
     if (run === n) {
       at = (c - n + 1) * cs;
@@ -141,10 +142,12 @@ async function rewriteSnapshotTable(
     const block = p.stored.blockOffsetOf(c);
     if (!(block > 0 && block % cs === 0 && block + cs <= fileSize)) return undefined;
   }
-  await backend.write(at, table);
-  await backend.flush();
-  for (let c = at / cs; c < at / cs + n; c++) await p.stored.set(c, 1);
-  await backend.flush();
+  if (n > 0) {
+    await backend.write(at, table);
+    await backend.flush();
+    for (let c = at / cs; c < at / cs + n; c++) await p.stored.set(c, 1);
+    await backend.flush();
+  }
   const h = layout.header;
   const header = await writeHeaderFields(backend, h, { snapshotsOffset: at });
   const first = Math.floor(h.snapshotsOffset / cs);

@@ -219,7 +219,16 @@ async function runCase(
       continue;
     }
     const factsAfter = factsOf(format, after);
-    if (factsAfter !== facts) return fail(`header changed: ${facts} -> ${factsAfter}`);
+    if (factsAfter !== facts) {
+      // Not worse than qemu-img's own repair: QEMU's check -r all drops snapshots too (more
+      // than 65536, or past its 64 MiB table limit, as iotest 261 shows).
+      const twin = join(dir, `qemu-${mode}.${format}`);
+      writeFileSync(twin, bytes);
+      await tool("qemu-img", ["check", "-f", format, "-r", mode, twin]);
+      const qemuFacts = factsOf(format, new Uint8Array(readFileSync(twin)));
+      if (factsAfter !== qemuFacts)
+        return fail(`header changed: ${facts} -> ${factsAfter} (qemu-img's repair: ${qemuFacts})`);
+    }
     const problems = await qemuProblems(file, format);
     if (before !== undefined) {
       if (problems === undefined)

@@ -129,6 +129,20 @@ function asError(e: unknown): Error {
   return e instanceof Error ? e : new Error("request failed", { cause: e });
 }
 
+/** `ranges` sorted, with touching and overlapping ones joined. */
+function mergeRanges(ranges: readonly CopyRange[]): CopyRange[] {
+  const out: CopyRange[] = [];
+  for (const r of [...ranges].sort((a, b) => a.start - b.start)) {
+    const last = out[out.length - 1];
+    if (last !== undefined && r.start <= last.end) {
+      out[out.length - 1] = { start: last.start, end: Math.max(last.end, r.end) };
+    } else {
+      out.push(r);
+    }
+  }
+  return out;
+}
+
 /** One chunk on its way: read (or known zero), then written. */
 interface Chunk {
   readonly offset: number;
@@ -341,7 +355,7 @@ export async function copy(
           const ranges = await onSource(() =>
             leaveAlone(chunk.offset, buf.subarray(0, dataEnd - chunk.offset)),
           );
-          for (const r of ranges) {
+          for (const r of mergeRanges(ranges)) {
             const first = Math.ceil((r.start - chunk.offset) / bs);
             const last = Math.floor((Math.min(r.end, dataEnd) - chunk.offset) / bs);
             const tail = Math.min(r.end, dataEnd) === chunk.end ? blocks : last;

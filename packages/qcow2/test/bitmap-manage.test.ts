@@ -364,6 +364,32 @@ describe.skipIf(!haveQemu)("bitmap management rules, as QEMU's", () => {
     expect(infoBitmaps(file).map((b) => b.name)).toEqual(["new", "é".repeat(511)]);
   });
 
+  it("a wholly dirty bitmap cluster is stored as an all-ones table entry without a cluster, and QEMU reads it so", async () => {
+    const file = path.join(tmp, "ones.qcow2");
+    // 512-byte clusters and granularity: one bitmap cluster covers 2 MiB of guest data.
+    must("qemu-img", ["create", "-q", "-f", "qcow2", "-o", "cluster_size=512", file, "5M"]);
+    const image = await openRw(file);
+    image.addBitmap("b", { granularity: 512 });
+    await image.writeZeroes(0, 2 * 1024 * 1024 + 4096);
+    await image.close();
+    const ro = await openRo(file);
+    const entry = ro.bitmaps.find((b) => b.name === "b")!;
+    const table = fs
+      .readFileSync(file)
+      .subarray(entry.bitmapTableOffset, entry.bitmapTableOffset + entry.bitmapTableSize * 8);
+    expect(table.readBigUInt64BE(0)).toBe(1n); // all ones, no cluster
+    expect(table.readBigUInt64BE(8) % 512n).toBe(0n); // a data cluster (partly dirty)
+    expect(table.readBigUInt64BE(8)).not.toBe(0n);
+    expect(table.readBigUInt64BE(16)).toBe(0n); // all zeros, no cluster
+    await ro.close();
+    expect(check(file).code).toBe(0);
+    if (haveNbd) {
+      expect(await nbdinfoDirtyRanges(file, ["b"], tmp)).toEqual(
+        new Map([["b", [[0, 2 * 1024 * 1024 + 4096]]]]),
+      );
+    }
+  });
+
   it("a version 2 image cannot store bitmaps", async () => {
     const file = path.join(tmp, "v2.qcow2");
     must("qemu-img", ["create", "-q", "-f", "qcow2", "-o", "compat=0.10", file, "1M"]);

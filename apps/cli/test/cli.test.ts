@@ -108,8 +108,11 @@ describe("commands in-process", () => {
     expect(r.code).toBe(0);
     const commands = [...r.stdout.matchAll(/^ {2}(\w+) /gm)].map((m) => m[1]);
     expect(commands.sort()).toEqual([
+      "amend",
       "bench",
+      "bitmap",
       "check",
+      "commit",
       "compare",
       "convert",
       "create",
@@ -118,7 +121,11 @@ describe("commands in-process", () => {
       "info",
       "io",
       "map",
+      "measure",
+      "rebase",
       "resize",
+      "serve",
+      "snapshot",
     ]);
   });
 

@@ -144,12 +144,16 @@ async function compareTwins(pair: Pair, where: string): Promise<void> {
 
 describe.skipIf(!haveQemu)("qimg bitmap on twins of qemu-img bitmap", () => {
   const cases = LONG ? 80 : 6;
-  it(`random writes and bitmap commands look to qemu-img as its own (${cases} seeds)`, async () => {
-    for (let i = 0; i < cases; i++) {
-      const seed = 4242 + i * 101;
-      await twinSequence(seed);
-    }
-  }, LONG ? 1_800_000 : 240_000);
+  it(
+    `random writes and bitmap commands look to qemu-img as its own (${cases} seeds)`,
+    async () => {
+      for (let i = 0; i < cases; i++) {
+        const seed = 4242 + i * 101;
+        await twinSequence(seed);
+      }
+    },
+    LONG ? 1_800_000 : 240_000,
+  );
 
   it("errors and exit codes are qemu-img's, and a refused command changes nothing", async () => {
     const base = path.join(tmp, "err-base.qcow2");
@@ -223,6 +227,45 @@ describe.skipIf(!haveQemu)("qimg bitmap on twins of qemu-img bitmap", () => {
     // Two lines of usage text each, as qemu-img words them.
     const usage = await qimg(["bitmap", "--add", base]);
     expect(usage.stderr).toBe("qimg: Expecting filename and bitmap name\n");
+  });
+
+  it("an image another process holds is refused at the open, before any action, as qemu-img refuses it", async () => {
+    const file = path.join(tmp, "locked.qcow2");
+    must("qemu-img", ["create", "-q", "-f", "qcow2", file, "1M"]);
+    must("qemu-img", ["bitmap", "--add", file, "b"]);
+    const sock = path.join(tmp, "locked.sock");
+    const pidFile = `${sock}.pid`;
+    must("qemu-nbd", ["-f", "qcow2", "-k", sock, "--fork", `--pid-file=${pidFile}`, file]);
+    try {
+      const before = fs.readFileSync(file);
+      for (const args of [["--add"], ["--remove"], ["--merge", "nope"]]) {
+        const theirs = run("qemu-img", ["bitmap", ...args, file, "x"]);
+        const mine = await qimg(["bitmap", ...args, file, "x"]);
+        expect(mine.code).toBe(theirs.code);
+        expect(theirs.stderr).toContain('Failed to get "write" lock');
+        expect(mine.stderr).toContain('Failed to get "write" lock');
+        expect(fs.readFileSync(file).equals(before)).toBe(true);
+      }
+    } finally {
+      const pid = Number(fs.readFileSync(pidFile, "utf8").trim());
+      if (pid > 0) process.kill(pid, "SIGTERM");
+    }
+  });
+
+  it("--object secret is accepted (and unused), other objects are refused as qemu-img refuses unknown ones", async () => {
+    const pair = {
+      ours: path.join(tmp, "obj-ours.qcow2"),
+      theirs: path.join(tmp, "obj-theirs.qcow2"),
+    };
+    must("qemu-img", ["create", "-q", "-f", "qcow2", pair.ours, "1M"]);
+    fs.copyFileSync(pair.ours, pair.theirs);
+    expect(
+      await bitmapBoth(pair, ["--add", "--object", "secret,id=s0,data=x"], "b", "secret"),
+    ).toBe(0);
+    expect(await bitmapBoth(pair, ["--add", "--object", "foo,id=x"], "c", "unknown object")).toBe(
+      1,
+    );
+    await compareTwins(pair, "objects");
   });
 
   it("an inconsistent bitmap is removed as qemu-img removes it", async () => {

@@ -4,7 +4,7 @@
  * and of every snapshot, then compared with qemu-img's view: `qemu-img convert -l` of each
  * snapshot and of the active image, `qemu-img snapshot -l` IDs and names, `qemu-img check`
  * clean. Random cluster sizes, sizes not multiples of the cluster, compat 1.1 and 0.10,
- * extended L2, refcount widths. A fixed slice by default; `QIMG_LONG=1` runs many more seeds
+ * extended L2, refcount widths, lazy refcounts. A fixed slice by default; `QIMG_LONG=1` runs many more seeds
  * (`QIMG_SEED` picks the first). A failure names its seed and the operations.
  */
 import fs from "node:fs";
@@ -47,6 +47,7 @@ async function runCase(seed: number): Promise<void> {
     `cluster_size=${cs}`,
     ...(v2 ? [] : [`refcount_bits=${refcountBits}`]),
     ...(extendedL2 ? ["extended_l2=on"] : []),
+    ...(!v2 && r() < 0.3 ? ["lazy_refcounts=on"] : []),
   ].join(",");
   const log: string[] = [`create -o ${opts} ${size}`];
   const fail = (what: string): string =>
@@ -160,7 +161,7 @@ async function runCase(seed: number): Promise<void> {
 
 describe.skipIf(!haveQemu)("random snapshot sequences against a model and qemu-img", () => {
   const base = Number(process.env.QIMG_SEED ?? 1);
-  const runs = LONG ? 300 : 12;
+  const runs = LONG ? 300 : 20;
   it(`${runs} seeded sequences from seed ${base}`, async () => {
     for (let seed = base; seed < base + runs; seed++) await runCase(seed);
   }, 600_000);

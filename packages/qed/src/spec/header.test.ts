@@ -81,7 +81,7 @@ describe("QED header", () => {
   it("refuses unknown features with the mask", () => {
     const e = invalid({ features: 0x18n });
     expect(e).toBeInstanceOf(UnsupportedFeatureError);
-    expect(e.message).toMatch(/^unsupported QED features: 0x0000000000000018/);
+    expect(e.message).toMatch(/^Unsupported QED features: 18\n.*0x0000000000000018/);
     expect((e as UnsupportedFeatureError).features).toEqual(["bit 3", "bit 4"]);
     expect(qedFeatureNames(0x13n)).toEqual(["backingFile", "needCheck", "bit 4"]);
   });

@@ -117,7 +117,8 @@ export function validateQedHeader(h: QedHeader, fileSize: number): void {
   const unknown = h.features & ~QED_KNOWN_FEATURES;
   if (unknown !== 0n) {
     throw new UnsupportedFeatureError(
-      `unsupported QED features: 0x${formatMask(unknown)} (known mask 0x${formatMask(QED_KNOWN_FEATURES)})`,
+      // First line in qemu-img's words (unknown bits in hex, no 0x); the masks after it.
+      `Unsupported QED features: ${unknown.toString(16)}\nunknown feature bits 0x${formatMask(unknown)} (known mask 0x${formatMask(QED_KNOWN_FEATURES)})`,
       bitsOf(unknown).map((b) => `bit ${b}`),
       { offset: QED_HEADER_FIELDS.features.offset },
     );
@@ -165,7 +166,8 @@ export function validateQedHeader(h: QedHeader, fileSize: number): void {
   if (!isValidTableOffset(h.l1TableOffset, geometry)) {
     const end = h.l1TableOffset + h.tableSize * h.clusterSize;
     throw new FormatError(
-      `QED L1 table at ${hex(h.l1TableOffset)} (${h.tableSize} clusters, ending at ${hex(end)}) is not cluster aligned ` +
+      // First line in qemu-img's words; where the table is and why it is invalid after it.
+      `QED table offset is invalid\nQED L1 table at ${hex(h.l1TableOffset)} (${h.tableSize} clusters, ending at ${hex(end)}) is not cluster aligned ` +
         `or not between the header end ${hex(h.headerSize * h.clusterSize)} and the file end ${hex(fileSize)}`,
       { offset: QED_HEADER_FIELDS.l1TableOffset.offset },
     );

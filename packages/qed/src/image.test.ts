@@ -127,7 +127,9 @@ describe("openQed", () => {
     await m.write(0, encodeQedHeader({ ...h, features: 1n << 40n }));
     const e = await openQed(m).catch((x: unknown) => x);
     expect(e).toBeInstanceOf(UnsupportedFeatureError);
-    expect((e as Error).message).toMatch(/^Unsupported QED features: 10000000000\n.*0x0000010000000000/);
+    expect((e as Error).message).toMatch(
+      /^Unsupported QED features: 10000000000\n.*0x0000010000000000/,
+    );
 
     await m.write(0, encodeQedHeader({ ...h, autoclearFeatures: 0x3n, compatFeatures: 0x10n }));
     const ro = await openQed(m, { readOnly: true });

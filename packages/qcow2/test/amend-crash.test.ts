@@ -92,6 +92,12 @@ const SCENARIOS: Scenario[] = [
     create: "cluster_size=4096,lazy_refcounts=on",
     amend: { compat: "0.10" },
   },
+  {
+    name: "compat=1.1 and refcount_bits 16 -> 8 from a version 2 image with a snapshot",
+    backing: true,
+    create: "cluster_size=4096,compat=0.10",
+    amend: { compat: "1.1", refcountBits: 8 },
+  },
 ];
 
 describe.skipIf(!haveQemu)("amend survives power loss at any write", () => {
@@ -141,11 +147,17 @@ describe.skipIf(!haveQemu)("amend survives power loss at any write", () => {
         sh("qemu-img", ["snapshot", "-c", "s", "pre.qcow2"], dir);
         sh("qemu-io", ["-c", "write -z 0 8k", "-c", "write -P 4 300k 4k", "pre.qcow2"], dir);
         const bytes = new Uint8Array(fs.readFileSync(path.join(dir, "pre.qcow2")));
+        sh(
+          "qemu-img",
+          ["convert", "-l", "snapshot.name=s", "-O", "raw", "pre.qcow2", "pre-snap.raw"],
+          dir,
+        );
+        const preSnap = fs.readFileSync(path.join(dir, "pre-snap.raw"));
         const full = await amendWithCut(dir, bytes, sc.amend, Infinity);
         expect(full.done).toBe(true);
         const total = full.ops;
         expect(total).toBeGreaterThan(3);
-        const step = LONG ? 1 : Math.max(1, Math.floor(total / 40));
+        const step = LONG ? 1 : Math.max(1, Math.floor(total / 25));
         let checked = 0;
         for (let cut = 0; cut < total; cut += step) {
           for (const tear of [false, true]) {
@@ -160,6 +172,16 @@ describe.skipIf(!haveQemu)("amend survives power loss at any write", () => {
             expect(again.code, `${where}\n${again.stdout}${again.stderr}`).toBe(0);
             const cmp = qemuImg(["compare", "pre.qcow2", "crash.qcow2"], dir);
             expect(cmp.code, `${where}\n${cmp.stdout}${cmp.stderr}`).toBe(0);
+            // The snapshot reads as before too.
+            const snap = qemuImg(
+              ["convert", "-l", "snapshot.name=s", "-O", "raw", "crash.qcow2", "crash-snap.raw"],
+              dir,
+            );
+            expect(snap.code, `${where}\n${snap.stderr}`).toBe(0);
+            expect(
+              fs.readFileSync(path.join(dir, "crash-snap.raw")).equals(preSnap),
+              `${where}: snapshot`,
+            ).toBe(true);
             checked++;
           }
         }

@@ -50,6 +50,9 @@ import type { Qcow2Image } from "./image.js";
 
 /** QEMU's QCOW_MAX_SNAPSHOTS_SIZE: the largest snapshot table (bytes). */
 export const MAX_SNAPSHOT_TABLE_BYTES = 1024 * MAX_SNAPSHOTS;
+/** Last guest cluster index a claim on the whole disk covers (any disk qcow2 can address). */
+const ALL_CLUSTERS = 2 ** 52;
+
 /** Longest snapshot name or ID in the table (the entry stores u16 byte lengths). */
 export const MAX_SNAPSHOT_STRING_BYTES = 0xffff;
 
@@ -427,14 +430,18 @@ async function writeNewL1(s: Qcow2State, table: U64TableView): Promise<number> {
   return offset;
 }
 
-/** Run `fn` with every request drained and the metadata lock held, after a full flush. */
+/**
+ * Run `fn` holding every guest cluster (requests in flight finish first, new ones wait until
+ * it is done) and the metadata lock, after a full flush.
+ */
 async function exclusive<T>(s: Qcow2State, fn: () => Promise<T>): Promise<T> {
   const w = checkWritable(s);
-  await w.claims.drain();
-  return w.meta.run(async () => {
-    await flushLocked(s);
-    return fn();
-  });
+  return w.claims.run(0, ALL_CLUSTERS, () =>
+    w.meta.run(async () => {
+      await flushLocked(s);
+      return fn();
+    }),
+  );
 }
 
 /** Forget cached tables and the compressed-cluster cursor after references changed. */

@@ -93,6 +93,38 @@ describe("snapshot operations on an in-memory image", () => {
     await image.close();
   });
 
+  it("requests issued around a create land wholly before or after it, in issue order", async () => {
+    const cs = 4096;
+    const mem = await fresh(64 * cs, { clusterSize: cs });
+    const image = await openQcow2(mem, { readOnly: false });
+    const region = (k: number): [number, Uint8Array] => [
+      k * 3 * cs + 100,
+      new Uint8Array(2 * cs).fill(k + 1),
+    ];
+    const before = Array.from({ length: 10 }, (_, k) => image.write(...region(k)));
+    const snap = image.createSnapshot("mid");
+    const after = Array.from({ length: 10 }, (_, k) => image.write(...region(k + 10)));
+    const overwrite = Array.from({ length: 10 }, (_, k) =>
+      image.write(region(k)[0], new Uint8Array(2 * cs).fill(99)),
+    );
+    await Promise.all([...before, snap, ...after, ...overwrite]);
+    const view = await image.openSnapshot("mid");
+    const b = new Uint8Array(2 * cs);
+    for (let k = 0; k < 20; k++) {
+      await view.read(region(k)[0], b);
+      expect(
+        b.every((x) => x === (k < 10 ? k + 1 : 0)),
+        `snapshot region ${k}`,
+      ).toBe(true);
+      await image.read(region(k)[0], b);
+      expect(
+        b.every((x) => x === (k < 10 ? 99 : k + 1)),
+        `active region ${k}`,
+      ).toBe(true);
+    }
+    await image.close();
+  });
+
   it("refuses what QEMU refuses, before changing anything", async () => {
     const mem = await fresh();
     const before = mem.bytes().slice();

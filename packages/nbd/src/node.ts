@@ -137,6 +137,13 @@ export class SocketChannel implements ByteChannel {
     this.ended = true;
     this.wake();
     if (!this.socket.destroyed) this.socket.end();
+    // Keep reading (and dropping) what the peer still sends, so its end of the stream is
+    // seen and the socket closes: a paused socket would neither close nor keep Node alive.
+    this.chunks.length = 0;
+    this.buffered = 0;
+    this.socket.removeAllListeners("data");
+    this.socket.on("data", () => undefined);
+    this.socket.resume();
     // A peer that does not read what is queued must not keep the socket forever.
     setTimeout(() => this.socket.destroy(), 5000).unref();
   }
@@ -242,8 +249,8 @@ export async function serve(
     });
     sessions.add(session);
     void session.run().then(() => {
+      // The session has ended the socket (queued replies still go out; see SocketChannel.close).
       sessions.delete(session);
-      socket.destroy();
       const next = waiting.shift();
       if (next !== undefined && closing === undefined) start(next);
       else if (
@@ -270,7 +277,8 @@ export async function serve(
 
   const stop = (): Promise<void> => {
     closing ??= (async () => {
-      await new Promise<void>((r) => server.close(() => r()));
+      // close() only reports once every connection has ended: wait for that last.
+      const listening = new Promise<void>((r) => server.close(() => r()));
       for (const s of waiting.splice(0)) s.destroy();
       for (const s of sessions) s.stop();
       while (sessions.size > 0 || writes.size > 0) {
@@ -284,6 +292,7 @@ export async function serve(
           onError?.(e);
         }
       }
+      await listening;
       if (options.socket !== undefined) removeSocket(options.socket);
       resolveDone();
     })();

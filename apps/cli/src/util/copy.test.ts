@@ -209,4 +209,114 @@ describe("copy", () => {
     const got = r.out.map((x) => (x === 0xee ? 0 : x));
     expect(Buffer.from(got.subarray(0, data.length)).equals(data)).toBe(true);
   });
+
+  it("-S: zero runs shorter than minSparse are written, longer ones skipped; 0 writes every byte", async () => {
+    // 1 MiB: data at [0, 4k), zeros [4k, 20k), data [20k, 24k), zeros to 600k (scanned),
+    // a reported zero run [600k, 1M).
+    const bytes = new Uint8Array(1 << 20);
+    bytes.fill(5, 0, 4096);
+    bytes.fill(6, 20480, 24576);
+    const src = () => source(bytes, [[614400, 1 << 20]]).image;
+    const written = (w: [number, number][]) => w.reduce((n, [, l]) => n + l, 0);
+    // Default: every zero block (4 KiB) is skipped.
+    let r = recorder(bytes.length, 4096, false);
+    await copy(src(), r.sink);
+    expect(r.writes).toEqual([
+      [0, 4096],
+      [20480, 4096],
+    ]);
+    // -S 32k: the 16 KiB zero run between data is written with it.
+    r = recorder(bytes.length, 4096, false);
+    await copy(src(), r.sink, { minSparse: 32768 });
+    expect(r.writes).toEqual([[0, 24576]]);
+    expect(Buffer.from(r.out.subarray(0, 24576)).equals(bytes.subarray(0, 24576))).toBe(true);
+    // -S 0: every byte, the reported zero run too.
+    r = recorder(bytes.length, 4096, true);
+    await copy(src(), r.sink, { minSparse: 0 });
+    expect(written(r.writes)).toBe(bytes.length);
+    expect(r.zeros).toEqual([]);
+    expect(Buffer.from(r.out).equals(bytes)).toBe(true);
+  });
+
+  it("-W: chunks are written as their reads finish, every byte once", async () => {
+    const rnd = seededRandom(5);
+    const bytes = new Uint8Array(9 * 1024 * 1024 + 777);
+    for (let i = 0; i < bytes.length; i += 1 + Math.floor(rnd() * 5000)) bytes[i] = 1 + (i & 0x7f);
+    const src = source(bytes, []);
+    const read = src.image.read.bind(src.image);
+    const slow: DiskImage = {
+      ...src.image,
+      async read(o, b) {
+        // The first chunk is read last.
+        await new Promise((r) => setTimeout(r, o === 0 ? 40 : 1));
+        return read(o, b);
+      },
+    };
+    const r = recorder(bytes.length, 4096, false);
+    const progress: number[] = [];
+    await copy(slow, r.sink, {
+      outOfOrder: true,
+      inFlight: 6,
+      readAhead: 6,
+      onProgress: (d) => progress.push(d),
+    });
+    const got = r.out.map((x) => (x === 0xee ? 0 : x));
+    expect(Buffer.from(got).equals(bytes)).toBe(true);
+    // Not in guest order, and the progress still climbs to the whole length.
+    const firsts = r.writes.map(([o]) => o);
+    expect(firsts).not.toEqual([...firsts].sort((a, b) => a - b));
+    expect(progress).toEqual([...progress].sort((a, b) => a - b));
+    expect(progress.at(-1)).toBe(bytes.length);
+  });
+
+  it("salvage: unreadable sectors are copied as zeros and reported, the rest is copied", async () => {
+    const bytes = new Uint8Array(3 * 1024 * 1024).fill(9);
+    const src = source(bytes, []);
+    const read = src.image.read.bind(src.image);
+    const bad = (o: number, n: number) => o < 70_000 && o + n > 66_000; // sectors 128..136
+    const broken: DiskImage = {
+      ...src.image,
+      read: (o, b) => (bad(o, b.length) ? Promise.reject(new Error("EIO")) : read(o, b)),
+    };
+    const reported: number[] = [];
+    const r = recorder(bytes.length, 4096, false);
+    await copy(broken, r.sink, { onReadError: (offset) => reported.push(offset) });
+    const bads = Array.from({ length: 9 }, (_, i) => 65536 + i * 512);
+    expect(reported).toEqual(bads);
+    const want = bytes.slice();
+    want.fill(0, 65536, 65536 + 9 * 512);
+    const got = r.out.map((x) => (x === 0xee ? 0 : x));
+    expect(Buffer.from(got).equals(want)).toBe(true);
+  });
+
+  it("leaveAlone: blocks wholly inside the given ranges are not written", async () => {
+    const bytes = new Uint8Array(600_000).fill(3);
+    const r = recorder(bytes.length, 65536, true);
+    const asked: number[] = [];
+    await copy(source(bytes, []).image, r.sink, {
+      leaveAlone: (offset, data) => {
+        asked.push(offset, data.length);
+        // Two touching ranges cover [65536, 262144): blocks 1..3; [300000, 330000) no block.
+        return Promise.resolve([
+          { start: 65536, end: 100_000 },
+          { start: 100_000, end: 262_144 },
+          { start: 300_000, end: 330_000 },
+        ]);
+      },
+    });
+    expect(asked).toEqual([0, 600_000]);
+    expect(r.writes).toEqual([
+      [0, 65536],
+      [262144, 600_000 - 262144],
+    ]);
+  });
+
+  it("rateLimit: a limited copy waits for its slices", async () => {
+    const bytes = new Uint8Array(4 * 1024 * 1024).fill(1);
+    const r = recorder(bytes.length, 65536, false);
+    const t0 = performance.now();
+    await copy(source(bytes, []).image, r.sink, { rateLimit: 8 * 1024 * 1024 });
+    // 2 MiB pass at once, the other 2 MiB owe 0.25 s at 8 MiB/s.
+    expect(performance.now() - t0).toBeGreaterThanOrEqual(200);
+  });
 });

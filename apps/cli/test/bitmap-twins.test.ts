@@ -252,6 +252,33 @@ describe.skipIf(!haveQemu)("qimg bitmap on twins of qemu-img bitmap", () => {
     }
   });
 
+  it("works without the backing chain, as qemu-img bitmap does (a missing backing file is no obstacle)", async () => {
+    const base = path.join(tmp, "nb-base.qcow2");
+    const top = path.join(tmp, "nb-top.qcow2");
+    const src = path.join(tmp, "nb-src.qcow2");
+    const srcBase = path.join(tmp, "nb-src-base.qcow2");
+    must("qemu-img", ["create", "-q", "-f", "qcow2", base, "2M"]);
+    must("qemu-img", ["create", "-q", "-f", "qcow2", "-b", base, "-F", "qcow2", top, "2M"]);
+    must("qemu-img", ["create", "-q", "-f", "qcow2", srcBase, "2M"]);
+    must("qemu-img", ["create", "-q", "-f", "qcow2", "-b", srcBase, "-F", "qcow2", src, "2M"]);
+    must("qemu-img", ["bitmap", "--add", "-g", "4k", src, "s"]);
+    must("qemu-io", ["-f", "qcow2", "-c", "write 70000 1", src]);
+    fs.renameSync(base, `${base}.away`);
+    fs.renameSync(srcBase, `${srcBase}.away`);
+    const pair = {
+      ours: path.join(tmp, "nb-ours.qcow2"),
+      theirs: path.join(tmp, "nb-theirs.qcow2"),
+    };
+    fs.copyFileSync(top, pair.ours);
+    fs.copyFileSync(top, pair.theirs);
+    expect(await bitmapBoth(pair, ["--add"], "b", "no backing")).toBe(0);
+    expect(await bitmapBoth(pair, ["--merge", "s", "-b", src], "b", "no backing")).toBe(0);
+    expect(infoBitmaps(pair.ours)).toEqual(infoBitmaps(pair.theirs));
+    // qemu-nbd needs the backing file back.
+    fs.renameSync(`${base}.away`, base);
+    if (haveNbd) expect(nbdRanges(pair.ours, ["b"])).toEqual(nbdRanges(pair.theirs, ["b"]));
+  });
+
   it("--object secret is accepted (and unused), other objects are refused as qemu-img refuses unknown ones", async () => {
     const pair = {
       ours: path.join(tmp, "obj-ours.qcow2"),

@@ -338,7 +338,7 @@ export const bitmapCommand: CommandDef = {
     const source =
       srcFile === undefined
         ? undefined
-        : await openImage(srcFile, { format: srcFmt, readOnly: true, ctx });
+        : await openImage(srcFile, { format: srcFmt, readOnly: true, ctx, openBacking: false });
     try {
       let dry: WritableDiskImage;
       if (probedFormat === "qcow2") {
@@ -368,8 +368,13 @@ export const bitmapCommand: CommandDef = {
         else await inFile(file, () => dry.close());
       }
       if (failed) return reportAction(ctx, failed);
-      // 2. For real.
-      const image = await openImage(file, { format, readOnly: false, ctx });
+      // 2. For real. Like qemu-img, without the backing chain (bitmaps need none of it).
+      const image = await inFile(file, async () =>
+        openQcow2(await FileBackend.open(file, { readOnly: false }), {
+          readOnly: false,
+          noBacking: true,
+        }),
+      );
       try {
         await inFile(file, () =>
           runActions(image, source ?? image, actions, bitmap, granularity, node),

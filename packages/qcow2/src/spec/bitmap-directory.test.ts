@@ -1,6 +1,11 @@
 import { describe, expect, it } from "vitest";
 import { FormatError } from "@qimg/structs";
-import { BitmapDirEntry, bitmapDirectorySlots, decodeBitmapDirectory } from "./bitmap-directory.js";
+import {
+  BitmapDirEntry,
+  bitmapDirectorySlots,
+  decodeBitmapDirectory,
+  encodeBitmapDirectory,
+} from "./bitmap-directory.js";
 
 const enc = new TextEncoder();
 
@@ -76,5 +81,28 @@ describe("bitmap directory walk", () => {
     const dir = directory([{ name: "abc" }]).subarray(0, 27);
     expect(decodeBitmapDirectory(dir, 1, 0).map((e) => e.name)).toEqual(["abc"]);
     expect(() => bitmapDirectorySlots(dir, 1, 0)).toThrow(/runs past the directory/);
+  });
+});
+
+describe("encodeBitmapDirectory", () => {
+  it("round-trips: encode(decode(bytes)) is the bytes, for names of every padding", () => {
+    for (const names of [
+      ["a"],
+      ["bitmap-two", "c".repeat(21), "é".repeat(100)],
+      ["x".repeat(1023)],
+    ]) {
+      const dir = directory(names.map((name) => ({ name })));
+      const decoded = decodeBitmapDirectory(dir, names.length, 0x1000);
+      expect(encodeBitmapDirectory(decoded)).toEqual(dir);
+      expect(decodeBitmapDirectory(encodeBitmapDirectory(decoded), names.length, 0)).toEqual(
+        decoded,
+      );
+    }
+  });
+
+  it("refuses names of 0 or more than 1023 bytes", () => {
+    const e = { granularityBits: 16, flags: 0, type: 1, bitmapTableOffset: 0, bitmapTableSize: 0 };
+    expect(() => encodeBitmapDirectory([{ ...e, name: "" }])).toThrow(FormatError);
+    expect(() => encodeBitmapDirectory([{ ...e, name: "é".repeat(512) }])).toThrow(FormatError);
   });
 });

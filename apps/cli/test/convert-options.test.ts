@@ -252,4 +252,40 @@ describe.skipIf(!hasQemu)("convert options against qemu-img", () => {
     ];
     expect(await run("overlay", overlay)).toMatch(/Content mismatch/);
   });
+
+  it("-p stays a climbing percentage ending at 100 with -m and -W; -q silences it", async () => {
+    ok(["create", "-q", "-f", "qcow2", "prog.qcow2", "9000000"]);
+    io("prog.qcow2", "write -P 1 0 3M", "write -P 2 5M 3M");
+    for (const extra of [[], ["-m", "16", "-W"], ["-m", "1"]]) {
+      const ours = await qimg(
+        ["convert", "-p", ...extra, "-O", "qcow2", "prog.qcow2", "p.qcow2"],
+        tmp,
+      );
+      expect(ours.code).toBe(0);
+      const values = [...ours.stdout.matchAll(/\((\d+\.\d\d)\/100%\)\r/g)].map((m) => Number(m[1]));
+      expect(values.length, extra.join(" ")).toBeGreaterThan(2);
+      expect(values, extra.join(" ")).toEqual([...values].sort((a, b) => a - b));
+      expect(values.at(-1)).toBe(100);
+      expect(ours.stdout.endsWith("\r\n")).toBe(true);
+      expect(qemuImg(["compare", "prog.qcow2", "p.qcow2"], tmp).code).toBe(0);
+    }
+    const quiet = await qimg(["convert", "-p", "-q", "-O", "qcow2", "prog.qcow2", "p.qcow2"], tmp);
+    const theirs = qemuImg(["convert", "-p", "-q", "-O", "qcow2", "prog.qcow2", "p2.qcow2"], tmp);
+    expect([quiet.code, quiet.stdout, quiet.stderr]).toEqual([0, theirs.stdout, ""]);
+  });
+
+  it("-r slows the copy to the rate (same bytes as qemu-img)", async () => {
+    ok(["create", "-q", "-f", "qcow2", "rate.qcow2", "4M"]);
+    io("rate.qcow2", "write -P 3 0 4M");
+    const t0 = performance.now();
+    const ours = await qimg(["convert", "-r", "4M", "-O", "raw", "rate.qcow2", "r-ours"], tmp);
+    const took = performance.now() - t0;
+    expect(ours.code).toBe(0);
+    // 2 MiB go at once (the first request of a slice), the other 2 MiB owe 0.5 s at 4 MiB/s.
+    expect(took).toBeGreaterThanOrEqual(400);
+    expect(qemuImg(["convert", "-r", "4M", "-O", "raw", "rate.qcow2", "r-theirs"], tmp).code).toBe(
+      0,
+    );
+    expect(qemuImg(["compare", "-f", "raw", "-F", "raw", "r-theirs", "r-ours"], tmp).code).toBe(0);
+  });
 });

@@ -140,4 +140,19 @@ describe.skipIf(!hasQemu)("convert --salvage against qemu-img", () => {
       expect(existsSync(join(tmp, "f-ours.qcow2")), src).toBe(false);
     }
   });
+
+  it("-n: a convert that fails part-way leaves the existing target (partly written), as qemu-img", async () => {
+    for (const who of ["theirs", "ours"]) {
+      expect(qemuImg(["create", "-q", "-f", "qcow2", `n-${who}.qcow2`, "1000448"], tmp).code).toBe(
+        0,
+      );
+    }
+    const args = ["convert", "-n", "-O", "qcow2", "comp.qcow2"];
+    const theirs = qemuImg([...args, "n-theirs.qcow2"], tmp);
+    const ours = await qimg([...args, "n-ours.qcow2"], tmp);
+    expect(theirs.code).toBe(1);
+    expect(ours.code).toBe(1);
+    expect(existsSync(join(tmp, "n-ours.qcow2"))).toBe(true);
+    expect(qemuImg(["check", "n-ours.qcow2"], tmp).code).toBe(0);
+  });
 });

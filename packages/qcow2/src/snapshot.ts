@@ -68,7 +68,7 @@ export interface SnapshotSelector {
 export interface CreateSnapshotOptions {
   /** Creation time (default: now), seconds since the epoch. */
   readonly dateSec?: number;
-  /** Nanoseconds part of the creation time (default: from the clock, in microseconds as QEMU). */
+  /** Nanoseconds part of the creation time (default: the clock's microseconds times 1000, as QEMU). */
   readonly dateNsec?: number;
   /** Guest clock in nanoseconds (default 0: a disk-only snapshot). */
   readonly vmClockNsec?: bigint;
@@ -138,6 +138,18 @@ function refuseDataFile(s: Qcow2State): void {
       { cause: errnoCause("ENOTSUP", "Operation not supported") },
     );
   }
+}
+
+/**
+ * The wall clock in seconds and nanoseconds, to the microsecond where the platform has it
+ * (QEMU stores gettimeofday()'s microseconds times 1000).
+ */
+export function wallClock(): { sec: number; nsec: number } {
+  const ms =
+    typeof performance !== "undefined" ? performance.timeOrigin + performance.now() : Date.now();
+  const sec = Math.floor(ms / 1000);
+  const usec = Math.min(999_999, Math.floor((ms - sec * 1000) * 1000));
+  return { sec, nsec: usec * 1000 };
 }
 
 /** QEMU's find_new_snapshot_id: one more than the largest numeric ID (strtoul of each). */
@@ -477,9 +489,9 @@ export async function createSnapshot(
       cause: errnoCause("EFBIG", "File too large"),
     });
   }
-  const now = Date.now();
-  const dateSec = options.dateSec ?? Math.floor(now / 1000);
-  const dateNsec = options.dateNsec ?? (now % 1000) * 1_000_000;
+  const clock = wallClock();
+  const dateSec = options.dateSec ?? clock.sec;
+  const dateNsec = options.dateNsec ?? clock.nsec;
   return exclusive(s, async () => {
     const w = s.w!;
     const activeOffset = s.hdr.l1TableOffset;

@@ -120,13 +120,9 @@ export const snapshotCommand: CommandDef = {
               `Could not create snapshot '${snapName}': -95 (Operation not supported)`,
             );
           }
-          const now = Date.now();
           try {
-            // qemu-img takes the time with microsecond precision.
-            await qcow2.createSnapshot(qemuName(snapName), {
-              dateSec: Math.floor(now / 1000),
-              dateNsec: (now % 1000) * 1_000_000,
-            });
+            // The date: the clock to the microsecond, as qemu-img takes it (the default).
+            await qcow2.createSnapshot(qemuName(snapName));
           } catch (e) {
             const [n, text] = errnoOf(e);
             throw new CliError(`Could not create snapshot '${snapName}': -${n} (${text})`, {

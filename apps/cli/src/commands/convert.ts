@@ -431,6 +431,7 @@ async function convertInto(
     await runCopy(ctx, options, source, imageSink(w, { zeroed: options.targetIsZero === true }), {
       ...copyOptions,
       length,
+      compress: options.compress === true,
       leaveAlone,
       targetName: dst.path,
       flush: () => w.flush(),

@@ -8,11 +8,13 @@ import { MemoryBackend } from "@qimg/io";
 import {
   MAX_SNAPSHOT_STRING_BYTES,
   createQcow2,
+  encodeSnapshotTable,
   findSnapshot,
   findSnapshotByIdOrName,
   newSnapshotId,
   openQcow2,
   openQcow2Snapshot,
+  writeHeaderFields,
 } from "../src/index.js";
 import type { SnapshotEntry } from "../src/index.js";
 
@@ -141,6 +143,27 @@ describe("snapshot operations on an in-memory image", () => {
     );
     await rw.close();
     expect(Buffer.compare(mem2.bytes(), before)).toBe(0);
+  });
+
+  it("an image with 65536 snapshots takes no more (EFBIG), and nothing is written", async () => {
+    const mem = await fresh(1 << 20);
+    const image = await openQcow2(mem);
+    const header = image.header;
+    await image.close();
+    const table = encodeSnapshotTable(
+      Array.from({ length: 65536 }, (_, i) => entry(String(i + 1), `n${i}`)),
+    );
+    const at = Math.ceil(mem.bytes().byteLength / 65536) * 65536;
+    const big = MemoryBackend.from(mem.bytes().slice());
+    await big.write(at, table);
+    await writeHeaderFields(big, header, { nbSnapshots: 65536, snapshotsOffset: at });
+    const before = big.bytes().slice();
+    const rw = await openQcow2(MemoryBackend.from(before.slice()), { readOnly: false });
+    expect(rw.snapshots).toHaveLength(65536);
+    await expect(rw.createSnapshot("one too many")).rejects.toMatchObject({
+      cause: { code: "EFBIG" },
+    });
+    await rw.close();
   });
 
   it("a refcount that would overflow refuses the snapshot and writes nothing", async () => {

@@ -6,12 +6,12 @@
  * facts of `qemu-img info`, a clean `qemu-img check`, and the same output and exit code.
  * Refusals leave every file byte-identical.
  */
-import { mkdtempSync, rmSync } from "node:fs";
+import { mkdirSync, mkdtempSync, rmSync } from "node:fs";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { afterAll, describe, expect, it } from "vitest";
 import { qimg } from "./helpers.js";
-import { hasQemu, qemuImg } from "./qemu.js";
+import { hasQemu, qemuImg, qemuIo } from "./qemu.js";
 import {
   backingFacts,
   checkLayer,
@@ -74,6 +74,49 @@ describe.skipIf(!hasQemu)("qimg commit, as qemu-img commit (twins)", () => {
       expectSameResults(chain, q, o, label);
     });
   }
+
+  it("a QED base with a backing file that cannot grow: the job fails as qemu-img's, files unchanged", async () => {
+    const dir = join(root, "qed-grow");
+    const src = join(dir, "src");
+    mkdirSync(src, { recursive: true });
+    const sh = (args: string[], tool = qemuImg): void => {
+      const r = tool(args, src);
+      expect(r.code, r.stderr).toBe(0);
+    };
+    sh(["create", "-q", "-f", "raw", "l0.raw", "2000000"]);
+    sh(["-f", "raw", "-c", "write -P 1 0 2000000", "l0.raw"], qemuIo);
+    sh(["create", "-q", "-f", "qed", "-b", "l0.raw", "-F", "raw", "l1.qed", "1000448"]);
+    sh(["create", "-q", "-f", "qcow2", "-b", "l1.qed", "-F", "qed", "l2.qcow2", "1999360"]);
+    sh(["-c", "write -P 2 1500000 5000", "l2.qcow2"], qemuIo);
+    const q = join(dir, "q");
+    const o = join(dir, "o");
+    twin(src, q);
+    twin(src, o);
+    const theirs = qemuImg(["commit", "l2.qcow2"], q);
+    const before = snapshotFiles(o);
+    const ours = await qimg(["commit", "l2.qcow2"], o);
+    expect(theirs.code).toBe(1);
+    expect(ours.code).toBe(1);
+    expect(ours.stderr.replace(/^qimg: /, "")).toBe(theirs.stderr.replace(/^qemu-img: /, ""));
+    expect(snapshotFiles(o)).toEqual(before);
+  });
+
+  it("-p prints qemu-img's progress lines, then the verdict", async () => {
+    const dir = join(root, "progress");
+    makeChain(join(dir, "src"), SEED + 77, 2, { topFormats: ["qcow2"] });
+    const q = join(dir, "q");
+    const o = join(dir, "o");
+    twin(join(dir, "src"), q);
+    twin(join(dir, "src"), o);
+    const theirs = qemuImg(["commit", "-p", "l1.qcow2"], q);
+    const ours = await qimg(["commit", "-p", "l1.qcow2"], o);
+    expect(ours.code).toBe(theirs.code);
+    // The steps between depend on the job's timing; the frame is the same.
+    const frame =
+      /^ {4}\(0\.00\/100%\)\r(?: {4}\(\d+\.\d\d\/100%\)\r)* {4}\(100\.00\/100%\)\r\nImage committed\.\n$/;
+    expect(theirs.stdout).toMatch(frame);
+    expect(ours.stdout).toMatch(frame);
+  });
 
   it("refusals: no backing file, -b not in the chain, bad -r/-t; files unchanged", async () => {
     const dir = join(root, "refuse");

@@ -11,12 +11,13 @@
 import { realpathSync } from "node:fs";
 import type { Command } from "commander";
 import { StatusCursor } from "@qimg/io";
+import { UnsupportedFeatureError } from "@qimg/structs";
 import { Qcow2Image } from "@qimg/qcow2";
 import type { CommandDef } from "../command.js";
 import { stringOpt } from "../command.js";
 import type { CliContext } from "../context.js";
 import type { DiskImage, WritableDiskImage } from "../drivers.js";
-import { CliError, inFile } from "../errors.js";
+import { CliError, inFile, requestErrorText } from "../errors.js";
 import { combinePath, openImage, writeTarget } from "../open.js";
 import { cacheMode } from "../util/cache-mode.js";
 import { copy } from "../util/copy.js";
@@ -114,7 +115,15 @@ export async function commitInto(
   baseDepth: number,
   options: { rate?: number | undefined; progress?: boolean; sourceName?: string } = {},
 ): Promise<void> {
-  if (top.virtualSize > base.virtualSize) await base.resize(top.virtualSize);
+  if (top.virtualSize > base.virtualSize) {
+    // QEMU grows the base inside its commit job: a refusal is the job's failure.
+    await base.resize(top.virtualSize).catch((e: unknown) => {
+      // (ENOTSUP for what the driver cannot do, as QEMU's truncate reports it.)
+      const why =
+        e instanceof UnsupportedFeatureError ? "Operation not supported" : requestErrorText(e);
+      throw new CliError(`Block job failed: ${why}`, { cause: e });
+    });
+  }
   const progress = startProgress(ctx, options.progress === true, top.virtualSize);
   try {
     for await (const r of allocatedAbove(top, baseDepth)) {
@@ -156,13 +165,12 @@ async function commitData(
     // writer above (what the commit copies never reads the base).
     const top = await openImage(file, { format, readOnly: true, ctx, forceShare: true });
     try {
-      await inFile(base.path, () =>
-        commitInto(ctx, top, target, base.depth, {
-          rate: options.rate,
-          progress: options.progress,
-          sourceName: file,
-        }),
-      );
+      // (Failures are the commit job's, which qemu-img names without a file.)
+      await commitInto(ctx, top, target, base.depth, {
+        rate: options.rate,
+        progress: options.progress,
+        sourceName: file,
+      });
     } finally {
       await inFile(file, () => top.close());
     }

@@ -158,12 +158,14 @@ describe("snapshot operations on an in-memory image", () => {
     await big.write(at, table);
     await writeHeaderFields(big, header, { nbSnapshots: 65536, snapshotsOffset: at });
     const before = big.bytes().slice();
-    const rw = await openQcow2(MemoryBackend.from(before.slice()), { readOnly: false });
+    const back = MemoryBackend.from(before.slice());
+    const rw = await openQcow2(back, { readOnly: false });
     expect(rw.snapshots).toHaveLength(65536);
     await expect(rw.createSnapshot("one too many")).rejects.toMatchObject({
       cause: { code: "EFBIG" },
     });
     await rw.close();
+    expect(Buffer.compare(back.bytes(), before)).toBe(0);
   });
 
   it("a refcount that would overflow refuses the snapshot and writes nothing", async () => {

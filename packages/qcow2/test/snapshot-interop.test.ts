@@ -180,6 +180,35 @@ describe.skipIf(!haveQemu)("internal snapshots with qemu-img", () => {
     expectBytes(qemuRaw(file), want, "active at the end");
   });
 
+  it("a snapshot of an overlay reads through the backing file, in qimg and in qemu-img", async () => {
+    const dir = fresh();
+    const base = path.join(dir, "base.qcow2");
+    const top = path.join(dir, "top.qcow2");
+    const size = 392 * 512;
+    ok(qemuImg(["create", "-f", "qcow2", base, String(size)]), "create base");
+    ok(tool("qemu-io", ["-c", `write -P 0x5a 0 ${size}`, base]), "fill base");
+    ok(qemuImg(["create", "-f", "qcow2", "-b", "base.qcow2", "-F", "qcow2", top]), "create top");
+    let image = await openRw(top);
+    await image.write(70_000, new Uint8Array(3000).fill(1));
+    await image.createSnapshot("s");
+    await image.write(60_000, new Uint8Array(20_000).fill(2));
+    const view = await image.openSnapshot("s");
+    const mine = await readAll(view);
+    await view.close();
+    await image.close();
+    clean(top, "overlay after the snapshot");
+    const want = new Uint8Array(size).fill(0x5a);
+    want.fill(1, 70_000, 73_000);
+    expectBytes(mine, want, "qimg view of the overlay's snapshot");
+    expectBytes(qemuSnapshotRaw(top, "s"), want, "qemu-img convert -l of the overlay's snapshot");
+    image = await openRw(top);
+    await image.applySnapshot("s");
+    await image.deleteSnapshot({ name: "s" });
+    await image.close();
+    clean(top, "overlay after apply and delete");
+    expectBytes(qemuRaw(top), want, "overlay after apply");
+  });
+
   it("apply brings back the snapshot's disk size; compressed clusters spanning host clusters count per host cluster", async () => {
     const dir = fresh();
     const file = path.join(dir, "c.qcow2");

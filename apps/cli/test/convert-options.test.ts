@@ -288,4 +288,55 @@ describe.skipIf(!hasQemu)("convert options against qemu-img", () => {
     );
     expect(qemuImg(["compare", "-f", "raw", "-F", "raw", "r-theirs", "r-ours"], tmp).code).toBe(0);
   });
+
+  it("-B with another file than the source's backing: inherited ranges are compared, never trusted", async () => {
+    // A copy of base (same bytes, another file) and a changed copy.
+    ok(["convert", "-O", "qcow2", "base.qcow2", "base-copy.qcow2"]);
+    ok(["convert", "-O", "qcow2", "base.qcow2", "base-changed.qcow2"]);
+    io("base-changed.qcow2", "write -P 8 700k 100k");
+    const own = (file: string) =>
+      (
+        JSON.parse(qemuImg(["map", "--output=json", file], tmp).stdout) as {
+          start: number;
+          length: number;
+          depth: number;
+          data: boolean;
+        }[]
+      )
+        .filter((e) => e.depth === 0 && e.data)
+        .map((e) => [e.start, e.start + e.length]);
+    for (const [backing, name] of [
+      ["base-copy.qcow2", "b-copy"],
+      ["base-changed.qcow2", "b-changed"],
+    ] as const) {
+      const args = ["convert", "-B", backing, "-F", "qcow2", "-O", "qcow2", "src.qcow2"];
+      const ours = await qimg([...args, `${name}-ours`], tmp);
+      expect([ours.code, ours.stderr], backing).toEqual([0, ""]);
+      expect(qemuImg(["compare", "src.qcow2", `${name}-ours`], tmp).stdout, backing).toBe(
+        "Images are identical.\n",
+      );
+      expect(qemuImg(["check", `${name}-ours`], tmp).code, backing).toBe(0);
+      ok([...args, `${name}-theirs`]);
+      const theirsCmp = qemuImg(["compare", "src.qcow2", `${name}-theirs`], tmp).stdout;
+      if (name === "b-copy") {
+        // Same bytes: the overlay stores what qemu-img's stores.
+        expect(theirsCmp).toBe("Images are identical.\n");
+        expect(own(`${name}-ours`)).toEqual(own(`${name}-theirs`));
+      } else {
+        // qemu-img trusts the new backing file and its result shows the change; qimg writes
+        // the range and stores no more than the source's own data and that range.
+        expect(theirsCmp).toMatch(/Content mismatch/);
+        const mine = own(`${name}-ours`);
+        expect(mine.some(([a, b]) => a < 819200 && b > 716800)).toBe(true);
+        for (const [a, b] of own(`${name}-theirs`)) {
+          expect(mine.some(([x, y]) => x <= a && y >= b)).toBe(true);
+        }
+      }
+    }
+  });
+
+  it("-n -c compresses into an empty existing image, as qemu-img", async () => {
+    const prepare = (t: string) => ok(["create", "-q", "-f", "qcow2", t, "1000000"]);
+    await same(["-n", "-c", "-O", "qcow2", "src.qcow2", "T"], "qcow2", prepare);
+  });
 });

@@ -108,6 +108,77 @@ describe.skipIf(!hasQemu)("qimg rebase, as qemu-img rebase (twins)", () => {
     });
   }
 
+  it("safe rebase onto the backing file's own backing file (dropping the middle image), as qemu-img", async () => {
+    for (let seed = SEED + 300; seed < SEED + 304; seed++) {
+      const dir = join(root, `g${seed}`);
+      const src = join(dir, "src");
+      const chain = makeChain(src, seed, 3);
+      const [l0, , top] = chain.layers as [Layer, Layer, Layer];
+      const q = join(dir, "q");
+      const o = join(dir, "o");
+      twin(src, q);
+      twin(src, o);
+      const args = ["rebase", "-b", l0.name, "-F", l0.fmt, top.name];
+      const theirs = qemuImg(args, q);
+      const ours = await qimg(args, o);
+      const label = `seed ${seed}: ${args.join(" ")}`;
+      expect(ours.code, `${label}: ${ours.stderr}`).toBe(theirs.code);
+      expect(compareTwins(q, o, top), label).toMatch(/^0 Images are identical/);
+      expect(backingFacts(o, top), label).toEqual(backingFacts(q, top));
+      const cmp = qemuImg([
+        "compare",
+        "-f",
+        top.fmt,
+        "-F",
+        top.fmt,
+        join(src, top.name),
+        join(o, top.name),
+      ]);
+      expect(cmp.stdout, label).toMatch(/Images are identical/);
+      expect(checkLayer(o, top).code, label).toBe(0);
+    }
+  });
+
+  it("a relative new backing name is opened relative to the image and stored as given", async () => {
+    const dir = join(root, "relative");
+    const src = join(dir, "src");
+    const chain = makeChain(join(src, "sub"), SEED + 400, 2, { topFormats: ["qcow2"] });
+    const top = chain.layers[1]!;
+    const nb = makeNewBacking(join(src, "sub"), SEED + 400, top.size);
+    const q = join(dir, "q");
+    const o = join(dir, "o");
+    twin(join(src, "sub"), join(q, "sub"));
+    twin(join(src, "sub"), join(o, "sub"));
+    const args = ["rebase", "-b", nb.name, "-F", nb.fmt, join("sub", top.name)];
+    const theirs = qemuImg(args, q);
+    const ours = await qimg(args, o);
+    expect(theirs.code, theirs.stderr).toBe(0);
+    expect(ours.code, ours.stderr).toBe(0);
+    const subQ = join(q, "sub");
+    const subO = join(o, "sub");
+    expect(backingFacts(subO, top)).toEqual(backingFacts(subQ, top));
+    expect(compareTwins(subQ, subO, top)).toMatch(/^0 Images are identical/);
+  });
+
+  it("-p prints qemu-img's progress lines", async () => {
+    const dir = join(root, "progress");
+    const src = join(dir, "src");
+    const chain = makeChain(src, SEED + 600, 2);
+    const top = chain.layers[1]!;
+    const nb = makeNewBacking(src, SEED + 600, top.size);
+    const q = join(dir, "q");
+    const o = join(dir, "o");
+    twin(src, q);
+    twin(src, o);
+    const args = ["rebase", "-p", "-b", nb.name, "-F", nb.fmt, top.name];
+    const theirs = qemuImg(args, q);
+    const ours = await qimg(args, o);
+    expect(ours.code).toBe(theirs.code);
+    const frame = /^ {4}\(0\.00\/100%\)\r(?: {4}\(\d+\.\d\d\/100%\)\r)* {4}\(100\.00\/100%\)\r\n$/;
+    expect(theirs.stdout).toMatch(frame);
+    expect(ours.stdout).toMatch(frame);
+  });
+
   it("-c writes what rebase copies compressed (qcow2), reading as before", async () => {
     const dir = join(root, "compress");
     const src = join(dir, "src");

@@ -12,7 +12,7 @@ import { closeSync, openSync, readSync } from "node:fs";
 import { StatusCursor } from "@qimg/io";
 import type { CliContext } from "./context.js";
 import type { DiskImage, WritableDiskImage } from "./drivers.js";
-import { requestErrorText } from "./errors.js";
+import { FileContextError, messageOf, requestErrorText } from "./errors.js";
 import { imageInfoJson } from "./commands/info.js";
 import { qcow2InfoOf, qedInfoOf } from "./drivers.js";
 import { dumpQObject, type QJson } from "./util/qjson.js";
@@ -55,6 +55,20 @@ export interface ScriptTarget {
   /** Flush after every write, zero write and discard (a write-through cache mode). */
   readonly flushEachWrite?: boolean | undefined;
 }
+
+/** How `open` and `reopen` open an image (the io command's own open, with its options). */
+export interface ScriptOpenOptions {
+  readonly readOnly: boolean;
+  /** qemu-io -U: share every lock (read-only opens only). */
+  readonly forceShare?: boolean;
+  /** A cache mode (-t), or undefined for the io command's default. */
+  readonly cache?: string | undefined;
+  /** -o driver=FMT: the format, else probed. */
+  readonly format?: string | undefined;
+}
+
+/** Opens `file` for `open`/`reopen`; throws the error qemu-io would report. */
+export type ScriptOpener = (file: string, options: ScriptOpenOptions) => Promise<ScriptTarget>;
 
 /**
  * Split a command line into words as qemu-io does: at spaces only (a run of them is one
@@ -110,6 +124,7 @@ export const IO_COMMANDS: readonly IoCommandSpec[] = [
     min: 1,
     max: 2,
   },
+  { name: "close", alt: "c", args: "", text: "close the image", min: 0, max: 0 },
   {
     name: "discard",
     alt: "d",
@@ -137,6 +152,14 @@ export const IO_COMMANDS: readonly IoCommandSpec[] = [
     min: 0,
     max: 0,
   },
+  {
+    name: "open",
+    alt: "o",
+    args: "[-rsCnkU] [-t cache] [-d discard] [-o options] [path]",
+    text: "open an image (after close)",
+    min: 1,
+    max: Infinity,
+  },
   { name: "quit", alt: "q", args: "", text: "stop: skip the commands that follow", min: 0, max: 0 },
   {
     name: "read",
@@ -153,8 +176,23 @@ export const IO_COMMANDS: readonly IoCommandSpec[] = [
     min: 2,
     max: Infinity,
   },
+  {
+    name: "reopen",
+    args: "[(-r|-w)] [-c cache] [-o options]",
+    text: "open the image again, read-only (-r) or read-write (-w)",
+    min: 0,
+    max: Infinity,
+  },
   { name: "sigraise", args: "signal", text: "send the process a signal", min: 1, max: 1 },
   { name: "sleep", args: "milliseconds", text: "wait, doing nothing", min: 1, max: 1 },
+  {
+    name: "truncate",
+    args: "[-m prealloc_mode] off",
+    text: "change the disk size (grow or shrink)",
+    min: 1,
+    max: 3,
+    writes: true,
+  },
   {
     name: "write",
     alt: "w",
@@ -174,6 +212,9 @@ export const IO_COMMANDS: readonly IoCommandSpec[] = [
   },
 ];
 
+/** Commands that run with no image open (qemu-io's CMD_NOFILE_OK). */
+const NO_FILE_OK = new Set(["help", "open", "quit", "sleep", "sigraise", "abort"]);
+
 const BY_NAME = new Map<string, IoCommandSpec>();
 for (const c of IO_COMMANDS) {
   BY_NAME.set(c.name, c);
@@ -190,10 +231,22 @@ export class IoScript {
   /** The command's name as typed ("r" for read): getopt's messages use it. */
   private typed = "";
 
+  /** After `close` (and before a new `open`): no image. */
+  private closed = false;
+
   constructor(
-    private readonly target: ScriptTarget,
+    private target: ScriptTarget,
     private readonly ctx: CliContext,
+    private readonly opener?: ScriptOpener,
   ) {}
+
+  /** Close the open image, if any (at the end of the script; aio requests first). */
+  async close(): Promise<void> {
+    await this.drain();
+    if (this.closed) return;
+    this.closed = true;
+    await this.target.image.close();
+  }
 
   private out(text: string): void {
     this.ctx.stdout(text);
@@ -218,6 +271,10 @@ export class IoScript {
       }
       const words = argv.slice(1);
       this.wordCount(name, words.length, spec.min, spec.max);
+      if (this.closed && !NO_FILE_OK.has(spec.name)) {
+        this.ctx.stderr("no file open, try 'help open'\n");
+        throw new CommandFailed();
+      }
       if (spec.writes === true && this.target.writable === undefined) {
         this.ctx.stderr("qimg: Block node is read-only\n");
         throw new CommandFailed();
@@ -249,7 +306,7 @@ export class IoScript {
       min === max
         ? `expected ${min} arguments`
         : max === Infinity
-          ? `expected at least ${min} argument${min === 1 ? "" : "s"}`
+          ? `expected at least ${min} arguments`
           : `expected between ${min} and ${max} arguments`;
     this.ctx.stderr(`bad argument count ${n} to ${cmd}, ${expected}\n`);
     throw new CommandFailed();
@@ -448,6 +505,14 @@ export class IoScript {
         return this.info();
       case "help":
         return this.help(argv[0]);
+      case "close":
+        return this.close();
+      case "open":
+        return this.open(spec, argv);
+      case "reopen":
+        return this.reopen(spec, argv);
+      case "truncate":
+        return this.truncate(spec, argv);
       case "quit":
         this.quit = true;
         return;
@@ -480,6 +545,119 @@ export class IoScript {
         }
         throw new ScriptCrash(128 + sig);
       }
+    }
+  }
+
+  /** Open through the io command's opener; qemu-io's line when it fails. */
+  private async openWith(file: string, options: ScriptOpenOptions): Promise<void> {
+    if (this.opener === undefined) this.fail("open is not available here");
+    try {
+      this.target = await this.opener(file, options);
+      this.closed = false;
+    } catch (e) {
+      // A file that cannot be opened at all: qemu's "Could not open '<file>': <why>".
+      const inner = e instanceof FileContextError ? e.error : e;
+      const missing = inner instanceof Error && inner.message.includes(": open failed: ");
+      const why = messageOf(e, file);
+      const text = missing ? `Could not open '${file}': ${why}` : why;
+      this.ctx.stderr(`qimg: can't open device ${file}: ${text}\n`);
+      throw new CommandFailed();
+    }
+  }
+
+  /**
+   * open [-rU] [-t cache] [-n] [-o driver=FMT] path: open an image after `close`. (-s, -C,
+   * -k and -d, and other -o options, are qemu-io's and refused here.)
+   */
+  private async open(spec: IoCommandSpec, argv: readonly string[]): Promise<void> {
+    const { flags, args } = this.getopt(spec, argv, "rsCnkUt:d:o:", 0, 1);
+    if (!this.closed) {
+      this.ctx.stderr("qimg: file open already, try 'help close'\n");
+      throw new CommandFailed();
+    }
+    for (const c of ["s", "C", "k", "d"]) {
+      if (flags.has(c)) this.fail(`open: option -${c} is not supported by qimg io`);
+    }
+    let format: string | undefined;
+    const o = flags.get("o");
+    if (typeof o === "string") {
+      for (const part of o.split(",")) {
+        const [key, value] = part.split("=", 2);
+        if (key === "driver" && value !== undefined) format = value;
+        else this.fail(`open: option '${part}' is not supported by qimg io`);
+      }
+    }
+    const file = args[0];
+    if (file === undefined) {
+      this.ctx.stderr("qimg: can't open: Must specify either driver or file\n");
+      throw new CommandFailed();
+    }
+    const cache = flags.has("n") ? "none" : (flags.get("t") as string | undefined);
+    await this.openWith(file, {
+      readOnly: flags.has("r"),
+      forceShare: flags.has("U"),
+      cache,
+      format,
+    });
+  }
+
+  /** reopen [-r|-w] [-c cache]: the same image opened again, read-only or read-write. */
+  private async reopen(spec: IoCommandSpec, argv: readonly string[]): Promise<void> {
+    const { flags } = this.getopt(spec, argv, "c:o:rw", 0, 0);
+    if (flags.has("r") && flags.has("w")) {
+      this.ctx.stderr("qimg: Only one -r/-w option may be given\n");
+      throw new CommandFailed();
+    }
+    if (flags.has("o")) {
+      this.ctx.stderr(`qimg: Cannot change the option '${String(flags.get("o")).split("=")[0]}'\n`);
+      throw new CommandFailed();
+    }
+    const readOnly = flags.has("r")
+      ? true
+      : flags.has("w")
+        ? false
+        : this.target.writable === undefined;
+    const cache = flags.get("c") as string | undefined;
+    if (!flags.has("r") && !flags.has("w") && cache === undefined) return;
+    const file = this.target.file;
+    await this.close();
+    await this.openWith(file, { readOnly, cache });
+  }
+
+  /** truncate [-m prealloc] off: the new virtual size (qcow2 may shrink, as qemu-io's). */
+  private async truncate(spec: IoCommandSpec, argv: readonly string[]): Promise<void> {
+    const { flags, args } = this.getopt(spec, argv, "m:", 1, Infinity);
+    const mode = (flags.get("m") as string | undefined) ?? "off";
+    if (!["off", "metadata", "falloc", "full"].includes(mode)) {
+      this.ctx.stderr(`qimg: Invalid preallocation mode '${mode}'\n`);
+      throw new CommandFailed();
+    }
+    const size = this.num(args[0] ?? "");
+    const w = this.writable();
+    const image = w as WritableDiskImage & {
+      resizeWith?: (n: number, o: { shrink: boolean; preallocation: string }) => Promise<void>;
+    };
+    try {
+      // QED has no preallocation at all; the others refuse it for a shrink.
+      if (mode !== "off" && w.format === "qed") {
+        throw new Error(`Unsupported preallocation mode '${mode}'`);
+      }
+      if (mode !== "off" && size < w.virtualSize) {
+        throw new Error(
+          w.format === "raw"
+            ? "Cannot use preallocation for shrinking files"
+            : "Preallocation can't be used for shrinking an image",
+        );
+      }
+      if (image.resizeWith !== undefined) {
+        await image.resizeWith(size, { shrink: true, preallocation: mode });
+      } else {
+        // (A raw file grows sparse whatever the mode: the guest reads the same zeros.)
+        await w.resize(size);
+      }
+    } catch (e) {
+      this.ctx.stderr(`qimg: ${messageOf(e, this.target.file)}\n`);
+      throw new CommandFailed();
     }
   }
 

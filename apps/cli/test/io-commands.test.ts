@@ -137,6 +137,31 @@ beforeAll(() => {
 });
 
 describe.skipIf(!hasQemu)("qimg io commands against qemu-io", () => {
+  it("close, open, reopen -r/-w, truncate", async () => {
+    for (const img of images) {
+      const f = "other.img";
+      copyFileSync(join(tmp, img.file), join(tmp, f));
+      const grow = img.size + 512 * (1 + pick(4000));
+      const shrink = img.size - 512 * (1 + pick(100));
+      const scripts = [
+        ["close", "length", "read 0 1", "close", "info", "map", "flush", "sleep 1", "open -r"],
+        ["close", `open -r -o driver=${img.format} ${f}`, "length", "write 0 1", "read 0 512"],
+        ["close", "open -r missing.img", "open", "open -r -f raw x", `open -r ${f} x`],
+        [`open ${f}`, "reopen -r", "write 0 1", "reopen -w", "write -P 3 0 1", "read -P 3 0 1"],
+        ["reopen", "reopen -r -w", "reopen -x", "reopen -o x=y", "reopen -r", "reopen -r"],
+        [`truncate ${grow}`, "length", `read -P 0 ${img.size} 512`, "truncate", "truncate x"],
+        ["truncate -m", "truncate -m bogus 1M", `truncate -m full ${Math.max(512, shrink)}`],
+        ["close", `truncate ${grow}`, "reopen -r"],
+      ];
+      if (img.format !== "qed")
+        scripts.push([`truncate ${shrink}`, "length", `truncate ${grow}`, "length"]);
+      for (const cmds of scripts) {
+        await same(img, cmds);
+        await same(img, cmds, true);
+      }
+    }
+  });
+
   it("length and info", async () => {
     for (const img of images) {
       await same(img, ["length", "info"]);

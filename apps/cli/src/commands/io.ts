@@ -15,7 +15,7 @@ import { FileBackend } from "@qimg/io/node";
 import { stringOpt, type CommandDef } from "../command.js";
 import type { CliContext } from "../context.js";
 import { BACKING_FAILED, CliError, messageOf, printCorruptionEvents } from "../errors.js";
-import { IoScript, ScriptCrash } from "../io-script.js";
+import { IoScript, ScriptCrash, type ScriptOpener } from "../io-script.js";
 import { probeBackend, openImage, writeTarget } from "../open.js";
 import { parseBool, splitOptions } from "../util/qemu-opts.js";
 import { cacheMode, type CacheMode } from "../util/cache-mode.js";
@@ -85,13 +85,31 @@ async function runScript(
     throw new CliError(`can't open device ${o.file}: ${message}`, { cause: e });
   });
   let crashed = false;
+  let script: IoScript | undefined;
   try {
     const writable = readOnly ? undefined : writeTarget(image);
     // Under a write-through cache mode every write, zero write and discard of a QED or raw
     // image is followed by a flush. (The qcow2 driver does this itself, ordering its metadata
     // as QEMU does.)
     const flushEachWrite = mode.writethrough && image.format !== "qcow2";
-    const script = new IoScript({ image, writable, file: o.file, flushEachWrite }, ctx);
+    const opener: ScriptOpener = async (file, opts) => {
+      const m = opts.cache === undefined ? mode : cacheMode(opts.cache);
+      const next = await openImage(file, {
+        format: opts.format ?? o.format,
+        readOnly: opts.readOnly,
+        ctx,
+        noFlush: m.noFlush,
+        qcow2: { lazyRefcounts, writethrough: m.writethrough },
+        forceShare: opts.forceShare === true,
+      });
+      return {
+        image: next,
+        writable: opts.readOnly ? undefined : writeTarget(next),
+        file,
+        flushEachWrite: m.writethrough && next.format !== "qcow2",
+      };
+    };
+    script = new IoScript({ image, writable, file: o.file, flushEachWrite }, ctx, opener);
     try {
       for (const line of o.commands) await script.run(line);
       await script.drain();
@@ -104,8 +122,9 @@ async function runScript(
     }
     return script.failed ? 1 : 0;
   } finally {
-    // A crash leaves the image as it is (no flush, no clean close).
-    if (!crashed) await image.close();
+    // A crash leaves the image as it is (no flush, no clean close). The script may have
+    // closed or reopened it (close, open, reopen).
+    if (!crashed) await (script === undefined ? image.close() : script.close());
   }
 }
 

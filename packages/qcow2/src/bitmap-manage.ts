@@ -212,6 +212,8 @@ function findInfo(s: Qcow2State, name: string): Qcow2BitmapInfo {
   return b;
 }
 
+const storedReaders = new WeakMap<Qcow2State, Map<string, StoredBitmapReader>>();
+
 /** Reads bitmap data cluster `c` of a bitmap into a cluster-sized buffer. */
 type ChunkReader = (c: number, out: Uint8Array) => Promise<void>;
 
@@ -220,9 +222,17 @@ function chunkReader(s: Qcow2State, name: string): { info: Qcow2BitmapInfo; read
   if (info.inUse) throw inconsistent(name);
   const pbm = s.pbm;
   if (pbm) return { info, read: (c, out) => pbm.chunk(name, c, out) };
-  const entry = s.bitmaps.find((b) => b.name === name) as BitmapEntry;
-  const reader = new StoredBitmapReader(s.backend, entry, s.clusterSize);
-  return { info, read: (c, out) => reader.chunk(c, out) };
+  // A read-only open never changes its bitmaps: one reader per bitmap (its table read once).
+  let readers = storedReaders.get(s);
+  if (!readers) storedReaders.set(s, (readers = new Map<string, StoredBitmapReader>()));
+  let reader = readers.get(name);
+  if (!reader) {
+    const entry = s.bitmaps.find((b) => b.name === name) as BitmapEntry;
+    reader = new StoredBitmapReader(s.backend, entry, s.clusterSize);
+    readers.set(name, reader);
+  }
+  const r = reader;
+  return { info, read: (c, out) => r.chunk(c, out) };
 }
 
 /**

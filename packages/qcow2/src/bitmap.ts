@@ -780,6 +780,8 @@ export async function readBitmapBits(
  */
 export class StoredBitmapReader {
   private table: U64TableView | undefined;
+  /** The last cluster read (NBD block status asks for neighbouring ranges one by one). */
+  private last: { c: number; bytes: Uint8Array } | undefined;
 
   constructor(
     private readonly backend: BlockBackend,
@@ -795,10 +797,15 @@ export class StoredBitmapReader {
       await this.backend.read(e.bitmapTableOffset, t.bytes);
       this.table = t;
     }
+    if (this.last?.c === c) {
+      out.set(this.last.bytes);
+      return;
+    }
     if (!(await readChunk(this.backend, this.table, c, this.clusterSize, out))) {
       throw new CorruptImageError(`bitmap '${e.name}': bad table entry ${c}`, {
         offset: e.bitmapTableOffset + c * 8,
       });
     }
+    this.last = { c, bytes: out.slice() };
   }
 }

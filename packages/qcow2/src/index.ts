@@ -133,6 +133,17 @@ export {
   refcountMetadataSize,
 } from "./measure.js";
 export type { Qcow2MeasureOptions, Qcow2Measure, MeasuredBitmap } from "./measure.js";
+export { readEncryptedQcow2Info } from "./info.js";
+export type { Qcow2EncryptionInfo } from "./info.js";
+export {
+  decodeLuksHeader,
+  encodeLuksHeader,
+  luksInfo,
+  LUKS_HEADER_SIZE,
+  LUKS_SLOT_ENABLED,
+  LUKS_SLOT_DISABLED,
+} from "./spec/luks.js";
+export type { LuksHeader, LuksKeySlotValue, LuksInfo } from "./spec/luks.js";
 // @backing exports (issue 15)
 export { withBackingFormat } from "./backing.js";
 export type { BackingFileChange } from "./backing.js";

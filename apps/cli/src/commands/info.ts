@@ -8,6 +8,9 @@ import { Option } from "commander";
 import { parseOutputFormat, stringOpt, type CommandDef, type OutputFormat } from "../command.js";
 import type { CliContext } from "../context.js";
 import { qcow2InfoOf, qedInfoOf, type DiskImage, type SnapshotInfo } from "../drivers.js";
+import { readEncryptedQcow2Info } from "@qimg/qcow2";
+import type { Qcow2EncryptionInfo, Qcow2Info } from "@qimg/qcow2";
+import { FileBackend } from "@qimg/io/node";
 import { inFile } from "../errors.js";
 import { chainOf, combinePath, openImage } from "../open.js";
 import { sizeToStr } from "../util/human.js";
@@ -52,6 +55,47 @@ function snapshotJson(s: SnapshotInfo): JsonObject {
  * `filename` is the name the image was opened by.
  */
 export function imageInfoJson(image: DiskImage, filename: string): JsonObject {
+  return infoJson(
+    { qcow2: qcow2InfoOf(image), qed: qedInfoOf(image) },
+    image.virtualSize,
+    image.format,
+    filename,
+  );
+}
+
+/** qemu-img's `encrypt` object (format-specific data), keys in its order. */
+function encryptJson(e: Qcow2EncryptionInfo): JsonObject {
+  if (e.format === "aes") return { format: "aes" };
+  return {
+    "ivgen-alg": e.ivgenAlg,
+    "hash-alg": e.hashAlg,
+    "cipher-alg": e.cipherAlg,
+    uuid: e.uuid,
+    "ivgen-hash-alg": e.ivgenHashAlg,
+    format: "luks",
+    "cipher-mode": e.cipherMode,
+    slots: e.slots.map((s) => ({
+      active: s.active,
+      iters: s.iters,
+      "key-offset": s.keyOffset,
+      stripes: s.stripes,
+    })),
+    "payload-offset": e.payloadOffset,
+    "master-key-iters": e.masterKeyIters,
+  };
+}
+
+/** The ImageInfo object from the driver's facts (see {@link imageInfoJson}). */
+function infoJson(
+  facts: {
+    qcow2: Qcow2Info | undefined;
+    qed: ReturnType<typeof qedInfoOf>;
+    encrypt?: Qcow2EncryptionInfo | undefined;
+  },
+  virtualSize: number,
+  format: string,
+  filename: string,
+): JsonObject {
   const info: {
     snapshots?: JsonObject[];
     backingFormat?: string | undefined;
@@ -61,8 +105,9 @@ export function imageInfoJson(image: DiskImage, filename: string): JsonObject {
     dirty: boolean;
     encrypted?: boolean;
   } = { dirty: false };
-  const qcow2 = qcow2InfoOf(image);
-  const qed = qedInfoOf(image);
+  const qcow2 = facts.qcow2;
+  const qed = facts.qed;
+  const encrypt = facts.encrypt === undefined ? undefined : encryptJson(facts.encrypt);
   if (qcow2 !== undefined) {
     const q = qcow2;
     if (q.snapshots.length > 0) info.snapshots = q.snapshots.map(snapshotJson);
@@ -77,6 +122,7 @@ export function imageInfoJson(image: DiskImage, filename: string): JsonObject {
             compat: q.compat,
             "compression-type": q.compressionType,
             "refcount-bits": q.refcountBits,
+            encrypt,
           }
         : {
             compat: q.compat,
@@ -92,6 +138,7 @@ export function imageInfoJson(image: DiskImage, filename: string): JsonObject {
                 : undefined,
             "refcount-bits": q.refcountBits,
             "data-file": q.dataFile,
+            encrypt,
             "data-file-raw": q.dataFile !== undefined ? q.dataFileRaw : undefined,
             corrupt: q.corrupt,
             "extended-l2": q.extendedL2,
@@ -110,16 +157,16 @@ export function imageInfoJson(image: DiskImage, filename: string): JsonObject {
   return {
     snapshots: info.snapshots,
     "backing-filename-format": hasBacking ? info.backingFormat : undefined,
-    "virtual-size": image.virtualSize,
+    "virtual-size": virtualSize,
     filename,
     "cluster-size": info.clusterSize,
-    format: image.format,
-    encrypted: info.encrypted,
+    format,
     "actual-size": actualSize(filename),
     "format-specific": info.formatSpecific,
     "full-backing-filename": hasBacking
       ? combinePath(filename, info.backingFilename ?? "")
       : undefined,
+    encrypted: info.encrypted,
     "backing-filename": hasBacking ? info.backingFilename : undefined,
     "dirty-flag": info.dirty,
   };
@@ -202,13 +249,72 @@ export function humanInfo(info: JsonObject): string {
   return out;
 }
 
+/** True when `e` (or an error it wraps) is the driver's refusal of an encrypted image. */
+function isEncryptionRefusal(e: unknown): boolean {
+  for (let c: unknown = e; c instanceof Error; c = c.cause) {
+    if (c.message.startsWith("encryption is not supported")) return true;
+  }
+  return false;
+}
+
+/**
+ * `info` of an encrypted qcow2 image, which the driver does not open: the header facts, read
+ * without a key as qemu-img shows them. Undefined when the file is not such an image.
+ */
+async function encryptedInfo(
+  ctx: CliContext,
+  options: InfoOptions,
+): Promise<JsonObject[] | undefined> {
+  if (options.format !== undefined && options.format !== "qcow2") return undefined;
+  const backend = await FileBackend.open(options.filename, { readOnly: true });
+  try {
+    const r = await readEncryptedQcow2Info(backend);
+    if (r === undefined) return undefined;
+    const top = infoJson(
+      { qcow2: r.info, qed: undefined, encrypt: r.encrypt },
+      Math.floor(r.info.virtualSize / 512) * 512,
+      "qcow2",
+      options.filename,
+    );
+    const backing = r.info.backingFilename;
+    if (options.backingChain !== true || backing === undefined || backing === "") return [top];
+    // --backing-chain: the backing chain below opens as usual.
+    const below = await openImage(combinePath(options.filename, backing), {
+      format: r.info.backingFormat,
+      ctx,
+      openBacking: true,
+      forceShare: options.forceShare === true,
+    });
+    try {
+      return [top, ...chainOf(below).map((l) => imageInfoJson(l, l.backend.name))];
+    } finally {
+      await below.close();
+    }
+  } finally {
+    await backend.close();
+  }
+}
+
 export async function runInfo(ctx: CliContext, options: InfoOptions): Promise<number> {
-  const image = await openImage(options.filename, {
-    format: options.format,
-    ctx,
-    openBacking: options.backingChain === true,
-    forceShare: options.forceShare === true,
-  });
+  let image: DiskImage;
+  try {
+    image = await openImage(options.filename, {
+      format: options.format,
+      ctx,
+      openBacking: options.backingChain === true,
+      forceShare: options.forceShare === true,
+    });
+  } catch (e) {
+    if (!isEncryptionRefusal(e)) throw e;
+    const json = await inFile(options.filename, () => encryptedInfo(ctx, options));
+    if (json === undefined) throw e;
+    if (options.output === "json") {
+      ctx.stdout(toQemuJson(options.backingChain === true ? json : (json[0] ?? null)) + "\n");
+    } else {
+      ctx.stdout(json.map(humanInfo).join("\n"));
+    }
+    return 0;
+  }
   try {
     const layers = options.backingChain === true ? chainOf(image) : [image];
     const infos = layers.map((layer) =>

@@ -18,6 +18,7 @@ import {
   freePort,
   nbdMap,
   requireNbd,
+  startQemuNbd,
   startServe,
   tool,
   toolAsync,
@@ -405,6 +406,48 @@ describe.skipIf(!hasNbd)("qimg serve with real NBD clients", () => {
     expect(c.code).not.toBe(0);
     expect(await server.stop()).toBe(0);
     expect(sha(file)).toBe(before);
+  });
+
+  it("-B NAME: nbdinfo --map=qemu:dirty-bitmap:NAME reports the bitmap's dirty ranges as through qemu-nbd", async () => {
+    const d = join(dir, "bitmap");
+    tool("mkdir", ["-p", d]);
+    const file = join(d, "b.qcow2");
+    ok(
+      tool("qemu-img", ["create", "-f", "qcow2", "-o", "cluster_size=4096", file, String(SIZE)]),
+      "create",
+    );
+    ok(tool("qemu-img", ["bitmap", "--add", "-g", "16384", file, "bm"]), "bitmap --add");
+    ok(tool("qemu-img", ["bitmap", "--add", file, "other"]), "bitmap --add other");
+    const rnd = seededRandom(SEED + 9);
+    const cmds: string[] = [];
+    for (let k = 0; k < 10; k++) {
+      cmds.push(
+        `write -P ${k + 1} ${Math.floor((rnd() * (SIZE - 200_000)) / 512) * 512} ${512 * (1 + Math.floor(rnd() * 300))}`,
+      );
+    }
+    ok(tool("qemu-io", ["-f", "qcow2", ...cmds.flatMap((c) => ["-c", c]), file]), "qemu-io");
+    const before = sha(file);
+    const qs = join(d, "q.sock");
+    const q = await startQemuNbd(["-t", "-r", "-B", "bm", "-f", "qcow2", "-k", qs, file], {
+      socket: qs,
+    });
+    running.push(q);
+    const expected = nbdMap(unixUri(qs), "qemu:dirty-bitmap:bm");
+    const expectedAlloc = nbdMap(unixUri(qs));
+    await q.stop();
+    expect(expected.some((e) => e[2] === 1)).toBe(true);
+    const socket = join(d, "s.sock");
+    const server = await serveOn(["-t", "-r", "-B", "bm", "-f", "qcow2", file], socket);
+    expect(nbdMap(unixUri(socket), "qemu:dirty-bitmap:bm")).toEqual(expected);
+    expect(nbdMap(unixUri(socket))).toEqual(expectedAlloc);
+    const list = tool("nbdinfo", ["--list", "--content", unixUri(socket)]);
+    expect(list.stdout).toContain("qemu:dirty-bitmap:bm");
+    expect(list.stdout).not.toContain("qemu:dirty-bitmap:other");
+    expect(await server.stop()).toBe(0);
+    expect(sha(file)).toBe(before);
+    const r = await qimg(["serve", "-k", join(d, "never.sock"), "-B", "nope", file]);
+    expect(r.stderr).toBe("qimg: Bitmap 'nope' is not found\n");
+    expect(r.code).toBe(1);
   });
 
   it("refuses bad flag values with qemu-nbd's messages and exit code, file untouched", async () => {

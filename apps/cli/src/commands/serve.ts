@@ -42,22 +42,29 @@ export interface ServeCommandOptions {
 
 const CACHE_MODES = ["none", "writeback", "writethrough", "directsync", "unsafe"] as const;
 
+/** What `-B` needs of a driver: qcow2's persistent bitmap listing and dirty extents. */
+interface WithBitmaps {
+  listBitmaps?: () => readonly { readonly name: string; readonly inUse: boolean }[];
+  bitmapStatus?: (
+    name: string,
+    offset: number,
+    length: number,
+  ) => Promise<{ length: number; dirty: boolean }>;
+}
+
 /**
- * The bitmap named by `-B` as an NBD metadata source. qcow2 persistent bitmaps are read
- * through the image's `bitmapDirtyRanges` when the driver has it.
+ * The persistent bitmap named by `-B` as an NBD metadata source. Checked at start-up, as
+ * qemu-nbd does: a missing bitmap (or a format without bitmaps) and an inconsistent one
+ * (in use on disk) are refused with qemu-nbd's words.
  */
 function bitmapSource(image: WritableDiskImage, name: string): DirtyBitmapSource {
-  const withBitmaps = image as WritableDiskImage & {
-    bitmapStatus?: (
-      name: string,
-      offset: number,
-      length: number,
-    ) => Promise<{ length: number; dirty: boolean }>;
-  };
-  if (typeof withBitmaps.bitmapStatus !== "function") {
+  const b = image as WritableDiskImage & WithBitmaps;
+  const found = b.listBitmaps?.().find((x) => x.name === name);
+  if (found === undefined || typeof b.bitmapStatus !== "function") {
     throw new CliError(`Bitmap '${name}' is not found`);
   }
-  const status = withBitmaps.bitmapStatus.bind(image);
+  if (found.inUse) throw new CliError(`Bitmap '${name}' is inconsistent and cannot be used`);
+  const status = b.bitmapStatus.bind(image);
   return { name, status: (offset, length) => status(name, offset, length) };
 }
 

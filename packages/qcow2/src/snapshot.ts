@@ -378,15 +378,18 @@ function normalized(s: Qcow2State, e: SnapshotEntry): Omit<SnapshotEntry, "offse
 }
 
 /**
- * Write `entries` as the new snapshot table in fresh clusters, sync, switch the header's
- * count and offset in one write, then free the old table. Updates `s.snapshots`.
+ * The table bytes for `entries` as QEMU writes them (normalized entries, ending where the last
+ * entry ends); EFBIG past QEMU's 64 MiB.
  */
-async function writeTable(s: Qcow2State, entries: readonly SnapshotEntry[]): Promise<void> {
-  const w = s.w!;
-  const cs = s.clusterSize;
+function tableImage(
+  s: Qcow2State,
+  entries: readonly SnapshotEntry[],
+): {
+  list: Omit<SnapshotEntry, "offset">[];
+  bytes: Uint8Array;
+} {
   const list = entries.map((e) => normalized(s, e));
   let bytes = encodeSnapshotTable(list);
-  // The table ends where its last entry ends (no padding after it), as QEMU sizes it.
   if (list.length > 0) {
     const last = list[list.length - 1]!;
     const enc = new TextEncoder();
@@ -395,8 +398,7 @@ async function writeTable(s: Qcow2State, entries: readonly SnapshotEntry[]): Pro
       last.extraData.byteLength +
       enc.encode(last.id).byteLength +
       enc.encode(last.name).byteLength;
-    const pad = (8 - (lastLen % 8)) % 8;
-    bytes = bytes.subarray(0, bytes.byteLength - pad);
+    bytes = bytes.subarray(0, bytes.byteLength - ((8 - (lastLen % 8)) % 8));
   }
   if (bytes.byteLength > MAX_SNAPSHOT_TABLE_BYTES) {
     throw new InvalidArgumentError(
@@ -404,6 +406,17 @@ async function writeTable(s: Qcow2State, entries: readonly SnapshotEntry[]): Pro
       { cause: errnoCause("EFBIG", "File too large") },
     );
   }
+  return { list, bytes };
+}
+
+/**
+ * Write `entries` as the new snapshot table in fresh clusters, sync, switch the header's
+ * count and offset in one write, then free the old table. Updates `s.snapshots`.
+ */
+async function writeTable(s: Qcow2State, entries: readonly SnapshotEntry[]): Promise<void> {
+  const w = s.w!;
+  const cs = s.clusterSize;
+  const { list, bytes } = tableImage(s, entries);
   const oldOffset = s.hdr.snapshotsOffset;
   const oldBytes = tableBytes(s);
   let offset = 0;
@@ -517,12 +530,8 @@ export async function createSnapshot(
       extraData: extra,
       offset: 0,
     };
-    // Check the table's limits before anything is written.
-    if (encodeSnapshotTable([...s.snapshots, entry]).byteLength > MAX_SNAPSHOT_TABLE_BYTES + 8) {
-      throw new InvalidArgumentError("the snapshot table would be too large", {
-        cause: errnoCause("EFBIG", "File too large"),
-      });
-    }
+    // The table's limits are checked before anything is written.
+    tableImage(s, [...s.snapshots, entry]);
     // 1. The snapshot's L1 table: a copy of the active one, in new clusters.
     const l1TableOffset = await writeNewL1(s, s.l1);
     // 2. One more reference to everything the active tables reach, on disk.

@@ -168,6 +168,30 @@ describe("snapshot operations on an in-memory image", () => {
     expect(Buffer.compare(back.bytes(), before)).toBe(0);
   });
 
+  it("a snapshot table past 64 MiB is refused (EFBIG), and nothing is written", async () => {
+    const mem = await fresh(1 << 20);
+    const image = await openQcow2(mem);
+    const header = image.header;
+    await image.close();
+    const long = (i: number): string => `${i}`.padEnd(MAX_SNAPSHOT_STRING_BYTES, "n");
+    const table = encodeSnapshotTable(
+      Array.from({ length: 1022 }, (_, i) => entry(String(i + 1), long(i))),
+    );
+    expect(table.byteLength).toBeLessThan(64 * 1024 * 1024);
+    const at = Math.ceil(mem.bytes().byteLength / 65536) * 65536;
+    const big = MemoryBackend.from(mem.bytes().slice());
+    await big.write(at, table);
+    await writeHeaderFields(big, header, { nbSnapshots: 1022, snapshotsOffset: at });
+    const before = big.bytes().slice();
+    const back = MemoryBackend.from(before.slice());
+    const rw = await openQcow2(back, { readOnly: false });
+    await expect(rw.createSnapshot(long(5000))).rejects.toMatchObject({
+      cause: { code: "EFBIG" },
+    });
+    await rw.close();
+    expect(Buffer.compare(back.bytes(), before)).toBe(0);
+  });
+
   it("a refcount that would overflow refuses the snapshot and writes nothing", async () => {
     const mem = await fresh(1 << 20, { refcountBits: 1 });
     const rw = await openQcow2(mem, { readOnly: false });

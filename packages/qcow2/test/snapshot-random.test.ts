@@ -1,11 +1,12 @@
 /**
  * Randomized snapshot sequences (src/snapshot.ts): snapshot / write / zero / discard / apply /
- * delete / resize / reopen through the driver, against an in-memory model of the active disk
- * and of every snapshot, then compared with qemu-img's view: `qemu-img convert -l` of each
- * snapshot and of the active image, `qemu-img snapshot -l` IDs and names, `qemu-img check`
- * clean. Random cluster sizes, sizes not multiples of the cluster, compat 1.1 and 0.10,
- * extended L2, refcount widths, lazy refcounts. A fixed slice by default; `QIMG_LONG=1` runs many more seeds
- * (`QIMG_SEED` picks the first). A failure names its seed and the operations.
+ * delete / resize / reopen through the driver, with `qemu-img snapshot -c/-a/-d` taking turns
+ * on the same file, against an in-memory model of the active disk and of every snapshot; then
+ * compared with qemu-img's view: `qemu-img convert -l` of each snapshot and of the active
+ * image, the snapshot IDs and names, `qemu-img check` clean. Random cluster sizes, sizes not
+ * multiples of the cluster, compat 1.1 and 0.10, extended L2, refcount widths, lazy refcounts.
+ * A fixed slice by default; `QIMG_LONG=1` runs many more seeds (`QIMG_SEED` picks the first).
+ * A failure names its seed and the operations.
  */
 import fs from "node:fs";
 import path from "node:path";
@@ -116,10 +117,39 @@ async function runCase(seed: number): Promise<void> {
         bigger.set(active);
         active = bigger;
         size += grow;
-      } else {
+      } else if (r() < 0.5) {
         log.push("reopen");
         await image.close();
         image = await openRw(file);
+      } else {
+        // qemu-img takes a turn on the same file: create, apply (ID first) or delete (by name).
+        await image.close();
+        const y = r();
+        let args: string[];
+        if (y < 0.4 && snaps.length < maxLive) {
+          const name = `q${named++}`;
+          args = ["-c", name];
+          snaps.push({ id: nextId(snaps), name, bytes: active.slice() });
+        } else if (y < 0.7 && snaps.length > 0) {
+          const s = pick(snaps);
+          args = ["-a", s.id];
+          active = s.bytes.slice();
+          size = active.length;
+        } else if (snaps.length > 0) {
+          const name = pick(snaps).name;
+          args = ["-d", name];
+          snaps.splice(
+            snaps.findIndex((s) => s.name === name),
+            1,
+          );
+        } else {
+          args = ["-l"];
+        }
+        log.push(`qemu-img snapshot ${args.join(" ")}`);
+        const q = qemuImg(["snapshot", ...args, file]);
+        expect(q.code, fail(q.stderr)).toBe(0);
+        image = await openRw(file);
+        expect(image.virtualSize, fail("size after qemu-img")).toBe(size);
       }
     }
   } catch (e) {

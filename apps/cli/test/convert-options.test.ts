@@ -304,7 +304,7 @@ describe.skipIf(!hasQemu)("convert options against qemu-img", () => {
         }[]
       )
         .filter((e) => e.depth === 0 && e.data)
-        .map((e) => [e.start, e.start + e.length]);
+        .map((e): [number, number] => [e.start, e.start + e.length]);
     for (const [backing, name] of [
       ["base-copy.qcow2", "b-copy"],
       ["base-changed.qcow2", "b-changed"],

@@ -57,6 +57,7 @@ import { startProgress } from "../util/progress.js";
 import { isHelpRequest, optionsHelp, parseOptions, type OptMap } from "../util/qemu-opts.js";
 import { roundUp } from "../util/size.js";
 
+/** What `qimg convert` was asked to do (its parsed command line). */
 export interface ConvertOptions {
   readonly source: string;
   readonly target: string;
@@ -162,6 +163,10 @@ function named(arg: string, imageOpts: boolean, format: string | undefined): Nam
   return { path: o.filename, format: o.driver };
 }
 
+/**
+ * Run `qimg convert` (see the module comment); resolves to the exit code, throws a
+ * {@link CliError} (or a library error) for what qemu-img reports as an error.
+ */
 export async function runConvert(ctx: CliContext, options: ConvertOptions): Promise<number> {
   const noCreate = options.noCreate === true;
   const optText = options.options ?? "";
@@ -700,6 +705,7 @@ export function parseParallel(value: string): number {
   return n;
 }
 
+/** The `convert` command's definition for the CLI. */
 export const convertCommand: CommandDef = {
   name: "convert",
   errorExitCode: 1,

@@ -22,6 +22,7 @@ import { cvtnum } from "../util/cvtnum.js";
 import { OutputGuard } from "../util/output-guard.js";
 import { roundUp } from "../util/size.js";
 
+/** The `key=value` operands of `qimg dd`, parsed. */
 export interface DdOperands {
   readonly input: string;
   readonly output: string;
@@ -81,6 +82,7 @@ export function checkOutputFormat(format: string): CreateFormat {
   }
 }
 
+/** What `qimg dd` was asked to do (its options; the operands are parsed by {@link runDd}). */
 export interface DdOptions {
   readonly operands: readonly string[];
   readonly format?: string | undefined;
@@ -89,6 +91,7 @@ export interface DdOptions {
   readonly forceShare?: boolean;
 }
 
+/** Run `qimg dd` (see the module comment); resolves to the exit code. */
 export async function runDd(ctx: CliContext, options: DdOptions): Promise<number> {
   const op = parseDdOperands(options.operands);
   const outFormat = checkOutputFormat(options.outputFormat ?? "raw");
@@ -163,6 +166,7 @@ export async function runDd(ctx: CliContext, options: DdOptions): Promise<number
   }
 }
 
+/** The `dd` command's definition for the CLI. */
 export const ddCommand: CommandDef = {
   name: "dd",
   errorExitCode: 1,

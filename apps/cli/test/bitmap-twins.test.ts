@@ -198,6 +198,7 @@ describe.skipIf(!haveQemu)("qimg bitmap on twins of qemu-img bitmap", () => {
       [base, ["--add", "-F", "qcow2"], "c"],
       [base, ["--add", "-b", other], "c"],
       [base, [], "a"],
+      [base, ["--add", "extra-argument"], "c"],
       [base, ["--disable", "--add"], "c"],
       [broken, ["--merge", "a"], "b"],
       [broken, ["--merge", "a"], "a"],

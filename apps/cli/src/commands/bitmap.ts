@@ -269,12 +269,15 @@ export const bitmapCommand: CommandDef = {
           "accepted for qemu-img compatibility (secret only)",
         ).argParser((v: string, prev: string[] | undefined) => [...(prev ?? []), v]),
       )
-      .option("--image-opts", "not supported: give a file name");
+      .option("--image-opts", "not supported: give a file name")
+      // qemu-img's own message for a wrong number of arguments, not commander's.
+      .allowExcessArguments(true);
     for (const kind of ["add", "remove", "clear", "enable", "disable", "merge"] as const) {
       cmd.on(`option:${kind}`, record(kind));
     }
     cmd.hook("preAction", (c) => {
       c.setOptionValue("actions", actions);
+      c.setOptionValue("argCount", c.args.length);
     });
   },
   async run(ctx, args, opts) {
@@ -309,7 +312,10 @@ export const bitmapCommand: CommandDef = {
     if (srcFile !== undefined && !merge) {
       throw new CliError("Merge bitmap source file only supported with --merge");
     }
-    if (args.length !== 2) throw new CliError("Expecting filename and bitmap name");
+    const argCount = typeof opts.argCount === "number" ? opts.argCount : args.length;
+    if (argCount !== 2 || args.length !== 2) {
+      throw new CliError("Expecting filename and bitmap name");
+    }
     const file = args[0]!;
     const bitmap = args[1]!;
     // qemu passes -g on as a 32-bit number; 0 (or a multiple of 4 GiB with no bit left)

@@ -60,7 +60,7 @@ describe.skipIf(!hasQemu)("qimg measure against qemu-img measure", () => {
       );
       await same(["-O", "raw", "--size", String(size), ...json], dir, `seed ${seed}`);
     }
-  });
+  }, 900_000);
 
   it("FILE sources: qcow2 with data/zero/compressed clusters, backing chains, snapshots, bitmaps; sparse raw", async () => {
     const seeds = LONG ? 60 : 6;
@@ -184,7 +184,7 @@ describe.skipIf(!hasQemu)("qimg measure against qemu-img measure", () => {
         await same(["-O", "qcow2", "-o", "backing_file=base.qcow2", ...json, ...src], dir, why);
       }
     }
-  });
+  }, 900_000);
 
   it("refuses as qemu-img", async () => {
     const dir = newDir();

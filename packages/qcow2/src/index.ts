@@ -143,7 +143,7 @@ export {
   LUKS_SLOT_ENABLED,
   LUKS_SLOT_DISABLED,
 } from "./spec/luks.js";
-export type { LuksHeader, LuksKeySlotValue, LuksInfo } from "./spec/luks.js";
+export type { LuksHeader, LuksKeySlotValue, LuksInfo, LuksSlotInfo } from "./spec/luks.js";
 // @backing exports (issue 15)
 export { withBackingFormat } from "./backing.js";
 export type { BackingFileChange } from "./backing.js";

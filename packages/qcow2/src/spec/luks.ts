@@ -190,12 +190,19 @@ export interface LuksInfo {
   /** UUID text. */
   readonly uuid: string;
   /** Per slot: in use, key material offset in bytes, and iterations/stripes when in use. */
-  readonly slots: readonly {
-    readonly active: boolean;
-    readonly keyOffset: number;
-    readonly iters?: number | undefined;
-    readonly stripes?: number | undefined;
-  }[];
+  readonly slots: readonly LuksSlotInfo[];
+}
+
+/** One key slot as `qemu-img info` shows it. */
+export interface LuksSlotInfo {
+  /** The slot holds a key. */
+  readonly active: boolean;
+  /** Start of the slot's key material in bytes. */
+  readonly keyOffset: number;
+  /** PBKDF2 iterations (active slots only). */
+  readonly iters?: number | undefined;
+  /** Anti-forensic stripes (active slots only). */
+  readonly stripes?: number | undefined;
 }
 
 /** The header facts as QEMU reports them (no key needed). */

@@ -101,6 +101,32 @@ describe.skipIf(!hasQemu)("qimg commit, as qemu-img commit (twins)", () => {
     expect(snapshotFiles(o)).toEqual(before);
   });
 
+  it("a shorter version 2 qcow2 base with snapshots cannot grow: refused as qemu-img, files unchanged", async () => {
+    const dir = join(root, "v2-snap");
+    const src = join(dir, "src");
+    mkdirSync(src, { recursive: true });
+    const sh = (args: string[], tool = qemuImg): void => {
+      const r = tool(args, src);
+      expect(r.code, r.stderr).toBe(0);
+    };
+    sh(["create", "-q", "-f", "qcow2", "-o", "compat=0.10", "base.qcow2", "1000448"]);
+    sh(["-c", "write -P 1 0 100000", "base.qcow2"], qemuIo);
+    sh(["snapshot", "-c", "s1", "base.qcow2"]);
+    sh(["create", "-q", "-f", "qcow2", "-b", "base.qcow2", "-F", "qcow2", "top.qcow2", "1999360"]);
+    sh(["-c", "write -P 2 1500000 5000", "top.qcow2"], qemuIo);
+    const q = join(dir, "q");
+    const o = join(dir, "o");
+    twin(src, q);
+    twin(src, o);
+    const theirs = qemuImg(["commit", "top.qcow2"], q);
+    const before = snapshotFiles(o);
+    const ours = await qimg(["commit", "top.qcow2"], o);
+    expect(theirs.code).toBe(1);
+    expect(ours.code).toBe(1);
+    expect(ours.stderr.replace(/^qimg: /, "")).toBe(theirs.stderr.replace(/^qemu-img: /, ""));
+    expect(snapshotFiles(o)).toEqual(before);
+  });
+
   it("-p prints qemu-img's progress lines, then the verdict", async () => {
     const dir = join(root, "progress");
     makeChain(join(dir, "src"), SEED + 77, 2, { topFormats: ["qcow2"] });

@@ -16,6 +16,7 @@ import { Qcow2Image } from "@qimg/qcow2";
 import type { CommandDef } from "../command.js";
 import { stringOpt } from "../command.js";
 import type { CliContext } from "../context.js";
+import { qcow2InfoOf } from "../drivers.js";
 import type { DiskImage, WritableDiskImage } from "../drivers.js";
 import { CliError, inFile, requestErrorText } from "../errors.js";
 import { combinePath, openImage, writeTarget } from "../open.js";
@@ -116,6 +117,12 @@ export async function commitInto(
   options: { rate?: number | undefined; progress?: boolean; sourceName?: string } = {},
 ): Promise<void> {
   if (top.virtualSize > base.virtualSize) {
+    // QEMU cannot resize a version 2 qcow2 image with snapshots (they do not record their
+    // disk size): the job fails before anything is written.
+    const info = qcow2InfoOf(base);
+    if (info?.compat === "0.10" && info.snapshots.length > 0) {
+      throw new CliError("Block job failed: Operation not supported");
+    }
     // QEMU grows the base inside its commit job: a refusal is the job's failure.
     await base.resize(top.virtualSize).catch((e: unknown) => {
       // (ENOTSUP for what the driver cannot do, as QEMU's truncate reports it.)

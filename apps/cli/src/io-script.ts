@@ -96,6 +96,27 @@ export interface IoCommandSpec {
   readonly max: number;
   /** It changes the image: refused on a read-only open (after the word count is checked). */
   readonly writes?: boolean;
+  /** What `help NAME` prints after the usage line (in qemu-io's layout; our own words). */
+  readonly long?: LongHelp;
+}
+
+/** A command's extended help: a summary, one example, a paragraph and its options. */
+export interface LongHelp {
+  readonly summary: string;
+  /** The example command line and what it does. */
+  readonly example: readonly [string, string];
+  readonly body: string;
+  /** Option letter and what it does, in the order listed. */
+  readonly options: readonly (readonly [string, string])[];
+}
+
+const STATS = ["C", "print the statistics as one comma-separated line"] as const;
+const QUIET = ["q", "print no statistics"] as const;
+
+/** `help NAME`'s text after the usage line (qemu-io's layout). */
+function longHelpText(h: LongHelp): string {
+  const opts = h.options.map(([c, text]) => ` -${c}, -- ${text}\n`).join("");
+  return `\n ${h.summary}\n\n Example:\n '${h.example[0]}' - ${h.example[1]}\n\n ${h.body}\n${opts}\n`;
 }
 
 /** The commands, in the order `help` lists them. */
@@ -108,6 +129,18 @@ export const IO_COMMANDS: readonly IoCommandSpec[] = [
     text: "start a read in the background",
     min: 2,
     max: Infinity,
+    long: {
+      summary: "starts reading a range of the disk and returns at once",
+      example: ["aio_read -v 0 4k 4k", "reads 8 KiB from offset 0 into two buffers and dumps them"],
+      body: "The read runs in the background; aio_flush (or the end of the script) waits for it.",
+      options: [
+        STATS,
+        ["P", "check that every byte read equals the pattern"],
+        ["i", "count an invalid request instead (nothing reaches the image)"],
+        ["v", "dump the bytes read"],
+        QUIET,
+      ],
+    },
   },
   {
     name: "aio_write",
@@ -116,6 +149,20 @@ export const IO_COMMANDS: readonly IoCommandSpec[] = [
     min: 2,
     max: Infinity,
     writes: true,
+    long: {
+      summary: "starts writing a range of the disk and returns at once",
+      example: ["aio_write -P 0x5a 1k 512", "writes 512 bytes of 0x5a at offset 1 KiB"],
+      body: "The write runs in the background; aio_flush (or the end of the script) waits for it.",
+      options: [
+        ["P", "the byte to fill the buffer with (default 0xcd)"],
+        STATS,
+        ["f", "make the write durable before it completes (FUA)"],
+        ["i", "count an invalid request instead (nothing reaches the image)"],
+        QUIET,
+        ["u", "with -z: let the format release the clusters"],
+        ["z", "write zeros without a buffer"],
+      ],
+    },
   },
   {
     name: "alloc",
@@ -133,6 +180,12 @@ export const IO_COMMANDS: readonly IoCommandSpec[] = [
     min: 2,
     max: Infinity,
     writes: true,
+    long: {
+      summary: "tells the image that a range of the disk is no longer needed",
+      example: ["discard 64k 128k", "discards 128 KiB starting at 64 KiB"],
+      body: "The range may read as zeros (or as older data) afterwards.",
+      options: [STATS, QUIET],
+    },
   },
   { name: "flush", alt: "f", args: "", text: "flush the image to stable storage", min: 0, max: 0 },
   {
@@ -159,6 +212,23 @@ export const IO_COMMANDS: readonly IoCommandSpec[] = [
     text: "open an image (after close)",
     min: 1,
     max: Infinity,
+    long: {
+      summary: "opens an image after close",
+      example: ["open -r -o driver=qcow2 disk.qcow2", "opens disk.qcow2 read-only as qcow2"],
+      body: "Every other command works on the image opened here (qimg io takes -r, -U, -t, -n, -o driver=).",
+      options: [
+        ["r", "open read-only"],
+        ["s", "write to a temporary overlay (not supported by qimg io)"],
+        ["C", "copy what is read from the backing file (not supported by qimg io)"],
+        ["n", "same as -t none"],
+        ["U", "share the image with writers (needs -r)"],
+        ["k", "use native AIO (not supported by qimg io)"],
+        ["i", "choose the AIO engine (not supported by qimg io)"],
+        ["t", "the cache mode"],
+        ["d", "the discard mode (not supported by qimg io)"],
+        ["o", "open options; qimg io takes driver=FORMAT"],
+      ],
+    },
   },
   { name: "quit", alt: "q", args: "", text: "stop: skip the commands that follow", min: 0, max: 0 },
   {
@@ -168,6 +238,21 @@ export const IO_COMMANDS: readonly IoCommandSpec[] = [
     text: "read a range of the disk",
     min: 2,
     max: Infinity,
+    long: {
+      summary: "reads a range of the disk",
+      example: ["read -P 0xab 0 4k", "reads 4 KiB at offset 0 and checks that every byte is 0xab"],
+      body: "Prints how many bytes were read and how fast, unless -q; -v dumps them.",
+      options: [
+        ["b", "read the saved VM state instead of the disk"],
+        STATS,
+        ["l", "with -P: how many bytes to check"],
+        ["p", "accepted and ignored"],
+        ["P", "check the bytes read against this pattern byte"],
+        QUIET,
+        ["s", "with -P: where in the buffer the check starts"],
+        ["v", "dump the bytes read"],
+      ],
+    },
   },
   {
     name: "readv",
@@ -175,6 +260,20 @@ export const IO_COMMANDS: readonly IoCommandSpec[] = [
     text: "read a range of the disk into several buffers",
     min: 2,
     max: Infinity,
+    long: {
+      summary: "reads a range of the disk into several buffers",
+      example: [
+        "readv 0 512 1k",
+        "reads 1536 bytes from offset 0 into a 512-byte and a 1 KiB buffer",
+      ],
+      body: "One request whose length is the sum of the buffer lengths.",
+      options: [
+        STATS,
+        ["P", "check the bytes read against this pattern byte"],
+        ["v", "dump the bytes read"],
+        QUIET,
+      ],
+    },
   },
   {
     name: "reopen",
@@ -182,8 +281,31 @@ export const IO_COMMANDS: readonly IoCommandSpec[] = [
     text: "open the image again, read-only (-r) or read-write (-w)",
     min: 0,
     max: Infinity,
+    long: {
+      summary: "opens the image again with other options",
+      example: ["reopen -r", "makes the image read-only until the next reopen -w"],
+      body: "qimg io closes the image cleanly and opens it again.",
+      options: [
+        ["r", "read-only"],
+        ["w", "read-write"],
+        ["c", "the cache mode"],
+        ["o", "other options (refused: none can change)"],
+      ],
+    },
   },
-  { name: "sigraise", args: "signal", text: "send the process a signal", min: 1, max: 1 },
+  {
+    name: "sigraise",
+    args: "signal",
+    text: "send the process a signal",
+    min: 1,
+    max: 1,
+    long: {
+      summary: "sends this process a signal",
+      example: ["sigraise 9", "kills the process as a crash would"],
+      body: "The signal is a number; the image is left as the signal leaves it.",
+      options: [],
+    },
+  },
   { name: "sleep", args: "milliseconds", text: "wait, doing nothing", min: 1, max: 1 },
   {
     name: "truncate",
@@ -201,6 +323,24 @@ export const IO_COMMANDS: readonly IoCommandSpec[] = [
     min: 2,
     max: Infinity,
     writes: true,
+    long: {
+      summary: "writes a range of the disk",
+      example: ["write -P 0x5a 1k 512", "writes 512 bytes of 0x5a at offset 1 KiB"],
+      body: "The buffer holds the pattern byte (default 0xcd) or the bytes of a file (-s).",
+      options: [
+        ["b", "write the saved VM state instead of the disk"],
+        ["c", "write one whole cluster compressed"],
+        ["f", "make the write durable before it completes (FUA)"],
+        ["n", "with -z: no length limit"],
+        ["p", "accepted and ignored"],
+        ["P", "the byte to fill the buffer with"],
+        ["s", "take the bytes from this file (repeated as needed)"],
+        STATS,
+        QUIET,
+        ["u", "with -z: let the format release the clusters"],
+        ["z", "write zeros without a buffer"],
+      ],
+    },
   },
   {
     name: "writev",
@@ -209,6 +349,20 @@ export const IO_COMMANDS: readonly IoCommandSpec[] = [
     min: 2,
     max: Infinity,
     writes: true,
+    long: {
+      summary: "writes a range of the disk from several buffers",
+      example: [
+        "writev -P 7 0 512 1k",
+        "writes 1536 bytes of 7 from a 512-byte and a 1 KiB buffer",
+      ],
+      body: "One request whose length is the sum of the buffer lengths.",
+      options: [
+        ["P", "the byte to fill the buffers with"],
+        STATS,
+        ["f", "make the write durable before it completes (FUA)"],
+        QUIET,
+      ],
+    },
   },
 ];
 
@@ -671,6 +825,7 @@ export class IoScript {
     const spec = BY_NAME.get(name);
     if (spec === undefined) this.fail(`command ${name} not found`);
     this.out(helpLine(name, spec.args, spec.text));
+    if (spec.long !== undefined) this.out(longHelpText(spec.long));
   }
 
   /**

@@ -231,6 +231,21 @@ describe.skipIf(!hasQemu)("qimg io commands against qemu-io", () => {
         );
         expect(normalize(o.stdout.split("\n")[0] ?? ""), name).toBe(`${name} USAGE`);
       }
+      // Extended help (our own words, qemu-io's layout): present for the same commands, with
+      // the same option letters in the same order, and the same blank-line structure.
+      const letters = (t: string): string[] => [...t.matchAll(/^ -(\w), -- /gm)].map((m) => m[1]!);
+      const shape = (t: string): string =>
+        t
+          .split("\n")
+          .map((l) => (l === "" ? "" : l.startsWith(" Example:") ? "E" : "x"))
+          .join("")
+          .replace(/x+/g, "x");
+      for (const { name } of IO_COMMANDS) {
+        const q = qemuIo(["-f", img.format, "-r", "-c", `help ${name}`, img.file], tmp);
+        const o = await qimg(["io", "-f", img.format, "-r", "-c", `help ${name}`, img.file], tmp);
+        expect(letters(o.stdout), name).toEqual(letters(q.stdout));
+        expect(shape(o.stdout), name).toBe(shape(q.stdout));
+      }
       await same(img, ["length", "quit", "length", "write 0 1"]);
       await same(img, ["length", "q", "nosuch"]);
       const sleeps = ["sleep", "sleep x", "sleep 10", "sleep 1 2", "sleep -1", "sleep 0"];

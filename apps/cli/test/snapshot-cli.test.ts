@@ -159,6 +159,23 @@ describe.skipIf(!hasQemu)("qimg snapshot vs qemu-img snapshot", () => {
     expect(names(m)[0]).toHaveLength(255);
   });
 
+  it("an image with persistent bitmaps cannot be reverted (qemu-img's refusal); -c and -d work", async () => {
+    const f = qcow2();
+    ok(qemuImg(["bitmap", "--add", f, "b0"]), "bitmap --add");
+    ok(qemuImg(["snapshot", "-c", "s", f]), "snapshot -c");
+    for (const args of [
+      ["-a", "s"],
+      ["-a", "missing"],
+    ]) {
+      const { m } = await twins(f, args);
+      expect(sameBytes(m, f), `${args.join(" ")} changed the file`).toBe(true);
+    }
+    const { m } = await twins(f, ["-c", "t"]);
+    ok(qemuImg(["check", m]), "check after qimg -c with a bitmap");
+    const { m: m2 } = await twins(m, ["-d", "s"]);
+    ok(qemuImg(["check", m2]), "check after qimg -d with a bitmap");
+  });
+
   it("a duplicate name is accepted (a new ID), as qemu-img does", async () => {
     const f = qcow2();
     ok(qemuImg(["snapshot", "-c", "dup", f]), "snapshot -c");

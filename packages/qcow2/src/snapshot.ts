@@ -46,6 +46,7 @@ import { flushLocked } from "./flush.js";
 import { snapshotL2Tables } from "./open-write.js";
 import { Qcow2State, checkOpen, checkWritable } from "./state.js";
 import { guestBlockStatus, guestRead } from "./cluster-map.js";
+import { listBitmaps } from "./bitmap-manage.js";
 import type { Qcow2Image } from "./image.js";
 
 /** QEMU's QCOW_MAX_SNAPSHOTS_SIZE: the largest snapshot table (bytes). */
@@ -614,6 +615,13 @@ export async function applySnapshot(
   sel: SnapshotSelector | string,
 ): Promise<SnapshotEntry> {
   checkWritable(s);
+  // QEMU will not revert a disk that has persistent dirty bitmaps (enabled or not): their
+  // bits would no longer describe what changed.
+  if (listBitmaps(s).length > 0) {
+    throw new InvalidArgumentError("Device has active dirty bitmaps", {
+      cause: errnoCause("EBUSY", "Device or resource busy"),
+    });
+  }
   refuseDataFile(s);
   indexOf(s, sel);
   return exclusive(s, async () => {

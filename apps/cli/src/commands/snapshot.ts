@@ -26,6 +26,7 @@ const ERRNO: Readonly<Record<string, [number, string]>> = {
   EEXIST: [17, "File exists"],
   ENOENT: [2, "No such file or directory"],
   EIO: [5, "Input/output error"],
+  EBUSY: [16, "Device or resource busy"],
   ENOSPC: [28, "No space left on device"],
 };
 
@@ -143,10 +144,12 @@ export const snapshotCommand: CommandDef = {
           try {
             await qcow2.applySnapshot(snapName);
           } catch (e) {
-            // QEMU reports every failure of its goto as "Failed to load snapshot: <errno>".
+            // QEMU reports every failure of its goto as "Failed to load snapshot: <errno>";
+            // the block layer refuses a disk with persistent bitmaps before that.
             const [, text] = errnoOf(e);
+            const busy = e instanceof Error && e.message === "Device has active dirty bitmaps";
             throw new CliError(
-              `Could not apply snapshot '${snapName}': Failed to load snapshot: ${text}`,
+              `Could not apply snapshot '${snapName}': ${busy ? e.message : `Failed to load snapshot: ${text}`}`,
               { cause: e },
             );
           }

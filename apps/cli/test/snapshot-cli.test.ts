@@ -97,6 +97,9 @@ describe.skipIf(!hasQemu)("qimg snapshot vs qemu-img snapshot", () => {
       const { m } = await twins(f, args);
       expect(sameBytes(m, f), `${args.join(" ")} changed the file`).toBe(true);
     }
+    // No action: qemu-img opens the image and does nothing.
+    const { m: untouched } = await twins(f, []);
+    expect(sameBytes(untouched, f)).toBe(true);
     // No file, or two.
     const none = await qimg(["snapshot", "-l"]);
     expect([none.code, none.stderr]).toEqual([1, "qimg: Expecting one image file name\n"]);

@@ -1,7 +1,7 @@
 /**
  * The qemu-io command language behind `qimg io -c CMD ...`: read, readv, write, writev,
  * discard, flush, map, alloc, length, info, help, aio_read, aio_write, aio_flush, abort,
- * sigraise — with qemu-io's option letters, messages, report lines and argument checks (the
+ * sigraise, close, open, reopen, truncate, quit, sleep — with qemu-io's option letters, messages, report lines and argument checks (the
  * word count first, against the command table; then the read-only refusal; then the options,
  * where a bad option or operand count prints the command's usage line). Failures print qemu-io's message on stdout ("read failed: ...", "Pattern
  * verification failed at offset N, M bytes") and make the run exit 1, but later commands still

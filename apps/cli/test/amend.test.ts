@@ -427,6 +427,12 @@ async function randomCase(seed: number): Promise<void> {
     qemuIo([...ops.flatMap((o) => ["-c", o]), "q.qcow2"], dir);
   }
   if (r() < 0.3) expect(qemuImg(["snapshot", "-c", "snap", "q.qcow2"], dir).code).toBe(0);
+  if (qemuImg(["check", "q.qcow2"], dir).code !== 0) {
+    // qemu-io 7.2 itself sometimes leaves an inconsistent image (a compressed write into a
+    // cluster that a lazy-refcount discard freed): nothing to compare amends on.
+    console.log(`${what}: qemu-io left an image qemu-img check rejects; case skipped`);
+    return;
+  }
   copyFileSync(join(dir, "q.qcow2"), join(dir, "d.qcow2"));
   // Two amends in a row on the same twins.
   for (let step = 0; step < 2; step++) {
@@ -440,8 +446,21 @@ async function randomCase(seed: number): Promise<void> {
       ["compat=1.1", "lazy_refcounts=on", `refcount_bits=${pick([8, 32, 64])}`],
       [`size=${Number(info["virtual-size"]) + 512 * Math.floor(r() * 5000)}`],
       ["compat=0.10", `size=${Number(info["virtual-size"]) + cs * 3}`],
+      ["compat=0.10", "refcount_bits=16", "lazy_refcounts=off"],
+      [
+        `refcount_bits=${pick([1, 2, 4, 8, 16, 32, 64])}`,
+        `lazy_refcounts=${r() < 0.5 ? "on" : "off"}`,
+      ],
     ];
-    const chosen = pick(menu);
+    // qemu-img's refcount width change takes many seconds on 64 KiB clusters (it walks every
+    // refcount block entry of the new width): there, only the other options.
+    const chosen = pick(
+      cs > 4096
+        ? menu.filter(
+            (m) => !m.some((o) => o.startsWith("refcount_bits=") && o !== "refcount_bits=16"),
+          )
+        : menu,
+    );
     const args = ["-f", "qcow2", "-o", chosen.join(",")];
     await twin(dir, args, `${what}; ops ${ops.join("; ")}; step ${step}: amend ${args.join(" ")}`);
     // Keep the twins identical for the next step (qemu-img may have changed its file on a refusal).
@@ -450,9 +469,13 @@ async function randomCase(seed: number): Promise<void> {
 }
 
 describe.skipIf(!hasQemu)("qimg amend: random twins against qemu-img", () => {
-  const seeds = LONG
-    ? Array.from({ length: 200 }, (_, i) => 1000 + i + Math.floor(Date.now() % 100000) * 1000)
-    : Array.from({ length: 24 }, (_, i) => 1 + i);
+  const only = process.env.QIMG_AMEND_SEED; // reproduce one printed seed
+  const seeds =
+    only !== undefined
+      ? [Number(only)]
+      : LONG
+        ? Array.from({ length: 200 }, (_, i) => 1000 + i + Math.floor(Date.now() % 100000) * 1000)
+        : Array.from({ length: 24 }, (_, i) => 1 + i);
   it.each(seeds)(
     "seed %i",
     async (seed) => {
@@ -463,6 +486,6 @@ describe.skipIf(!hasQemu)("qimg amend: random twins against qemu-img", () => {
         throw e;
       }
     },
-    60_000,
+    120_000,
   );
 });

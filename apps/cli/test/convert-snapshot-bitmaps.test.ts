@@ -5,7 +5,16 @@
  * ID or name as qemu-img chooses them. `--bitmaps` gives the target the same bitmaps (names,
  * granularity, flags in `qemu-img info`) holding the same dirty ranges, with a clean check.
  */
-import { mkdtempSync, rmSync } from "node:fs";
+import {
+  closeSync,
+  copyFileSync,
+  existsSync,
+  mkdtempSync,
+  openSync,
+  readSync,
+  rmSync,
+  writeSync,
+} from "node:fs";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { FileBackend } from "@qimg/io/node";
@@ -35,6 +44,45 @@ async function dirty(file: string): Promise<Record<string, unknown>> {
     return out;
   } finally {
     await image.close();
+  }
+}
+
+/** Set the in-use flag of the bitmap `name` in the image's bitmap directory (as a crash would leave it). */
+function markInUse(file: string, name: string): void {
+  const fd = openSync(file, "r+");
+  try {
+    const read = (at: number, n: number): Buffer => {
+      const b = Buffer.alloc(n);
+      readSync(fd, b, 0, n, at);
+      return b;
+    };
+    let at = read(100, 4).readUInt32BE(0); // header_length: the extensions follow
+    for (;;) {
+      const magic = read(at, 4).readUInt32BE(0);
+      const len = read(at + 4, 4).readUInt32BE(0);
+      if (magic === 0) throw new Error("no bitmaps extension");
+      if (magic === 0x23852875) break;
+      at += 8 + Math.ceil(len / 8) * 8;
+    }
+    const ext = read(at + 8, 24);
+    const count = ext.readUInt32BE(0);
+    let entry = Number(ext.readBigUInt64BE(16));
+    for (let i = 0; i < count; i++) {
+      const e = read(entry, 24);
+      const nameSize = e.readUInt16BE(18);
+      const extra = e.readUInt32BE(20);
+      const entryName = read(entry + 24 + extra, nameSize).toString("utf8");
+      if (entryName === name) {
+        const flags = Buffer.alloc(4);
+        flags.writeUInt32BE(e.readUInt32BE(12) | 1);
+        writeSync(fd, flags, 0, 4, entry + 12);
+        return;
+      }
+      entry += Math.ceil((24 + extra + nameSize) / 8) * 8;
+    }
+    throw new Error(`no bitmap ${name}`);
+  } finally {
+    closeSync(fd);
   }
 }
 
@@ -122,5 +170,34 @@ describe.skipIf(!hasQemu)("convert -l / -s / --bitmaps against qemu-img", () => 
     );
     expect([ours.code, ours.stderr]).toEqual([0, ""]);
     expect(await dirty(join(tmp, "bm-n.qcow2"))).toEqual(await dirty(join(tmp, "bm.qcow2")));
+  });
+
+  it("--bitmaps refuses an inconsistent bitmap (or skips it with --skip-broken-bitmaps) and a source without bitmaps, as qemu-img", async () => {
+    copyFileSync(join(tmp, "bm.qcow2"), join(tmp, "inuse.qcow2"));
+    markInUse(join(tmp, "inuse.qcow2"), "b1");
+    const firstLine = (s: string) => `${s.split("\n")[0]!.replace(/^qemu-img: /, "qimg: ")}\n`;
+    for (const [args, code] of [
+      [["--bitmaps", "-O", "qcow2", "inuse.qcow2"], 1],
+      [["--bitmaps", "-O", "qcow2", "-f", "raw", "inuse.qcow2"], 1],
+      [["--bitmaps", "--skip-broken-bitmaps", "-O", "qcow2", "inuse.qcow2"], 0],
+    ] as const) {
+      const what = args.join(" ");
+      for (const f of ["i-theirs.qcow2", "i-ours.qcow2"]) rmSync(join(tmp, f), { force: true });
+      const theirs = qemuImg(["convert", ...args, "i-theirs.qcow2"], tmp);
+      const ours = await qimg(["convert", ...args, "i-ours.qcow2"], tmp);
+      expect(theirs.code, `${what}: ${theirs.stderr}`).toBe(code);
+      expect(ours.code, what).toBe(code);
+      if (code === 1) {
+        expect(ours.stderr, what).toBe(firstLine(theirs.stderr));
+        expect(existsSync(join(tmp, "i-ours.qcow2")), what).toBe(false);
+      } else {
+        expect(ours.stderr, what).toBe(theirs.stderr.replaceAll("qemu-img: ", "qimg: "));
+        const bitmaps = (f: string) =>
+          (qemuInfo(join(tmp, f), "qcow2")["format-specific"] as { data: { bitmaps?: unknown } })
+            .data.bitmaps;
+        expect(bitmaps("i-ours.qcow2"), what).toEqual(bitmaps("i-theirs.qcow2"));
+        expect(qemuImg(["check", "i-ours.qcow2"], tmp).code, what).toBe(0);
+      }
+    }
   });
 });

@@ -204,6 +204,7 @@ export async function runConvert(ctx: CliContext, options: ConvertOptions): Prom
         : undefined;
     if (noCreate) {
       checkNoCreate(options);
+      checkBitmaps(bitmaps);
       refuseSourceFiles(opened, [dst.path], src.path);
       await convertInto(ctx, source, dst, options, copyOptions, bitmaps);
       return 0;
@@ -221,6 +222,7 @@ export async function runConvert(ctx: CliContext, options: ConvertOptions): Prom
       throw new CliError("Compression not supported for this file format");
     }
     refuseCopyOffload(options);
+    checkBitmaps(bitmaps);
     // qemu-img finds this once the target is made; qimg before (and so leaves no file).
     if (bitmaps !== undefined && outFormat !== "qcow2") {
       throw new CliError(`Format driver '${outFormat}' does not support bitmaps`);
@@ -275,13 +277,34 @@ interface BitmapCopy {
   readonly skipBroken: boolean;
 }
 
+/**
+ * qemu-img's checks before it makes the target: only a qcow2 source has bitmaps; an
+ * inconsistent (in-use) one is refused unless `--skip-broken-bitmaps` (qemu-img looks at the
+ * last one first).
+ */
+function checkBitmaps(bitmaps: BitmapCopy | undefined): void {
+  if (bitmaps === undefined) return;
+  if (!(bitmaps.from instanceof Qcow2Image)) throw new CliError("Source lacks bitmap support");
+  if (bitmaps.skipBroken) return;
+  for (const b of bitmaps.from.listBitmaps().reverse()) {
+    if (b.inUse) throw new CliError(`Cannot copy inconsistent bitmap '${b.name}'`);
+  }
+}
+
 /** Copy the bitmaps into `target` (before it is closed: they are stored at close). */
-async function copyBitmapsInto(bitmaps: BitmapCopy | undefined, target: DiskImage): Promise<void> {
+async function copyBitmapsInto(
+  ctx: CliContext,
+  bitmaps: BitmapCopy | undefined,
+  target: DiskImage,
+): Promise<void> {
   if (bitmaps === undefined || !(bitmaps.from instanceof Qcow2Image)) return;
   if (!(target instanceof Qcow2Image)) {
     throw new CliError(`Format driver '${target.format}' does not support bitmaps`);
   }
-  await copyBitmaps(bitmaps.from, target, { skipBroken: bitmaps.skipBroken });
+  await copyBitmaps(bitmaps.from, target, {
+    skipBroken: bitmaps.skipBroken,
+    onSkip: (name) => ctx.stderr(`qimg: warning: Skipping inconsistent bitmap '${name}'\n`),
+  });
 }
 
 /**
@@ -441,7 +464,7 @@ async function convertInto(
       targetName: dst.path,
       flush: () => w.flush(),
     });
-    await inFile(dst.path, () => copyBitmapsInto(bitmaps, w));
+    await copyBitmapsInto(ctx, bitmaps, w);
   } finally {
     await inFile(dst.path, () => target.close());
   }
@@ -674,7 +697,7 @@ async function convertToImage(
         targetName: options.target,
         flush: () => w.flush(),
       });
-      await inFile(options.target, () => copyBitmapsInto(bitmaps, w));
+      await copyBitmapsInto(ctx, bitmaps, w);
     } finally {
       await inFile(options.target, () => target.close());
     }

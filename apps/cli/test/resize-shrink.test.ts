@@ -217,6 +217,37 @@ describe.skipIf(!hasQemu)("qimg resize --shrink against qemu-img", () => {
     }
   });
 
+  it.each(["off", "on"])(
+    "external data file (data_file_raw=%s): cut and regrown with the image, as qemu-img does",
+    async (raw) => {
+      const dir = newDir();
+      const mk = (name: string): string => {
+        const f = join(dir, `${name}.qcow2`);
+        const o = `data_file=${join(dir, `${name}.data`)},data_file_raw=${raw},cluster_size=4096`;
+        ok(qemuImg(["create", "-q", "-f", "qcow2", "-o", o, f, "3000064"]), "create");
+        ok(qemuIo(["-f", "qcow2", "-c", "write -P 3 0 3000064", f]), "write");
+        return f;
+      };
+      const c: Case = {
+        seed: 0,
+        dir,
+        a: mk("a"),
+        b: mk("b"),
+        cs: 4096,
+        size: 3000064,
+        snapshot: false,
+        bitmap: false,
+        log: [`data_file_raw=${raw}`],
+      };
+      await resizeBoth(c, "1000448", ["--shrink"]);
+      sameImages(c);
+      expect(statSync(join(dir, "b.data")).size).toBe(statSync(join(dir, "a.data")).size);
+      await resizeBoth(c, "2500096");
+      sameImages(c);
+      expect(statSync(join(dir, "b.data")).size).toBe(statSync(join(dir, "a.data")).size);
+    },
+  );
+
   it.each(["metadata", "falloc", "full"])(
     "--preallocation=%s on grow: same guest bytes and size, clean check",
     async (mode) => {

@@ -36,6 +36,7 @@ export async function resizeWith(
     throw new InvalidArgumentError(`Unsupported preallocation mode '${String(prealloc)}'`);
   }
   checkShrink(s, newSize);
+  const before = s.size;
   if (newSize < s.size) {
     if (options.shrink !== true) {
       throw new InvalidArgumentError(
@@ -46,11 +47,21 @@ export async function resizeWith(
       throw new InvalidArgumentError("Preallocation can't be used for shrinking an image");
     }
     await shrinkImage(s, newSize);
-    return;
+  } else {
+    const old = s.size;
+    await resizeImage(s, newSize);
+    // A raw external data file is the guest disk: every cluster is mapped (QEMU preallocates
+    // the metadata of the new area, and the data file reaches the end of its last cluster).
+    const mode = s.dataFileRaw && prealloc === "off" ? "metadata" : prealloc;
+    if (mode !== "off" && newSize > old) await preallocate(s, old, newSize, mode);
   }
-  const old = s.size;
-  await resizeImage(s, newSize);
-  if (prealloc !== "off" && newSize > old) await preallocate(s, old, newSize, prealloc);
+  // QEMU sets an external data file to the new size too (cut on shrink, zeros on grow).
+  if (s.hasDataFile && s.dataBackend !== s.backend) {
+    const cs = s.clusterSize;
+    const grew = newSize > before;
+    await s.dataBackend.truncate(grew && s.dataFileRaw ? Math.ceil(newSize / cs) * cs : newSize);
+    await s.dataBackend.flush();
+  }
 }
 
 /**
@@ -167,7 +178,16 @@ async function preallocate(
           if (t === ClusterType.Unallocated || (t === ClusterType.ZeroPlain && hostOf(l2, i) === 0))
             todo.push(i);
         }
-        if (todo.length > 0 && !s.hasDataFile) {
+        if (todo.length > 0 && s.hasDataFile) {
+          // An external data file maps each guest cluster at its own offset (no refcounts).
+          for (const i of todo) {
+            const g = l1Index * s.l2Entries + (s.extendedL2 ? i / 2 : i);
+            setDataEntry(l2, i, g * cs);
+            if (s.extendedL2) l2.setWords(i + 1, 0, 0xffff_ffff);
+            else l2.setWords(i, l2.hi(i), (l2.lo(i) & ~1) >>> 0);
+          }
+          await s.l2Cache.markDirty(table);
+        } else if (todo.length > 0) {
           const host = await w.refcounts.allocate(todo.length);
           refreshRefcountBlocks(s, host + todo.length * cs);
           await checkOverlap(s, host, todo.length * cs);

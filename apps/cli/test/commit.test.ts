@@ -127,6 +127,37 @@ describe.skipIf(!hasQemu)("qimg commit, as qemu-img commit (twins)", () => {
     expect(snapshotFiles(o)).toEqual(before);
   });
 
+  it("zero clusters in the top become zero clusters in the base, as with qemu-img (same map)", async () => {
+    const dir = join(root, "zeros");
+    const src = join(dir, "src");
+    mkdirSync(src, { recursive: true });
+    const sh = (args: string[], tool = qemuImg): void => {
+      const r = tool(args, src);
+      expect(r.code, r.stderr).toBe(0);
+    };
+    sh(["create", "-q", "-f", "qcow2", "base.qcow2", "1M"]);
+    sh(["-c", "write -P 1 0 1M", "base.qcow2"], qemuIo);
+    sh(["create", "-q", "-f", "qcow2", "-b", "base.qcow2", "-F", "qcow2", "top.qcow2", "1M"]);
+    const io = [
+      "write -z 0 128k",
+      "write -z -u 256k 64k",
+      "write -P 3 512k 64k",
+      "discard 768k 64k",
+    ];
+    sh([...io.flatMap((c) => ["-c", c]), "top.qcow2"], qemuIo);
+    const q = join(dir, "q");
+    const o = join(dir, "o");
+    twin(src, q);
+    twin(src, o);
+    expect(qemuImg(["commit", "-q", "top.qcow2"], q).code).toBe(0);
+    expect((await qimg(["commit", "-q", "top.qcow2"], o)).code).toBe(0);
+    const map = (d: string): string => qemuImg(["map", "--output=json", "base.qcow2"], d).stdout;
+    expect(map(o)).toBe(map(q));
+    expect(map(o)).toMatch(
+      /"start": 0, "length": 131072, "depth": 0, "present": true, "zero": true, "data": false/,
+    );
+  });
+
   it("-p prints qemu-img's progress lines, then the verdict", async () => {
     const dir = join(root, "progress");
     makeChain(join(dir, "src"), SEED + 77, 2, { topFormats: ["qcow2"] });

@@ -141,6 +141,8 @@ export async function commitInto(
           from: r.start,
           to: r.end,
           rateLimit: options.rate,
+          // Data is written as data, zero bytes included, as QEMU's commit job copies it.
+          minSparse: 0,
           ...(options.sourceName === undefined ? {} : { sourceName: options.sourceName }),
         });
       }

@@ -319,4 +319,24 @@ describe("copy", () => {
     // 2 MiB pass at once, the other 2 MiB owe 0.25 s at 8 MiB/s.
     expect(performance.now() - t0).toBeGreaterThanOrEqual(200);
   });
+
+  it("-m: at most inFlight writes at once, and that many are used", async () => {
+    const bytes = new Uint8Array(40 * 1024 * 1024);
+    for (let i = 0; i < bytes.length; i += 8192) bytes[i] = 1;
+    for (const n of [1, 2, 8]) {
+      let active = 0;
+      let peak = 0;
+      const sink: CopySink = {
+        blockSize: 65536,
+        async write() {
+          peak = Math.max(peak, ++active);
+          await new Promise((r) => setTimeout(r, 3));
+          active--;
+        },
+      };
+      await copy(source(bytes, []).image, sink, { inFlight: n, readAhead: n });
+      expect(peak, `inFlight ${n}`).toBeLessThanOrEqual(n);
+      expect(peak, `inFlight ${n}`).toBeGreaterThanOrEqual(Math.min(n, 2));
+    }
+  });
 });

@@ -710,7 +710,9 @@ class Qcow2SnapshotView implements DiskImage {
 
 /**
  * A read-only view of snapshot `sel` of the open image behind `s`: guest bytes read through
- * the snapshot's L1 table (and the image's backing file where it has no data).
+ * the snapshot's L1 table (and the image's backing file where it has no data). Writes to the
+ * image leave it intact; deleting the snapshot while the view is open does not (its clusters
+ * may be reused), so close the view first.
  */
 export async function openSnapshotView(
   s: Qcow2State,

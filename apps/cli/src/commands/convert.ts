@@ -21,7 +21,7 @@
  */
 import { closeSync, fstatSync, ftruncateSync, openSync, statSync } from "node:fs";
 import type { Command } from "commander";
-import { ExtentIterator } from "@qimg/io";
+import { ExtentIterator, StatusCursor } from "@qimg/io";
 import { FileBackend } from "@qimg/io/node";
 import { stringOpt, type CommandDef } from "../command.js";
 import type { CliContext } from "../context.js";
@@ -509,9 +509,11 @@ async function backingShortcut(
   return async (offset, data) => {
     const end = offset + data.length;
     const out: CopyRange[] = [];
+    // (The cursor checks that every answer covers the offset asked about.)
+    const status = new StatusCursor(source, end);
     for (let pos = offset; pos < end;) {
-      const s = await source.blockStatus(pos, end - pos);
-      const stop = Math.min(end, s.offset + s.length);
+      const s = await status.at(pos);
+      const stop = status.end;
       const inherited = s.depth > 0 || !s.present;
       if (inherited) {
         if (same) {

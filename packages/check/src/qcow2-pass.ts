@@ -321,14 +321,15 @@ export class Pass {
       for (let i = 0; i < t.length; i++) {
         const hi = t.hi(i);
         const lo = t.lo(i);
-        if (bitmapEntryReservedBits(hi, lo)) {
-          this.res.corruptions++;
-          continue;
-        }
+        // QEMU loads the table as it would at open (only bitmaps in use get this far; the
+        // others were refused at open): a bad entry fails the whole check with EINVAL.
         const off = entryOffset(hi, lo);
-        if (off !== 0 && (bitmapEntryAllOnes(lo) || off % this.cs !== 0)) {
-          this.res.corruptions++;
-          continue;
+        if (
+          bitmapEntryReservedBits(hi, lo) ||
+          (off !== 0 && (bitmapEntryAllOnes(lo) || off % this.cs !== 0))
+        ) {
+          this.res.checkErrors++;
+          throw new CheckAbort("Invalid argument");
         }
         if (off === 0) continue;
         this.inc(off, this.cs);

@@ -6,7 +6,17 @@
  * walked with the driver's table walk.
  */
 import type { BlockBackend } from "@qimg/io";
-import { encodeSnapshotTable, readQcow2Metadata, writeHeaderFields } from "@qimg/qcow2";
+import {
+  AutoclearFeatures,
+  BitmapFlag,
+  bitmapEntryAllOnes,
+  bitmapEntryReservedBits,
+  encodeSnapshotTable,
+  entryOffset,
+  readQcow2Metadata,
+  writeHeaderFields,
+} from "@qimg/qcow2";
+import { CorruptImageError, U64TableView } from "@qimg/structs";
 import type { SnapshotEntry } from "@qimg/qcow2";
 import { rebuildRefcounts } from "@qimg/refcount";
 import { checkExitCode } from "./result.js";
@@ -163,6 +173,40 @@ async function rewriteSnapshotTable(
   }
   await backend.flush();
   return header;
+}
+
+/**
+ * What QEMU's open does with the persistent bitmaps before the check runs
+ * (qcow2_load_dirty_bitmaps): the table of every bitmap not in use is read, and an entry with
+ * reserved bits, or with an offset that is unaligned or has the all-ones flag, fails the open
+ * ("Could not open: Could not read bitmap_table table from image for bitmap 'b': Invalid
+ * argument"). Throws that refusal as a typed error.
+ */
+async function loadBitmapTables(backend: BlockBackend, layout: Layout): Promise<void> {
+  if (!AutoclearFeatures.decode(layout.header.autoclearFeatures).has("bitmaps")) return;
+  const cs = 2 ** layout.header.clusterBits;
+  const fileSize = await backend.size();
+  for (const bm of layout.bitmaps) {
+    if ((bm.flags & BitmapFlag.inUse) !== 0) continue;
+    const bytes = bm.bitmapTableSize * 8;
+    if (bm.bitmapTableOffset % cs !== 0 || bm.bitmapTableOffset + bytes > fileSize) continue;
+    const t = new U64TableView(new Uint8Array(bytes), "big");
+    await backend.read(bm.bitmapTableOffset, t.bytes);
+    for (let i = 0; i < t.length; i++) {
+      const hi = t.hi(i);
+      const lo = t.lo(i);
+      const off = entryOffset(hi, lo);
+      if (
+        bitmapEntryReservedBits(hi, lo) ||
+        (off !== 0 && (bitmapEntryAllOnes(lo) || off % cs !== 0))
+      ) {
+        throw new CorruptImageError(
+          `Could not read bitmap_table table from image for bitmap '${bm.name}': Invalid argument`,
+          { offset: bm.bitmapTableOffset + i * 8 },
+        );
+      }
+    }
+  }
 }
 
 /** qcow2_co_check_locked: one full check (with repairs when `fix` says so). */
@@ -364,6 +408,7 @@ export async function checkQcow2(
   };
   const lost: LostRange[] = [];
   const filename = options.filename ?? backend.name;
+  await loadBitmapTables(backend, await readLayout(backend));
   let out = await runCheck(backend, fix, log, lost);
   let repaired: CheckResult["repaired"];
   const rebuilt = out.rebuilt;

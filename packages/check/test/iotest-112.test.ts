@@ -122,5 +122,5 @@ describe("iotest 112: more references than the refcount width can count", () => 
     await expectSameRepair(f, "all");
     run("qemu-img", ["amend", "-o", "refcount_bits=2", f]);
     await allVerdicts(f);
-  });
+  }, 180_000);
 });

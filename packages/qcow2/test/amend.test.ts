@@ -378,3 +378,51 @@ describe.skipIf(!haveQemu)("amend: refcount width", () => {
     await img.close();
   });
 });
+
+describe.skipIf(!haveQemu)("amend: the open image stays usable", () => {
+  it("several amends on one open, then guest writes, zeroes and discards; qemu-img agrees", async () => {
+    const d = freshDir();
+    sh(
+      "qemu-img",
+      ["create", "-q", "-f", "qcow2", "-o", "cluster_size=4096,lazy_refcounts=on", "d.qcow2", "2M"],
+      d,
+    );
+    sh(
+      "qemu-io",
+      [
+        "-c",
+        "write -P 1 0 300k",
+        "-c",
+        "write -z 400k 64k",
+        "-c",
+        "write -c -P 2 1M 64k",
+        "d.qcow2",
+      ],
+      d,
+    );
+    const image = await openRw(path.join(d, "d.qcow2"));
+    const expected = new Uint8Array(3 << 20);
+    try {
+      await image.read(0, expected.subarray(0, 2 << 20));
+      await image.amend({ refcountBits: 64 });
+      await image.write(100 << 10, new Uint8Array(50 << 10).fill(7));
+      expected.fill(7, 100 << 10, 150 << 10);
+      await image.amend({ lazyRefcounts: false, refcountBits: 8, size: 3 << 20 });
+      await image.write((2 << 20) + 4096, new Uint8Array(8192).fill(9));
+      expected.fill(9, (2 << 20) + 4096, (2 << 20) + 12288);
+      await image.amend({ compat: "0.10", refcountBits: 16 });
+      await image.writeZeroes(0, 64 << 10);
+      expected.fill(0, 0, 64 << 10);
+      await image.discard(1 << 20, 64 << 10);
+      expected.fill(0, 1 << 20, (1 << 20) + (64 << 10));
+      await image.write(500 << 10, new Uint8Array(3000).fill(5));
+      expected.fill(5, 500 << 10, (500 << 10) + 3000);
+    } finally {
+      await image.close();
+    }
+    expect(facts(path.join(d, "d.qcow2"))).toEqual({ version: 2, size: 3 << 20 });
+    expectClean("d.qcow2", d);
+    fs.writeFileSync(path.join(d, "want.raw"), expected);
+    sh("qemu-img", ["compare", "-f", "raw", "-F", "qcow2", "want.raw", "d.qcow2"], d);
+  });
+});

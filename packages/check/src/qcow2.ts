@@ -11,9 +11,11 @@ import {
   BitmapFlag,
   bitmapEntryAllOnes,
   bitmapEntryReservedBits,
+  ExtensionType,
   encodeSnapshotTable,
   entryOffset,
   readQcow2Metadata,
+  rewriteHeaderArea,
   writeHeaderFields,
 } from "@qimg/qcow2";
 import { CorruptImageError, U64TableView } from "@qimg/structs";
@@ -228,6 +230,20 @@ async function runCheck(
     });
     layout = { ...layout, header };
   }
+  const staleBitmaps =
+    !AutoclearFeatures.decode(layout.header.autoclearFeatures).has("bitmaps") &&
+    layout.extensions.some((e) => e.type === ExtensionType.bitmaps);
+  if (fix !== 0 && staleBitmaps) {
+    // QEMU's read-write open drops a bitmaps extension whose autoclear bit is clear (a
+    // program without bitmap support wrote the image): the header area without it.
+    const extensions = layout.extensions.filter((e) => e.type !== ExtensionType.bitmaps);
+    const header = await rewriteHeaderArea(backend, {
+      header: layout.header,
+      extensions,
+      backingFile: layout.backingFilename,
+    });
+    layout = { ...layout, header, extensions };
+  }
   const fileSize = await backend.size();
   let reduced = 0;
   let dropped = 0;
@@ -408,7 +424,19 @@ export async function checkQcow2(
   };
   const lost: LostRange[] = [];
   const filename = options.filename ?? backend.name;
-  await loadBitmapTables(backend, await readLayout(backend));
+  const first = await readLayout(backend);
+  if (
+    !AutoclearFeatures.decode(first.header.autoclearFeatures).has("bitmaps") &&
+    first.extensions.some((e) => e.type === ExtensionType.bitmaps)
+  ) {
+    // What QEMU's open warns about before anything else.
+    log(
+      "info",
+      "warning: a program lacking bitmap support modified this file, so all bitmaps are now considered inconsistent\n" +
+        "Some clusters may be leaked, run 'qemu-img check -r' on the image file to fix.",
+    );
+  }
+  await loadBitmapTables(backend, first);
   let out = await runCheck(backend, fix, log, lost);
   let repaired: CheckResult["repaired"];
   const rebuilt = out.rebuilt;

@@ -72,7 +72,14 @@ export const checkCommand: CommandDef = {
       } else {
         const text = formatCheckHuman(result);
         // qemu-img reports a check that could not complete as an error: with its name.
-        ctx.stderr(text.stderr.replace(/^Check failed/m, "qimg: Check failed"));
+        ctx.stderr(
+          text.stderr
+            .replace(/^Check failed/m, "qimg: Check failed")
+            .replace(
+              /^warning: a program lacking bitmap/m,
+              "qimg: warning: a program lacking bitmap",
+            ),
+        );
         ctx.stdout(text.stdout);
       }
       return result.exitCode;

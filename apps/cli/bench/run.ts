@@ -17,7 +17,7 @@
  * Adding rows: append to `cases` inside your marked block below (see `Case`); images are
  * made on first use by `rawImage(size)` / `qcow2Image(size, ...createArgs)` and shared.
  */
-import { spawnSync } from "node:child_process";
+import { spawn, spawnSync, type ChildProcess } from "node:child_process";
 import {
   closeSync,
   existsSync,
@@ -125,6 +125,11 @@ interface Case {
   readonly name: string;
   readonly qemu: () => readonly string[];
   readonly qimg: () => readonly string[];
+  /**
+   * When set, both columns run this program (a client such as nbdcopy) with the row's
+   * argument lists, instead of qemu-img and qimg (the tools then serve, e.g. over NBD).
+   */
+  readonly client?: readonly string[];
 }
 
 /** Output files the cases write; removed before every run. */
@@ -337,6 +342,50 @@ cases.push(
 );
 // --- end zstd ---
 
+// --- NBD: nbdcopy through qemu-nbd vs through qimg serve (helper H7) ---
+/**
+ * Both servers export the same 1 GiB qcow2 image read-only with -e 4 (so both offer multi-conn) over a
+ * Unix socket, started once and kept running (-t) until the bench exits; the row times
+ * nbdcopy copying the whole export to a raw file from each.
+ */
+const nbdServers: ChildProcess[] = [];
+process.on("exit", () => {
+  for (const p of nbdServers) p.kill("SIGTERM");
+});
+function nbdServer(which: "qemu" | "qimg", image: string): string {
+  const key = `nbd-${which}-${image}`;
+  const have = made.get(key);
+  if (have !== undefined) return have;
+  const socket = join(dir, `${which}.sock`);
+  const args = ["-t", "-r", "-e", "4", "-f", "qcow2", "-k", socket, image];
+  const p =
+    which === "qemu"
+      ? spawn("qemu-nbd", args, { stdio: "ignore" })
+      : spawn(qimgCmd[0]!, [...qimgCmd.slice(1), "serve", ...args], {
+          stdio: "ignore",
+          env: childEnv,
+        });
+  p.unref(); // the servers must not keep the bench alive; they are stopped at exit
+  nbdServers.push(p);
+  for (let i = 0; i < 600 && !existsSync(socket); i++) spawnSync("sleep", ["0.05"]);
+  if (!existsSync(socket)) throw new Error(`${which} NBD server did not start`);
+  const uri = `nbd+unix:///?socket=${socket}`;
+  made.set(key, uri);
+  return uri;
+}
+if (
+  spawnSync("nbdcopy", ["--version"]).status === 0 &&
+  spawnSync("qemu-nbd", ["--version"]).status === 0
+) {
+  cases.push({
+    name: `nbdcopy qcow2 -> raw over NBD (qemu-nbd vs qimg serve), ${S}`,
+    client: ["nbdcopy"],
+    qemu: () => [nbdServer("qemu", qcow2Image(SIZE)), out("a.raw")],
+    qimg: () => [nbdServer("qimg", qcow2Image(SIZE)), out("b.raw")],
+  });
+}
+// --- end NBD ---
+
 function median(xs: readonly number[]): number {
   const s = [...xs].sort((a, b) => a - b);
   const m = s.length >> 1;
@@ -383,9 +432,9 @@ try {
       const o: Run[] = [];
       for (let i = 0; i < REPEAT; i++) {
         settle();
-        q.push(qemuImg(...c.qemu()));
+        q.push(c.client ? run([...c.client, ...c.qemu()]) : qemuImg(...c.qemu()));
         settle();
-        o.push(qimg(...c.qimg()));
+        o.push(c.client ? run([...c.client, ...c.qimg()]) : qimg(...c.qimg()));
       }
       const tq = median(q.map((r) => r.seconds));
       const to = median(o.map((r) => r.seconds));

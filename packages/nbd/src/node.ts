@@ -110,6 +110,19 @@ export class SocketChannel implements ByteChannel {
     if (parts.length > 1) this.socket.uncork();
   }
 
+  /** See {@link ByteChannel.send}. */
+  send(parts: readonly Uint8Array[], done: () => void): void {
+    if (this.socket.destroyed || this.socket.writableEnded) {
+      done();
+      return;
+    }
+    this.socket.cork();
+    for (let i = 0; i < parts.length - 1; i++)
+      if (parts[i]!.length > 0) this.socket.write(parts[i]!);
+    this.socket.write(parts[parts.length - 1] ?? new Uint8Array(0), () => done());
+    this.socket.uncork();
+  }
+
   /** See {@link ByteChannel.drained}. */
   async drained(): Promise<void> {
     while (this.socket.writableLength > OUTPUT_HIGH_WATER && !this.socket.destroyed) {
@@ -221,7 +234,10 @@ export async function serve(
     description: options.description,
     image,
     readOnly: options.readOnly ?? image.readOnly,
-    multiConn: (options.readOnly ?? image.readOnly) || (options.shared ?? 1) !== 1,
+    // As qemu-nbd: only when more than one client may connect (with -e 1 a client opening
+    // several connections would wait forever for the second); safe then because every
+    // connection shares the one image object, so a flush on one covers the writes of all.
+    multiConn: (options.shared ?? 1) !== 1,
     discard: options.discard ?? false,
     detectZeroes: options.detectZeroes ?? "off",
     writethrough: options.writethrough ?? false,

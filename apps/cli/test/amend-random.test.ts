@@ -98,6 +98,7 @@ async function randomCase(seed: number): Promise<void> {
       [`size=${Number(info["virtual-size"]) + 512 * Math.floor(r() * 5000)}`],
       ["compat=0.10", `size=${Number(info["virtual-size"]) + cs * 3}`],
       ["compat=0.10", "refcount_bits=16", "lazy_refcounts=off"],
+      [`size=${Math.max(512, Number(info["virtual-size"]) - 512 * Math.floor(r() * 3000))}`],
       [
         `refcount_bits=${pick([1, 2, 4, 8, 16, 32, 64])}`,
         `lazy_refcounts=${r() < 0.5 ? "on" : "off"}`,

@@ -34,7 +34,7 @@ import { Meta, buildMetadataMap, updateHeader } from "./overlap.js";
 import { checkWritable, guarded, hasBackingFile } from "./state.js";
 import type { Qcow2State, WriteState } from "./state.js";
 import { flushLocked } from "./flush.js";
-import { resizeImage } from "./resize.js";
+import { resizeImage, resizeWith } from "./resize.js";
 import { walkTables } from "./walk.js";
 import { removeBitmap } from "./bitmap-manage.js";
 
@@ -57,13 +57,11 @@ export interface Qcow2AmendOptions {
   readonly dataFile?: string | undefined;
   /** data_file_raw: may only be turned off (QEMU refuses to set it on an existing image). */
   readonly dataFileRaw?: boolean | undefined;
-  /** New virtual size in bytes (a multiple of 512); 0 or undefined keeps the size. */
-  readonly size?: number | undefined;
   /**
-   * Shrinks the disk to `size` (the caller supplies the driver's shrinking resize). Without
-   * it, a smaller size is refused.
+   * New virtual size in bytes (a multiple of 512); 0 or undefined keeps the size. A smaller
+   * size shrinks the disk (data past the new end is lost), as qemu-img amend does.
    */
-  readonly shrink?: ((size: number) => Promise<void>) | undefined;
+  readonly size?: number | undefined;
   /** Progress: `done` of `total` work units (QEMU's amend status callback). */
   readonly onProgress?: ((done: number, total: number) => void) | undefined;
 }
@@ -143,7 +141,8 @@ export async function amendImage(s: Qcow2State, o: Qcow2AmendOptions): Promise<v
   });
   // The size changes before a downgrade, as in QEMU (resize takes the metadata lock itself).
   if (plan.size !== undefined && plan.size !== s.size) {
-    if (plan.size < s.size) await o.shrink!(plan.size);
+    // A smaller size shrinks as QEMU's truncate does (resize.ts): amend needs no --shrink.
+    if (plan.size < s.size) await resizeWith(s, plan.size, { shrink: true });
     else await resizeImage(s, plan.size);
   }
   if (plan.downgrade) {
@@ -203,12 +202,6 @@ async function planAmend(s: Qcow2State, w: WriteState, o: Qcow2AmendOptions): Pr
   if (o.size !== undefined && o.size !== 0) {
     if (!Number.isSafeInteger(o.size) || o.size < 0 || o.size % 512 !== 0) {
       throw new InvalidArgumentError("The new size must be a multiple of 512");
-    }
-    if (o.size < s.size && o.shrink === undefined) {
-      throw new UnsupportedFeatureError(
-        `qcow2 images cannot be shrunk here (from ${s.size} to ${o.size} bytes): this driver has no shrinking resize`,
-        ["shrink"],
-      );
     }
     // The size changes after an upgrade and before a downgrade.
     if (o.size !== s.size && oldVersion === 2 && newVersion === 2 && s.snapshots.length > 0) {

@@ -231,15 +231,9 @@ export const amendCommand: CommandDef = {
       const options = amendOptionsOf(text);
       const quiet = opts.quiet === true;
       const progress = startProgress(ctx, opts.progress === true && !quiet, 100);
-      const shrinkable = image as unknown as {
-        resizeWith?: (n: number, o: { shrink: boolean }) => Promise<void>;
-      };
       try {
         await image.amend({
           ...options,
-          ...(typeof shrinkable.resizeWith === "function"
-            ? { shrink: (n: number) => shrinkable.resizeWith!.call(image, n, { shrink: true }) }
-            : {}),
           onProgress: (done, total) => progress.update((100 * done) / total),
         });
       } catch (e) {

@@ -416,6 +416,13 @@ function copyOptionsOf(ctx: CliContext, options: ConvertOptions, source: string)
         ? (offset: number, e: unknown) =>
             ctx.stderr(`qimg: warning: error while reading offset ${offset}: ${readErrorText(e)}\n`)
         : undefined,
+    onStatusError:
+      options.salvage === true
+        ? (offset: number, e: unknown) =>
+            ctx.stderr(
+              `qimg: warning: error while reading block status at offset ${offset}: ${readErrorText(e)}\n`,
+            )
+        : undefined,
   };
 }
 

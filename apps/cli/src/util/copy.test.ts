@@ -339,4 +339,53 @@ describe("copy", () => {
       expect(peak, `inFlight ${n}`).toBeGreaterThanOrEqual(Math.min(n, 2));
     }
   });
+
+  it("salvage: warnings come in offset order, block-status failures before each read", async () => {
+    const MiB = 1024 * 1024;
+    const bytes = new Uint8Array(5 * MiB).fill(4);
+    const src = source(bytes, []);
+    const read = src.image.read.bind(src.image);
+    const status = src.image.blockStatus.bind(src.image);
+    // Reads fail in [1 MiB, 1 MiB + 1 KiB) (slowly) and [3 MiB, 3 MiB + 1 KiB); block status
+    // fails in [3 MiB, 3 MiB + 1 KiB).
+    const badRead = (o: number, n: number) =>
+      (o < MiB + 1024 && o + n > MiB) || (o < 3 * MiB + 1024 && o + n > 3 * MiB);
+    const broken: DiskImage = {
+      ...src.image,
+      async read(o, b) {
+        if (o <= MiB && o + b.length > MiB) await new Promise((r) => setTimeout(r, 30));
+        return badRead(o, b.length) ? Promise.reject(new Error("EIO")) : read(o, b);
+      },
+      // Extents end at 3 MiB (as at an L2 table's edge); status there fails for 1 KiB.
+      blockStatus: (o, n) =>
+        o < 3 * MiB
+          ? status(o, Math.min(n, 3 * MiB - o))
+          : o < 3 * MiB + 1024
+            ? Promise.reject(new Error("EIO"))
+            : status(o, n),
+    };
+    const events: string[] = [];
+    const r = recorder(bytes.length, 4096, false);
+    await copy(broken, r.sink, {
+      onReadError: (o) => events.push(`read ${o}`),
+      onStatusError: (o) => events.push(`status ${o}`),
+    });
+    const s3 = 3 * MiB;
+    expect(events).toEqual([
+      // The first walk over the whole range.
+      `status ${s3}`,
+      `status ${s3 + 512}`,
+      // The copy, in offset order although the first failing read is slower.
+      `read ${MiB}`,
+      `read ${MiB + 512}`,
+      `status ${s3}`,
+      `read ${s3}`,
+      `status ${s3 + 512}`,
+      `read ${s3 + 512}`,
+    ]);
+    const want = bytes.slice();
+    want.fill(0, MiB, MiB + 1024);
+    want.fill(0, s3, s3 + 1024);
+    expect(Buffer.from(r.out.map((x) => (x === 0xee ? 0 : x))).equals(want)).toBe(true);
+  });
 });

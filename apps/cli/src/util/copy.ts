@@ -95,6 +95,12 @@ export interface CopyOptions {
    */
   readonly onReadError?: ((offset: number, error: unknown) => void) | undefined;
   /**
+   * With `onReadError` (salvage mode): told of each sector whose block status cannot be read,
+   * as qemu-img warns of them: once in a first walk over the whole range (qemu-img's count of
+   * the work), then again during the copy, just before that sector's read.
+   */
+  readonly onStatusError?: ((offset: number, error: unknown) => void) | undefined;
+  /**
    * The parts of a data chunk (source offsets; given the bytes read there) that the sink
    * already shows as they are, so they are not written (`convert -B`: ranges the target's
    * backing file provides). Blocks wholly inside them are left alone.
@@ -251,33 +257,97 @@ export async function copy(
     return freeSlots.pop()!;
   };
 
-  /** Read `buf` at `offset`; when salvaging, a failed read is retried sector by sector. */
-  const readChunk = async (offset: number, buf: Uint8Array): Promise<void> => {
-    try {
-      await onSource(() => source.read(offset, buf));
-      return;
-    } catch (e) {
-      if (salvage === undefined) throw e;
-    }
+  const onStatusError = options.onStatusError;
+  /** A salvage warning: a sector whose read (or block status) failed. */
+  type Failure = { readonly status: boolean; readonly offset: number; readonly error: unknown };
+  /** Read `buf` at `offset` sector by sector: each one that fails is zeros and noted. */
+  const readSectors = async (offset: number, buf: Uint8Array, out: Failure[]): Promise<void> => {
     for (let pos = 0; pos < buf.length; pos += SALVAGE_UNIT) {
       const piece = buf.subarray(pos, Math.min(buf.length, pos + SALVAGE_UNIT));
       try {
         await source.read(offset + pos, piece);
       } catch (e) {
         piece.fill(0);
-        salvage(offset + pos, e);
+        out.push({ status: false, offset: offset + pos, error: e });
       }
     }
   };
-  /** Whether the source reports `[offset, end)` as zeros (salvaging: failures say "data"). */
-  const knownZero = async (offset: number, end: number): Promise<boolean> => {
+  /**
+   * Read `buf` at `offset`. Salvaging, a chunk whose read (or block status) failed is read
+   * again extent by extent as qemu-img does: a sector whose status fails is noted and read
+   * alone, a failed read is retried sector by sector (zeros where that fails too). What failed
+   * is reported once the chunk before (`before`) has reported, so warnings come in offset
+   * order while reads still run in parallel.
+   */
+  const readChunk = async (
+    offset: number,
+    buf: Uint8Array,
+    statusBroken: boolean,
+    before: Promise<void>,
+    reported: () => void,
+  ): Promise<void> => {
+    if (!statusBroken) {
+      try {
+        await onSource(() => source.read(offset, buf));
+        void before.then(reported); // nothing to report
+        return;
+      } catch (e) {
+        if (salvage === undefined) {
+          void before.then(reported);
+          throw e;
+        }
+      }
+    }
+    const failures: Failure[] = [];
+    const end = offset + buf.length;
+    for (let pos = offset; pos < end;) {
+      let stop: number;
+      try {
+        const s = await source.blockStatus(pos, end - pos);
+        stop = Math.min(end, Math.max(pos + 1, s.offset + s.length));
+      } catch (e) {
+        failures.push({ status: true, offset: pos, error: e });
+        stop = Math.min(end, pos + SALVAGE_UNIT);
+      }
+      const part = buf.subarray(pos - offset, stop - offset);
+      try {
+        await source.read(pos, part);
+      } catch {
+        await readSectors(pos, part, failures);
+      }
+      pos = stop;
+    }
+    await before;
+    for (const f of failures) {
+      if (f.status) onStatusError?.(f.offset, f.error);
+      else salvage!(f.offset, f.error);
+    }
+    reported();
+  };
+  /** Settles once the last data chunk has reported its salvage warnings (in offset order). */
+  let lastReport: Promise<void> = Promise.resolve();
+  /** Whether the source reports `[offset, end)` as zeros; undefined when its status failed (salvaging). */
+  const knownZero = async (offset: number, end: number): Promise<boolean | undefined> => {
     // -S 0 writes every byte: zero ranges are read (as zeros) and written like data.
     if (minSparse === 0) return false;
     try {
       return await onSource(() => extents.allZero(offset, end));
     } catch (e) {
       if (salvage === undefined) throw e;
-      return false;
+      return undefined;
+    }
+  };
+  /** Salvaging: qemu-img's first walk, reporting each sector whose status cannot be read. */
+  const walkStatus = async (): Promise<void> => {
+    const stop = Math.min(to, from + length);
+    for (let pos = from; pos < stop;) {
+      try {
+        const s = await source.blockStatus(pos, Math.min(stop - pos, 1024 ** 3));
+        pos = Math.max(pos + 1, s.offset + s.length);
+      } catch (e) {
+        onStatusError!(pos, e);
+        pos = Math.min(stop, Math.floor(pos / SALVAGE_UNIT) * SALVAGE_UNIT + SALVAGE_UNIT);
+      }
     }
   };
 
@@ -292,7 +362,8 @@ export async function copy(
     const chunkEnd = Math.min(end, offset + chunkSize);
     planned = chunkEnd;
     const dataEnd = Math.min(chunkEnd, srcStop);
-    if (offset >= dataEnd ? minSparse !== 0 : await knownZero(offset, dataEnd)) {
+    const zeroChunk = offset >= dataEnd ? minSparse !== 0 : await knownZero(offset, dataEnd);
+    if (zeroChunk === true) {
       ahead.push({ offset, end: chunkEnd, buf: undefined, slot: -1, read: undefined, ready: true });
       return true;
     }
@@ -302,15 +373,21 @@ export async function copy(
     const buf = buffers[slot]!.subarray(0, chunkEnd - offset);
     // Past the source's range the sink gets zeros (the buffer is reused: clear it).
     buf.fill(0, Math.max(0, dataEnd - offset));
-    const chunk: Chunk = {
-      offset,
-      end: chunkEnd,
-      buf,
-      slot,
-      read: offset < dataEnd ? readChunk(offset, buf.subarray(0, dataEnd - offset)) : undefined,
-      ready: offset >= dataEnd,
-    };
-    chunk.read?.then(
+    let read: Promise<void> | undefined;
+    if (offset < dataEnd) {
+      const before = lastReport;
+      let reported!: () => void;
+      lastReport = new Promise<void>((resolve) => (reported = resolve));
+      read = readChunk(
+        offset,
+        buf.subarray(0, dataEnd - offset),
+        zeroChunk === undefined,
+        before,
+        reported,
+      );
+    }
+    const chunk: Chunk = { offset, end: chunkEnd, buf, slot, read, ready: read === undefined };
+    read?.then(
       () => (chunk.ready = true),
       () => (chunk.ready = true),
     );
@@ -333,6 +410,9 @@ export async function copy(
   const sparseMin = minSparse === undefined || minSparse === 0 ? 0 : minSparse;
   const zero = sink.zero;
   let progressed = 0;
+  if (salvage !== undefined && onStatusError !== undefined && blockStatusPays(source)) {
+    await walkStatus();
+  }
   try {
     while (ahead.length < readAhead && (await startNext()));
     while (ahead.length > 0) {

@@ -383,6 +383,13 @@ if (
     qemu: () => [nbdServer("qemu", qcow2Image(SIZE)), out("a.raw")],
     qimg: () => [nbdServer("qimg", qcow2Image(SIZE)), out("b.raw")],
   });
+  // The same read to nbdcopy's null: sink: the servers' side alone, no file writes.
+  cases.push({
+    name: `nbdcopy qcow2 -> null: over NBD (qemu-nbd vs qimg serve), ${S}`,
+    client: ["nbdcopy"],
+    qemu: () => [nbdServer("qemu", qcow2Image(SIZE)), "null:"],
+    qimg: () => [nbdServer("qimg", qcow2Image(SIZE)), "null:"],
+  });
 }
 // --- end NBD ---
 

@@ -207,6 +207,29 @@ describe("NBD requests", () => {
   });
 });
 
+describe("--detect-zeroes", () => {
+  it.each(["off", "on"] as const)(
+    "%s: an all-zero write leaves data, or becomes a zero write",
+    async (mode) => {
+      const f = join(dir, `dz-${mode}.qcow2`);
+      const ctx = captureContext();
+      const { runCli } = await import("../src/cli.js");
+      expect(await runCli(["create", "-q", "-f", "qcow2", f, "1M"], ctx)).toBe(0);
+      const img = await openImage(f, { format: "qcow2", readOnly: false, ctx });
+      const sock = join(dir, `dz-${mode}.sock`);
+      const srv = await serve(img, { socket: sock, detectZeroes: mode });
+      const c = await NbdTestClient.connect({ socket: sock });
+      expect((await c.request(NbdCmd.WRITE, 65536, 65536, 0, new Uint8Array(65536))).error).toBe(0);
+      await c.disconnect();
+      await srv.done;
+      const s = await img.blockStatus(65536, 65536);
+      expect(s.zero).toBe(mode === "on");
+      expect(s.data).toBe(mode === "off");
+      await img.close();
+    },
+  );
+});
+
 describe("NBD option haggling", () => {
   async function handshake(): Promise<Awaited<ReturnType<typeof rawConnect>>> {
     const conn = await rawConnect({ socket });

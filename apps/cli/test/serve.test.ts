@@ -450,6 +450,29 @@ describe.skipIf(!hasNbd)("qimg serve with real NBD clients", () => {
     expect(r.code).toBe(1);
   });
 
+  it.each([[[]], [["-r"]], [["-e", "3"]], [["-r", "-e", "2", "-x", "nm"]]])(
+    "nbdinfo shows the same export facts and flags as qemu-nbd %j",
+    async (flags) => {
+      const d = join(dir, `facts-${flags.join("")}`);
+      tool("mkdir", ["-p", d]);
+      const a = join(d, "a.qcow2");
+      const b = join(d, "b.qcow2");
+      ok(tool("qemu-img", ["create", "-f", "qcow2", a, String(SIZE)]), "create");
+      ok(tool("qemu-img", ["create", "-f", "qcow2", b, String(SIZE)]), "create");
+      const name = flags.includes("nm") ? "nm" : "";
+      const qs = join(d, "q.sock");
+      const q = await startQemuNbd([...flags, "-t", "-f", "qcow2", "-k", qs, a], { socket: qs });
+      running.push(q);
+      const socket = join(d, "s.sock");
+      const server = await serveOn([...flags, "-t", "-f", "qcow2", b], socket);
+      const facts = (s: string): string =>
+        ok(tool("nbdinfo", [unixUri(s, name)]), "nbdinfo").replace(/\turi: .*\n/, "");
+      expect(facts(socket)).toBe(facts(qs));
+      await q.stop();
+      expect(await server.stop()).toBe(0);
+    },
+  );
+
   it("refuses bad flag values with qemu-nbd's messages and exit code, file untouched", async () => {
     const d = join(dir, "flags");
     tool("mkdir", ["-p", d]);

@@ -260,11 +260,15 @@ export class NbdSession {
   /** Transmission flags of an export as this connection sees it. */
   private transmissionFlags(exp: NbdExport): number {
     const ro = exp.readOnly || exp.image.readOnly;
-    let f = TransmissionFlag.HAS_FLAGS | TransmissionFlag.SEND_FLUSH | TransmissionFlag.SEND_CACHE;
+    // FLUSH and FUA are offered on read-only exports too, as qemu-nbd does (both are no-ops there).
+    let f =
+      TransmissionFlag.HAS_FLAGS |
+      TransmissionFlag.SEND_FLUSH |
+      TransmissionFlag.SEND_FUA |
+      TransmissionFlag.SEND_CACHE;
     if (ro) f |= TransmissionFlag.READ_ONLY;
     else {
       f |=
-        TransmissionFlag.SEND_FUA |
         TransmissionFlag.SEND_TRIM |
         TransmissionFlag.SEND_WRITE_ZEROES |
         TransmissionFlag.SEND_FAST_ZERO;

@@ -186,6 +186,44 @@ describe.skipIf(!hasQemu)("qimg measure against qemu-img measure", () => {
     }
   }, 900_000);
 
+  it("LUKS and AES targets (the LUKS header and key material before the payload)", async () => {
+    const dir = newDir();
+    ok(qemuImg(["create", "-q", "-f", "qcow2", join(dir, "a.qcow2"), "3M"]), "create");
+    ok(qemuIo(["-c", "write -P 1 0 1M", join(dir, "a.qcow2")]), "write");
+    const S = ["--object", "secret,id=s,data=x"];
+    const luks = "encrypt.format=luks,encrypt.key-secret=s";
+    const cases: string[][] = [
+      [...S, "-O", "qcow2", "-o", luks, "--size", "1G"],
+      [...S, "-O", "qcow2", "-o", `${luks},encrypt.cipher-alg=aes-128`, "--size", "1G"],
+      [
+        ...S,
+        "-O",
+        "qcow2",
+        "-o",
+        `${luks},encrypt.cipher-alg=aes-128,encrypt.cipher-mode=cbc`,
+        "--size",
+        "5G",
+      ],
+      [...S, "-O", "qcow2", "-o", `${luks},cluster_size=2M`, "--size", "1G"],
+      [...S, "-O", "qcow2", "-o", `${luks},cluster_size=512`, "--output=json", "--size", "1G"],
+      [...S, "-O", "qcow2", "-o", `${luks},encrypt.cipher-alg=twofish-192`, "--size", "1G"],
+      [
+        ...S,
+        "-O",
+        "qcow2",
+        "-o",
+        `${luks},encrypt.cipher-alg=serpent-128,encrypt.cipher-mode=cbc,encrypt.ivgen-alg=essiv,encrypt.ivgen-hash-alg=sha256`,
+        "a.qcow2",
+      ],
+      [...S, "-O", "qcow2", "-o", `${luks},encrypt.cipher-mode=ctr`, "--output=json", "a.qcow2"],
+      [...S, "-O", "qcow2", "-o", "encrypt.format=aes,encrypt.key-secret=s", "--size", "1G"],
+      [...S, "-O", "qcow2", "-o", "encryption=on,encrypt.key-secret=s", "--size", "1G"],
+      ["-O", "qcow2", "-o", luks, "--size", "1G"],
+      [...S, "-O", "qcow2", "-o", "encrypt.format=luks", "--size", "1G"],
+    ];
+    for (const args of cases) await same(args, dir);
+  });
+
   it("refuses as qemu-img", async () => {
     const dir = newDir();
     ok(qemuImg(["create", "-q", "-f", "qcow2", join(dir, "a.qcow2"), "1M"]), "create");

@@ -20,7 +20,7 @@ import { openImage } from "../open.js";
 import { collect, joinedOptions } from "../util/cli-options.js";
 import { parseImageOpts } from "../util/image-opts.js";
 import { parseOptions } from "../util/qemu-opts.js";
-import type { OptMap } from "../util/qemu-opts.js";
+import type { OptDesc, OptMap } from "../util/qemu-opts.js";
 import { toQemuJson } from "../util/qjson.js";
 import { parseSize } from "../util/size.js";
 
@@ -43,10 +43,31 @@ function multiLine(ctx: CliContext, lines: readonly string[]): number {
   return 1;
 }
 
+/** qcow2's encryption options (creation options qemu-img measure reads for a LUKS target). */
+const ENCRYPT_OPTIONS: readonly OptDesc[] = [
+  { name: "encryption", type: "bool", help: "Encrypt the image with format 'aes'" },
+  { name: "encrypt.format", type: "str", help: "Encrypt the image, format choices: 'aes', 'luks'" },
+  {
+    name: "encrypt.key-secret",
+    type: "str",
+    help: "ID of secret providing qcow2 AES key or LUKS passphrase",
+  },
+  { name: "encrypt.cipher-alg", type: "str", help: "Name of encryption cipher algorithm" },
+  { name: "encrypt.cipher-mode", type: "str", help: "Name of encryption cipher mode" },
+  { name: "encrypt.ivgen-alg", type: "str", help: "Name of IV generator algorithm" },
+  { name: "encrypt.ivgen-hash-alg", type: "str", help: "Name of IV generator hash algorithm" },
+  { name: "encrypt.hash-alg", type: "str", help: "Name of encryption hash algorithm" },
+  { name: "encrypt.iter-time", type: "num", help: "Time to spend in PBKDF in milliseconds" },
+];
+
 /** `-o` parsed as qemu-img measure does, or the lines of its refusal. */
 function measureOptions(text: string, format: "qcow2" | "raw"): OptMap | string[] {
   try {
-    return parseOptions(text, acceptedOptionsOf(format), undefined);
+    const descs =
+      format === "qcow2"
+        ? [...acceptedOptionsOf(format), ...ENCRYPT_OPTIONS]
+        : acceptedOptionsOf(format);
+    return parseOptions(text, descs, undefined);
   } catch (e) {
     const lines = [messageOf(e, "")];
     if (lines[0]!.includes("expects a non-negative number below 2^64")) {
@@ -59,13 +80,17 @@ function measureOptions(text: string, format: "qcow2" | "raw"): OptMap | string[
 }
 
 /** The qcow2 target facts from `-o`, checked with qemu's words and in its order. */
-function qcow2Target(opts: OptMap): {
+function qcow2Target(
+  opts: OptMap,
+  secrets: ReadonlySet<string>,
+): {
   clusterSize: number;
   refcountBits: number;
   extendedL2: boolean;
   version: 2 | 3;
   preallocation: "off" | "metadata" | "falloc" | "full";
   backingFile: boolean;
+  luksKeyBytes: number | undefined;
 } {
   const v = (k: string): unknown => opts.get(k)?.value;
   const extendedL2 = v("extended_l2") === true;
@@ -98,9 +123,6 @@ function qcow2Target(opts: OptMap): {
   if (p !== "off" && p !== "metadata" && p !== "falloc" && p !== "full") {
     throw new CliError(`invalid parameter value: ${p}`);
   }
-  if (v("encrypt.format") !== undefined || v("encryption") !== undefined) {
-    throw new CliError("qimg measure does not support encrypted targets");
-  }
   return {
     clusterSize,
     refcountBits,
@@ -108,7 +130,38 @@ function qcow2Target(opts: OptMap): {
     version,
     preallocation: p,
     backingFile: opts.has("backing_file"),
+    luksKeyBytes: luksKeyBytes(opts, secrets),
   };
+}
+
+/**
+ * The master key length of a LUKS target (`encrypt.format=luks`), checked as QEMU does
+ * (a key secret that names a `--object secret`); undefined for no encryption or AES.
+ */
+function luksKeyBytes(opts: OptMap, secrets: ReadonlySet<string>): number | undefined {
+  const v = (k: string): string | undefined => {
+    const x = opts.get(k)?.value;
+    return x === undefined ? undefined : String(x);
+  };
+  if (v("encrypt.format") !== "luks") return undefined;
+  const secret = v("encrypt.key-secret");
+  if (secret === undefined)
+    throw new CliError("Parameter 'encrypt.key-secret' is required for cipher");
+  if (!secrets.has(secret)) throw new CliError(`No secret with id '${secret}'`);
+  const alg = v("encrypt.cipher-alg") ?? "aes-256";
+  const bits = /^(aes|twofish|serpent|cast5)-(128|192|256)$/.exec(alg);
+  if (bits === null) throw new CliError(`Invalid parameter '${alg}'`);
+  const mode = v("encrypt.cipher-mode") ?? "xts";
+  return (Number(bits[2]) / 8) * (mode === "xts" ? 2 : 1);
+}
+
+/**
+ * Bytes before a LUKS payload: the 592-byte header in a 4 KiB sector, then 8 key slots of
+ * key material (key bytes x 4000 anti-forensic stripes, each slot 4 KiB aligned).
+ */
+function luksPayloadBytes(keyBytes: number): number {
+  const slot = Math.ceil((keyBytes * 4000) / 4096) * 4096;
+  return 4096 + 8 * slot;
 }
 
 /** Parse `-l`: a snapshot ID or name, or `snapshot.id=...,snapshot.name=...`. */
@@ -163,7 +216,11 @@ export const measureCommand: CommandDef = {
       .option("-l, --snapshot <snapshot>", "measure the source's internal snapshot")
       .option("--image-opts", "the source is an option string (driver=...,file.filename=...)")
       .option("-U, --force-share", "open the source while another process writes it")
-      .option("--object <def>", "accepted for qemu-img compatibility (secrets are not used)")
+      .option(
+        "--object <def>",
+        "secret,id=ID,... for a LUKS target's key secret (only its ID is used)",
+        collect,
+      )
       .addOption(new Option("--output <fmt>", "output format: human or json").default("human"));
   },
   async run(ctx, args, opts) {
@@ -236,7 +293,17 @@ export const measureCommand: CommandDef = {
         const o = parsed.get("size")?.value;
         size = typeof o === "number" ? o : 0;
       }
-      const result = await measure(target, parsed, size, source, top);
+      const secrets = new Set(
+        (Array.isArray(opts.object) ? (opts.object as string[]) : [])
+          .filter((o) => o.startsWith("secret,"))
+          .flatMap((o) =>
+            o
+              .split(",")
+              .filter((p) => p.startsWith("id="))
+              .map((p) => p.slice(3)),
+          ),
+      );
+      const result = await measure(secrets, target, parsed, size, source, top);
       const fields: [string, number][] = [];
       if (output === "human") {
         let text = `required size: ${result.required}\nfully allocated size: ${result.fullyAllocated}\n`;
@@ -257,6 +324,7 @@ export const measureCommand: CommandDef = {
 };
 
 async function measure(
+  secrets: ReadonlySet<string>,
   target: "qcow2" | "raw",
   opts: OptMap,
   size: number | undefined,
@@ -267,7 +335,7 @@ async function measure(
     const n = source !== undefined ? sectorLength(source.virtualSize) : sectorLength(size ?? 0);
     return { required: n, fullyAllocated: n };
   }
-  const t = qcow2Target(opts);
+  const t = qcow2Target(opts, secrets);
   const virtualSize = source !== undefined ? sectorLength(source.virtualSize) : (size ?? 0);
   let dataBytes = 0;
   if (source !== undefined) {
@@ -289,6 +357,10 @@ async function measure(
   } catch (e) {
     if (e instanceof InvalidArgumentError) throw new CliError(e.message);
     throw e;
+  }
+  if (t.luksKeyBytes !== undefined) {
+    const payload = Math.ceil(luksPayloadBytes(t.luksKeyBytes) / t.clusterSize) * t.clusterSize;
+    m = { required: m.required + payload, fullyAllocated: m.fullyAllocated + payload };
   }
   const info = top !== undefined ? qcow2InfoOf(top) : undefined;
   if (t.version >= 3 && info !== undefined && info.version >= 3) {

@@ -3,8 +3,11 @@
  * load the CLI to learn them. A test keeps this list equal to the commands the CLI wires.
  */
 export const COMMAND_NAMES: readonly string[] = [
+  "amend",
   "bench",
+  "bitmap",
   "check",
+  "commit",
   "compare",
   "convert",
   "create",
@@ -12,13 +15,9 @@ export const COMMAND_NAMES: readonly string[] = [
   "info",
   "io",
   "map",
-  "resize",
-  // @names: one line per new command below this marker
-  "serve",
   "measure",
-  "snapshot",
-  "bitmap",
-  "amend",
-  "commit",
   "rebase",
+  "resize",
+  "serve",
+  "snapshot",
 ];

@@ -32,8 +32,8 @@ import { resizeImage, resizeWith } from "./resize.js";
 import type { Qcow2ResizeOptions } from "./resize.js";
 import { closeImage, flushImage } from "./flush.js";
 import type { Qcow2Info, Qcow2OpenOptions } from "./types.js";
-import { applySnapshot, createSnapshot, deleteSnapshot, openSnapshotView } from "./snapshot.js"; // @snapshots
-import type { CreateSnapshotOptions, SnapshotSelector, SnapshotViewOptions } from "./snapshot.js"; // @snapshots
+import { applySnapshot, createSnapshot, deleteSnapshot, openSnapshotView } from "./snapshot.js";
+import type { CreateSnapshotOptions, SnapshotSelector, SnapshotViewOptions } from "./snapshot.js";
 import {
   addBitmap,
   bitmapDirtyRanges,
@@ -46,11 +46,11 @@ import {
   removeBitmap,
 } from "./bitmap-manage.js";
 import type { AddBitmapOptions, DirtyRange, Qcow2BitmapInfo } from "./bitmap-manage.js";
-import { amendImage } from "./amend.js"; // @amend
-import type { Qcow2AmendOptions } from "./amend.js"; // @amend
-import { changeBackingFile } from "./backing.js"; // @backing
-import type { BackingFileChange } from "./backing.js"; // @backing
-import { makeEmpty } from "./make-empty.js"; // @backing
+import { amendImage } from "./amend.js";
+import type { Qcow2AmendOptions } from "./amend.js";
+import { changeBackingFile } from "./backing.js";
+import type { BackingFileChange } from "./backing.js";
+import { makeEmpty } from "./make-empty.js";
 
 export type { Compressor, Qcow2OpenOptions } from "./types.js";
 
@@ -226,7 +226,7 @@ export class Qcow2Image implements WritableDiskImage {
     return closeImage(this.#s);
   }
 
-  // @snapshots (issue 14: snapshot.ts) — methods go here
+  // Internal snapshots (snapshot.ts).
 
   /**
    * Create an internal snapshot named `name` of the active image (read-write opens; as
@@ -265,7 +265,7 @@ export class Qcow2Image implements WritableDiskImage {
     return openSnapshotView(this.#s, snapshot, options);
   }
 
-  // @bitmaps (issue 14: bitmap management) — methods go here
+  // Persistent bitmap management (bitmap-manage.ts).
 
   /**
    * Every persistent bitmap (name, granularity, flags). On a read-write open this is the
@@ -331,7 +331,7 @@ export class Qcow2Image implements WritableDiskImage {
     return mergeBitmap(this.#s, target, source, from ? from.#s : this.#s);
   }
 
-  // @amend (issue 15: amend.ts) — methods go here
+  // qemu-img amend (amend.ts).
 
   /**
    * Change image options as `qemu-img amend -o` does (compat, lazy_refcounts, refcount_bits,
@@ -342,7 +342,7 @@ export class Qcow2Image implements WritableDiskImage {
     return amendImage(this.#s, options);
   }
 
-  // @shrink (issue 15: resize --shrink, measure) — methods go here
+  // Resizing with shrink and preallocation (resize.ts, shrink.ts).
 
   /**
    * Resize with qemu-img's options: a smaller size needs `{ shrink: true }` and then discards
@@ -354,7 +354,7 @@ export class Qcow2Image implements WritableDiskImage {
     return resizeWith(this.#s, newSize, options);
   }
 
-  // @backing (issue 15: commit/rebase, backing-file changes) — methods go here
+  // Backing file changes and making the image empty (backing.ts, make-empty.ts).
 
   /**
    * Record a new backing file name and format in the header, or remove the backing file

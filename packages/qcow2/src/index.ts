@@ -91,7 +91,7 @@ export type { Qcow2Metadata, ReadMetadataOptions, FileRange } from "./layout.js"
 export type { Compressor } from "./image.js";
 export type { ClusterDecompressor } from "./types.js";
 export { defaultCompress } from "./compress.js";
-// @snapshots exports (issue 14)
+// Internal snapshots.
 export {
   MAX_SNAPSHOT_STRING_BYTES,
   MAX_SNAPSHOT_TABLE_BYTES,
@@ -100,12 +100,8 @@ export {
   newSnapshotId,
   openQcow2Snapshot,
 } from "./snapshot.js";
-export type {
-  CreateSnapshotOptions,
-  SnapshotSelector,
-  SnapshotViewOptions,
-} from "./snapshot.js";
-// @bitmaps exports (issue 14)
+export type { CreateSnapshotOptions, SnapshotSelector, SnapshotViewOptions } from "./snapshot.js";
+// Persistent bitmap management.
 export { copyBitmaps } from "./bitmap-copy.js";
 export {
   MAX_BITMAPS,
@@ -120,10 +116,10 @@ export type {
   Qcow2BitmapInfo,
 } from "./bitmap-manage.js";
 export { encodeBitmapDirectory } from "./spec/bitmap-directory.js";
-// @amend exports (issue 15)
+// Amend.
 export { compatVersion } from "./amend.js";
 export type { Qcow2AmendOptions } from "./amend.js";
-// @shrink exports (issue 15)
+// Resize, shrink, measure.
 export type { Qcow2ResizeOptions, Qcow2Preallocation } from "./resize.js";
 export {
   measureQcow2,
@@ -144,9 +140,9 @@ export {
   LUKS_SLOT_DISABLED,
 } from "./spec/luks.js";
 export type { LuksHeader, LuksKeySlotValue, LuksInfo, LuksSlotInfo } from "./spec/luks.js";
-// @backing exports (issue 15)
+// Backing file changes, make empty.
 export { withBackingFormat } from "./backing.js";
 export type { BackingFileChange } from "./backing.js";
-// @corruption exports (issue 13)
+// Corruption events.
 export { onQcow2Corruption } from "./overlap.js";
 export type { Qcow2CorruptionEvent } from "./overlap.js";

@@ -48,13 +48,16 @@ describe("resize FILE -SIZE (no --)", () => {
     const before = readFileSync(file);
     const r = await qimg(["resize", "-f", "raw", file, "-1M"]);
     expect(r.code).toBe(1);
-    expect(r.stderr).toBe("qimg: Use the --shrink option to perform a shrink operation.\n");
+    // qemu-img prints its warning about shrinking after the refusal, and so does qimg.
+    expect(r.stderr).toBe(
+      "qimg: Use the --shrink option to perform a shrink operation.\n" +
+        "qimg: warning: Shrinking an image will delete all data beyond the shrunken image's end. Before performing such an operation, make sure there is no important data there.\n",
+    );
     expect(readFileSync(file).equals(before)).toBe(true);
     if (hasQemu) {
       const q = qemuImg(["resize", "-f", "raw", file, "-1M"]);
       expect(q.code).toBe(1);
-      // (qemu-img adds a warning about shrinking after that line.)
-      expect(q.stderr.split("\n")[0]!.replace(/^qemu-img:/, "qimg:") + "\n").toBe(r.stderr);
+      expect(q.stderr.replace(/^qemu-img:/gm, "qimg:")).toBe(r.stderr);
     }
   });
 

@@ -219,10 +219,17 @@ describe.skipIf(!haveQemu)("internal snapshots with qemu-img", () => {
       src,
       dataOf(9, 65536, true).map((x, i) => (i % 97 === 0 ? (x + i) & 255 : x)),
     );
-    const w = tool("qemu-io", ["-c", `write -c -s ${src} 0 32768`, file]);
-    if (w.code !== 0)
-      console.log(`qemu-io compressed write failed (skipping that part): ${w.stderr}`);
-    const compressed = w.code === 0;
+    // One request per cluster: QEMU 7.2 compresses a multi-cluster request in parallel tasks
+    // that on 512-byte clusters now and then trip its own overlap check (see twins.ts).
+    const perCluster: string[] = [];
+    for (let at = 0; at < 32768; at += 512) {
+      const part = path.join(dir, `t${at}.bin`);
+      fs.writeFileSync(part, fs.readFileSync(src).subarray(at, at + 512));
+      perCluster.push("-c", `write -c -s ${part} ${at} 512`);
+    }
+    const w = tool("qemu-io", [...perCluster, file]);
+    expect(w.code, `${w.stdout}${w.stderr}`).toBe(0);
+    expect(w.stdout).not.toMatch(/failed/);
     let image = await openRw(file);
     await image.createSnapshot("small");
     await image.resize(256 * 1024);
@@ -251,9 +258,8 @@ describe.skipIf(!haveQemu)("internal snapshots with qemu-img", () => {
     await image.deleteSnapshot({ name: "big" });
     await image.close();
     clean(file, "after deleting both");
-    if (compressed)
-      expect(small.subarray(0, 32768)).toEqual(
-        new Uint8Array(fs.readFileSync(src)).subarray(0, 32768),
-      );
+    expect(small.subarray(0, 32768)).toEqual(
+      new Uint8Array(fs.readFileSync(src)).subarray(0, 32768),
+    );
   });
 });

@@ -9,7 +9,7 @@ import { copyFileSync } from "node:fs";
 import { join } from "node:path";
 import { describe, expect, it } from "vitest";
 import { hasQemu, prng, qemuImg, qemuIo } from "./qemu.js";
-import { facts, freshDir, twin } from "./amend-twins.js";
+import { createQcow2, facts, freshDir, twin } from "./amend-twins.js";
 
 if (!hasQemu) console.log("skipping amend interop: qemu-img is not on PATH");
 const LONG = process.env.QIMG_LONG === "1";
@@ -34,21 +34,8 @@ async function randomCase(seed: number): Promise<void> {
     );
     qemuIo(["-f", "raw", "-c", `write -P 0x5a 0 ${size}`, "base.raw"], dir);
   }
-  const create = qemuImg(
-    [
-      "create",
-      "-q",
-      "-f",
-      "qcow2",
-      "-o",
-      opts.join(","),
-      ...(backing ? ["-b", "base.raw", "-F", "raw"] : []),
-      "q.qcow2",
-      String(size),
-    ],
-    dir,
-  );
-  expect(create.code, `${what}: ${create.stderr}`).toBe(0);
+  const backingArgs = backing ? ["-b", "base.raw", "-F", "raw"] : [];
+  createQcow2(dir, "q.qcow2", size, opts.join(","), backingArgs);
   const ops: string[] = [];
   const n = 3 + Math.floor(r() * 10);
   const disk = Math.floor(size / 512) * 512;

@@ -52,23 +52,59 @@ export function expectClean(file: string, cwd: string, what: string): void {
   expect(j["leaks"] ?? 0, what).toBe(0);
 }
 
-/** Run `amend ARGS` with qemu-img on q.qcow2 and with qimg on d.qcow2 (twins); compare. */
-export async function twin(dir: string, args: readonly string[], what: string): Promise<number> {
-  const before = readFileSync(join(dir, "d.qcow2"));
-  const q = qemuImg(["amend", ...args, "q.qcow2"], dir);
-  const d = await qimg(["amend", ...args, "d.qcow2"], dir);
-  expect(d.code, `${what}\nqemu: ${q.stderr}\nqimg: ${d.stderr}`).toBe(q.code);
-  expect(d.stdout, what).toBe(q.stdout);
-  expect(firstError(d.stderr), what).toBe(firstError(q.stderr));
-  if (q.code !== 0) {
-    expect(readFileSync(join(dir, "d.qcow2")).equals(before), `${what}: refused but changed`).toBe(
+/** `qemu-img create -q -f qcow2 [-o OPTIONS] [EXTRA…] FILE SIZE` in `dir`; it must succeed. */
+export function createQcow2(
+  dir: string,
+  file: string,
+  size: number | string,
+  options?: string,
+  extra: readonly string[] = [],
+): void {
+  const args = ["create", "-q", "-f", "qcow2", ...(options ? ["-o", options] : []), ...extra];
+  const r = qemuImg([...args, file, String(size)], dir);
+  expect(r.code, `qemu-img ${args.join(" ")} ${file} ${size}: ${r.stderr}`).toBe(0);
+}
+
+/** One side of a twin pair: an image `file` in the directory `dir`. */
+export interface TwinImage {
+  readonly dir: string;
+  readonly file: string;
+}
+
+/**
+ * Run `amend ARGS` with qemu-img on `q` and with qimg on `d` (twins, each run in its own
+ * directory): the same exit code, stdout and first error line; a refusal leaves `d`
+ * byte-identical; a success gives the same `qemu-img info` facts and a clean `qemu-img check`.
+ * Returns qemu-img's exit code (the caller compares guest bytes after a success).
+ */
+export async function amendBoth(
+  q: TwinImage,
+  d: TwinImage,
+  args: readonly string[],
+  what: string,
+): Promise<number> {
+  const before = readFileSync(join(d.dir, d.file));
+  const a = qemuImg(["amend", ...args, q.file], q.dir);
+  const b = await qimg(["amend", ...args, d.file], d.dir);
+  expect(b.code, `${what}\nqemu: ${a.stderr}\nqimg: ${b.stderr}`).toBe(a.code);
+  expect(b.stdout, what).toBe(a.stdout);
+  expect(firstError(b.stderr), what).toBe(firstError(a.stderr));
+  if (a.code !== 0) {
+    expect(readFileSync(join(d.dir, d.file)).equals(before), `${what}: refused but changed`).toBe(
       true,
     );
-    return q.code;
+    return a.code;
   }
+  expect(facts(d.file, d.dir), what).toEqual(facts(q.file, q.dir));
+  expectClean(d.file, d.dir, what);
+  return 0;
+}
+
+/** Run `amend ARGS` with qemu-img on q.qcow2 and with qimg on d.qcow2 (twins); compare. */
+export async function twin(dir: string, args: readonly string[], what: string): Promise<number> {
+  const code = await amendBoth({ dir, file: "q.qcow2" }, { dir, file: "d.qcow2" }, args, what);
+  if (code !== 0) return code;
   const cmp = qemuImg(["compare", "q.qcow2", "d.qcow2"], dir);
   expect(cmp.code, `${what}: ${cmp.stdout}${cmp.stderr}`).toBe(0);
-  expect(facts("d.qcow2", dir), what).toEqual(facts("q.qcow2", dir));
-  expectClean("d.qcow2", dir, what);
   return 0;
 }

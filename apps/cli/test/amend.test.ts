@@ -10,7 +10,7 @@ import { join } from "node:path";
 import { describe, expect, it } from "vitest";
 import { hasQemu, qemuImg, qemuIo, qemuInfo } from "./qemu.js";
 import { qimg } from "./helpers.js";
-import { expectClean, facts, firstError, freshDir } from "./amend-twins.js";
+import { amendBoth, createQcow2, facts, firstError, freshDir } from "./amend-twins.js";
 
 if (!hasQemu) console.log("skipping amend interop: qemu-img is not on PATH");
 
@@ -68,7 +68,7 @@ describe.skipIf(!hasQemu)("qimg amend: syntax, help and refusals as qemu-img", (
     const q = freshDir();
     const d = freshDir();
     for (const dir of [q, d]) {
-      expect(qemuImg(["create", "-q", "-f", "qcow2", "x.qcow2", "1M"], dir).code).toBe(0);
+      createQcow2(dir, "x.qcow2", "1M");
       expect(qemuImg(["create", "-q", "-f", "qed", "y.qed", "1M"], dir).code).toBe(0);
       expect(qemuImg(["create", "-q", "-f", "raw", "z.raw", "1M"], dir).code).toBe(0);
     }
@@ -90,7 +90,7 @@ describe.skipIf(!hasQemu)("qimg amend: syntax, help and refusals as qemu-img", (
 
   it("-p shows qemu-img's progress lines on stdout, from 0 to 100%", async () => {
     const d = freshDir();
-    qemuImg(["create", "-q", "-f", "qcow2", "x.qcow2", "1M"], d);
+    createQcow2(d, "x.qcow2", "1M");
     qemuIo(["-c", "write -z 0 256k", "x.qcow2"], d);
     const r = await qimg(["amend", "-p", "-o", "compat=0.10", "x.qcow2"], d);
     expect(r.code).toBe(0);
@@ -101,36 +101,37 @@ describe.skipIf(!hasQemu)("qimg amend: syntax, help and refusals as qemu-img", (
 
 /**
  * Twins in two directories under the same names (for images whose data file name is part of
- * what amend changes): `setup` runs in each, then the amend; both must agree.
+ * what amend changes): `setup` runs in each, then the amend; both must agree (see amendBoth),
+ * and after a success each twin's guest bytes, read in its own directory, must be the same.
  */
 async function twinDirs(
   setup: (dir: string) => void,
   args: readonly string[],
   what: string,
-): Promise<{ q: string; d: string; code: number; stderr: string }> {
+): Promise<{ q: string; d: string }> {
   const q = freshDir();
   const d = freshDir();
   setup(q);
   setup(d);
-  const before = readFileSync(join(d, "img.qcow2"));
-  const a = qemuImg(["amend", ...args, "img.qcow2"], q);
-  const b = await qimg(["amend", ...args, "img.qcow2"], d);
-  expect(b.code, `${what}\nqemu: ${a.stderr}\nqimg: ${b.stderr}`).toBe(a.code);
-  expect(b.stdout, what).toBe(a.stdout);
-  expect(firstError(b.stderr), what).toBe(firstError(a.stderr));
-  if (a.code !== 0) {
-    expect(readFileSync(join(d, "img.qcow2")).equals(before), what).toBe(true);
-  } else {
-    expect(facts("img.qcow2", d), what).toEqual(facts("img.qcow2", q));
-    expectClean("img.qcow2", d, what);
+  const file = "img.qcow2";
+  if ((await amendBoth({ dir: q, file }, { dir: d, file }, args, what)) === 0) {
     // Data file names resolve against the working directory: each twin reads in its own.
-    for (const dir of [q, d]) run(dir, "img", ["convert", "-O", "raw", "img.qcow2", "guest.raw"]);
+    for (const dir of [q, d]) run(dir, "img", ["convert", "-O", "raw", file, "guest.raw"]);
     expect(
       readFileSync(join(d, "guest.raw")).equals(readFileSync(join(q, "guest.raw"))),
       what,
     ).toBe(true);
   }
-  return { q, d, code: a.code, stderr: b.stderr };
+  return { q, d };
+}
+
+/** {@link twinDirs} once for each `-o` value in `options`, on images made by `setup`. */
+async function amendEach(
+  setup: (dir: string) => void,
+  options: readonly string[],
+  what: string,
+): Promise<void> {
+  for (const o of options) await twinDirs(setup, ["-o", o], `${what}: ${o}`);
 }
 
 function run(dir: string, cmd: "img" | "io", args: readonly string[]): void {
@@ -140,16 +141,8 @@ function run(dir: string, cmd: "img" | "io", args: readonly string[]): void {
 
 describe.skipIf(!hasQemu)("qimg amend: special images as qemu-img", () => {
   const dataFile = (raw: boolean) => (dir: string) => {
-    run(dir, "img", [
-      "create",
-      "-q",
-      "-f",
-      "qcow2",
-      "-o",
-      `cluster_size=4096,data_file=data.raw,data_file_raw=${raw ? "on" : "off"}`,
-      "img.qcow2",
-      "1M",
-    ]);
+    const o = `cluster_size=4096,data_file=data.raw,data_file_raw=${raw ? "on" : "off"}`;
+    createQcow2(dir, "img.qcow2", "1M", o);
     run(dir, "io", ["-c", "write -P 7 0 100k", "-c", "write -z 200k 64k", "img.qcow2"]);
     run(dir, "img", ["create", "-q", "-f", "raw", "data2.raw", "1M"]);
     copyFileSync(join(dir, "data.raw"), join(dir, "data2.raw"));
@@ -179,7 +172,7 @@ describe.skipIf(!hasQemu)("qimg amend: special images as qemu-img", () => {
     for (const compressed of [false, true]) {
       await twinDirs(
         (dir) => {
-          run(dir, "img", ["create", "-q", "-f", "qcow2", "-o", create, "img.qcow2", "1M"]);
+          createQcow2(dir, "img.qcow2", "1M", create);
           run(dir, "io", [
             "-c",
             "write -P 9 0 100k",
@@ -196,72 +189,34 @@ describe.skipIf(!hasQemu)("qimg amend: special images as qemu-img", () => {
   });
 
   it("a dirty image (lazy refcounts, qemu-io abort) is repaired by the open, then amended", async () => {
-    for (const o of ["compat=0.10", "lazy_refcounts=off", "refcount_bits=4"]) {
-      await twinDirs(
-        (dir) => {
-          run(dir, "img", [
-            "create",
-            "-q",
-            "-f",
-            "qcow2",
-            "-o",
-            "lazy_refcounts=on,cluster_size=4096",
-            "img.qcow2",
-            "1M",
-          ]);
-          qemuIo(
-            [
-              "-c",
-              "write -P 0x2a 0 300k",
-              "-c",
-              "write -z 400k 40k",
-              "-c",
-              "flush",
-              "-c",
-              "abort",
-              "img.qcow2",
-            ],
-            dir,
-          );
-        },
-        ["-o", o],
-        `dirty: ${o}`,
-      );
-    }
+    await amendEach(
+      (dir) => {
+        createQcow2(dir, "img.qcow2", "1M", "lazy_refcounts=on,cluster_size=4096");
+        const writes = ["write -P 0x2a 0 300k", "write -z 400k 40k", "flush", "abort"];
+        qemuIo([...writes.flatMap((c) => ["-c", c]), "img.qcow2"], dir);
+      },
+      ["compat=0.10", "lazy_refcounts=off", "refcount_bits=4"],
+      "dirty",
+    );
   });
 
   it("a version 2 image with snapshots: upgrade then resize in one amend; size alone refused", async () => {
-    for (const o of [
-      "compat=1.1,size=2M",
-      "size=2M",
-      "compat=1.1,lazy_refcounts=on,refcount_bits=64",
-    ]) {
-      await twinDirs(
-        (dir) => {
-          run(dir, "img", [
-            "create",
-            "-q",
-            "-f",
-            "qcow2",
-            "-o",
-            "compat=0.10,cluster_size=4096",
-            "img.qcow2",
-            "1M",
-          ]);
-          run(dir, "io", ["-c", "write -P 1 0 100k", "img.qcow2"]);
-          run(dir, "img", ["snapshot", "-c", "s", "img.qcow2"]);
-          run(dir, "io", ["-c", "write -P 2 50k 100k", "img.qcow2"]);
-        },
-        ["-o", o],
-        `v2 with a snapshot: ${o}`,
-      );
-    }
+    await amendEach(
+      (dir) => {
+        createQcow2(dir, "img.qcow2", "1M", "compat=0.10,cluster_size=4096");
+        run(dir, "io", ["-c", "write -P 1 0 100k", "img.qcow2"]);
+        run(dir, "img", ["snapshot", "-c", "s", "img.qcow2"]);
+        run(dir, "io", ["-c", "write -P 2 50k 100k", "img.qcow2"]);
+      },
+      ["compat=1.1,size=2M", "size=2M", "compat=1.1,lazy_refcounts=on,refcount_bits=64"],
+      "v2 with a snapshot",
+    );
   });
 
   it("persistent bitmaps: a downgrade drops them (qemu-img leaks their clusters; qimg frees them)", async () => {
     const r = await twinDirs(
       (dir) => {
-        run(dir, "img", ["create", "-q", "-f", "qcow2", "img.qcow2", "1M"]);
+        createQcow2(dir, "img.qcow2", "1M");
         run(dir, "img", ["bitmap", "--add", "img.qcow2", "b1"]);
         run(dir, "img", ["bitmap", "--add", "-g", "4096", "img.qcow2", "b2"]);
         run(dir, "io", ["-c", "write -P 1 0 300k", "-c", "write -z 512k 64k", "img.qcow2"]);
@@ -275,25 +230,14 @@ describe.skipIf(!hasQemu)("qimg amend: special images as qemu-img", () => {
   });
 
   it("size: grow, and shrink as qemu-img amend does (no --shrink needed)", async () => {
-    for (const o of ["size=3333k", "size=1M", "size=700k", "size=513k", "size=2M,compat=0.10"]) {
-      await twinDirs(
-        (dir) => {
-          run(dir, "img", [
-            "create",
-            "-q",
-            "-f",
-            "qcow2",
-            "-o",
-            "cluster_size=4096",
-            "img.qcow2",
-            "2M",
-          ]);
-          run(dir, "io", ["-c", "write -P 3 0 2M", "-c", "write -z 1M 64k", "img.qcow2"]);
-          run(dir, "img", ["snapshot", "-c", "s", "img.qcow2"]);
-        },
-        ["-o", o],
-        `size: ${o}`,
-      );
-    }
+    await amendEach(
+      (dir) => {
+        createQcow2(dir, "img.qcow2", "2M", "cluster_size=4096");
+        run(dir, "io", ["-c", "write -P 3 0 2M", "-c", "write -z 1M 64k", "img.qcow2"]);
+        run(dir, "img", ["snapshot", "-c", "s", "img.qcow2"]);
+      },
+      ["size=3333k", "size=1M", "size=700k", "size=513k", "size=2M,compat=0.10"],
+      "size",
+    );
   });
 });

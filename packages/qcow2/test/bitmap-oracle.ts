@@ -67,16 +67,15 @@ function merge(ranges: Ranges): Ranges {
 }
 
 /**
- * Dirty guest ranges of each named bitmap as QEMU exports them (qemu-nbd -B; the bitmaps
- * must be consistent, or qemu-nbd refuses them).
+ * Runs `body` while `qemu-nbd -B NAME…` exports `file` read-only on a fresh unix socket in
+ * `dir`, then stops the server and removes the socket and pid file.
  */
-export async function qemuDirtyRanges(
+async function withBitmapExport<T>(
   file: string,
   names: readonly string[],
   dir: string,
-): Promise<Map<string, Ranges>> {
-  const out = new Map<string, Ranges>();
-  if (names.length === 0) return out;
+  body: (sock: string) => T,
+): Promise<T> {
   const sock = path.join(dir, `nbd-${process.pid}-${Math.random().toString(36).slice(2)}.sock`);
   const pidFile = `${sock}.pid`;
   must("qemu-nbd", [
@@ -92,6 +91,29 @@ export async function qemuDirtyRanges(
     file,
   ]);
   try {
+    return body(sock);
+  } finally {
+    for (let i = 0; i < 50 && !fs.existsSync(pidFile); i++)
+      await new Promise((r) => setTimeout(r, 20));
+    const pid = Number(fs.readFileSync(pidFile, "utf8").trim());
+    if (pid > 0) process.kill(pid, "SIGTERM");
+    fs.rmSync(sock, { force: true });
+    fs.rmSync(pidFile, { force: true });
+  }
+}
+
+/**
+ * Dirty guest ranges of each named bitmap as QEMU exports them (qemu-nbd -B; the bitmaps
+ * must be consistent, or qemu-nbd refuses them).
+ */
+export async function qemuDirtyRanges(
+  file: string,
+  names: readonly string[],
+  dir: string,
+): Promise<Map<string, Ranges>> {
+  const out = new Map<string, Ranges>();
+  if (names.length === 0) return out;
+  return withBitmapExport(file, names, dir, (sock) => {
     for (const name of names) {
       const map = JSON.parse(
         must("qemu-img", [
@@ -106,15 +128,8 @@ export async function qemuDirtyRanges(
         merge(map.filter((e) => !e.data).map((e): [number, number] => [e.start, e.length])),
       );
     }
-  } finally {
-    for (let i = 0; i < 50 && !fs.existsSync(pidFile); i++)
-      await new Promise((r) => setTimeout(r, 20));
-    const pid = Number(fs.readFileSync(pidFile, "utf8").trim());
-    if (pid > 0) process.kill(pid, "SIGTERM");
-    fs.rmSync(sock, { force: true });
-    fs.rmSync(pidFile, { force: true });
-  }
-  return out;
+    return out;
+  });
 }
 
 /** Dirty guest ranges of each bitmap as our reader decodes them, clipped to the disk. */
@@ -157,21 +172,7 @@ export async function nbdinfoDirtyRanges(
 ): Promise<Map<string, Ranges>> {
   const out = new Map<string, Ranges>();
   if (names.length === 0) return out;
-  const sock = path.join(dir, `nbdi-${process.pid}-${Math.random().toString(36).slice(2)}.sock`);
-  const pidFile = `${sock}.pid`;
-  must("qemu-nbd", [
-    "-t",
-    "-r",
-    "-f",
-    "qcow2",
-    "-k",
-    sock,
-    ...names.flatMap((n) => ["-B", n]),
-    "--fork",
-    `--pid-file=${pidFile}`,
-    file,
-  ]);
-  try {
+  return withBitmapExport(file, names, dir, (sock) => {
     for (const name of names) {
       const map = JSON.parse(
         must("nbdinfo", [
@@ -187,15 +188,8 @@ export async function nbdinfoDirtyRanges(
         ),
       );
     }
-  } finally {
-    for (let i = 0; i < 50 && !fs.existsSync(pidFile); i++)
-      await new Promise((r) => setTimeout(r, 20));
-    const pid = Number(fs.readFileSync(pidFile, "utf8").trim());
-    if (pid > 0) process.kill(pid, "SIGTERM");
-    fs.rmSync(sock, { force: true });
-    fs.rmSync(pidFile, { force: true });
-  }
-  return out;
+    return out;
+  });
 }
 
 /** Expected dirty ranges: each written range widened to the granularity, clipped to the disk. */

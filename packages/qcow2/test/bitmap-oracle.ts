@@ -7,8 +7,11 @@
 import { spawnSync } from "node:child_process";
 import fs from "node:fs";
 import path from "node:path";
+import { expect } from "vitest";
+import { FaultBackend, MemoryBackend } from "@qimg/io";
 import { FileBackend } from "@qimg/io/node";
 import { openQcow2 } from "../src/index.js";
+import type { Qcow2Image } from "../src/index.js";
 import { readBitmapBits } from "../src/bitmap.js";
 
 export interface Run {
@@ -211,4 +214,48 @@ export function expectedRanges(
       Math.min(granularity, size - n * granularity),
     ]),
   );
+}
+
+/**
+ * Power loss at every write or flush of a close: for n = 0, 1, 2, … runs `session` on a fresh
+ * in-memory copy of `bytes` and flushes, then closes with the (n+1)-th write or flush of the
+ * close failing, loses power (the last write torn) and writes what survives to `out`. Each
+ * survivor must show no corruption and no check error in `qemu-img check` and open read-write
+ * in qemu-io; then `out` is written again (qemu-io's open may change it) and `judge` looks at
+ * it. Stops after the first close that completes, and returns its n.
+ */
+export async function closeCrashes(
+  bytes: Uint8Array,
+  session: (image: Qcow2Image) => Promise<void>,
+  out: string,
+  judge: (where: string, completed: boolean) => Promise<void>,
+): Promise<number> {
+  for (let n = 0; ; n++) {
+    const mem = new MemoryBackend();
+    await mem.write(0, bytes);
+    let counting = false;
+    let ops = 0;
+    const fault = await FaultBackend.wrap(mem, {
+      failWhen: (op) => counting && (op === "write" || op === "flush") && ++ops > n,
+    });
+    const image = await openQcow2(fault, { readOnly: false });
+    await session(image);
+    await image.flush();
+    counting = true;
+    let completed = true;
+    await image.close().catch(() => {
+      completed = false;
+    });
+    const survivor = fault.powerLoss({ tearLastWrite: true, seed: n });
+    fs.writeFileSync(out, survivor.snapshot());
+    const where = `power loss after ${n} writes/flushes of the close`;
+    const c = check(out);
+    expect(c.result.corruptions ?? 0, where).toBe(0);
+    expect(c.result["check-errors"] ?? 0, where).toBe(0);
+    // QEMU opens it read-write (a torn directory would make it refuse the image).
+    expect(run("qemu-io", ["-f", "qcow2", "-c", "read 0 512", out]).code, where).toBe(0);
+    fs.writeFileSync(out, survivor.snapshot());
+    await judge(where, completed);
+    if (completed) return n;
+  }
 }

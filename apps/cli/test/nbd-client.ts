@@ -59,13 +59,15 @@ function option(code: number, data: Uint8Array = new Uint8Array(0)): Uint8Array 
   return out;
 }
 
-function u32(n: number): Uint8Array {
+/** The 4 big-endian bytes of `n` (NBD's u32). */
+export function u32(n: number): Uint8Array {
   const b = new Uint8Array(4);
   new DataView(b.buffer).setUint32(0, n, false);
   return b;
 }
 
-function concat(...parts: Uint8Array[]): Uint8Array {
+/** `parts` one after another in a new array. */
+export function concat(...parts: Uint8Array[]): Uint8Array {
   const out = new Uint8Array(parts.reduce((n, p) => n + p.length, 0));
   let at = 0;
   for (const p of parts) {

@@ -11,11 +11,9 @@ import { join } from "node:path";
 import {
   ClientFlag,
   ClientFlags,
-  NBD_OPTS_MAGIC,
   NBD_REQUEST_MAGIC,
   NbdCmd,
   NbdOpt,
-  OptionHeader,
   RequestHeader,
 } from "@qimg/nbd";
 import { serve, type NbdServer } from "@qimg/nbd/node";
@@ -25,7 +23,7 @@ import { runCli } from "../src/cli.js";
 import { captureContext } from "../src/context.js";
 import type { WritableDiskImage } from "../src/drivers.js";
 import { openImage } from "../src/open.js";
-import { NbdTestClient, lstr, rawConnect } from "./nbd-client.js";
+import { NbdTestClient, concat, lstr, optionBytes, rawConnect, u32 } from "./nbd-client.js";
 import { hasQemu, qemuImg } from "./qemu.js";
 
 const SEED = Number(process.env.QIMG_SEED ?? 20261202);
@@ -74,28 +72,13 @@ afterAll(async () => {
   rmSync(dir, { recursive: true, force: true });
 });
 
-function concat(...parts: Uint8Array[]): Uint8Array {
-  const out = new Uint8Array(parts.reduce((n, p) => n + p.length, 0));
-  let at = 0;
-  for (const p of parts) {
-    out.set(p, at);
-    at += p.length;
-  }
-  return out;
-}
-
 /** A valid client stream: flags, structured replies, contexts, GO, then some requests. */
 function validStream(rnd: () => number): Uint8Array {
-  const opt = (code: number, data: Uint8Array = new Uint8Array(0)): Uint8Array =>
-    concat(OptionHeader.encode({ magic: NBD_OPTS_MAGIC, option: code, length: data.length }), data);
   const parts = [
     ClientFlags.encode({ flags: ClientFlag.FIXED_NEWSTYLE | ClientFlag.NO_ZEROES }),
-    opt(NbdOpt.STRUCTURED_REPLY),
-    opt(
-      NbdOpt.SET_META_CONTEXT,
-      concat(lstr(""), new Uint8Array([0, 0, 0, 1]), lstr("base:allocation")),
-    ),
-    opt(NbdOpt.GO, concat(lstr(""), new Uint8Array(2))),
+    optionBytes(NbdOpt.STRUCTURED_REPLY),
+    optionBytes(NbdOpt.SET_META_CONTEXT, concat(lstr(""), u32(1), lstr("base:allocation"))),
+    optionBytes(NbdOpt.GO, concat(lstr(""), new Uint8Array(2))),
   ];
   for (let i = 0; i < 1 + Math.floor(rnd() * 6); i++) parts.push(randomRequest(rnd, true));
   return concat(...parts);

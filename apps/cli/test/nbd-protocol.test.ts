@@ -28,7 +28,7 @@ import { afterAll, beforeAll, describe, expect, it } from "vitest";
 import { captureContext } from "../src/context.js";
 import type { WritableDiskImage } from "../src/drivers.js";
 import { openImage } from "../src/open.js";
-import { NbdTestClient, lstr, optionBytes, rawConnect } from "./nbd-client.js";
+import { NbdTestClient, lstr, optionBytes, rawConnect, u32 } from "./nbd-client.js";
 import { hasQemu, qemuImg } from "./qemu.js";
 
 const SIZE = 3 * 1024 * 1024 + 1536;
@@ -246,8 +246,6 @@ describe("NBD option haggling", () => {
 
   it("answers unknown and malformed options with errors and still lets the client GO", async () => {
     const conn = await handshake();
-    const u32 = (n: number): Uint8Array =>
-      new Uint8Array([n >>> 24, (n >> 16) & 255, (n >> 8) & 255, n & 255]);
     conn.channel.write(optionBytes(99, new Uint8Array(10)));
     expect((await reply(conn)).type).toBe(NbdRep.ERR_UNSUP);
     conn.channel.write(optionBytes(NbdOpt.STARTTLS));

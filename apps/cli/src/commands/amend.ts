@@ -6,20 +6,18 @@
  * refused in qemu-img's words (exit 1); a refused amend leaves the file as it was.
  */
 import type { Command } from "commander";
-import { checkImage } from "@qimg/check";
-import { FileBackend } from "@qimg/io/node";
 import { ErrorCode, isQimgError } from "@qimg/structs";
 import { Qcow2Image } from "@qimg/qcow2";
 import type { Qcow2AmendOptions } from "@qimg/qcow2";
 import type { CommandDef } from "../command.js";
 import { stringOpt } from "../command.js";
 import { CliError, inFile } from "../errors.js";
-import type { CliContext } from "../context.js";
-import { openImage, probeBackend } from "../open.js";
+import { openImage } from "../open.js";
 import { collect } from "../util/cli-options.js";
 import { isHelpRequest, parseOptions, splitOptions } from "../util/qemu-opts.js";
 import type { OptDesc } from "../util/qemu-opts.js";
 import { startProgress } from "../util/progress.js";
+import { repairDirtyQcow2 } from "../util/repair-dirty.js";
 
 /** qcow2's amend options, as `qemu-img amend -f qcow2 -o help` lists them. */
 export const QCOW2_AMEND_OPTIONS: readonly OptDesc[] = [
@@ -138,41 +136,6 @@ function amendOptionsOf(text: string): Qcow2AmendOptions {
   };
 }
 
-/**
- * qemu-img amend opens the image read-write, and QEMU repairs a dirty qcow2 image (lazy
- * refcounts, not closed cleanly) at that open, printing the check's lines ("ERROR cluster 5
- * refcount=0 reference=1", "Rebuilding refcount structure", "Repairing cluster ...") on
- * stderr. The same repair as `qimg io` runs for such an image (the check of @qimg/check with
- * repair=all); anything else is left to the open.
- */
-async function repairDirty(
-  ctx: CliContext,
-  file: string,
-  format: string | undefined,
-): Promise<void> {
-  if (format !== undefined && format !== "qcow2") return;
-  let backend: FileBackend;
-  try {
-    backend = await FileBackend.open(file, { readOnly: false });
-  } catch {
-    return; // the open proper reports it
-  }
-  try {
-    if ((await probeBackend(backend)) !== "qcow2") return;
-    const head = new Uint8Array(80);
-    if ((await backend.size()) < head.length) return;
-    await backend.read(0, head);
-    const view = new DataView(head.buffer);
-    if (view.getUint32(4, false) < 3 || (view.getUint8(79) & 1) === 0) return;
-    const result = await checkImage(backend, "qcow2", { repair: "all", filename: file });
-    ctx.stderr(result.messages.map((m) => `${m.text}\n`).join(""));
-  } catch {
-    // Left to the open, which rebuilds the refcounts of a dirty image itself.
-  } finally {
-    await backend.close().catch(() => undefined);
-  }
-}
-
 const ZERO_FAILED = "Failed to zero out new clusters:";
 
 /** A refusal or bad value from the driver: qemu-img prints it without the file name. */
@@ -220,7 +183,9 @@ export const amendCommand: CommandDef = {
     }
     if (args.length !== 1) throw new CliError("Expecting one image file name");
     const file = args[0] ?? "";
-    await repairDirty(ctx, file, format);
+    // qemu-img amend opens the image read-write, and QEMU repairs a dirty qcow2 image at that
+    // open, printing the check's lines on stderr.
+    await repairDirtyQcow2(ctx, file, format);
     const image = await openImage(file, { format, readOnly: false, ctx });
     try {
       if (!(image instanceof Qcow2Image)) refuseFormat(image.format, true);

@@ -10,16 +10,15 @@
  * Exit status: 0, or 1 when a command failed (qemu-io's); 134 after `abort`.
  */
 import type { Command } from "commander";
-import { checkImage } from "@qimg/check";
-import { FileBackend } from "@qimg/io/node";
 import { stringOpt, type CommandDef } from "../command.js";
 import type { CliContext } from "../context.js";
 import { BACKING_FAILED, CliError, messageOf, printCorruptionEvents } from "../errors.js";
 import { IoScript, ScriptCrash, type ScriptOpener } from "../io-script.js";
-import { probeBackend, openImage, writeTarget } from "../open.js";
+import { openImage, writeTarget } from "../open.js";
 import { parseBool, splitOptions } from "../util/qemu-opts.js";
 import { cacheMode, type CacheMode } from "../util/cache-mode.js";
 import { collect } from "../util/cli-options.js";
+import { repairDirtyQcow2 } from "../util/repair-dirty.js";
 
 export interface IoOptions {
   readonly file: string;
@@ -55,7 +54,8 @@ export async function runIo(ctx: CliContext, o: IoOptions): Promise<number> {
     }
   }
   const readOnly = o.readOnly === true;
-  if (!readOnly && (o.format === undefined || o.format === "qcow2")) await repairDirty(ctx, o.file);
+  // A read-write open of a dirty qcow2 image repairs it first, as qemu-io's does.
+  if (!readOnly) await repairDirtyQcow2(ctx, o.file, o.format);
   const stopEvents = printCorruptionEvents(ctx);
   try {
     return await runScript(ctx, o, readOnly, mode, lazyRefcounts);
@@ -125,35 +125,6 @@ async function runScript(
     // A crash leaves the image as it is (no flush, no clean close). The script may have
     // closed or reopened it (close, open, reopen).
     if (!crashed) await (script === undefined ? image.close() : script.close());
-  }
-}
-
-/**
- * A read-write open of a qcow2 image whose dirty bit is set (lazy refcounts, not closed
- * cleanly) repairs it first, as qemu-io's does: a full check that fixes what it finds, with
- * its lines ("ERROR cluster 5 refcount=0 reference=1", "Rebuilding refcount structure",
- * "Repairing cluster ...") on stderr and no summary. Anything else is left to the open.
- */
-async function repairDirty(ctx: CliContext, file: string): Promise<void> {
-  let backend: FileBackend;
-  try {
-    backend = await FileBackend.open(file, { readOnly: false });
-  } catch {
-    return; // the open proper reports it
-  }
-  try {
-    if ((await probeBackend(backend)) !== "qcow2") return;
-    const head = new Uint8Array(80);
-    if ((await backend.size()) < head.length) return;
-    await backend.read(0, head);
-    const view = new DataView(head.buffer);
-    if (view.getUint32(4) < 3 || (view.getUint8(79) & 1) === 0) return;
-    const result = await checkImage(backend, "qcow2", { repair: "all", filename: file });
-    ctx.stderr(result.messages.map((m) => `${m.text}\n`).join(""));
-  } catch {
-    // Left to the open, which rebuilds the refcounts of a dirty image itself.
-  } finally {
-    await backend.close().catch(() => undefined);
   }
 }
 

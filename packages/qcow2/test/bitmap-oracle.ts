@@ -70,15 +70,19 @@ function merge(ranges: Ranges): Ranges {
 }
 
 /**
- * Runs `body` while `qemu-nbd -B NAME…` exports `file` read-only on a fresh unix socket in
- * `dir`, then stops the server and removes the socket and pid file.
+ * Dirty guest ranges of each named bitmap while `qemu-nbd -B NAME…` exports `file` read-only
+ * on a fresh unix socket in `dir` (the bitmaps must be consistent, or qemu-nbd refuses them):
+ * `read` gives one bitmap's dirty extents over the socket. Afterwards the server is stopped
+ * and the socket and pid file removed.
  */
-async function withBitmapExport<T>(
+async function exportedDirtyRanges(
   file: string,
   names: readonly string[],
   dir: string,
-  body: (sock: string) => T,
-): Promise<T> {
+  read: (sock: string, name: string) => Ranges,
+): Promise<Map<string, Ranges>> {
+  const out = new Map<string, Ranges>();
+  if (names.length === 0) return out;
   const sock = path.join(dir, `nbd-${process.pid}-${Math.random().toString(36).slice(2)}.sock`);
   const pidFile = `${sock}.pid`;
   must("qemu-nbd", [
@@ -94,7 +98,7 @@ async function withBitmapExport<T>(
     file,
   ]);
   try {
-    return body(sock);
+    for (const name of names) out.set(name, merge(read(sock, name)));
   } finally {
     for (let i = 0; i < 50 && !fs.existsSync(pidFile); i++)
       await new Promise((r) => setTimeout(r, 20));
@@ -103,35 +107,29 @@ async function withBitmapExport<T>(
     fs.rmSync(sock, { force: true });
     fs.rmSync(pidFile, { force: true });
   }
+  return out;
 }
 
 /**
- * Dirty guest ranges of each named bitmap as QEMU exports them (qemu-nbd -B; the bitmaps
- * must be consistent, or qemu-nbd refuses them).
+ * Dirty guest ranges of each named bitmap as QEMU exports them (qemu-nbd -B, read back by
+ * `qemu-img map` over the nbd driver's `x-dirty-bitmap` option; the bitmaps must be
+ * consistent, or qemu-nbd refuses them).
  */
-export async function qemuDirtyRanges(
+export function qemuDirtyRanges(
   file: string,
   names: readonly string[],
   dir: string,
 ): Promise<Map<string, Ranges>> {
-  const out = new Map<string, Ranges>();
-  if (names.length === 0) return out;
-  return withBitmapExport(file, names, dir, (sock) => {
-    for (const name of names) {
-      const map = JSON.parse(
-        must("qemu-img", [
-          "map",
-          "--output=json",
-          "--image-opts",
-          `driver=nbd,server.type=unix,server.path=${sock},x-dirty-bitmap=qemu:dirty-bitmap:${name}`,
-        ]),
-      ) as { start: number; length: number; data: boolean }[];
-      out.set(
-        name,
-        merge(map.filter((e) => !e.data).map((e): [number, number] => [e.start, e.length])),
-      );
-    }
-    return out;
+  return exportedDirtyRanges(file, names, dir, (sock, name) => {
+    const map = JSON.parse(
+      must("qemu-img", [
+        "map",
+        "--output=json",
+        "--image-opts",
+        `driver=nbd,server.type=unix,server.path=${sock},x-dirty-bitmap=qemu:dirty-bitmap:${name}`,
+      ]),
+    ) as { start: number; length: number; data: boolean }[];
+    return map.filter((e) => !e.data).map((e): [number, number] => [e.start, e.length]);
   });
 }
 
@@ -168,30 +166,16 @@ export function haveNbdinfo(): boolean {
  * exports the bitmap as the `qemu:dirty-bitmap:NAME` metadata context and
  * `nbdinfo --map=qemu:dirty-bitmap:NAME` reads it (the bitmaps must be consistent).
  */
-export async function nbdinfoDirtyRanges(
+export function nbdinfoDirtyRanges(
   file: string,
   names: readonly string[],
   dir: string,
 ): Promise<Map<string, Ranges>> {
-  const out = new Map<string, Ranges>();
-  if (names.length === 0) return out;
-  return withBitmapExport(file, names, dir, (sock) => {
-    for (const name of names) {
-      const map = JSON.parse(
-        must("nbdinfo", [
-          "--json",
-          `--map=qemu:dirty-bitmap:${name}`,
-          `nbd+unix:///?socket=${sock}`,
-        ]),
-      ) as { offset: number; length: number; type: number }[];
-      out.set(
-        name,
-        merge(
-          map.filter((e) => (e.type & 1) !== 0).map((e): [number, number] => [e.offset, e.length]),
-        ),
-      );
-    }
-    return out;
+  return exportedDirtyRanges(file, names, dir, (sock, name) => {
+    const map = JSON.parse(
+      must("nbdinfo", ["--json", `--map=qemu:dirty-bitmap:${name}`, `nbd+unix:///?socket=${sock}`]),
+    ) as { offset: number; length: number; type: number }[];
+    return map.filter((e) => (e.type & 1) !== 0).map((e): [number, number] => [e.offset, e.length]);
   });
 }
 

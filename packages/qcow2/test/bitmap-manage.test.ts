@@ -16,6 +16,7 @@ import { prng } from "./prng.js";
 import {
   check,
   closeCrashes,
+  createQcow2,
   expectedRanges,
   haveNbdinfo,
   infoBitmaps,
@@ -67,16 +68,7 @@ describe.skipIf(!haveNbd)("dirty ranges of bitmaps added and written by qimg", (
       const cs = 2 ** (9 + Math.floor(r() * 8)); // 512 .. 64k
       const size = 512 * (1 + Math.floor(r() * 20000)) + (r() < 0.5 ? 0 : 512 * 3);
       const file = path.join(tmp, `ranges-${seed}.qcow2`);
-      must("qemu-img", [
-        "create",
-        "-q",
-        "-f",
-        "qcow2",
-        "-o",
-        `cluster_size=${cs}`,
-        file,
-        String(size),
-      ]);
+      createQcow2(file, size, `cluster_size=${cs}`);
       const image = await openRw(file);
       const grans: Record<string, number> = {};
       const nb = 1 + Math.floor(r() * 3);
@@ -252,16 +244,7 @@ describe.skipIf(!haveNbd)("bitmaps follow a shrink as QEMU's do", () => {
       const cs = 2 ** (9 + Math.floor(r() * 8));
       const size = 512 * (2000 + Math.floor(r() * 8000));
       const base = path.join(tmp, `shrink-${seed}.qcow2`);
-      must("qemu-img", [
-        "create",
-        "-q",
-        "-f",
-        "qcow2",
-        "-o",
-        `cluster_size=${cs}`,
-        base,
-        String(size),
-      ]);
+      createQcow2(base, size, `cluster_size=${cs}`);
       const names: string[] = [];
       for (let i = 0; i < 2; i++) {
         const g = 2 ** (9 + Math.floor(r() * 10));

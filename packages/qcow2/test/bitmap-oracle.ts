@@ -31,6 +31,12 @@ export function must(tool: string, args: readonly string[]): string {
   return r.stdout;
 }
 
+/** `qemu-img create -q -f qcow2 [-o options] file size`. */
+export function createQcow2(file: string, size: number, options?: string): void {
+  const o = options ? ["-o", options] : [];
+  must("qemu-img", ["create", "-q", "-f", "qcow2", ...o, file, String(size)]);
+}
+
 export interface BitmapInfo {
   readonly name: string;
   readonly granularity: number;

@@ -16,6 +16,7 @@ import { prng } from "./prng.js";
 import {
   check,
   closeCrashes,
+  createQcow2,
   infoBitmaps,
   must,
   ourDirtyRanges,
@@ -390,16 +391,7 @@ describe.skipIf(!haveQemu)("persistent bitmaps against QEMU", () => {
       const base = path.join(tmp, `resize-${seed}.qcow2`);
       const cs = [512, 4096, 65536][seed % 3]!;
       const size = 512 * (1 + Math.floor(r() * 5000));
-      must("qemu-img", [
-        "create",
-        "-q",
-        "-f",
-        "qcow2",
-        "-o",
-        `cluster_size=${cs}`,
-        base,
-        String(size),
-      ]);
+      createQcow2(base, size, `cluster_size=${cs}`);
       must("qemu-img", ["bitmap", "--add", "-g", "512", base, "fine"]);
       must("qemu-img", ["bitmap", "--add", "-g", "65536", "--disable", base, "off"]);
       must("qemu-io", ["-f", "qcow2", "-c", `write -P 5 ${Math.floor(size / 3)} 3000`, base]);

@@ -22,6 +22,15 @@ import { qemuImg, scratchDirs } from "./twins.js";
 const haveQemu = requireQemu();
 const newDir = scratchDirs("qimg-encrypted-");
 
+/** A 1 MiB qcow2 image encrypted by qemu-img with the secret `s` (passphrase "x"). */
+function createEncrypted(file: string, options: string): void {
+  const r = qemuImg([
+    ...["create", "-q", "-f", "qcow2", "--object", "secret,id=s,data=x"],
+    ...["-o", options, file, "1M"],
+  ]);
+  expect(r.code, r.stderr).toBe(0);
+}
+
 describe("LUKS header codec", () => {
   it("fields tile the fixed header and a key slot", () => {
     expect(tilingProblems(LuksHeaderFields)).toEqual([]);
@@ -39,19 +48,10 @@ describe.skipIf(!haveQemu)("encrypted images qemu-img made", () => {
   it("LUKS: round trip of the header bytes, facts equal qemu-img info's", async () => {
     const dir = newDir();
     const file = path.join(dir, "l.qcow2");
-    const r = qemuImg([
-      "create",
-      "-q",
-      "-f",
-      "qcow2",
-      "--object",
-      "secret,id=s,data=x",
-      "-o",
-      "encrypt.format=luks,encrypt.key-secret=s,encrypt.iter-time=10,encrypt.cipher-alg=aes-128,encrypt.cipher-mode=cbc,encrypt.ivgen-alg=essiv,encrypt.ivgen-hash-alg=sha256",
+    createEncrypted(
       file,
-      "1M",
-    ]);
-    expect(r.code, r.stderr).toBe(0);
+      "encrypt.format=luks,encrypt.key-secret=s,encrypt.iter-time=10,encrypt.cipher-alg=aes-128,encrypt.cipher-mode=cbc,encrypt.ivgen-alg=essiv,encrypt.ivgen-hash-alg=sha256",
+    );
     const backend = await FileBackend.open(file, { readOnly: true });
     try {
       const got = await readEncryptedQcow2Info(backend);
@@ -98,20 +98,7 @@ describe.skipIf(!haveQemu)("encrypted images qemu-img made", () => {
   it("AES: format aes; a plain image gives undefined", async () => {
     const dir = newDir();
     const file = path.join(dir, "a.qcow2");
-    expect(
-      qemuImg([
-        "create",
-        "-q",
-        "-f",
-        "qcow2",
-        "--object",
-        "secret,id=s,data=x",
-        "-o",
-        "encrypt.format=aes,encrypt.key-secret=s",
-        file,
-        "1M",
-      ]).code,
-    ).toBe(0);
+    createEncrypted(file, "encrypt.format=aes,encrypt.key-secret=s");
     const plain = path.join(dir, "p.qcow2");
     expect(qemuImg(["create", "-q", "-f", "qcow2", plain, "1M"]).code).toBe(0);
     for (const [f, want] of [

@@ -36,8 +36,14 @@ function actualSize(path: string): number | undefined {
   }
 }
 
-function snapshotJson(s: SnapshotInfo): JsonObject {
-  // Key order as qemu-img 7.2 prints it.
+/** What qemu-img prints of a snapshot: a {@link SnapshotInfo}, or a snapshot table entry. */
+export type SnapshotFacts = Pick<
+  SnapshotInfo,
+  "id" | "name" | "vmStateSize" | "dateSec" | "dateNsec" | "vmClockNsec" | "icount"
+>;
+
+/** A snapshot's JSON object (`icount` undefined when not recorded), keys in qemu-img 7.2's order. */
+export function snapshotJson(s: SnapshotFacts): JsonObject {
   return {
     icount: s.icount,
     "vm-clock-nsec": Number(s.vmClockNsec % 1_000_000_000n),

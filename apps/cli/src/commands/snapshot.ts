@@ -7,16 +7,12 @@
  */
 import type { Command } from "commander";
 import { Qcow2Image } from "@qimg/qcow2";
-import type { SnapshotEntry } from "@qimg/qcow2";
 import type { CommandDef } from "../command.js";
 import { stringOpt } from "../command.js";
 import { CliError, inFile } from "../errors.js";
 import { openImage } from "../open.js";
 import { probedRawWarning } from "../probe.js";
-import { SNAPSHOT_HEADER, snapshotRow } from "./info.js";
-import type { QJson } from "../util/qjson.js";
-
-type JsonObject = { [key: string]: QJson | undefined };
+import { SNAPSHOT_HEADER, snapshotJson, snapshotRow } from "./info.js";
 
 /** errno numbers Linux gives the codes the library's snapshot errors carry. */
 const ERRNO: Readonly<Record<string, [number, string]>> = {
@@ -42,21 +38,6 @@ function errnoOf(e: unknown): [number, string] {
 function qemuName(name: string): string {
   const bytes = new TextEncoder().encode(name);
   return bytes.byteLength <= 255 ? name : new TextDecoder().decode(bytes.subarray(0, 255));
-}
-
-function snapshotJson(s: SnapshotEntry): JsonObject {
-  const icount =
-    s.icount === undefined || s.icount === 0xffff_ffff_ffff_ffffn ? undefined : s.icount;
-  return {
-    icount,
-    "vm-clock-nsec": Number(s.vmClockNsec % 1_000_000_000n),
-    name: s.name,
-    "date-sec": s.dateSec,
-    "date-nsec": s.dateNsec,
-    "vm-clock-sec": Number(s.vmClockNsec / 1_000_000_000n),
-    id: s.id,
-    "vm-state-size": s.vmStateSize,
-  };
 }
 
 type Action = "list" | "apply" | "create" | "delete";
@@ -111,7 +92,11 @@ export const snapshotCommand: CommandDef = {
           const list = qcow2?.snapshots ?? [];
           if (list.length === 0) break;
           let out = `Snapshot list:\n${SNAPSHOT_HEADER}\n`;
-          for (const s of list) out += snapshotRow(snapshotJson(s)) + "\n";
+          for (const s of list) {
+            // The table entry holds all ones when no icount was recorded.
+            const icount = s.icount === 0xffff_ffff_ffff_ffffn ? undefined : s.icount;
+            out += snapshotRow(snapshotJson({ ...s, icount })) + "\n";
+          }
           ctx.stdout(out);
           break;
         }

@@ -6,9 +6,27 @@
  * qemu-img and qimg start from byte-identical files (backing names are relative).
  */
 import { createHash } from "node:crypto";
-import { copyFileSync, mkdirSync, readFileSync, readdirSync } from "node:fs";
+import { copyFileSync, mkdirSync, mkdtempSync, readFileSync, readdirSync, rmSync } from "node:fs";
+import { tmpdir } from "node:os";
 import { join } from "node:path";
+import { afterAll, expect } from "vitest";
+import { qimg } from "./helpers.js";
 import { qemuImg, qemuIo, prng } from "./qemu.js";
+
+/** QIMG_LONG=1: more seeds. */
+export const LONG = process.env.QIMG_LONG === "1";
+
+/** The first seed of a test file: QIMG_SEED, else `fallback`. */
+export function firstSeed(fallback: number): number {
+  return Number(process.env.QIMG_SEED ?? fallback);
+}
+
+/** A scratch directory for one test file, removed after its tests. */
+export function scratchRoot(prefix: string): string {
+  const root = mkdtempSync(join(tmpdir(), prefix));
+  afterAll(() => rmSync(root, { recursive: true, force: true }));
+  return root;
+}
 
 export type Fmt = "qcow2" | "qed" | "raw";
 
@@ -121,6 +139,36 @@ export function twin(from: string, to: string): void {
   for (const f of readdirSync(from)) copyFileSync(join(from, f), join(to, f));
 }
 
+/** Twins of `src` (default `dir/src`): `dir/q` for qemu-img and `dir/o` for qimg. */
+export function twins(dir: string, src = join(dir, "src")): { q: string; o: string } {
+  const q = join(dir, "q");
+  const o = join(dir, "o");
+  twin(src, q);
+  twin(src, o);
+  return { q, o };
+}
+
+/**
+ * Run `args` with qemu-img in `q` and with qimg in `o`: the same exit code and stdout, and a
+ * refusal leaves every file in `o` byte-identical. Returns qemu-img's exit code and a label
+ * (`what`, the command line and qemu-img's stderr) for further checks.
+ */
+export async function runTwins(
+  args: readonly string[],
+  q: string,
+  o: string,
+  what: string,
+): Promise<{ code: number; label: string }> {
+  const theirs = qemuImg(args, q);
+  const before = snapshotFiles(o);
+  const ours = await qimg(args, o);
+  const label = `${what}: ${args.join(" ")}: ${theirs.stderr}`;
+  expect(ours.code, `${label} / ours: ${ours.stderr}`).toBe(theirs.code);
+  expect(ours.stdout, label).toBe(theirs.stdout);
+  if (theirs.code !== 0) expect(snapshotFiles(o), label).toEqual(before);
+  return { code: theirs.code, label };
+}
+
 /** A digest of every file in `dir`, by name (to prove files byte-identical). */
 export function snapshotFiles(dir: string): Map<string, string> {
   const m = new Map<string, string>();
@@ -159,6 +207,26 @@ export function compareTwins(a: string, b: string, layer: Layer): string {
     join(b, layer.name),
   ]);
   return `${r.code} ${r.stdout.trim()}${r.stderr.trim()}`;
+}
+
+/**
+ * Every layer reads alike in the twins `q` and `o` (`qemu-img compare`), has the same backing
+ * facts in `qemu-img info`, and passes `qemu-img check` in `o`.
+ */
+export function expectSameLayers(
+  layers: readonly Layer[],
+  q: string,
+  o: string,
+  label: string,
+): void {
+  for (const layer of layers) {
+    expect(compareTwins(q, o, layer), `${label}: ${layer.name} guest bytes`).toMatch(
+      /^0 Images are identical/,
+    );
+    expect(backingFacts(o, layer), `${label}: ${layer.name} info`).toEqual(backingFacts(q, layer));
+    const ours = checkLayer(o, layer);
+    expect(ours.code, `${label}: check ${layer.name}: ${ours.out}`).toBe(0);
+  }
 }
 
 /** `qemu-img check` of a layer: the exit code and output ("" for raw, which has no check). */

@@ -7,27 +7,29 @@
  * exit code. Refusals leave every file byte-identical. `-c` (not in qemu-img 7.2) is checked
  * against the top's old content and qemu-img check.
  */
-import { mkdtempSync, rmSync } from "node:fs";
-import { tmpdir } from "node:os";
+import { rmSync } from "node:fs";
 import { join } from "node:path";
-import { afterAll, describe, expect, it } from "vitest";
+import { describe, expect, it } from "vitest";
 import { qimg } from "./helpers.js";
 import { hasQemu, prng, qemuImg, qemuIo } from "./qemu.js";
 import {
+  LONG,
   backingFacts,
   checkLayer,
   compareTwins,
+  expectSameLayers,
+  firstSeed,
   makeChain,
+  runTwins,
+  scratchRoot,
   snapshotFiles,
   twin,
+  twins,
 } from "./commit-chains.js";
-import type { Fmt, Layer } from "./commit-chains.js";
+import type { Chain, Fmt, Layer } from "./commit-chains.js";
 
-const root = mkdtempSync(join(tmpdir(), "qimg-rebase-"));
-afterAll(() => rmSync(root, { recursive: true, force: true }));
-
-const LONG = process.env.QIMG_LONG === "1";
-const SEED = Number(process.env.QIMG_SEED ?? 2500);
+const root = scratchRoot("qimg-rebase-");
+const SEED = firstSeed(2500);
 
 type Mode = "safe" | "unsafe" | "remove";
 
@@ -49,6 +51,24 @@ function makeNewBacking(dir: string, seed: number, size: number): Layer {
   return { name, fmt, size: sz, cluster: 4096 };
 }
 
+/**
+ * A random chain of `depth` images in `root/name/src` from `seed`, a new backing candidate
+ * beside it, and twins of both.
+ */
+function chainAndNewBacking(
+  name: string,
+  seed: number,
+  depth: number,
+  topFormats?: readonly Fmt[],
+): { src: string; chain: Chain; top: Layer; nb: Layer; q: string; o: string } {
+  const dir = join(root, name);
+  const src = join(dir, "src");
+  const chain = makeChain(src, seed, depth, topFormats === undefined ? {} : { topFormats });
+  const top = chain.layers[depth - 1]!;
+  const nb = makeNewBacking(src, seed, top.size);
+  return { src, chain, top, nb, ...twins(dir) };
+}
+
 describe.skipIf(!hasQemu)("qimg rebase, as qemu-img rebase (twins)", () => {
   const count = LONG ? 60 : 12;
   for (let k = 0; k < count; k++) {
@@ -58,52 +78,18 @@ describe.skipIf(!hasQemu)("qimg rebase, as qemu-img rebase (twins)", () => {
     // Each mode on a qcow2 top and on a QED top.
     const topFmt: Fmt = Math.floor(k / 4) % 2 === 0 ? "qcow2" : "qed";
     it(`${depth} images, ${topFmt} top, ${mode} (seed ${seed})`, async () => {
-      const dir = join(root, `r${seed}`);
-      const src = join(dir, "src");
-      const chain = makeChain(src, seed, depth, { topFormats: [topFmt] });
-      const top = chain.layers[depth - 1]!;
-      const nb = makeNewBacking(src, seed, top.size);
-      const q = join(dir, "q");
-      const o = join(dir, "o");
-      twin(src, q);
-      twin(src, o);
+      const { src, chain, top, nb, q, o } = chainAndNewBacking(`r${seed}`, seed, depth, [topFmt]);
       const args = ["rebase", "-f", top.fmt];
       if (mode === "unsafe") args.push("-u");
       if (mode === "remove") args.push("-b", "");
       else args.push("-b", nb.name, "-F", nb.fmt);
       args.push(top.name);
-      const theirs = qemuImg(args, q);
-      const before = snapshotFiles(o);
-      const ours = await qimg(args, o);
-      const label = `seed ${seed}: ${args.join(" ")}: ${theirs.stderr}`;
-      expect(ours.code, `${label} / ours: ${ours.stderr}`).toBe(theirs.code);
-      expect(ours.stdout, label).toBe(theirs.stdout);
-      if (theirs.code !== 0) {
-        expect(snapshotFiles(o), label).toEqual(before);
-        return;
-      }
-      for (const layer of [...chain.layers, nb]) {
-        expect(compareTwins(q, o, layer), `${label}: ${layer.name} guest bytes`).toMatch(
-          /^0 Images are identical/,
-        );
-        expect(backingFacts(o, layer), `${label}: ${layer.name} info`).toEqual(
-          backingFacts(q, layer),
-        );
-        const check = checkLayer(o, layer);
-        expect(check.code, `${label}: check ${layer.name}: ${check.out}`).toBe(0);
-      }
+      const { code, label } = await runTwins(args, q, o, `seed ${seed}`);
+      if (code !== 0) return;
+      expectSameLayers([...chain.layers, nb], q, o, label);
       if (mode !== "unsafe") {
         // Safe mode: the top reads as it did before the rebase.
-        const cmp = qemuImg([
-          "compare",
-          "-f",
-          top.fmt,
-          "-F",
-          top.fmt,
-          join(src, top.name),
-          join(o, top.name),
-        ]);
-        expect(cmp.stdout, label).toMatch(/Images are identical/);
+        expect(compareTwins(src, o, top), label).toMatch(/^0 Images are identical/);
       }
     });
   }
@@ -114,10 +100,7 @@ describe.skipIf(!hasQemu)("qimg rebase, as qemu-img rebase (twins)", () => {
       const src = join(dir, "src");
       const chain = makeChain(src, seed, 3);
       const [l0, , top] = chain.layers as [Layer, Layer, Layer];
-      const q = join(dir, "q");
-      const o = join(dir, "o");
-      twin(src, q);
-      twin(src, o);
+      const { q, o } = twins(dir);
       const args = ["rebase", "-b", l0.name, "-F", l0.fmt, top.name];
       const theirs = qemuImg(args, q);
       const ours = await qimg(args, o);
@@ -125,16 +108,8 @@ describe.skipIf(!hasQemu)("qimg rebase, as qemu-img rebase (twins)", () => {
       expect(ours.code, `${label}: ${ours.stderr}`).toBe(theirs.code);
       expect(compareTwins(q, o, top), label).toMatch(/^0 Images are identical/);
       expect(backingFacts(o, top), label).toEqual(backingFacts(q, top));
-      const cmp = qemuImg([
-        "compare",
-        "-f",
-        top.fmt,
-        "-F",
-        top.fmt,
-        join(src, top.name),
-        join(o, top.name),
-      ]);
-      expect(cmp.stdout, label).toMatch(/Images are identical/);
+      // The top reads as it did before the rebase.
+      expect(compareTwins(src, o, top), label).toMatch(/^0 Images are identical/);
       expect(checkLayer(o, top).code, label).toBe(0);
     }
   });
@@ -161,15 +136,7 @@ describe.skipIf(!hasQemu)("qimg rebase, as qemu-img rebase (twins)", () => {
   });
 
   it("-p prints qemu-img's progress lines", async () => {
-    const dir = join(root, "progress");
-    const src = join(dir, "src");
-    const chain = makeChain(src, SEED + 600, 2);
-    const top = chain.layers[1]!;
-    const nb = makeNewBacking(src, SEED + 600, top.size);
-    const q = join(dir, "q");
-    const o = join(dir, "o");
-    twin(src, q);
-    twin(src, o);
+    const { top, nb, q, o } = chainAndNewBacking("progress", SEED + 600, 2);
     const args = ["rebase", "-p", "-b", nb.name, "-F", nb.fmt, top.name];
     const theirs = qemuImg(args, q);
     const ours = await qimg(args, o);
@@ -193,16 +160,8 @@ describe.skipIf(!hasQemu)("qimg rebase, as qemu-img rebase (twins)", () => {
     twin(src, o);
     const ours = await qimg(["rebase", "-c", "-b", "", top.name], o);
     expect(ours.code, ours.stderr).toBe(0);
-    const cmp = qemuImg([
-      "compare",
-      "-f",
-      "qcow2",
-      "-F",
-      "qcow2",
-      join(src, top.name),
-      join(o, top.name),
-    ]);
-    expect(cmp.stdout, `seed ${seed}`).toMatch(/Images are identical/);
+    // (top is a qcow2 image: compareTwins compares with -f qcow2 -F qcow2.)
+    expect(compareTwins(src, o, top), `seed ${seed}`).toMatch(/^0 Images are identical/);
     expect(checkLayer(o, top).code).toBe(0);
     const map = JSON.parse(qemuImg(["map", "--output=json", join(o, top.name)]).stdout) as {
       compressed?: boolean;
@@ -214,15 +173,7 @@ describe.skipIf(!hasQemu)("qimg rebase, as qemu-img rebase (twins)", () => {
   });
 
   it("refusals leave every file byte-identical, with qemu-img's messages", async () => {
-    const dir = join(root, "refuse");
-    const src = join(dir, "src");
-    const chain = makeChain(src, SEED + 999, 2);
-    const top = chain.layers[1]!;
-    const nb = makeNewBacking(src, SEED + 999, top.size);
-    const q = join(dir, "q");
-    const o = join(dir, "o");
-    twin(src, q);
-    twin(src, o);
+    const { top, nb, q, o } = chainAndNewBacking("refuse", SEED + 999, 2);
     const cases = [
       ["rebase", "-F", "qcow2", "-b", "nothere.qcow2", top.name],
       ["rebase", "-b", nb.name, top.name],

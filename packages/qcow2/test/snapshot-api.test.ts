@@ -16,7 +16,7 @@ import {
   openQcow2Snapshot,
   writeHeaderFields,
 } from "../src/index.js";
-import type { SnapshotEntry } from "../src/index.js";
+import type { Qcow2Image, SnapshotEntry } from "../src/index.js";
 
 const entry = (id: string, name: string): SnapshotEntry => ({
   l1TableOffset: 0,
@@ -37,6 +37,27 @@ async function fresh(size = 1 << 20, options = {}): Promise<MemoryBackend> {
   const mem = new MemoryBackend();
   await createQcow2(mem, { size, ...options });
   return mem;
+}
+
+/**
+ * A fresh 1 MiB image whose header points at `table` (`count` encoded snapshot entries),
+ * written past the end of the file, opened read-write; `before` is its bytes at the open.
+ */
+async function withSnapshotTable(
+  table: Uint8Array,
+  count: number,
+): Promise<{ rw: Qcow2Image; back: MemoryBackend; before: Uint8Array }> {
+  const mem = await fresh(1 << 20);
+  const image = await openQcow2(mem);
+  const header = image.header;
+  await image.close();
+  const at = Math.ceil(mem.bytes().byteLength / 65536) * 65536;
+  const big = MemoryBackend.from(mem.bytes().slice());
+  await big.write(at, table);
+  await writeHeaderFields(big, header, { nbSnapshots: count, snapshotsOffset: at });
+  const before = big.bytes().slice();
+  const back = MemoryBackend.from(before.slice());
+  return { rw: await openQcow2(back, { readOnly: false }), back, before };
 }
 
 describe("selectors and IDs", () => {
@@ -146,20 +167,10 @@ describe("snapshot operations on an in-memory image", () => {
   });
 
   it("an image with 65536 snapshots takes no more (EFBIG), and nothing is written", async () => {
-    const mem = await fresh(1 << 20);
-    const image = await openQcow2(mem);
-    const header = image.header;
-    await image.close();
     const table = encodeSnapshotTable(
       Array.from({ length: 65536 }, (_, i) => entry(String(i + 1), `n${i}`)),
     );
-    const at = Math.ceil(mem.bytes().byteLength / 65536) * 65536;
-    const big = MemoryBackend.from(mem.bytes().slice());
-    await big.write(at, table);
-    await writeHeaderFields(big, header, { nbSnapshots: 65536, snapshotsOffset: at });
-    const before = big.bytes().slice();
-    const back = MemoryBackend.from(before.slice());
-    const rw = await openQcow2(back, { readOnly: false });
+    const { rw, back, before } = await withSnapshotTable(table, 65536);
     expect(rw.snapshots).toHaveLength(65536);
     await expect(rw.createSnapshot("one too many")).rejects.toMatchObject({
       cause: { code: "EFBIG" },
@@ -169,22 +180,12 @@ describe("snapshot operations on an in-memory image", () => {
   });
 
   it("a snapshot table past 64 MiB is refused (EFBIG), and nothing is written", async () => {
-    const mem = await fresh(1 << 20);
-    const image = await openQcow2(mem);
-    const header = image.header;
-    await image.close();
     const long = (i: number): string => `${i}`.padEnd(MAX_SNAPSHOT_STRING_BYTES, "n");
     const table = encodeSnapshotTable(
       Array.from({ length: 1022 }, (_, i) => entry(String(i + 1), long(i))),
     );
     expect(table.byteLength).toBeLessThan(64 * 1024 * 1024);
-    const at = Math.ceil(mem.bytes().byteLength / 65536) * 65536;
-    const big = MemoryBackend.from(mem.bytes().slice());
-    await big.write(at, table);
-    await writeHeaderFields(big, header, { nbSnapshots: 1022, snapshotsOffset: at });
-    const before = big.bytes().slice();
-    const back = MemoryBackend.from(before.slice());
-    const rw = await openQcow2(back, { readOnly: false });
+    const { rw, back, before } = await withSnapshotTable(table, 1022);
     await expect(rw.createSnapshot(long(5000))).rejects.toMatchObject({
       cause: { code: "EFBIG" },
     });

@@ -4,11 +4,13 @@
  * a printed reason when one is missing, unless QIMG_REQUIRE_NBD=1 (CI).
  */
 import { spawn, spawnSync, type ChildProcess } from "node:child_process";
-import { existsSync } from "node:fs";
+import { existsSync, mkdtempSync, rmSync } from "node:fs";
 import { createServer, connect } from "node:net";
 import { createRequire } from "node:module";
+import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { pathToFileURL } from "node:url";
+import { afterAll, beforeAll } from "vitest";
 import { CLI_DIR } from "./helpers.js";
 
 const TOOLS = ["qemu-img", "qemu-io", "qemu-nbd", "nbdinfo", "nbdcopy"] as const;
@@ -127,6 +129,43 @@ export function startQemuNbd(
   where: { socket?: string; port?: number },
 ): Promise<Served> {
   return startAndWait("qemu-nbd", args, where);
+}
+
+/** A test file's scratch directory and the servers its tests start. */
+export interface ServeScratch {
+  /** The directory (made before the first test). */
+  readonly dir: string;
+  /** Start `qimg serve -k SOCKET ARGS`, killed after the tests if still running. */
+  serveOn(args: readonly string[], socket: string): Promise<Served>;
+  /** Have a server started otherwise killed after the tests if still running; returns it. */
+  track(server: Served): Served;
+}
+
+/**
+ * Make a scratch directory named `prefix`… before a test file's tests; after them, kill
+ * every server it still runs (SIGKILL) and remove the directory. Call at the top of the file.
+ */
+export function serveScratch(prefix: string): ServeScratch {
+  let dir = "";
+  const running: Served[] = [];
+  beforeAll(() => {
+    dir = mkdtempSync(join(tmpdir(), prefix));
+  });
+  afterAll(async () => {
+    await Promise.all(running.map((s) => s.stop("SIGKILL")));
+    rmSync(dir, { recursive: true, force: true });
+  });
+  const track = (server: Served): Served => {
+    running.push(server);
+    return server;
+  };
+  return {
+    get dir() {
+      return dir;
+    },
+    serveOn: async (args, socket) => track(await startServe(["-k", socket, ...args], { socket })),
+    track,
+  };
 }
 
 /** The URI of a Unix-socket export. */

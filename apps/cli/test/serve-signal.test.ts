@@ -4,26 +4,16 @@
  * exits 0. `qemu-img check` is clean, a lazy-refcounts image is not left dirty, and every
  * write the client saw acknowledged is in the image.
  */
-import { mkdtempSync, readFileSync, rmSync } from "node:fs";
-import { tmpdir } from "node:os";
+import { readFileSync } from "node:fs";
 import { join } from "node:path";
 import { NbdCmd } from "@qimg/nbd";
 import { seededRandom } from "@qimg/io";
-import { afterAll, beforeAll, describe, expect, it } from "vitest";
+import { describe, expect, it } from "vitest";
 import { NbdTestClient } from "./nbd-client.js";
-import { requireNbd, startServe, tool, type Served } from "./serve-helpers.js";
+import { requireNbd, serveScratch, tool } from "./serve-helpers.js";
 
 const hasNbd = requireNbd();
-let dir = "";
-const running: Served[] = [];
-
-beforeAll(() => {
-  dir = mkdtempSync(join(tmpdir(), "qimg-serve-sig-"));
-});
-afterAll(async () => {
-  await Promise.all(running.map((s) => s.stop("SIGKILL")));
-  rmSync(dir, { recursive: true, force: true });
-});
+const scratch = serveScratch("qimg-serve-sig-");
 
 /** Bit 0 of the qcow2 header's incompatible features (offset 72, big-endian u64). */
 function dirtyBit(file: string): boolean {
@@ -36,7 +26,7 @@ describe.skipIf(!hasNbd)("qimg serve on SIGTERM/SIGINT", () => {
     "%s with writes in flight leaves a clean image holding every acknowledged write",
     async (signal) => {
       const size = 24 * 1024 * 1024 + 512;
-      const file = join(dir, `${signal}.qcow2`);
+      const file = join(scratch.dir, `${signal}.qcow2`);
       expect(
         tool("qemu-img", [
           "create",
@@ -48,9 +38,8 @@ describe.skipIf(!hasNbd)("qimg serve on SIGTERM/SIGINT", () => {
           String(size),
         ]).code,
       ).toBe(0);
-      const socket = join(dir, `${signal}.sock`);
-      const server = await startServe(["-k", socket, "-f", "qcow2", file], { socket });
-      running.push(server);
+      const socket = join(scratch.dir, `${signal}.sock`);
+      const server = await scratch.serveOn(["-f", "qcow2", file], socket);
       const client = await NbdTestClient.connect({ socket });
       const rnd = seededRandom(signal === "SIGTERM" ? 7 : 8);
       const writes = Array.from({ length: 300 }, (_, i) => {
@@ -72,7 +61,7 @@ describe.skipIf(!hasNbd)("qimg serve on SIGTERM/SIGINT", () => {
       expect(check.stdout + check.stderr).toContain("No errors were found on the image.");
       expect(check.code).toBe(0);
       expect(dirtyBit(file)).toBe(false);
-      const out = join(dir, `${signal}.raw`);
+      const out = join(scratch.dir, `${signal}.raw`);
       expect(tool("qemu-img", ["convert", "-f", "qcow2", "-O", "raw", file, out]).code).toBe(0);
       const bytes = readFileSync(out);
       replies.forEach((r, i) => {

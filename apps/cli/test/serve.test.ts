@@ -6,11 +6,10 @@
  * SIGTERM leaves a clean image.
  */
 import { createHash } from "node:crypto";
-import { mkdtempSync, readFileSync, rmSync, writeFileSync } from "node:fs";
-import { tmpdir } from "node:os";
+import { readFileSync, rmSync, writeFileSync } from "node:fs";
 import { join } from "node:path";
 import { seededRandom } from "@qimg/io";
-import { afterAll, beforeAll, describe, expect, it } from "vitest";
+import { describe, expect, it } from "vitest";
 import { NbdCmd, NbdError, TransmissionFlag } from "@qimg/nbd";
 import { qimg } from "./helpers.js";
 import { NbdTestClient } from "./nbd-client.js";
@@ -18,33 +17,18 @@ import {
   freePort,
   nbdMap,
   requireNbd,
+  serveScratch,
   startQemuNbd,
   startServe,
   tool,
   toolAsync,
   unixUri,
-  type Served,
 } from "./serve-helpers.js";
 
 const hasNbd = requireNbd();
 const SEED = Number(process.env.QIMG_SEED ?? 1616);
 
-let dir = "";
-const running: Served[] = [];
-
-beforeAll(() => {
-  dir = mkdtempSync(join(tmpdir(), "qimg-serve-"));
-});
-afterAll(async () => {
-  await Promise.all(running.map((s) => s.stop("SIGKILL")));
-  rmSync(dir, { recursive: true, force: true });
-});
-
-async function serveOn(args: readonly string[], socket: string): Promise<Served> {
-  const s = await startServe(["-k", socket, ...args], { socket });
-  running.push(s);
-  return s;
-}
+const scratch = serveScratch("qimg-serve-");
 
 function ok(r: { code: number; stdout: string; stderr: string }, what: string): string {
   if (r.code !== 0) throw new Error(`${what} failed (${r.code}): ${r.stderr}`);
@@ -256,14 +240,14 @@ describe.skipIf(!hasNbd)("qimg serve with real NBD clients", () => {
   it.each(SOURCES.map((s, i) => [s.name, s, i] as const))(
     "%s: qemu-img convert over a Unix socket reads the guest content; nbdinfo --map matches qimg map",
     async (_name, source, i) => {
-      const d = join(dir, `src${i}`);
+      const d = join(scratch.dir, `src${i}`);
       rmSync(d, { recursive: true, force: true });
       tool("mkdir", ["-p", d]);
       const file = source.make(d);
       const before = sha(file);
       const expectedMap = await qimgMapAsNbd(file, source.format);
       const socket = join(d, "s.sock");
-      const server = await serveOn(["-t", "-r", "-f", source.format, file], socket);
+      const server = await scratch.serveOn(["-t", "-r", "-f", source.format, file], socket);
       const out = join(d, "out.raw");
       ok(tool("qemu-img", ["convert", "-f", "raw", unixUri(socket), out]), "convert over NBD");
       const cmp = tool("qemu-img", ["compare", "-f", "raw", "-F", source.format, out, file]);
@@ -275,15 +259,16 @@ describe.skipIf(!hasNbd)("qimg serve with real NBD clients", () => {
   );
 
   it("over TCP on 127.0.0.1 with -x NAME (qemu-img convert, nbdcopy)", async () => {
-    const d = join(dir, "tcp");
+    const d = join(scratch.dir, "tcp");
     tool("mkdir", ["-p", d]);
     const file = SOURCES[0]!.make(d);
     const port = await freePort();
-    const server = await startServe(
-      ["-t", "-p", String(port), "-b", "127.0.0.1", "-x", "disk one", "-f", "qcow2", file],
-      { port },
+    const server = scratch.track(
+      await startServe(
+        ["-t", "-p", String(port), "-b", "127.0.0.1", "-x", "disk one", "-f", "qcow2", file],
+        { port },
+      ),
     );
-    running.push(server);
     const uri = `nbd://127.0.0.1:${port}/disk%20one`;
     ok(tool("qemu-img", ["convert", "-f", "raw", uri, join(d, "out.raw")]), "convert over TCP");
     expect(
@@ -308,7 +293,7 @@ describe.skipIf(!hasNbd)("qimg serve with real NBD clients", () => {
       ["qcow2", "cluster_size=4096,lazy_refcounts=on"],
       ["qed", ""],
     ] as const) {
-      const d = join(dir, `rw-${fmt}-${opts.length}`);
+      const d = join(scratch.dir, `rw-${fmt}-${opts.length}`);
       tool("mkdir", ["-p", d]);
       const a = join(d, `a.${fmt}`);
       const b = join(d, `b.${fmt}`);
@@ -331,7 +316,7 @@ describe.skipIf(!hasNbd)("qimg serve with real NBD clients", () => {
       }
       cmds.push("flush");
       const socket = join(d, "s.sock");
-      const server = await serveOn(["--discard=unmap", "-f", fmt, a], socket);
+      const server = await scratch.serveOn(["--discard=unmap", "-f", fmt, a], socket);
       const viaNbd = tool("qemu-io", [
         "-f",
         "raw",
@@ -350,11 +335,11 @@ describe.skipIf(!hasNbd)("qimg serve with real NBD clients", () => {
   });
 
   it("six clients at once (-e 8) read identical bytes", async () => {
-    const d = join(dir, "six");
+    const d = join(scratch.dir, "six");
     tool("mkdir", ["-p", d]);
     const file = SOURCES[1]!.make(d);
     const socket = join(d, "s.sock");
-    const server = await serveOn(["-e", "8", "-f", "qcow2", file], socket);
+    const server = await scratch.serveOn(["-e", "8", "-f", "qcow2", file], socket);
     const outs = [0, 1, 2, 3, 4, 5].map((i) => join(d, `out${i}.raw`));
     const runs = await Promise.all(
       outs.map((o, i) =>
@@ -371,12 +356,12 @@ describe.skipIf(!hasNbd)("qimg serve with real NBD clients", () => {
   });
 
   it("-r refuses writes (EPERM) and leaves the file byte-identical", async () => {
-    const d = join(dir, "ro");
+    const d = join(scratch.dir, "ro");
     tool("mkdir", ["-p", d]);
     const file = SOURCES[2]!.make(d);
     const before = sha(file);
     const socket = join(d, "s.sock");
-    const server = await serveOn(["-r", "-t", file], socket);
+    const server = await scratch.serveOn(["-r", "-t", file], socket);
     const info = tool("nbdinfo", [unixUri(socket)]);
     expect(info.stdout).toMatch(/is_read_only: true/);
     const w = tool("qemu-io", ["-f", "raw", "-c", "write -P 1 0 64k", unixUri(socket)]);
@@ -409,7 +394,7 @@ describe.skipIf(!hasNbd)("qimg serve with real NBD clients", () => {
   });
 
   it("-B NAME: nbdinfo --map=qemu:dirty-bitmap:NAME reports the bitmap's dirty ranges as through qemu-nbd", async () => {
-    const d = join(dir, "bitmap");
+    const d = join(scratch.dir, "bitmap");
     tool("mkdir", ["-p", d]);
     const file = join(d, "b.qcow2");
     ok(
@@ -428,16 +413,15 @@ describe.skipIf(!hasNbd)("qimg serve with real NBD clients", () => {
     ok(tool("qemu-io", ["-f", "qcow2", ...cmds.flatMap((c) => ["-c", c]), file]), "qemu-io");
     const before = sha(file);
     const qs = join(d, "q.sock");
-    const q = await startQemuNbd(["-t", "-r", "-B", "bm", "-f", "qcow2", "-k", qs, file], {
-      socket: qs,
-    });
-    running.push(q);
+    const q = scratch.track(
+      await startQemuNbd(["-t", "-r", "-B", "bm", "-f", "qcow2", "-k", qs, file], { socket: qs }),
+    );
     const expected = nbdMap(unixUri(qs), "qemu:dirty-bitmap:bm");
     const expectedAlloc = nbdMap(unixUri(qs));
     await q.stop();
     expect(expected.some((e) => e[2] === 1)).toBe(true);
     const socket = join(d, "s.sock");
-    const server = await serveOn(["-t", "-r", "-B", "bm", "-f", "qcow2", file], socket);
+    const server = await scratch.serveOn(["-t", "-r", "-B", "bm", "-f", "qcow2", file], socket);
     expect(nbdMap(unixUri(socket), "qemu:dirty-bitmap:bm")).toEqual(expected);
     expect(nbdMap(unixUri(socket))).toEqual(expectedAlloc);
     const list = tool("nbdinfo", ["--list", "--content", unixUri(socket)]);
@@ -453,7 +437,7 @@ describe.skipIf(!hasNbd)("qimg serve with real NBD clients", () => {
   it.each([[[]], [["-r"]], [["-e", "3"]], [["-r", "-e", "2", "-x", "nm"]]])(
     "nbdinfo shows the same export facts and flags as qemu-nbd %j",
     async (flags) => {
-      const d = join(dir, `facts-${flags.join("")}`);
+      const d = join(scratch.dir, `facts-${flags.join("")}`);
       tool("mkdir", ["-p", d]);
       const a = join(d, "a.qcow2");
       const b = join(d, "b.qcow2");
@@ -461,10 +445,11 @@ describe.skipIf(!hasNbd)("qimg serve with real NBD clients", () => {
       ok(tool("qemu-img", ["create", "-f", "qcow2", b, String(SIZE)]), "create");
       const name = flags.includes("nm") ? "nm" : "";
       const qs = join(d, "q.sock");
-      const q = await startQemuNbd([...flags, "-t", "-f", "qcow2", "-k", qs, a], { socket: qs });
-      running.push(q);
+      const q = scratch.track(
+        await startQemuNbd([...flags, "-t", "-f", "qcow2", "-k", qs, a], { socket: qs }),
+      );
       const socket = join(d, "s.sock");
-      const server = await serveOn([...flags, "-t", "-f", "qcow2", b], socket);
+      const server = await scratch.serveOn([...flags, "-t", "-f", "qcow2", b], socket);
       const facts = (s: string): string =>
         ok(tool("nbdinfo", [unixUri(s, name)]), "nbdinfo").replace(/\turi: .*\n/, "");
       expect(facts(socket)).toBe(facts(qs));
@@ -474,7 +459,7 @@ describe.skipIf(!hasNbd)("qimg serve with real NBD clients", () => {
   );
 
   it("refuses bad flag values with qemu-nbd's messages and exit code, file untouched", async () => {
-    const d = join(dir, "flags");
+    const d = join(scratch.dir, "flags");
     tool("mkdir", ["-p", d]);
     const file = join(d, "f.qcow2");
     ok(tool("qemu-img", ["create", "-f", "qcow2", file, "1M"]), "create");

@@ -100,6 +100,18 @@ interface Pair {
   readonly theirs: string;
 }
 
+/** Twins `PREFIX-ours.EXT` and `PREFIX-theirs.EXT` in the scratch directory: copies of `from`. */
+function twinsOf(from: string, prefix: string): Pair {
+  const ext = path.extname(from);
+  const pair = {
+    ours: path.join(tmp, `${prefix}-ours${ext}`),
+    theirs: path.join(tmp, `${prefix}-theirs${ext}`),
+  };
+  fs.copyFileSync(from, pair.ours);
+  fs.copyFileSync(from, pair.theirs);
+  return pair;
+}
+
 /** Run `qimg bitmap ARGS ours` and `qemu-img bitmap ARGS theirs`; compare what they say. */
 async function bitmapBoth(
   pair: Pair,
@@ -215,14 +227,8 @@ describe.skipIf(!haveQemu)("qimg bitmap on twins of qemu-img bitmap", () => {
     ];
     let n = 0;
     for (const [from, args, bitmap] of cases) {
-      const ext = path.extname(from);
-      const pair = {
-        ours: path.join(tmp, `err-ours-${n}${ext}`),
-        theirs: path.join(tmp, `err-theirs-${n}${ext}`),
-      };
+      const pair = twinsOf(from, `err-${n}`);
       n++;
-      fs.copyFileSync(from, pair.ours);
-      fs.copyFileSync(from, pair.theirs);
       expect(await bitmapBoth(pair, args, bitmap, `case ${n}`), `case ${n} must fail`).toBe(1);
     }
     // Two lines of usage text each, as qemu-img words them.
@@ -266,12 +272,7 @@ describe.skipIf(!haveQemu)("qimg bitmap on twins of qemu-img bitmap", () => {
     must("qemu-io", ["-f", "qcow2", "-c", "write 70000 1", src]);
     fs.renameSync(base, `${base}.away`);
     fs.renameSync(srcBase, `${srcBase}.away`);
-    const pair = {
-      ours: path.join(tmp, "nb-ours.qcow2"),
-      theirs: path.join(tmp, "nb-theirs.qcow2"),
-    };
-    fs.copyFileSync(top, pair.ours);
-    fs.copyFileSync(top, pair.theirs);
+    const pair = twinsOf(top, "nb");
     expect(await bitmapBoth(pair, ["--add"], "b", "no backing")).toBe(0);
     expect(await bitmapBoth(pair, ["--merge", "s", "-b", src], "b", "no backing")).toBe(0);
     expect(infoBitmaps(pair.ours)).toEqual(infoBitmaps(pair.theirs));
@@ -281,12 +282,9 @@ describe.skipIf(!haveQemu)("qimg bitmap on twins of qemu-img bitmap", () => {
   });
 
   it("--object secret is accepted (and unused), other objects are refused as qemu-img refuses unknown ones", async () => {
-    const pair = {
-      ours: path.join(tmp, "obj-ours.qcow2"),
-      theirs: path.join(tmp, "obj-theirs.qcow2"),
-    };
-    must("qemu-img", ["create", "-q", "-f", "qcow2", pair.ours, "1M"]);
-    fs.copyFileSync(pair.ours, pair.theirs);
+    const file = path.join(tmp, "obj.qcow2");
+    must("qemu-img", ["create", "-q", "-f", "qcow2", file, "1M"]);
+    const pair = twinsOf(file, "obj");
     expect(
       await bitmapBoth(pair, ["--add", "--object", "secret,id=s0,data=x"], "b", "secret"),
     ).toBe(0);
@@ -302,12 +300,7 @@ describe.skipIf(!haveQemu)("qimg bitmap on twins of qemu-img bitmap", () => {
     must("qemu-img", ["bitmap", "--add", base, "iu"]);
     must("qemu-img", ["bitmap", "--add", "-g", "1M", base, "other"]);
     run("qemu-io", ["-f", "qcow2", "-c", "write 0 70000", "-c", "abort", base]);
-    const pair = {
-      ours: path.join(tmp, "rm-ours.qcow2"),
-      theirs: path.join(tmp, "rm-theirs.qcow2"),
-    };
-    fs.copyFileSync(base, pair.ours);
-    fs.copyFileSync(base, pair.theirs);
+    const pair = twinsOf(base, "rm");
     expect(await bitmapBoth(pair, ["--remove"], "iu", "remove in-use")).toBe(0);
     expect(await bitmapBoth(pair, ["--remove"], "other", "remove in-use")).toBe(0);
     await compareTwins(pair, "after removing the inconsistent bitmaps");
@@ -322,21 +315,9 @@ async function twinSequence(seed: number): Promise<void> {
   const pick = <T>(xs: readonly T[]): T => xs[Math.floor(r() * xs.length)]!;
   const cs = 2 ** (9 + Math.floor(r() * 8));
   const size = 512 * (1 + Math.floor(r() * 12000)) + pick([0, 512, 1536]);
-  const pair = {
-    ours: path.join(tmp, `twin-${seed}-ours.qcow2`),
-    theirs: path.join(tmp, `twin-${seed}-theirs.qcow2`),
-  };
-  must("qemu-img", [
-    "create",
-    "-q",
-    "-f",
-    "qcow2",
-    "-o",
-    `cluster_size=${cs}`,
-    pair.ours,
-    String(size),
-  ]);
-  fs.copyFileSync(pair.ours, pair.theirs);
+  const first = path.join(tmp, `twin-${seed}.qcow2`);
+  must("qemu-img", ["create", "-q", "-f", "qcow2", "-o", `cluster_size=${cs}`, first, `${size}`]);
+  const pair = twinsOf(first, `twin-${seed}`);
   // Another image of the same size, with a dirty bitmap, for --merge -b.
   const other = path.join(tmp, `twin-${seed}-other.qcow2`);
   must("qemu-img", ["create", "-q", "-f", "qcow2", other, String(size)]);

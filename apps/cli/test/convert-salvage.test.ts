@@ -38,48 +38,43 @@ function l1Offset(fd: number): number {
   return Number(u64(fd, 40));
 }
 
+/** A qcow2 image `name` (64 KiB clusters) of `size` in the scratch directory, then `writes` by qemu-io. */
+function makeQcow2(name: string, size: string, writes: readonly string[]): void {
+  ok(qemuImg(["create", "-q", "-f", "qcow2", name, size], tmp));
+  ok(qemuIo([...writes.flatMap((c) => ["-c", c]), name], tmp));
+}
+
+/**
+ * Overwrite the start of the deflate stream of the compressed clusters that the entries at
+ * `indexes` of `name`'s first L2 table point to (64 KiB clusters).
+ */
+function spoilCompressed(name: string, indexes: readonly number[]): void {
+  const fd = openSync(join(tmp, name), "r+");
+  const l2 = Number(u64(fd, l1Offset(fd)) & 0x00fffffffffffe00n);
+  const offsetBits = 62n - (16n - 8n); // cluster_bits 16
+  for (const index of indexes) {
+    const host = Number(u64(fd, l2 + 8 * index) & ((1n << offsetBits) - 1n));
+    writeSync(fd, Buffer.alloc(64, 0xff), 0, 64, host);
+  }
+  closeSync(fd);
+}
+
 describe.skipIf(!hasQemu)("convert --salvage against qemu-img", () => {
   beforeAll(() => {
     // 64 KiB clusters; size not a multiple of the cluster.
-    ok(qemuImg(["create", "-q", "-f", "qcow2", "comp.qcow2", "1000000"], tmp));
-    ok(
-      qemuIo(
-        [
-          "-c",
-          "write -c -P 5 0 64k",
-          "-c",
-          "write -P 6 64k 64k",
-          "-c",
-          "write -c -P 7 128k 64k",
-          "comp.qcow2",
-        ],
-        tmp,
-      ),
-    );
+    makeQcow2("comp.qcow2", "1000000", [
+      "write -c -P 5 0 64k",
+      "write -P 6 64k 64k",
+      "write -c -P 7 128k 64k",
+    ]);
     // Overwrite the start of the first compressed cluster's deflate stream.
-    const fd = openSync(join(tmp, "comp.qcow2"), "r+");
-    const l2 = Number(u64(fd, l1Offset(fd)) & 0x00fffffffffffe00n);
-    const entry = u64(fd, l2);
-    const offsetBits = 62n - (16n - 8n); // cluster_bits 16
-    const host = Number(entry & ((1n << offsetBits) - 1n));
-    writeSync(fd, Buffer.alloc(64, 0xff), 0, 64, host);
-    closeSync(fd);
+    spoilCompressed("comp.qcow2", [0]);
 
-    ok(qemuImg(["create", "-q", "-f", "qcow2", "l2.qcow2", "600000"], tmp));
-    ok(
-      qemuIo(
-        [
-          "-c",
-          "write -P 5 0 64k",
-          "-c",
-          "write -P 6 256k 64k",
-          "-c",
-          "write -P 7 512k 64k",
-          "l2.qcow2",
-        ],
-        tmp,
-      ),
-    );
+    makeQcow2("l2.qcow2", "600000", [
+      "write -P 5 0 64k",
+      "write -P 6 256k 64k",
+      "write -P 7 512k 64k",
+    ]);
     // The first L1 entry names an L2 table at a misaligned offset.
     const fd2 = openSync(join(tmp, "l2.qcow2"), "r+");
     const l1 = l1Offset(fd2);
@@ -129,28 +124,12 @@ describe.skipIf(!hasQemu)("convert --salvage against qemu-img", () => {
   });
 
   it("two broken clusters chunks apart: the same warnings (qemu-img interleaves its parallel requests' lines; qimg prints them in offset order)", async () => {
-    ok(qemuImg(["create", "-q", "-f", "qcow2", "two.qcow2", "8M"], tmp));
-    ok(
-      qemuIo(
-        [
-          "-c",
-          "write -c -P 5 1M 64k",
-          "-c",
-          "write -P 6 3M 1M",
-          "-c",
-          "write -c -P 7 5M 64k",
-          "two.qcow2",
-        ],
-        tmp,
-      ),
-    );
-    const fd = openSync(join(tmp, "two.qcow2"), "r+");
-    const l2 = Number(u64(fd, l1Offset(fd)) & 0x00fffffffffffe00n);
-    for (const index of [16, 80]) {
-      const host = Number(u64(fd, l2 + 8 * index) & ((1n << 54n) - 1n));
-      writeSync(fd, Buffer.alloc(64, 0xff), 0, 64, host);
-    }
-    closeSync(fd);
+    makeQcow2("two.qcow2", "8M", [
+      "write -c -P 5 1M 64k",
+      "write -P 6 3M 1M",
+      "write -c -P 7 5M 64k",
+    ]);
+    spoilCompressed("two.qcow2", [16, 80]); // the clusters at 1M and 5M
     for (const extra of [[], ["-W", "-m", "16"]]) {
       const args = ["convert", "--salvage", ...extra, "-O", "raw", "two.qcow2"];
       const theirs = qemuImg([...args, "two-theirs.raw"], tmp);

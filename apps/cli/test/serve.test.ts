@@ -6,7 +6,7 @@
  * SIGTERM leaves a clean image.
  */
 import { createHash } from "node:crypto";
-import { readFileSync, rmSync, writeFileSync } from "node:fs";
+import { mkdirSync, readFileSync, rmSync, writeFileSync } from "node:fs";
 import { join } from "node:path";
 import { seededRandom } from "@qimg/io";
 import { describe, expect, it } from "vitest";
@@ -33,6 +33,24 @@ const scratch = serveScratch("qimg-serve-");
 function ok(r: { code: number; stdout: string; stderr: string }, what: string): string {
   if (r.code !== 0) throw new Error(`${what} failed (${r.code}): ${r.stderr}`);
   return r.stdout;
+}
+
+/** A fresh, empty subdirectory `name` of the scratch directory. */
+function workDir(name: string): string {
+  const d = join(scratch.dir, name);
+  rmSync(d, { recursive: true, force: true });
+  mkdirSync(d, { recursive: true });
+  return d;
+}
+
+/** Run qemu-io's `cmds` on `file` with `opts` (`-f FMT`, …); throws naming `what` if it fails. */
+function qemuIo(
+  file: string,
+  opts: readonly string[],
+  cmds: readonly string[],
+  what = "qemu-io",
+): void {
+  ok(tool("qemu-io", [...opts, ...cmds.flatMap((c) => ["-c", c]), file]), what);
 }
 
 /** A raw file of `size` bytes: runs of random data, zeros and a repeated byte (seeded). */
@@ -79,99 +97,49 @@ interface Source {
 // Sizes not multiples of the cluster size; qcow2/QED sizes are multiples of 512 (qemu-img's rounding).
 const SIZE = 5 * 1024 * 1024 + 7 * 512;
 
+/**
+ * `SIZE` bytes of seeded raw content in D/src.raw, converted by qemu-img to D/NAME in
+ * `format`, with the further convert options `opts` (`-c`, `-o …`). Returns D/NAME.
+ */
+function convertedRaw(
+  d: string,
+  seed: number,
+  name: string,
+  format: string,
+  opts: readonly string[] = [],
+): string {
+  const src = join(d, "src.raw");
+  const f = join(d, name);
+  makeRaw(src, SIZE, seed);
+  ok(tool("qemu-img", ["convert", ...opts, "-f", "raw", "-O", format, src, f]), "convert");
+  return f;
+}
+
 const SOURCES: readonly Source[] = [
   {
     name: "qcow2 zlib-compressed",
     format: "qcow2",
     make: (d) => {
-      makeRaw(join(d, "src.raw"), SIZE, SEED);
-      ok(
-        tool("qemu-img", [
-          "convert",
-          "-c",
-          "-f",
-          "raw",
-          "-O",
-          "qcow2",
-          "-o",
-          "compression_type=zlib",
-          join(d, "src.raw"),
-          join(d, "z.qcow2"),
-        ]),
-        "convert",
-      );
-      ok(
-        tool("qemu-io", [
-          "-f",
-          "qcow2",
-          "-c",
-          "write -P 0x11 1000k 300k",
-          "-c",
-          "write -z 2M 512k",
-          join(d, "z.qcow2"),
-        ]),
-        "qemu-io",
-      );
-      return join(d, "z.qcow2");
+      const f = convertedRaw(d, SEED, "z.qcow2", "qcow2", ["-c", "-o", "compression_type=zlib"]);
+      qemuIo(f, ["-f", "qcow2"], ["write -P 0x11 1000k 300k", "write -z 2M 512k"]);
+      return f;
     },
   },
   {
     name: "qcow2 zstd-compressed",
     format: "qcow2",
-    make: (d) => {
-      makeRaw(join(d, "src.raw"), SIZE, SEED + 1);
-      ok(
-        tool("qemu-img", [
-          "convert",
-          "-c",
-          "-f",
-          "raw",
-          "-O",
-          "qcow2",
-          "-o",
-          "compression_type=zstd",
-          join(d, "src.raw"),
-          join(d, "zs.qcow2"),
-        ]),
-        "convert",
-      );
-      return join(d, "zs.qcow2");
-    },
+    make: (d) =>
+      convertedRaw(d, SEED + 1, "zs.qcow2", "qcow2", ["-c", "-o", "compression_type=zstd"]),
   },
   {
     name: "qcow2 extended L2",
     format: "qcow2",
     make: (d) => {
-      makeRaw(join(d, "src.raw"), SIZE, SEED + 2);
-      const f = join(d, "x.qcow2");
-      ok(
-        tool("qemu-img", [
-          "convert",
-          "-f",
-          "raw",
-          "-O",
-          "qcow2",
-          "-o",
-          "extended_l2=on,cluster_size=128k",
-          join(d, "src.raw"),
-          f,
-        ]),
-        "convert",
-      );
-      ok(
-        tool("qemu-io", [
-          "-f",
-          "qcow2",
-          "-c",
-          "write -z 4k 8k",
-          "-c",
-          "write -P 0x77 300k 5k",
-          "-c",
-          "discard 1M 256k",
-          f,
-        ]),
-        "qemu-io",
-      );
+      const f = convertedRaw(d, SEED + 2, "x.qcow2", "qcow2", [
+        "-o",
+        "extended_l2=on,cluster_size=128k",
+      ]);
+      qemuIo(f, ["-f", "qcow2"], ["write -z 4k 8k", "write -P 0x77 300k 5k", "discard 1M 256k"]);
       return f;
     },
   },
@@ -186,45 +154,19 @@ const SOURCES: readonly Source[] = [
         tool("qemu-img", ["create", "-f", "qed", "-b", "base.raw", "-F", "raw", mid]),
         "create mid",
       );
-      ok(tool("qemu-io", ["-f", "qed", "-c", "write -P 0x22 64k 200k", mid]), "qemu-io mid");
+      qemuIo(mid, ["-f", "qed"], ["write -P 0x22 64k 200k"], "qemu-io mid");
       ok(
         tool("qemu-img", ["create", "-f", "qcow2", "-b", "mid.qed", "-F", "qed", top]),
         "create top",
       );
-      ok(
-        tool("qemu-io", [
-          "-f",
-          "qcow2",
-          "-c",
-          "write -P 0x33 100k 10k",
-          "-c",
-          "write -z 3M 64k",
-          top,
-        ]),
-        "qemu-io top",
-      );
+      qemuIo(top, ["-f", "qcow2"], ["write -P 0x33 100k 10k", "write -z 3M 64k"], "qemu-io top");
       return top;
     },
   },
   {
     name: "QED",
     format: "qed",
-    make: (d) => {
-      makeRaw(join(d, "src.raw"), SIZE, SEED + 4);
-      ok(
-        tool("qemu-img", [
-          "convert",
-          "-f",
-          "raw",
-          "-O",
-          "qed",
-          join(d, "src.raw"),
-          join(d, "q.qed"),
-        ]),
-        "convert",
-      );
-      return join(d, "q.qed");
-    },
+    make: (d) => convertedRaw(d, SEED + 4, "q.qed", "qed"),
   },
   {
     name: "raw",
@@ -240,9 +182,7 @@ describe.skipIf(!hasNbd)("qimg serve with real NBD clients", () => {
   it.each(SOURCES.map((s, i) => [s.name, s, i] as const))(
     "%s: qemu-img convert over a Unix socket reads the guest content; nbdinfo --map matches qimg map",
     async (_name, source, i) => {
-      const d = join(scratch.dir, `src${i}`);
-      rmSync(d, { recursive: true, force: true });
-      tool("mkdir", ["-p", d]);
+      const d = workDir(`src${i}`);
       const file = source.make(d);
       const before = sha(file);
       const expectedMap = await qimgMapAsNbd(file, source.format);
@@ -259,8 +199,7 @@ describe.skipIf(!hasNbd)("qimg serve with real NBD clients", () => {
   );
 
   it("over TCP on 127.0.0.1 with -x NAME (qemu-img convert, nbdcopy)", async () => {
-    const d = join(scratch.dir, "tcp");
-    tool("mkdir", ["-p", d]);
+    const d = workDir("tcp");
     const file = SOURCES[0]!.make(d);
     const port = await freePort();
     const server = scratch.track(
@@ -293,8 +232,7 @@ describe.skipIf(!hasNbd)("qimg serve with real NBD clients", () => {
       ["qcow2", "cluster_size=4096,lazy_refcounts=on"],
       ["qed", ""],
     ] as const) {
-      const d = join(scratch.dir, `rw-${fmt}-${opts.length}`);
-      tool("mkdir", ["-p", d]);
+      const d = workDir(`rw-${fmt}-${opts.length}`);
       const a = join(d, `a.${fmt}`);
       const b = join(d, `b.${fmt}`);
       for (const f of [a, b]) {
@@ -302,7 +240,7 @@ describe.skipIf(!hasNbd)("qimg serve with real NBD clients", () => {
           tool("qemu-img", ["create", "-f", fmt, ...(opts ? ["-o", opts] : []), f, String(SIZE)]),
           "create",
         );
-        ok(tool("qemu-io", ["-f", fmt, "-c", "write -P 0x99 0 1500k", f]), "prefill");
+        qemuIo(f, ["-f", fmt], ["write -P 0x99 0 1500k"], "prefill");
       }
       const rnd = seededRandom(SEED + opts.length);
       const cmds: string[] = [];
@@ -326,7 +264,7 @@ describe.skipIf(!hasNbd)("qimg serve with real NBD clients", () => {
       expect(viaNbd.code, viaNbd.stderr).toBe(0);
       expect(viaNbd.stderr).toBe("");
       expect(await server.exited).toBe(0); // not persistent: leaves with its last client
-      ok(tool("qemu-io", ["-f", fmt, "-d", "unmap", ...cmds.flatMap((c) => ["-c", c]), b]), "twin");
+      qemuIo(b, ["-f", fmt, "-d", "unmap"], cmds, "twin");
       const check = tool("qemu-img", ["check", "-f", fmt, a]);
       expect(check.code, `${check.stdout}${check.stderr}\n${cmds.join("\n")}`).toBe(0);
       const cmp = tool("qemu-img", ["compare", "-f", fmt, "-F", fmt, a, b]);
@@ -335,8 +273,7 @@ describe.skipIf(!hasNbd)("qimg serve with real NBD clients", () => {
   });
 
   it("six clients at once (-e 8) read identical bytes", async () => {
-    const d = join(scratch.dir, "six");
-    tool("mkdir", ["-p", d]);
+    const d = workDir("six");
     const file = SOURCES[1]!.make(d);
     const socket = join(d, "s.sock");
     const server = await scratch.serveOn(["-e", "8", "-f", "qcow2", file], socket);
@@ -356,8 +293,7 @@ describe.skipIf(!hasNbd)("qimg serve with real NBD clients", () => {
   });
 
   it("-r refuses writes (EPERM) and leaves the file byte-identical", async () => {
-    const d = join(scratch.dir, "ro");
-    tool("mkdir", ["-p", d]);
+    const d = workDir("ro");
     const file = SOURCES[2]!.make(d);
     const before = sha(file);
     const socket = join(d, "s.sock");
@@ -394,8 +330,7 @@ describe.skipIf(!hasNbd)("qimg serve with real NBD clients", () => {
   });
 
   it("-B NAME: nbdinfo --map=qemu:dirty-bitmap:NAME reports the bitmap's dirty ranges as through qemu-nbd", async () => {
-    const d = join(scratch.dir, "bitmap");
-    tool("mkdir", ["-p", d]);
+    const d = workDir("bitmap");
     const file = join(d, "b.qcow2");
     ok(
       tool("qemu-img", ["create", "-f", "qcow2", "-o", "cluster_size=4096", file, String(SIZE)]),
@@ -410,7 +345,7 @@ describe.skipIf(!hasNbd)("qimg serve with real NBD clients", () => {
         `write -P ${k + 1} ${Math.floor((rnd() * (SIZE - 200_000)) / 512) * 512} ${512 * (1 + Math.floor(rnd() * 300))}`,
       );
     }
-    ok(tool("qemu-io", ["-f", "qcow2", ...cmds.flatMap((c) => ["-c", c]), file]), "qemu-io");
+    qemuIo(file, ["-f", "qcow2"], cmds);
     const before = sha(file);
     const qs = join(d, "q.sock");
     const q = scratch.track(
@@ -437,8 +372,7 @@ describe.skipIf(!hasNbd)("qimg serve with real NBD clients", () => {
   it.each([[[]], [["-r"]], [["-e", "3"]], [["-r", "-e", "2", "-x", "nm"]]])(
     "nbdinfo shows the same export facts and flags as qemu-nbd %j",
     async (flags) => {
-      const d = join(scratch.dir, `facts-${flags.join("")}`);
-      tool("mkdir", ["-p", d]);
+      const d = workDir(`facts-${flags.join("")}`);
       const a = join(d, "a.qcow2");
       const b = join(d, "b.qcow2");
       ok(tool("qemu-img", ["create", "-f", "qcow2", a, String(SIZE)]), "create");
@@ -459,8 +393,7 @@ describe.skipIf(!hasNbd)("qimg serve with real NBD clients", () => {
   );
 
   it("refuses bad flag values with qemu-nbd's messages and exit code, file untouched", async () => {
-    const d = join(scratch.dir, "flags");
-    tool("mkdir", ["-p", d]);
+    const d = workDir("flags");
     const file = join(d, "f.qcow2");
     ok(tool("qemu-img", ["create", "-f", "qcow2", file, "1M"]), "create");
     const before = sha(file);

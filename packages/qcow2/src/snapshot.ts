@@ -295,7 +295,7 @@ async function rebuildCopied(s: Qcow2State): Promise<void> {
   const refcountIs1 = async (off: number): Promise<boolean> =>
     off !== 0 && off % cs === 0 && (await w.refcounts.get(off / cs)) === 1;
   // Data entries of the current table (word index, high word, low word), decided when the
-  // table is done (the walk awaits l2TableDone, not l2Entry).
+  // table is done (a synchronous l2Entry keeps the walk on its fast path).
   const data: number[] = [];
   let changed = false;
   await walkL1Table(

@@ -346,10 +346,13 @@ async function walkOne(
     const guestBase = i * per;
     if (onL2Entry !== undefined) {
       const dv = new DataView(table.bytes.buffer, table.bytes.byteOffset, table.bytes.byteLength);
+      // visitEntries stops after an entry whose callback returned a promise; that promise is
+      // awaited before the walk goes on, also when it was the table's last entry.
       let j = 0;
-      while ((j = visitEntries(fmt, c2, onL2Entry, dv, l2Offset, guestBase, j)) < per) {
-        await pendingVisit;
-      }
+      do {
+        j = visitEntries(fmt, c2, onL2Entry, dv, l2Offset, guestBase, j);
+        if (pendingVisit !== undefined) await pendingVisit;
+      } while (j < per);
     }
     if (visitor.l2TableDone) {
       const r = visitor.l2TableDone(c2);
@@ -358,8 +361,8 @@ async function walkOne(
   }
 }
 
-/** The promise the last {@link visitEntries} stopped for. */
-let pendingVisit: void | Promise<void>;
+/** The promise the last {@link visitEntries} stopped for (undefined when it ran to the end). */
+let pendingVisit: Promise<void> | undefined;
 
 /**
  * The inner loop of the walk, a plain function (an async function's loop runs far slower
@@ -380,6 +383,7 @@ function visitEntries(
   const stride = fmt.stride;
   const extended = fmt.extendedL2;
   const dataFile = fmt.hasDataFile;
+  pendingVisit = undefined;
   for (let j = from; j < per; j++) {
     const b = j * stride * 8;
     const ehi = dv.getUint32(b, false);

@@ -7,10 +7,12 @@ import fs from "node:fs";
 import os from "node:os";
 import path from "node:path";
 import { afterAll, describe, expect, it } from "vitest";
+import { MemoryBackend } from "@qimg/io";
 import { FileBackend } from "@qimg/io/node";
 import { U64TableView } from "@qimg/structs";
 import { requireQemu } from "@qimg/fixtures";
 import { ClusterType, entryOffset } from "../src/spec/l2.js";
+import { createQcow2, openQcow2 } from "../src/index.js";
 import { readQcow2Metadata } from "../src/layout.js";
 import { walkL1Table, walkTables } from "../src/walk.js";
 import { describeOps, qemuImg, qemuIoOps, randomOps, tool } from "./twins.js";
@@ -99,4 +101,47 @@ describe.skipIf(!haveQemu)("walkTables", () => {
       }
     });
   }
+});
+
+describe("walkL1Table with asynchronous callbacks", () => {
+  it("awaits every l2Entry promise before the table is done, the table's last entry too", async () => {
+    const cs = 4096;
+    const per = cs / 8; // L2 entries per table
+    const mem = new MemoryBackend();
+    await createQcow2(mem, { size: 3 * per * cs + 5000, clusterSize: cs });
+    const img = await openQcow2(mem, { readOnly: false, noBacking: true });
+    // The first and last entries of the first two L2 tables, and one in the third.
+    const clusters = [0, per - 1, per, 2 * per - 1, 2 * per + 7];
+    for (const c of clusters) await img.write(c * cs, new Uint8Array(cs).fill(1 + (c % 250)));
+    await img.close();
+    const file = MemoryBackend.from(mem.bytes());
+    const m = await readQcow2Metadata(file);
+    const events: string[] = [];
+    await walkL1Table(
+      { backend: file, format: m.l2, fileSize: m.fileSize },
+      m.header.l1TableOffset,
+      m.header.l1Size,
+      undefined,
+      {
+        l2Entry: async (c) => {
+          const at = c.guestCluster;
+          await new Promise((r) => setTimeout(r, 1));
+          events.push(`entry ${at}`);
+        },
+        l2TableDone: (c) => {
+          events.push(`done ${c.tableOffset > 0 ? "table" : "?"}`);
+        },
+      },
+    );
+    expect(events).toEqual([
+      "entry 0",
+      `entry ${per - 1}`,
+      "done table",
+      `entry ${per}`,
+      `entry ${2 * per - 1}`,
+      "done table",
+      `entry ${2 * per + 7}`,
+      "done table",
+    ]);
+  });
 });

@@ -13,8 +13,7 @@
  * area rewrite through header-update.ts); old structures are freed only afterwards. A crash
  * leaves the old or the new state plus at worst leaked clusters.
  */
-import { ClusterCache } from "@qimg/cluster-cache";
-import { Refcounts, createClusterCounts, rebuildRefcounts } from "@qimg/refcount";
+import { createClusterCounts, rebuildRefcounts } from "@qimg/refcount";
 import { InvalidArgumentError, UnsupportedFeatureError, hex } from "@qimg/structs";
 import {
   AutoclearFeatures,
@@ -30,13 +29,14 @@ import { encodeSnapshotTable } from "./spec/snapshot.js";
 import type { SnapshotEntry } from "./spec/snapshot.js";
 import { ClusterType, OFLAG_COPIED, l2OffsetAt } from "./spec/l2.js";
 import { HEADER_FILLER_EXTENSION, rewriteHeaderArea } from "./header-update.js";
-import { Meta, buildMetadataMap, updateHeader } from "./overlap.js";
-import { checkWritable, guarded, hasBackingFile } from "./state.js";
+import { buildMetadataMap, updateHeader } from "./overlap.js";
+import { checkWritable, hasBackingFile } from "./state.js";
 import type { Qcow2State, WriteState } from "./state.js";
 import { flushLocked } from "./flush.js";
 import { resizeImage, resizeWith } from "./resize.js";
 import { walkTables } from "./walk.js";
 import { removeBitmap } from "./bitmap-manage.js";
+import { openRefcounts } from "./open-write.js";
 
 /** What `qemu-img amend -o` can change on a qcow2 image; options left undefined are kept. */
 export interface Qcow2AmendOptions {
@@ -340,30 +340,8 @@ async function changeRefcountOrder(s: Qcow2State, order: number): Promise<void> 
 /** New refcount cache and structures from the header (after the refcount table moved). */
 async function reopenRefcounts(s: Qcow2State): Promise<void> {
   const w = s.w!;
-  const cs = s.clusterSize;
   s.fileSize = await s.backend.size();
-  const refcountCache = new ClusterCache({
-    backend: guarded(s, Meta.refcountBlock),
-    tableSize: cs,
-    capacity: Math.max(4, Math.floor(Math.max(256 * 1024, 4 * cs) / cs)),
-    name: "refcount",
-    writethrough: w.writethrough && !w.lazy,
-  });
-  const refcounts = await Refcounts.open({
-    backend: guarded(s, Meta.refcountTable),
-    cache: refcountCache,
-    clusterBits: s.clusterBits,
-    refcountOrder: s.hdr.refcountOrder,
-    tableOffset: s.hdr.refcountTableOffset,
-    tableClusters: s.hdr.refcountTableClusters,
-    onTableMoved: async (tableOffset, tableClusters) => {
-      await updateHeader(s, {
-        refcountTableOffset: tableOffset,
-        refcountTableClusters: tableClusters,
-      });
-      buildMetadataMap(s);
-    },
-  });
+  const { refcounts, refcountCache } = await openRefcounts(s, w.writethrough && !w.lazy);
   Object.assign(w, { refcounts, refcountCache });
   if (!w.lazy) s.l2Cache.dependOn(refcountCache);
   buildMetadataMap(s);

@@ -23,8 +23,8 @@ import {
 } from "./spec/bitmap-table.js";
 import { PersistentBitmaps, StoredBitmapReader } from "./bitmap.js";
 import type { BitmapDirectoryLocation, BitmapHost } from "./bitmap.js";
-import { Meta, checkOverlap, refreshRefcountBlocks, updateHeader } from "./overlap.js";
 import { rewriteHeaderArea } from "./header-update.js";
+import { bitmapStoreHost } from "./open-write.js";
 import { checkOpen, checkWritable } from "./state.js";
 import type { Qcow2State } from "./state.js";
 
@@ -100,27 +100,9 @@ type Mutable<T> = { -readonly [K in keyof T]: T[K] };
  * is rewritten with the header area (header-update.ts, crash-safe) and the state follows it.
  */
 function bitmapHost(s: Qcow2State): BitmapHost {
-  const cs = s.clusterSize;
   const bit = AutoclearFeatures.maskOf("bitmaps");
   return {
-    backend: s.backend,
-    clusterSize: cs,
-    allocate: async (n) => {
-      const h = await s.w!.refcounts.allocate(n);
-      refreshRefcountBlocks(s, h + n * cs);
-      s.fileSize = Math.max(s.fileSize, h + n * cs);
-      return h;
-    },
-    free: (offset, n) => s.w!.refcounts.free(offset, n),
-    sync: async () => {
-      await s.w!.refcountCache.flush();
-      await s.backend.flush();
-    },
-    setAutoclear: (on) =>
-      updateHeader(s, {
-        autoclearFeatures: on ? s.hdr.autoclearFeatures | bit : s.hdr.autoclearFeatures & ~bit,
-      }),
-    checkDirectoryWrite: (offset, length) => checkOverlap(s, offset, length, Meta.bitmapDirectory),
+    ...bitmapStoreHost(s),
     switchDirectory: async (dir: BitmapDirectoryLocation | undefined) => {
       const exts: HeaderExtension[] = [];
       let placed = false;

@@ -16,6 +16,7 @@ import {
   updateHeader,
 } from "./overlap.js";
 import { PersistentBitmaps } from "./bitmap.js";
+import type { BitmapHost } from "./bitmap.js";
 import { walkTables } from "./walk.js";
 import { guarded, newWriteState } from "./state.js";
 import type { Qcow2State } from "./state.js";
@@ -49,33 +50,11 @@ export async function initWrite(s: Qcow2State, options: Qcow2OpenOptions): Promi
       incompatibleFeatures: s.hdr.incompatibleFeatures & ~IncompatibleFeatures.maskOf("dirty"),
     });
   }
-  const refcountCache = new ClusterCache({
-    backend: guarded(s, Meta.refcountBlock),
-    tableSize: cs,
-    capacity: Math.max(
-      4,
-      Math.floor((options.refcountCacheBytes ?? Math.max(256 * 1024, 4 * cs)) / cs),
-    ),
-    name: "refcount",
-    // Lazy refcounts stay cached even under writethrough (see flushLocked).
-    writethrough: (options.writethrough ?? false) && !lazy,
-  });
-  const refcounts = await Refcounts.open({
-    // Table entries are written in place; a grown table and its blocks go to free clusters.
-    backend: guarded(s, Meta.refcountTable),
-    cache: refcountCache,
-    clusterBits: s.clusterBits,
-    refcountOrder: s.hdr.refcountOrder,
-    tableOffset: s.hdr.refcountTableOffset,
-    tableClusters: s.hdr.refcountTableClusters,
-    onTableMoved: async (tableOffset, tableClusters) => {
-      await updateHeader(s, {
-        refcountTableOffset: tableOffset,
-        refcountTableClusters: tableClusters,
-      });
-      if (s.w) buildMetadataMap(s);
-    },
-  });
+  const { refcounts, refcountCache } = await openRefcounts(
+    s,
+    (options.writethrough ?? false) && !lazy,
+    options.refcountCacheBytes,
+  );
   // Refcount blocks reach the disk before the L2 entries that use them (unless lazy).
   if (!lazy) s.l2Cache.dependOn(refcountCache);
   s.l2Cache.writethrough = options.writethrough ?? false;
@@ -93,38 +72,79 @@ export async function initWrite(s: Qcow2State, options: Qcow2OpenOptions): Promi
   await s.pbm?.markInUse();
 }
 
+/**
+ * A refcount cache and the refcount structures the header names. Table entries are written in
+ * place; a grown table and its blocks go to free clusters, and the header follows the table.
+ * Lazy refcounts stay cached even under writethrough (see flushLocked), so callers pass
+ * `writethrough && !lazy`.
+ */
+export async function openRefcounts(
+  s: Qcow2State,
+  writethrough: boolean,
+  cacheBytes?: number,
+): Promise<{ refcounts: Refcounts; refcountCache: ClusterCache }> {
+  const cs = s.clusterSize;
+  const refcountCache = new ClusterCache({
+    backend: guarded(s, Meta.refcountBlock),
+    tableSize: cs,
+    capacity: Math.max(4, Math.floor((cacheBytes ?? Math.max(256 * 1024, 4 * cs)) / cs)),
+    name: "refcount",
+    writethrough,
+  });
+  const refcounts = await Refcounts.open({
+    backend: guarded(s, Meta.refcountTable),
+    cache: refcountCache,
+    clusterBits: s.clusterBits,
+    refcountOrder: s.hdr.refcountOrder,
+    tableOffset: s.hdr.refcountTableOffset,
+    tableClusters: s.hdr.refcountTableClusters,
+    onTableMoved: async (tableOffset, tableClusters) => {
+      await updateHeader(s, {
+        refcountTableOffset: tableOffset,
+        refcountTableClusters: tableClusters,
+      });
+      if (s.w) buildMetadataMap(s);
+    },
+  });
+  return { refcounts, refcountCache };
+}
+
 /** Load and check the persistent bitmaps (nothing is written yet). */
 export async function loadBitmaps(s: Qcow2State): Promise<void> {
+  if (!s.bitmapDirectory || s.bitmaps.length === 0) return;
+  if ((s.hdr.autoclearFeatures & AutoclearFeatures.maskOf("bitmaps")) === 0n) return;
+  s.pbm = await PersistentBitmaps.load(bitmapStoreHost(s), s.bitmapDirectory, s.bitmaps, s.size);
+}
+
+/**
+ * The bitmap store's hooks into a writable image: clusters come from (and go back to) the
+ * refcounts, `sync` puts refcount blocks on disk before what uses them, the autoclear bit is
+ * switched through the header, and directory writes pass the overlap check. Callers that
+ * rewrite the directory add `switchDirectory`.
+ */
+export function bitmapStoreHost(s: Qcow2State): BitmapHost {
   const cs = s.clusterSize;
   const bit = AutoclearFeatures.maskOf("bitmaps");
-  if (!s.bitmapDirectory || s.bitmaps.length === 0) return;
-  if ((s.hdr.autoclearFeatures & bit) === 0n) return;
-  s.pbm = await PersistentBitmaps.load(
-    {
-      backend: s.backend,
-      clusterSize: cs,
-      allocate: async (n) => {
-        const h = await s.w!.refcounts.allocate(n);
-        refreshRefcountBlocks(s, h + n * cs);
-        s.fileSize = Math.max(s.fileSize, h + n * cs);
-        return h;
-      },
-      free: (offset, n) => s.w!.refcounts.free(offset, n),
-      sync: async () => {
-        await s.w!.refcountCache.flush();
-        await s.backend.flush();
-      },
-      setAutoclear: (on) =>
-        updateHeader(s, {
-          autoclearFeatures: on ? s.hdr.autoclearFeatures | bit : s.hdr.autoclearFeatures & ~bit,
-        }),
-      checkDirectoryWrite: (offset, length) =>
-        checkOverlap(s, offset, length, Meta.bitmapDirectory),
+  return {
+    backend: s.backend,
+    clusterSize: cs,
+    allocate: async (n) => {
+      const h = await s.w!.refcounts.allocate(n);
+      refreshRefcountBlocks(s, h + n * cs);
+      s.fileSize = Math.max(s.fileSize, h + n * cs);
+      return h;
     },
-    s.bitmapDirectory,
-    s.bitmaps,
-    s.size,
-  );
+    free: (offset, n) => s.w!.refcounts.free(offset, n),
+    sync: async () => {
+      await s.w!.refcountCache.flush();
+      await s.backend.flush();
+    },
+    setAutoclear: (on) =>
+      updateHeader(s, {
+        autoclearFeatures: on ? s.hdr.autoclearFeatures | bit : s.hdr.autoclearFeatures & ~bit,
+      }),
+    checkDirectoryWrite: (offset, length) => checkOverlap(s, offset, length, Meta.bitmapDirectory),
+  };
 }
 
 /**

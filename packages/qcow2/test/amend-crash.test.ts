@@ -14,16 +14,12 @@ import { FileBackend } from "@qimg/io/node";
 import { requireQemu } from "@qimg/fixtures";
 import { openQcow2 } from "../src/index.js";
 import type { Qcow2AmendOptions } from "../src/index.js";
-import { qemuImg, scratchDirs, tool } from "./twins.js";
+import { createQcow2In, sh } from "./qemu-sh.js";
+import { qemuImg, scratchDirs } from "./twins.js";
 
 const haveQemu = requireQemu();
 const LONG = process.env.QIMG_LONG === "1";
 const freshDir = scratchDirs("qimg-amend-crash-");
-
-function sh(cmd: string, args: readonly string[], cwd: string): void {
-  const r = tool(cmd, args, cwd);
-  if (r.code !== 0) throw new Error(`${cmd} ${args.join(" ")}: ${r.stderr}${r.stdout}`);
-}
 
 function openerIn(dir: string): BackingOpener {
   const opener: BackingOpener = async (req) => {
@@ -110,21 +106,8 @@ describe.skipIf(!haveQemu)("amend survives power loss at any write", () => {
           sh("qemu-img", ["create", "-q", "-f", "raw", "base.raw", "1000k"], dir);
           sh("qemu-io", ["-f", "raw", "-c", "write -P 0x5a 0 1000k", "base.raw"], dir);
         }
-        sh(
-          "qemu-img",
-          [
-            "create",
-            "-q",
-            "-f",
-            "qcow2",
-            "-o",
-            sc.create,
-            ...(sc.backing ? ["-b", "base.raw", "-F", "raw"] : []),
-            "pre.qcow2",
-            "1000k",
-          ],
-          dir,
-        );
+        const backing = sc.backing ? { file: "base.raw", format: "raw" } : undefined;
+        createQcow2In(dir, "pre.qcow2", "1000k", sc.create, backing);
         sh(
           "qemu-io",
           [

@@ -12,15 +12,10 @@ import { requireQemu } from "@qimg/fixtures";
 import type { Qcow2AmendOptions } from "../src/index.js";
 import { openRw, qemuImg, scratchDirs, tool } from "./twins.js";
 import { openFile } from "./open.js";
+import { createQcow2In, sh } from "./qemu-sh.js";
 
 const haveQemu = requireQemu();
 const freshDir = scratchDirs("qimg-amend-");
-
-function sh(cmd: string, args: readonly string[], cwd: string): string {
-  const r = tool(cmd, args, cwd);
-  if (r.code !== 0) throw new Error(`${cmd} ${args.join(" ")}: ${r.stderr}${r.stdout}`);
-  return r.stdout;
-}
 
 /** The header facts amend changes, read straight from the file. */
 function facts(file: string): Record<string, unknown> {
@@ -81,11 +76,7 @@ async function twinAmend(
 describe.skipIf(!haveQemu)("amend: iotest 061 scenarios against qemu-img", () => {
   it("version downgrade with zero expansion (lazy refcounts on)", async () => {
     const d = freshDir();
-    sh(
-      "qemu-img",
-      ["create", "-q", "-f", "qcow2", "-o", "compat=1.1,lazy_refcounts=on", "q.qcow2", "64M"],
-      d,
-    );
+    createQcow2In(d, "q.qcow2", "64M", "compat=1.1,lazy_refcounts=on");
     sh("qemu-io", ["-c", "write -z 0 128k", "q.qcow2"], d);
     const r = await twinAmend(d, "compat=0.10", { compat: "0.10" });
     expect(r.qemu.code).toBe(0);
@@ -101,11 +92,7 @@ describe.skipIf(!haveQemu)("amend: iotest 061 scenarios against qemu-img", () =>
 
   it("dirty version downgrade: the image is repaired and made clean first", async () => {
     const d = freshDir();
-    sh(
-      "qemu-img",
-      ["create", "-q", "-f", "qcow2", "-o", "compat=1.1,lazy_refcounts=on", "q.qcow2", "64M"],
-      d,
-    );
+    createQcow2In(d, "q.qcow2", "64M", "compat=1.1,lazy_refcounts=on");
     tool("qemu-io", ["-c", "write -P 0x2a 0 128k", "-c", "flush", "-c", "abort", "q.qcow2"], d);
     expect(BigInt(facts(path.join(d, "q.qcow2"))["incompatible"] as string) & 1n).toBe(1n);
     const r = await twinAmend(d, "compat=0.10", { compat: "0.10" });
@@ -121,7 +108,7 @@ describe.skipIf(!haveQemu)("amend: iotest 061 scenarios against qemu-img", () =>
 
   it("version downgrade drops unknown compatible and autoclear bits", async () => {
     const d = freshDir();
-    sh("qemu-img", ["create", "-q", "-f", "qcow2", "-o", "compat=1.1", "q.qcow2", "64M"], d);
+    createQcow2In(d, "q.qcow2", "64M", "compat=1.1");
     const fd = fs.openSync(path.join(d, "q.qcow2"), "r+");
     const bit = Buffer.alloc(8);
     bit.writeBigUInt64BE(1n << 42n);
@@ -137,7 +124,7 @@ describe.skipIf(!haveQemu)("amend: iotest 061 scenarios against qemu-img", () =>
 
   it("version upgrade with lazy refcounts and a resize", async () => {
     const d = freshDir();
-    sh("qemu-img", ["create", "-q", "-f", "qcow2", "-o", "compat=0.10", "q.qcow2", "64M"], d);
+    createQcow2In(d, "q.qcow2", "64M", "compat=0.10");
     sh("qemu-io", ["-c", "write -P 0x2a 42M 64k", "q.qcow2"], d);
     const r = await twinAmend(d, "compat=1.1,lazy_refcounts=on,size=128M", {
       compat: "1.1",
@@ -156,11 +143,7 @@ describe.skipIf(!haveQemu)("amend: iotest 061 scenarios against qemu-img", () =>
 
   it("dirty lazy_refcounts=off", async () => {
     const d = freshDir();
-    sh(
-      "qemu-img",
-      ["create", "-q", "-f", "qcow2", "-o", "compat=1.1,lazy_refcounts=on", "q.qcow2", "64M"],
-      d,
-    );
+    createQcow2In(d, "q.qcow2", "64M", "compat=1.1,lazy_refcounts=on");
     tool("qemu-io", ["-c", "write -P 0x2a 0 128k", "-c", "flush", "-c", "abort", "q.qcow2"], d);
     const r = await twinAmend(d, "lazy_refcounts=off", { lazyRefcounts: false });
     expect(r.qemu.code).toBe(0);
@@ -176,7 +159,7 @@ describe.skipIf(!haveQemu)("amend: iotest 061 scenarios against qemu-img", () =>
 
   it("invalid configurations are refused as qemu-img refuses them, changing nothing", async () => {
     const d = freshDir();
-    sh("qemu-img", ["create", "-q", "-f", "qcow2", "-o", "compat=0.10", "q.qcow2", "64M"], d);
+    createQcow2In(d, "q.qcow2", "64M", "compat=0.10");
     const cases: [string, Qcow2AmendOptions][] = [
       ["lazy_refcounts=on", { lazyRefcounts: true }],
       ["compat=0.10,lazy_refcounts=on", { compat: "0.10", lazyRefcounts: true }],
@@ -198,7 +181,7 @@ describe.skipIf(!haveQemu)("amend: iotest 061 scenarios against qemu-img", () =>
   it("zero expansion on inactive clusters and on a shared L2 table", async () => {
     for (const overwrite of [true, false]) {
       const d = freshDir();
-      sh("qemu-img", ["create", "-q", "-f", "qcow2", "-o", "compat=1.1", "q.qcow2", "64M"], d);
+      createQcow2In(d, "q.qcow2", "64M", "compat=1.1");
       sh("qemu-io", ["-c", "write -z 0 128k", "q.qcow2"], d);
       sh("qemu-img", ["snapshot", "-c", "foo", "q.qcow2"], d);
       if (overwrite) sh("qemu-io", ["-c", "write -P 0x2a 0 128k", "q.qcow2"], d);
@@ -218,26 +201,9 @@ describe.skipIf(!haveQemu)("amend: iotest 061 scenarios against qemu-img", () =>
   it("zero expansion on a backed image (active, inactive, shared L2)", async () => {
     for (const variant of ["active", "inactive", "shared"] as const) {
       const d = freshDir();
-      sh("qemu-img", ["create", "-q", "-f", "qcow2", "-o", "compat=1.1", "base.qcow2", "64M"], d);
+      createQcow2In(d, "base.qcow2", "64M", "compat=1.1");
       sh("qemu-io", ["-c", "write -P 0x2a 0 128k", "base.qcow2"], d);
-      sh(
-        "qemu-img",
-        [
-          "create",
-          "-q",
-          "-f",
-          "qcow2",
-          "-o",
-          "compat=1.1",
-          "-b",
-          "base.qcow2",
-          "-F",
-          "qcow2",
-          "q.qcow2",
-          "64M",
-        ],
-        d,
-      );
+      createQcow2In(d, "q.qcow2", "64M", "compat=1.1", { file: "base.qcow2", format: "qcow2" });
       sh("qemu-io", ["-c", `write -z 0 ${variant === "shared" ? "128k" : "64k"}`, "q.qcow2"], d);
       if (variant !== "active") sh("qemu-img", ["snapshot", "-c", "foo", "q.qcow2"], d);
       if (variant === "inactive") sh("qemu-io", ["-c", "write -P 0x42 0 128k", "q.qcow2"], d);
@@ -274,7 +240,7 @@ describe.skipIf(!haveQemu)("amend: iotest 061 scenarios against qemu-img", () =>
 
   it("preallocated zero expansion on a full image", async () => {
     const d = freshDir();
-    sh("qemu-img", ["create", "-q", "-f", "qcow2", "-o", "compat=1.1", "q.qcow2", "16M"], d);
+    createQcow2In(d, "q.qcow2", "16M", "compat=1.1");
     sh("qemu-io", ["-c", "write -P 0x2a 0 16M", "-c", "write -z 0 16M", "q.qcow2"], d);
     const r = await twinAmend(d, "compat=0.10", { compat: "0.10" });
     expect(r.qemu.code).toBe(0);
@@ -293,11 +259,7 @@ describe.skipIf(!haveQemu)("amend: iotest 061 scenarios against qemu-img", () =>
 describe.skipIf(!haveQemu)("amend: refcount width", () => {
   it("every width from 16 and back, with snapshots and compressed clusters", async () => {
     const d = freshDir();
-    sh(
-      "qemu-img",
-      ["create", "-q", "-f", "qcow2", "-o", "cluster_size=4096", "q.qcow2", "3000k"],
-      d,
-    );
+    createQcow2In(d, "q.qcow2", "3000k", "cluster_size=4096");
     sh(
       "qemu-io",
       ["-c", "write -P 1 0 200k", "-c", "write -c -P 3 1M 64k", "-c", "write -z 2M 64k", "q.qcow2"],
@@ -330,7 +292,7 @@ describe.skipIf(!haveQemu)("amend: refcount width", () => {
 
   it("a width too narrow for an existing refcount is refused with qemu-img's numbers", async () => {
     const d = freshDir();
-    sh("qemu-img", ["create", "-q", "-f", "qcow2", "q.qcow2", "1M"], d);
+    createQcow2In(d, "q.qcow2", "1M");
     sh("qemu-io", ["-c", "write 0 64k", "q.qcow2"], d);
     for (const s of ["s1", "s2", "s3"]) sh("qemu-img", ["snapshot", "-c", s, "q.qcow2"], d);
     for (const bits of [1, 2]) {
@@ -349,11 +311,7 @@ describe.skipIf(!haveQemu)("amend: refcount width", () => {
 
   it("a version 2 image with snapshots upgrades (snapshot table rewritten with v3 extra data)", async () => {
     const d = freshDir();
-    sh(
-      "qemu-img",
-      ["create", "-q", "-f", "qcow2", "-o", "compat=0.10,cluster_size=512", "q.qcow2", "300k"],
-      d,
-    );
+    createQcow2In(d, "q.qcow2", "300k", "compat=0.10,cluster_size=512");
     sh("qemu-io", ["-c", "write -P 5 0 100k", "q.qcow2"], d);
     sh("qemu-img", ["snapshot", "-c", "one", "q.qcow2"], d);
     sh("qemu-io", ["-c", "write -P 6 50k 100k", "q.qcow2"], d);
@@ -382,11 +340,7 @@ describe.skipIf(!haveQemu)("amend: refcount width", () => {
 describe.skipIf(!haveQemu)("amend: the open image stays usable", () => {
   it("several amends on one open, then guest writes, zeroes and discards; qemu-img agrees", async () => {
     const d = freshDir();
-    sh(
-      "qemu-img",
-      ["create", "-q", "-f", "qcow2", "-o", "cluster_size=4096,lazy_refcounts=on", "d.qcow2", "2M"],
-      d,
-    );
+    createQcow2In(d, "d.qcow2", "2M", "cluster_size=4096,lazy_refcounts=on");
     sh(
       "qemu-io",
       [

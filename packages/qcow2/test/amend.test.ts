@@ -46,11 +46,25 @@ function expectClean(file: string, cwd: string): void {
 }
 
 /** qemu-io read -P checks: each [pattern, offset, length]. */
-function expectReads(file: string, cwd: string, reads: [number, string, string][]): void {
+type Reads = [pattern: number, offset: string, length: string][];
+
+/** qemu-io reads `file` as `reads` says. */
+function expectReads(file: string, cwd: string, reads: Reads): void {
   const args: string[] = [];
   for (const [p, off, len] of reads) args.push("-c", `read -P ${p} ${off} ${len}`);
   const out = sh("qemu-io", [...args, file], cwd);
   expect(out, file).not.toMatch(/Pattern verification failed|error/i);
+}
+
+/** The twins: `q.qcow2` amended by qemu-img, `d.qcow2` by the driver. */
+const TWINS = ["q.qcow2", "d.qcow2"] as const;
+
+/** Each twin reads as `reads` says and passes `qemu-img check` clean. */
+function expectTwinsRead(cwd: string, reads: Reads): void {
+  for (const f of TWINS) {
+    expectReads(f, cwd, reads);
+    expectClean(f, cwd);
+  }
 }
 
 /** Amend `q.qcow2` with qemu-img and `d.qcow2` (a copy) with the driver. */
@@ -73,20 +87,27 @@ async function twinAmend(
   return { qemu: { code: q.code, stderr: q.stderr }, ours: err };
 }
 
+/** `twinAmend`, and both amends succeed (`label` names the case in a failure). */
+async function amendBoth(
+  dir: string,
+  qemuOpts: string,
+  ours: Qcow2AmendOptions,
+  label?: string,
+): Promise<void> {
+  const r = await twinAmend(dir, qemuOpts, ours);
+  expect(r.qemu.code, `${label ?? qemuOpts}: ${r.qemu.stderr}`).toBe(0);
+  expect(r.ours, label ?? qemuOpts).toBeUndefined();
+}
+
 describe.skipIf(!haveQemu)("amend: iotest 061 scenarios against qemu-img", () => {
   it("version downgrade with zero expansion (lazy refcounts on)", async () => {
     const d = freshDir();
     createQcow2In(d, "q.qcow2", "64M", "compat=1.1,lazy_refcounts=on");
     sh("qemu-io", ["-c", "write -z 0 128k", "q.qcow2"], d);
-    const r = await twinAmend(d, "compat=0.10", { compat: "0.10" });
-    expect(r.qemu.code).toBe(0);
-    expect(r.ours).toBeUndefined();
+    await amendBoth(d, "compat=0.10", { compat: "0.10" });
     expect(facts(path.join(d, "d.qcow2"))).toEqual(facts(path.join(d, "q.qcow2")));
     expect(facts(path.join(d, "d.qcow2"))["version"]).toBe(2);
-    for (const f of ["q.qcow2", "d.qcow2"]) {
-      expectReads(f, d, [[0, "0", "128k"]]);
-      expectClean(f, d);
-    }
+    expectTwinsRead(d, [[0, "0", "128k"]]);
     sh("qemu-img", ["compare", "q.qcow2", "d.qcow2"], d);
   });
 
@@ -95,15 +116,10 @@ describe.skipIf(!haveQemu)("amend: iotest 061 scenarios against qemu-img", () =>
     createQcow2In(d, "q.qcow2", "64M", "compat=1.1,lazy_refcounts=on");
     tool("qemu-io", ["-c", "write -P 0x2a 0 128k", "-c", "flush", "-c", "abort", "q.qcow2"], d);
     expect(BigInt(facts(path.join(d, "q.qcow2"))["incompatible"] as string) & 1n).toBe(1n);
-    const r = await twinAmend(d, "compat=0.10", { compat: "0.10" });
-    expect(r.qemu.code).toBe(0);
-    expect(r.ours).toBeUndefined();
+    await amendBoth(d, "compat=0.10", { compat: "0.10" });
     expect(facts(path.join(d, "d.qcow2"))).toEqual({ version: 2, size: 64 << 20 });
     expect(facts(path.join(d, "q.qcow2"))).toEqual({ version: 2, size: 64 << 20 });
-    for (const f of ["q.qcow2", "d.qcow2"]) {
-      expectReads(f, d, [[0x2a, "0", "128k"]]);
-      expectClean(f, d);
-    }
+    expectTwinsRead(d, [[0x2a, "0", "128k"]]);
   });
 
   it("version downgrade drops unknown compatible and autoclear bits", async () => {
@@ -115,9 +131,7 @@ describe.skipIf(!haveQemu)("amend: iotest 061 scenarios against qemu-img", () =>
     fs.writeSync(fd, bit, 0, 8, 80);
     fs.writeSync(fd, bit, 0, 8, 88);
     fs.closeSync(fd);
-    const r = await twinAmend(d, "compat=0.10", { compat: "0.10" });
-    expect(r.qemu.code).toBe(0);
-    expect(r.ours).toBeUndefined();
+    await amendBoth(d, "compat=0.10", { compat: "0.10" });
     expect(facts(path.join(d, "d.qcow2"))).toEqual(facts(path.join(d, "q.qcow2")));
     expectClean("d.qcow2", d);
   });
@@ -126,18 +140,13 @@ describe.skipIf(!haveQemu)("amend: iotest 061 scenarios against qemu-img", () =>
     const d = freshDir();
     createQcow2In(d, "q.qcow2", "64M", "compat=0.10");
     sh("qemu-io", ["-c", "write -P 0x2a 42M 64k", "q.qcow2"], d);
-    const r = await twinAmend(d, "compat=1.1,lazy_refcounts=on,size=128M", {
+    await amendBoth(d, "compat=1.1,lazy_refcounts=on,size=128M", {
       compat: "1.1",
       lazyRefcounts: true,
       size: 128 << 20,
     });
-    expect(r.qemu.code).toBe(0);
-    expect(r.ours).toBeUndefined();
     expect(facts(path.join(d, "d.qcow2"))).toEqual(facts(path.join(d, "q.qcow2")));
-    for (const f of ["q.qcow2", "d.qcow2"]) {
-      expectReads(f, d, [[0x2a, "42M", "64k"]]);
-      expectClean(f, d);
-    }
+    expectTwinsRead(d, [[0x2a, "42M", "64k"]]);
     sh("qemu-img", ["compare", "q.qcow2", "d.qcow2"], d);
   });
 
@@ -145,16 +154,11 @@ describe.skipIf(!haveQemu)("amend: iotest 061 scenarios against qemu-img", () =>
     const d = freshDir();
     createQcow2In(d, "q.qcow2", "64M", "compat=1.1,lazy_refcounts=on");
     tool("qemu-io", ["-c", "write -P 0x2a 0 128k", "-c", "flush", "-c", "abort", "q.qcow2"], d);
-    const r = await twinAmend(d, "lazy_refcounts=off", { lazyRefcounts: false });
-    expect(r.qemu.code).toBe(0);
-    expect(r.ours).toBeUndefined();
+    await amendBoth(d, "lazy_refcounts=off", { lazyRefcounts: false });
     expect(facts(path.join(d, "d.qcow2"))).toEqual(facts(path.join(d, "q.qcow2")));
     expect(facts(path.join(d, "d.qcow2"))["compatible"]).toBe("0");
     expect(facts(path.join(d, "d.qcow2"))["incompatible"]).toBe("0");
-    for (const f of ["q.qcow2", "d.qcow2"]) {
-      expectReads(f, d, [[0x2a, "0", "128k"]]);
-      expectClean(f, d);
-    }
+    expectTwinsRead(d, [[0x2a, "0", "128k"]]);
   });
 
   it("invalid configurations are refused as qemu-img refuses them, changing nothing", async () => {
@@ -185,16 +189,10 @@ describe.skipIf(!haveQemu)("amend: iotest 061 scenarios against qemu-img", () =>
       sh("qemu-io", ["-c", "write -z 0 128k", "q.qcow2"], d);
       sh("qemu-img", ["snapshot", "-c", "foo", "q.qcow2"], d);
       if (overwrite) sh("qemu-io", ["-c", "write -P 0x2a 0 128k", "q.qcow2"], d);
-      const r = await twinAmend(d, "compat=0.10", { compat: "0.10" });
-      expect(r.qemu.code).toBe(0);
-      expect(r.ours).toBeUndefined();
-      for (const f of ["q.qcow2", "d.qcow2"]) {
-        expectClean(f, d);
-        expectReads(f, d, [[overwrite ? 0x2a : 0, "0", "128k"]]);
-        sh("qemu-img", ["snapshot", "-a", "foo", f], d);
-        expectClean(f, d);
-        expectReads(f, d, [[0, "0", "128k"]]);
-      }
+      await amendBoth(d, "compat=0.10", { compat: "0.10" });
+      expectTwinsRead(d, [[overwrite ? 0x2a : 0, "0", "128k"]]);
+      for (const f of TWINS) sh("qemu-img", ["snapshot", "-a", "foo", f], d);
+      expectTwinsRead(d, [[0, "0", "128k"]]);
     }
   });
 
@@ -207,33 +205,19 @@ describe.skipIf(!haveQemu)("amend: iotest 061 scenarios against qemu-img", () =>
       sh("qemu-io", ["-c", `write -z 0 ${variant === "shared" ? "128k" : "64k"}`, "q.qcow2"], d);
       if (variant !== "active") sh("qemu-img", ["snapshot", "-c", "foo", "q.qcow2"], d);
       if (variant === "inactive") sh("qemu-io", ["-c", "write -P 0x42 0 128k", "q.qcow2"], d);
-      const r = await twinAmend(d, "compat=0.10", { compat: "0.10" });
-      expect(r.qemu.code, variant).toBe(0);
-      expect(r.ours, variant).toBeUndefined();
+      await amendBoth(d, "compat=0.10", { compat: "0.10" }, variant);
       sh("qemu-img", ["compare", "q.qcow2", "d.qcow2"], d);
-      for (const f of ["q.qcow2", "d.qcow2"]) {
-        expectClean(f, d);
-        if (variant === "active")
-          expectReads(f, d, [
-            [0, "0", "64k"],
-            [0x2a, "64k", "64k"],
-          ]);
-        if (variant === "inactive") expectReads(f, d, [[0x42, "0", "128k"]]);
-        if (variant === "shared") expectReads(f, d, [[0, "0", "128k"]]);
-        if (variant !== "active") {
-          sh("qemu-img", ["snapshot", "-a", "foo", f], d);
-          expectClean(f, d);
-          expectReads(
-            f,
-            d,
-            variant === "shared"
-              ? [[0, "0", "128k"]]
-              : [
-                  [0, "0", "64k"],
-                  [0x2a, "64k", "64k"],
-                ],
-          );
-        }
+      // The top zeroes 0..64k (0..128k when the L2 is shared) over the base's 0x2a.
+      const zeroHead: Reads = [
+        [0, "0", "64k"],
+        [0x2a, "64k", "64k"],
+      ];
+      const zeros: Reads = [[0, "0", "128k"]];
+      const inactive: Reads = [[0x42, "0", "128k"]];
+      expectTwinsRead(d, { active: zeroHead, inactive, shared: zeros }[variant]);
+      if (variant !== "active") {
+        for (const f of TWINS) sh("qemu-img", ["snapshot", "-a", "foo", f], d);
+        expectTwinsRead(d, variant === "shared" ? zeros : zeroHead);
       }
     }
   });
@@ -242,13 +226,8 @@ describe.skipIf(!haveQemu)("amend: iotest 061 scenarios against qemu-img", () =>
     const d = freshDir();
     createQcow2In(d, "q.qcow2", "16M", "compat=1.1");
     sh("qemu-io", ["-c", "write -P 0x2a 0 16M", "-c", "write -z 0 16M", "q.qcow2"], d);
-    const r = await twinAmend(d, "compat=0.10", { compat: "0.10" });
-    expect(r.qemu.code).toBe(0);
-    expect(r.ours).toBeUndefined();
-    for (const f of ["q.qcow2", "d.qcow2"]) {
-      expectClean(f, d);
-      expectReads(f, d, [[0, "0", "16M"]]);
-    }
+    await amendBoth(d, "compat=0.10", { compat: "0.10" });
+    expectTwinsRead(d, [[0, "0", "16M"]]);
     // Preallocated zero clusters are zeroed in place: the file does not grow.
     expect(fs.statSync(path.join(d, "d.qcow2")).size).toBe(
       fs.statSync(path.join(d, "q.qcow2")).size,
@@ -315,9 +294,7 @@ describe.skipIf(!haveQemu)("amend: refcount width", () => {
     sh("qemu-io", ["-c", "write -P 5 0 100k", "q.qcow2"], d);
     sh("qemu-img", ["snapshot", "-c", "one", "q.qcow2"], d);
     sh("qemu-io", ["-c", "write -P 6 50k 100k", "q.qcow2"], d);
-    const r = await twinAmend(d, "compat=1.1,refcount_bits=8", { compat: "1.1", refcountBits: 8 });
-    expect(r.qemu.code).toBe(0);
-    expect(r.ours).toBeUndefined();
+    await amendBoth(d, "compat=1.1,refcount_bits=8", { compat: "1.1", refcountBits: 8 });
     expect(facts(path.join(d, "d.qcow2"))).toEqual(facts(path.join(d, "q.qcow2")));
     const snaps = (f: string): unknown =>
       (
@@ -326,7 +303,7 @@ describe.skipIf(!haveQemu)("amend: refcount width", () => {
         }
       ).snapshots.map((s) => [s.name, s["vm-state-size"]]);
     expect(snaps("d.qcow2")).toEqual(snaps("q.qcow2"));
-    for (const f of ["q.qcow2", "d.qcow2"]) {
+    for (const f of TWINS) {
       expectClean(f, d);
       sh("qemu-img", ["snapshot", "-a", "one", f], d);
       expectReads(f, d, [[5, "0", "100k"]]);

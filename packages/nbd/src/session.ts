@@ -311,6 +311,12 @@ export class NbdSession {
         this.channel.write(encodeOptionReply(h.option, type, body));
       const error = (type: number, message: string): void =>
         reply(type, new TextEncoder().encode(message));
+      /** The export named `name`, or undefined once the option is answered ERR_UNKNOWN. */
+      const knownExport = (name: string): NbdExport | undefined => {
+        const exp = this.findExport(name);
+        if (exp === undefined) error(NbdRep.ERR_UNKNOWN, `export '${name}' not present`);
+        return exp;
+      };
       if (this.stopping && h.option !== NbdOpt.ABORT) {
         error(NbdRep.ERR_SHUTDOWN, "Server shutting down");
         continue;
@@ -360,11 +366,8 @@ export class NbdSession {
             error(NbdRep.ERR_INVALID, req.problem);
             break;
           }
-          const exp = this.findExport(req.value.name);
-          if (exp === undefined) {
-            error(NbdRep.ERR_UNKNOWN, `export '${req.value.name}' not present`);
-            break;
-          }
+          const exp = knownExport(req.value.name);
+          if (exp === undefined) break;
           reply(
             NbdRep.INFO,
             InfoExport.encode({
@@ -410,11 +413,8 @@ export class NbdSession {
             error(NbdRep.ERR_INVALID, req.problem);
             break;
           }
-          const exp = this.findExport(req.value.exportName);
-          if (exp === undefined) {
-            error(NbdRep.ERR_UNKNOWN, `export '${req.value.exportName}' not present`);
-            break;
-          }
+          const exp = knownExport(req.value.exportName);
+          if (exp === undefined) break;
           const found = this.matchContexts(exp, req.value.queries, set);
           for (const c of found)
             reply(NbdRep.META_CONTEXT, encodeMetaContext(set ? c.id : 0, c.name));

@@ -8,7 +8,8 @@
  *
  * Env: QIMG_DIFF_CASES (default 300; QIMG_LONG=1: 5000), QIMG_SEED (first seed; with
  * QIMG_DIFF_CASES=1 it replays one case), QIMG_DIFF_JOBS (cases in flight, default 2),
- * QIMG_DIFF_KEEP=1 keeps the case directories. Outside vitest, explore.ts runs cases and prints
+ * QIMG_DIFF_KEEP=1 keeps the case directories, QIMG_DIFF_MODEL=1 also holds QEMU's twin against
+ * the model when the twins agree (a check of the harness itself). Outside vitest, explore.ts runs cases and prints
  * every failure category with shrunk examples.
  */
 import { mkdtempSync, rmSync } from "node:fs";

@@ -1,9 +1,10 @@
 /**
  * The seeded generator of the differential suite: from one seed, a create-option set, a virtual
  * size (often not a multiple of 512 or of the cluster), an optional backing file of another size
- * and format with random content, a sequence of qemu-io operations (writes at any offset and
- * length, write-zeroes with and without unmap, discard, compressed writes, flush, resize) and a
- * list of conversions. The runner (run.ts) replays it on twin images through QEMU and qimg.
+ * and format with random content, a sequence of operations (qemu-io's writes at any offset and
+ * length, write-zeroes with and without unmap, discard, compressed writes, flush; resize; on
+ * qcow2 internal snapshots created, applied and deleted, persistent bitmaps added, removed,
+ * cleared, enabled, disabled and merged) and a list of conversions. The runner (run.ts) replays it on twin images through QEMU and qimg.
  */
 import { seededRandom } from "@qimg/io";
 
@@ -19,8 +20,27 @@ export type Op =
   /** Concurrent requests (aio_write, aio_write -z) on disjoint ranges, then aio_flush. */
   | { readonly k: "aio"; readonly parts: readonly AioPart[] }
   | { readonly k: "resize"; readonly delta: number }
-  /** `qemu-img snapshot -c NAME` on both twins (qcow2): later writes must copy shared clusters. */
-  | { readonly k: "snapshot"; readonly name: string };
+  /**
+   * Internal snapshot action (qcow2): `qemu-img snapshot -c/-a/-d NAME` on QEMU's twin, `qimg
+   * snapshot` on qimg's. Create: later writes must copy shared clusters; apply: the guest bytes
+   * and disk size go back to the snapshot's; delete: the first snapshot of that name goes.
+   */
+  | { readonly k: "snapshot"; readonly act: SnapshotAct; readonly name: string }
+  /**
+   * Persistent-bitmap action (qcow2 v3): `qemu-img bitmap --ACT` on QEMU's twin, `qimg bitmap`
+   * on qimg's. `granularity` (add) is `-g`, default when undefined; `source` (merge) is the
+   * bitmap merged into `name`.
+   */
+  | {
+      readonly k: "bitmap";
+      readonly act: BitmapAct;
+      readonly name: string;
+      readonly granularity?: number | undefined;
+      readonly source?: string | undefined;
+    };
+
+export type SnapshotAct = "create" | "apply" | "delete";
+export type BitmapAct = "add" | "remove" | "clear" | "enable" | "disable" | "merge";
 
 export interface AioPart {
   readonly off: number;
@@ -258,6 +278,49 @@ function allConverts(d: Draw, hasBacking: boolean): Convert[] {
   return out;
 }
 
+/** A snapshot action; `snaps` (names and disk sizes, in table order) follows it. */
+function drawSnapshotOp(
+  d: Draw,
+  snaps: { name: string; size: number }[],
+  index: number,
+  cur: number,
+): Extract<Op, { k: "snapshot" }> {
+  const a = d.rnd();
+  if (snaps.length === 0 || a < 0.35) {
+    // Now and then a name taken already: QEMU keeps both (apply/delete find the first).
+    const name = snaps.length > 0 && d.chance(0.1) ? d.pick(snaps).name : `s${index}`;
+    snaps.push({ name, size: cur });
+    return { k: "snapshot", act: "create", name };
+  }
+  // Rarely a name that does not exist: both must refuse.
+  const name = d.chance(0.05) ? "nosuch" : d.pick(snaps).name;
+  if (a < 0.75) return { k: "snapshot", act: "apply", name };
+  const at = snaps.findIndex((x) => x.name === name);
+  if (at >= 0) snaps.splice(at, 1);
+  return { k: "snapshot", act: "delete", name };
+}
+
+/** A bitmap action; `names` (the bitmaps that exist) follows it. */
+function drawBitmapOp(d: Draw, names: string[], next: number): Extract<Op, { k: "bitmap" }> {
+  const a = d.rnd();
+  if (names.length === 0 || a < 0.3) {
+    const name = names.length > 0 && d.chance(0.08) ? d.pick(names) : `b${next}`;
+    if (!names.includes(name)) names.push(name);
+    const granularity = d.chance(0.3) ? undefined : d.pow2(9, 21);
+    return { k: "bitmap", act: "add", name, granularity };
+  }
+  const name = d.chance(0.05) ? "nosuch" : d.pick(names);
+  if (a < 0.45) {
+    const at = names.indexOf(name);
+    if (at >= 0) names.splice(at, 1);
+    return { k: "bitmap", act: "remove", name };
+  }
+  if (a < 0.6) return { k: "bitmap", act: "clear", name };
+  if (a < 0.75) return { k: "bitmap", act: "disable", name };
+  if (a < 0.87) return { k: "bitmap", act: "enable", name };
+  return { k: "bitmap", act: "merge", name, source: d.pick(names) };
+}
+
 export function generateCase(seed: number, limits: GenLimits = CI_LIMITS): CaseSpec {
   const d = new Draw(seed);
   const format: ImageFormat = d.chance(0.78) ? "qcow2" : "qed";
@@ -292,8 +355,19 @@ export function generateCase(seed: number, limits: GenLimits = CI_LIMITS): CaseS
     };
     if (d.chance(0.2)) size = undefined;
   }
+  const bitmaps: { name: string; granularity: number }[] = [];
+  if (format === "qcow2" && !options.includes("compat=0.10") && d.chance(0.15)) {
+    const n = d.int(1, 2);
+    for (let i = 0; i < n; i++) bitmaps.push({ name: `b${i}`, granularity: d.pow2(9, 21) });
+  }
   // Track the size QEMU will have, to aim requests at it.
   let cur = roundSector(size ?? backing?.size ?? 0);
+  const v3 = format === "qcow2" && !options.includes("compat=0.10");
+  // What the snapshot and bitmap actions drawn so far leave (if QEMU runs them all), to aim
+  // later actions mostly at names that exist.
+  const snaps: { name: string; size: number }[] = [];
+  const marks = bitmaps.map((b) => b.name);
+  let nextBitmap = bitmaps.length;
   const ops: Op[] = [];
   const fresh = d.chance(0.5);
   const preallocated = options.some((o) => /^preallocation=(metadata|falloc|full)$/.test(o));
@@ -301,8 +375,24 @@ export function generateCase(seed: number, limits: GenLimits = CI_LIMITS): CaseS
   const touch = (off: number, len: number): void => {
     for (let c = Math.floor(off / cluster); c * cluster < off + len; c++) touched.add(c);
   };
+  // Snapshot and bitmap actions: a few cases get many (sequences of creates, applies and
+  // deletes; adds, merges, disables...), most get few or none (each costs a qemu-img run).
+  const pSnapshot = format === "qcow2" && !dataFile ? (d.chance(0.25) ? 0.25 : 0.03) : 0;
+  const pBitmap = v3 ? (d.chance(0.2) ? 0.2 : 0.02) : 0;
   const nops = d.int(limits.minOps, limits.maxOps);
   for (let i = 0; i < nops; i++) {
+    if (d.chance(pSnapshot)) {
+      const op = drawSnapshotOp(d, snaps, ops.length, cur);
+      if (op.act === "apply") cur = snaps.find((x) => x.name === op.name)?.size ?? cur;
+      ops.push(op);
+      continue;
+    }
+    if (d.chance(pBitmap)) {
+      const op = drawBitmapOp(d, marks, nextBitmap);
+      if (op.act === "add" && op.name === `b${nextBitmap}`) nextBitmap++;
+      ops.push(op);
+      continue;
+    }
     if (d.chance(0.12)) {
       // Disjoint requests in flight together, packed in a window of a few clusters so that they
       // share clusters (concurrent allocation and copy-on-write of one cluster).
@@ -374,11 +464,8 @@ export function generateCase(seed: number, limits: GenLimits = CI_LIMITS): CaseS
           };
         }
       }
-    } else if (r < 0.88) {
+    } else if (r < 0.92) {
       ops.push({ k: "flush" });
-      continue;
-    } else if (format === "qcow2" && !dataFile && r < 0.92) {
-      ops.push({ k: "snapshot", name: `s${ops.length}` });
       continue;
     } else {
       const delta = d.chance(0.75) ? d.int(1, 2048) * 512 : d.int(1, 600_000);
@@ -400,13 +487,22 @@ export function generateCase(seed: number, limits: GenLimits = CI_LIMITS): CaseS
     }
     converts = chosen;
   }
-  const bitmaps: { name: string; granularity: number }[] = [];
-  if (format === "qcow2" && !options.includes("compat=0.10") && d.chance(0.15)) {
-    const n = d.int(1, 2);
-    for (let i = 0; i < n; i++) bitmaps.push({ name: `b${i}`, granularity: d.pow2(9, 21) });
-  }
   const crash = d.chance(0.1);
   return { seed, format, options, dataFile, backing, size, ops, converts, bitmaps, crash };
+}
+
+/** qemu-img snapshot's option of each action. */
+export const SNAPSHOT_FLAG: Readonly<Record<SnapshotAct, string>> = {
+  create: "-c",
+  apply: "-a",
+  delete: "-d",
+};
+
+/** The options of `qemu-img bitmap` for a bitmap operation (the file and the name follow). */
+export function bitmapOptions(op: Extract<Op, { k: "bitmap" }>): string[] {
+  const a = op.act === "merge" ? ["--merge", op.source ?? ""] : [`--${op.act}`];
+  if (op.act === "add" && op.granularity !== undefined) a.push("-g", String(op.granularity));
+  return a;
 }
 
 /** The qemu-io command lines of an operation (resize is not one: the runner runs qemu-img). */
@@ -438,7 +534,9 @@ export function ioCommand(op: Op): string {
     case "resize":
       return `(resize +${op.delta})`;
     case "snapshot":
-      return `(snapshot -c ${op.name})`;
+      return `(snapshot ${SNAPSHOT_FLAG[op.act]} ${op.name})`;
+    case "bitmap":
+      return `(bitmap ${bitmapOptions(op).join(" ")} ${op.name})`;
   }
 }
 

@@ -30,11 +30,13 @@ import {
   type CaseSpec,
   type Convert,
   type Op,
+  SNAPSHOT_FLAG,
+  bitmapOptions,
   ioCommand,
   ioLines,
   roundSector,
 } from "./gen.js";
-import { GuestModel, backingBytes } from "./model.js";
+import { GuestModel, backingBytes, firstBitMismatch, firstMismatchOf } from "./model.js";
 
 export interface Outcome {
   readonly code: number;
@@ -248,7 +250,7 @@ export function opOutputs(ops: readonly Op[], stdout: string): { ok: boolean; te
         ok: op.parts.every((p) => own.includes(`wrote ${p.len}/${p.len} bytes at offset ${p.off}`)),
         text,
       });
-    } else if (op.k === "flush" || op.k === "resize" || op.k === "snapshot") {
+    } else if (op.k === "flush" || op.k === "resize" || op.k === "snapshot" || op.k === "bitmap") {
       out.push({ ok: !own.some((l) => /failed/.test(l)), text });
     } else {
       const word = op.k === "discard" ? "discard" : "wrote";
@@ -331,6 +333,247 @@ async function compareCompression(
 
 function convertLabel(c: Convert): string {
   return `${c.format}${c.compress ? "-c" : ""}${c.keepBacking ? "-backing" : ""}`;
+}
+
+/** Stderr and stdout of a qemu-img / qimg command with the tool's name and the twin's file cut. */
+const normalized = (r: Outcome, file: string): string =>
+  (r.stdout + r.stderr)
+    .split(file)
+    .join("FILE")
+    .replace(/^(qemu-img|qimg): /gm, "")
+    .trim();
+
+/**
+ * A snapshot or bitmap action on both twins: `qemu-img snapshot|bitmap` on QEMU's, `qimg
+ * snapshot|bitmap` on qimg's. Both must succeed or both refuse, with qemu-img's words; a
+ * refusal leaves qimg's file byte-identical. The model follows QEMU's outcome.
+ */
+async function runAction(
+  s: Session,
+  op: Extract<Op, { k: "snapshot" | "bitmap" }>,
+  q: string,
+  o: string,
+  model: GuestModel,
+  diverged: () => boolean,
+): Promise<void> {
+  const label = `${op.k}-${op.act}`;
+  const args = (file: string): string[] =>
+    op.k === "snapshot"
+      ? ["snapshot", SNAPSHOT_FLAG[op.act], op.name, file]
+      : ["bitmap", ...bitmapOptions(op), file, op.name];
+  const qr = await s.qemuImg(args(q));
+  const before = readFileSync(o);
+  const or = await s.qimg(args(o), label);
+  const [qok, ook] = [qr.code === 0, or.code === 0];
+  if (qok) {
+    let done: Op = op;
+    if (op.k === "bitmap" && op.act === "add" && op.granularity === undefined) {
+      // The default granularity (from the cluster size) is QEMU's choice: read it back.
+      done = { ...op, granularity: bitmapDirty(q).get(op.name)?.granularity };
+    }
+    try {
+      model.apply(done);
+    } catch (e) {
+      s.fail("harness-error", `the model cannot follow ${ioCommand(op)}: ${String(e)}`);
+    }
+  } else {
+    s.note(`# QEMU refused ${ioCommand(op)}: ${firstLines(qr.stderr, 1)}`);
+  }
+  if (diverged()) return;
+  if (qok !== ook) {
+    s.fail(
+      `op:${label}:${qok ? "qimg-refuses" : "qimg-accepts"}`,
+      `'${ioCommand(op)}': qemu-img exit ${qr.code} (${firstLines(qr.stderr)}), qimg exit ${or.code} (${firstLines(or.stderr)})`,
+    );
+    return;
+  }
+  if (qr.code !== or.code || normalized(qr, q) !== normalized(or, o)) {
+    s.fail(
+      `message:${label}`,
+      `'${ioCommand(op)}': qemu-img exit ${qr.code}: ${normalized(qr, q) || "(nothing)"}; qimg exit ${or.code}: ${normalized(or, o) || "(nothing)"}`,
+    );
+  }
+  if (!ook && !before.equals(readFileSync(o))) {
+    s.fail(`refused-changed-file:${label}`, `'${ioCommand(op)}' refused, yet qimg's file changed`);
+  }
+}
+
+/** What `qemu-img info --output=json` says of a twin's size, snapshots and bitmaps. */
+interface ManagedFacts {
+  readonly size: number;
+  /** "ID NAME VM-STATE-SIZE" per snapshot, in table order. */
+  readonly snapshots: readonly string[];
+  /** The bitmaps entry of format-specific data, as JSON text. */
+  readonly bitmaps: string;
+  readonly bitmapList: readonly { name: string; granularity: number; flags: string[] }[];
+}
+
+async function managedFacts(s: Session, format: AnyFormat, file: string): Promise<ManagedFacts> {
+  const r = await s.qemuImg(["info", "-f", format, "--output=json", file]);
+  const info = JSON.parse(r.stdout || "{}") as {
+    "virtual-size"?: number;
+    snapshots?: { id: string; name: string; "vm-state-size": number }[];
+    "format-specific"?: {
+      data?: { bitmaps?: { name: string; granularity: number; flags: string[] }[] };
+    };
+  };
+  const bitmaps = info["format-specific"]?.data?.bitmaps;
+  return {
+    size: info["virtual-size"] ?? -1,
+    snapshots: (info.snapshots ?? []).map((x) => `${x.id} ${x.name} ${x["vm-state-size"]}`),
+    bitmaps: JSON.stringify(bitmaps ?? null),
+    bitmapList: bitmaps ?? [],
+  };
+}
+
+/**
+ * After the operations, for cases with snapshots or bitmaps: both twins list the same
+ * snapshots (ids, names) and bitmaps (names, granularity, flags), as the model says, at the
+ * model's disk size; every snapshot reads the same on both twins and as the model kept it;
+ * every bitmap has the same dirty bits on both twins and the ones the model marked.
+ */
+async function compareManaged(
+  s: Session,
+  spec: CaseSpec,
+  q: string,
+  o: string,
+  model: GuestModel,
+  diverged: () => boolean,
+  soundQemu: boolean,
+): Promise<void> {
+  const fmt = spec.format;
+  const fq = await managedFacts(s, fmt, q);
+  const fo = await managedFacts(s, fmt, o);
+  if (diverged()) return;
+  // qimg's actions and writes keep the bitmaps as QEMU's do (flags, granularity; not "in-use").
+  if (fq.bitmaps !== fo.bitmaps) {
+    s.fail("bitmap:info", `QEMU's twin: ${fq.bitmaps}; qimg's twin: ${fo.bitmaps}`);
+  }
+  if (fq.snapshots.join(" | ") !== fo.snapshots.join(" | ")) {
+    s.fail(
+      "snapshot:list",
+      `QEMU's twin: ${fq.snapshots.join(" | ") || "(none)"}; qimg's twin: ${fo.snapshots.join(" | ") || "(none)"}`,
+    );
+  }
+  // The model against QEMU's twin (a difference here is the harness's, or both twins' bug).
+  if (fq.size === fo.size && fq.size !== model.size) {
+    s.fail("model:size", `both twins ${fq.size} bytes, the model ${model.size}`);
+  }
+  const wantSnaps = model.snapshots.map((x) => `${x.id} ${x.name}`).join(" | ");
+  const gotSnaps = fq.snapshots.map((x) => x.replace(/ \d+$/, "")).join(" | ");
+  if (wantSnaps !== gotSnaps) {
+    s.fail(
+      "model:snapshots",
+      `QEMU's twin: ${gotSnaps || "(none)"}; the model: ${wantSnaps || "(none)"}`,
+    );
+  }
+  const wantBitmaps = [...model.bitmaps]
+    .map(([n, b]) => `${n}:${b.granularity}:${b.enabled ? "auto" : "-"}`)
+    .sort()
+    .join(" ");
+  const gotBitmaps = fq.bitmapList
+    .map((b) => `${b.name}:${b.granularity}:${b.flags.includes("auto") ? "auto" : "-"}`)
+    .sort()
+    .join(" ");
+  if (spec.crash !== true && wantBitmaps !== gotBitmaps) {
+    s.fail(
+      "model:bitmaps",
+      `QEMU's twin: ${gotBitmaps || "(none)"}; the model: ${wantBitmaps || "(none)"}`,
+    );
+  }
+
+  if (soundQemu) {
+    // Internal snapshots keep what they saw: qimg's writes after them copied shared clusters,
+    // its applies and deletes left the others alone. qemu-img reads a snapshot through the
+    // active disk's size: the first min(snapshot's size, active size) bytes are compared.
+    for (const line of fq.snapshots) {
+      const id = line.split(" ")[0] ?? "";
+      const sn = model.snapshots.find((x) => x.id === id);
+      if (sn === undefined) continue;
+      const dump = (img: string): Promise<Outcome> =>
+        s.qemuImg([
+          "convert",
+          "-f",
+          fmt,
+          "-l",
+          `snapshot.id=${id}`,
+          "-O",
+          "raw",
+          img,
+          `${img}.${id}.raw`,
+        ]);
+      const rq = await dump(q);
+      const ro = await dump(o);
+      if (rq.code !== 0) continue;
+      if (ro.code !== 0) {
+        s.fail("snapshot:unreadable", firstLines(ro.stderr));
+        continue;
+      }
+      const length = Math.min(sn.bytes.length, model.size);
+      truncateSync(`${q}.${id}.raw`, length);
+      truncateSync(`${o}.${id}.raw`, length);
+      const before = s.failures.length;
+      await compareImages(
+        s,
+        "snapshot",
+        { file: `${q}.${id}.raw`, format: "raw" },
+        { file: `${o}.${id}.raw`, format: "raw" },
+      );
+      const f = s.failures[before];
+      if (f !== undefined) {
+        const held = (file: string): number =>
+          firstMismatchOf(
+            sn.bytes.subarray(0, length),
+            sn.known.subarray(0, length),
+            readFileSync(file),
+          );
+        const [mq, mo] = [held(`${q}.${id}.raw`), held(`${o}.${id}.raw`)];
+        if (mo < 0) {
+          s.failures.splice(before, 1);
+          s.notes.push(
+            mq < 0
+              ? `snapshot ${id}: twins differ only where the outcome is open (${f.detail})`
+              : `snapshot ${id}: QEMU's departs from the model at ${mq}; qimg's agrees (${f.detail})`,
+          );
+        } else {
+          s.failures[before] = {
+            category: f.category,
+            detail: `snapshot ${id} ${sn.name}: ${f.detail} (model: qimg's first wrong byte ${mo}, QEMU's ${mq}; -1 = agrees)`,
+          };
+        }
+      }
+    }
+  }
+
+  // The dirty bits themselves, read from the files.
+  const dq = bitmapDirty(q);
+  const dd = bitmapDirty(o);
+  for (const [name, bq] of dq) {
+    const bo = dd.get(name);
+    const [tq, to] = [runsText(bq.bits), bo === undefined ? "(missing)" : runsText(bo.bits)];
+    const m = model.bitmaps.get(name);
+    // (after a crash QEMU's bitmaps are in use: the model does not say what they hold)
+    const judge = spec.crash !== true && m !== undefined;
+    const mq = judge ? firstBitMismatch(m, bq.bits) : -1;
+    const mo = judge && bo !== undefined ? firstBitMismatch(m, bo.bits) : -1;
+    if (tq !== to) {
+      if (judge && bo !== undefined && mo < 0 && mq >= 0) {
+        s.notes.push(
+          `bitmap ${name}: QEMU's departs from the model at granule ${mq}; qimg's agrees`,
+        );
+      } else {
+        s.fail(
+          "bitmap:dirty-bits",
+          `${name}: QEMU's twin dirty ${tq}; qimg's twin dirty ${to}${judge ? ` (model: qimg's first wrong granule ${mo}, QEMU's ${mq}; -1 = agrees)` : ""}`,
+        );
+      }
+    } else if (mq >= 0) {
+      s.fail(
+        "model:bitmap-bits",
+        `${name}: both twins dirty ${tq}; the model differs at granule ${mq}`,
+      );
+    }
+  }
 }
 
 export async function runCase(spec: CaseSpec, root: string, keep = false): Promise<CaseResult> {
@@ -416,6 +659,9 @@ async function runIn(s: Session, spec: CaseSpec): Promise<string | false> {
     roundSector(spec.size ?? spec.backing?.size ?? 0),
     spec.backing === undefined ? undefined : backingBytes(spec.backing),
   );
+  for (const b of spec.bitmaps) {
+    model.apply({ k: "bitmap", act: "add", name: b.name, granularity: b.granularity });
+  }
   let oracleLost = false;
   const diverged = (): boolean =>
     oracleLost || s.failures.some((f) => /^(op|resize):/.test(f.category));
@@ -470,23 +716,11 @@ async function runIn(s: Session, spec: CaseSpec): Promise<string | false> {
     }
     segment = [];
   };
-  const snapshots: { name: string; size: number }[] = [];
   for (const op of spec.ops) {
     index++;
-    if (op.k === "snapshot") {
+    if (op.k === "snapshot" || op.k === "bitmap") {
       await flushSegment();
-      // (QEMU itself fails some, e.g. with refcount_bits=1, and leaks a cluster doing so: then
-      // the snapshot is not taken on qimg's twin either.)
-      const qr = await s.qemuImg(["snapshot", "-c", op.name, q]);
-      if (qr.code !== 0) {
-        s.notes.push(`qemu-img snapshot -c failed on QEMU's twin: ${firstLines(qr.stderr, 1)}`);
-        continue;
-      }
-      const or = await s.qemuImg(["snapshot", "-c", op.name, o]);
-      if (or.code !== 0 && !diverged()) {
-        s.fail("snapshot:qemu-cannot-snapshot-qimg-image", firstLines(or.stderr));
-      }
-      if (or.code === 0) snapshots.push({ name: op.name, size: model.size });
+      await runAction(s, op, q, o, model, diverged);
       continue;
     }
     if (op.k !== "resize") {
@@ -541,68 +775,22 @@ async function runIn(s: Session, spec: CaseSpec): Promise<string | false> {
     const before = s.failures.length;
     await compareImages(s, "twins", qImg, oImg);
     if (s.failures.length > before) await arbitrate(s, model, qImg, oImg, before);
-  }
-  if (!diverged() && !qemuBroken && !s.notes.some((n) => /departs from|unreadable/.test(n))) {
-    // Internal snapshots keep what they saw: qimg's writes after them copied shared clusters.
-    // (Read through the active image's size; only the snapshot's own size is compared.)
-    for (const { name, size } of snapshots) {
-      const dump = (img: string): Promise<Outcome> =>
-        s.qemuImg([
-          "convert",
-          "-f",
-          fmt,
-          "-l",
-          `snapshot.name=${name}`,
-          "-O",
-          "raw",
-          img,
-          `${img}.${name}.raw`,
-        ]);
-      const rq = await dump(q);
-      const ro = await dump(o);
-      if (rq.code !== 0) continue;
-      if (ro.code !== 0) {
-        s.fail("snapshot:unreadable", firstLines(ro.stderr));
-        continue;
-      }
-      truncateSync(`${q}.${name}.raw`, size);
-      truncateSync(`${o}.${name}.raw`, size);
-      await compareImages(
-        s,
-        "snapshot",
-        { file: `${q}.${name}.raw`, format: "raw" },
-        { file: `${o}.${name}.raw`, format: "raw" },
-      );
+    else if (process.env.QIMG_DIFF_MODEL === "1" && spec.crash !== true) {
+      // The model against QEMU's twin even when the twins agree (a check of the harness).
+      const out = `${q}.model.raw`;
+      const r = await s.qemuImg(["convert", "-f", fmt, "-O", "raw", q, out]);
+      const at = r.code === 0 ? model.firstMismatch(readFileSync(out)) : -1;
+      if (at >= 0) s.fail("model:guest", `both twins differ from the model at byte ${at}`);
     }
+  }
+  const managed =
+    spec.bitmaps.length > 0 || spec.ops.some((op) => op.k === "snapshot" || op.k === "bitmap");
+  if (managed) {
+    const soundQemu = !qemuBroken && !s.notes.some((n) => /departs from|unreadable/.test(n));
+    await compareManaged(s, spec, q, o, model, diverged, soundQemu);
   }
   if (!diverged() && spec.ops.some((op) => op.k === "wc")) {
     await compareCompression(s, "twins", twinCheck, q, fmt);
-  }
-  if (spec.bitmaps.length > 0) {
-    // qimg's writes keep the bitmaps as QEMU's do (flags, granularity; not "in-use").
-    const bitmapsOf = async (file: string): Promise<string> => {
-      const r = await s.qemuImg(["info", "-f", fmt, "--output=json", file]);
-      const info = JSON.parse(r.stdout || "{}") as {
-        "format-specific"?: { data?: { bitmaps?: unknown } };
-      };
-      return JSON.stringify(info["format-specific"]?.data?.bitmaps ?? null);
-    };
-    const [bq, bo] = [await bitmapsOf(q), await bitmapsOf(o)];
-    if (bq !== bo) s.fail("bitmap:info", `QEMU's twin: ${bq}; qimg's twin: ${bo}`);
-    else if (!diverged()) {
-      // The dirty bits themselves (read from the files by bitmapBits below).
-      const dq = bitmapBits(q);
-      const dd = bitmapBits(o);
-      for (const [name, bits] of dq) {
-        const ours = dd.get(name);
-        if (ours !== bits) {
-          s.fail(
-            "bitmap:dirty-bits",
-            `${name}: QEMU's twin dirty ${bits}; qimg's twin dirty ${ours ?? "(missing)"}`,
-          );
-        }
-      }
-    }
   }
   if (spec.dataFile && spec.options.includes("data_file_raw=on")) {
     // The raw data file must equal the guest disk: compare qimg's image, as qemu-img reads it,
@@ -664,10 +852,42 @@ async function runIn(s: Session, spec: CaseSpec): Promise<string | false> {
  * bitmap tables): an independent reader, so that it judges QEMU's and qimg's images alike.
  */
 export function bitmapBits(file: string): Map<string, string> {
+  const out = new Map<string, string>();
+  for (const [name, b] of bitmapDirty(file)) out.set(name, runsText(b.bits));
+  return out;
+}
+
+/** Dirty granules (1 = dirty) as "[first,last] ..." runs, "(clean)" when none. */
+function runsText(bits: Uint8Array): string {
+  const runs: string[] = [];
+  let start = -1;
+  for (let g = 0; g <= bits.length; g++) {
+    const bit = g < bits.length && bits[g] === 1;
+    if (bit && start < 0) start = g;
+    if (!bit && start >= 0) {
+      runs.push(`[${start},${g - 1}]`);
+      start = -1;
+    }
+  }
+  return runs.join(" ") || "(clean)";
+}
+
+/** A persistent bitmap as stored in the file. */
+export interface StoredBitmap {
+  readonly granularity: number;
+  /** The "auto" flag (enabled: writes mark it). */
+  readonly enabled: boolean;
+  readonly inUse: boolean;
+  /** One byte per granule of the disk: 1 dirty, 0 clean. */
+  readonly bits: Uint8Array;
+}
+
+/** Every persistent bitmap of a qcow2 file by name, read from the bytes (see bitmapBits). */
+export function bitmapDirty(file: string): Map<string, StoredBitmap> {
   const buf = readFileSync(file);
   const dv = new DataView(buf.buffer, buf.byteOffset, buf.byteLength);
   const u64 = (o: number): number => Number(dv.getBigUint64(o, false));
-  const out = new Map<string, string>();
+  const out = new Map<string, StoredBitmap>();
   const cluster = 2 ** dv.getUint32(20, false);
   const size = u64(24);
   const headerLength = dv.getUint32(4, false) >= 3 ? dv.getUint32(100, false) : 72;
@@ -691,6 +911,7 @@ export function bitmapBits(file: string): Map<string, string> {
   for (let i = 0; i < count && e < dirOffset + dirSize; i++) {
     const table = u64(e);
     const tableSize = dv.getUint32(e + 8, false);
+    const flags = dv.getUint32(e + 12, false);
     const granularity = 2 ** dv.getUint8(e + 17);
     const nameSize = dv.getUint16(e + 18, false);
     const extra = dv.getUint32(e + 20, false);
@@ -698,27 +919,18 @@ export function bitmapBits(file: string): Map<string, string> {
     e += Math.ceil((24 + extra + nameSize) / 8) * 8;
     const granules = Math.ceil(size / granularity);
     const perCluster = cluster * 8;
-    const runs: string[] = [];
-    let start = -1;
-    for (let g = 0; g <= granules; g++) {
-      let bit = false;
+    const bits = new Uint8Array(granules);
+    for (let g = 0; g < granules; g++) {
       const index = Math.floor(g / perCluster);
-      if (g < granules && index < tableSize) {
-        const entry = u64(table + index * 8);
-        const off = Number(BigInt(entry) & 0x00fffffffffffe00n);
-        const within = g % perCluster;
-        bit =
-          off === 0
-            ? entry % 2 === 1
-            : (((buf[off + (within >> 3)] ?? 0) >> (within & 7)) & 1) === 1;
-      }
-      if (bit && start < 0) start = g;
-      if (!bit && start >= 0) {
-        runs.push(`[${start},${g - 1}]`);
-        start = -1;
-      }
+      if (index >= tableSize) break;
+      const entry = u64(table + index * 8);
+      const off = Number(BigInt(entry) & 0x00fffffffffffe00n);
+      const within = g % perCluster;
+      const bit =
+        off === 0 ? entry % 2 === 1 : (((buf[off + (within >> 3)] ?? 0) >> (within & 7)) & 1) === 1;
+      bits[g] = bit ? 1 : 0;
     }
-    out.set(name, runs.join(" ") || "(clean)");
+    out.set(name, { granularity, enabled: (flags & 2) !== 0, inUse: (flags & 1) !== 0, bits });
   }
   return out;
 }

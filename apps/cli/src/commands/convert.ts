@@ -32,7 +32,7 @@ import {
   writeNewImage,
   type CreateFormat,
 } from "../create-image.js";
-import { copyBitmaps, Qcow2Image, type SnapshotSelector } from "@qimg/qcow2";
+import { copyBitmaps, Qcow2Image } from "@qimg/qcow2";
 import type { DiskImage, WritableDiskImage } from "../drivers.js";
 import { CliError, inFile, messageOf } from "../errors.js";
 import { openImage, sameFile, writeTarget } from "../open.js";
@@ -56,6 +56,7 @@ import { preallocate, PREALLOCATE_MIN, type FileRange } from "../util/preallocat
 import { startProgress } from "../util/progress.js";
 import { isHelpRequest, optionsHelp, parseOptions, type OptMap } from "../util/qemu-opts.js";
 import { roundUp } from "../util/size.js";
+import { loadSnapshotView, parseSnapshotParam } from "../util/snapshot-param.js";
 
 /** What `qimg convert` was asked to do (its parsed command line). */
 export interface ConvertOptions {
@@ -314,38 +315,15 @@ async function copyBitmapsInto(
 async function loadSnapshot(image: DiskImage, options: ConvertOptions): Promise<DiskImage> {
   const text = options.snapshot ?? options.snapshotName;
   if (text === undefined) return image;
-  let selector: SnapshotSelector | string = text;
-  if (options.snapshot !== undefined && text.startsWith("snapshot.")) {
-    let id: string | undefined;
-    let name: string | undefined;
-    for (const part of text.split(",")) {
-      const eq = part.indexOf("=");
-      const key = eq < 0 ? part : part.slice(0, eq);
-      const value = eq < 0 ? "" : part.slice(eq + 1);
-      if (key === "snapshot.id") id = value;
-      else if (key === "snapshot.name") name = value;
-      else {
-        // qemu-img prints these on two lines.
-        throw new CliError(
-          `Invalid parameter '${key}'. Failed in parsing snapshot param '${text}'`,
-        );
-      }
-    }
-    selector = { ...(id !== undefined ? { id } : {}), ...(name !== undefined ? { name } : {}) };
-  }
-  if (!(image instanceof Qcow2Image)) {
-    throw new CliError(
-      `Failed to load snapshot: Block format '${image.format}' used by device '' does not support temporarily loading internal snapshots`,
-    );
-  }
-  try {
-    return await image.openSnapshot(selector, { size: "image" });
-  } catch (e) {
-    if (e instanceof Error && e.message.startsWith("Can't find")) {
-      throw new CliError("Failed to load snapshot: Can't find snapshot", { cause: e });
-    }
-    throw new CliError(`Failed to load snapshot: ${messageOf(e, "")}`, { cause: e });
-  }
+  const selector =
+    options.snapshot !== undefined
+      ? parseSnapshotParam(
+          text,
+          // qemu-img prints these on two lines.
+          (key) => `Invalid parameter '${key}'. Failed in parsing snapshot param '${text}'`,
+        )
+      : text;
+  return loadSnapshotView(image, selector);
 }
 
 /** Refuse to write any file the source reads (`written`: the target and its data file). */

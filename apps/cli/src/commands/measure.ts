@@ -6,8 +6,7 @@
  * version 3 source and target). QED cannot be measured, as in qemu-img.
  */
 import { Option, type Command } from "commander";
-import { measureBitmaps, measureDataBytes, measureQcow2, Qcow2Image } from "@qimg/qcow2";
-import type { SnapshotSelector } from "@qimg/qcow2";
+import { measureBitmaps, measureDataBytes, measureQcow2 } from "@qimg/qcow2";
 import { InvalidArgumentError } from "@qimg/structs";
 import type { CommandDef } from "../command.js";
 import { stringOpt } from "../command.js";
@@ -23,6 +22,7 @@ import { parseOptions } from "../util/qemu-opts.js";
 import type { OptDesc, OptMap } from "../util/qemu-opts.js";
 import { toQemuJson } from "../util/qjson.js";
 import { parseSize } from "../util/size.js";
+import { loadSnapshotView, parseSnapshotParam } from "../util/snapshot-param.js";
 
 /** qemu-img's two-line refusal of a bad `--size`. */
 const SIZE_ERROR_LINES = [
@@ -164,39 +164,6 @@ function luksPayloadBytes(keyBytes: number): number {
   return 4096 + 8 * slot;
 }
 
-/** Parse `-l`: a snapshot ID or name, or `snapshot.id=...,snapshot.name=...`. */
-function snapshotSelector(text: string): SnapshotSelector | string {
-  if (!text.startsWith("snapshot.")) return text;
-  let id: string | undefined;
-  let name: string | undefined;
-  for (const part of text.split(",")) {
-    const eq = part.indexOf("=");
-    const key = eq < 0 ? part : part.slice(0, eq);
-    const value = eq < 0 ? "" : part.slice(eq + 1);
-    if (key === "snapshot.id") id = value;
-    else if (key === "snapshot.name") name = value;
-    else throw new CliError(`Invalid parameter '${key}'`);
-  }
-  return { ...(id !== undefined ? { id } : {}), ...(name !== undefined ? { name } : {}) };
-}
-
-async function loadSnapshot(image: DiskImage, text: string): Promise<DiskImage> {
-  const selector = snapshotSelector(text);
-  if (!(image instanceof Qcow2Image)) {
-    throw new CliError(
-      `Failed to load snapshot: Block format '${image.format}' used by device '' does not support temporarily loading internal snapshots`,
-    );
-  }
-  try {
-    return await image.openSnapshot(selector, { size: "image" });
-  } catch (e) {
-    if (e instanceof Error && e.message.startsWith("Can't find")) {
-      throw new CliError("Failed to load snapshot: Can't find snapshot", { cause: e });
-    }
-    throw new CliError(`Failed to load snapshot: ${messageOf(e, "")}`, { cause: e });
-  }
-}
-
 /** The source's length as QEMU's block layer sees it: whole 512-byte sectors, rounded up. */
 function sectorLength(n: number): number {
   return Math.ceil(n / 512) * 512;
@@ -280,7 +247,13 @@ export const measureCommand: CommandDef = {
           }
           throw e;
         });
-        source = snapshot !== undefined ? await loadSnapshot(top, snapshot) : top;
+        source =
+          snapshot !== undefined
+            ? await loadSnapshotView(
+                top,
+                parseSnapshotParam(snapshot, (key) => `Invalid parameter '${key}'`),
+              )
+            : top;
       }
       const outFormat = stringOpt(opts, "targetFormat") ?? "raw";
       const target = checkCreateFormat(outFormat);

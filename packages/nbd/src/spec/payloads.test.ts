@@ -1,7 +1,9 @@
 import { describe, expect, it } from "vitest";
 import {
   encodeBlockStatusPayload,
+  encodeInfoString,
   encodeLengthPrefixed,
+  encodeMetaContext,
   parseInfoRequest,
   parseMetaContextRequest,
 } from "./payloads.js";
@@ -43,8 +45,16 @@ describe("option data parsers", () => {
 
   it("build length-prefixed strings and block status payloads", () => {
     expect(Array.from(encodeLengthPrefixed("ab", "cd"))).toEqual([0, 0, 0, 2, 97, 98, 99, 100]);
+    expect(Array.from(encodeLengthPrefixed("é"))).toEqual([0, 0, 0, 2, 0xc3, 0xa9]);
     expect(Array.from(encodeBlockStatusPayload(7, [{ length: 512, flags: 3 }]))).toEqual([
       0, 0, 0, 7, 0, 0, 2, 0, 0, 0, 0, 3,
     ]);
+  });
+
+  it("build meta context and string info items: a big-endian id, then the UTF-8 name", () => {
+    expect(Array.from(encodeMetaContext(0x01020304, "a:é"))).toEqual([
+      1, 2, 3, 4, 97, 58, 0xc3, 0xa9,
+    ]);
+    expect(Array.from(encodeInfoString(0x0102, "dé"))).toEqual([1, 2, 100, 0xc3, 0xa9]);
   });
 });

@@ -120,33 +120,35 @@ export function encodeOptionReply(
   return out;
 }
 
+/** A big-endian u16 or u32 (`width` 2 or 4) holding `head`, then `body` and `tail`. */
+function headed(
+  width: 2 | 4,
+  head: number,
+  body: Uint8Array,
+  tail: Uint8Array = new Uint8Array(0),
+): Uint8Array {
+  const out = new Uint8Array(width + body.length + tail.length);
+  if (width === 2) viewOf(out).setUint16(0, head, false);
+  else viewOf(out).setUint32(0, head, false);
+  out.set(body, width);
+  out.set(tail, width + body.length);
+  return out;
+}
+
 /** A u32 length followed by the UTF-8 bytes of `text` (and `tail`, not counted, if given). */
 export function encodeLengthPrefixed(text: string, tail = ""): Uint8Array {
   const a = utf8.encode(text);
-  const b = utf8.encode(tail);
-  const out = new Uint8Array(4 + a.length + b.length);
-  viewOf(out).setUint32(0, a.length, false);
-  out.set(a, 4);
-  out.set(b, 4 + a.length);
-  return out;
+  return headed(4, a.length, a, utf8.encode(tail));
 }
 
 /** The data of an `NBD_REP_META_CONTEXT` reply: u32 context id, then the name. */
 export function encodeMetaContext(id: number, name: string): Uint8Array {
-  const n = utf8.encode(name);
-  const out = new Uint8Array(4 + n.length);
-  viewOf(out).setUint32(0, id, false);
-  out.set(n, 4);
-  return out;
+  return headed(4, id, utf8.encode(name));
 }
 
 /** An `NBD_REP_INFO` item carrying a string (`NBD_INFO_NAME`, `NBD_INFO_DESCRIPTION`). */
 export function encodeInfoString(info: number, text: string): Uint8Array {
-  const n = utf8.encode(text);
-  const out = new Uint8Array(2 + n.length);
-  viewOf(out).setUint16(0, info, false);
-  out.set(n, 2);
-  return out;
+  return headed(2, info, utf8.encode(text));
 }
 
 /** A simple reply header. */

@@ -7,9 +7,8 @@
 import type { BlockBackend } from "@qimg/io";
 import {
   AutoclearFeatures,
-  bitmapEntryAllOnes,
-  bitmapEntryReservedBits,
-  entryOffset,
+  BitmapChunk,
+  classifyBitmapTableEntry,
   reftableOffset,
   reftableReservedBits,
 } from "@qimg/qcow2";
@@ -319,20 +318,14 @@ export class Pass {
       const t = new U64TableView(new Uint8Array(bytes), "big");
       await this.backend.read(bm.bitmapTableOffset, t.bytes);
       for (let i = 0; i < t.length; i++) {
-        const hi = t.hi(i);
-        const lo = t.lo(i);
         // QEMU loads the table as it would at open (only bitmaps in use get this far; the
         // others were refused at open): a bad entry fails the whole check with EINVAL.
-        const off = entryOffset(hi, lo);
-        if (
-          bitmapEntryReservedBits(hi, lo) ||
-          (off !== 0 && (bitmapEntryAllOnes(lo) || off % this.cs !== 0))
-        ) {
+        const entry = classifyBitmapTableEntry(t, i, this.cs);
+        if (typeof entry === "string") {
           this.res.checkErrors++;
           throw new CheckAbort("Invalid argument");
         }
-        if (off === 0) continue;
-        this.inc(off, this.cs);
+        if (entry.kind === BitmapChunk.data) this.inc(entry.offset, this.cs);
       }
     }
   }

@@ -9,11 +9,9 @@ import type { BlockBackend } from "@qimg/io";
 import {
   AutoclearFeatures,
   BitmapFlag,
-  bitmapEntryAllOnes,
-  bitmapEntryReservedBits,
+  classifyBitmapTableEntry,
   ExtensionType,
   encodeSnapshotTable,
-  entryOffset,
   readQcow2Metadata,
   rewriteHeaderArea,
   writeHeaderFields,
@@ -195,13 +193,7 @@ async function loadBitmapTables(backend: BlockBackend, layout: Layout): Promise<
     const t = new U64TableView(new Uint8Array(bytes), "big");
     await backend.read(bm.bitmapTableOffset, t.bytes);
     for (let i = 0; i < t.length; i++) {
-      const hi = t.hi(i);
-      const lo = t.lo(i);
-      const off = entryOffset(hi, lo);
-      if (
-        bitmapEntryReservedBits(hi, lo) ||
-        (off !== 0 && (bitmapEntryAllOnes(lo) || off % cs !== 0))
-      ) {
+      if (typeof classifyBitmapTableEntry(t, i, cs) === "string") {
         throw new CorruptImageError(
           `Could not read bitmap_table table from image for bitmap '${bm.name}': Invalid argument`,
           { offset: bm.bitmapTableOffset + i * 8 },

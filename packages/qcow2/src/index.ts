@@ -51,6 +51,7 @@ export {
 export type { SnapshotEntry } from "./spec/snapshot.js";
 export { BitmapDirEntry, BitmapFlag, decodeBitmapDirectory } from "./spec/bitmap-directory.js";
 export type { BitmapEntry } from "./spec/bitmap-directory.js";
+export { BitmapChunk, classifyBitmapTableEntry } from "./spec/bitmap-table.js";
 // Entry layouts and the L1/L2/refcount-table entry classifier.
 export * from "./spec/l2.js";
 export { inflateRaw, zstd as zstdDecompress, decompressorFor } from "./compress.js";

@@ -47,6 +47,7 @@ export {
 export type { SnapshotEntry } from "./snapshot.js";
 export { BitmapDirEntry, BitmapFlag, decodeBitmapDirectory } from "./bitmap-directory.js";
 export type { BitmapEntry } from "./bitmap-directory.js";
+export { BitmapChunk, classifyBitmapTableEntry } from "./bitmap-table.js";
 // Entry layouts and the L1/L2/refcount-table entry classifier.
 export * from "./l2.js";
 export { encodeHeaderArea } from "./header-area.js";

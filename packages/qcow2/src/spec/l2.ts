@@ -377,15 +377,3 @@ export function reftableOffset(hi: number, lo: number): number {
 export function reftableReservedBits(lo: number): boolean {
   return (lo & 0x1ff) !== 0;
 }
-
-// Bitmap table entries -------------------------------------------------------------------------
-
-/** Whether a bitmap table entry has reserved bits set (1..8 and 56..63). */
-export function bitmapEntryReservedBits(hi: number, lo: number): boolean {
-  return (hi & 0xff00_0000) !== 0 || (lo & 0x1fe) !== 0;
-}
-
-/** Bit 0 of a bitmap table entry: with no data cluster, the bitmap's bits there are all ones. */
-export function bitmapEntryAllOnes(lo: number): boolean {
-  return (lo & 1) !== 0;
-}

@@ -1,7 +1,7 @@
 /**
  * Snapshot fields that are not offsets or sizes may hold any 64-bit value: a VM clock at or
  * above 2^53 ns (and an icount with the top bit set) must not make the image unreadable, and
- * `qimg info` must print them exactly as qemu-img does (issue 10).
+ * `qimg info` and `qimg snapshot -l` must print them exactly as qemu-img does (issue 10).
  */
 import { readFileSync, writeFileSync, mkdtempSync, rmSync } from "node:fs";
 import { tmpdir } from "node:os";
@@ -53,5 +53,12 @@ describe.skipIf(!hasQemu)("snapshot VM clock and icount past 2^53", () => {
       expect(got.code).toBe(0);
       expect(got.stdout).toBe(want.stdout);
     }
+    // and `snapshot -l` lists the same rows (an icount with the top bit set is signed there too)
+    const want = qemuImg(["snapshot", "-l", file], dir);
+    expect(want.code, want.stderr).toBe(0);
+    expect(want.stdout).toMatch(/-9223372036854775803/);
+    const got = await qimg(["snapshot", "-l", file], dir);
+    expect([got.code, got.stderr]).toEqual([0, ""]);
+    expect(got.stdout).toBe(want.stdout);
   });
 });

@@ -94,7 +94,8 @@ export const snapshotCommand: CommandDef = {
           let out = `Snapshot list:\n${SNAPSHOT_HEADER}\n`;
           for (const s of list) {
             // The table entry holds all ones when no icount was recorded.
-            const icount = s.icount === 0xffff_ffff_ffff_ffffn ? undefined : s.icount;
+            const icount =
+              s.icount === 0xffff_ffff_ffff_ffffn ? undefined : BigInt.asIntN(64, s.icount);
             out += snapshotRow(snapshotJson({ ...s, icount })) + "\n";
           }
           ctx.stdout(out);

@@ -127,6 +127,9 @@ describe.skipIf(!hasQemu)("convert options against qemu-img", () => {
       ],
       ["--image-opts", "-O", "qcow2", "driver=qcow2", "T"],
       ["-l", "x", "-O", "qcow2", "base.qcow2", "T"],
+      // -l is parsed with the options: refused before the source is looked at
+      ["-l", "snapshot.foo=1", "-O", "qcow2", "missing.qcow2", "T"],
+      ["-l", "snapshot.foo=1"],
     ];
     for (const args of cases) {
       const what = args.join(" ");

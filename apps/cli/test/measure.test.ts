@@ -255,6 +255,10 @@ describe.skipIf(!hasQemu)("qimg measure against qemu-img measure", () => {
       ["--size", "100T", "-O", "qcow2", "-o", "cluster_size=512"],
       ["-O", "qcow2", "missing.qcow2"],
       ["-O", "qcow2", "-l", "nosnap", "a.qcow2"],
+      // -l is parsed with the options: refused before the file is looked at
+      ["-O", "qcow2", "-l", "snapshot.foo=1", "a.qcow2"],
+      ["-O", "qcow2", "-l", "snapshot.foo=1", "missing.qcow2"],
+      ["-l", "snapshot.id=1,bar=2"],
     ];
     for (const args of cases) await same(args, dir);
   });

@@ -32,7 +32,7 @@ import {
   writeNewImage,
   type CreateFormat,
 } from "../create-image.js";
-import { copyBitmaps, Qcow2Image } from "@qimg/qcow2";
+import { copyBitmaps, Qcow2Image, type SnapshotSelector } from "@qimg/qcow2";
 import type { DiskImage, WritableDiskImage } from "../drivers.js";
 import { CliError, inFile, messageOf } from "../errors.js";
 import { openImage, sameFile, writeTarget } from "../open.js";
@@ -169,6 +169,7 @@ function named(arg: string, imageOpts: boolean, format: string | undefined): Nam
  * {@link CliError} (or a library error) for what qemu-img reports as an error.
  */
 export async function runConvert(ctx: CliContext, options: ConvertOptions): Promise<number> {
+  const snapshot = snapshotSelector(options);
   const noCreate = options.noCreate === true;
   const optText = options.options ?? "";
   checkCombinations(options, options.options !== undefined);
@@ -197,7 +198,7 @@ export async function runConvert(ctx: CliContext, options: ConvertOptions): Prom
     forceShare: options.forceShare === true,
   });
   try {
-    const source = await loadSnapshot(image, options);
+    const source = snapshot === undefined ? image : await loadSnapshotView(image, snapshot);
     const copyOptions = copyOptionsOf(ctx, options, src.path);
     const bitmaps =
       options.bitmaps === true
@@ -309,21 +310,12 @@ async function copyBitmapsInto(
 }
 
 /**
- * `-l` / `-s`: the snapshot's view of the image (at the image's current size, as qemu-img
- * 7.2 converts it), or the image itself when no snapshot is asked for.
+ * `-l` / `-s`: which snapshot to convert (its view is read at the image's current size, as
+ * qemu-img 7.2 converts it), or undefined for the image's active state.
  */
-async function loadSnapshot(image: DiskImage, options: ConvertOptions): Promise<DiskImage> {
-  const text = options.snapshot ?? options.snapshotName;
-  if (text === undefined) return image;
-  const selector =
-    options.snapshot !== undefined
-      ? parseSnapshotParam(
-          text,
-          // qemu-img prints these on two lines.
-          (key) => `Invalid parameter '${key}'. Failed in parsing snapshot param '${text}'`,
-        )
-      : text;
-  return loadSnapshotView(image, selector);
+function snapshotSelector(options: ConvertOptions): SnapshotSelector | string | undefined {
+  if (options.snapshot !== undefined) return parseSnapshotParam(options.snapshot);
+  return options.snapshotName;
 }
 
 /** Refuse to write any file the source reads (`written`: the target and its data file). */
@@ -805,6 +797,7 @@ export const convertCommand: CommandDef = {
       (args[0] === undefined || args[1] === undefined) &&
       !isHelpRequest(joinedOptions(opts) ?? "")
     ) {
+      snapshotSelector(options);
       checkCombinations(options, options.options !== undefined);
       throw new CliError("Must specify image file name");
     }

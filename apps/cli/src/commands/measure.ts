@@ -22,7 +22,11 @@ import { parseOptions } from "../util/qemu-opts.js";
 import type { OptDesc, OptMap } from "../util/qemu-opts.js";
 import { toQemuJson } from "../util/qjson.js";
 import { parseSize } from "../util/size.js";
-import { loadSnapshotView, parseSnapshotParam } from "../util/snapshot-param.js";
+import {
+  SnapshotParamError,
+  loadSnapshotView,
+  parseSnapshotParam,
+} from "../util/snapshot-param.js";
 
 /** qemu-img's two-line refusal of a bad `--size`. */
 const SIZE_ERROR_LINES = [
@@ -206,7 +210,14 @@ export const measureCommand: CommandDef = {
     }
     if (args.length > 1) throw new CliError("At most one filename argument is allowed.");
     let filename = args[0];
-    const snapshot = stringOpt(opts, "snapshot");
+    const snapshotText = stringOpt(opts, "snapshot");
+    let snapshot: ReturnType<typeof parseSnapshotParam> | undefined;
+    try {
+      snapshot = snapshotText === undefined ? undefined : parseSnapshotParam(snapshotText);
+    } catch (e) {
+      if (e instanceof SnapshotParamError) return multiLine(ctx, e.lines);
+      throw e;
+    }
     let format = stringOpt(opts, "format");
     if (
       filename === undefined &&
@@ -247,13 +258,7 @@ export const measureCommand: CommandDef = {
           }
           throw e;
         });
-        source =
-          snapshot !== undefined
-            ? await loadSnapshotView(
-                top,
-                parseSnapshotParam(snapshot, (key) => `Invalid parameter '${key}'`),
-              )
-            : top;
+        source = snapshot !== undefined ? await loadSnapshotView(top, snapshot) : top;
       }
       const outFormat = stringOpt(opts, "targetFormat") ?? "raw";
       const target = checkCreateFormat(outFormat);

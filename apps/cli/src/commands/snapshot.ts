@@ -95,7 +95,9 @@ export const snapshotCommand: CommandDef = {
           for (const s of list) {
             // The table entry holds all ones when no icount was recorded.
             const icount =
-              s.icount === 0xffff_ffff_ffff_ffffn ? undefined : BigInt.asIntN(64, s.icount);
+              s.icount === undefined || s.icount === 0xffff_ffff_ffff_ffffn
+                ? undefined
+                : BigInt.asIntN(64, s.icount);
             out += snapshotRow(snapshotJson({ ...s, icount })) + "\n";
           }
           ctx.stdout(out);

@@ -6,15 +6,24 @@ import { Qcow2Image, type SnapshotSelector } from "@qimg/qcow2";
 import type { DiskImage } from "../drivers.js";
 import { CliError, messageOf } from "../errors.js";
 
+/** qemu-img's refusal of a `-l` it cannot parse: two lines, joined with ". " in the message. */
+export class SnapshotParamError extends CliError {
+  /** The two lines as qemu-img prints them (measure prints them so). */
+  readonly lines: readonly string[];
+
+  constructor(lines: readonly string[]) {
+    super(lines.join(". "));
+    this.lines = lines;
+  }
+}
+
 /**
  * Parse `-l`'s text: `snapshot.id=ID[,snapshot.name=NAME]` or `snapshot.name=NAME` give a
  * selector; any other text is an ID or a name, as it is (ID first, as qemu-img). Another key
- * after `snapshot.` is refused with the message `invalid(key)` (the commands word it apart).
+ * after `snapshot.` is refused with qemu-img's two lines, joined as the CLI prints them.
+ * qemu-img parses `-l` with the options, so callers do this before opening anything.
  */
-export function parseSnapshotParam(
-  text: string,
-  invalid: (key: string) => string,
-): SnapshotSelector | string {
+export function parseSnapshotParam(text: string): SnapshotSelector | string {
   if (!text.startsWith("snapshot.")) return text;
   let id: string | undefined;
   let name: string | undefined;
@@ -24,7 +33,11 @@ export function parseSnapshotParam(
     const value = eq < 0 ? "" : part.slice(eq + 1);
     if (key === "snapshot.id") id = value;
     else if (key === "snapshot.name") name = value;
-    else throw new CliError(invalid(key));
+    else
+      throw new SnapshotParamError([
+        `Invalid parameter '${key}'`,
+        `Failed in parsing snapshot param '${text}'`,
+      ]);
   }
   return { ...(id !== undefined ? { id } : {}), ...(name !== undefined ? { name } : {}) };
 }

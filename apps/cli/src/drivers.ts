@@ -39,6 +39,8 @@ export interface DriverOpenOptions {
   readonly openDataFile: (name: string, relativeTo: string) => Promise<BlockBackend>;
   /** qcow2 open options for read-write opens of the top image. */
   readonly qcow2?: Qcow2WriteOptions | undefined;
+  /** Told what QEMU warns about at the open (qcow2: a stale bitmaps extension). */
+  readonly onWarning?: ((message: string) => void) | undefined;
 }
 
 /** The qcow2 write-side open options the CLI passes through (`-o lazy-refcounts=...`, `-t`). */
@@ -64,12 +66,14 @@ export async function openQcow2Image(
     // Compressed clusters decode in worker threads once a command has many (see the module).
     decompress: offloadDecompress,
   };
+  const onWarning = options.onWarning;
   return options.openBacking === undefined
-    ? await openQcow2(backend, { readOnly: options.readOnly, noBacking: true, ...write })
+    ? await openQcow2(backend, { readOnly: options.readOnly, noBacking: true, onWarning, ...write })
     : await openQcow2(backend, {
         readOnly: options.readOnly,
         openBacking: options.openBacking,
         openDataFile: options.openDataFile,
+        onWarning,
         ...write,
       });
 }

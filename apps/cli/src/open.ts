@@ -131,6 +131,7 @@ async function openOnBackend(
         );
       },
       qcow2: options.qcow2,
+      onWarning: (message: string) => options.ctx.stderr(`qimg: warning: ${message}\n`),
     };
     switch (fmt) {
       case "qcow2":

@@ -14,6 +14,7 @@ import {
   encodeSnapshotTable,
   readQcow2Metadata,
   rewriteHeaderArea,
+  STALE_BITMAPS_WARNING,
   writeHeaderFields,
 } from "@qimg/qcow2";
 import { CorruptImageError, U64TableView } from "@qimg/structs";
@@ -422,11 +423,7 @@ export async function checkQcow2(
     first.extensions.some((e) => e.type === ExtensionType.bitmaps)
   ) {
     // What QEMU's open warns about before anything else.
-    log(
-      "info",
-      "warning: a program lacking bitmap support modified this file, so all bitmaps are now considered inconsistent\n" +
-        "Some clusters may be leaked, run 'qemu-img check -r' on the image file to fix.",
-    );
+    log("info", `warning: ${STALE_BITMAPS_WARNING}`);
   }
   await loadBitmapTables(backend, first);
   let out = await runCheck(backend, fix, log, lost);

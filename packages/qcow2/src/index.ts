@@ -7,6 +7,7 @@ export type {
   Qcow2Info,
   SnapshotInfo,
 } from "./types.js";
+export { STALE_BITMAPS_WARNING } from "./types.js";
 export {
   QCOW2_MAGIC,
   HEADER_V2_FIELDS,

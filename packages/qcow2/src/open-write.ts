@@ -16,6 +16,8 @@ import {
   updateHeader,
 } from "./overlap.js";
 import { PersistentBitmaps } from "./bitmap.js";
+import { ExtensionType } from "./spec/extensions.js";
+import { rewriteHeaderArea } from "./header-update.js";
 import type { BitmapHost } from "./bitmap.js";
 import { walkTables } from "./walk.js";
 import { guarded, newWriteState } from "./state.js";
@@ -36,6 +38,7 @@ export async function initWrite(s: Qcow2State, options: Qcow2OpenOptions): Promi
   // Persistent bitmaps are checked before anything is written: a refused open changes nothing.
   await loadBitmaps(s);
   s.readOnly = false;
+  await dropStaleBitmaps(s);
   // Autoclear features we do not maintain (unknown ones) are cleared before anything is
   // written; persistent bitmaps are maintained (bitmap.ts), so their bit stays.
   const keep = AutoclearFeatures.maskOf("rawExternalData") | AutoclearFeatures.maskOf("bitmaps");
@@ -107,6 +110,27 @@ export async function openRefcounts(
     },
   });
   return { refcounts, refcountCache };
+}
+
+/**
+ * A bitmaps extension without its autoclear bit (a program lacking bitmap support wrote the
+ * image; see STALE_BITMAPS_WARNING) describes no bitmap anyone may trust: a read-write open
+ * drops it, as QEMU's does, with one crash-safe header-area rewrite. The bitmaps' clusters
+ * stay allocated (leaked) until `check -r` frees them, as with QEMU.
+ */
+async function dropStaleBitmaps(s: Qcow2State): Promise<void> {
+  if ((s.hdr.autoclearFeatures & AutoclearFeatures.maskOf("bitmaps")) !== 0n) return;
+  if (!s.extensions.some((e) => e.type === ExtensionType.bitmaps)) return;
+  const extensions = s.extensions.filter((e) => e.type !== ExtensionType.bitmaps);
+  s.hdr = await rewriteHeaderArea(s.backend, {
+    header: s.hdr,
+    extensions,
+    backingFile: s.backingFilename,
+  });
+  const m = s as { -readonly [K in keyof Qcow2State]: Qcow2State[K] };
+  m.extensions = extensions;
+  m.bitmapDirectory = undefined;
+  m.bitmaps = [];
 }
 
 /** Load and check the persistent bitmaps (nothing is written yet). */

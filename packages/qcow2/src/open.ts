@@ -10,7 +10,10 @@ import { readQcow2Metadata } from "./layout.js";
 import { Qcow2State } from "./state.js";
 import { initWrite } from "./open-write.js";
 import { closeSide } from "./flush.js";
+import { STALE_BITMAPS_WARNING } from "./types.js";
 import type { Qcow2OpenOptions } from "./types.js";
+import { AutoclearFeatures } from "./spec/header.js";
+import { ExtensionType } from "./spec/extensions.js";
 
 /** Open a qcow2 image. Validates the header, L1 table and snapshot table. */
 export async function openState(
@@ -24,6 +27,12 @@ export async function openState(
     noBacking: options.noBacking,
   });
   const { header, backingFilename, backingFormat, dataFileName } = meta;
+  if (
+    (header.autoclearFeatures & AutoclearFeatures.maskOf("bitmaps")) === 0n &&
+    meta.extensions.some((e) => e.type === ExtensionType.bitmaps)
+  ) {
+    options.onWarning?.(STALE_BITMAPS_WARNING);
+  }
   // The active L1 table. What lies past the end of the file reads as zeros (only a read-only
   // open gets here with such a table: layout.ts refuses it read-write).
   const l1 = new U64TableView(new Uint8Array(header.l1Size * 8), "big");

@@ -33,7 +33,21 @@ export interface Qcow2OpenOptions {
    * worker threads); it must behave as `decompressorFor(compressionType)` does.
    */
   readonly decompress?: ClusterDecompressor;
+  /**
+   * Told what QEMU warns about when it opens this image, before any backing file is opened:
+   * so far {@link STALE_BITMAPS_WARNING}. The library itself prints nothing.
+   */
+  readonly onWarning?: (message: string) => void;
 }
+
+/**
+ * What QEMU says (two lines) when an image has a bitmaps extension but not its autoclear bit:
+ * a program without bitmap support wrote the image, every bitmap is inconsistent, and their
+ * clusters may be leaked.
+ */
+export const STALE_BITMAPS_WARNING =
+  "a program lacking bitmap support modified this file, so all bitmaps are now considered inconsistent\n" +
+  "Some clusters may be leaked, run 'qemu-img check -r' on the image file to fix.";
 
 /** Decompresses one compressed cluster into exactly `out.length` bytes, or throws. */
 export type ClusterDecompressor = (

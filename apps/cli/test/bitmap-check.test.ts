@@ -2,9 +2,9 @@
  * `qimg check` on images with persistent bitmaps, against `qemu-img check` 7.2: bitmap
  * directory, tables and data clusters are counted as QEMU counts them, so a bitmap cluster
  * whose refcount is off is found (and `-r` repairs it) exactly as qemu-img finds it.
- * (Known differences, reported to the checker's owner: an image whose bitmaps autoclear bit
- * is clear draws a warning from qemu-img; `-r all` rebuilds land elsewhere; a bitmap table
- * entry with reserved bits makes qemu-img refuse the image.)
+ * (Known difference: `-r all` rebuilds land elsewhere. An image whose bitmaps autoclear bit
+ * is clear: stale-bitmaps.test.ts; bitmap table entries that break the spec:
+ * packages/check/test/bitmap-tables.test.ts.)
  */
 import { spawnSync } from "node:child_process";
 import fs from "node:fs";

@@ -999,6 +999,10 @@ export async function shrink(
     const spec = best.spec;
     const candidates: CaseSpec[] = [];
     if (spec.bitmaps.length > 0) candidates.push({ ...spec, bitmaps: [] });
+    if (spec.bitmaps.length > 1) {
+      for (let i = 0; i < spec.bitmaps.length; i++)
+        candidates.push({ ...spec, bitmaps: spec.bitmaps.filter((_, j) => j !== i) });
+    }
     for (let i = 0; i < spec.converts.length; i++)
       candidates.push({ ...spec, converts: spec.converts.filter((_, j) => j !== i) });
     for (let i = 0; i < spec.ops.length; i++)

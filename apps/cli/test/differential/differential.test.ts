@@ -2,8 +2,12 @@
  * Differential testing against QEMU, the main guard of every write path: seeded cases (gen.ts)
  * replayed on twin images through qemu-img/qemu-io and through qimg (run.ts): same statuses,
  * same guest bytes and sizes, both checkers clean, same persistent-bitmap dirty bits, and every
- * conversion (qemu-img convert vs qimg convert) equal. Where the twins differ, a reference model
- * of the guest bytes (model.ts) tells a QEMU bug from a qimg one. Each failure prints its seed,
+ * conversion (qemu-img convert vs qimg convert) equal. Internal snapshots (create/apply/delete)
+ * and bitmap actions (add/remove/clear/enable/disable/merge) run through qemu-img on one twin
+ * and `qimg snapshot` / `qimg bitmap` on the other: same statuses and messages, same snapshot
+ * lists and contents, same bitmaps. Where the twins differ, a reference model of the guest
+ * bytes, snapshots and bitmaps (model.ts) tells a QEMU bug from a qimg one; the bitmap model is
+ * checked even when the twins agree. Each failure prints its seed,
  * the minimal operation sequence (after shrinking) and the commands that rebuild it.
  *
  * Env: QIMG_DIFF_CASES (default 300; QIMG_LONG=1: 5000), QIMG_SEED (first seed; with
@@ -18,6 +22,7 @@ import { join } from "node:path";
 import { afterAll, describe, expect, it } from "vitest";
 import { hasQemu, qemuImg, qemuIo } from "../qemu.js";
 import { CI_LIMITS, LONG_LIMITS, generateCase, type Op } from "./gen.js";
+import { GuestModel, MAYBE } from "./model.js";
 import {
   bitmapBits,
   type CaseResult,
@@ -103,6 +108,34 @@ describe("differential harness", () => {
     expect(opStatuses(aio, "wrote 10/10 bytes at offset 0\nread 1/1 bytes at offset 0\n")).toEqual([
       false,
     ]);
+  });
+
+  it("follows snapshots and bitmaps in the model: apply restores bytes and size, only enabled bitmaps get marked", () => {
+    const m = new GuestModel(4096, undefined);
+    m.apply({ k: "bitmap", act: "add", name: "a", granularity: 512 });
+    m.apply({ k: "bitmap", act: "add", name: "d", granularity: 1024 });
+    m.apply({ k: "bitmap", act: "disable", name: "d" });
+    m.apply({ k: "write", off: 100, len: 10, pat: 7 });
+    m.apply({ k: "snapshot", act: "create", name: "s" });
+    m.apply({ k: "snapshot", act: "create", name: "s" });
+    m.apply({ k: "resize", delta: 1024 });
+    m.apply({ k: "discard", off: 4600, len: 10 });
+    m.failed({ k: "write", off: 1500, len: 1, pat: 1 });
+    expect([...(m.bitmaps.get("a")?.bits ?? [])]).toEqual([1, 0, MAYBE, 0, 0, 0, 0, 0, 1, 1]);
+    expect([...(m.bitmaps.get("d")?.bits ?? [])]).toEqual([0, 0, 0, 0, 0]);
+    m.apply({ k: "bitmap", act: "merge", name: "d", source: "a" });
+    expect([...(m.bitmaps.get("d")?.bits ?? [])]).toEqual([1, MAYBE, 0, 0, 1]);
+    m.apply({ k: "bitmap", act: "clear", name: "a" });
+    expect(m.bitmaps.get("a")?.bits.every((b) => b === 0)).toBe(true);
+    expect(m.snapshots.map((x) => `${x.id} ${x.name}`)).toEqual(["1 s", "2 s"]);
+    m.apply({ k: "write", off: 0, len: 5120, pat: 9 });
+    m.apply({ k: "snapshot", act: "delete", name: "s" });
+    expect(m.snapshots.map((x) => x.id)).toEqual(["2"]);
+    m.apply({ k: "snapshot", act: "apply", name: "s" });
+    expect(m.size).toBe(4096);
+    expect(m.bytes[100]).toBe(7);
+    expect(m.bytes[0]).toBe(0);
+    expect(m.bitmaps.get("d")?.bits.length).toBe(4);
   });
 
   it.skipIf(!hasQemu)("reads the dirty bits of QEMU's persistent bitmaps", () => {

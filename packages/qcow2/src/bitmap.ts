@@ -326,6 +326,14 @@ export class PersistentBitmaps {
 
   /** Mark every consistent bitmap in use on disk (QEMU does this for all it loads). */
   async markInUse(): Promise<void> {
+    await this.patchDirectory((t) => t.flags | BitmapFlag.inUse);
+  }
+
+  /**
+   * Rewrite, in place, the directory entry of every consistent bitmap that has one: its
+   * table's offset and size, and the flags `flagsOf` gives it; written only if any changed.
+   */
+  private async patchDirectory(flagsOf: (t: Tracked) => number): Promise<void> {
     let any = false;
     for (const t of this.tracked) {
       if (!t.consistent || !t.slot) continue;
@@ -333,7 +341,7 @@ export class PersistentBitmaps {
       patchBitmapDirEntry(this.dir, t.slot.position, {
         bitmapTableOffset: t.tableOffset,
         bitmapTableSize: t.tableSize,
-        flags: t.flags | BitmapFlag.inUse,
+        flags: flagsOf(t),
       });
     }
     if (any) await this.writeDirectory();
@@ -631,18 +639,10 @@ export class PersistentBitmaps {
     } else {
       if (placed.length > 0) await host.sync();
       this.adopt(placed);
-      let any = false;
-      for (const t of this.tracked) {
-        if (!t.consistent || !t.slot) continue;
-        any = true;
-        patchBitmapDirEntry(this.dir, t.slot.position, {
-          bitmapTableOffset: t.tableOffset,
-          bitmapTableSize: t.tableSize,
-          flags:
-            (t.flags & ~(BitmapFlag.inUse | BitmapFlag.auto)) | (t.enabled ? BitmapFlag.auto : 0),
-        });
-      }
-      if (any) await this.writeDirectory();
+      await this.patchDirectory(
+        (t) =>
+          (t.flags & ~(BitmapFlag.inUse | BitmapFlag.auto)) | (t.enabled ? BitmapFlag.auto : 0),
+      );
     }
     // 4. What the directory no longer reaches.
     for (const [off, n] of frees) await host.free(off, n);

@@ -450,22 +450,7 @@ async function upgrade(s: Qcow2State, w: WriteState): Promise<void> {
   if (cs > NO_FEATURE_TABLE_MAX_CLUSTER) {
     next.push({ type: ExtensionType.featureNameTable, data: FEATURE_TABLE });
   }
-  await rewriteArea(
-    s,
-    {
-      ...s.hdr,
-      version: 3,
-      headerLength: 112,
-      compressionType: 0,
-      extraBytes: new Uint8Array(0),
-      refcountOrder: 4,
-      incompatibleFeatures: 0n,
-      compatibleFeatures: 0n,
-      autoclearFeatures: 0n,
-      snapshotsOffset,
-    },
-    next,
-  );
+  await rewriteArea(s, { ...plainHeader(s.hdr, 3), snapshotsOffset }, next);
   if (oldTable !== undefined) {
     // The table moved: the snapshots are the same, at new offsets.
     let pos = snapshotsOffset;
@@ -486,6 +471,24 @@ async function upgrade(s: Qcow2State, w: WriteState): Promise<void> {
 }
 
 /**
+ * `header` as a plain image of `version` has it when the version changes: the version's own
+ * header length, no feature bits, 16-bit refcounts, zlib, no extra header bytes.
+ */
+function plainHeader(header: Qcow2Header, version: 2 | 3): Qcow2Header {
+  return {
+    ...header,
+    version,
+    headerLength: version === 3 ? 112 : 72,
+    compressionType: 0,
+    extraBytes: new Uint8Array(0),
+    refcountOrder: 4,
+    incompatibleFeatures: 0n,
+    compatibleFeatures: 0n,
+    autoclearFeatures: 0n,
+  };
+}
+
+/**
  * Version 3 to 2 (QEMU's qcow2_downgrade): the image is made clean, zero clusters become
  * data clusters (or unallocated ones without a backing file), and the header area is
  * rewritten as version 2 (no feature bits, no feature-name table, 16-bit refcounts, zlib).
@@ -503,21 +506,7 @@ async function downgrade(s: Qcow2State, progress: (fraction: number) => void): P
   const exts = s.extensions.filter(
     (e) => e.type !== ExtensionType.featureNameTable && e.type !== ExtensionType.bitmaps,
   );
-  await rewriteArea(
-    s,
-    {
-      ...s.hdr,
-      version: 2,
-      headerLength: 72,
-      compressionType: 0,
-      extraBytes: new Uint8Array(0),
-      refcountOrder: 4,
-      incompatibleFeatures: 0n,
-      compatibleFeatures: 0n,
-      autoclearFeatures: 0n,
-    },
-    exts,
-  );
+  await rewriteArea(s, plainHeader(s.hdr, 2), exts);
   const w = s.w!;
   if (w.lazy) {
     Object.assign(w, { lazy: false });

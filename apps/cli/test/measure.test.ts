@@ -10,17 +10,13 @@ import { join } from "node:path";
 import { describe, expect, it } from "vitest";
 import { scratchDirs } from "../../../packages/qcow2/test/twins.js";
 import { qimg } from "./helpers.js";
-import { hasQemu, prng, qemuImg, qemuIo } from "./qemu.js";
+import { hasQemu, ok, prng, qemuImg, qemuIo, withQimgName } from "./qemu.js";
 
 const LONG = process.env.QIMG_LONG === "1";
 const newDir = scratchDirs("qimg-measure-");
 if (!hasQemu) console.log("skipping measure interop: qemu-img is not on PATH");
 
-const asQimg = (s: string): string => s.replaceAll("qemu-img: ", "qimg: ");
-
-function ok(r: { code: number; stdout: string; stderr: string }, what: string): void {
-  if (r.code !== 0) throw new Error(`${what}: exit ${r.code}: ${r.stderr}${r.stdout}`);
-}
+const asQimg = withQimgName;
 
 /** Both tools with the same arguments (run in `cwd`): same output and exit code. */
 async function same(args: string[], cwd: string, why = ""): Promise<void> {

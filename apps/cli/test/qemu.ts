@@ -33,6 +33,14 @@ export function qemuInfo(file: string, format?: string, cwd?: string): Record<st
 
 export const prng = seededRandom;
 
+/** qemu-img's output with its program name replaced by ours. */
+export const withQimgName = (s: string): string => s.replaceAll("qemu-img: ", "qimg: ");
+
+/** Throw with the tool's output unless it exited 0 (`what` names the step). */
+export function ok(r: Run, what: string): void {
+  if (r.code !== 0) throw new Error(`${what}: exit ${r.code}: ${r.stderr}${r.stdout}`);
+}
+
 let holder: ChildProcess | undefined;
 
 /**

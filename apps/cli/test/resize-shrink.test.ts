@@ -16,18 +16,13 @@ import { join } from "node:path";
 import { describe, expect, it } from "vitest";
 import { scratchDirs } from "../../../packages/qcow2/test/twins.js";
 import { qimg } from "./helpers.js";
-import { hasQemu, prng, qemuImg, qemuInfo, qemuIo } from "./qemu.js";
+import { hasQemu, ok, prng, qemuImg, qemuInfo, qemuIo, withQimgName } from "./qemu.js";
 
 const LONG = process.env.QIMG_LONG === "1";
 const newDir = scratchDirs("qimg-shrink-");
 if (!hasQemu) console.log("skipping resize --shrink interop: qemu-img is not on PATH");
 
-/** qemu-img's output with its program name replaced by ours. */
-const asQimg = (s: string): string => s.replaceAll("qemu-img: ", "qimg: ");
-
-function ok(r: { code: number; stdout: string; stderr: string }, what: string): void {
-  if (r.code !== 0) throw new Error(`${what}: exit ${r.code}: ${r.stderr}${r.stdout}`);
-}
+const asQimg = withQimgName;
 
 interface Case {
   seed: number;

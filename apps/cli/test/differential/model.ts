@@ -69,7 +69,11 @@ export class GuestModel {
         this.fill(op.off, op.len, 0, 1);
         break;
       case "discard":
-        this.known.fill(2, op.off, Math.min(this.size, op.off + op.len));
+        // (a byte a failed request left open stays open: a discard of part of a cluster does
+        // nothing, seed 40314)
+        for (let i = op.off; i < Math.min(this.size, op.off + op.len); i++) {
+          if (this.known[i] !== 0) this.known[i] = 2;
+        }
         this.markDirty(op.off, op.len, DIRTY);
         break;
       case "resize":
